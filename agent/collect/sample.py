@@ -1,0 +1,70 @@
+"""Typed samples: what the collect stage hands to every later stage.
+
+A metric is addressed by a flat key, ``family`` or ``family[label]`` (``cpu.util_pct``,
+``disk.used_pct[/]``, ``net.rx_bytes_per_s[eth0]``). ``None`` means "this host could not
+read it this time"; a key that is absent means "this host does not have it".
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+Metrics = dict[str, float | None]
+
+
+def key(family: str, label: str | None = None) -> str:
+    """Build a metric key; ``label`` is a mount, device, interface, unit, ... ."""
+    return family if label is None else f"{family}[{label}]"
+
+
+def split_key(metric_key: str) -> tuple[str, str | None]:
+    """Inverse of :func:`key`."""
+    if metric_key.endswith("]") and "[" in metric_key:
+        family, _, rest = metric_key.partition("[")
+        return family, rest[:-1]
+    return metric_key, None
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True):
+    """Something that happened, as opposed to a level: an XID, an OOM kill, a link going down."""
+
+    kind: str  # e.g. "gpu.xid", "mem.oom_kill", "net.link_down", "disk.readonly"
+    source: str  # collector name
+    wall: float
+    labels: dict[str, str] = msgspec.field(default_factory=dict)
+    value: float | None = None
+    message: str = ""
+
+
+class Reading(msgspec.Struct, kw_only=True):
+    """What one collector returns from one pass."""
+
+    metrics: Metrics = msgspec.field(default_factory=dict)
+    events: list[Event] = msgspec.field(default_factory=list)
+    # Extra structured detail (top processes, ...) that is shown, not scored.
+    detail: dict[str, object] = msgspec.field(default_factory=dict)
+
+
+class CollectorState(msgspec.Struct, frozen=True, kw_only=True):
+    """How a collector is doing; carried with each sample so consumers can tell absent from late."""
+
+    status: str  # "ok" | "stale" | "disabled" | "absent"
+    reason: str = ""
+    age_s: float | None = None  # seconds since its last successful reading
+    duration_ms: float | None = None  # how long its last pass took
+
+
+class Sample(msgspec.Struct, frozen=True, kw_only=True):
+    """One full, timestamped, sequence-numbered picture of the node."""
+
+    node: str
+    seq: int
+    wall: float  # time.time() when assembled
+    mono: float  # time.monotonic() when assembled
+    metrics: Metrics
+    events: tuple[Event, ...] = ()
+    collectors: dict[str, CollectorState] = msgspec.field(default_factory=dict)
+    detail: dict[str, dict[str, object]] = msgspec.field(default_factory=dict)
+
+    def get(self, metric_key: str) -> float | None:
+        return self.metrics.get(metric_key)

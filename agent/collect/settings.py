@@ -1,0 +1,76 @@
+"""Settings of the collect stage (``[collect.*]`` in agent.toml)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+
+Seconds = Annotated[float, msgspec.Meta(gt=0, le=3600)]
+
+
+class CollectorSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    enabled: bool = True
+    interval_s: Seconds = 1.0
+    # A pass that takes longer than this is abandoned and its metrics reported missing.
+    timeout_s: Seconds = 0.8
+
+
+class Probe(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """A TCP reachability probe: connect to host:port within timeout_s."""
+
+    name: str
+    host: str
+    port: Annotated[int, msgspec.Meta(ge=1, le=65535)]
+    timeout_s: Annotated[float, msgspec.Meta(gt=0, le=30)] = 1.0
+
+
+class CpuSettings(CollectorSettings, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    per_cpu: bool = True
+
+
+class MemorySettings(CollectorSettings, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class DiskSettings(CollectorSettings, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    # Pseudo and overlay filesystems are not interesting for capacity.
+    exclude_fstypes: tuple[str, ...] = (
+        "proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "securityfs", "debugfs",
+        "tracefs", "pstore", "bpf", "autofs", "mqueue", "hugetlbfs", "configfs", "fusectl",
+        "binfmt_misc", "nsfs", "squashfs", "overlay", "efivarfs", "rpc_pipefs", "ramfs",
+    )
+    # Mount points to watch even when their fstype is excluded.
+    include_mounts: tuple[str, ...] = ()
+    exclude_mounts: tuple[str, ...] = ()
+
+
+class NetworkSettings(CollectorSettings, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    exclude_interfaces: tuple[str, ...] = ()
+    probes: tuple[Probe, ...] = ()
+    probe_interval_s: Seconds = 10.0
+
+
+class ProcessSettings(CollectorSettings, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    interval_s: Seconds = 2.0
+    top_n: Annotated[int, msgspec.Meta(ge=0, le=100)] = 5
+    # systemd units whose state is reported (ActiveState/SubState/NRestarts).
+    units: tuple[str, ...] = ()
+    # Processes watched by name (comm or argv[0] basename): count and pids reported.
+    watch: tuple[str, ...] = ()
+
+
+class GpuSettings(CollectorSettings, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    interval_s: Seconds = 2.0
+    timeout_s: Seconds = 1.5
+    # Read XIDs from the kernel log (/dev/kmsg) when the NVML event set is unavailable.
+    kernel_log_fallback: bool = True
+
+
+class CollectSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    cpu: CpuSettings = CpuSettings()
+    memory: MemorySettings = MemorySettings()
+    disk: DiskSettings = DiskSettings()
+    network: NetworkSettings = NetworkSettings()
+    processes: ProcessSettings = ProcessSettings()
+    gpu: GpuSettings = GpuSettings()

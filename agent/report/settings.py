@@ -1,0 +1,38 @@
+"""Settings of the report stage (``[mqtt]`` in agent.toml)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+
+
+class TlsSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    enabled: bool = False
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+
+class SpoolSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    # Total bytes the on-disk spool may use before the oldest metrics are dropped.
+    quota_bytes: Annotated[int, msgspec.Meta(ge=65536)] = 256 * 1024 * 1024
+    segment_bytes: Annotated[int, msgspec.Meta(ge=4096)] = 4 * 1024 * 1024
+
+
+class MqttSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    # Off by default: `heald run` with the example config heals locally with no broker.
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 1883
+    username: str | None = None
+    password_file: str | None = None
+    keepalive_s: Annotated[int, msgspec.Meta(ge=5, le=3600)] = 30
+    tls: TlsSettings = TlsSettings()
+    max_publish_per_s: Annotated[float, msgspec.Meta(gt=0)] = 200.0
+    max_payload_bytes: Annotated[int, msgspec.Meta(ge=1024, le=256 * 1024 * 1024)] = 256 * 1024
+    max_inflight: Annotated[int, msgspec.Meta(ge=1, le=10)] = 8
+    backoff_initial_s: Annotated[float, msgspec.Meta(gt=0)] = 0.5
+    backoff_max_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0
+    metrics_interval_s: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+    spool: SpoolSettings = SpoolSettings()

@@ -1,0 +1,1 @@
+"""heald stage package."""
