@@ -1,0 +1,222 @@
+"""The daemon's lifecycle: one root TaskGroup, signals, sd_notify, SIGHUP reload.
+
+Tasks (all named, all children of the root TaskGroup):
+  collect:<name>  one per collector, at its own interval
+  sample          assembles a Sample every ``sample.interval_s`` and runs it through the
+                  pipeline (features -> score -> decide -> report), marks the loop alive
+  watchdog        WATCHDOG=1 to systemd only while ``sample`` is alive
+  reload          applies SIGHUP reloads (an invalid config keeps the old one, logged)
+  stop            waits for SIGTERM/SIGINT and ends the group
+Stages that need their own long-running task (reporter, playbook engine, /metrics) add it
+through :meth:`Daemon.add_task`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+
+from agent import __version__
+from agent.collect import registry
+from agent.collect.sample import Sample
+from agent.errors import ConfigError
+from agent.runtime.config import LoadedConfig, Settings, load_config
+from agent.runtime.sampler import Sampler
+from agent.runtime.sdnotify import Notifier
+
+log = structlog.get_logger("heald.daemon")
+COLLECTOR_NAMES = ("cpu", "memory", "disk", "network", "processes", "gpu")
+
+
+class _Stop(Exception):
+    """Raised inside the root group to end it cleanly."""
+
+
+class Stage(Protocol):
+    """A pipeline stage: sees every sample, in order, on the event loop. Must be cheap."""
+
+    def on_sample(self, sample: Sample) -> None: ...
+
+    def reload(self, settings: Settings) -> None: ...
+
+
+class Daemon:
+    def __init__(self, loaded: LoadedConfig, config_path: Path | None = None,
+                 *, nvml: object | None = None) -> None:
+        self.loaded = loaded
+        self.settings = loaded.settings
+        self.config_path = config_path
+        self._nvml = nvml
+        self.notifier = Notifier()
+        self.stages: list[Stage] = []
+        self.last_sample: Sample | None = None
+        self._last_tick = time.monotonic()
+        self._stop = asyncio.Event()
+        self._reload = asyncio.Event()
+        self._tg: asyncio.TaskGroup | None = None
+        self._collector_tasks: dict[str, asyncio.Task[None]] = {}
+        self._extra: list[tuple[str, Callable[[], Coroutine[Any, Any, None]]]] = []
+        self.sampler = self._build_sampler(self.settings)
+
+    # --- construction -------------------------------------------------------------------------
+    def _build_sampler(self, s: Settings) -> Sampler:
+        collectors = registry.build(s.collect, nvml=self._nvml)
+        enabled = {c.name for c in collectors}
+        absent = {name: "disabled in config" for name in COLLECTOR_NAMES if name not in enabled}
+        return Sampler(s.node.id, collectors, stale_after=s.sample.stale_after, absent=absent)
+
+    def add_task(self, name: str, factory: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Register a long-running coroutine to run in the root group (before run())."""
+        self._extra.append((name, factory))
+
+    # --- signals ------------------------------------------------------------------------------
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def request_reload(self) -> None:
+        self._reload.set()
+
+    def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
+        loop.add_signal_handler(signal.SIGTERM, self.request_stop)
+        loop.add_signal_handler(signal.SIGINT, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+
+    def _remove_signals(self, loop: asyncio.AbstractEventLoop) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+
+    # --- tasks --------------------------------------------------------------------------------
+    async def _sample_loop(self) -> None:
+        interval = self.settings.sample.interval_s
+        next_at = time.monotonic() + interval
+        while True:
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+            next_at += self.settings.sample.interval_s
+            if next_at < time.monotonic():
+                next_at = time.monotonic() + self.settings.sample.interval_s
+            sample = self.sampler.assemble()
+            self.last_sample = sample
+            for stage in self.stages:
+                try:
+                    stage.on_sample(sample)
+                except Exception:  # noqa: BLE001 - one stage's bug must not stop sampling
+                    log.exception("pipeline stage failed", stage=type(stage).__name__, seq=sample.seq)
+            self._last_tick = time.monotonic()
+
+    async def _watchdog_loop(self) -> None:
+        interval = self.notifier.watchdog_interval()
+        if interval is None:
+            return
+        while True:
+            await asyncio.sleep(interval)
+            # Only while the sampling loop is alive: a hung pipeline lets systemd restart us.
+            if time.monotonic() - self._last_tick < max(3 * self.settings.sample.interval_s, 2.0):
+                self.notifier.notify(WATCHDOG=1)
+
+    async def _status_loop(self) -> None:
+        while True:
+            await asyncio.sleep(30)
+            s = self.last_sample
+            if s is None:
+                continue
+            ok = sum(1 for c in s.collectors.values() if c.status == "ok")
+            self.notifier.notify(STATUS=f"seq {s.seq}; {ok}/{len(s.collectors)} collectors ok")
+
+    async def _reload_loop(self) -> None:
+        while True:
+            await self._reload.wait()
+            self._reload.clear()
+            await self.reload()
+
+    async def _stop_waiter(self) -> None:
+        await self._stop.wait()
+        raise _Stop
+
+    def _start_collectors(self) -> None:
+        assert self._tg is not None
+        for name in self.sampler.names:
+            self._collector_tasks[name] = self._tg.create_task(
+                self.sampler.run_collector(name), name=f"collect:{name}")
+
+    async def _stop_collectors(self) -> None:
+        tasks = list(self._collector_tasks.values())
+        self._collector_tasks.clear()
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self.sampler.close()
+
+    async def reload(self) -> bool:
+        """Re-read the config; apply it only if valid. Sequence numbers and stage state survive."""
+        log.info("reloading configuration", path=str(self.config_path))
+        try:
+            loaded = await asyncio.to_thread(load_config, self.config_path)
+        except ConfigError as exc:
+            log.error("reload refused: invalid configuration, keeping the running one",
+                      problems=[str(p) for p in exc.problems])
+            self.notifier.notify(STATUS="reload refused: invalid configuration")
+            return False
+        old = self.settings
+        new = loaded.settings
+        self.loaded, self.settings = loaded, new
+        if new.collect != old.collect or new.node.id != old.node.id:
+            seq = self.sampler.seq
+            await self._stop_collectors()
+            self.sampler = self._build_sampler(new)
+            self.sampler.seq = seq
+            self._start_collectors()
+        for stage in self.stages:
+            try:
+                stage.reload(new)
+            except Exception:  # noqa: BLE001 - a stage that cannot reload keeps its old settings
+                log.exception("stage reload failed", stage=type(stage).__name__)
+        structlog.contextvars.bind_contextvars(node=new.node.id)
+        log.info("configuration reloaded")
+        self.notifier.notify(STATUS="configuration reloaded")
+        return True
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        structlog.contextvars.bind_contextvars(node=self.settings.node.id)
+        self._install_signals(loop)
+        log.info("heald starting", version=__version__, site=self.settings.node.site,
+                 collectors=self.sampler.names, config=[str(f) for f in self.loaded.files])
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                self._start_collectors()
+                tg.create_task(self._sample_loop(), name="sample")
+                tg.create_task(self._watchdog_loop(), name="watchdog")
+                tg.create_task(self._status_loop(), name="status")
+                tg.create_task(self._reload_loop(), name="reload")
+                for name, factory in self._extra:
+                    tg.create_task(factory(), name=name)
+                tg.create_task(self._stop_waiter(), name="stop")
+                # READY once loaded: we do not wait for the network or the broker.
+                self.notifier.notify(READY=1, STATUS="sampling", MAINPID=os.getpid())
+        except* _Stop:
+            pass
+        finally:
+            self._tg = None
+            self.notifier.notify(STOPPING=1)
+            self._remove_signals(loop)
+            self.sampler.close()
+            log.info("heald stopped")
+            self.notifier.close()
+        return 0
+
+
+def build_daemon(loaded: LoadedConfig, config_path: Path | None = None,
+                 *, nvml: object | None = None) -> Daemon:
+    """The daemon with every pipeline stage this build has, wired in flow order."""
+    return Daemon(loaded, config_path, nvml=nvml)

@@ -1,0 +1,170 @@
+"""Runs the collectors and assembles their latest readings into sequence-numbered Samples.
+
+Each collector runs in its own task at its own interval; its blocking ``collect()`` runs in a
+worker thread under the collector's time budget. A pass that overruns is abandoned (its metrics
+go stale, then missing) and no second pass of that collector starts until the first returns, so
+a hung NVML call cannot pile up threads. A collector that cannot start is disabled and logged once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import structlog
+
+from agent.collect.base import Collector
+from agent.collect.sample import CollectorState, Event, Reading, Sample
+from agent.errors import CollectorUnavailable
+
+log = structlog.get_logger("heald.sampler")
+T = TypeVar("T")
+
+
+@dataclass
+class _Slot:
+    collector: Collector
+    status: str = "starting"  # starting | ok | late | disabled
+    reason: str = ""
+    reading: Reading | None = None
+    at: float | None = None  # monotonic time of the last good reading
+    duration_ms: float | None = None
+    failures: int = 0
+    known_keys: set[str] = field(default_factory=set)
+
+
+class Sampler:
+    """Owns the collectors; ``assemble()`` builds one Sample from their latest readings."""
+
+    def __init__(self, node: str, collectors: list[Collector], stale_after: float = 3.0,
+                 absent: dict[str, str] | None = None) -> None:
+        self.node = node
+        self.stale_after = stale_after
+        self.seq = 0
+        self._slots = {c.name: _Slot(c) for c in collectors}
+        self._absent = dict(absent or {})
+        self._events: list[Event] = []
+        self._executor = ThreadPoolExecutor(max_workers=max(2, len(collectors) + 1),
+                                            thread_name_prefix="heald-collect")
+        self._pending: dict[str, Future[Reading]] = {}
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._slots)
+
+    async def _in_thread(self, fn: Callable[[], T], timeout: float) -> T:
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(self._executor, fn)
+        return await asyncio.wait_for(asyncio.shield(fut), timeout)
+
+    async def start_collector(self, name: str) -> bool:
+        slot = self._slots[name]
+        c = slot.collector
+        try:
+            await self._in_thread(c.start, max(c.timeout_s, 5.0))
+        except CollectorUnavailable as exc:
+            slot.status, slot.reason = "disabled", str(exc)
+            log.info("collector absent", collector=name, reason=str(exc))
+            return False
+        except TimeoutError:
+            slot.status, slot.reason = "disabled", "start timed out"
+            log.warning("collector disabled", collector=name, reason="start timed out")
+            return False
+        except Exception as exc:  # noqa: BLE001 - a collector bug must disable it, not the daemon
+            slot.status, slot.reason = "disabled", f"{type(exc).__name__}: {exc}"
+            log.warning("collector disabled", collector=name, reason=slot.reason)
+            return False
+        slot.status = "ok"
+        return True
+
+    async def collect_once(self, name: str) -> None:
+        """One pass of one collector, under its time budget; never raises (but for cancellation)."""
+        slot = self._slots[name]
+        c = slot.collector
+        prev = self._pending.get(name)
+        if prev is not None and not prev.done():
+            slot.status = "late"
+            return  # the previous pass is still stuck in its thread: do not pile up
+        loop = asyncio.get_running_loop()
+        t0 = time.monotonic()
+        cfut: Future[Reading] = self._executor.submit(c.collect)
+        self._pending[name] = cfut
+        try:
+            reading = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(cfut, loop=loop)),
+                                             c.timeout_s)
+        except TimeoutError:
+            slot.status = "late"
+            slot.failures += 1
+            if slot.failures in (1, 10) or slot.failures % 600 == 0:
+                log.warning("collector pass overran its budget", collector=name,
+                            timeout_s=c.timeout_s, failures=slot.failures)
+            return
+        except Exception as exc:  # noqa: BLE001 - a collector bug costs one pass, not the daemon
+            slot.failures += 1
+            if slot.failures in (1, 10) or slot.failures % 600 == 0:
+                log.warning("collector pass failed", collector=name,
+                            error=f"{type(exc).__name__}: {exc}", failures=slot.failures)
+            return
+        slot.duration_ms = (time.monotonic() - t0) * 1000.0
+        slot.reading = reading
+        slot.at = time.monotonic()
+        slot.status = "ok"
+        slot.known_keys.update(reading.metrics)
+        if reading.events:
+            self._events.extend(reading.events)
+            del self._events[:-1000]  # bounded if nobody drains (never in the daemon)
+
+    async def run_collector(self, name: str, stop: asyncio.Event | None = None) -> None:
+        """The per-collector task: start, then a pass every interval until cancelled."""
+        if not await self.start_collector(name):
+            return
+        c = self._slots[name].collector
+        next_at = time.monotonic()
+        while stop is None or not stop.is_set():
+            await self.collect_once(name)
+            next_at += c.interval_s
+            delay = next_at - time.monotonic()
+            if delay < 0:  # fell behind: skip missed ticks rather than bursting
+                next_at = time.monotonic()
+                delay = 0
+            await asyncio.sleep(delay)
+
+    def assemble(self) -> Sample:
+        """One Sample from the latest readings; stale collectors' metrics are reported missing."""
+        now = time.monotonic()
+        metrics: dict[str, float | None] = {}
+        states: dict[str, CollectorState] = {}
+        detail: dict[str, dict[str, object]] = {}
+        for name, slot in self._slots.items():
+            c = slot.collector
+            age = None if slot.at is None else now - slot.at
+            fresh = age is not None and age <= self.stale_after * c.interval_s + c.timeout_s
+            status = slot.status
+            if status == "ok" and not fresh:
+                status = "stale"
+            if slot.reading is not None and fresh:
+                metrics.update(slot.reading.metrics)
+                if slot.reading.detail:
+                    detail[name] = slot.reading.detail
+            else:
+                metrics.update(dict.fromkeys(slot.known_keys))
+            states[name] = CollectorState(status=status, reason=slot.reason, age_s=age,
+                                          duration_ms=slot.duration_ms)
+        for name, reason in self._absent.items():
+            states[name] = CollectorState(status="absent", reason=reason)
+        events, self._events = tuple(self._events), []
+        self.seq += 1
+        return Sample(node=self.node, seq=self.seq, wall=time.time(), mono=now, metrics=metrics,
+                      events=events, collectors=states, detail=detail)
+
+    def close(self) -> None:
+        for slot in self._slots.values():
+            try:
+                slot.collector.close()
+            except Exception as exc:  # noqa: BLE001 - closing must go on for the others
+                log.warning("collector close failed", collector=slot.collector.name, error=str(exc))
+        self._executor.shutdown(wait=False, cancel_futures=True)
