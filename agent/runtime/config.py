@@ -32,7 +32,7 @@ from agent.score.settings import ModelSettings
 
 DEFAULT_CONFIG = Path("/etc/heald/agent.toml")
 ENV_PREFIX = "HEALD_"
-NODE_ID_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+NODE_ID_RE = r"^([A-Za-z0-9][A-Za-z0-9_.-]{0,62})?$"
 
 
 class NodeSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -114,7 +114,8 @@ def _key_lines(text: str) -> dict[str, int]:
     for number, line in enumerate(text.splitlines(), start=1):
         if m := header.match(line):
             table = [part.strip().strip("\"'") for part in m.group(1).split(".")]
-            lines.setdefault(".".join(table), number)
+            for i in range(1, len(table) + 1):
+                lines.setdefault(".".join(table[:i]), number)
             continue
         if m := assign.match(line):
             parts = [part.strip().strip("\"'") for part in m.group(1).split(".")]
@@ -123,7 +124,7 @@ def _key_lines(text: str) -> dict[str, int]:
 
 
 def _merge(into: dict[str, Any], new: Mapping[str, Any], src: _Source, origin: str,
-           lines: Mapping[str, int], prefix: str = "") -> None:
+           lines: Mapping[str, int], *, prefix: str = "") -> None:
     for k, v in new.items():
         dotted = f"{prefix}{k}"
         src.origin[dotted] = origin
@@ -132,10 +133,10 @@ def _merge(into: dict[str, Any], new: Mapping[str, Any], src: _Source, origin: s
         else:
             src.lines.pop(dotted, None)
         if isinstance(v, Mapping) and isinstance(into.get(k), dict):
-            _merge(into[k], v, src, origin, lines, dotted + ".")
+            _merge(into[k], v, src, origin, lines, prefix=dotted + ".")
         elif isinstance(v, Mapping):
             into[k] = {}
-            _merge(into[k], v, src, origin, lines, dotted + ".")
+            _merge(into[k], v, src, origin, lines, prefix=dotted + ".")
         else:
             into[k] = v
 
@@ -188,6 +189,16 @@ def _check(data: Any, struct: type[msgspec.Struct], prefix: str, src: _Source,
         if sub is not None:
             _check(v, sub, dotted + ".", src, problems)
             continue
+        base = get_args(f.type)[0] if get_origin(f.type) is Annotated else f.type
+        if get_origin(base) is dict and isinstance(v, dict):
+            _, value_type = get_args(base)
+            for item_key, item in v.items():
+                try:
+                    msgspec.convert(item, value_type)
+                except msgspec.ValidationError as exc:
+                    problems.append(_problem(src, f"{dotted}.{item_key}", str(exc).partition(" - at")[0],
+                                             fallback=dotted))
+            continue
         try:
             msgspec.convert(v, f.type)
         except msgspec.ValidationError as exc:
@@ -208,7 +219,13 @@ def _problem(src: _Source, dotted: str, message: str, fallback: str | None = Non
     while look not in src.origin and "." in look:
         look = look.rsplit(".", 1)[0]
     origin = src.origin.get(look, "<defaults>")
-    return Problem(file=origin, key=dotted, message=message, line=src.lines.get(look))
+    # The line: of the key itself, else of the nearest enclosing key from the same source
+    # (inline tables and arrays of tables put several keys on one line).
+    line_key = look
+    while line_key not in src.lines and "." in line_key:
+        line_key = line_key.rsplit(".", 1)[0]
+    line = src.lines.get(line_key) if src.origin.get(line_key) == origin else None
+    return Problem(file=origin, key=dotted, message=message, line=line)
 
 
 def load_config(path: Path | None = None, env: Mapping[str, str] | None = None,

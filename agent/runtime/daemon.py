@@ -107,7 +107,7 @@ class Daemon:
             for stage in self.stages:
                 try:
                     stage.on_sample(sample)
-                except Exception:  # noqa: BLE001 - one stage's bug must not stop sampling
+                except Exception:
                     log.exception("pipeline stage failed", stage=type(stage).__name__, seq=sample.seq)
             self._last_tick = time.monotonic()
 
@@ -141,7 +141,8 @@ class Daemon:
         raise _Stop
 
     def _start_collectors(self) -> None:
-        assert self._tg is not None
+        if self._tg is None:
+            raise RuntimeError("collectors start inside run()")
         for name in self.sampler.names:
             self._collector_tasks[name] = self._tg.create_task(
                 self.sampler.run_collector(name), name=f"collect:{name}")
@@ -178,7 +179,7 @@ class Daemon:
         for stage in self.stages:
             try:
                 stage.reload(new)
-            except Exception:  # noqa: BLE001 - a stage that cannot reload keeps its old settings
+            except Exception:
                 log.exception("stage reload failed", stage=type(stage).__name__)
         structlog.contextvars.bind_contextvars(node=new.node.id)
         log.info("configuration reloaded")

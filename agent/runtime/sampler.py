@@ -56,10 +56,10 @@ class Sampler:
     def names(self) -> list[str]:
         return list(self._slots)
 
-    async def _in_thread(self, fn: Callable[[], T], timeout: float) -> T:
+    async def _in_thread(self, fn: Callable[[], T], budget_s: float) -> T:
         loop = asyncio.get_running_loop()
         fut = loop.run_in_executor(self._executor, fn)
-        return await asyncio.wait_for(asyncio.shield(fut), timeout)
+        return await asyncio.wait_for(asyncio.shield(fut), budget_s)
 
     async def start_collector(self, name: str) -> bool:
         slot = self._slots[name]
