@@ -58,6 +58,11 @@ class ProcessSettings(CollectorSettings, frozen=True, forbid_unknown_fields=True
     units: tuple[str, ...] = ()
     # Processes watched by name (comm or argv[0] basename): count and pids reported.
     watch: tuple[str, ...] = ()
+    # The systemctl executable used to read unit states (argv list, never a shell). Tests point it
+    # at a recording fake; on a node the default finds /usr/bin/systemctl through PATH.
+    systemctl: str = "systemctl"
+    # Seconds a single ``systemctl show`` may take before the unit metrics are reported as None.
+    systemctl_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=30)] = 0.5
 
 
 class GpuSettings(CollectorSettings, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -1,0 +1,242 @@
+"""Disk collector: filesystem capacity per mount and I/O per block device.
+
+Sources: ``/proc/self/mounts`` + ``statvfs(2)`` per mount, ``/proc/diskstats`` deltas.
+
+Mounts: every mount whose fstype is not in ``exclude_fstypes`` (tmpfs is kept), plus
+``include_mounts``, minus ``exclude_mounts``; a mount point mounted twice is reported once (the top
+mount). Metrics per mount point ``M``:
+
+============================== ==========================================================
+``disk.total_bytes[M]``        size of the filesystem, bytes
+``disk.used_bytes[M]``         used, bytes ((blocks - free) * fragment size)
+``disk.free_bytes[M]``         available to unprivileged users, bytes
+``disk.used_pct[M]``           used / (used + available), % (as ``df`` computes it)
+``disk.inodes_used_pct[M]``    used inodes, % (absent on filesystems without an inode count)
+``disk.inodes_free[M]``        free inodes (absent likewise)
+``disk.readonly[M]``           1 when mounted read-only, else 0
+============================== ==========================================================
+
+Block devices ``D`` from ``/proc/diskstats``: all of them except loop devices that back no
+mounted filesystem and ``ram*``/``zram*`` devices that never did any I/O.
+
+============================== ==========================================================
+``disk.read_iops[D]``          reads completed per second
+``disk.write_iops[D]``         writes completed per second
+``disk.read_bytes_per_s[D]``   bytes read per second (sectors are 512 bytes)
+``disk.write_bytes_per_s[D]``  bytes written per second
+``disk.read_await_ms[D]``      mean time per read completed in the interval, ms (0 without reads)
+``disk.write_await_ms[D]``     mean time per write completed in the interval, ms (0 without writes)
+``disk.util_pct[D]``           share of the interval the device was busy, % (capped at 100)
+============================== ==========================================================
+
+Events: ``disk.readonly`` (labels ``mount``, ``device``, ``fstype``) when a mount that was
+read-write becomes read-only (typically ext4 ``errors=remount-ro`` after an I/O error).
+
+Note: ``statvfs`` on a hung network filesystem blocks; the daemon's per-pass timeout covers it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+from agent.collect.counters import RateTracker
+from agent.collect.sample import Event, Metrics, Reading, key
+from agent.collect.settings import DiskSettings
+from agent.errors import CollectorUnavailable
+
+SECTOR_BYTES = 512
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def unescape_mount(field: str) -> str:
+    r"""Undo the octal escapes of /proc/mounts (``\040`` space, ``\011`` tab, ``\012``, ``\134``)."""
+    if "\\" not in field:
+        return field
+    out: list[str] = []
+    i = 0
+    while i < len(field):
+        c = field[i]
+        if c == "\\" and i + 3 < len(field) and field[i + 1 : i + 4].isdigit():
+            try:
+                out.append(chr(int(field[i + 1 : i + 4], 8)))
+                i += 4
+                continue
+            except ValueError:
+                pass
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
+@dataclass(frozen=True, slots=True)
+class Mount:
+    device: str
+    mountpoint: str
+    fstype: str
+    options: tuple[str, ...]
+
+    @property
+    def readonly(self) -> bool:
+        return "ro" in self.options
+
+
+def parse_mounts(text: str) -> list[Mount]:
+    """Parse /proc/self/mounts; later lines win for a mount point mounted twice (the top mount)."""
+    by_point: dict[str, Mount] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) < 4:
+            continue
+        point = unescape_mount(parts[1])
+        by_point.pop(point, None)  # keep insertion order of the top mount
+        by_point[point] = Mount(unescape_mount(parts[0]), point, parts[2], tuple(parts[3].split(",")))
+    return list(by_point.values())
+
+
+def select_mounts(mounts: list[Mount], settings: DiskSettings) -> list[Mount]:
+    excluded = set(settings.exclude_fstypes)
+    include = set(settings.include_mounts)
+    skip = set(settings.exclude_mounts)
+    return [
+        mt
+        for mt in mounts
+        if mt.mountpoint not in skip and (mt.fstype not in excluded or mt.mountpoint in include)
+    ]
+
+
+# /proc/diskstats: major minor name, then (0-based after name) reads, reads merged, sectors read,
+# ms reading, writes, writes merged, sectors written, ms writing, in flight, ms doing I/O, ...
+_RD, _RD_SEC, _RD_MS, _WR, _WR_SEC, _WR_MS, _IO_MS = 0, 2, 3, 4, 6, 7, 9
+
+
+def parse_diskstats(text: str) -> dict[str, tuple[int, ...]]:
+    out: dict[str, tuple[int, ...]] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) < 14:
+            continue
+        try:
+            out[parts[2]] = tuple(int(v) for v in parts[3:14])
+        except ValueError:
+            continue
+    return out
+
+
+class DiskCollector:
+    """See the module docstring for the metrics and events."""
+
+    name = "disk"
+
+    def __init__(self, settings: DiskSettings | None = None, *, root: str = "/") -> None:
+        self.settings = settings or DiskSettings()
+        self.interval_s = self.settings.interval_s
+        self.timeout_s = self.settings.timeout_s
+        self.root = root
+        self._rates = RateTracker()
+        self._ro: dict[str, bool] = {}
+        self._prev_ms: dict[str, tuple[int, int, int, int, int, float]] = {}
+
+    def _p(self, rel: str) -> str:
+        return os.path.join(self.root, rel)
+
+    def start(self) -> None:
+        if _read(self._p("proc/self/mounts")) is None:
+            raise CollectorUnavailable(f"cannot read {self._p('proc/self/mounts')}")
+
+    def close(self) -> None:
+        self._ro.clear()
+        self._prev_ms.clear()
+
+    def collect(self) -> Reading:
+        now = time.monotonic()
+        m: Metrics = {}
+        events: list[Event] = []
+        text = _read(self._p("proc/self/mounts"))
+        mounts = parse_mounts(text) if text is not None else []
+        self._filesystems(select_mounts(mounts, self.settings), m, events)
+        backing = {os.path.basename(mt.device) for mt in mounts if mt.device.startswith("/dev/")}
+        self._devices(backing, m, now)
+        self._rates.sweep()
+        return Reading(metrics=m, events=events)
+
+    def _filesystems(self, mounts: list[Mount], m: Metrics, events: list[Event]) -> None:
+        seen: set[str] = set()
+        for mt in mounts:
+            point = mt.mountpoint
+            seen.add(point)
+            try:
+                st = os.statvfs(point)
+            except OSError:
+                for fam in ("total_bytes", "used_bytes", "free_bytes", "used_pct", "readonly"):
+                    m[key(f"disk.{fam}", point)] = None
+                continue
+            frsize = st.f_frsize or st.f_bsize
+            total = st.f_blocks * frsize
+            used = (st.f_blocks - st.f_bfree) * frsize
+            avail = st.f_bavail * frsize
+            m[key("disk.total_bytes", point)] = float(total)
+            m[key("disk.used_bytes", point)] = float(used)
+            m[key("disk.free_bytes", point)] = float(avail)
+            m[key("disk.used_pct", point)] = 100.0 * used / (used + avail) if used + avail > 0 else 0.0
+            if st.f_files > 0:
+                m[key("disk.inodes_used_pct", point)] = 100.0 * (st.f_files - st.f_ffree) / st.f_files
+                m[key("disk.inodes_free", point)] = float(st.f_ffree)
+            ro = mt.readonly or bool(st.f_flag & os.ST_RDONLY)
+            m[key("disk.readonly", point)] = 1.0 if ro else 0.0
+            was = self._ro.get(point)
+            self._ro[point] = ro
+            if ro and was is False:
+                events.append(
+                    Event(
+                        kind="disk.readonly",
+                        source=self.name,
+                        wall=time.time(),
+                        labels={"mount": point, "device": mt.device, "fstype": mt.fstype},
+                        value=1.0,
+                        message=f"{point} ({mt.device}) became read-only",
+                    )
+                )
+        for gone in [p for p in self._ro if p not in seen]:
+            del self._ro[gone]
+
+    def _devices(self, backing: set[str], m: Metrics, now: float) -> None:
+        text = _read(self._p("proc/diskstats"))
+        if text is None:
+            return
+        stats = parse_diskstats(text)
+        prev = self._prev_ms
+        for dev, s in stats.items():
+            if dev.startswith("loop") and dev not in backing:
+                continue
+            if dev.startswith(("ram", "zram")) and not any(s):
+                continue
+            rate = self._rates.rate
+            m[key("disk.read_iops", dev)] = rate(f"rd/{dev}", s[_RD], now)
+            m[key("disk.write_iops", dev)] = rate(f"wr/{dev}", s[_WR], now)
+            rb = rate(f"rds/{dev}", s[_RD_SEC], now)
+            wb = rate(f"wrs/{dev}", s[_WR_SEC], now)
+            m[key("disk.read_bytes_per_s", dev)] = None if rb is None else rb * SECTOR_BYTES
+            m[key("disk.write_bytes_per_s", dev)] = None if wb is None else wb * SECTOR_BYTES
+            cur = (s[_RD], s[_RD_MS], s[_WR], s[_WR_MS], s[_IO_MS], now)
+            old = prev.get(dev)
+            prev[dev] = cur
+            await_r = await_w = util = None
+            if old is not None and all(c >= o for c, o in zip(cur, old, strict=True)):
+                d_rd, d_rd_ms, d_wr, d_wr_ms, d_io_ms, dt = (c - o for c, o in zip(cur, old, strict=True))
+                await_r = d_rd_ms / d_rd if d_rd else 0.0
+                await_w = d_wr_ms / d_wr if d_wr else 0.0
+                util = min(100.0, 100.0 * d_io_ms / (dt * 1000.0)) if dt > 0 else None
+            m[key("disk.read_await_ms", dev)] = await_r
+            m[key("disk.write_await_ms", dev)] = await_w
+            m[key("disk.util_pct", dev)] = util
+        for gone in [d for d in prev if d not in stats]:
+            del prev[gone]

@@ -1,0 +1,185 @@
+"""Memory collector: capacity, swap, page faults, pressure stall information, OOM kills.
+
+Sources: ``/proc/meminfo``, ``/proc/vmstat`` and ``/proc/pressure/{memory,cpu,io}``.
+
+Metrics:
+
+================================== =====================================================================
+``mem.total_bytes``                MemTotal, bytes
+``mem.available_bytes``            MemAvailable, bytes
+``mem.used_bytes``                 total - available, bytes
+``mem.used_pct``                   (total - available) / total, %
+``mem.swap_total_bytes``           SwapTotal, bytes (0 without swap)
+``mem.swap_used_pct``              (SwapTotal - SwapFree) / SwapTotal, % (absent without swap)
+``mem.page_faults_per_s``          pgfault rate (minor + major), faults/s
+``mem.major_faults_per_s``         pgmajfault rate, faults/s
+``mem.oom_kills``                  oom_kill counter since boot (absent on kernels < 4.13)
+``psi.some_avg10_pct[RES]``        PSI "some" 10 s average for RES in memory, cpu, io, %
+``psi.some_avg60_pct[RES]``        PSI "some" 60 s average, %
+``psi.full_avg10_pct[RES]``        PSI "full" 10 s average, % (cpu "full" only on kernels >= 5.13)
+``psi.full_avg60_pct[RES]``        PSI "full" 60 s average, %
+================================== =====================================================================
+
+The ``psi.*`` metrics are absent when the kernel has no PSI (no ``/proc/pressure`` or ``psi=0``).
+
+Events: ``mem.oom_kill`` when the oom_kill counter increases; ``value`` is the number of new kills.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from agent.collect.counters import RateTracker
+from agent.collect.sample import Event, Metrics, Reading, key
+from agent.collect.settings import MemorySettings
+from agent.errors import CollectorUnavailable
+
+PSI_RESOURCES = ("memory", "cpu", "io")
+_VMSTAT_KEYS = frozenset({b"pgfault", b"pgmajfault", b"oom_kill"})
+
+
+def _read_bytes(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def parse_meminfo(data: bytes) -> dict[str, int]:
+    """``/proc/meminfo`` as bytes (the ``kB`` unit applied)."""
+    out: dict[str, int] = {}
+    for line in data.splitlines():
+        name, _, rest = line.partition(b":")
+        parts = rest.split()
+        if not parts:
+            continue
+        try:
+            val = int(parts[0])
+        except ValueError:
+            continue
+        if len(parts) > 1 and parts[1] == b"kB":
+            val *= 1024
+        out[name.decode("ascii", "replace")] = val
+    return out
+
+
+def parse_vmstat(data: bytes, wanted: frozenset[bytes] = _VMSTAT_KEYS) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for line in data.splitlines():
+        name, _, val = line.partition(b" ")
+        if name in wanted:
+            try:
+                out[name.decode()] = int(val)
+            except ValueError:
+                continue
+    return out
+
+
+def parse_psi(data: bytes) -> dict[str, float]:
+    """``some avg10=0.12 avg60=...`` lines -> {"some_avg10": 0.12, ...}."""
+    out: dict[str, float] = {}
+    for line in data.splitlines():
+        kind, _, rest = line.partition(b" ")
+        for field in rest.split():
+            name, _, val = field.partition(b"=")
+            if name in (b"avg10", b"avg60"):
+                try:
+                    out[f"{kind.decode()}_{name.decode()}"] = float(val)
+                except ValueError:
+                    continue
+    return out
+
+
+class MemoryCollector:
+    """See the module docstring for the metrics and events."""
+
+    name = "memory"
+
+    def __init__(self, settings: MemorySettings | None = None, *, root: str = "/") -> None:
+        self.settings = settings or MemorySettings()
+        self.interval_s = self.settings.interval_s
+        self.timeout_s = self.settings.timeout_s
+        self.root = root
+        self._rates = RateTracker()
+        self._psi: dict[str, str] = {}  # resource -> path, only those readable at start
+        self._psi_keys: dict[str, list[str]] = {}  # resource -> the fields it had at start
+        self._last_oom: int | None = None
+
+    def _p(self, rel: str) -> str:
+        return os.path.join(self.root, rel)
+
+    def start(self) -> None:
+        if _read_bytes(self._p("proc/meminfo")) is None:
+            raise CollectorUnavailable(f"cannot read {self._p('proc/meminfo')}")
+        self._psi.clear()
+        for res in PSI_RESOURCES:
+            path = self._p(f"proc/pressure/{res}")
+            data = _read_bytes(path)  # psi=0 kernels have the files but reading fails (EOPNOTSUPP)
+            if data is not None and (fields := parse_psi(data)):
+                self._psi[res] = path
+                self._psi_keys[res] = sorted(fields)
+        vm = _read_bytes(self._p("proc/vmstat"))
+        self._last_oom = parse_vmstat(vm).get("oom_kill") if vm is not None else None
+
+    def close(self) -> None:
+        pass
+
+    def collect(self) -> Reading:
+        now = time.monotonic()
+        m: Metrics = {}
+        events: list[Event] = []
+        self._meminfo(m)
+        self._vmstat(m, events, now)
+        for res, path in self._psi.items():
+            data = _read_bytes(path)
+            vals = parse_psi(data) if data is not None else {}
+            for field in self._psi_keys[res]:
+                m[key(f"psi.{field}_pct", res)] = vals.get(field)
+        self._rates.sweep()
+        return Reading(metrics=m, events=events)
+
+    def _meminfo(self, m: Metrics) -> None:
+        data = _read_bytes(self._p("proc/meminfo"))
+        info = parse_meminfo(data) if data is not None else {}
+        total = info.get("MemTotal")
+        avail = info.get("MemAvailable")
+        if avail is None and total is not None and "MemFree" in info:  # kernels < 3.14
+            avail = info["MemFree"] + info.get("Buffers", 0) + info.get("Cached", 0)
+        m["mem.total_bytes"] = None if total is None else float(total)
+        m["mem.available_bytes"] = None if avail is None else float(avail)
+        if total and avail is not None:
+            m["mem.used_bytes"] = float(total - avail)
+            m["mem.used_pct"] = 100.0 * (total - avail) / total
+        else:
+            m["mem.used_bytes"] = m["mem.used_pct"] = None
+        swap_total = info.get("SwapTotal")
+        swap_free = info.get("SwapFree")
+        m["mem.swap_total_bytes"] = None if swap_total is None else float(swap_total)
+        if swap_total and swap_free is not None:
+            m["mem.swap_used_pct"] = 100.0 * (swap_total - swap_free) / swap_total
+
+    def _vmstat(self, m: Metrics, events: list[Event], now: float) -> None:
+        data = _read_bytes(self._p("proc/vmstat"))
+        vm = parse_vmstat(data) if data is not None else {}
+        m["mem.page_faults_per_s"] = self._rates.rate("pgfault", vm.get("pgfault"), now)
+        m["mem.major_faults_per_s"] = self._rates.rate("pgmajfault", vm.get("pgmajfault"), now)
+        oom = vm.get("oom_kill")
+        if oom is None:
+            if data is None and self._last_oom is not None:
+                m["mem.oom_kills"] = None
+            return
+        m["mem.oom_kills"] = float(oom)
+        if self._last_oom is not None and oom > self._last_oom:
+            n = oom - self._last_oom
+            events.append(
+                Event(
+                    kind="mem.oom_kill",
+                    source=self.name,
+                    wall=time.time(),
+                    value=float(n),
+                    message=f"the kernel OOM killer killed {n} process(es)",
+                )
+            )
+        self._last_oom = oom

@@ -1,0 +1,268 @@
+"""Network collector: per-interface traffic and errors, link state, TCP health, reachability probes.
+
+Sources: ``/proc/net/dev``, ``/sys/class/net/IF/{operstate,carrier,flags}``, ``/proc/net/snmp``,
+and TCP connects for the configured probes.
+
+Metrics per interface ``IF`` (all but those in ``exclude_interfaces``):
+
+=============================== ================================================================
+``net.rx_bytes_per_s[IF]``      received bytes per second
+``net.tx_bytes_per_s[IF]``      transmitted bytes per second
+``net.rx_packets_per_s[IF]``    received packets per second
+``net.tx_packets_per_s[IF]``    transmitted packets per second
+``net.rx_errors_per_s[IF]``     receive errors per second
+``net.tx_errors_per_s[IF]``     transmit errors per second
+``net.rx_drops_per_s[IF]``      receive drops per second
+``net.tx_drops_per_s[IF]``      transmit drops per second
+``net.link_up[IF]``             1 when the link is up, 0 when down (operstate; for ``unknown``,
+                                as on ``lo``, the carrier or the IFF_UP flag decides)
+=============================== ================================================================
+
+TCP (``/proc/net/snmp``):
+
+=============================== ================================================================
+``net.tcp_retrans_segs``        RetransSegs since boot, segments
+``net.tcp_retrans_per_s``       retransmitted segments per second
+``net.tcp_out_rsts_per_s``      resets sent per second (OutRsts)
+``net.tcp_attempt_fails_per_s`` failed connection attempts per second (AttemptFails)
+``net.tcp_curr_estab``          established connections now (CurrEstab)
+=============================== ================================================================
+
+Probes (``probes``; each a TCP connect to host:port within its own ``timeout_s``, all run together
+every ``probe_interval_s`` by a background thread so that a slow probe never delays a pass):
+
+=============================== ================================================================
+``net.probe_ok[NAME]``          1 when the last connect succeeded, 0 when it failed
+``net.probe_ms[NAME]``          how long the last successful connect took, ms (None on failure)
+=============================== ================================================================
+
+Before a probe's first result both are None. Name resolution (``getaddrinfo``) is not covered
+by the probe timeout; give probes addresses where that matters.
+
+Events: ``net.link_down`` (label ``interface``) when an interface whose link was up goes down.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from agent.collect.counters import RateTracker
+from agent.collect.sample import Event, Metrics, Reading, key
+from agent.collect.settings import NetworkSettings, Probe
+from agent.errors import CollectorUnavailable
+
+# /proc/net/dev columns after "IF:": rx bytes packets errs drop fifo frame compressed multicast,
+# tx bytes packets errs drop fifo colls carrier compressed.
+_DEV_FIELDS = (
+    ("rx_bytes", 0),
+    ("rx_packets", 1),
+    ("rx_errors", 2),
+    ("rx_drops", 3),
+    ("tx_bytes", 8),
+    ("tx_packets", 9),
+    ("tx_errors", 10),
+    ("tx_drops", 11),
+)
+_IFF_UP = 0x1
+_TCP_RATES = (
+    ("RetransSegs", "net.tcp_retrans_per_s"),
+    ("OutRsts", "net.tcp_out_rsts_per_s"),
+    ("AttemptFails", "net.tcp_attempt_fails_per_s"),
+)
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def parse_net_dev(text: str) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for line in text.splitlines()[2:]:
+        name, sep, rest = line.partition(":")
+        if not sep:
+            continue
+        try:
+            out[name.strip()] = [int(v) for v in rest.split()]
+        except ValueError:
+            continue
+    return out
+
+
+def parse_snmp(text: str, proto: str = "Tcp") -> dict[str, int]:
+    """The ``proto:`` header/value line pair of /proc/net/snmp as a dict."""
+    lines = [ln.split() for ln in text.splitlines() if ln.startswith(f"{proto}:")]
+    if len(lines) < 2:
+        return {}
+    out: dict[str, int] = {}
+    for name, val in zip(lines[0][1:], lines[1][1:], strict=False):
+        try:
+            out[name] = int(val)
+        except ValueError:
+            continue
+    return out
+
+
+def tcp_probe(probe: Probe) -> float | None:
+    """Connect to ``probe``; milliseconds taken, or None when it failed or timed out."""
+    t0 = time.monotonic()
+    try:
+        with socket.create_connection((probe.host, probe.port), timeout=probe.timeout_s):
+            return (time.monotonic() - t0) * 1000.0
+    except OSError:  # refused, unreachable, timeout (socket.timeout is an OSError), DNS failure
+        return None
+
+
+class _Prober:
+    """Runs every probe each ``interval_s`` in a daemon thread; keeps the last result of each."""
+
+    def __init__(self, probes: tuple[Probe, ...], interval_s: float) -> None:
+        self.probes = probes
+        self.interval_s = interval_s
+        self.results: dict[str, tuple[bool, float | None]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._pool = ThreadPoolExecutor(max_workers=min(8, len(probes)), thread_name_prefix="heald-probe")
+        self._thread = threading.Thread(target=self._run, name="heald-net-probes", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=max((p.timeout_s for p in self.probes), default=1.0) + 1.0)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def snapshot(self) -> dict[str, tuple[bool, float | None]]:
+        with self._lock:
+            return dict(self.results)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            t0 = time.monotonic()
+            try:
+                got = list(self._pool.map(tcp_probe, self.probes))
+            except RuntimeError:  # pool shut down while stopping
+                return
+            with self._lock:
+                for probe, ms in zip(self.probes, got, strict=True):
+                    self.results[probe.name] = (ms is not None, ms)
+            self._stop.wait(max(0.0, self.interval_s - (time.monotonic() - t0)))
+
+
+class NetworkCollector:
+    """See the module docstring for the metrics and events."""
+
+    name = "network"
+
+    def __init__(self, settings: NetworkSettings | None = None, *, root: str = "/") -> None:
+        self.settings = settings or NetworkSettings()
+        self.interval_s = self.settings.interval_s
+        self.timeout_s = self.settings.timeout_s
+        self.root = root
+        self._rates = RateTracker()
+        self._link: dict[str, bool] = {}
+        self._exclude = frozenset(self.settings.exclude_interfaces)
+        self._prober: _Prober | None = None
+
+    def _p(self, rel: str) -> str:
+        return os.path.join(self.root, rel)
+
+    def start(self) -> None:
+        if _read(self._p("proc/net/dev")) is None:
+            raise CollectorUnavailable(f"cannot read {self._p('proc/net/dev')}")
+        if self.settings.probes and self._prober is None:
+            self._prober = _Prober(self.settings.probes, self.settings.probe_interval_s)
+            self._prober.start()
+
+    def close(self) -> None:
+        if self._prober is not None:
+            self._prober.stop()
+            self._prober = None
+
+    def collect(self) -> Reading:
+        now = time.monotonic()
+        m: Metrics = {}
+        events: list[Event] = []
+        self._interfaces(m, events, now)
+        self._tcp(m, now)
+        self._probes(m)
+        self._rates.sweep()
+        return Reading(metrics=m, events=events)
+
+    def _interfaces(self, m: Metrics, events: list[Event], now: float) -> None:
+        text = _read(self._p("proc/net/dev"))
+        if text is None:
+            return
+        devs = parse_net_dev(text)
+        for ifname, vals in devs.items():
+            if ifname in self._exclude:
+                continue
+            for field, col in _DEV_FIELDS:
+                value = vals[col] if col < len(vals) else None
+                m[key(f"net.{field}_per_s", ifname)] = self._rates.rate(f"{field}/{ifname}", value, now)
+            up = self._link_up(ifname)
+            m[key("net.link_up", ifname)] = None if up is None else float(up)
+            was = self._link.get(ifname)
+            if up is not None:
+                self._link[ifname] = up
+            if was and up is False:
+                events.append(
+                    Event(
+                        kind="net.link_down",
+                        source=self.name,
+                        wall=time.time(),
+                        labels={"interface": ifname},
+                        value=0.0,
+                        message=f"link of {ifname} went down",
+                    )
+                )
+        for gone in [i for i in self._link if i not in devs]:
+            del self._link[gone]
+
+    def _link_up(self, ifname: str) -> bool | None:
+        base = self._p(f"sys/class/net/{ifname}")
+        state = _read(f"{base}/operstate")
+        if state is None:
+            return None
+        state = state.strip()
+        if state == "up":
+            return True
+        if state != "unknown":  # down, lowerlayerdown, dormant, notpresent, testing
+            return False
+        carrier = _read(f"{base}/carrier")  # reading fails with EINVAL when admin-down
+        if carrier is not None and carrier.strip() in ("0", "1"):
+            return carrier.strip() == "1"
+        flags = _read(f"{base}/flags")
+        try:
+            return flags is not None and bool(int(flags.strip(), 16) & _IFF_UP)
+        except ValueError:
+            return None
+
+    def _tcp(self, m: Metrics, now: float) -> None:
+        text = _read(self._p("proc/net/snmp"))
+        tcp = parse_snmp(text) if text is not None else {}
+        if not tcp and text is not None:
+            return  # no TCP section: no TCP metrics
+        retrans = tcp.get("RetransSegs")
+        m["net.tcp_retrans_segs"] = None if retrans is None else float(retrans)
+        for field, metric in _TCP_RATES:
+            m[metric] = self._rates.rate(f"tcp/{field}", tcp.get(field), now)
+        estab = tcp.get("CurrEstab")
+        m["net.tcp_curr_estab"] = None if estab is None else float(estab)
+
+    def _probes(self, m: Metrics) -> None:
+        if not self.settings.probes:
+            return
+        results = self._prober.snapshot() if self._prober is not None else {}
+        for probe in self.settings.probes:
+            ok, ms = results.get(probe.name, (None, None))
+            m[key("net.probe_ok", probe.name)] = None if ok is None else float(ok)
+            m[key("net.probe_ms", probe.name)] = ms
