@@ -29,6 +29,7 @@ from agent.collect import registry
 from agent.collect.sample import Sample
 from agent.errors import ConfigError
 from agent.runtime.config import LoadedConfig, Settings, load_config
+from agent.runtime.paths import resolve_state_dir
 from agent.runtime.sampler import Sampler
 from agent.runtime.sdnotify import Notifier
 
@@ -56,6 +57,7 @@ class Daemon:
         self.config_path = config_path
         self._nvml = nvml
         self.notifier = Notifier()
+        self.state_dir = resolve_state_dir(self.settings.paths.state_dir)
         self.stages: list[Stage] = []
         self.last_sample: Sample | None = None
         self._last_tick = time.monotonic()
