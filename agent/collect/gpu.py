@@ -1,0 +1,505 @@
+"""GPU collector: NVIDIA GPU health through NVML (``pynvml``, imported lazily in ``start()``).
+
+``start()`` raises :class:`CollectorUnavailable` when libnvidia-ml is missing or ``nvmlInit``
+fails for any other reason, or when NVML sees no device. Every NVML query is wrapped on its own:
+``NVMLError_NotSupported`` (or a function the driver lacks) makes that metric absent for the
+device from then on, ``NVMLError_GpuIsLost`` marks the device lost, any other NVMLError gives None.
+
+Metrics per device index ``I`` (``gpu.util_pct[0]``, ...):
+
+================================== ==================================================================
+``gpu.util_pct[I]``                GPU (SM) utilisation, %
+``gpu.mem_util_pct[I]``            memory controller utilisation, %
+``gpu.mem_used_bytes[I]``          framebuffer memory used, bytes
+``gpu.mem_total_bytes[I]``         framebuffer memory total, bytes
+``gpu.temp_c[I]``                  GPU temperature, Celsius
+``gpu.power_w[I]``                 power draw, W
+``gpu.sm_clock_mhz[I]``            SM clock, MHz
+``gpu.mem_clock_mhz[I]``           memory clock, MHz
+``gpu.throttle_reasons[I]``        clocks throttle (event) reasons bitmask, as NVML reports it
+``gpu.throttle_hw_slowdown[I]``    1 when HW slowdown is active (any HW cause), else 0
+``gpu.throttle_sw_thermal[I]``     1 when SW thermal slowdown is active
+``gpu.throttle_hw_thermal[I]``     1 when HW thermal slowdown is active
+``gpu.throttle_power_brake[I]``    1 when the external power brake is asserted
+``gpu.throttle_sw_power_cap[I]``   1 when clocks are held down by the power cap
+``gpu.ecc_sbe_volatile[I]``        corrected (single-bit) ECC errors since the last driver load
+``gpu.ecc_dbe_volatile[I]``        uncorrected (double-bit) ECC errors since the last driver load
+``gpu.ecc_sbe_aggregate[I]``       corrected ECC errors over the board's lifetime
+``gpu.ecc_dbe_aggregate[I]``       uncorrected ECC errors over the board's lifetime
+``gpu.retired_pages_sbe[I]``       pages retired for multiple single-bit errors (pre-Ampere)
+``gpu.retired_pages_dbe[I]``       pages retired for a double-bit error (pre-Ampere)
+``gpu.retired_pages_pending[I]``   1 when a page retirement waits for a reboot
+``gpu.remap_correctable[I]``       rows remapped for correctable errors (Ampere and later)
+``gpu.remap_uncorrectable[I]``     rows remapped for uncorrectable errors
+``gpu.remap_pending[I]``           1 when a row remap waits for a GPU reset
+``gpu.remap_failure[I]``           1 when a row remap failed (the GPU needs service)
+``gpu.pcie_replays[I]``            PCIe replay counter
+``gpu.nvlink_crc_errors[I]``       NVLink CRC errors (flit + data), summed over links
+``gpu.nvlink_replay_errors[I]``    NVLink replay errors, summed over links
+``gpu.nvlink_recovery_errors[I]``  NVLink recovery errors, summed over links
+``gpu.xid_count[I]``               XID critical errors seen since the collector started
+``gpu.lost[I]``                    1 when the GPU has fallen off the bus (NVML: GPU is lost), else 0
+================================== ==================================================================
+
+Events:
+
+* ``gpu.xid`` (labels ``gpu`` index, ``uuid``, ``source`` "nvml" or "kmsg"; ``value`` the XID).
+  Read from an NVML event set registered for ``nvmlEventTypeXidCriticalError`` and polled with a
+  0 ms wait each pass; for devices where the event set is not supported (and when
+  ``kernel_log_fallback``), from ``/dev/kmsg`` (``NVRM: Xid (PCI:...): NN,`` lines), read without
+  blocking from where the log ended when the collector started.
+* ``gpu.lost`` (labels ``gpu``, ``uuid``) when a device becomes lost.
+
+Detail: ``devices``: ``{I: {uuid, name, pci}}``, ``xid_source``: "nvml", "kmsg", "nvml+kmsg" or
+"none".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.collect.sample import Event, Metrics, Reading, key
+from agent.collect.settings import GpuSettings
+from agent.errors import CollectorUnavailable
+
+_ABSENT: Any = object()  # "this device does not have it"
+_MAX_EVENTS_PER_PASS = 256
+_KMSG_READ = 8192
+_KMSG_MAX_READS = 1024
+_XID_RE = re.compile(rb"NVRM: Xid \(PCI:([0-9a-fA-F]+):([0-9a-fA-F]+):([0-9a-fA-F]+)[^)]*\): (\d+)")
+
+# Throttle flags: metric family -> nvml constant name (the same bit for the "Event" spelling).
+_THROTTLE_FLAGS = (
+    ("gpu.throttle_hw_slowdown", "nvmlClocksThrottleReasonHwSlowdown"),
+    ("gpu.throttle_sw_thermal", "nvmlClocksThrottleReasonSwThermalSlowdown"),
+    ("gpu.throttle_hw_thermal", "nvmlClocksThrottleReasonHwThermalSlowdown"),
+    ("gpu.throttle_power_brake", "nvmlClocksThrottleReasonHwPowerBrakeSlowdown"),
+    ("gpu.throttle_sw_power_cap", "nvmlClocksThrottleReasonSwPowerCap"),
+)
+_THROTTLE_BITS = {  # the documented values, used when the module lacks a name
+    "nvmlClocksThrottleReasonHwSlowdown": 0x8,
+    "nvmlClocksThrottleReasonSwThermalSlowdown": 0x20,
+    "nvmlClocksThrottleReasonHwThermalSlowdown": 0x40,
+    "nvmlClocksThrottleReasonHwPowerBrakeSlowdown": 0x80,
+    "nvmlClocksThrottleReasonSwPowerCap": 0x4,
+}
+
+
+def _text(value: object) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+@dataclass(slots=True)
+class _Device:
+    index: int
+    label: str
+    handle: Any = None
+    uuid: str = ""
+    name: str = ""
+    pci: tuple[int, int, int] | None = None  # (domain, bus, device)
+    lost: bool = False
+    lost_reported: bool = False
+    events: bool = False  # registered with the NVML event set
+    nvlinks: list[int] = field(default_factory=list)
+    unsupported: set[tuple[object, ...]] = field(default_factory=set)
+    xids: int = 0
+
+
+class GpuCollector:
+    """See the module docstring for the metrics and events."""
+
+    name = "gpu"
+
+    def __init__(self, settings: GpuSettings | None = None, *, root: str = "/", nvml: Any = None) -> None:
+        self.settings = settings or GpuSettings()
+        self.interval_s = self.settings.interval_s
+        self.timeout_s = self.settings.timeout_s
+        self.root = root
+        self._nvml_arg = nvml
+        self._nv: Any = None
+        self._devs: list[_Device] = []
+        self._event_set: Any = None
+        self._kmsg_fd: int | None = None
+        self._kmsg_buf = b""
+        self._xid_mask = 0
+        self._initialised = False
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        nv = self._nvml_arg
+        if nv is None:
+            try:
+                import pynvml  # noqa: PLC0415 - lazy: only nodes with the GPU collector need it
+
+                nv = pynvml
+            except ImportError as e:
+                raise CollectorUnavailable(f"no pynvml (nvidia-ml-py): {e}") from e
+        self._nv = nv
+        try:
+            nv.nvmlInit()
+        except nv.NVMLError_LibraryNotFound as e:
+            raise CollectorUnavailable(f"no libnvidia-ml: {e}") from e
+        except nv.NVMLError as e:
+            raise CollectorUnavailable(f"no libnvidia-ml: nvmlInit failed: {e}") from e
+        self._initialised = True
+        try:
+            count = int(nv.nvmlDeviceGetCount())
+        except nv.NVMLError as e:
+            self.close()
+            raise CollectorUnavailable(f"NVML cannot count devices: {e}") from e
+        if count == 0:
+            self.close()
+            raise CollectorUnavailable("NVML sees no GPU")
+        self._xid_mask = int(getattr(nv, "nvmlEventTypeXidCriticalError", 0x8))
+        self._devs = [_Device(index=i, label=str(i)) for i in range(count)]
+        for dev in self._devs:
+            self._open_device(dev)
+        self._setup_events()
+
+    def _open_device(self, dev: _Device) -> bool:
+        nv = self._nv
+        try:
+            dev.handle = nv.nvmlDeviceGetHandleByIndex(dev.index)
+        except nv.NVMLError_GpuIsLost:
+            dev.lost = True
+            return False
+        except nv.NVMLError:
+            return False
+        uuid = self._q(dev, "nvmlDeviceGetUUID", dev.handle)
+        dev.uuid = _text(uuid) if uuid is not None and uuid is not _ABSENT else ""
+        name = self._q(dev, "nvmlDeviceGetName", dev.handle)
+        dev.name = _text(name) if name is not None and name is not _ABSENT else ""
+        pci = self._q(dev, "nvmlDeviceGetPciInfo", dev.handle)
+        if pci is not None and pci is not _ABSENT:
+            dev.pci = (int(pci.domain), int(pci.bus), int(pci.device))
+        dev.nvlinks = []
+        max_links = int(getattr(nv, "NVML_NVLINK_MAX_LINKS", 0))
+        for link in range(max_links):
+            try:
+                nv.nvmlDeviceGetNvLinkState(dev.handle, link)
+            except nv.NVMLError_NotSupported:
+                if link == 0:
+                    break  # no NVLink on this device
+                continue
+            except nv.NVMLError:
+                continue
+            dev.nvlinks.append(link)
+        return True
+
+    def _setup_events(self) -> None:
+        nv = self._nv
+        try:
+            self._event_set = nv.nvmlEventSetCreate()
+        except (nv.NVMLError, AttributeError):
+            self._event_set = None
+        if self._event_set is not None:
+            for dev in self._devs:
+                if dev.handle is None:
+                    continue
+                try:
+                    nv.nvmlDeviceRegisterEvents(dev.handle, self._xid_mask, self._event_set)
+                    dev.events = True
+                except nv.NVMLError:
+                    dev.events = False
+        if self.settings.kernel_log_fallback and not all(d.events for d in self._devs):
+            self._open_kmsg()
+
+    def _open_kmsg(self) -> None:
+        path = os.path.join(self.root, "dev/kmsg")
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return  # no CAP_SYSLOG / no /dev/kmsg: XIDs of those devices are not seen
+        try:
+            os.lseek(fd, 0, os.SEEK_END)  # only what is logged from now on
+        except OSError:
+            os.close(fd)
+            return
+        self._kmsg_fd = fd
+
+    def close(self) -> None:
+        nv = self._nv
+        if self._kmsg_fd is not None:
+            os.close(self._kmsg_fd)
+            self._kmsg_fd = None
+        if nv is None or not self._initialised:
+            return
+        if self._event_set is not None:
+            with contextlib.suppress(nv.NVMLError):
+                nv.nvmlEventSetFree(self._event_set)
+            self._event_set = None
+        with contextlib.suppress(nv.NVMLError):
+            nv.nvmlShutdown()
+        self._initialised = False
+
+    # -- one pass --------------------------------------------------------------------------------
+
+    def collect(self) -> Reading:
+        m: Metrics = {}
+        events: list[Event] = []
+        for dev in self._devs:
+            if dev.lost or dev.handle is None:
+                self._reprobe(dev)
+            if dev.handle is not None and not dev.lost:
+                self._device(dev, m)
+            if dev.lost:
+                self._mark_unreadable(dev, m)
+            m[key("gpu.lost", dev.label)] = 1.0 if dev.lost else 0.0
+            if dev.lost and not dev.lost_reported:
+                events.append(
+                    Event(
+                        kind="gpu.lost",
+                        source=self.name,
+                        wall=time.time(),
+                        labels={"gpu": dev.label, "uuid": dev.uuid},
+                        value=1.0,
+                        message=f"GPU {dev.label} ({dev.uuid}) has fallen off the bus",
+                    )
+                )
+            dev.lost_reported = dev.lost
+        self._nvml_events(events)
+        self._kmsg_events(events)
+        for dev in self._devs:
+            m[key("gpu.xid_count", dev.label)] = float(dev.xids)
+        return Reading(metrics=m, events=events, detail=self._detail())
+
+    def _detail(self) -> dict[str, object]:
+        nvml_ok = any(d.events for d in self._devs)
+        source = "+".join(s for s, on in (("nvml", nvml_ok), ("kmsg", self._kmsg_fd is not None)) if on)
+        return {
+            "devices": {
+                d.label: {"uuid": d.uuid, "name": d.name, "pci": _pci_str(d.pci)} for d in self._devs
+            },
+            "xid_source": source or "none",
+        }
+
+    def _reprobe(self, dev: _Device) -> None:
+        """A lost device (or one without a handle) is looked up again; lost until a query works."""
+        nv = self._nv
+        try:
+            handle = nv.nvmlDeviceGetHandleByIndex(dev.index)
+            nv.nvmlDeviceGetTemperature(handle, nv.NVML_TEMPERATURE_GPU)
+        except nv.NVMLError_GpuIsLost:
+            dev.lost = True
+            return
+        except nv.NVMLError_NotSupported:
+            pass
+        except nv.NVMLError:
+            return
+        if dev.handle is None or dev.lost:
+            dev.lost = False
+            self._open_device(dev)
+
+    def _q(self, dev: _Device, fn_name: str, *args: Any) -> Any:
+        """One NVML query: its value, _ABSENT (not supported here) or None (unreadable now)."""
+        query_key = (fn_name, *args[1:])
+        if query_key in dev.unsupported:
+            return _ABSENT
+        if dev.lost:
+            return None
+        nv = self._nv
+        fn: Callable[..., Any] | None = getattr(nv, fn_name, None)
+        if fn is None:
+            dev.unsupported.add(query_key)
+            return _ABSENT
+        try:
+            return fn(*args)
+        except (nv.NVMLError_NotSupported, nv.NVMLError_FunctionNotFound):
+            dev.unsupported.add(query_key)
+            return _ABSENT
+        except nv.NVMLError_GpuIsLost:
+            dev.lost = True
+            return None
+        except nv.NVMLError:
+            return None
+
+    def _device(self, dev: _Device, m: Metrics) -> None:
+        nv, h, lbl = self._nv, dev.handle, dev.label
+
+        def put(family: str, value: Any, scale: float = 1.0) -> None:
+            if value is _ABSENT:
+                return
+            m[key(family, lbl)] = None if value is None else float(value) * scale
+
+        util = self._q(dev, "nvmlDeviceGetUtilizationRates", h)
+        put("gpu.util_pct", _attr(util, "gpu"))
+        put("gpu.mem_util_pct", _attr(util, "memory"))
+        mem = self._q(dev, "nvmlDeviceGetMemoryInfo", h)
+        put("gpu.mem_used_bytes", _attr(mem, "used"))
+        put("gpu.mem_total_bytes", _attr(mem, "total"))
+        put("gpu.temp_c", self._q(dev, "nvmlDeviceGetTemperature", h, nv.NVML_TEMPERATURE_GPU))
+        put("gpu.power_w", self._q(dev, "nvmlDeviceGetPowerUsage", h), 0.001)
+        put("gpu.sm_clock_mhz", self._q(dev, "nvmlDeviceGetClockInfo", h, nv.NVML_CLOCK_SM))
+        put("gpu.mem_clock_mhz", self._q(dev, "nvmlDeviceGetClockInfo", h, nv.NVML_CLOCK_MEM))
+
+        reasons = self._q(dev, "nvmlDeviceGetCurrentClocksEventReasons", h)
+        if reasons is _ABSENT:
+            reasons = self._q(dev, "nvmlDeviceGetCurrentClocksThrottleReasons", h)
+        put("gpu.throttle_reasons", reasons)
+        for family, const in _THROTTLE_FLAGS:
+            bit = int(getattr(nv, const, _THROTTLE_BITS[const]))
+            put(family, reasons if reasons is None or reasons is _ABSENT else int(bool(int(reasons) & bit)))
+
+        corrected, uncorrected = nv.NVML_MEMORY_ERROR_TYPE_CORRECTED, nv.NVML_MEMORY_ERROR_TYPE_UNCORRECTED
+        for family, etype, counter in (
+            ("gpu.ecc_sbe_volatile", corrected, nv.NVML_VOLATILE_ECC),
+            ("gpu.ecc_dbe_volatile", uncorrected, nv.NVML_VOLATILE_ECC),
+            ("gpu.ecc_sbe_aggregate", corrected, nv.NVML_AGGREGATE_ECC),
+            ("gpu.ecc_dbe_aggregate", uncorrected, nv.NVML_AGGREGATE_ECC),
+        ):
+            put(family, self._q(dev, "nvmlDeviceGetTotalEccErrors", h, etype, counter))
+
+        for family, cause in (
+            ("gpu.retired_pages_sbe", nv.NVML_PAGE_RETIREMENT_CAUSE_MULTIPLE_SINGLE_BIT_ECC_ERRORS),
+            ("gpu.retired_pages_dbe", nv.NVML_PAGE_RETIREMENT_CAUSE_DOUBLE_BIT_ECC_ERROR),
+        ):
+            pages = self._q(dev, "nvmlDeviceGetRetiredPages", h, cause)
+            put(family, pages if pages is None or pages is _ABSENT else len(pages))
+        put("gpu.retired_pages_pending", self._q(dev, "nvmlDeviceGetRetiredPagesPendingStatus", h))
+
+        remap = self._q(dev, "nvmlDeviceGetRemappedRows", h)
+        for i, family in enumerate(
+            ("gpu.remap_correctable", "gpu.remap_uncorrectable", "gpu.remap_pending", "gpu.remap_failure")
+        ):
+            put(family, remap if remap is None or remap is _ABSENT else remap[i])
+
+        put("gpu.pcie_replays", self._q(dev, "nvmlDeviceGetPcieReplayCounter", h))
+        if dev.nvlinks:
+            self._nvlink(dev, put)
+
+    def _nvlink(self, dev: _Device, put: Callable[..., None]) -> None:
+        nv = self._nv
+        groups = (
+            ("gpu.nvlink_crc_errors", (nv.NVML_NVLINK_ERROR_DL_CRC_FLIT, nv.NVML_NVLINK_ERROR_DL_CRC_DATA)),
+            ("gpu.nvlink_replay_errors", (nv.NVML_NVLINK_ERROR_DL_REPLAY,)),
+            ("gpu.nvlink_recovery_errors", (nv.NVML_NVLINK_ERROR_DL_RECOVERY,)),
+        )
+        for family, counters in groups:
+            total: Any = _ABSENT
+            for link in dev.nvlinks:
+                for counter in counters:
+                    v = self._q(dev, "nvmlDeviceGetNvLinkErrorCounter", dev.handle, link, counter)
+                    if v is _ABSENT:
+                        continue
+                    if v is None or total is None:
+                        total = None
+                    else:
+                        total = (0 if total is _ABSENT else total) + int(v)
+            put(family, total)
+
+    def _mark_unreadable(self, dev: _Device, m: Metrics) -> None:
+        """A lost device's metrics (those it had) are None: they cannot be read."""
+        prefix_lbl = f"[{dev.label}]"
+        for k in m:
+            if k.endswith(prefix_lbl) and k.startswith("gpu."):
+                m[k] = None
+        for family in ("gpu.util_pct", "gpu.mem_used_bytes", "gpu.temp_c", "gpu.power_w"):
+            m.setdefault(key(family, dev.label), None)
+
+    # -- XIDs ------------------------------------------------------------------------------------
+
+    def _xid_event(self, dev: _Device | None, xid: int, source: str, extra: str = "") -> Event:
+        if dev is not None:
+            dev.xids += 1
+        label = dev.label if dev is not None else "unknown"
+        return Event(
+            kind="gpu.xid",
+            source=self.name,
+            wall=time.time(),
+            labels={"gpu": label, "uuid": dev.uuid if dev is not None else "", "source": source},
+            value=float(xid),
+            message=f"XID {xid} on GPU {label}{extra}",
+        )
+
+    def _nvml_events(self, events: list[Event]) -> None:
+        if self._event_set is None:
+            return
+        nv = self._nv
+        for _ in range(_MAX_EVENTS_PER_PASS):
+            try:
+                data = nv.nvmlEventSetWait(self._event_set, 0)
+            except nv.NVMLError_Timeout:
+                return
+            except nv.NVMLError:
+                return  # GPU lost, or the set broke: the per-device queries report it
+            if not int(data.eventType) & self._xid_mask:
+                continue
+            events.append(self._xid_event(self._device_of(data.device), int(data.eventData), "nvml"))
+
+    def _device_of(self, handle: Any) -> _Device | None:
+        nv = self._nv
+        try:
+            idx = int(nv.nvmlDeviceGetIndex(handle))
+        except nv.NVMLError:
+            idx = -1
+        if 0 <= idx < len(self._devs):
+            return self._devs[idx]
+        for dev in self._devs:  # a lost device cannot be asked its index: compare the handles
+            if _same_handle(dev.handle, handle):
+                return dev
+        return None
+
+    def _kmsg_events(self, events: list[Event]) -> None:
+        fd = self._kmsg_fd
+        if fd is None:
+            return
+        chunks: list[bytes] = []
+        for _ in range(_KMSG_MAX_READS):
+            try:
+                chunk = os.read(fd, _KMSG_READ)
+            except BlockingIOError:
+                break
+            except OSError as e:
+                if e.errno == errno.EPIPE:  # records were overwritten before we read them
+                    continue
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        if not chunks:
+            return
+        data = self._kmsg_buf + b"".join(chunks)
+        lines = data.split(b"\n")
+        self._kmsg_buf = lines.pop()[-_KMSG_READ:]  # an incomplete last line (plain files only)
+        by_pci = {d.pci: d for d in self._devs if d.pci is not None}
+        for line in lines:
+            match = _XID_RE.search(line)
+            if match is None:
+                continue
+            domain, bus, device = (int(g, 16) for g in match.group(1, 2, 3))
+            dev = by_pci.get((domain, bus, device))
+            if dev is not None and dev.events:
+                continue  # already reported through NVML
+            pci = match.group(1, 2, 3)
+            where = "" if dev is not None else f" (PCI {b':'.join(pci).decode()})"
+            events.append(self._xid_event(dev, int(match.group(4)), "kmsg", where))
+
+
+def _attr(obj: Any, name: str) -> Any:
+    if obj is None or obj is _ABSENT:
+        return obj
+    return getattr(obj, name)
+
+
+def _pci_str(pci: tuple[int, int, int] | None) -> str:
+    return "" if pci is None else f"{pci[0]:04x}:{pci[1]:02x}:{pci[2]:02x}"
+
+
+def _same_handle(a: Any, b: Any) -> bool:
+    if a is None or b is None:
+        return False
+    if a == b:
+        return True
+    try:  # real NVML handles are ctypes pointers: compare the addresses
+        return bool(ctypes.cast(a, ctypes.c_void_p).value == ctypes.cast(b, ctypes.c_void_p).value)
+    except (TypeError, ctypes.ArgumentError):
+        return False
