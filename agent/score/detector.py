@@ -1,0 +1,254 @@
+"""Streaming anomaly scoring from a compiled model: numpy only, one sample at a time.
+
+The score is an ensemble of four per-sample components, each divided by a high quantile of its
+own value on the training data (so they are comparable), weighted, summed and smoothed causally:
+
+* ``robust_z``: mean of the ``top_k`` largest per-feature robust z-scores |x - median| / scale;
+* ``kmeans``:   Euclidean distance to the nearest k-means centroid of the training data;
+* ``delta``:    squared norm of the first difference x_t - x_{t-1} (sudden changes);
+* ``pca``:      PCA reconstruction error (weight 0, i.e. off, in the default model).
+
+``raw_t = sum_c w_c * component_c(x_t) / divisor_c`` and ``s_t = alpha * raw_t + (1 - alpha) * s_{t-1}``
+(EWMA; ``s_0 = raw_0``). :meth:`StreamingDetector.score` returns ``s_t / threshold`` so that 1.0 is the
+alert threshold, which was chosen from the training data only (see :mod:`agent.score.fit`).
+
+Missing metrics (NaN, None, +-inf) are imputed with the training median for the level components
+and contribute no change to ``delta``. Nothing here imports scikit-learn.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from agent.errors import ModelError
+from agent.score.compiled import COMPONENTS, F64, CompiledDetector
+from agent.score.types import Contribution
+
+RZ, KM, DELTA, PCA = range(len(COMPONENTS))
+
+SampleLike = npt.NDArray[np.floating] | Sequence[float | None]
+
+
+def component_scores(model: CompiledDetector, rows: npt.ArrayLike) -> F64:
+    """Vectorised raw components, shape (n, 4), for consecutive ``rows`` (no NaN allowed).
+
+    Row 0's ``delta`` is 0 (no previous row), exactly as for the first sample of a stream.
+    Used to derive divisors and threshold at fit time and to cross-check the streaming path.
+    """
+    a = model.arrays
+    x = np.asarray(rows, dtype=np.float64)
+    if x.ndim != 2 or x.shape[1] != a["median"].shape[0]:
+        raise ModelError(f"expected rows of {a['median'].shape[0]} features, got shape {x.shape}")
+    n = x.shape[0]
+    top_k = model.meta.top_k
+    out = np.zeros((n, len(COMPONENTS)), dtype=np.float64)
+    z = np.abs(x - a["median"]) / a["scale"]
+    d = z.shape[1]
+    out[:, RZ] = np.partition(z, d - top_k, axis=1)[:, d - top_k:].sum(axis=1) / top_k
+    c = a["centroids"]
+    sq = (x * x).sum(axis=1)[:, None] - 2.0 * (x @ c.T) + a["centroid_sq"][None, :]
+    out[:, KM] = np.sqrt(np.maximum(sq.min(axis=1), 0.0))
+    if n > 1:
+        diff = np.diff(x, axis=0)
+        out[1:, DELTA] = (diff * diff).sum(axis=1)
+    w = a["pca_components"]
+    if w.shape[0] > 0:
+        xc = x - a["pca_mean"]
+        r = xc - (xc @ w.T) @ w
+        out[:, PCA] = (r * r).sum(axis=1)
+    return out
+
+
+def combine(model: CompiledDetector, comps: F64) -> F64:
+    """Weighted sum of normalised components: the unsmoothed raw score per row."""
+    a = model.arrays
+    result: F64 = comps @ (a["weights"] / a["divisors"])
+    return result
+
+
+def ewma(raw: F64, alpha: float) -> F64:
+    """Causal EWMA with ``s_0 = raw_0`` (the same recursion the streaming detector runs)."""
+    out = np.empty_like(raw)
+    m = float(raw[0]) if raw.size else 0.0
+    for i, v in enumerate(raw.tolist()):
+        m = alpha * v + (1.0 - alpha) * m
+        out[i] = m
+    return out
+
+
+class StreamingDetector:
+    """Score one sample at a time with internal causal state (EWMA and previous sample).
+
+    ``score(x)`` returns ``(score, alert)`` where ``score`` is the smoothed anomaly score divided by
+    the model's threshold (1.0 = threshold) and ``alert`` is ``score >= 1``. ``explain(x)`` names the
+    features that contribute most to the raw score of ``x`` given the state before ``x`` was
+    scored (call it right after ``score(x)``).
+    """
+
+    __slots__ = (
+        "_alpha", "_c", "_c2", "_d", "_diff", "_fac", "_has_prev", "_inv_scale", "_k", "_km_dist",
+        "_last_ref", "_med", "_model", "_n", "_names", "_pca_m", "_pca_w", "_prev", "_s",
+        "_threshold", "_use", "_x", "_z",
+    )
+
+    def __init__(self, model: CompiledDetector) -> None:
+        a = model.arrays
+        self._model = model
+        self._names = model.meta.feature_names
+        self._d = len(self._names)
+        self._k = model.meta.top_k
+        self._alpha = float(model.meta.ewma_alpha)
+        self._threshold = float(model.meta.threshold)
+        self._med = a["median"]
+        self._inv_scale = 1.0 / a["scale"]
+        self._c = a["centroids"]
+        self._c2 = a["centroid_sq"]
+        self._pca_m = a["pca_mean"]
+        self._pca_w = a["pca_components"]
+        fac = a["weights"] / a["divisors"]
+        self._fac = [float(f) for f in fac]
+        self._use = [f != 0.0 for f in self._fac]
+        if self._pca_w.shape[0] == 0:
+            self._use[PCA] = False
+        # Preallocated work buffers.
+        self._x = np.empty(self._d, dtype=np.float64)
+        self._z = np.empty(self._d, dtype=np.float64)
+        self._diff = np.empty(self._d, dtype=np.float64)
+        self._km_dist = np.empty(self._c.shape[0], dtype=np.float64)
+        self._prev = np.empty(self._d, dtype=np.float64)
+        self._last_ref = np.empty(self._d, dtype=np.float64)
+        self.reset()
+
+    @property
+    def model(self) -> CompiledDetector:
+        return self._model
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        return self._names
+
+    @property
+    def samples_seen(self) -> int:
+        return self._n
+
+    def reset(self) -> None:
+        """Forget the stream (EWMA and previous sample), e.g. after a gap in sampling."""
+        self._s = 0.0
+        self._n = 0
+        self._has_prev = False
+
+    def _load(self, x: SampleLike) -> npt.NDArray[np.bool_] | None:
+        """Copy ``x`` into the work buffer, impute missing values; return the missing mask or None."""
+        if isinstance(x, np.ndarray) and x.shape == self._x.shape and x.dtype.kind in "fiu":
+            self._x[:] = x
+        else:
+            try:
+                arr = np.array(x, dtype=np.float64)  # None -> NaN
+            except (ValueError, TypeError) as exc:
+                raise ModelError(f"sample is not a sequence of numbers: {exc}") from None
+            if arr.shape != self._x.shape:
+                raise ModelError(
+                    f"sample has shape {arr.shape}, the model expects {self._d} features"
+                )
+            self._x[:] = arr
+        if np.isfinite(self._x.sum()):
+            return None
+        missing = ~np.isfinite(self._x)
+        np.copyto(self._x, self._med, where=missing)
+        return missing
+
+    def _raw(self, missing: npt.NDArray[np.bool_] | None) -> float:
+        x = self._x
+        raw = 0.0
+        if self._use[RZ]:
+            z = self._z
+            np.subtract(x, self._med, out=z)
+            np.abs(z, out=z)
+            np.multiply(z, self._inv_scale, out=z)
+            z.partition(self._d - self._k)
+            raw += self._fac[RZ] * float(z[self._d - self._k:].sum()) / self._k
+        if self._use[KM]:
+            dist = self._km_dist
+            np.dot(self._c, x, out=dist)
+            np.multiply(dist, -2.0, out=dist)
+            np.add(dist, self._c2, out=dist)
+            best = float(dist.min()) + float(x @ x)
+            raw += self._fac[KM] * math.sqrt(max(0.0, best))
+        diff = self._diff
+        if self._has_prev:
+            np.subtract(x, self._prev, out=diff)
+            if missing is not None:
+                diff[missing] = 0.0
+            if self._use[DELTA]:
+                raw += self._fac[DELTA] * float(diff @ diff)
+        if self._use[PCA]:
+            xc = x - self._pca_m
+            r = xc - (self._pca_w @ xc) @ self._pca_w
+            raw += self._fac[PCA] * float(r @ r)
+        return raw
+
+    def score(self, x: SampleLike) -> tuple[float, bool]:
+        """Score one sample (in the model's feature order); update the causal state."""
+        missing = self._load(x)
+        raw = self._raw(missing)
+        s = raw if self._n == 0 else self._alpha * raw + (1.0 - self._alpha) * self._s
+        self._s = s
+        self._n += 1
+        # Remember what delta was measured against (for explain), then advance the state.
+        self._last_ref[:] = self._prev if self._has_prev else self._x
+        if missing is None:
+            self._prev[:] = self._x
+        elif self._has_prev:
+            np.copyto(self._prev, self._x, where=~missing)
+        else:
+            self._prev[:] = self._x
+        self._has_prev = True
+        norm = s / self._threshold
+        return norm, norm >= 1.0
+
+    def explain(self, x: SampleLike, top_k: int = 3) -> list[Contribution]:
+        """The ``top_k`` features contributing most to the raw score of ``x`` (shares sum to <= 1).
+
+        Each component's value is split over features: robust z over its top-k features, the
+        k-means distance and PCA error by squared per-feature residual, delta by squared change.
+        """
+        missing = self._load(x)
+        x_ = self._x
+        contrib = np.zeros(self._d, dtype=np.float64)
+        if self._use[RZ]:
+            z = np.abs(x_ - self._med) * self._inv_scale
+            top = np.argpartition(z, self._d - self._k)[self._d - self._k:]
+            contrib[top] += self._fac[RZ] * z[top] / self._k
+        if self._use[KM]:
+            j = int(np.argmin(self._c2 - 2.0 * (self._c @ x_)))
+            res = x_ - self._c[j]
+            ss = float(res @ res)
+            if ss > 0.0:
+                contrib += self._fac[KM] * math.sqrt(ss) * (res * res) / ss
+        if self._use[DELTA] and self._n > 0:
+            diff = x_ - self._last_ref
+            if missing is not None:
+                diff[missing] = 0.0
+            contrib += self._fac[DELTA] * diff * diff
+        if self._use[PCA]:
+            xc = x_ - self._pca_m
+            r = xc - (self._pca_w @ xc) @ self._pca_w
+            contrib += self._fac[PCA] * r * r
+        total = float(contrib.sum())
+        if not total > 0.0:
+            return []
+        order = np.argsort(-contrib, kind="stable")[: max(0, top_k)]
+        return [Contribution(feature=self._names[i], share=float(contrib[i] / total))
+                for i in order if contrib[i] > 0.0]
+
+    def score_many(self, rows: npt.ArrayLike) -> F64:
+        """Score consecutive rows one at a time (the streaming path); return the scores."""
+        x = np.asarray(rows, dtype=np.float64)
+        out = np.empty(x.shape[0], dtype=np.float64)
+        for i in range(x.shape[0]):
+            out[i] = self.score(x[i])[0]
+        return out
