@@ -28,7 +28,7 @@ T = TypeVar("T")
 @dataclass
 class _Slot:
     collector: Collector
-    status: str = "starting"  # starting | ok | late | disabled
+    status: str = "starting"  # starting | ok | late | absent (host lacks it) | disabled (broken)
     reason: str = ""
     reading: Reading | None = None
     at: float | None = None  # monotonic time of the last good reading
@@ -67,7 +67,7 @@ class Sampler:
         try:
             await self._in_thread(c.start, max(c.timeout_s, 5.0))
         except CollectorUnavailable as exc:
-            slot.status, slot.reason = "disabled", str(exc)
+            slot.status, slot.reason = "absent", str(exc)
             log.info("collector absent", collector=name, reason=str(exc))
             return False
         except TimeoutError:
