@@ -25,6 +25,8 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("check", "validate config, playbooks and model; exit 2 listing every problem",
      "agent.runtime.cli:add_check"),
     ("once", "take one full sample of this host and print it", "agent.runtime.cli:add_once"),
+    ("install-units", "install the systemd units for a pip/pipx install",
+     "agent.runtime.units:add_install_units"),
 )
 
 

@@ -1,0 +1,260 @@
+"""``heald install-units``: install the systemd units for a pip/pipx installation.
+
+The Debian package installs the units itself. After ``pipx install --global heald`` (or a pip
+install into any system-wide virtualenv) this command copies the same files, shipped inside
+the wheel, into place, with every ``ExecStart=`` rewritten to this installation:
+
+  heald.service, heald-action@.service[, heald-coordinator.service]  -> --prefix
+  sysusers.d/heald.conf   -> /etc/sysusers.d/heald.conf   (the ``heald`` system user)
+  tmpfiles.d/heald.conf   -> /etc/tmpfiles.d/heald.conf
+  polkit/60-heald.rules   -> /etc/polkit-1/rules.d/60-heald.rules
+  heald-action            -> --libexec-dir/heald-action   (root-only action helper)
+
+It starts, enables and reloads nothing: it prints the commands that do, for the operator to
+run with consent. ``--root`` stages everything below another directory (packaging, tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import stat
+import sys
+import tempfile
+from dataclasses import dataclass
+from importlib import resources
+from importlib.resources.abc import Traversable
+from pathlib import Path
+
+from agent.errors import HealdError, InputError, Problem
+
+DEFAULT_PREFIX = "/etc/systemd/system"
+DEFAULT_LIBEXEC = "/usr/local/lib/heald"
+# Paths as written in the shipped units (the Debian layout).
+PACKAGED_HEALD = "/usr/bin/heald"
+PACKAGED_COORDINATOR = "/usr/bin/heald-coordinator"
+PACKAGED_ACTION = "/usr/lib/heald/heald-action"
+# heald.service has ProtectHome=yes and runs as user heald: an executable under these is
+# invisible (or unreadable) to the service.
+HIDDEN_ROOTS = ("/home", "/root", "/run/user")
+
+
+@dataclass(frozen=True)
+class Planned:
+    source: str  # name inside the shipped unit directory
+    dest: Path  # final path (below --root)
+    content: bytes
+    mode: int
+    status: str = ""  # "new" | "updated" | "unchanged" (filled by plan())
+
+
+def add_install_units(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prefix", default=DEFAULT_PREFIX, metavar="DIR",
+                   help=f"where the .service files go (default {DEFAULT_PREFIX})")
+    p.add_argument("--libexec-dir", default=DEFAULT_LIBEXEC, metavar="DIR",
+                   help=f"where the root-only heald-action helper goes (default {DEFAULT_LIBEXEC})")
+    p.add_argument("--executable", default=None, metavar="PATH",
+                   help="the heald executable ExecStart= should run (default: this installation's)")
+    p.add_argument("--coordinator", action=argparse.BooleanOptionalAction, default=None,
+                   help="also install heald-coordinator.service (default: when heald-coordinator "
+                        "is installed beside heald)")
+    p.add_argument("--root", default="/", metavar="DIR",
+                   help="install below this directory instead of / (staging, tests)")
+    p.add_argument("--dry-run", action="store_true", help="show what would be written; write nothing")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(handler="agent.runtime.units:run_install_units")
+
+
+def shipped_dir() -> Traversable:
+    """The unit files: ``agent/_systemd`` in a wheel, ``systemd/`` in a source checkout."""
+    packaged = resources.files("agent") / "_systemd"
+    if packaged.is_dir():
+        return packaged
+    checkout = Path(__file__).resolve().parents[2] / "systemd"
+    if (checkout / "heald.service").is_file():
+        return checkout
+    raise HealdError("the systemd units are not in this installation (agent/_systemd is missing)")
+
+
+def shipped_action() -> bytes:
+    packaged = resources.files("agent") / "_systemd" / "heald-action"
+    if packaged.is_file():
+        return packaged.read_bytes()
+    checkout = Path(__file__).resolve().parents[2] / "packaging" / "heald-action"
+    if checkout.is_file():
+        return checkout.read_bytes()
+    raise HealdError("the heald-action helper is not in this installation")
+
+
+def current_executable(name: str = "heald") -> Path | None:
+    """The console script ``name`` of the environment this process runs in."""
+    candidates = [Path(sys.prefix) / "bin" / name]
+    argv0 = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    if argv0 is not None and argv0.name == name:
+        candidates.insert(0, argv0)
+    found = shutil.which(name)
+    if found:
+        candidates.append(Path(found))
+    for c in candidates:
+        if c.is_file() and os.access(c, os.X_OK):
+            return c.absolute()
+    return None
+
+
+def _check_executable(path: Path, option: str) -> list[Problem]:
+    problems = []
+    text = str(path)
+    if not path.is_absolute():
+        problems.append(Problem(file=option, key="", message=f"{text} is not an absolute path"))
+    elif any(text == r or text.startswith(r + "/") for r in HIDDEN_ROOTS):
+        problems.append(Problem(
+            file=option, key="",
+            message=f"{text} is under a home directory, which heald.service cannot see "
+                    "(ProtectHome=yes, User=heald); install system-wide, e.g. "
+                    "`sudo pipx install --global heald`, or pass --executable"))
+    elif not (path.is_file() and os.access(path, os.X_OK)):
+        problems.append(Problem(file=option, key="", message=f"{text} is not an executable file"))
+    elif re.search(r"\s", text):
+        problems.append(Problem(file=option, key="", message=f"{text!r} contains whitespace"))
+    return problems
+
+
+def rewrite_exec(text: str, old: str, new: str) -> str:
+    """Replace the executable ``old`` at the start of ExecStart=/ExecStartPre=/... lines."""
+    pattern = re.compile(rf"^(Exec[A-Za-z]*=[-@:+!]*){re.escape(old)}(?=\s|$)", re.MULTILINE)
+    return pattern.sub(lambda m: m.group(1) + new, text)
+
+
+def _below(root: Path, path: str) -> Path:
+    return root / path.lstrip("/")
+
+
+def plan(args: argparse.Namespace) -> list[Planned]:
+    problems: list[Problem] = []
+    if args.executable is not None:
+        heald = Path(args.executable)
+        problems += _check_executable(heald, "--executable")
+    else:
+        found = current_executable()
+        if found is None:
+            raise InputError([Problem(file="--executable", key="",
+                                      message="cannot find this installation's heald executable; "
+                                              "pass --executable PATH")])
+        heald = found
+        problems += _check_executable(heald, "heald executable")
+    for option, value in (("--prefix", args.prefix), ("--libexec-dir", args.libexec_dir)):
+        if not Path(value).is_absolute():
+            problems.append(Problem(file=option, key="", message=f"{value} is not an absolute path"))
+    if problems:
+        raise InputError(problems)
+
+    coordinator = heald.with_name("heald-coordinator")
+    want_coordinator = args.coordinator
+    if want_coordinator is None:
+        want_coordinator = coordinator.is_file() and os.access(coordinator, os.X_OK)
+    elif want_coordinator and not coordinator.is_file():
+        raise InputError([Problem(file="--coordinator", key="",
+                                  message=f"{coordinator} does not exist (is the coordinator installed?)")])
+
+    root = Path(args.root)
+    action = f"{args.libexec_dir.rstrip('/')}/heald-action"
+    src = shipped_dir()
+    units = ["heald.service", "heald-action@.service"]
+    if want_coordinator:
+        units.append("heald-coordinator.service")
+
+    out: list[Planned] = []
+    for name in units:
+        text = (src / name).read_text(encoding="utf-8")
+        text = rewrite_exec(text, PACKAGED_HEALD, str(heald))
+        text = rewrite_exec(text, PACKAGED_COORDINATOR, str(coordinator))
+        text = rewrite_exec(text, PACKAGED_ACTION, action)
+        header = f"# Installed by `heald install-units` for {heald}; edit with `systemctl edit`.\n"
+        out.append(Planned(name, _below(root, f"{args.prefix}/{name}"), (header + text).encode(), 0o644))
+    for name, dest in (("sysusers.d/heald.conf", "/etc/sysusers.d/heald.conf"),
+                       ("tmpfiles.d/heald.conf", "/etc/tmpfiles.d/heald.conf"),
+                       ("polkit/60-heald.rules", "/etc/polkit-1/rules.d/60-heald.rules")):
+        parts = name.split("/")
+        out.append(Planned(name, _below(root, dest), src.joinpath(*parts).read_bytes(), 0o644))
+    out.append(Planned("heald-action", _below(root, action), shipped_action(), 0o755))
+    return [_with_status(p) for p in out]
+
+
+def _with_status(p: Planned) -> Planned:
+    try:
+        current = p.dest.read_bytes()
+    except FileNotFoundError:
+        status = "new"
+    except OSError as exc:
+        raise HealdError(f"cannot read {p.dest}: {exc.strerror or exc}") from None
+    else:
+        same_mode = stat.S_IMODE(p.dest.stat().st_mode) == p.mode
+        status = "unchanged" if current == p.content and same_mode else "updated"
+    return Planned(p.source, p.dest, p.content, p.mode, status)
+
+
+def _write(p: Planned) -> None:
+    """Atomically replace ``p.dest`` (write a temporary file beside it, then rename)."""
+    p.dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.dest.name}.", dir=p.dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(p.content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, p.mode)
+        os.replace(tmp, p.dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+NEXT_STEPS = (
+    "systemd-sysusers heald.conf",
+    "systemd-tmpfiles --create heald.conf",
+    "systemctl daemon-reload",
+    "heald check --config /etc/heald/agent.toml",
+    "systemctl enable --now heald",
+)
+
+
+def _out(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+
+
+def run_install_units(args: argparse.Namespace) -> int:
+    planned = plan(args)
+    if not args.dry_run:
+        for p in planned:
+            if p.status != "unchanged":
+                try:
+                    _write(p)
+                except OSError as exc:
+                    raise HealdError(f"cannot write {p.dest}: {exc.strerror or exc}"
+                                     " (run as root, or use --root/--dry-run)") from None
+    if args.json:
+        _out(json.dumps({
+            "dry_run": args.dry_run,
+            "files": [{"source": p.source, "dest": str(p.dest), "mode": f"{p.mode:04o}", "status": p.status}
+                      for p in planned],
+            "next": list(NEXT_STEPS),
+        }, indent=2))
+        return 0
+    verb = "would write" if args.dry_run else "wrote"
+    width = max(len(str(p.dest)) for p in planned)
+    for p in planned:
+        status = p.status if p.status == "unchanged" else f"{verb} ({p.status})"
+        _out(f"{p.dest!s:<{width}}  {p.mode:04o}  {status}")
+    if args.dry_run:
+        for p in planned:
+            if p.source.endswith(".service"):
+                for line in p.content.decode().splitlines():
+                    if line.startswith("Exec"):
+                        _out(f"  {p.source}: {line}")
+    _out("\nNothing was started or enabled. When you are ready, as root:")
+    for step in NEXT_STEPS:
+        _out(f"  {step}")
+    return 0
