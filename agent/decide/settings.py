@@ -15,8 +15,28 @@ class PlaybookSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, 
     force_mode: Literal["", "dry-run", "off"] = ""
     max_concurrent: Annotated[int, msgspec.Meta(ge=1, le=64)] = 2
     # Roots under which clean actions may delete; nothing outside is ever touched.
-    clean_roots: tuple[str, ...] = ("/var/tmp", "/tmp", "/var/cache")
+    clean_roots: tuple[str, ...] = ("/var/tmp", "/tmp", "/var/cache")  # noqa: S108 - deletion roots, not temp files
     # Processes never killed by any action (names or argv[0] basenames).
     protected_processes: tuple[str, ...] = (
         "systemd", "init", "sshd", "heald", "journald", "systemd-journald", "dbus-daemon", "containerd",
     )
+    # --- tools, always argv lists (never a shell); PATH in the unit decides where a bare name resolves.
+    systemctl: tuple[str, ...] = ("systemctl",)
+    journalctl: tuple[str, ...] = ("journalctl",)
+    logrotate: tuple[str, ...] = ("logrotate",)
+    # GPU actions; ``{gpu}`` (index) and ``{pci}`` (bus id) are replaced as whole argv elements only.
+    gpu_reset_argv: tuple[str, ...] = ("nvidia-smi", "--gpu-reset", "-i", "{gpu}")
+    gpu_drain_argv: tuple[str, ...] = ("nvidia-smi", "drain", "-p", "{pci}", "-m", "1")
+    gpu_undrain_argv: tuple[str, ...] = ("nvidia-smi", "drain", "-p", "{pci}", "-m", "0")
+    # Run privileged actions (drop caches, GPU reset) through `heald-action@<what>.service` instead
+    # of doing them in-process, so the daemon itself can run with fewer capabilities.
+    use_helper_units: bool = False
+    # The cordon action runs this argv; ``{node}`` is replaced as a whole element. Empty: not configured.
+    cordon_argv: tuple[str, ...] = ()
+    # Environment variables passed from the daemon to commands it runs (run_command, tools).
+    command_env_allowlist: tuple[str, ...] = ("PATH", "LANG", "LC_ALL", "TZ")
+    drop_caches_path: str = "/proc/sys/vm/drop_caches"
+    # cgroup v2 mount; empty: detected (/sys/fs/cgroup, or /sys/fs/cgroup/unified on hybrid hosts).
+    cgroup_root: str = ""
+    # Longest time an approval request stays pending before it is dropped.
+    approval_ttl_s: Annotated[float, msgspec.Meta(gt=0, le=7 * 86400)] = 3600.0

@@ -1,0 +1,185 @@
+"""Validated, typed playbooks (what the loader builds from YAML and the engine runs)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Mode = Literal["enforce", "dry-run", "off", "approval"]
+PLACEHOLDER = re.compile(r"\{([a-z_][a-z0-9_]*)\}")
+# Variables every step may use without a trigger binding them.
+BUILTIN_VARS = frozenset({"node", "playbook", "run_id"})
+
+
+@dataclass(frozen=True, slots=True)
+class LabelPattern:
+    """The ``[label]`` part of a metric key: a literal, or a variable that binds any label."""
+
+    literal: str | None = None  # exact label; None with var None: key has no label
+    var: str | None = None  # name bound to the matched label ('*' binds 'label')
+
+    @property
+    def wildcard(self) -> bool:
+        return self.var is not None
+
+
+@dataclass(frozen=True, slots=True)
+class KeyPattern:
+    family: str
+    label: LabelPattern
+
+    @property
+    def text(self) -> str:
+        if self.label.var is not None:
+            return f"{self.family}[{{{self.label.var}}}]"
+        if self.label.literal is not None:
+            return f"{self.family}[{self.label.literal}]"
+        return self.family
+
+
+@dataclass(frozen=True, slots=True)
+class MetricCond:
+    cid: int
+    key: KeyPattern
+    op: str
+    value: float
+    for_s: float = 0.0
+    clear_below: float | None = None
+    clear_above: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ForecastCond:
+    cid: int
+    key: KeyPattern
+    eta_below_s: float
+    min_confidence: float = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class RiskCond:
+    cid: int
+    risk: Literal["anomaly", "alert"]
+    above: float = 1.0
+    for_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class FailureCond:
+    cid: int
+    failure: str
+    above: float
+
+
+@dataclass(frozen=True, slots=True)
+class EventCond:
+    cid: int
+    kind: str
+    values: frozenset[str] | None  # None: any value; compared as normalised strings ("79")
+    ignore_values: frozenset[str] = frozenset()
+    count: int = 1
+    within_s: float = 600.0
+    labels: tuple[tuple[str, LabelPattern], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AllCond:
+    cid: int
+    items: tuple[Condition, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class AnyCond:
+    cid: int
+    items: tuple[Condition, ...]
+
+
+Condition = MetricCond | ForecastCond | RiskCond | FailureCond | EventCond | AllCond | AnyCond
+
+
+def walk(cond: Condition) -> list[Condition]:
+    """The condition and all its descendants, depth first."""
+    out: list[Condition] = [cond]
+    if isinstance(cond, AllCond | AnyCond):
+        for item in cond.items:
+            out.extend(walk(item))
+    return out
+
+
+def model_driven(cond: Condition) -> bool:
+    """Whether any part of the condition reads the model (held while the model is cold)."""
+    return any(isinstance(c, ForecastCond | RiskCond | FailureCond) for c in walk(cond))
+
+
+def bound_vars(cond: Condition) -> frozenset[str]:
+    """Variables a match of ``cond`` always binds (``any`` binds only what every branch binds)."""
+    if isinstance(cond, MetricCond | ForecastCond):
+        return frozenset({cond.key.label.var} if cond.key.label.var else ())
+    if isinstance(cond, EventCond):
+        return frozenset(p.var for _, p in cond.labels if p.var)
+    if isinstance(cond, AllCond):
+        out: frozenset[str] = frozenset()
+        for item in cond.items:
+            out |= bound_vars(item)
+        return out
+    if isinstance(cond, AnyCond):
+        sets = [bound_vars(i) for i in cond.items]
+        return frozenset.intersection(*sets) if sets else frozenset()
+    return frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    index: int
+    name: str
+    action: str
+    params: dict[str, Any]
+    timeout_s: float = 60.0
+    verify: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Verify:
+    settle_s: float = 10.0
+    expect: Condition | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Guards:
+    cooldown_s: float = 300.0
+    backoff: float = 2.0
+    max_cooldown_s: float = 3600.0
+    max_runs: int = 6
+    window_s: float = 3600.0
+    breaker_failures: int = 3
+    breaker_reset_s: float | None = None
+    cold_start: Literal["hold", "act"] = "hold"
+    disconnected: Literal["act", "hold"] = "act"
+
+
+@dataclass(frozen=True, slots=True)
+class Escalate:
+    event: str = "playbook.escalated"
+    severity: str = "critical"
+    message: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Playbook:
+    name: str
+    description: str
+    mode: Mode
+    trigger: Condition
+    steps: tuple[Step, ...]
+    verify: Verify = Verify()
+    guards: Guards = Guards()
+    escalate: Escalate = Escalate()
+    source: str = ""  # file it came from
+    source_line: int | None = None
+    shipped: bool = False
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def model_driven(self) -> bool:
+        return model_driven(self.trigger)
