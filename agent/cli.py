@@ -25,6 +25,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("check", "validate config, playbooks and model; exit 2 listing every problem",
      "agent.runtime.cli:add_check"),
     ("once", "take one full sample of this host and print it", "agent.runtime.cli:add_once"),
+    ("model", "train, inspect and evaluate the anomaly model", "agent.score.cli:add_model"),
     ("install-units", "install the systemd units for a pip/pipx install",
      "agent.runtime.units:add_install_units"),
 )

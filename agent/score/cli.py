@@ -1,0 +1,158 @@
+"""``heald model``: train, inspect and evaluate the anomaly model.
+
+Registered lazily from :mod:`agent.cli`; this module imports nothing heavy at import time
+(numpy, scikit-learn and the model code are imported inside the handlers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+from agent.errors import InputError, Problem
+
+
+def add_model(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="model_command", metavar="SUBCOMMAND", required=True)
+
+    p = sub.add_parser("evaluate", help="fit and score heald's detector and baselines on labelled datasets",
+                       description="For each *.npz (train, test, test_label) in DIR: fit on train, score "
+                                   "test one row at a time, report AUC-PR, point-F1 at the label-free "
+                                   "threshold, event recall, detection delay and µs per sample for "
+                                   "heald and the PCA, IsolationForest and random baselines.")
+    p.add_argument("directory", metavar="DIR", help="directory of *.npz datasets")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--max-rows", type=int, default=None, metavar="N",
+                   help="score only the first N test rows of each file")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random and IsolationForest baselines")
+    p.set_defaults(handler="agent.score.cli:evaluate_cmd")
+
+    p = sub.add_parser("info", help="print a model artifact's metadata",
+                       description="Load and verify a model artifact (content hash, format version) "
+                                   "and print its metadata.")
+    p.add_argument("path", metavar="PATH", help="model artifact")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(handler="agent.score.cli:info_cmd")
+
+    p = sub.add_parser("train", help="fit the anomaly model on training rows and write an artifact",
+                       description="Fit heald's anomaly detector on FILE (.npz with a 'train' array and "
+                                   "optional 'feature_names'/'units', .npy, or .csv with a header row) and "
+                                   "write the compiled artifact atomically.")
+    p.add_argument("--input", required=True, metavar="FILE", help="training rows (.npz, .npy or .csv)")
+    p.add_argument("--output", required=True, metavar="PATH", help="artifact to write")
+    p.add_argument("--options", default="{}", metavar="JSON",
+                   help='fit options as a JSON object, e.g. \'{"n_clusters": 16}\'')
+    p.add_argument("--json", action="store_true", help="print the new artifact's metadata as JSON")
+    p.set_defaults(handler="agent.score.cli:train_cmd")
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines.extend("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
+    return "\n".join(lines)
+
+
+def evaluate_cmd(args: argparse.Namespace) -> int:
+    from agent.score.evaluate import DETECTORS, evaluate_dir  # noqa: PLC0415
+
+    if args.max_rows is not None and args.max_rows < 1:
+        raise InputError([Problem("--max-rows", "", "must be >= 1")])
+    progress = None
+    if sys.stderr.isatty():
+        def progress(msg: str) -> None:
+            sys.stderr.write(f"\r\033[K{msg}")
+            sys.stderr.flush()
+    t0 = time.perf_counter()
+    result = evaluate_dir(args.directory, max_rows=args.max_rows, seed=args.seed, progress=progress)
+    wall = time.perf_counter() - t0
+    if progress is not None:
+        sys.stderr.write("\r\033[K")
+    if args.json:
+        _write(json.dumps(result))
+        return 0
+    headers = ["file", "detector", "AUC-PR", "F1", "event recall", "delay", "µs/sample"]
+    rows = []
+    for name, per in [*result["files"].items(), ("MEAN", result["mean"])]:
+        for det in DETECTORS:
+            m = per[det]
+            rows.append([name, det, _fmt(m["auc_pr"]), _fmt(m["f1"]), _fmt(m["event_recall"]),
+                         _fmt(m["delay_mean"], 1), _fmt(m["us_per_sample"], 1)])
+    _write(_table(headers, rows))
+    _write(f"{len(result['files'])} files in {wall:.1f} s. heald is scored one row at a time; "
+           "baseline µs/sample is sklearn single-row latency.")
+    return 0
+
+
+def _meta_dict(model: Any) -> dict[str, Any]:
+    import msgspec  # noqa: PLC0415
+
+    meta: dict[str, Any] = msgspec.to_builtins(model.meta)
+    return {"sha256": model.sha256, "version": model.version, **meta,
+            "arrays": {k: list(v.shape) for k, v in model.arrays.items()}}
+
+
+def _print_meta(info: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        _write(json.dumps(info))
+        return
+    tr = info["training"]
+    rows = [
+        ["version", info["version"]],
+        ["sha256", info["sha256"]],
+        ["format", f"{info['kind']} v{info['format_version']}"],
+        ["features", f"{len(info['features'])}: " + ", ".join(f["name"] for f in info["features"][:8])
+         + (" ..." if len(info["features"]) > 8 else "")],
+        ["training", f"{tr['rows']} rows" + (f" from {tr['source']}" if tr["source"] else "")
+         + (f", {tr['start']} .. {tr['end']}" if tr["start"] is not None else "")],
+        ["threshold", f"{info['threshold']:.6g} (smoothed score; reported score 1.0 = threshold)"],
+        ["ewma_alpha", str(info["ewma_alpha"])],
+        ["top_k", str(info["top_k"])],
+        ["options", json.dumps(info["options"], sort_keys=True)],
+        ["sklearn", info["sklearn_version"]],
+        ["numpy", info["numpy_version"]],
+        ["created", info["created"]],
+    ]
+    _write(_table(["field", "value"], rows))
+
+
+def info_cmd(args: argparse.Namespace) -> int:
+    from agent.score.compiled import load  # noqa: PLC0415
+
+    _print_meta(_meta_dict(load(args.path)), args.json)
+    return 0
+
+
+def train_cmd(args: argparse.Namespace) -> int:
+    import msgspec  # noqa: PLC0415
+
+    from agent.score.fit import fit_file  # noqa: PLC0415
+
+    try:
+        opts = msgspec.json.decode(args.options, type=dict[str, Any])
+    except msgspec.DecodeError as exc:
+        raise InputError([Problem("--options", "", f"not a JSON object: {exc}")]) from None
+    model = fit_file(args.input, args.output, **opts)
+    info = _meta_dict(model)
+    if args.json:
+        _print_meta(info, True)
+    else:
+        _write(f"wrote {args.output}: model {info['version']}, {len(info['features'])} features, "
+               f"{info['training']['rows']} training rows, threshold {info['threshold']:.6g}")
+    return 0
