@@ -77,7 +77,8 @@ def _time_rows(fn: Callable[[F64], object], rows: F64) -> float:
     t0 = time.perf_counter_ns()
     for i in range(rows.shape[0]):
         fn(rows[i : i + 1])
-    return (time.perf_counter_ns() - t0) / 1e3 / max(rows.shape[0], 1)
+    elapsed_ns: int = time.perf_counter_ns() - t0
+    return elapsed_ns / 1e3 / max(int(rows.shape[0]), 1)
 
 
 def load_dataset(path: Path, max_rows: int | None = None) -> tuple[F64, F64, npt.NDArray[np.uint8]]:
@@ -148,16 +149,20 @@ def evaluate_file(path: Path, *, max_rows: int | None = None, seed: int = 0,
     t0 = time.perf_counter()
     forest = IsolationForest(n_estimators=100, random_state=seed).fit(train)
     fit_s = time.perf_counter() - t0
-    s = -forest.score_samples(test)
+    s_forest: F64 = -forest.score_samples(test)
     thr = float(np.quantile(-forest.score_samples(train), q))
     us = _time_rows(forest.score_samples, test[: TIMED_ROWS["iforest"]])
-    results["iforest"] = {**metrics(s, s >= thr, label), "us_per_sample": us, "fit_s": fit_s}
+    results["iforest"] = {**metrics(s_forest, s_forest >= thr, label), "us_per_sample": us, "fit_s": fit_s}
 
     rng = np.random.default_rng(seed)
     thr = float(np.quantile(rng.random(train.shape[0]), q))
-    s = rng.random(test.shape[0])
-    us = _time_rows(lambda _row: rng.random(), test[: TIMED_ROWS["random"]])
-    results["random"] = {**metrics(s, s >= thr, label), "us_per_sample": us, "fit_s": 0.0}
+    s_random: F64 = np.asarray(rng.random(size=(test.shape[0],)), dtype=np.float64)
+
+    def one_random(_row: F64) -> float:
+        return rng.random()
+
+    us = _time_rows(one_random, test[: TIMED_ROWS["random"]])
+    results["random"] = {**metrics(s_random, s_random >= thr, label), "us_per_sample": us, "fit_s": 0.0}
     return results
 
 
@@ -177,12 +182,13 @@ def evaluate_dir(directory: str | Path, *, max_rows: int | None = None, seed: in
         raise InputError([Problem(str(d), "", "no *.npz datasets in this directory")])
     files: dict[str, dict[str, dict[str, Any]]] = {}
     for i, path in enumerate(paths):
-        files[path.stem] = evaluate_file(
-            path, max_rows=max_rows, seed=seed,
-            progress=(None if progress is None
-                      else (lambda msg, i=i: progress(f"[{i + 1}/{len(paths)}] {msg}"))),
-            **fit_opts,
-        )
+        prefix = f"[{i + 1}/{len(paths)}] "
+
+        def step(msg: str, prefix: str = prefix) -> None:
+            if progress is not None:
+                progress(prefix + msg)
+
+        files[path.stem] = evaluate_file(path, max_rows=max_rows, seed=seed, progress=step, **fit_opts)
     mean = {
         det: {m: _mean([files[f][det][m] for f in files]) for m in METRICS}
         for det in DETECTORS
