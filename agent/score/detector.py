@@ -90,7 +90,7 @@ class StreamingDetector:
     """
 
     __slots__ = (
-        "_alpha", "_c", "_c2", "_d", "_diff", "_fac", "_has_prev", "_inv_scale", "_k", "_km_dist",
+        "_alpha", "_c", "_c2", "_d", "_diff", "_fac", "_finite", "_has_prev", "_inv_scale", "_k", "_km_dist",
         "_last_ref", "_med", "_model", "_n", "_names", "_pca_m", "_pca_w", "_prev", "_s",
         "_threshold", "_use", "_x", "_z",
     )
@@ -116,6 +116,7 @@ class StreamingDetector:
             self._use[PCA] = False
         # Preallocated work buffers.
         self._x = np.empty(self._d, dtype=np.float64)
+        self._finite = np.empty(self._d, dtype=np.bool_)
         self._z = np.empty(self._d, dtype=np.float64)
         self._diff = np.empty(self._d, dtype=np.float64)
         self._km_dist = np.empty(self._c.shape[0], dtype=np.float64)
@@ -155,9 +156,11 @@ class StreamingDetector:
                     f"sample has shape {arr.shape}, the model expects {self._d} features"
                 )
             self._x[:] = arr
-        if np.isfinite(self._x.sum()):
+        finite = self._finite
+        np.isfinite(self._x, out=finite)
+        if finite.all():
             return None
-        missing = ~np.isfinite(self._x)
+        missing = ~finite
         np.copyto(self._x, self._med, where=missing)
         return missing
 
