@@ -36,7 +36,7 @@ def counter_delta(old: float, new: float, bits: int | None = None) -> float | No
     if new >= old:
         return new - old
     for width in (bits,) if bits is not None else _WIDTHS:
-        modulus = float(1 << width)
+        modulus = 1 << width  # int arithmetic: exact for 64-bit counters given as ints
         if old < modulus:
             wrapped = new + modulus - old
             if wrapped <= modulus / 4:
@@ -71,11 +71,11 @@ class RateTracker:
             return None
         last = self._last.get(metric_key)
         if last is None:
-            self._last[metric_key] = _Last(float(value), now, seen=True)
+            self._last[metric_key] = _Last(value, now, seen=True)
             return None
         old, old_t = last.value, last.mono
-        last.value, last.mono, last.seen = float(value), now, True
-        return old, float(value), now - old_t
+        last.value, last.mono, last.seen = value, now, True
+        return old, value, now - old_t
 
     def rate(self, metric_key: str, value: float | None, now: float, bits: int | None = None) -> float | None:
         """Per-second rate of the counter ``metric_key`` whose value at monotonic ``now`` is ``value``."""
@@ -86,7 +86,7 @@ class RateTracker:
         if dt <= 0:
             return None
         d = counter_delta(old, new, bits)
-        return None if d is None else d / dt
+        return None if d is None else float(d) / dt
 
     def delta(
         self, metric_key: str, value: float | None, now: float, bits: int | None = None
@@ -95,7 +95,8 @@ class RateTracker:
         got = self._update(metric_key, value, now)
         if got is None:
             return None
-        return counter_delta(got[0], got[1], bits)
+        d = counter_delta(got[0], got[1], bits)
+        return None if d is None else float(d)
 
     def forget(self, metric_key: str) -> None:
         self._last.pop(metric_key, None)
