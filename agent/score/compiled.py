@@ -22,8 +22,10 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import struct
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -231,6 +233,12 @@ def save(model: CompiledDetector, path: str | os.PathLike[str]) -> Path:
     return dest
 
 
+# What zipfile/numpy raise on damaged archives (found by fuzzing single-byte flips): zipfile raises
+# NotImplementedError/RuntimeError for flipped flag bits ("encrypted", "compressed patched data").
+_READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError, IndexError, TypeError,
+                RuntimeError, ArithmeticError, zlib.error, struct.error)
+
+
 def from_bytes(data: bytes, where: str = "model") -> CompiledDetector:
     """Decode and verify an artifact; every failure is a :class:`ModelError` naming ``where``."""
     try:
@@ -239,7 +247,7 @@ def from_bytes(data: bytes, where: str = "model") -> CompiledDetector:
             raise ModelError(f"{where}: not a heald model artifact (a bare array, not an .npz archive)")
         with loaded as z:
             entries = {name: z[name] for name in z.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+    except _READ_ERRORS as exc:
         raise ModelError(f"{where}: not a readable heald model artifact ({exc})") from None
     raw_meta = entries.pop("__meta__", None)
     raw_hash = entries.pop("__sha256__", None)

@@ -187,7 +187,7 @@ def fit_detector(
             threshold=threshold,
             ewma_alpha=options.ewma_alpha,
             top_k=options.top_k,
-            options=msgspec.to_builtins(options),
+            options=msgspec.json.decode(msgspec.json.encode(options)),
             sklearn_version=sklearn.__version__,
             numpy_version=np.__version__,
             created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
