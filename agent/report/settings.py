@@ -18,6 +18,8 @@ class SpoolSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
     # Total bytes the on-disk spool may use before the oldest metrics are dropped.
     quota_bytes: Annotated[int, msgspec.Meta(ge=65536)] = 256 * 1024 * 1024
     segment_bytes: Annotated[int, msgspec.Meta(ge=4096)] = 4 * 1024 * 1024
+    # How often spooled records are fsynced and the replay cursor persisted (power loss costs at most this).
+    fsync_interval_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 1.0
 
 
 class MqttSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -35,4 +37,11 @@ class MqttSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     backoff_initial_s: Annotated[float, msgspec.Meta(gt=0)] = 0.5
     backoff_max_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0
     metrics_interval_s: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+    # A QoS 1 publish not acknowledged within this is treated as a dead link: reconnect and replay.
+    ack_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=600)] = 10.0
+    connect_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=600)] = 10.0
+    # MQTT client id; default "heald-<site>-<node>".
+    client_id: str | None = None
+    # Messages submitted but not yet written to the spool (memory); beyond it new metrics are dropped.
+    queue_max: Annotated[int, msgspec.Meta(ge=16)] = 10000
     spool: SpoolSettings = SpoolSettings()

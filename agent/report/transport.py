@@ -1,0 +1,497 @@
+"""MQTT transport: publish reports, replay the spool, receive commands.
+
+Data path (one direction, one order)::
+
+    submit(msg) -> stamp node/site/seq -> encode -> memory queue -> spool (disk) -> publisher -> broker
+
+``submit`` never blocks: it stamps, encodes and appends to a bounded in-memory queue. A writer
+task moves the queue into the spool (an append-only file: page cache, fsynced once a second) and
+wakes the publisher, which reads the spool in order and publishes with at most ``max_inflight``
+unacknowledged publishes and at most ``max_publish_per_s``. A record is acknowledged in the spool
+(its cursor advanced) only when it and every record before it are published (QoS 1: PUBACK;
+QoS 0: written to the socket). When the link breaks (error, disconnect, or a QoS 1 publish not
+acknowledged within ``ack_timeout_s``) the publisher rewinds to the first unacknowledged record,
+and replays from there after the next connect. So everything spooled while disconnected goes
+out in its original order, with its original timestamps, before anything newer; and a
+``kill -9`` at any moment loses nothing that reached ``submit`` more than one writer pass
+earlier. Delivery is at least once: receivers dedupe by ``(node, seq)``.
+
+Connection: MQTT v5, TLS/mTLS from ``[mqtt.tls]``, password from ``password_file`` (re-read on
+every connect), last will = retained ``offline`` status; on connect the retained ``online``
+status and the birth (``bdseq`` +1, persisted) are published before the replay. Reconnects use
+capped full-jitter exponential backoff. :meth:`Reporter.run` never raises because of the broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import socket
+import ssl
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Final, Literal
+
+import aiomqtt
+import msgspec
+import structlog
+
+from agent import __version__, wire
+from agent.collect.sample import Event as SampleEvent
+from agent.collect.sample import Sample
+from agent.errors import WireError
+from agent.report import build
+from agent.report.settings import MqttSettings
+from agent.report.spool import Spool, SpoolRecord
+from agent.report.state import PersistentCounter, SeqStore
+from agent.score.types import Risk as ScoreRisk
+
+log = structlog.get_logger()
+
+#: Kinds the reporter publishes itself (on connect); submit() refuses them.
+_OWN_KINDS: Final = frozenset({"birth", "status", "command"})
+
+CommandHandler = Callable[[wire.Command], None]
+
+
+@dataclass
+class ReporterCounters:
+    published: int = 0  # records acknowledged by the broker (QoS 1) or written to the socket (QoS 0)
+    spooled: int = 0  # records that were submitted while disconnected (they waited on disk)
+    replayed: int = 0  # records published after a (re)connect that were submitted before it
+    dropped_metrics: int = 0  # metrics records dropped: spool quota, full memory queue, oversize
+    dropped_oversize: int = 0  # messages over max_payload_bytes even alone (non-metrics included)
+    connects: int = 0
+    connect_failures: int = 0
+    commands: int = 0  # commands handed to the handler
+    commands_rejected: int = 0  # malformed, oversized or mis-targeted command payloads
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class TokenBucket:
+    """``rate`` tokens per second, bursts of up to ``burst``."""
+
+    def __init__(self, rate: float, burst: float | None = None) -> None:
+        self.rate = rate
+        self.burst = max(1.0, burst if burst is not None else rate)
+        self._tokens = self.burst
+        self._stamp = time.monotonic()
+
+    async def take(self) -> None:
+        while True:
+            now = time.monotonic()
+            self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+            self._stamp = now
+            if self._tokens >= 1.0:
+                self._tokens -= 1.0
+                return
+            await asyncio.sleep((1.0 - self._tokens) / self.rate)
+
+
+def full_jitter(attempt: int, initial: float, cap: float, rng: random.Random) -> float:
+    """AWS-style full jitter: uniform in [0, min(cap, initial * 2**attempt)]."""
+    return rng.uniform(0.0, min(cap, initial * (2 ** min(attempt, 30))))
+
+
+@dataclass
+class _Slot:
+    seq: int
+    replay: bool
+    done: bool = False
+
+
+@dataclass
+class _Pending:
+    seq: int
+    kind: str
+    payload: bytes
+    while_offline: bool = field(default=False)
+
+
+class Reporter:
+    """The report stage. Create it, run :meth:`run` as a task, call :meth:`submit` from the pipeline.
+
+    The constructor opens the spool and the persisted counters (blocking file I/O: create it
+    before the event loop is busy, or in ``asyncio.to_thread``).
+    """
+
+    def __init__(self, settings: MqttSettings, *, node: str, site: str, state_dir: Path | str,
+                 labels: dict[str, str] | None = None, model_version: str = "",
+                 collectors: Iterable[str] = (), capabilities: Iterable[str] = (),
+                 command_handler: CommandHandler | None = None) -> None:
+        self.settings = settings
+        self.node = node
+        self.site = site
+        self.labels = dict(labels or {})
+        self.model_version = model_version
+        self.collectors = list(collectors)
+        self.capabilities = list(capabilities)
+        self.command_handler = command_handler
+        self.counters = ReporterCounters()
+        self.state_dir = Path(state_dir)
+        self._log = log.bind(node=node, site=site)
+        sp = settings.spool
+        self.spool = Spool(self.state_dir / "spool", quota_bytes=sp.quota_bytes,
+                           segment_bytes=sp.segment_bytes)
+        self._seq = SeqStore(self.state_dir / "report" / "seq", at_least=self.spool.last_seq + 1)
+        self._bdseq = PersistentCounter(self.state_dir / "report" / "bdseq")
+        self._topics = {kind: wire.topic_for(site, node, kind) for kind in wire.KINDS if kind != "command"}
+        self._queue: deque[_Pending] = deque()
+        self._queue_event = asyncio.Event()
+        self._spool_event = asyncio.Event()
+        self._connected = False
+        self._connected_event = asyncio.Event()
+        self._drained = asyncio.Event()
+        if self.spool.pending == 0:
+            self._drained.set()
+        self._replay_until = -1
+        self._rng = random.Random()  # noqa: S311  (backoff jitter, not cryptography)
+        self._bucket = TokenBucket(settings.max_publish_per_s)
+        self._batch: list[Sample] = []
+        self._batch_started = 0.0
+        self._last_risk: wire.Risk | None = None
+        self._last_risk_mono = 0.0
+        self._boot_ts = time.time()
+
+    # ------------------------------------------------------------------ public state
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    async def wait_connected(self) -> None:
+        await self._connected_event.wait()
+
+    async def wait_drained(self) -> None:
+        """Until everything submitted so far is acknowledged by the broker."""
+        await self._drained.wait()
+
+    @property
+    def queued(self) -> int:
+        """Records submitted but not yet written to the spool."""
+        return len(self._queue)
+
+    @property
+    def backlog(self) -> int:
+        """Everything not yet acknowledged by the broker (memory queue + spool)."""
+        return len(self._queue) + self.spool.pending
+
+    # ------------------------------------------------------------------ submit (pipeline side)
+    def submit(self, message: wire.Envelope) -> bool:
+        """Queue one message for delivery; never blocks. False when it was dropped (see counters).
+
+        ``node``, ``site`` and ``seq`` are stamped here; ``ts``/``mono`` are kept as built.
+        """
+        kind = wire.kind_of(message)
+        if kind in _OWN_KINDS:
+            raise ValueError(f"the reporter publishes {kind} messages itself")
+        stamped = msgspec.structs.replace(message, v=wire.PROTOCOL_VERSION, node=self.node, site=self.site,
+                                          seq=self._seq.next())
+        payload = wire.encode(stamped)
+        if len(payload) > self.settings.max_payload_bytes:
+            return self._oversize(stamped, len(payload))
+        if kind == "metrics" and len(self._queue) >= self.settings.queue_max:
+            self.counters.dropped_metrics += 1
+            return False
+        self._queue.append(_Pending(stamped.seq, kind, payload, not self._connected))
+        self._queue_event.set()
+        self._drained.clear()
+        return True
+
+    def _oversize(self, message: wire.Envelope, size: int) -> bool:
+        if isinstance(message, wire.Metrics) and len(message.samples) > 1:
+            half = len(message.samples) // 2
+            first = self.submit(msgspec.structs.replace(message, samples=message.samples[:half]))
+            second = self.submit(msgspec.structs.replace(message, samples=message.samples[half:]))
+            return first and second
+        self.counters.dropped_oversize += 1
+        if isinstance(message, wire.Metrics):
+            self.counters.dropped_metrics += 1
+        self._log.error("report.message_too_large", kind=wire.kind_of(message), seq=message.seq, bytes=size,
+                        max_payload_bytes=self.settings.max_payload_bytes)
+        return False
+
+    def submit_sample(self, sample: Sample) -> None:
+        """Batch samples into one metrics message per ``metrics_interval_s``."""
+        if not self._batch:
+            self._batch_started = sample.mono
+        self._batch.append(sample)
+        elapsed = sample.mono - self._batch_started
+        if elapsed >= self.settings.metrics_interval_s - 1e-6 or len(self._batch) >= 3600:
+            self.flush_samples()
+
+    def flush_samples(self) -> None:
+        if self._batch:
+            batch, self._batch = self._batch, []
+            self.submit(build.metrics(batch))
+
+    def submit_event(self, event: SampleEvent) -> None:
+        self.submit(build.event(event))
+
+    def submit_risk(self, risk: ScoreRisk, *, min_change: float = 0.1) -> bool:
+        """Send a risk message when it changed (alert/cold flipped, anomaly or a failure probability
+        moved by ``min_change``), or at least every ``metrics_interval_s``. True when sent."""
+        msg = build.risk(risk)
+        last = self._last_risk
+        now = time.monotonic()
+        if last is not None and now - self._last_risk_mono < self.settings.metrics_interval_s:
+            moved = (last.alert != msg.alert or last.cold != msg.cold
+                     or (last.anomaly is None) != (msg.anomaly is None)
+                     or (msg.anomaly is not None and last.anomaly is not None
+                         and abs(msg.anomaly - last.anomaly) >= min_change)
+                     or any(abs(p - last.failure.get(k, 0.0)) >= min_change for k, p in msg.failure.items()))
+            if not moved:
+                return False
+        self._last_risk, self._last_risk_mono = msg, now
+        return self.submit(msg)
+
+    # ------------------------------------------------------------------ run
+    async def run(self) -> None:
+        """Deliver until cancelled. Broker trouble is logged and retried, never raised."""
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._writer(), name="report-spool-writer")
+                tg.create_task(self._syncer(), name="report-spool-sync")
+                tg.create_task(self._connection_loop(), name="report-mqtt-connection")
+        finally:
+            self._connected = False
+            self._connected_event.clear()
+            self.flush_samples()
+            with contextlib.suppress(OSError):
+                self._write_queue()
+            self.spool.close()
+
+    async def _writer(self) -> None:
+        while True:
+            await self._queue_event.wait()
+            self._queue_event.clear()
+            try:
+                self._write_queue()
+            except OSError as exc:  # disk full, state dir gone: keep the records in memory, retry
+                self._log.error("report.spool_write_failed", dir=str(self.spool.dir), error=str(exc),
+                                queued=len(self._queue))
+                await asyncio.sleep(1.0)
+                self._queue_event.set()
+
+    def _write_queue(self) -> None:
+        wrote = False
+        while self._queue:
+            item = self._queue[0]
+            stored = self.spool.append(item.seq, item.kind, item.payload)
+            self._queue.popleft()
+            wrote = True
+            if not stored:
+                self.counters.dropped_metrics += 1
+            elif item.while_offline:
+                self.counters.spooled += 1
+        if wrote:
+            self._spool_event.set()
+
+    async def _syncer(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.spool.fsync_interval_s)
+            try:
+                job = self.spool.prepare_sync()
+                if job is not None:
+                    await asyncio.to_thread(job.run)
+            except OSError as exc:
+                self._log.error("report.spool_sync_failed", dir=str(self.spool.dir), error=str(exc))
+
+    async def _connection_loop(self) -> None:
+        attempt = 0
+        s = self.settings
+        while True:
+            was_connected = False
+            try:
+                was_connected = await self._session()
+            except* aiomqtt.MqttError as group:
+                was_connected = self._connected
+                self._log_failure(group.exceptions[0], connected=self._connected)
+            except* OSError as group:  # TLS context (missing CA file, bad key), password file
+                was_connected = self._connected
+                self._log_failure(group.exceptions[0], connected=self._connected)
+            finally:
+                self._connected = False
+                self._connected_event.clear()
+                self.spool.rewind()
+            if was_connected:
+                attempt = 0
+            delay = full_jitter(attempt, s.backoff_initial_s, s.backoff_max_s, self._rng)
+            attempt += 1
+            self._log.debug("mqtt.reconnect_in", delay_s=round(delay, 3), attempt=attempt)
+            await asyncio.sleep(delay)
+
+    def _log_failure(self, exc: BaseException, *, connected: bool) -> None:
+        s = self.settings
+        error = str(exc) or type(exc).__name__
+        fields: dict[str, object] = {"host": s.host, "port": s.port, "error": error,
+                                     "error_type": type(exc).__name__}
+        if s.tls.enabled:
+            fields["tls_ca_file"] = s.tls.ca_file or "(system trust store)"
+            fields["tls_cert_file"] = s.tls.cert_file
+        if connected:
+            self._log.warning("mqtt.connection_lost", **fields, backlog=self.backlog)
+            return
+        self.counters.connect_failures += 1
+        if "certificate verify failed" in error.lower():
+            self._log.error("mqtt.connect_failed",
+                            reason=f"certificate verify failed: the broker's certificate is not trusted by "
+                                   f"CA file {fields.get('tls_ca_file')}", **fields)
+        else:
+            self._log.warning("mqtt.connect_failed", **fields)
+
+    # ------------------------------------------------------------------ one connection
+    def _tls_context(self) -> ssl.SSLContext | None:
+        tls = self.settings.tls
+        if not tls.enabled:
+            return None
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca_file)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if tls.cert_file:
+            ctx.load_cert_chain(tls.cert_file, tls.key_file)
+        return ctx
+
+    def _password(self) -> str | None:
+        path = self.settings.password_file
+        if path is None:
+            return None
+        return Path(path).read_text().rstrip("\r\n")
+
+    def _status(self, state: Literal["online", "offline"], bdseq: int, reason: str = "") -> bytes:
+        msg = wire.Status(v=wire.PROTOCOL_VERSION, node=self.node, site=self.site, seq=self._seq.next(),
+                          ts=time.time(), mono=time.monotonic(), state=state,
+                          bdseq=bdseq, reason=reason, spool_pending=self.backlog,
+                          dropped_metrics=self.counters.dropped_metrics)
+        return wire.encode(msg)
+
+    def _birth(self, bdseq: int) -> bytes:
+        msg = wire.Birth(v=wire.PROTOCOL_VERSION, node=self.node, site=self.site, seq=self._seq.next(),
+                         ts=time.time(), mono=time.monotonic(), bdseq=bdseq, agent_version=__version__,
+                         model_version=self.model_version, labels=self.labels, collectors=self.collectors,
+                         capabilities=self.capabilities, hostname=socket.gethostname(), boot_ts=self._boot_ts)
+        return wire.encode(msg)
+
+    async def _session(self) -> bool:
+        s = self.settings
+        tls = self._tls_context()
+        password = self._password()
+        bdseq = self._bdseq.next()
+        status_topic = self._topics["status"]
+        will = aiomqtt.Will(status_topic, self._status("offline", bdseq, "connection lost"), qos=1,
+                            retain=True)
+        client = aiomqtt.Client(
+            s.host, s.port, username=s.username, password=password,
+            identifier=s.client_id or f"heald-{self.site}-{self.node}",
+            protocol=aiomqtt.ProtocolVersion.V5, will=will, keepalive=s.keepalive_s,
+            timeout=s.connect_timeout_s, tls_context=tls, max_inflight_messages=s.max_inflight,
+        )
+        async with client:
+            self._connected = True
+            self._connected_event.set()
+            self.counters.connects += 1
+            try:
+                await client.publish(status_topic, self._status("online", bdseq), qos=1, retain=True,
+                                     timeout=s.ack_timeout_s)
+                await client.publish(self._topics["birth"], self._birth(bdseq), qos=1, retain=True,
+                                     timeout=s.ack_timeout_s)
+                await client.subscribe([(t, 1) for t in wire.command_topics(self.site, self.node)],
+                                       timeout=s.ack_timeout_s)
+                self._write_queue()
+                self._report_drops()
+                self._replay_until = self.spool.last_seq
+                self._log.info("mqtt.connected", host=s.host, port=s.port, bdseq=bdseq, tls=s.tls.enabled,
+                               replay=self.spool.pending)
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(self._publisher(client, tg), name="report-mqtt-publisher")
+                    tg.create_task(self._receiver(client), name="report-mqtt-commands")
+            except asyncio.CancelledError:
+                # Shutting down: a clean DISCONNECT suppresses the will, so say offline ourselves.
+                with contextlib.suppress(aiomqtt.MqttError):
+                    await client.publish(status_topic, self._status("offline", bdseq, "agent stopped"), qos=1,
+                                         retain=True, timeout=1.0)
+                raise
+        return True
+
+    def _report_drops(self) -> None:
+        dropped = self.spool.take_dropped_unreported()
+        if dropped:
+            self._log.warning("report.metrics_dropped_reported", dropped=dropped)
+            self.submit(build.report_event(
+                "report.spool_dropped", value=float(dropped),
+                message=f"{dropped} metrics records were dropped while offline: spool quota "
+                        f"{self.settings.spool.quota_bytes} bytes reached"))
+            self._write_queue()
+
+    async def _publisher(self, client: aiomqtt.Client, tg: asyncio.TaskGroup) -> None:
+        window: deque[_Slot] = deque()
+        room = asyncio.Semaphore(self.settings.max_inflight)
+        while True:
+            self._spool_event.clear()
+            records = self.spool.read(self.settings.max_inflight)
+            if not records:
+                await self._spool_event.wait()
+                continue
+            for rec in records:
+                await room.acquire()
+                await self._bucket.take()
+                slot = _Slot(rec.seq, rec.seq <= self._replay_until)
+                window.append(slot)
+                tg.create_task(self._publish(client, rec, slot, window, room),
+                               name=f"report-publish-{rec.seq}")
+
+    async def _publish(self, client: aiomqtt.Client, rec: SpoolRecord, slot: _Slot, window: deque[_Slot],
+                       room: asyncio.Semaphore) -> None:
+        delivery = wire.DELIVERY[rec.kind]
+        try:
+            await client.publish(self._topics[rec.kind], rec.payload, qos=delivery.qos,
+                                 retain=delivery.retain, timeout=self.settings.ack_timeout_s)
+        except aiomqtt.MqttError as exc:
+            raise aiomqtt.MqttError(f"publish of seq {rec.seq} ({rec.kind}, qos {delivery.qos}) failed: "
+                                    f"{exc}") from exc
+        finally:
+            room.release()
+        slot.done = True
+        while window and window[0].done:
+            done = window.popleft()
+            self.spool.ack(done.seq)
+            self.counters.published += 1
+            self.counters.replayed += done.replay
+        if not window and not self._queue and self.spool.pending == 0:
+            self._drained.set()
+
+    async def _receiver(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            self.handle_command_payload(message.topic.value, message.payload)
+
+    def handle_command_payload(self, topic: str, payload: object) -> wire.Command | None:
+        """Decode a command from the broker and hand it to the handler. Never raises for bad input."""
+        try:
+            if not isinstance(payload, bytes | bytearray):
+                raise wire.WireDecodeError(f"command payload must be bytes, got {type(payload).__name__}")
+            command = wire.decode_command(payload, max_bytes=self.settings.max_payload_bytes)
+            where = wire.parse_topic(topic)
+            if not wire.command_matches(command, self.site, self.node):
+                raise wire.WireDecodeError(f"command {command.id} targets {command.site}/{command.node}, "
+                                           f"not this node")
+            if wire.topic_for(command.site, command.node, "command") != topic:
+                raise wire.WireDecodeError(f"command {command.id} for {command.site}/{command.node} "
+                                           f"arrived on {where.site}/{where.node}")
+        except WireError as exc:
+            self.counters.commands_rejected += 1
+            size = len(payload) if isinstance(payload, bytes | bytearray) else None
+            self._log.warning("mqtt.command_rejected", topic=topic, error=str(exc),
+                              error_type=type(exc).__name__, bytes=size)
+            return None
+        self.counters.commands += 1
+        self._log.info("mqtt.command_received", command_id=command.id, name=command.name, topic=topic)
+        if self.command_handler is not None:
+            try:
+                self.command_handler(command)
+            except Exception:  # noqa: BLE001  (the handler is another stage's code: contain, log, go on)
+                self._log.exception("mqtt.command_handler_failed", command_id=command.id, name=command.name)
+        return command
