@@ -22,6 +22,7 @@ from pathlib import Path
 
 import structlog
 
+from agent import wire
 from agent.collect.sample import Sample
 from agent.report import build
 from agent.report.settings import MqttSettings, SpoolSettings, TlsSettings
@@ -59,6 +60,7 @@ def _settings(args: argparse.Namespace) -> MqttSettings:
 
 def _emit_round(reporter: Reporter, kinds: list[str], n: int) -> None:
     for kind in kinds:
+        msg: wire.Envelope
         if kind == "event":
             msg = build.report_event("emit.tick", value=float(n), labels={"round": str(n)})
         elif kind == "action":
@@ -106,8 +108,10 @@ async def _main(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    processors = [structlog.processors.add_log_level, structlog.processors.TimeStamper("iso"),
-                  structlog.processors.JSONRenderer()]
+    processors: list[structlog.typing.Processor] = [
+        structlog.processors.add_log_level, structlog.processors.TimeStamper("iso"),
+        structlog.processors.JSONRenderer(),
+    ]
     structlog.configure(processors=processors, logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     return asyncio.run(_main(_parse(argv)))
 
