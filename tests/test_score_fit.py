@@ -1,0 +1,173 @@
+"""Fitting: compiled numpy arrays reproduce scikit-learn; fitting in a reaped child process."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.cluster import KMeans
+from sklearn.decomposition import PCA
+
+from agent.errors import InputError, ModelError
+from agent.score import compiled as art
+from agent.score.detector import KM, PCA as PCA_COMPONENT, RZ, StreamingDetector, component_scores
+from agent.score.fit import compile_kmeans, compile_pca, fit_detector, fit_in_child, load_training
+
+NAMES = [f"f{i}" for i in range(7)]
+
+
+def _data(n: int = 1500, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=(n, 3)) @ rng.normal(size=(3, 7))
+    return base + 0.1 * rng.normal(size=(n, 7))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kmeans_distance_equals_sklearn(seed: int) -> None:
+    x = _data(seed=seed)
+    model = fit_detector(x, NAMES, n_clusters=5, random_state=seed)
+    km = KMeans(n_clusters=5, n_init=1, random_state=seed).fit(x)
+    centroids, sq = compile_kmeans(km)
+    arrays = dict(model.arrays)
+    arrays["centroids"], arrays["centroid_sq"] = centroids, sq
+    m = art.build(model.meta, arrays)
+    probe = np.random.default_rng(seed + 10).normal(size=(300, 7)) * 3
+    ours = component_scores(m, probe)[:, KM]
+    np.testing.assert_allclose(ours, km.transform(probe).min(axis=1), rtol=0, atol=1e-6)
+    # And one row at a time through the streaming detector (only the k-means component on).
+    arrays["weights"] = np.array([0.0, 1.0, 0.0, 0.0])
+    arrays["divisors"] = np.ones(4)
+    meta = art.ArtifactMeta(**{**_meta_fields(m), "threshold": 1.0, "ewma_alpha": 1.0})
+    det = StreamingDetector(art.build(meta, arrays))
+    streamed = np.array([det.score(row)[0] for row in probe])
+    np.testing.assert_allclose(streamed, km.transform(probe).min(axis=1), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("variance", [0.8, 0.95])
+def test_pca_reconstruction_equals_sklearn(variance: float) -> None:
+    x = _data()
+    model = fit_detector(x, NAMES, weights=(0.0, 0.0, 0.0, 1.0), pca_variance=variance,
+                         ewma_alpha=1.0, n_clusters=2)
+    pca = PCA(n_components=variance, svd_solver="full").fit(x)
+    mean, comps = compile_pca(pca)
+    np.testing.assert_allclose(model.arrays["pca_mean"], mean, atol=1e-9)
+    assert model.arrays["pca_components"].shape == comps.shape
+    probe = np.random.default_rng(5).normal(size=(300, 7)) * 2
+    expected = ((probe - pca.inverse_transform(pca.transform(probe))) ** 2).sum(axis=1)
+    np.testing.assert_allclose(component_scores(model, probe)[:, PCA_COMPONENT], expected, atol=1e-6)
+    det = StreamingDetector(model)
+    div, thr = model.arrays["divisors"][PCA_COMPONENT], model.meta.threshold
+    streamed = np.array([det.score(row)[0] for row in probe]) * thr * div
+    np.testing.assert_allclose(streamed, expected, rtol=1e-9, atol=1e-6)
+
+
+def test_robust_z_matches_definition() -> None:
+    x = _data()
+    model = fit_detector(x, NAMES, top_k=3, n_clusters=2)
+    med = np.median(x, axis=0)
+    scale = np.maximum(np.maximum(np.median(np.abs(x - med), axis=0) * 1.4826, 0.2 * x.std(axis=0)), 1e-3)
+    probe = _data(50, seed=9)
+    z = np.abs(probe - med) / scale
+    expected = np.sort(z, axis=1)[:, -3:].mean(axis=1)
+    np.testing.assert_allclose(component_scores(model, probe)[:, RZ], expected, atol=1e-9)
+
+
+def test_threshold_is_label_free_train_quantile() -> None:
+    x = _data(3000)
+    model = fit_detector(x, NAMES, n_clusters=4)
+    det = StreamingDetector(model)
+    alerts = np.array([det.score(row)[1] for row in x])
+    # Default: the 99.5th percentile of the smoothed training score.
+    assert 0.002 <= alerts.mean() <= 0.008
+
+
+def test_missing_values_in_training_are_imputed() -> None:
+    x = _data()
+    x[::7, 2] = np.nan
+    x[5] = np.nan
+    model = fit_detector(x, NAMES, n_clusters=3)
+    assert np.all(np.isfinite(model.arrays["median"]))
+    assert model.meta.training.rows == x.shape[0] - 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"n_clusters": 0}, "n_clusters"),
+        ({"top_k": 99}, "top_k"),
+        ({"weights": (0.0, 0.0, 0.0, 0.0)}, "weights"),
+        ({"ewma_alpha": 0.0}, "ewma_alpha"),
+        ({"no_such_option": 1}, "no_such_option"),
+    ],
+)
+def test_bad_options(kwargs: dict[str, object], match: str) -> None:
+    with pytest.raises(InputError, match=match):
+        fit_detector(_data(100), NAMES, **kwargs)
+
+
+def test_bad_training_data() -> None:
+    with pytest.raises(InputError, match="2-D"):
+        fit_detector(np.zeros(10), ["a"])
+    with pytest.raises(InputError, match="feature names"):
+        fit_detector(_data(100), NAMES[:3])
+    x = _data(100)
+    x[:, 1] = np.nan
+    with pytest.raises(InputError, match=r"columns \[1\]"):
+        fit_detector(x, NAMES)
+
+
+def test_fit_in_child_writes_verified_artifact(tmp_path: Path) -> None:
+    train = tmp_path / "train.npz"
+    np.savez(train, train=_data(), feature_names=np.array(NAMES))
+    out = tmp_path / "models" / "anomaly.npz"
+    model = fit_in_child(train, out, options={"n_clusters": 4}, timeout_s=120, feature_names=NAMES)
+    assert out.is_file()
+    assert model.meta.options["n_clusters"] == 4
+    assert model.meta.training.source == "train.npz"
+    assert art.load(out).sha256 == model.sha256
+    assert sorted(p.name for p in out.parent.iterdir()) == ["anomaly.npz"]
+
+
+def test_fit_in_child_csv(tmp_path: Path) -> None:
+    x = _data(300)
+    lines = [",".join(NAMES)] + [",".join("" if (i == 3 and j == 2) else f"{v:.6f}" for j, v in enumerate(r))
+                                 for i, r in enumerate(x)]
+    src = tmp_path / "train.csv"
+    src.write_text("\n".join(lines) + "\n")
+    data, names, _ = load_training(src)
+    assert names == NAMES
+    assert np.isnan(data[3, 2])
+    model = fit_in_child(src, tmp_path / "m.npz", options={"n_clusters": 3}, timeout_s=120)
+    assert model.meta.feature_names == tuple(NAMES)
+
+
+def test_fit_in_child_bad_input_is_model_error(tmp_path: Path) -> None:
+    bad = tmp_path / "train.csv"
+    bad.write_text("a,b\n1,x\n")
+    with pytest.raises(ModelError, match=r"exit 2.*not a number"):
+        fit_in_child(bad, tmp_path / "m.npz", timeout_s=120)
+    assert not (tmp_path / "m.npz").exists()
+
+
+def test_fit_in_child_schema_mismatch(tmp_path: Path) -> None:
+    train = tmp_path / "train.npz"
+    np.savez(train, train=_data(200))
+    with pytest.raises(ModelError, match="schema mismatch"):
+        fit_in_child(train, tmp_path / "m.npz", options={"n_clusters": 2}, timeout_s=120,
+                     feature_names=["x"] * 7)
+
+
+def test_fit_in_child_timeout_kills_and_reaps(tmp_path: Path) -> None:
+    train = tmp_path / "train.npz"
+    np.savez(train, train=_data(200))
+    t0 = time.monotonic()
+    with pytest.raises(ModelError, match="timed out"):
+        fit_in_child(train, tmp_path / "m.npz", timeout_s=0.05)
+    assert time.monotonic() - t0 < 30
+    assert not (tmp_path / "m.npz").exists()
+
+
+def _meta_fields(m: art.CompiledDetector) -> dict[str, object]:
+    return {f: getattr(m.meta, f) for f in m.meta.__struct_fields__}
