@@ -12,7 +12,8 @@ from sklearn.decomposition import PCA
 
 from agent.errors import InputError, ModelError
 from agent.score import compiled as art
-from agent.score.detector import KM, PCA as PCA_COMPONENT, RZ, StreamingDetector, component_scores
+from agent.score.detector import KM, RZ, StreamingDetector, component_scores
+from agent.score.detector import PCA as PCA_COMPONENT
 from agent.score.fit import compile_kmeans, compile_pca, fit_detector, fit_in_child, load_training
 
 NAMES = [f"f{i}" for i in range(7)]
