@@ -170,17 +170,14 @@ class CpuCollector:
             old = prev.get(name)
             prev[name] = times
             label = None if name == "cpu" else name
-            if old is None:
+            # iowait (and on some kernels idle) can go backwards: clamp each delta at 0.
+            d = [max(0, a - b) for a, b in zip(times, old, strict=True)] if old is not None else []
+            total = sum(d)
+            if total <= 0:  # first pass, or no tick elapsed since the last one
                 m[key("cpu.util_pct", label)] = None
                 if label is None:
                     for fam in ("cpu.user_pct", "cpu.system_pct", "cpu.iowait_pct", "cpu.steal_pct"):
                         m[fam] = None
-                continue
-            # iowait (and on some kernels idle) can go backwards: clamp each delta at 0.
-            d = [max(0, a - b) for a, b in zip(times, old, strict=True)]
-            total = sum(d)
-            if total <= 0:
-                m[key("cpu.util_pct", label)] = None
                 continue
             busy = total - d[_IDLE] - d[_IOWAIT]
             m[key("cpu.util_pct", label)] = 100.0 * busy / total
