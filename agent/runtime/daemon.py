@@ -30,6 +30,7 @@ from agent.collect.sample import Sample
 from agent.errors import ConfigError
 from agent.runtime.config import LoadedConfig, Settings, load_config
 from agent.runtime.paths import resolve_state_dir
+from agent.runtime.pipeline import Pipeline
 from agent.runtime.sampler import Sampler
 from agent.runtime.sdnotify import Notifier
 
@@ -41,10 +42,8 @@ class _Stop(Exception):
     """Raised inside the root group to end it cleanly."""
 
 
-class Stage(Protocol):
-    """A pipeline stage: sees every sample, in order, on the event loop. Must be cheap."""
-
-    def on_sample(self, sample: Sample) -> None: ...
+class Reloadable(Protocol):
+    """A component that takes new settings on SIGHUP without losing its state."""
 
     def reload(self, settings: Settings) -> None: ...
 
@@ -58,7 +57,8 @@ class Daemon:
         self._nvml = nvml
         self.notifier = Notifier()
         self.state_dir = resolve_state_dir(self.settings.paths.state_dir)
-        self.stages: list[Stage] = []
+        self.pipeline = Pipeline()
+        self.reloadables: list[Reloadable] = []
         self.last_sample: Sample | None = None
         self._last_tick = time.monotonic()
         self._stop = asyncio.Event()
@@ -106,11 +106,7 @@ class Daemon:
                 next_at = time.monotonic() + self.settings.sample.interval_s
             sample = self.sampler.assemble()
             self.last_sample = sample
-            for stage in self.stages:
-                try:
-                    stage.on_sample(sample)
-                except Exception:
-                    log.exception("pipeline stage failed", stage=type(stage).__name__, seq=sample.seq)
+            await self.pipeline.process(sample)
             self._last_tick = time.monotonic()
 
     async def _watchdog_loop(self) -> None:
@@ -178,11 +174,11 @@ class Daemon:
             self.sampler = self._build_sampler(new)
             self.sampler.seq = seq
             self._start_collectors()
-        for stage in self.stages:
+        for part in self.reloadables:
             try:
-                stage.reload(new)
-            except Exception:
-                log.exception("stage reload failed", stage=type(stage).__name__)
+                part.reload(new)
+            except Exception:  # a part that cannot reload keeps its old settings
+                log.exception("reload failed", part=type(part).__name__)
         structlog.contextvars.bind_contextvars(node=new.node.id)
         log.info("configuration reloaded")
         self.notifier.notify(STATUS="configuration reloaded")
@@ -202,7 +198,7 @@ class Daemon:
                 tg.create_task(self._watchdog_loop(), name="watchdog")
                 tg.create_task(self._status_loop(), name="status")
                 tg.create_task(self._reload_loop(), name="reload")
-                for name, factory in self._extra:
+                for name, factory in [*self._extra, *self.pipeline.tasks()]:
                     tg.create_task(factory(), name=name)
                 tg.create_task(self._stop_waiter(), name="stop")
                 # READY once loaded: we do not wait for the network or the broker.
@@ -221,5 +217,22 @@ class Daemon:
 
 def build_daemon(loaded: LoadedConfig, config_path: Path | None = None,
                  *, nvml: object | None = None) -> Daemon:
-    """The daemon with every pipeline stage this build has, wired in flow order."""
-    return Daemon(loaded, config_path, nvml=nvml)
+    """The daemon with every pipeline stage the config enables, wired in flow order."""
+    daemon = Daemon(loaded, config_path, nvml=nvml)
+    s = daemon.settings
+    pipe = daemon.pipeline
+    if s.prometheus.enabled:
+        from agent.runtime import prometheus  # noqa: PLC0415 - only when enabled
+
+        exposition = prometheus.Exposition(s.node.id)
+        pipe.exposition = exposition
+        pipe.add_task("prometheus", lambda: prometheus.serve(exposition, s.prometheus.listen))
+    if s.mqtt.enabled:
+        from agent.report.transport import Reporter  # noqa: PLC0415 - aiomqtt only when reporting
+
+        reporter = Reporter(s.mqtt, node=s.node.id, site=s.node.site, state_dir=daemon.state_dir,
+                            labels=s.node.labels, collectors=daemon.sampler.names,
+                            capabilities=["playbooks", "spool"])
+        pipe.reporter = reporter
+        pipe.add_task("report", reporter.run)
+    return daemon
