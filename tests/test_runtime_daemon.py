@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from agent.runtime.sdnotify import Notifier
+
 BASE_CONFIG = """
 [node]
 id = "test-node"
@@ -169,8 +171,6 @@ def test_sigint_stops_too(daemon: Daemon) -> None:
 
 
 def test_no_notify_socket_is_a_no_op(monkeypatch: pytest.MonkeyPatch) -> None:
-    from agent.runtime.sdnotify import Notifier
-
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
     monkeypatch.delenv("WATCHDOG_USEC", raising=False)
     n = Notifier()
@@ -180,8 +180,6 @@ def test_no_notify_socket_is_a_no_op(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_watchdog_for_another_pid_is_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
-    from agent.runtime.sdnotify import Notifier
-
     monkeypatch.setenv("WATCHDOG_USEC", "4000000")
     monkeypatch.setenv("WATCHDOG_PID", str(os.getpid() + 1))
     assert Notifier("").watchdog_interval() is None

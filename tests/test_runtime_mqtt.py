@@ -44,7 +44,8 @@ class Subscriber:
                     if pred(m):
                         return m
             time.sleep(0.05)
-        raise AssertionError(f"not seen in {timeout}s; got {[(t, type(p).__name__) for t, _, p in self.messages]}")
+        seen = [(t, type(p).__name__) for t, _, p in self.messages]
+        raise AssertionError(f"not seen in {timeout}s; got {seen}")
 
     def close(self) -> None:
         self.client.loop_stop()

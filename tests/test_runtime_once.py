@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from agent import __version__
+
 
 def _once(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     cfg = tmp_path / "agent.toml"
@@ -62,8 +64,6 @@ def test_human_table(tmp_path: Path) -> None:
 
 
 def test_version() -> None:
-    from agent import __version__
-
     proc = subprocess.run([sys.executable, "-m", "agent", "--version"], capture_output=True, text=True,
                           timeout=30, check=True)
     assert proc.stdout.strip() == f"heald {__version__}"
