@@ -97,7 +97,7 @@ def test_missing_values_in_training_are_imputed() -> None:
     ("kwargs", "match"),
     [
         ({"n_clusters": 0}, "n_clusters"),
-        ({"top_k": 99}, "top_k"),
+        ({"top_k": 0}, "top_k"),
         ({"weights": (0.0, 0.0, 0.0, 0.0)}, "weights"),
         ({"ewma_alpha": 0.0}, "ewma_alpha"),
         ({"no_such_option": 1}, "no_such_option"),

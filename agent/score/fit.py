@@ -57,12 +57,12 @@ def _problem(message: str, key: str = "") -> InputError:
     return InputError([Problem(file="fit options", key=key, message=message)])
 
 
-def check_options(opts: FitOptions, n_features: int) -> None:
+def check_options(opts: FitOptions) -> None:
     problems = []
     if not 1 <= opts.n_clusters <= 4096:
         problems.append(Problem("fit options", "n_clusters", "must be in [1, 4096]"))
-    if not 1 <= opts.top_k <= n_features:
-        problems.append(Problem("fit options", "top_k", f"must be in [1, {n_features}]"))
+    if opts.top_k < 1:
+        problems.append(Problem("fit options", "top_k", "must be >= 1"))
     if not 0 < opts.ewma_alpha <= 1:
         problems.append(Problem("fit options", "ewma_alpha", "must be in (0, 1]"))
     problems.extend(
@@ -152,7 +152,7 @@ def fit_detector(
     unit_list = list(units) if units is not None else [""] * d
     if len(unit_list) != d:
         raise _problem(f"{len(unit_list)} units for {d} columns", "units")
-    check_options(options, d)
+    check_options(options)
 
     median = np.median(x, axis=0)
     mad = np.median(np.abs(x - median), axis=0) * 1.4826
@@ -186,7 +186,7 @@ def fit_detector(
             training=TrainingWindow(rows=n, start=train_start, end=train_end, source=source),
             threshold=threshold,
             ewma_alpha=options.ewma_alpha,
-            top_k=options.top_k,
+            top_k=min(options.top_k, d),  # robust z averages the top_k largest (at most d)
             options=msgspec.json.decode(msgspec.json.encode(options)),
             sklearn_version=sklearn.__version__,
             numpy_version=np.__version__,
