@@ -28,6 +28,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("model", "train, inspect and evaluate the anomaly model", "agent.score.cli:add_model"),
     ("install-units", "install the systemd units for a pip/pipx install",
      "agent.runtime.units:add_install_units"),
+    ("audit", "verify the hash-chained audit log", "agent.act.cli:add_audit"),
 )
 
 

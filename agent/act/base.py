@@ -1,0 +1,65 @@
+"""The action contract: name -> async implementation with a structured result and a dry-run form.
+
+An action is ``async def action(params, ctx) -> ActionResult``. ``params`` are the step's
+params after placeholder substitution; ``ctx.dry_run`` asks the action to resolve everything
+it would touch (the pid it would signal, the files it would delete) and to return what it
+WOULD do, changing nothing. The engine wraps every call in the step's timeout (cancelling
+the action, whose subprocesses are then killed and reaped) and fills in ``duration_s``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import structlog
+
+from agent.decide.settings import PlaybookSettings
+
+if TYPE_CHECKING:
+    from agent.act.supervisor import Supervisor
+
+
+class ActionResult(msgspec.Struct, kw_only=True):
+    ok: bool
+    changed: bool = False
+    detail: str = ""
+    duration_s: float = 0.0
+    data: dict[str, Any] = msgspec.field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return msgspec.to_builtins(self)  # type: ignore[no-any-return]
+
+
+@dataclass
+class ActionContext:
+    settings: PlaybookSettings
+    node: str
+    playbook: str
+    run_id: str
+    dry_run: bool
+    supervisor: Supervisor
+    emit: Callable[[dict[str, Any]], None]
+    bindings: Mapping[str, str] = field(default_factory=dict)
+    log: Any = field(default_factory=lambda: structlog.get_logger("heald.act"))
+
+    def env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The environment for a child: the allowlisted variables of ours plus explicit ones."""
+        env = {k: os.environ[k] for k in self.settings.command_env_allowlist if k in os.environ}
+        env.update(extra or {})
+        return env
+
+
+ActionFn = Callable[[Mapping[str, Any], ActionContext], Awaitable[ActionResult]]
+REGISTRY: dict[str, ActionFn] = {}
+
+
+def action(name: str) -> Callable[[ActionFn], ActionFn]:
+    def deco(fn: ActionFn) -> ActionFn:
+        REGISTRY[name] = fn
+        return fn
+
+    return deco

@@ -1,0 +1,316 @@
+"""Trigger evaluation: structured conditions over a Sample and a Risk (no eval, no strings run).
+
+Each playbook has a :class:`TriggerEvaluator` holding the per-condition state that ``for:``
+and hysteresis need. ``evaluate`` is called once per sample and returns the list of
+:class:`Match`es: an empty list means "does not hold". A match carries the variables bound by
+wildcard labels (``disk.used_pct[{mount}]`` binds ``mount``), the inputs that made it fire
+(for the audit log) and a severity used to pick the worst match when several hold.
+
+Semantics (see docs/playbooks.md):
+
+* metric: ``value op threshold``; with ``for`` it must hold continuously that long. Once it
+  holds, ``clear_below``/``clear_above`` keep it holding until the value crosses back (hysteresis).
+  A metric that reads ``None`` (collector could not read it) neither starts, advances nor
+  clears the condition; a key absent from the sample drops its state.
+* event: count of matching events within ``within`` (and after the playbook's watermark, so
+  events a run already handled are not counted twice) is at least ``count``.
+* all: every item holds with consistent bindings (joined); any: the union of the items' matches.
+  Every item is always evaluated, so ``for`` timers advance regardless of short-circuits.
+"""
+
+from __future__ import annotations
+
+import collections
+import operator
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.collect.sample import Event, Sample, split_key
+from agent.decide.model import (
+    AnyCond,
+    Condition,
+    EventCond,
+    FailureCond,
+    ForecastCond,
+    KeyPattern,
+    MetricCond,
+    RiskCond,
+)
+from agent.score.types import Risk
+
+_OPS: dict[str, Callable[[float, float], bool]] = {
+    ">": operator.gt,
+    ">=": operator.ge,
+    "<": operator.lt,
+    "<=": operator.le,
+    "==": operator.eq,
+    "!=": operator.ne,
+}
+MAX_MATCHES = 64
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    bindings: Mapping[str, str]
+    inputs: Mapping[str, Any]
+    severity: float = 0.0
+
+
+def consistent(a: Mapping[str, str], b: Mapping[str, str]) -> bool:
+    return all(b[k] == v for k, v in a.items() if k in b)
+
+
+class SampleIndex:
+    """The sample's metrics grouped by family, built once per sample and shared by every playbook."""
+
+    def __init__(self, sample: Sample | None) -> None:
+        self.sample = sample
+        self.families: dict[str, list[tuple[str | None, float | None]]] = collections.defaultdict(list)
+        if sample is not None:
+            for k, v in sample.metrics.items():
+                fam, label = split_key(k)
+                self.families[fam].append((label, v))
+
+    def lookup(
+        self, pattern: KeyPattern, bindings: Mapping[str, str]
+    ) -> list[tuple[str | None, float | None]]:
+        entries = self.families.get(pattern.family, [])
+        lp = pattern.label
+        if lp.var is not None:
+            if lp.var in bindings:
+                return [(lab, v) for lab, v in entries if lab == bindings[lp.var]]
+            return [(lab, v) for lab, v in entries if lab is not None]
+        return [(lab, v) for lab, v in entries if lab == lp.literal]
+
+
+def _event_key(e: Event) -> tuple[Any, ...]:
+    return (e.kind, e.source, e.wall, e.value, tuple(sorted(e.labels.items())), e.message)
+
+
+class EventLog:
+    """Recent events by kind, deduplicated, bounded in count and age."""
+
+    def __init__(self, max_age_s: float = 3600.0, max_per_kind: int = 10_000) -> None:
+        self.max_age_s = max_age_s
+        self._by_kind: dict[str, collections.deque[Event]] = {}
+        self._seen: dict[tuple[Any, ...], None] = {}
+        self._max = max_per_kind
+
+    def add(self, events: Iterable[Event], now_wall: float) -> None:
+        for e in events:
+            k = _event_key(e)
+            if k in self._seen:
+                continue
+            self._seen[k] = None
+            dq = self._by_kind.setdefault(e.kind, collections.deque(maxlen=self._max))
+            dq.append(e)
+        horizon = now_wall - self.max_age_s
+        for dq in self._by_kind.values():
+            while dq and dq[0].wall < horizon:
+                dq.popleft()
+        if len(self._seen) > 4 * self._max:
+            keep = {_event_key(e) for dq in self._by_kind.values() for e in dq}
+            self._seen = {k: None for k in self._seen if k in keep}
+
+    def query(self, kind: str, since_wall: float) -> list[Event]:
+        dq = self._by_kind.get(kind)
+        if not dq:
+            return []
+        return [e for e in dq if e.wall > since_wall]
+
+
+def _norm(value: float | None) -> str:
+    if value is None:
+        return ""
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+@dataclass
+class _MState:
+    since: float | None = None
+    active: bool = False
+
+
+@dataclass
+class EvalContext:
+    index: SampleIndex
+    risk: Risk | None
+    events: EventLog
+    now_wall: float
+    now_mono: float
+    watermark: float = 0.0  # events at or before this wall time are ignored
+    stateless: bool = False  # verify.expect: no for/hysteresis, no state change
+    bindings: Mapping[str, str] = field(default_factory=dict)
+
+
+class TriggerEvaluator:
+    """Stateful evaluation of one condition tree."""
+
+    def __init__(self, condition: Condition) -> None:
+        self.condition = condition
+        self._metric: dict[tuple[int, str | None], _MState] = {}
+        self._risk_since: dict[int, float | None] = {}
+
+    def evaluate(self, ctx: EvalContext) -> list[Match]:
+        return self._eval(self.condition, ctx)
+
+    def _eval(self, c: Condition, ctx: EvalContext) -> list[Match]:
+        if isinstance(c, MetricCond):
+            return self._eval_metric(c, ctx)
+        if isinstance(c, ForecastCond):
+            return _eval_forecast(c, ctx)
+        if isinstance(c, RiskCond):
+            return self._eval_risk(c, ctx)
+        if isinstance(c, FailureCond):
+            p = ctx.risk.failure.get(c.failure) if ctx.risk is not None else None
+            if p is not None and p >= c.above:
+                return [Match({}, {f"failure[{c.failure}]": p}, p - c.above)]
+            return []
+        if isinstance(c, EventCond):
+            return _eval_event(c, ctx)
+        parts = [self._eval(item, ctx) for item in c.items]  # always evaluate all (timers)
+        if isinstance(c, AnyCond):
+            return [m for ms in parts for m in ms][:MAX_MATCHES]
+        acc = [Match(dict(ctx.bindings), {}, 0.0)]
+        for ms in parts:
+            acc = [
+                Match({**a.bindings, **b.bindings}, {**a.inputs, **b.inputs}, a.severity + b.severity)
+                for a in acc
+                for b in ms
+                if consistent(a.bindings, b.bindings)
+            ][:MAX_MATCHES]
+            if not acc:
+                break
+        return acc
+
+    def _eval_metric(self, c: MetricCond, ctx: EvalContext) -> list[Match]:
+        cmp = _OPS[c.op]
+        out: list[Match] = []
+        seen: set[str | None] = set()
+        var = c.key.label.var
+        for label, value in ctx.index.lookup(c.key, ctx.bindings):
+            seen.add(label)
+            if ctx.stateless:
+                if value is not None and cmp(value, c.value):
+                    out.append(_metric_match(c, label, value))
+                continue
+            st = self._metric.setdefault((c.cid, label), _MState())
+            if value is None:
+                if st.active:
+                    out.append(Match({var: label} if var and label is not None else {}, {}, 0.0))
+                continue
+            raw = cmp(value, c.value)
+            if st.active:
+                if c.clear_below is not None:
+                    st.active = value >= c.clear_below
+                elif c.clear_above is not None:
+                    st.active = value <= c.clear_above
+                else:
+                    st.active = raw
+                if not st.active:
+                    st.since = None
+            if not st.active:
+                if raw:
+                    st.since = ctx.now_mono if st.since is None else st.since
+                    st.active = ctx.now_mono - st.since >= c.for_s
+                else:
+                    st.since = None
+            if st.active:
+                out.append(_metric_match(c, label, value))
+        if not ctx.stateless and not ctx.bindings:
+            for k in [k for k in self._metric if k[0] == c.cid and k[1] not in seen]:
+                del self._metric[k]
+        return out
+
+    def _eval_risk(self, c: RiskCond, ctx: EvalContext) -> list[Match]:
+        r = ctx.risk
+        if c.risk == "alert":
+            ok, score = (r is not None and r.alert), (r.anomaly or 0.0) if r is not None else 0.0
+        else:
+            score = r.anomaly if r is not None and r.anomaly is not None else 0.0
+            ok = r is not None and r.anomaly is not None and r.anomaly >= c.above
+        if ctx.stateless:
+            return [Match({}, {f"risk.{c.risk}": score}, score)] if ok else []
+        if not ok:
+            self._risk_since[c.cid] = None
+            return []
+        since = self._risk_since.get(c.cid)
+        if since is None:
+            since = self._risk_since[c.cid] = ctx.now_mono
+        if ctx.now_mono - since < c.for_s:
+            return []
+        return [Match({}, {f"risk.{c.risk}": score, "model_version": r.model_version if r else ""}, score)]
+
+
+def _metric_match(c: MetricCond, label: str | None, value: float) -> Match:
+    var = c.key.label.var
+    bindings = {var: label} if var and label is not None else {}
+    key = c.key.family if label is None else f"{c.key.family}[{label}]"
+    sev = value - c.value if c.op in (">", ">=") else c.value - value if c.op in ("<", "<=") else 1.0
+    return Match(bindings, {key: value}, sev)
+
+
+def _eval_forecast(c: ForecastCond, ctx: EvalContext) -> list[Match]:
+    if ctx.risk is None:
+        return []
+    out: list[Match] = []
+    lp = c.key.label
+    for f in ctx.risk.forecasts:
+        fam, label = split_key(f.resource)
+        if fam != c.key.family or f.eta_s is None or f.confidence < c.min_confidence:
+            continue
+        if lp.var is not None:
+            if label is None or (lp.var in ctx.bindings and ctx.bindings[lp.var] != label):
+                continue
+        elif label != lp.literal:
+            continue
+        if f.eta_s <= c.eta_below_s:
+            bindings = {lp.var: label} if lp.var and label is not None else {}
+            inputs = {
+                f"forecast[{f.resource}].eta_s": f.eta_s,
+                f"forecast[{f.resource}].confidence": f.confidence,
+            }
+            out.append(Match(bindings, inputs, c.eta_below_s - f.eta_s))
+    return out
+
+
+def _eval_event(c: EventCond, ctx: EvalContext) -> list[Match]:
+    since = max(ctx.now_wall - c.within_s, ctx.watermark)
+    groups: dict[tuple[tuple[str, str], ...], list[Event]] = {}
+    for e in ctx.events.query(c.kind, since):
+        v = _norm(e.value)
+        if v in c.ignore_values or (c.values is not None and v not in c.values):
+            continue
+        bound: list[tuple[str, str]] = []
+        ok = True
+        for lk, lp in c.labels:
+            actual = e.labels.get(lk)
+            if actual is None:
+                ok = False
+                break
+            if lp.var is None:
+                ok = actual == lp.literal
+            else:
+                ok = ctx.bindings.get(lp.var, actual) == actual
+                bound.append((lp.var, actual))
+            if not ok:
+                break
+        if ok:
+            groups.setdefault(tuple(bound), []).append(e)
+    out: list[Match] = []
+    for bound_t, evs in groups.items():
+        if len(evs) >= c.count:
+            values = sorted({_norm(e.value) for e in evs})
+            inputs = {f"event[{c.kind}].count": len(evs), f"event[{c.kind}].values": values}
+            out.append(Match(dict(bound_t), inputs, float(len(evs))))
+    return out
+
+
+def holds_for(matches: list[Match], bindings: Mapping[str, str]) -> bool:
+    """Whether any match is consistent with a run's bindings (the trigger still holds for it)."""
+    return any(consistent(bindings, m.bindings) for m in matches)
+
+
+def worst(matches: list[Match]) -> Match:
+    return max(matches, key=lambda m: m.severity)
