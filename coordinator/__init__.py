@@ -1,0 +1,7 @@
+"""heald coordinator: fleet state, live dashboard, JSON API and fleet-wide safety for heald agents.
+
+It imports only :mod:`agent.wire` and :mod:`agent.errors` from the agent (checked by a test), so it
+can be installed and run on a host that never runs the agent.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,96 @@
+"""``heald-coordinator``: run the coordinator, check its config, print its command-signing key.
+
+Exit codes: 0 ok, 1 failure, 2 bad input (config, arguments), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from agent.errors import HealdError, InputError
+from coordinator import __version__
+from coordinator.config import DEFAULT_CONFIG, CoordinatorSettings, load
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="heald-coordinator",
+        description="heald coordinator: fleet state, live dashboard, JSON API and fleet-wide safety.",
+        epilog="Exit codes: 0 ok, 1 failure, 2 bad input.")
+    parser.add_argument("--version", action="version", version=f"heald-coordinator {__version__}")
+    parser.add_argument("--config", type=Path, default=None,
+                        help=f"coordinator.toml (default {DEFAULT_CONFIG} when it exists)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("run", help="run the coordinator in the foreground (the default)")
+    sub.add_parser("check", help="validate the config; exit 2 listing every problem")
+    sub.add_parser("pubkey", help="print the command-signing public key (base64) for agents' config; "
+                                  "creates the key on first use")
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> CoordinatorSettings:
+    path: Path | None = args.config
+    if path is None and DEFAULT_CONFIG.exists():
+        path = DEFAULT_CONFIG
+    return load(path)
+
+
+async def _serve_until_signal(settings: CoordinatorSettings) -> None:
+    from coordinator.service import serve  # noqa: PLC0415 - aiohttp/aiomqtt only when serving
+
+    task = asyncio.create_task(serve(settings), name="coordinator")
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def _run(settings: CoordinatorSettings) -> int:
+    from coordinator.broker import INSTALL_HINT, amqtt_available  # noqa: PLC0415
+    from coordinator.logs import configure  # noqa: PLC0415
+
+    configure(settings.log.level, settings.log.format, replica=settings.replica_id)
+    if settings.embedded_broker and not amqtt_available():
+        print(f"heald-coordinator: no [mqtt] host configured and {INSTALL_HINT}", file=sys.stderr)
+        return 1
+    asyncio.run(_serve_until_signal(settings))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = _settings(args)
+        if args.command == "check":
+            print(f"ok: store {settings.store_url.split('@')[-1]}, "
+                  f"mqtt {'embedded ' + settings.mqtt.embedded_listen if settings.embedded_broker else settings.mqtt.host}, "
+                  f"web {settings.web.listen if settings.web.enabled else 'off'}")
+            return 0
+        if args.command == "pubkey":
+            from agent.wire.signing import key_id, load_or_create_private_key, public_key_text  # noqa: PLC0415
+
+            key = load_or_create_private_key(settings.key_path)
+            print(public_key_text(key.public_key()))
+            print(f"# key id {key_id(key.public_key())}, private key {settings.key_path}", file=sys.stderr)
+            return 0
+        return _run(settings)
+    except InputError as exc:
+        for problem in exc.problems:
+            print(f"heald-coordinator: {problem}", file=sys.stderr)
+        return 2
+    except HealdError as exc:
+        print(f"heald-coordinator: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,251 @@
+"""coordinator.toml: validated into frozen typed settings.
+
+Every section is optional; with no file at all the coordinator runs an embedded broker on
+127.0.0.1:1883, SQLite under ``state_dir`` and the dashboard on 127.0.0.1:8080 — but a password
+or token is always required for the dashboard (there is no anonymous mode).
+
+Errors name the file, the line and the dotted key (``coordinator.toml:12: [web.listen] ...``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from agent.errors import Problem
+from coordinator.errors import CoordinatorConfigError
+
+DEFAULT_CONFIG = Path("/etc/heald/coordinator.toml")
+
+PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+
+
+class CoordinatorSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    # The SQLite database, the signing key and the embedded broker's data live here.
+    state_dir: str = "/var/lib/heald-coordinator"
+    # Names this replica in logs, the API and the audit trail. Default: "<hostname>-<pid>".
+    replica_id: str = ""
+
+
+class MqttSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    # Empty host: start the embedded broker (amqtt) on embedded_listen and connect to it.
+    host: str = ""
+    port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 1883
+    username: str | None = None
+    password_file: str | None = None
+    tls: bool = False
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    client_id: str = ""
+    keepalive_s: Annotated[int, msgspec.Meta(ge=5, le=3600)] = 30
+    # Non-empty: several replicas share the reports via $share/<share_group>/... subscriptions.
+    share_group: Annotated[str, msgspec.Meta(pattern=r"^([A-Za-z0-9_.-]{1,64})?$")] = ""
+    embedded_listen: str = "127.0.0.1:1883"
+    max_payload_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 256 * 1024
+    backoff_max_s: PositiveFloat = 10.0
+
+
+class StoreSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    # "" = SQLite at <state_dir>/coordinator.db; "sqlite:///path"; or "postgresql://user@host/db".
+    url: str = ""
+    # Metric samples older than this are deleted (bounded history).
+    metrics_retention_s: Annotated[float, msgspec.Meta(ge=60)] = 6 * 3600.0
+    # Risk history older than this is deleted. Events, actions and the audit trail are kept.
+    risk_retention_s: Annotated[float, msgspec.Meta(ge=60)] = 7 * 86400.0
+    # Metrics per node kept at most (newest first), whatever their age.
+    metrics_max_rows_per_node: Annotated[int, msgspec.Meta(ge=10)] = 5000
+    batch_max: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 2000
+    batch_interval_s: Annotated[float, msgspec.Meta(ge=0.001, le=5)] = 0.05
+    queue_max: Annotated[int, msgspec.Meta(ge=100)] = 100_000
+    prune_interval_s: Annotated[float, msgspec.Meta(ge=1)] = 60.0
+    # A node not heard from for this long is shown offline even without its will.
+    stale_after_s: Annotated[float, msgspec.Meta(ge=5)] = 120.0
+
+
+class WebSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    enabled: bool = True
+    # host:port. Loopback by default; set "0.0.0.0:8080" (behind TLS) to expose it.
+    listen: str = "127.0.0.1:8080"
+    # Login secrets: a password for people, bearer tokens for the CLI/scripts (either works for both).
+    password: str | None = None
+    password_file: str | None = None
+    tokens: list[str] = msgspec.field(default_factory=list)
+    token_file: str | None = None
+    session_ttl_s: Annotated[float, msgspec.Meta(ge=60)] = 12 * 3600.0
+    # Mark the session cookie Secure (set when served over HTTPS, e.g. behind a TLS proxy).
+    secure_cookie: bool = False
+    # How often the live stream polls the store for changes made by other replicas.
+    stream_poll_s: Annotated[float, msgspec.Meta(ge=0.05, le=30)] = 0.5
+    page_max: Annotated[int, msgspec.Meta(ge=10, le=10_000)] = 500
+
+
+class SigningSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    # Ed25519 private key (PEM); created 0600 on first start. Default: <state_dir>/command-key.pem.
+    key_file: str = ""
+    command_ttl_s: Annotated[float, msgspec.Meta(ge=5, le=3600)] = 300.0
+
+
+class BudgetSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    # Group nodes by "site" or by a label ("label:rack").
+    group_by: Annotated[str, msgspec.Meta(pattern=r"^(site|label:[A-Za-z0-9_.-]+)$")] = "site"
+    # At most this many nodes of a group hold a lease at once ...
+    max_nodes: Annotated[int, msgspec.Meta(ge=1)] = 2
+    # ... and at most this share of the group (whichever is smaller; at least 1 node).
+    max_percent: Annotated[float, msgspec.Meta(gt=0, le=100)] = 10.0
+    lease_ttl_s: Annotated[float, msgspec.Meta(ge=5, le=86400)] = 600.0
+    # Storm: the same playbook asked for by more than this share of a group within the window
+    # holds every request for it in that group and raises one fleet escalation.
+    storm_share: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.2
+    storm_window_s: Annotated[float, msgspec.Meta(ge=1)] = 300.0
+    # ... but never for fewer distinct nodes than this (a group of 3 is not a storm at 1 node).
+    storm_min_nodes: Annotated[int, msgspec.Meta(ge=1)] = 3
+
+
+class LogSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "console"] = "json"
+
+
+class CoordinatorSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    coordinator: CoordinatorSection = CoordinatorSection()
+    mqtt: MqttSection = MqttSection()
+    store: StoreSection = StoreSection()
+    web: WebSection = WebSection()
+    signing: SigningSection = SigningSection()
+    budget: BudgetSection = BudgetSection()
+    log: LogSection = LogSection()
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.coordinator.state_dir)
+
+    @property
+    def replica_id(self) -> str:
+        return self.coordinator.replica_id or f"{socket.gethostname()}-{os.getpid()}"
+
+    @property
+    def key_path(self) -> Path:
+        return Path(self.signing.key_file) if self.signing.key_file else self.state_dir / "command-key.pem"
+
+    @property
+    def store_url(self) -> str:
+        return self.store.url or f"sqlite:///{self.state_dir / 'coordinator.db'}"
+
+    @property
+    def embedded_broker(self) -> bool:
+        return not self.mqtt.host
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """dotted key -> line, from table headers and ``key =`` lines (only feeds error messages)."""
+    lines: dict[str, int] = {}
+    table: list[str] = []
+    header = re.compile(r"^\s*\[\s*([^\]]+?)\s*\]\s*(#.*)?$")
+    assign = re.compile(r"""^\s*([A-Za-z0-9_\-"]+)\s*=""")
+    for number, line in enumerate(text.splitlines(), start=1):
+        if m := header.match(line):
+            table = [p.strip().strip('"') for p in m.group(1).split(".")]
+            lines.setdefault(".".join(table), number)
+        elif m := assign.match(line):
+            lines.setdefault(".".join([*table, m.group(1).strip('"')]), number)
+    return lines
+
+
+def _host_port(value: str) -> tuple[str, int] | None:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    return host.strip("[]"), int(port)
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    parsed = _host_port(value)
+    if parsed is None:
+        raise ValueError(f"{value!r} is not host:port")
+    return parsed
+
+
+def _semantic_problems(settings: CoordinatorSettings) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    for key, value in (("web.listen", settings.web.listen), ("mqtt.embedded_listen", settings.mqtt.embedded_listen)):
+        if _host_port(value) is None:
+            out.append((key, f"{value!r} is not host:port"))
+    url = settings.store.url
+    if url and not url.startswith(("sqlite:///", "postgresql://", "postgres://")):
+        out.append(("store.url", f"{url!r}: use sqlite:///PATH or postgresql://user@host/db"))
+    if settings.embedded_broker and settings.mqtt.share_group:
+        out.append(("mqtt.share_group", "shared subscriptions need an external broker (set mqtt.host)"))
+    if settings.web.enabled and not (settings.web.password or settings.web.password_file or settings.web.tokens
+                                     or settings.web.token_file):
+        out.append(("web", "the dashboard needs a login secret: set password, password_file, tokens or "
+                           "token_file (there is no anonymous mode)"))
+    return out
+
+
+def loads(text: str, origin: str = "<config>") -> CoordinatorSettings:
+    lines = _key_lines(text)
+
+    def problem(key: str, message: str) -> Problem:
+        look = key
+        while look and look not in lines and "." in look:
+            look = look.rsplit(".", 1)[0]
+        return Problem(file=origin, key=key, message=message, line=lines.get(look))
+
+    try:
+        raw: dict[str, Any] = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        m = re.search(r"line (\d+)", str(exc))
+        raise CoordinatorConfigError([Problem(origin, "", f"not valid TOML: {exc}",
+                                              int(m.group(1)) if m else None)]) from None
+    try:
+        settings = msgspec.convert(raw, CoordinatorSettings)
+    except msgspec.ValidationError as exc:
+        detail, _, at = str(exc).partition(" - at `$")
+        key = at.rstrip("`").lstrip(".").replace("[", ".").replace("]", "")
+        if detail.startswith("Object contains unknown field"):
+            field = detail.split("`")[1]
+            key = f"{key}.{field}" if key else field
+            detail = f"unknown key '{field}'"
+        raise CoordinatorConfigError([problem(key, detail)]) from None
+    problems = [problem(k, m) for k, m in _semantic_problems(settings)]
+    if problems:
+        raise CoordinatorConfigError(problems)
+    return settings
+
+
+def load(path: Path | None) -> CoordinatorSettings:
+    """Load ``path`` (or defaults when ``path`` is None)."""
+    if path is None:
+        return loads("", "<defaults>")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise CoordinatorConfigError([Problem(str(path), "", f"cannot read: {exc.strerror}")]) from None
+    return loads(text, str(path))
+
+
+def read_secret_file(path: str, what: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise CoordinatorConfigError([Problem(path, what, f"cannot read: {exc.strerror}")]) from None
+
+
+def login_secrets(settings: CoordinatorSettings) -> tuple[list[str], list[str]]:
+    """(passwords, tokens) from the config and the files it names."""
+    web = settings.web
+    passwords = [p for p in (web.password,) if p]
+    if web.password_file:
+        passwords.append(read_secret_file(web.password_file, "web.password_file"))
+    tokens = [t for t in web.tokens if t]
+    if web.token_file:
+        tokens.extend(line.strip() for line in read_secret_file(web.token_file, "web.token_file").splitlines()
+                      if line.strip() and not line.lstrip().startswith("#"))
+    return passwords, tokens

@@ -1,0 +1,281 @@
+"""MQTT side of the coordinator: subscribe, decode, batch into the store, publish signed commands.
+
+Subscriptions: one filter per report kind (``heald/v1/+/+/<kind>``) rather than ``heald/v1/+/+/+``,
+so the coordinator never receives the commands it (or another replica) publishes. With
+``mqtt.share_group`` set, the high-volume kinds (metrics, risk, event, action, cmd_ack) are
+subscribed as ``$share/<group>/...`` so replicas split them; ``birth`` and ``status`` stay
+plain subscriptions because brokers do not deliver *retained* messages to shared subscriptions,
+and every replica must see the fleet's retained presence at start. The store's ``(node, seq)``
+keys make the resulting double delivery harmless: each message is processed exactly once.
+
+A malformed message (bad topic, bad payload, topic/payload mismatch) is counted by reason and
+dropped; nothing a node sends can stop the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import time
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import aiomqtt
+import structlog
+
+from agent.errors import WireError
+from agent.wire import (
+    WireTooLarge,
+    WireTopicError,
+    WireVersionError,
+    decode,
+    encode,
+    parse_topic,
+    topic_of,
+)
+from agent.wire.messages import Command
+from coordinator.config import MqttSection, read_secret_file
+from coordinator.model import BatchResult, Incoming
+
+log = structlog.get_logger("coordinator.ingest")
+
+REPORT_SUFFIXES: Final = ("birth", "status", "metrics", "risk", "event", "action", "cmd_ack")
+RETAINED_SUFFIXES: Final = frozenset({"birth", "status"})
+
+
+def subscriptions(share_group: str) -> list[str]:
+    """The topic filters this replica subscribes to."""
+    out = []
+    for suffix in REPORT_SUFFIXES:
+        topic = f"heald/v1/+/+/{suffix}"
+        out.append(f"$share/{share_group}/{topic}" if share_group and suffix not in RETAINED_SUFFIXES else topic)
+    return out
+
+
+@dataclass
+class IngestStats:
+    received: int = 0
+    processed: int = 0
+    duplicates: int = 0
+    malformed: Counter[str] = field(default_factory=Counter)
+    ignored: int = 0
+    batches: int = 0
+    store_errors: int = 0
+    dropped_batches: int = 0
+    commands_sent: int = 0
+    connected: bool = False
+    connects: int = 0
+    last_batch_s: float = 0.0
+    lags: deque[float] = field(default_factory=lambda: deque(maxlen=20_000))
+
+    def lag_quantiles(self) -> dict[str, float | None]:
+        if not self.lags:
+            return {"p50": None, "p99": None, "max": None}
+        ordered = sorted(self.lags)
+        return {"p50": ordered[len(ordered) // 2], "p99": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))],
+                "max": ordered[-1]}
+
+    def as_dict(self, queue_depth: int = 0) -> dict[str, Any]:
+        return {"received": self.received, "processed": self.processed, "duplicates": self.duplicates,
+                "malformed": dict(self.malformed), "malformed_total": sum(self.malformed.values()),
+                "ignored": self.ignored, "batches": self.batches, "store_errors": self.store_errors,
+                "dropped_batches": self.dropped_batches, "commands_sent": self.commands_sent,
+                "connected": self.connected, "connects": self.connects, "queue_depth": queue_depth,
+                "last_batch_s": self.last_batch_s, "lag_s": self.lag_quantiles()}
+
+
+def classify(topic: str, payload: bytes, max_bytes: int, received_at: float) -> Incoming | str:
+    """Decode one MQTT message: an :class:`Incoming`, ``"ignored"``, or a malformed-reason string."""
+    try:
+        t = parse_topic(topic)
+    except WireTopicError:
+        return "topic"
+    if t.kind == "command":
+        return "ignored"
+    try:
+        message = decode(payload, max_bytes=max_bytes)
+    except WireTooLarge:
+        return "too_large"
+    except WireVersionError:
+        return "version"
+    except WireError:
+        return "decode"
+    from agent.wire import kind_of  # noqa: PLC0415 - hot path keeps the module namespace small
+
+    kind = kind_of(message)
+    if kind != t.kind or message.node != t.node or message.site != t.site:
+        return "topic_mismatch"  # a node may only speak for itself, on its own topic
+    return Incoming(message=message, kind=kind, received_at=received_at)
+
+
+def _tls_context(cfg: MqttSection) -> ssl.SSLContext | None:
+    if not cfg.tls:
+        return None
+    ctx = ssl.create_default_context(cafile=cfg.ca_file)
+    if cfg.cert_file:
+        ctx.load_cert_chain(cfg.cert_file, cfg.key_file)
+    return ctx
+
+
+class Bus:
+    """The coordinator's MQTT connection: ingest loop, batcher and command outbox."""
+
+    def __init__(self, cfg: MqttSection, *, host: str, port: int, client_id: str,
+                 apply: Callable[[list[Incoming]], Awaitable[BatchResult]],
+                 after_batch: Callable[[BatchResult], Awaitable[None]],
+                 batch_max: int, batch_interval_s: float, queue_max: int) -> None:
+        self.cfg = cfg
+        self.host = host
+        self.port = port
+        self.client_id = client_id
+        self.apply = apply
+        self.after_batch = after_batch
+        self.batch_max = batch_max
+        self.batch_interval_s = batch_interval_s
+        self.queue: asyncio.Queue[Incoming] = asyncio.Queue(queue_max)
+        self.outbox: asyncio.Queue[Command] = asyncio.Queue(10_000)
+        self.stats = IngestStats()
+        self.changed = asyncio.Event()  # set after each committed batch (the live stream waits on it)
+        self.ready = asyncio.Event()  # set once subscribed
+        self._client: aiomqtt.Client | None = None
+
+    async def publish(self, command: Command) -> None:
+        """Queue a signed command; it is sent as soon as the broker connection is up."""
+        try:
+            self.outbox.put_nowait(command)
+        except asyncio.QueueFull:
+            log.error("command outbox full, dropping", command=command.id, node=command.node)
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._connection_loop(), name="mqtt-connection")
+            tg.create_task(self._batch_loop(), name="ingest-batcher")
+
+    def _client_for(self) -> aiomqtt.Client:
+        password = read_secret_file(self.cfg.password_file, "mqtt.password_file") if self.cfg.password_file else None
+        return aiomqtt.Client(
+            self.host, self.port, identifier=self.client_id, username=self.cfg.username, password=password,
+            keepalive=self.cfg.keepalive_s, tls_context=_tls_context(self.cfg),
+            clean_session=not bool(self.cfg.client_id), max_queued_incoming_messages=0, timeout=10)
+
+    async def _connection_loop(self) -> None:
+        backoff = 0.2
+        while True:
+            try:
+                async with self._client_for() as client:
+                    self._client = client
+                    for topic in subscriptions(self.cfg.share_group):
+                        await client.subscribe(topic, qos=1)
+                    self.stats.connected = True
+                    self.stats.connects += 1
+                    self.ready.set()
+                    log.info("mqtt connected", host=self.host, port=self.port, client_id=self.client_id,
+                             share_group=self.cfg.share_group or None)
+                    backoff = 0.2
+                    async with asyncio.TaskGroup() as tg:
+                        tg.create_task(self._sender(client), name="mqtt-sender")
+                        await self._receive(client)
+            except* aiomqtt.MqttError as group:
+                log.warning("mqtt connection lost, reconnecting", error=str(group.exceptions[0]),
+                            retry_in_s=round(backoff, 2))
+            finally:
+                self._client = None
+                self.stats.connected = False
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError  # a disconnect error raised while we were being cancelled
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self.cfg.backoff_max_s)
+
+    async def _receive(self, client: aiomqtt.Client) -> None:
+        max_bytes = self.cfg.max_payload_bytes
+        stats = self.stats
+        put = self.queue.put
+        async for msg in client.messages:
+            stats.received += 1
+            payload = msg.payload
+            if not isinstance(payload, bytes | bytearray):
+                stats.malformed["decode"] += 1
+                continue
+            got = classify(msg.topic.value, bytes(payload), max_bytes, time.time())
+            if isinstance(got, str):
+                if got == "ignored":
+                    stats.ignored += 1
+                else:
+                    stats.malformed[got] += 1
+                continue
+            await put(got)
+        raise aiomqtt.MqttError("message stream ended")
+
+    async def _sender(self, client: aiomqtt.Client) -> None:
+        while True:
+            command = await self.outbox.get()
+            if command.expires_at < time.time():
+                log.warning("dropping expired command", command=command.id, node=command.node)
+                continue
+            try:
+                await client.publish(topic_of(command), encode(command), qos=1)
+            except aiomqtt.MqttError:
+                self.outbox.put_nowait(command)  # put it back: the reconnect resends it
+                raise
+            self.stats.commands_sent += 1
+
+    async def _batch_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self.queue.get()]
+            deadline = loop.time() + self.batch_interval_s
+            while len(batch) < self.batch_max:
+                try:
+                    batch.append(self.queue.get_nowait())
+                    continue
+                except asyncio.QueueEmpty:
+                    pass
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    async with asyncio.timeout(remaining):
+                        batch.append(await self.queue.get())
+                except TimeoutError:
+                    break
+            await self._commit(batch)
+
+    async def _commit(self, batch: list[Incoming]) -> None:
+        for attempt in range(4):
+            started = time.monotonic()
+            try:
+                result = await self.apply(batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the store may fail in many ways; we retry then drop
+                self.stats.store_errors += 1
+                log.error("store write failed", error=str(exc), error_type=type(exc).__name__,
+                          batch=len(batch), attempt=attempt + 1)
+                await asyncio.sleep(0.5 * (attempt + 1))
+                continue
+            self.stats.last_batch_s = time.monotonic() - started
+            self.stats.batches += 1
+            self.stats.processed += result.new
+            self.stats.duplicates += result.duplicates
+            self.stats.lags.extend(result.lags)
+            if result.new:
+                self.changed.set()
+            try:
+                await self.after_batch(result)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - lease handling must not stop ingest
+                log.error("post-batch handling failed", error=str(exc), error_type=type(exc).__name__)
+            return
+        self.stats.dropped_batches += 1
+        log.error("dropping batch after repeated store failures", batch=len(batch))
+
+    async def wait_ready(self, timeout: float) -> bool:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self.ready.wait()
+        return self.ready.is_set()
