@@ -29,6 +29,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("install-units", "install the systemd units for a pip/pipx install",
      "agent.runtime.units:add_install_units"),
     ("audit", "verify the hash-chained audit log", "agent.act.cli:add_audit"),
+    ("fleet", "talk to the coordinator: ls, show, approve, deny, run, silence", "agent.fleet_cli:add_fleet"),
 )
 
 
