@@ -203,10 +203,22 @@ def _select_sync(
         procs = list(psutil.process_iter())
     name_rx = re.compile(str(target["name"])) if "name" in target else None
     cmd_rx = re.compile(str(target["cmdline"])) if "cmdline" in target else None
+    if target.get("zombie_parent"):
+        # the parents of zombies (most zombies first); the filters below then apply to the parents
+        counts: dict[int, int] = {}
+        for p in procs:
+            with contextlib.suppress(psutil.Error):
+                if p.status() == psutil.STATUS_ZOMBIE:
+                    counts[p.ppid()] = counts.get(p.ppid(), 0) + 1
+        procs = []
+        for ppid, n in sorted(counts.items(), key=lambda kv: -kv[1]):
+            with contextlib.suppress(psutil.Error):
+                procs.append(psutil.Process(ppid))
+                notes.append(f"pid {ppid} has {n} zombie children")
     pool: list[Candidate] = []
     for p in procs:
         try:
-            if p.status() == psutil.STATUS_ZOMBIE and "zombie_parent" not in target:
+            if p.status() == psutil.STATUS_ZOMBIE:
                 continue
             if cgroup and not in_cgroup(p.pid, str(cgroup)):
                 continue
@@ -217,18 +229,6 @@ def _select_sync(
             pool.append(Candidate(p, p.name()))
         except psutil.Error:
             continue
-    if target.get("zombie_parent"):
-        counts: dict[int, int] = {}
-        for c in pool:
-            with contextlib.suppress(psutil.Error):
-                if c.proc.status() == psutil.STATUS_ZOMBIE:
-                    counts[c.proc.ppid()] = counts.get(c.proc.ppid(), 0) + 1
-        pool = []
-        for ppid, _n in sorted(counts.items(), key=lambda kv: -kv[1]):
-            with contextlib.suppress(psutil.Error):
-                parent = psutil.Process(ppid)
-                pool.append(Candidate(parent, parent.name()))
-        notes.extend(f"pid {pid} has {n} zombie children" for pid, n in counts.items())
     kept: list[Candidate] = []
     for c in pool:
         why = protection(c.proc, settings, ancestors)
