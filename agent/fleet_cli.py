@@ -46,6 +46,10 @@ def _bad(key: str, message: str) -> InputError:
     return InputError([Problem(file="heald fleet", key=key, message=message)])
 
 
+def _out(text: str) -> None:
+    sys.stdout.write(text + "\n")
+
+
 def parse_duration(text: str) -> float:
     m = _DURATION.match(text.strip().lower())
     if not m:
@@ -57,7 +61,9 @@ def parse_duration(text: str) -> float:
 
 
 def add_fleet(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", help=f"coordinator base URL (env HEALD_COORDINATOR_URL; default {DEFAULT_URL})")
+    parser.add_argument(
+        "--url", help=f"coordinator base URL (env HEALD_COORDINATOR_URL; default {DEFAULT_URL})"
+    )
     parser.add_argument("--token", help="API token (env HEALD_COORDINATOR_TOKEN; or token in fleet.toml)")
     parser.add_argument("--fleet-config", type=Path, default=None, help=f"default {DEFAULT_CONFIG}")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
@@ -67,8 +73,11 @@ def add_fleet(parser: argparse.ArgumentParser) -> None:
     ls.add_argument("--site", default="")
     ls.add_argument("--label", default="", help="key=value")
     ls.add_argument("--state", default="", choices=["", "online", "offline", "alert", "silenced"])
-    ls.add_argument("--sort", default="risk", choices=["risk", "node", "site", "last_seen", "online", "version",
-                                                       "incidents"])
+    ls.add_argument(
+        "--sort",
+        default="risk",
+        choices=["risk", "node", "site", "last_seen", "online", "version", "incidents"],
+    )
     ls.add_argument("--asc", action="store_true", help="ascending order")
     ls.add_argument("--limit", type=int, default=100)
     ls.add_argument("--offset", type=int, default=0)
@@ -84,7 +93,13 @@ def add_fleet(parser: argparse.ArgumentParser) -> None:
     silence.add_argument("node")
     silence.add_argument("duration")
     # every subparser repeats the output flags so `heald fleet ls --json` works too
-    for p in (ls, show, run, silence, *[a for a in sub.choices.values() if a.prog.endswith(("approve", "deny"))]):
+    for p in (
+        ls,
+        show,
+        run,
+        silence,
+        *[a for a in sub.choices.values() if a.prog.endswith(("approve", "deny"))],
+    ):
         p.add_argument("--json", action="store_true", dest="json_sub", help=argparse.SUPPRESS)
     parser.set_defaults(handler="agent.fleet_cli:handle")
 
@@ -97,11 +112,18 @@ class Client:
 
     def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data, method=method,  # noqa: S310 - URL from operator
-                                     headers={"Authorization": f"Bearer {self.token}", "Accept": "application/json",
-                                              "Content-Type": "application/json"})
+        req = urllib.request.Request(  # noqa: S310 - the URL scheme is checked to be http(s)
+            self.url + path,
+            data=data,
+            method=method,
+            headers={
+                "Authorization": f"Bearer {self.token}",
+                "Accept": "application/json",
+                "Content-Type": "application/json",
+            },
+        )
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # noqa: S310
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # noqa: S310 - http(s) checked  # noqa: S310
                 return json.loads(resp.read() or b"null")
         except urllib.error.HTTPError as exc:
             try:
@@ -111,8 +133,10 @@ class Client:
             if exc.code in (400, 404, 409):
                 raise _bad(path, f"{message} (HTTP {exc.code})") from None
             if exc.code in (401, 403):
-                raise FleetError(f"coordinator refused the credentials: {message} (HTTP {exc.code}); "
-                                 "check --token / HEALD_COORDINATOR_TOKEN") from None
+                raise FleetError(
+                    f"coordinator refused the credentials: {message} (HTTP {exc.code}); "
+                    "check --token / HEALD_COORDINATOR_TOKEN"
+                ) from None
             raise FleetError(f"coordinator error: {message} (HTTP {exc.code})") from None
         except (urllib.error.URLError, TimeoutError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
@@ -137,10 +161,14 @@ def _settings(args: argparse.Namespace) -> tuple[str, str]:
         try:
             token = Path(str(cfg["token_file"])).read_text(encoding="utf-8").strip()
         except OSError as exc:
-            raise InputError([Problem(str(cfg["token_file"]), "token_file", f"cannot read: {exc.strerror}")]) from None
+            raise InputError(
+                [Problem(str(cfg["token_file"]), "token_file", f"cannot read: {exc.strerror}")]
+            ) from None
     if not token:
-        raise _bad("--token", "no API token: pass --token, set HEALD_COORDINATOR_TOKEN, or put token in "
-                              f"{DEFAULT_CONFIG}")
+        raise _bad(
+            "--token",
+            f"no API token: pass --token, set HEALD_COORDINATOR_TOKEN, or put token in {DEFAULT_CONFIG}",
+        )
     if not str(url).startswith(("http://", "https://")):
         raise _bad("--url", f"{url!r} must start with http:// or https://")
     return str(url), str(token)
@@ -170,34 +198,73 @@ def _risk(n: dict[str, Any]) -> str:
 
 
 def _print_ls(data: dict[str, Any]) -> None:
-    rows = [[n["node"], n["site"], "online" if n["online"] else "offline", _risk(n), str(n.get("open_incidents") or ""),
-             n.get("last_action") or "", n.get("agent_version") or "", _ago(n.get("last_seen"))]
-            for n in data["items"]]
-    print(table(rows, ["NODE", "SITE", "STATE", "RISK", "INCIDENTS", "LAST ACTION", "AGENT", "LAST SEEN"]))
+    rows = [
+        [
+            n["node"],
+            n["site"],
+            "online" if n["online"] else "offline",
+            _risk(n),
+            str(n.get("open_incidents") or ""),
+            n.get("last_action") or "",
+            n.get("agent_version") or "",
+            _ago(n.get("last_seen")),
+        ]
+        for n in data["items"]
+    ]
+    _out(table(rows, ["NODE", "SITE", "STATE", "RISK", "INCIDENTS", "LAST ACTION", "AGENT", "LAST SEEN"]))
     fleet = data["fleet"]
-    print(f"\n{len(data['items'])} of {data['total']} shown; fleet: {fleet['nodes']} nodes, {fleet['online']} online, "
-          f"{fleet['alert']} at risk")
+    _out(
+        f"\n{len(data['items'])} of {data['total']} shown; "
+        f"fleet: {fleet['nodes']} nodes, {fleet['online']} online, {fleet['alert']} at risk"
+    )
 
 
 def _print_show(n: dict[str, Any]) -> None:
     labels = ", ".join(f"{k}={v}" for k, v in (n.get("labels") or {}).items()) or "-"
     top = ", ".join(f"{c['feature']} {c['share']:.0%}" for c in (n.get("explanation") or [])[:3]) or "-"
-    pairs = [("node", n["node"]), ("site", n["site"]), ("state", "online" if n["online"] else "offline"),
-             ("host", n.get("hostname") or "-"), ("agent", n.get("agent_version") or "-"), ("labels", labels),
-             ("last seen", _ago(n.get("last_seen"))), ("risk", _risk(n)), ("top contributors", top),
-             ("open incidents", str(n.get("open_incidents") or 0)), ("last action", n.get("last_action") or "-")]
+    pairs = [
+        ("node", n["node"]),
+        ("site", n["site"]),
+        ("state", "online" if n["online"] else "offline"),
+        ("host", n.get("hostname") or "-"),
+        ("agent", n.get("agent_version") or "-"),
+        ("labels", labels),
+        ("last seen", _ago(n.get("last_seen"))),
+        ("risk", _risk(n)),
+        ("top contributors", top),
+        ("open incidents", str(n.get("open_incidents") or 0)),
+        ("last action", n.get("last_action") or "-"),
+    ]
     width = max(len(k) for k, _ in pairs)
     for k, v in pairs:
-        print(f"{k.ljust(width)}  {v}")
+        _out(f"{k.ljust(width)}  {v}")
     pending = [a for a in n.get("approvals", []) if a["state"] == "pending"]
     if pending:
-        print("\npending approvals:")
-        print(table([[a["id"], a["playbook"], a["action"], a["message"]] for a in pending],
-                    ["ID", "PLAYBOOK", "ACTION", "WHY"]))
+        _out("\npending approvals:")
+        _out(
+            table(
+                [[a["id"], a["playbook"], a["action"], a["message"]] for a in pending],
+                ["ID", "PLAYBOOK", "ACTION", "WHY"],
+            )
+        )
     if n.get("actions"):
-        print("\nrecent actions:")
-        print(table([[_ago(a["ts"]), a["playbook"], a["action"], a["phase"], a.get("outcome") or "", a.get("error") or ""]
-                     for a in n["actions"][:15]], ["WHEN", "PLAYBOOK", "ACTION", "PHASE", "OUTCOME", "ERROR"]))
+        _out("\nrecent actions:")
+        _out(
+            table(
+                [
+                    [
+                        _ago(a["ts"]),
+                        a["playbook"],
+                        a["action"],
+                        a["phase"],
+                        a.get("outcome") or "",
+                        a.get("error") or "",
+                    ]
+                    for a in n["actions"][:15]
+                ],
+                ["WHEN", "PLAYBOOK", "ACTION", "PHASE", "OUTCOME", "ERROR"],
+            )
+        )
 
 
 def handle(args: argparse.Namespace) -> int:
@@ -211,31 +278,51 @@ def handle(args: argparse.Namespace) -> int:
             raise _bad("--label", "must be key=value")
         if not 1 <= args.limit <= 10_000 or args.offset < 0:
             raise _bad("--limit", "limit must be 1..10000 and offset >= 0")
-        query = {k: v for k, v in {"site": args.site, "label": args.label, "state": args.state, "sort": args.sort,
-                                   "order": "asc" if args.asc else "desc", "limit": str(args.limit),
-                                   "offset": str(args.offset)}.items() if v}
+        query = {
+            k: v
+            for k, v in {
+                "site": args.site,
+                "label": args.label,
+                "state": args.state,
+                "sort": args.sort,
+                "order": "asc" if args.asc else "desc",
+                "limit": str(args.limit),
+                "offset": str(args.offset),
+            }.items()
+            if v
+        }
         data = client.request("GET", "/api/nodes?" + urllib.parse.urlencode(query))
-        print(json.dumps(data, indent=2)) if as_json else _print_ls(data)
+        _out(json.dumps(data, indent=2)) if as_json else _print_ls(data)
         return 0
     if cmd == "show":
         data = client.request("GET", f"/api/nodes/{quote(args.node, safe='')}")
-        print(json.dumps(data, indent=2)) if as_json else _print_show(data)
+        _out(json.dumps(data, indent=2)) if as_json else _print_show(data)
         return 0
     if cmd in ("approve", "deny"):
         data = client.request("POST", f"/api/approvals/{quote(args.id, safe='')}/{cmd}", {})
         done = "approved" if cmd == "approve" else "denied"
-        print(json.dumps(data, indent=2) if as_json else f"{done} {args.id}: signed command {data['command_id']} "
-                                                          f"sent to {data['node']}")
+        _out(
+            json.dumps(data, indent=2)
+            if as_json
+            else f"{done} {args.id}: signed command {data['command_id']} sent to {data['node']}"
+        )
         return 0
     if cmd == "run":
-        data = client.request("POST", f"/api/nodes/{quote(args.node, safe='')}/run", {"playbook": args.playbook})
-        print(json.dumps(data, indent=2) if as_json else f"asked {args.node} to run {args.playbook}: "
-                                                          f"signed command {data['command_id']}")
+        data = client.request(
+            "POST", f"/api/nodes/{quote(args.node, safe='')}/run", {"playbook": args.playbook}
+        )
+        _out(
+            json.dumps(data, indent=2)
+            if as_json
+            else f"asked {args.node} to run {args.playbook}: signed command {data['command_id']}"
+        )
         return 0
     if cmd == "silence":
         seconds = parse_duration(args.duration)
-        data = client.request("POST", f"/api/nodes/{quote(args.node, safe='')}/silence", {"duration_s": seconds})
+        data = client.request(
+            "POST", f"/api/nodes/{quote(args.node, safe='')}/silence", {"duration_s": seconds}
+        )
         until = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(data["until"]))
-        print(json.dumps(data, indent=2) if as_json else f"silenced {args.node} until {until}")
+        _out(json.dumps(data, indent=2) if as_json else f"silenced {args.node} until {until}")
         return 0
     raise _bad("SUBCOMMAND", f"unknown fleet command {cmd!r}")  # pragma: no cover - argparse rejects it

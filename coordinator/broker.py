@@ -21,8 +21,10 @@ from coordinator.errors import BrokerUnavailable
 
 log = structlog.get_logger("coordinator.broker")
 
-INSTALL_HINT = ("the embedded MQTT broker needs amqtt: pip install 'heald[embedded]' (or amqtt), "
-                "or point [mqtt] host at a broker such as mosquitto")
+INSTALL_HINT = (
+    "the embedded MQTT broker needs amqtt: pip install 'heald[embedded]' (or amqtt), "
+    "or point [mqtt] host at a broker such as mosquitto"
+)
 
 
 def check_loopback(host: str) -> None:
@@ -31,15 +33,19 @@ def check_loopback(host: str) -> None:
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
-        raise BrokerUnavailable(f"embedded broker address {host!r} must be a loopback IP (127.0.0.1)") from None
+        raise BrokerUnavailable(
+            f"embedded broker address {host!r} must be a loopback IP (127.0.0.1)"
+        ) from None
     if not ip.is_loopback:
-        raise BrokerUnavailable(f"the embedded broker has no authentication, so it binds loopback only; "
-                                f"{host} is not loopback (run mosquitto for remote agents)")
+        raise BrokerUnavailable(
+            f"the embedded broker has no authentication, so it binds loopback only; "
+            f"{host} is not loopback (run mosquitto for remote agents)"
+        )
 
 
 def amqtt_available() -> bool:
     try:
-        import amqtt.broker  # noqa: F401, PLC0415
+        import amqtt.broker  # type: ignore[import-untyped]  # noqa: F401, PLC0415
     except ImportError:
         return False
     return True
@@ -50,7 +56,7 @@ async def embedded_broker(host: str, port: int) -> AsyncIterator[None]:
     """Run an amqtt broker on ``host:port`` for the duration of the context."""
     check_loopback(host)
     try:
-        from amqtt.broker import Broker  # noqa: PLC0415 - optional dependency
+        from amqtt.broker import Broker  # noqa: PLC0415 - optional extra (untyped: see amqtt_available)
     except ImportError as exc:
         raise BrokerUnavailable(f"{INSTALL_HINT} ({exc})") from None
     for name in ("amqtt", "transitions"):  # amqtt logs every packet at INFO through stdlib logging
@@ -64,8 +70,11 @@ async def embedded_broker(host: str, port: int) -> AsyncIterator[None]:
         await broker.start()
     except Exception as exc:
         raise BrokerUnavailable(f"cannot start the embedded broker on {host}:{port}: {exc}") from exc
-    log.info("embedded mqtt broker started", listen=f"{host}:{port}",
-             note="loopback only, anonymous; use mosquitto for a real fleet")
+    log.info(
+        "embedded mqtt broker started",
+        listen=f"{host}:{port}",
+        note="loopback only, anonymous; use mosquitto for a real fleet",
+    )
     try:
         yield
     finally:

@@ -18,19 +18,30 @@ from coordinator import __version__
 from coordinator.config import DEFAULT_CONFIG, CoordinatorSettings, load
 
 
+def _out(text: str) -> None:
+    sys.stdout.write(text + "\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="heald-coordinator",
         description="heald coordinator: fleet state, live dashboard, JSON API and fleet-wide safety.",
-        epilog="Exit codes: 0 ok, 1 failure, 2 bad input.")
+        epilog="Exit codes: 0 ok, 1 failure, 2 bad input.",
+    )
     parser.add_argument("--version", action="version", version=f"heald-coordinator {__version__}")
-    parser.add_argument("--config", type=Path, default=None,
-                        help=f"coordinator.toml (default {DEFAULT_CONFIG} when it exists)")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help=f"coordinator.toml (default {DEFAULT_CONFIG} when it exists)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("run", help="run the coordinator in the foreground (the default)")
     sub.add_parser("check", help="validate the config; exit 2 listing every problem")
-    sub.add_parser("pubkey", help="print the command-signing public key (base64) for agents' config; "
-                                  "creates the key on first use")
+    sub.add_parser(
+        "pubkey",
+        help="print the command-signing public key (base64) for agents' config; creates the key on first use",
+    )
     return parser
 
 
@@ -58,7 +69,7 @@ def _run(settings: CoordinatorSettings) -> int:
 
     configure(settings.log.level, settings.log.format, replica=settings.replica_id)
     if settings.embedded_broker and not amqtt_available():
-        print(f"heald-coordinator: no [mqtt] host configured and {INSTALL_HINT}", file=sys.stderr)
+        sys.stderr.write(f"heald-coordinator: no [mqtt] host configured and {INSTALL_HINT}\n")
         return 1
     asyncio.run(_serve_until_signal(settings))
     return 0
@@ -69,24 +80,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = _settings(args)
         if args.command == "check":
-            print(f"ok: store {settings.store_url.split('@')[-1]}, "
-                  f"mqtt {'embedded ' + settings.mqtt.embedded_listen if settings.embedded_broker else settings.mqtt.host}, "
-                  f"web {settings.web.listen if settings.web.enabled else 'off'}")
+            mqtt = settings.mqtt.host or f"embedded {settings.mqtt.embedded_listen}"
+            web = settings.web.listen if settings.web.enabled else "off"
+            _out(f"ok: store {settings.store_url.split('@')[-1]}, mqtt {mqtt}, web {web}")
             return 0
         if args.command == "pubkey":
             from agent.wire.signing import key_id, load_or_create_private_key, public_key_text  # noqa: PLC0415
 
             key = load_or_create_private_key(settings.key_path)
-            print(public_key_text(key.public_key()))
-            print(f"# key id {key_id(key.public_key())}, private key {settings.key_path}", file=sys.stderr)
+            _out(public_key_text(key.public_key()))
+            sys.stderr.write(f"# key id {key_id(key.public_key())}, private key {settings.key_path}\n")
             return 0
         return _run(settings)
     except InputError as exc:
         for problem in exc.problems:
-            print(f"heald-coordinator: {problem}", file=sys.stderr)
+            sys.stderr.write(f"heald-coordinator: {problem}\n")
         return 2
     except HealdError as exc:
-        print(f"heald-coordinator: {exc}", file=sys.stderr)
+        sys.stderr.write(f"heald-coordinator: {exc}\n")
         return 1
     except KeyboardInterrupt:
         return 130

@@ -174,7 +174,10 @@ def parse_listen(value: str) -> tuple[str, int]:
 
 def _semantic_problems(settings: CoordinatorSettings) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
-    for key, value in (("web.listen", settings.web.listen), ("mqtt.embedded_listen", settings.mqtt.embedded_listen)):
+    for key, value in (
+        ("web.listen", settings.web.listen),
+        ("mqtt.embedded_listen", settings.mqtt.embedded_listen),
+    ):
         if _host_port(value) is None:
             out.append((key, f"{value!r} is not host:port"))
     url = settings.store.url
@@ -182,10 +185,18 @@ def _semantic_problems(settings: CoordinatorSettings) -> list[tuple[str, str]]:
         out.append(("store.url", f"{url!r}: use sqlite:///PATH or postgresql://user@host/db"))
     if settings.embedded_broker and settings.mqtt.share_group:
         out.append(("mqtt.share_group", "shared subscriptions need an external broker (set mqtt.host)"))
-    if settings.web.enabled and not (settings.web.password or settings.web.password_file or settings.web.tokens
-                                     or settings.web.token_file):
-        out.append(("web", "the dashboard needs a login secret: set password, password_file, tokens or "
-                           "token_file (there is no anonymous mode)"))
+    if settings.web.enabled and not (
+        settings.web.password or settings.web.password_file or settings.web.tokens or settings.web.token_file
+    ):
+        out.append(
+            (
+                "web",
+                (
+                    "the dashboard needs a login secret: set password, password_file, tokens or "
+                    "token_file (there is no anonymous mode)"
+                ),
+            )
+        )
     return out
 
 
@@ -202,8 +213,9 @@ def loads(text: str, origin: str = "<config>") -> CoordinatorSettings:
         raw: dict[str, Any] = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         m = re.search(r"line (\d+)", str(exc))
-        raise CoordinatorConfigError([Problem(origin, "", f"not valid TOML: {exc}",
-                                              int(m.group(1)) if m else None)]) from None
+        raise CoordinatorConfigError(
+            [Problem(origin, "", f"not valid TOML: {exc}", int(m.group(1)) if m else None)]
+        ) from None
     try:
         settings = msgspec.convert(raw, CoordinatorSettings)
     except msgspec.ValidationError as exc:
@@ -246,6 +258,9 @@ def login_secrets(settings: CoordinatorSettings) -> tuple[list[str], list[str]]:
         passwords.append(read_secret_file(web.password_file, "web.password_file"))
     tokens = [t for t in web.tokens if t]
     if web.token_file:
-        tokens.extend(line.strip() for line in read_secret_file(web.token_file, "web.token_file").splitlines()
-                      if line.strip() and not line.lstrip().startswith("#"))
+        tokens.extend(
+            line.strip()
+            for line in read_secret_file(web.token_file, "web.token_file").splitlines()
+            if line.strip() and not line.lstrip().startswith("#")
+        )
     return passwords, tokens

@@ -17,6 +17,10 @@ class BrokerUnavailable(HealdError):
     """The embedded broker was asked for but cannot be started (amqtt missing or port taken)."""
 
 
+class BadRequest(HealdError):
+    """An API request with invalid parameters or body (HTTP 400)."""
+
+
 class NotFound(HealdError):
     """An API object (node, approval, escalation) does not exist."""
 

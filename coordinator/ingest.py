@@ -51,7 +51,9 @@ def subscriptions(share_group: str) -> list[str]:
     out = []
     for suffix in REPORT_SUFFIXES:
         topic = f"heald/v1/+/+/{suffix}"
-        out.append(f"$share/{share_group}/{topic}" if share_group and suffix not in RETAINED_SUFFIXES else topic)
+        out.append(
+            f"$share/{share_group}/{topic}" if share_group and suffix not in RETAINED_SUFFIXES else topic
+        )
     return out
 
 
@@ -75,16 +77,30 @@ class IngestStats:
         if not self.lags:
             return {"p50": None, "p99": None, "max": None}
         ordered = sorted(self.lags)
-        return {"p50": ordered[len(ordered) // 2], "p99": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))],
-                "max": ordered[-1]}
+        return {
+            "p50": ordered[len(ordered) // 2],
+            "p99": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))],
+            "max": ordered[-1],
+        }
 
     def as_dict(self, queue_depth: int = 0) -> dict[str, Any]:
-        return {"received": self.received, "processed": self.processed, "duplicates": self.duplicates,
-                "malformed": dict(self.malformed), "malformed_total": sum(self.malformed.values()),
-                "ignored": self.ignored, "batches": self.batches, "store_errors": self.store_errors,
-                "dropped_batches": self.dropped_batches, "commands_sent": self.commands_sent,
-                "connected": self.connected, "connects": self.connects, "queue_depth": queue_depth,
-                "last_batch_s": self.last_batch_s, "lag_s": self.lag_quantiles()}
+        return {
+            "received": self.received,
+            "processed": self.processed,
+            "duplicates": self.duplicates,
+            "malformed": dict(self.malformed),
+            "malformed_total": sum(self.malformed.values()),
+            "ignored": self.ignored,
+            "batches": self.batches,
+            "store_errors": self.store_errors,
+            "dropped_batches": self.dropped_batches,
+            "commands_sent": self.commands_sent,
+            "connected": self.connected,
+            "connects": self.connects,
+            "queue_depth": queue_depth,
+            "last_batch_s": self.last_batch_s,
+            "lag_s": self.lag_quantiles(),
+        }
 
 
 def classify(topic: str, payload: bytes, max_bytes: int, received_at: float) -> Incoming | str:
@@ -123,10 +139,19 @@ def _tls_context(cfg: MqttSection) -> ssl.SSLContext | None:
 class Bus:
     """The coordinator's MQTT connection: ingest loop, batcher and command outbox."""
 
-    def __init__(self, cfg: MqttSection, *, host: str, port: int, client_id: str,
-                 apply: Callable[[list[Incoming]], Awaitable[BatchResult]],
-                 after_batch: Callable[[BatchResult], Awaitable[None]],
-                 batch_max: int, batch_interval_s: float, queue_max: int) -> None:
+    def __init__(
+        self,
+        cfg: MqttSection,
+        *,
+        host: str,
+        port: int,
+        client_id: str,
+        apply: Callable[[list[Incoming]], Awaitable[BatchResult]],
+        after_batch: Callable[[BatchResult], Awaitable[None]],
+        batch_max: int,
+        batch_interval_s: float,
+        queue_max: int,
+    ) -> None:
         self.cfg = cfg
         self.host = host
         self.port = port
@@ -155,11 +180,21 @@ class Bus:
             tg.create_task(self._batch_loop(), name="ingest-batcher")
 
     def _client_for(self) -> aiomqtt.Client:
-        password = read_secret_file(self.cfg.password_file, "mqtt.password_file") if self.cfg.password_file else None
+        password = (
+            read_secret_file(self.cfg.password_file, "mqtt.password_file") if self.cfg.password_file else None
+        )
         return aiomqtt.Client(
-            self.host, self.port, identifier=self.client_id, username=self.cfg.username, password=password,
-            keepalive=self.cfg.keepalive_s, tls_context=_tls_context(self.cfg),
-            clean_session=not bool(self.cfg.client_id), max_queued_incoming_messages=0, timeout=10)
+            self.host,
+            self.port,
+            identifier=self.client_id,
+            username=self.cfg.username,
+            password=password,
+            keepalive=self.cfg.keepalive_s,
+            tls_context=_tls_context(self.cfg),
+            clean_session=not bool(self.cfg.client_id),
+            max_queued_incoming_messages=0,
+            timeout=10,
+        )
 
     async def _connection_loop(self) -> None:
         backoff = 0.2
@@ -172,15 +207,23 @@ class Bus:
                     self.stats.connected = True
                     self.stats.connects += 1
                     self.ready.set()
-                    log.info("mqtt connected", host=self.host, port=self.port, client_id=self.client_id,
-                             share_group=self.cfg.share_group or None)
+                    log.info(
+                        "mqtt connected",
+                        host=self.host,
+                        port=self.port,
+                        client_id=self.client_id,
+                        share_group=self.cfg.share_group or None,
+                    )
                     backoff = 0.2
                     async with asyncio.TaskGroup() as tg:
                         tg.create_task(self._sender(client), name="mqtt-sender")
                         await self._receive(client)
             except* aiomqtt.MqttError as group:
-                log.warning("mqtt connection lost, reconnecting", error=str(group.exceptions[0]),
-                            retry_in_s=round(backoff, 2))
+                log.warning(
+                    "mqtt connection lost, reconnecting",
+                    error=str(group.exceptions[0]),
+                    retry_in_s=round(backoff, 2),
+                )
             finally:
                 self._client = None
                 self.stats.connected = False
@@ -196,11 +239,7 @@ class Bus:
         put = self.queue.put
         async for msg in client.messages:
             stats.received += 1
-            payload = msg.payload
-            if not isinstance(payload, bytes | bytearray):
-                stats.malformed["decode"] += 1
-                continue
-            got = classify(msg.topic.value, bytes(payload), max_bytes, time.time())
+            got = classify(msg.topic.value, msg.payload, max_bytes, time.time())
             if isinstance(got, str):
                 if got == "ignored":
                     stats.ignored += 1
@@ -253,8 +292,13 @@ class Bus:
                 raise
             except Exception as exc:  # noqa: BLE001 - the store may fail in many ways; we retry then drop
                 self.stats.store_errors += 1
-                log.error("store write failed", error=str(exc), error_type=type(exc).__name__,
-                          batch=len(batch), attempt=attempt + 1)
+                log.error(
+                    "store write failed",
+                    error=str(exc),
+                    error_type=type(exc).__name__,
+                    batch=len(batch),
+                    attempt=attempt + 1,
+                )
                 await asyncio.sleep(0.5 * (attempt + 1))
                 continue
             self.stats.last_batch_s = time.monotonic() - started
@@ -274,8 +318,8 @@ class Bus:
         self.stats.dropped_batches += 1
         log.error("dropping batch after repeated store failures", batch=len(batch))
 
-    async def wait_ready(self, timeout: float) -> bool:
+    async def wait_ready(self, seconds: float) -> bool:
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(seconds):
                 await self.ready.wait()
         return self.ready.is_set()

@@ -24,7 +24,11 @@ SILENCE = "silence"
 
 def is_escalation(event_name: str) -> bool:
     """Events that page a human: ``escalation``, ``playbook.escalated``, ``escalation.*``."""
-    return event_name == "escalation" or event_name.startswith("escalation.") or event_name.endswith(".escalated")
+    return (
+        event_name == "escalation"
+        or event_name.startswith("escalation.")
+        or event_name.endswith(".escalated")
+    )
 
 
 @dataclass(frozen=True, slots=True)

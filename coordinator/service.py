@@ -15,7 +15,7 @@ from agent.wire.messages import Args, Command
 from agent.wire.signing import CommandSigner, key_id, load_or_create_private_key, public_key_text
 from coordinator.broker import embedded_broker
 from coordinator.config import CoordinatorSettings, parse_listen
-from coordinator.errors import NotFound
+from coordinator.errors import BadRequest, NotFound
 from coordinator.ingest import Bus
 from coordinator.model import (
     APPROVE,
@@ -38,17 +38,31 @@ PLAYBOOK_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 class Coordinator:
     """Everything one replica runs. The web layer calls the operator methods."""
 
-    def __init__(self, settings: CoordinatorSettings, store: Store, signer: CommandSigner, *,
-                 mqtt_host: str, mqtt_port: int) -> None:
+    def __init__(
+        self,
+        settings: CoordinatorSettings,
+        store: Store,
+        signer: CommandSigner,
+        *,
+        mqtt_host: str,
+        mqtt_port: int,
+    ) -> None:
         self.settings = settings
         self.store = store
         self.signer = signer
         self.replica = settings.replica_id
         s = settings.store
-        self.bus = Bus(settings.mqtt, host=mqtt_host, port=mqtt_port,
-                       client_id=settings.mqtt.client_id or f"heald-coordinator-{self.replica}"[:64],
-                       apply=self._apply, after_batch=self._after_batch, batch_max=s.batch_max,
-                       batch_interval_s=s.batch_interval_s, queue_max=s.queue_max)
+        self.bus = Bus(
+            settings.mqtt,
+            host=mqtt_host,
+            port=mqtt_port,
+            client_id=settings.mqtt.client_id or f"heald-coordinator-{self.replica}"[:64],
+            apply=self._apply,
+            after_batch=self._after_batch,
+            batch_max=s.batch_max,
+            batch_interval_s=s.batch_interval_s,
+            queue_max=s.queue_max,
+        )
         self.started_at = time.time()
         self.leases_granted = 0
         self.leases_denied = 0
@@ -65,8 +79,13 @@ class Coordinator:
         commands: list[Command] = []
         for d in outcome.decisions:
             r = d.request
-            args: Args = {"request_id": r.request_id, "playbook": r.playbook, "run_id": r.run_id,
-                          "reason": d.reason, "group": d.group}
+            args: Args = {
+                "request_id": r.request_id,
+                "playbook": r.playbook,
+                "run_id": r.run_id,
+                "reason": d.reason,
+                "group": d.group,
+            }
             if d.granted:
                 args |= {"lease_id": d.lease_id, "expires_at": d.expires_at}
                 self.leases_granted += 1
@@ -74,13 +93,21 @@ class Coordinator:
                 self.leases_denied += 1
                 if d.escalation_id is not None:
                     args["escalation_id"] = d.escalation_id
-            commands.append(self.signer.make(node=r.node, site=r.site, name=LEASE_GRANT if d.granted else LEASE_DENY,
-                                             args=args))
+            commands.append(
+                self.signer.make(
+                    node=r.node, site=r.site, name=LEASE_GRANT if d.granted else LEASE_DENY, args=args
+                )
+            )
             log.info("lease decided", node=r.node, playbook=r.playbook, granted=d.granted, reason=d.reason)
-        for rv in outcome.revocations:
-            commands.append(self.signer.make(node=rv.node, site=rv.site, name=LEASE_REVOKE,
-                                             args={"lease_id": rv.lease_id, "playbook": rv.playbook,
-                                                   "reason": rv.reason}))
+        commands.extend(
+            self.signer.make(
+                node=rv.node,
+                site=rv.site,
+                name=LEASE_REVOKE,
+                args={"lease_id": rv.lease_id, "playbook": rv.playbook, "reason": rv.reason},
+            )
+            for rv in outcome.revocations
+        )
         for esc in outcome.escalations_raised:
             log.warning("fleet escalation raised", escalation=esc)
         await self.store.record_commands(commands, "coordinator")
@@ -91,17 +118,25 @@ class Coordinator:
 
     async def decide_approval(self, approval_id: str, approve: bool, actor: str) -> Command:
         approval = await self.store.get_approval(approval_id)
-        cmd = self.signer.make(node=approval["node"], site=approval["site"], name=APPROVE if approve else DENY,
-                               args={"request_id": approval_id, "run_id": approval["run_id"],
-                                     "playbook": approval["playbook"], "action": approval["action"],
-                                     "by": actor})
+        cmd = self.signer.make(
+            node=approval["node"],
+            site=approval["site"],
+            name=APPROVE if approve else DENY,
+            args={
+                "request_id": approval_id,
+                "run_id": approval["run_id"],
+                "playbook": approval["playbook"],
+                "action": approval["action"],
+                "by": actor,
+            },
+        )
         await self.store.decide_approval(approval_id, approve, actor, cmd)
         await self.bus.publish(cmd)
         return cmd
 
     async def run_playbook(self, node: str, playbook: str, actor: str, args: Args | None = None) -> Command:
         if not PLAYBOOK_RE.match(playbook):
-            raise ValueError(f"invalid playbook name {playbook!r}")
+            raise BadRequest(f"invalid playbook name {playbook!r}")
         site = await self.store.node_site(node)
         cmd_args: Args = {"playbook": playbook, "by": actor}
         for k, v in (args or {}).items():
@@ -113,11 +148,12 @@ class Coordinator:
 
     async def silence(self, node: str, duration_s: float, actor: str) -> Command:
         if not 0 < duration_s <= 30 * 86400:
-            raise ValueError("silence duration must be between 1s and 30d")
+            raise BadRequest("silence duration must be between 1s and 30d")
         site = await self.store.node_site(node)
         until = time.time() + duration_s
-        cmd = self.signer.make(node=node, site=site, name=SILENCE,
-                               args={"duration_s": duration_s, "until": until, "by": actor})
+        cmd = self.signer.make(
+            node=node, site=site, name=SILENCE, args={"duration_s": duration_s, "until": until, "by": actor}
+        )
         await self.store.issue_command(cmd, actor, "silence", silence_until=until)
         await self.bus.publish(cmd)
         return cmd
@@ -126,11 +162,16 @@ class Coordinator:
         await self.store.resolve_escalation(escalation_id, actor)
 
     def info(self) -> dict[str, Any]:
-        return {"replica": self.replica, "started_at": self.started_at, "store": self.store.dialect.name,
-                "share_group": self.settings.mqtt.share_group or None,
-                "signing_key_id": self.signer.issuer, "public_key": public_key_text(self.signer.public_key),
-                "ingest": self.bus.stats.as_dict(self.bus.queue.qsize()),
-                "leases": {"granted": self.leases_granted, "denied": self.leases_denied}}
+        return {
+            "replica": self.replica,
+            "started_at": self.started_at,
+            "store": self.store.dialect.name,
+            "share_group": self.settings.mqtt.share_group or None,
+            "signing_key_id": self.signer.issuer,
+            "public_key": public_key_text(self.signer.public_key),
+            "ingest": self.bus.stats.as_dict(self.bus.queue.qsize()),
+            "leases": {"granted": self.leases_granted, "denied": self.leases_denied},
+        }
 
     # ------------------------------------------------------------------ background
 
@@ -172,9 +213,15 @@ async def serve(settings: CoordinatorSettings) -> None:
     try:
         async with _maybe_embedded(settings) as (host, port):
             coord = Coordinator(settings, store, signer, mqtt_host=host, mqtt_port=port)
-            log.info("coordinator starting", replica=coord.replica, store=store.dialect.name,
-                     mqtt=f"{host}:{port}", embedded_broker=settings.embedded_broker,
-                     signing_key_id=signer.issuer, public_key=public_key_text(signer.public_key))
+            log.info(
+                "coordinator starting",
+                replica=coord.replica,
+                store=store.dialect.name,
+                mqtt=f"{host}:{port}",
+                embedded_broker=settings.embedded_broker,
+                signing_key_id=signer.issuer,
+                public_key=public_key_text(signer.public_key),
+            )
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(coord.bus.run(), name="mqtt-bus")
                 tg.create_task(coord.prune_loop(), name="store-prune")

@@ -12,7 +12,7 @@ import asyncio
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import aiomqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -41,6 +41,7 @@ from agent.wire import (
 from agent.wire.signing import CommandRejected, CommandVerifier
 from coordinator.model import APPROVAL_REQUEST, APPROVE, LEASE_GRANT, LEASE_REQUEST
 
+
 @dataclass
 class SimNode:
     node: str
@@ -51,41 +52,94 @@ class SimNode:
 
     def _env(self) -> dict[str, Any]:
         self.seq += 1
-        return {"v": PROTOCOL_VERSION, "node": self.node, "site": self.site, "seq": self.seq, "ts": time.time()}
+        return {
+            "v": PROTOCOL_VERSION,
+            "node": self.node,
+            "site": self.site,
+            "seq": self.seq,
+            "ts": time.time(),
+        }
 
     def birth(self, version: str = "0.1.0") -> Birth:
         self.bdseq += 1
-        return Birth(**self._env(), bdseq=self.bdseq, agent_version=version, model_version="m1",
-                     labels=self.labels, hostname=f"{self.node}.example", collectors=["cpu", "memory"])
+        return Birth(
+            **self._env(),
+            bdseq=self.bdseq,
+            agent_version=version,
+            model_version="m1",
+            labels=self.labels,
+            hostname=f"{self.node}.example",
+            collectors=["cpu", "memory"],
+        )
 
     def status(self, state: str = "online", reason: str = "") -> Status:
         return Status(**self._env(), state=state, bdseq=self.bdseq, reason=reason)  # type: ignore[arg-type]
 
     def metrics(self, n: int = 1, cpu: float | None = None) -> Metrics:
         now = time.time()
-        samples = [MetricSample(seq=self.seq * 10 + i, wall=now - (n - 1 - i), mono=time.monotonic(),
-                                metrics={"cpu.util": cpu if cpu is not None else 20 + (i * 7) % 30,
-                                         "mem.used_pct": 40.0 + i % 5, "disk.root.used_pct": 61.0})
-                   for i in range(n)]
+        samples = [
+            MetricSample(
+                seq=self.seq * 10 + i,
+                wall=now - (n - 1 - i),
+                mono=time.monotonic(),
+                metrics={
+                    "cpu.util": cpu if cpu is not None else 20 + (i * 7) % 30,
+                    "mem.used_pct": 40.0 + i % 5,
+                    "disk.root.used_pct": 61.0,
+                },
+            )
+            for i in range(n)
+        ]
         return Metrics(**self._env(), samples=samples)
 
     def risk(self, anomaly: float, alert: bool | None = None) -> Risk:
         alert = anomaly >= 1.0 if alert is None else alert
-        return Risk(**self._env(), sample_seq=self.seq, anomaly=anomaly, alert=alert, cold=False, model_version="m1",
-                    explanation=[Contribution("cpu.util", 0.62), Contribution("mem.used_pct", 0.21)],
-                    failure={"oom": 0.4} if alert else {},
-                    forecasts=[Forecast(resource="disk.root", eta_s=7200.0, confidence=0.8, rate_per_s=0.001)])
+        return Risk(
+            **self._env(),
+            sample_seq=self.seq,
+            anomaly=anomaly,
+            alert=alert,
+            cold=False,
+            model_version="m1",
+            explanation=[Contribution("cpu.util", 0.62), Contribution("mem.used_pct", 0.21)],
+            failure={"oom": 0.4} if alert else {},
+            forecasts=[Forecast(resource="disk.root", eta_s=7200.0, confidence=0.8, rate_per_s=0.001)],
+        )
 
-    def event(self, name: str, labels: dict[str, str] | None = None, message: str = "",
-              value: float | None = None) -> Event:
-        return Event(**self._env(), name=name, source="sim", wall=time.time(), labels=labels or {}, message=message,
-                     value=value)
+    def event(
+        self, name: str, labels: dict[str, str] | None = None, message: str = "", value: float | None = None
+    ) -> Event:
+        return Event(
+            **self._env(),
+            name=name,
+            source="sim",
+            wall=time.time(),
+            labels=labels or {},
+            message=message,
+            value=value,
+        )
 
-    def action(self, run_id: str, playbook: str, phase: str, outcome: str | None = None,
-               action: str = "restart_service", dry_run: bool = False) -> Action:
-        return Action(**self._env(), phase=phase, run_id=run_id, playbook=playbook, step="restart",  # type: ignore[arg-type]
-                      action=action, dry_run=dry_run, outcome=outcome,  # type: ignore[arg-type]
-                      duration_s=0.4 if phase == "finished" else None)
+    def action(
+        self,
+        run_id: str,
+        playbook: str,
+        phase: Literal["started", "finished"],
+        outcome: Literal["ok", "failed", "skipped", "timeout", "refused"] | None = None,
+        *,
+        action: str = "restart_service",
+        dry_run: bool = False,
+    ) -> Action:
+        return Action(
+            **self._env(),
+            phase=phase,
+            run_id=run_id,
+            playbook=playbook,
+            step="restart",
+            action=action,
+            dry_run=dry_run,
+            outcome=outcome,
+            duration_s=0.4 if phase == "finished" else None,
+        )
 
     def ack(self, command_id: str, status: str, message: str = "") -> CommandAck:
         return CommandAck(**self._env(), command_id=command_id, status=status, message=message)  # type: ignore[arg-type]
@@ -110,17 +164,27 @@ class SimAgent:
         self.subscribed = asyncio.Event()
 
     async def send(self, message: Message) -> None:
-        assert self.client is not None
+        if self.client is None:
+            raise RuntimeError("SimAgent.send before run() connected")
         await publish(self.client, message)
 
     async def run(self) -> None:
         n = self.node
-        will_status = Status(v=PROTOCOL_VERSION, node=n.node, site=n.site, seq=n.seq + 1, ts=time.time(),
-                             state="offline", bdseq=n.bdseq + 1, reason="connection lost")
+        will_status = Status(
+            v=PROTOCOL_VERSION,
+            node=n.node,
+            site=n.site,
+            seq=n.seq + 1,
+            ts=time.time(),
+            state="offline",
+            bdseq=n.bdseq + 1,
+            reason="connection lost",
+        )
         n.seq += 1
         will = aiomqtt.Will(topic_of(will_status), encode(will_status), qos=1, retain=True)
-        async with aiomqtt.Client(self.host, self.port, identifier=f"sim-{n.node}-{secrets.token_hex(3)}",
-                                  will=will) as client:
+        async with aiomqtt.Client(
+            self.host, self.port, identifier=f"sim-{n.node}-{secrets.token_hex(3)}", will=will
+        ) as client:
             self.client = client
             for topic in command_topics(n.site, n.node):
                 await client.subscribe(topic, qos=1)
@@ -151,10 +215,19 @@ class SimAgent:
         await self.send(self.node.ack(cmd.id, "done"))
 
     async def request_approval(self, request_id: str, playbook: str, action: str = "restart_service") -> None:
-        await self.send(self.node.event(APPROVAL_REQUEST, {"request_id": request_id, "run_id": request_id,
-                                                           "playbook": playbook, "action": action},
-                                        message=f"{playbook} wants to {action}"))
+        await self.send(
+            self.node.event(
+                APPROVAL_REQUEST,
+                {"request_id": request_id, "run_id": request_id, "playbook": playbook, "action": action},
+                message=f"{playbook} wants to {action}",
+            )
+        )
 
     async def request_lease(self, request_id: str, playbook: str) -> None:
-        await self.send(self.node.event(LEASE_REQUEST, {"request_id": request_id, "run_id": request_id,
-                                                        "playbook": playbook}, value=300.0))
+        await self.send(
+            self.node.event(
+                LEASE_REQUEST,
+                {"request_id": request_id, "run_id": request_id, "playbook": playbook},
+                value=300.0,
+            )
+        )

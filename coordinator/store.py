@@ -35,7 +35,7 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeVar, cast
 
 import msgspec
 
@@ -171,7 +171,8 @@ CREATE TABLE IF NOT EXISTS leases (
 );
 CREATE INDEX IF NOT EXISTS leases_grp ON leases (grp, expires_at);
 CREATE TABLE IF NOT EXISTS lease_requests (
-  node TEXT NOT NULL, seq BIGINT NOT NULL, grp TEXT NOT NULL, playbook TEXT NOT NULL, request_id TEXT NOT NULL,
+  node TEXT NOT NULL, seq BIGINT NOT NULL, grp TEXT NOT NULL, playbook TEXT NOT NULL,
+  request_id TEXT NOT NULL,
   ts DOUBLE PRECISION NOT NULL, decision TEXT NOT NULL, reason TEXT NOT NULL, PRIMARY KEY (node, seq)
 );
 CREATE INDEX IF NOT EXISTS lease_requests_grp ON lease_requests (grp, playbook, ts);
@@ -187,19 +188,66 @@ CREATE TABLE IF NOT EXISTS sessions (
 """
 
 _NODE_COLUMNS: Final = (
-    "node", "site", "hostname", "agent_version", "model_version", "labels", "capabilities", "collectors",
-    "bdseq", "online", "status_bdseq", "status_off", "status_seq", "status_reason", "spool_pending",
-    "dropped_metrics", "first_seen", "last_seen", "risk_seq", "risk_ts", "anomaly", "alert", "cold",
-    "explanation", "failure", "forecasts", "open_incidents", "action_seq", "last_action", "silenced_until",
+    "node",
+    "site",
+    "hostname",
+    "agent_version",
+    "model_version",
+    "labels",
+    "capabilities",
+    "collectors",
+    "bdseq",
+    "online",
+    "status_bdseq",
+    "status_off",
+    "status_seq",
+    "status_reason",
+    "spool_pending",
+    "dropped_metrics",
+    "first_seen",
+    "last_seen",
+    "risk_seq",
+    "risk_ts",
+    "anomaly",
+    "alert",
+    "cold",
+    "explanation",
+    "failure",
+    "forecasts",
+    "open_incidents",
+    "action_seq",
+    "last_action",
+    "silenced_until",
     "updated_at",
 )
-_JSON_COLUMNS: Final = frozenset({"labels", "capabilities", "collectors", "explanation", "failure", "forecasts",
-                                  "result", "args", "samples", "nodes", "detail"})
+_JSON_COLUMNS: Final = frozenset(
+    {
+        "labels",
+        "capabilities",
+        "collectors",
+        "explanation",
+        "failure",
+        "forecasts",
+        "result",
+        "args",
+        "samples",
+        "nodes",
+        "detail",
+    }
+)
 _BOOL_COLUMNS: Final = frozenset({"online", "alert", "cold", "dry_run"})
 _NODE_SORTS: Final = {
-    "node": "node", "site": "site", "risk": "anomaly", "anomaly": "anomaly", "last_seen": "last_seen",
-    "online": "online_now", "version": "agent_version", "agent_version": "agent_version",
-    "incidents": "open_incidents", "open_incidents": "open_incidents", "alert": "alert",
+    "node": "node",
+    "site": "site",
+    "risk": "anomaly",
+    "anomaly": "anomaly",
+    "last_seen": "last_seen",
+    "online": "online_now",
+    "version": "agent_version",
+    "agent_version": "agent_version",
+    "incidents": "open_incidents",
+    "open_incidents": "open_incidents",
+    "alert": "alert",
 }
 
 _json_encoder = msgspec.json.Encoder()
@@ -308,7 +356,8 @@ class Store:
             except psycopg.Error as exc:
                 raise StoreError(f"cannot connect to PostgreSQL {_redact(self.url)}: {exc}") from None
         else:
-            assert self.path is not None
+            if self.path is None:  # pragma: no cover - set for every non-PostgreSQL URL
+                raise StoreError("no SQLite path")
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
@@ -396,7 +445,7 @@ class Store:
         return None if row is None else row[0]
 
     def _insert_new(self, cur: Any, sql: str, rows: Sequence[Sequence[Any]]) -> list[Any]:
-        """Insert rows with ``ON CONFLICT DO NOTHING RETURNING <col>``: per row, the returned value or None."""
+        """Insert rows with ``ON CONFLICT DO NOTHING RETURNING <col>``: per row, the value or None."""
         if not rows:
             return []
         if self.is_postgres:
@@ -430,10 +479,15 @@ class Store:
                 cur.execute(stmt)
         version = self._scalar(cur, "SELECT value FROM meta WHERE key = 'schema'")
         if version is None:
-            self._x(cur, "INSERT INTO meta (key, value) VALUES ('schema', ?) ON CONFLICT DO NOTHING",
-                    (str(SCHEMA_VERSION),))
+            self._x(
+                cur,
+                "INSERT INTO meta (key, value) VALUES ('schema', ?) ON CONFLICT DO NOTHING",
+                (str(SCHEMA_VERSION),),
+            )
         elif int(version) > SCHEMA_VERSION:
-            raise StoreError(f"store schema version {version} is newer than this coordinator ({SCHEMA_VERSION})")
+            raise StoreError(
+                f"store schema version {version} is newer than this coordinator ({SCHEMA_VERSION})"
+            )
 
     async def close(self) -> None:
         import asyncio  # noqa: PLC0415
@@ -476,7 +530,9 @@ class Store:
         self._apply_state(cur, new, now, result)
         result.new = len(new)
         done = time.time()
-        result.lags = [max(0.0, done - i.message.ts) for i in new if i.kind not in _RETAINED]  # retained: old ts
+        result.lags = [
+            max(0.0, done - i.message.ts) for i in new if i.kind not in _RETAINED
+        ]  # retained: old ts
         return result
 
     def _insert_history(self, cur: Any, kind: str, items: list[Incoming]) -> list[Any]:
@@ -488,59 +544,116 @@ class Store:
                     rows.append((m.node, m.seq, m.ts, "birth", "online", m.bdseq, m.agent_version))
                 elif isinstance(m, Status):
                     rows.append((m.node, m.seq, m.ts, "status", m.state, m.bdseq, m.reason))
-            return self._insert_new(cur, "INSERT INTO presence (node, seq, ts, kind, state, bdseq, reason) "
-                                         "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING seq", rows)
+            return self._insert_new(
+                cur,
+                "INSERT INTO presence (node, seq, ts, kind, state, bdseq, reason) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING seq",
+                rows,
+            )
         if kind == "metrics":
             rows = []
             for i in items:
-                m = i.message
-                assert isinstance(m, Metrics)
+                m = cast(Metrics, i.message)
                 samples = [[s.wall, s.metrics] for s in m.samples]
                 first = m.samples[0].wall if m.samples else m.ts
                 last = m.samples[-1].wall if m.samples else m.ts
                 rows.append((m.node, m.seq, m.ts, first, last, dumps(samples)))
-            return self._insert_new(cur, "INSERT INTO metrics (node, seq, ts, first_wall, last_wall, samples) "
-                                         "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING seq", rows)
+            return self._insert_new(
+                cur,
+                "INSERT INTO metrics (node, seq, ts, first_wall, last_wall, samples) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING seq",
+                rows,
+            )
         if kind == "risk":
             rows = []
             for i in items:
-                m = i.message
-                assert isinstance(m, Risk)
-                rows.append((m.node, m.seq, m.ts, m.sample_seq, m.anomaly, int(m.alert), int(m.cold),
-                             m.model_version, dumps(m.explanation), dumps(m.failure), dumps(m.forecasts)))
+                m = cast(Risk, i.message)
+                rows.append(
+                    (
+                        m.node,
+                        m.seq,
+                        m.ts,
+                        m.sample_seq,
+                        m.anomaly,
+                        int(m.alert),
+                        int(m.cold),
+                        m.model_version,
+                        dumps(m.explanation),
+                        dumps(m.failure),
+                        dumps(m.forecasts),
+                    )
+                )
             return self._insert_new(
-                cur, "INSERT INTO risk (node, seq, ts, sample_seq, anomaly, alert, cold, model_version, "
-                     "explanation, failure, forecasts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                     "ON CONFLICT DO NOTHING RETURNING seq", rows)
+                cur,
+                "INSERT INTO risk (node, seq, ts, sample_seq, anomaly, alert, cold, model_version, "
+                "explanation, failure, forecasts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT DO NOTHING RETURNING seq",
+                rows,
+            )
         if kind == "event":
             rows = []
             for i in items:
-                m = i.message
-                assert isinstance(m, Event)
-                rows.append((m.node, m.site, m.seq, m.ts, m.wall, m.name, m.source, dumps(m.labels), m.value,
-                             m.message))
+                m = cast(Event, i.message)
+                rows.append(
+                    (
+                        m.node,
+                        m.site,
+                        m.seq,
+                        m.ts,
+                        m.wall,
+                        m.name,
+                        m.source,
+                        dumps(m.labels),
+                        m.value,
+                        m.message,
+                    )
+                )
             return self._insert_new(
-                cur, "INSERT INTO events (node, site, seq, ts, wall, name, source, labels, value, message) "
-                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING id", rows)
+                cur,
+                "INSERT INTO events (node, site, seq, ts, wall, name, source, labels, value, message) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING id",
+                rows,
+            )
         if kind == "action":
             rows = []
             for i in items:
-                m = i.message
-                assert isinstance(m, Action)
-                rows.append((m.node, m.site, m.seq, m.ts, m.run_id, m.playbook, m.step, m.action, m.phase,
-                             int(m.dry_run), m.outcome, dumps(m.result), m.error, m.duration_s))
+                m = cast(Action, i.message)
+                rows.append(
+                    (
+                        m.node,
+                        m.site,
+                        m.seq,
+                        m.ts,
+                        m.run_id,
+                        m.playbook,
+                        m.step,
+                        m.action,
+                        m.phase,
+                        int(m.dry_run),
+                        m.outcome,
+                        dumps(m.result),
+                        m.error,
+                        m.duration_s,
+                    )
+                )
             return self._insert_new(
-                cur, "INSERT INTO actions (node, site, seq, ts, run_id, playbook, step, action, phase, dry_run, "
-                     "outcome, result, error, duration_s) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                     "ON CONFLICT DO NOTHING RETURNING id", rows)
+                cur,
+                "INSERT INTO actions (node, site, seq, ts, run_id, playbook, step, action, phase, dry_run, "
+                "outcome, result, error, duration_s) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT DO NOTHING RETURNING id",
+                rows,
+            )
         if kind == "command_ack":
             rows = []
             for i in items:
-                m = i.message
-                assert isinstance(m, CommandAck)
+                m = cast(CommandAck, i.message)
                 rows.append((m.node, m.seq, m.ts, m.command_id, m.status, m.message, dumps(m.result)))
-            return self._insert_new(cur, "INSERT INTO acks (node, seq, ts, command_id, status, message, result) "
-                                         "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING seq", rows)
+            return self._insert_new(
+                cur,
+                "INSERT INTO acks (node, seq, ts, command_id, status, message, result) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING seq",
+                rows,
+            )
         return [None] * len(items)  # commands are not reports: never stored from the bus
 
     def _lock_nodes(self, cur: Any, items: list[Incoming], now: float) -> dict[str, Row]:
@@ -549,15 +662,21 @@ class Store:
             first.setdefault(i.message.node, i)
         names = sorted(first)
         self._insert_new(  # make sure every row exists, so FOR UPDATE can lock it
-            cur, "INSERT INTO nodes (node, site, first_seen, last_seen, updated_at) VALUES (?, ?, ?, ?, ?) "
-                 "ON CONFLICT DO NOTHING RETURNING node",
-            [(n, first[n].message.site, first[n].received_at, first[n].received_at, now) for n in names])
+            cur,
+            "INSERT INTO nodes (node, site, first_seen, last_seen, updated_at) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT DO NOTHING RETURNING node",
+            [(n, first[n].message.site, first[n].received_at, first[n].received_at, now) for n in names],
+        )
         out: dict[str, Row] = {}
         for chunk_start in range(0, len(names), 500):
-            chunk = names[chunk_start:chunk_start + 500]
+            chunk = names[chunk_start : chunk_start + 500]
             marks = ", ".join("?" * len(chunk))
-            for row in self._rows(cur, f"SELECT * FROM nodes WHERE node IN ({marks}) ORDER BY node"  # noqa: S608
-                                       f"{self.dialect.for_update}", chunk):
+            for row in self._rows(
+                cur,
+                f"SELECT * FROM nodes WHERE node IN ({marks}) ORDER BY node"  # noqa: S608
+                f"{self.dialect.for_update}",
+                chunk,
+            ):
                 out[row["node"]] = row
         return out
 
@@ -577,25 +696,47 @@ class Store:
             n["last_seen"] = max(n["last_seen"], item.received_at)
             if isinstance(m, Birth):
                 if m.bdseq >= n["bdseq"]:
-                    n.update(hostname=m.hostname, agent_version=m.agent_version, model_version=m.model_version,
-                             labels=dumps(m.labels), capabilities=dumps(m.capabilities),
-                             collectors=dumps(m.collectors), bdseq=m.bdseq)
+                    n.update(
+                        hostname=m.hostname,
+                        agent_version=m.agent_version,
+                        model_version=m.model_version,
+                        labels=dumps(m.labels),
+                        capabilities=dumps(m.capabilities),
+                        collectors=dumps(m.collectors),
+                        bdseq=m.bdseq,
+                    )
                     labels_changed[m.node] = dict(m.labels)
                     key = (m.bdseq, 0, m.seq)
                     if key > (n["status_bdseq"], n["status_off"], n["status_seq"]):
-                        n.update(online=1, status_bdseq=m.bdseq, status_off=0, status_seq=m.seq, status_reason="")
+                        n.update(
+                            online=1, status_bdseq=m.bdseq, status_off=0, status_seq=m.seq, status_reason=""
+                        )
             elif isinstance(m, Status):
                 key = (m.bdseq, int(m.state == "offline"), m.seq)
                 if key > (n["status_bdseq"], n["status_off"], n["status_seq"]):
-                    n.update(online=int(m.state == "online"), status_bdseq=key[0], status_off=key[1],
-                             status_seq=key[2], status_reason=m.reason, spool_pending=m.spool_pending,
-                             dropped_metrics=m.dropped_metrics)
+                    n.update(
+                        online=int(m.state == "online"),
+                        status_bdseq=key[0],
+                        status_off=key[1],
+                        status_seq=key[2],
+                        status_reason=m.reason,
+                        spool_pending=m.spool_pending,
+                        dropped_metrics=m.dropped_metrics,
+                    )
             elif isinstance(m, Risk):
                 if m.seq > n["risk_seq"]:
                     was_alert = bool(n["alert"])
-                    n.update(risk_seq=m.seq, risk_ts=m.ts, anomaly=m.anomaly, alert=int(m.alert), cold=int(m.cold),
-                             explanation=dumps(m.explanation), failure=dumps(m.failure),
-                             forecasts=dumps(m.forecasts), model_version=m.model_version or n["model_version"])
+                    n.update(
+                        risk_seq=m.seq,
+                        risk_ts=m.ts,
+                        anomaly=m.anomaly,
+                        alert=int(m.alert),
+                        cold=int(m.cold),
+                        explanation=dumps(m.explanation),
+                        failure=dumps(m.failure),
+                        forecasts=dumps(m.forecasts),
+                        model_version=m.model_version or n["model_version"],
+                    )
                     if m.alert and not was_alert:
                         top = ", ".join(f"{c.feature} {c.share:.0%}" for c in m.explanation[:3])
                         incidents_open.append((m.node, m.ts, f"risk alert (anomaly {m.anomaly}): {top}"))
@@ -609,60 +750,120 @@ class Store:
                     dry = " (dry-run)" if m.dry_run else ""
                     n.update(action_seq=m.seq, last_action=f"{m.playbook}/{m.action}: {what}{dry}")
             elif isinstance(m, Event):
-                self._event_side_effects(m, n, now, approvals, escalations, releases, result)
+                self._event_side_effects(
+                    m, n, now, approvals=approvals, escalations=escalations, releases=releases, result=result
+                )
             elif isinstance(m, CommandAck):
                 acks.append((m.status, m.message, now, m.command_id))
             n["updated_at"] = now
         sets = ", ".join(f"{c} = ?" for c in _NODE_COLUMNS if c != "node")
-        cur.executemany(self.dialect.sql(f"UPDATE nodes SET {sets} WHERE node = ?"),  # noqa: S608
-                        [[n[c] for c in _NODE_COLUMNS if c != "node"] + [n["node"]]
-                         for _, n in sorted(nodes.items())])
+        cur.executemany(
+            self.dialect.sql(f"UPDATE nodes SET {sets} WHERE node = ?"),  # noqa: S608
+            [[n[c] for c in _NODE_COLUMNS if c != "node"] + [n["node"]] for _, n in sorted(nodes.items())],
+        )
         for node, labels in sorted(labels_changed.items()):
             self._x(cur, "DELETE FROM node_labels WHERE node = ?", (node,))
             if labels:
-                cur.executemany(self.dialect.sql("INSERT INTO node_labels (node, key, value) VALUES (?, ?, ?)"),
-                                [(node, k, v) for k, v in sorted(labels.items())])
+                cur.executemany(
+                    self.dialect.sql("INSERT INTO node_labels (node, key, value) VALUES (?, ?, ?)"),
+                    [(node, k, v) for k, v in sorted(labels.items())],
+                )
         if incidents_open:
-            cur.executemany(self.dialect.sql("INSERT INTO incidents (node, opened_at, reason) VALUES (?, ?, ?)"),
-                            incidents_open)
+            cur.executemany(
+                self.dialect.sql("INSERT INTO incidents (node, opened_at, reason) VALUES (?, ?, ?)"),
+                incidents_open,
+            )
         if incidents_close:
-            cur.executemany(self.dialect.sql(
-                "UPDATE incidents SET closed_at = ? WHERE node = ? AND closed_at IS NULL"), incidents_close)
+            cur.executemany(
+                self.dialect.sql("UPDATE incidents SET closed_at = ? WHERE node = ? AND closed_at IS NULL"),
+                incidents_close,
+            )
         if approvals:
-            self._insert_new(cur, "INSERT INTO approvals (id, node, site, seq, run_id, playbook, action, message, "
-                                  "requested_at, state, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?) "
-                                  "ON CONFLICT DO NOTHING RETURNING id", approvals)
+            self._insert_new(
+                cur,
+                "INSERT INTO approvals (id, node, site, seq, run_id, playbook, action, message, "
+                "requested_at, state, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?) "
+                "ON CONFLICT DO NOTHING RETURNING id",
+                approvals,
+            )
         if escalations:
-            cur.executemany(self.dialect.sql(
-                "INSERT INTO escalations (scope, node, grp, playbook, reason, ts, state, updated_at) "
-                "VALUES ('node', ?, ?, ?, ?, ?, 'open', ?)"), escalations)
+            cur.executemany(
+                self.dialect.sql(
+                    "INSERT INTO escalations (scope, node, grp, playbook, reason, ts, state, updated_at) "
+                    "VALUES ('node', ?, ?, ?, ?, ?, 'open', ?)"
+                ),
+                escalations,
+            )
         if releases:
-            cur.executemany(self.dialect.sql(
-                "UPDATE leases SET released_at = ?, release_reason = 'released by node' "
-                "WHERE id = ? AND node = ? AND released_at IS NULL"), releases)
+            cur.executemany(
+                self.dialect.sql(
+                    "UPDATE leases SET released_at = ?, release_reason = 'released by node' "
+                    "WHERE id = ? AND node = ? AND released_at IS NULL"
+                ),
+                releases,
+            )
         if acks:
-            cur.executemany(self.dialect.sql(
-                "UPDATE commands SET status = ?, status_message = ?, updated_at = ? WHERE id = ?"), acks)
+            cur.executemany(
+                self.dialect.sql(
+                    "UPDATE commands SET status = ?, status_message = ?, updated_at = ? WHERE id = ?"
+                ),
+                acks,
+            )
 
-    def _event_side_effects(self, m: Event, n: Row, now: float, approvals: list[tuple[Any, ...]],
-                            escalations: list[tuple[Any, ...]], releases: list[tuple[Any, ...]],
-                            result: BatchResult) -> None:
+    def _event_side_effects(
+        self,
+        m: Event,
+        n: Row,
+        now: float,
+        *,
+        approvals: list[tuple[Any, ...]],
+        escalations: list[tuple[Any, ...]],
+        releases: list[tuple[Any, ...]],
+        result: BatchResult,
+    ) -> None:
         labels = m.labels
         if m.name == LEASE_REQUEST:
-            result.lease_requests.append(LeaseRequest(
-                node=m.node, site=m.site, seq=m.seq, request_id=labels.get("request_id", f"{m.node}-{m.seq}"),
-                playbook=labels.get("playbook", m.source or "?"), run_id=labels.get("run_id", ""),
-                ttl_s=m.value, ts=m.ts))
+            result.lease_requests.append(
+                LeaseRequest(
+                    node=m.node,
+                    site=m.site,
+                    seq=m.seq,
+                    request_id=labels.get("request_id", f"{m.node}-{m.seq}"),
+                    playbook=labels.get("playbook", m.source or "?"),
+                    run_id=labels.get("run_id", ""),
+                    ttl_s=m.value,
+                    ts=m.ts,
+                )
+            )
         elif m.name == LEASE_RELEASE:
             releases.append((now, labels.get("lease_id", ""), m.node))
         elif m.name == APPROVAL_REQUEST:
-            approvals.append((labels.get("request_id") or f"{m.node}-{m.seq}", m.node, m.site, m.seq,
-                              labels.get("run_id", ""), labels.get("playbook", ""), labels.get("action", ""),
-                              m.message, m.wall, now))
+            approvals.append(
+                (
+                    labels.get("request_id") or f"{m.node}-{m.seq}",
+                    m.node,
+                    m.site,
+                    m.seq,
+                    labels.get("run_id", ""),
+                    labels.get("playbook", ""),
+                    labels.get("action", ""),
+                    m.message,
+                    m.wall,
+                    now,
+                )
+            )
         elif is_escalation(m.name):
             labels_of_node = json.loads(n["labels"])
-            escalations.append((m.node, group_of(self.budget, m.site, labels_of_node),
-                                labels.get("playbook", ""), m.message or m.name, m.wall, now))
+            escalations.append(
+                (
+                    m.node,
+                    group_of(self.budget, m.site, labels_of_node),
+                    labels.get("playbook", ""),
+                    m.message or m.name,
+                    m.wall,
+                    now,
+                )
+            )
 
     # ------------------------------------------------------------------ leases
 
@@ -684,94 +885,184 @@ class Store:
             size = int(self._scalar(cur, "SELECT count(*) FROM nodes WHERE site = ?", (req.site,)) or 0)
         else:
             key, _, value = grp.partition(":")
-            size = int(self._scalar(cur, "SELECT count(*) FROM node_labels WHERE key = ? AND value = ?",
-                                    (key, value)) or 0)
+            size = int(
+                self._scalar(
+                    cur, "SELECT count(*) FROM node_labels WHERE key = ? AND value = ?", (key, value)
+                )
+                or 0
+            )
         size = max(size, 1)
-        self._x(cur, "INSERT INTO lease_requests (node, seq, grp, playbook, request_id, ts, decision, reason) "
-                     "VALUES (?, ?, ?, ?, ?, ?, 'pending', '') ON CONFLICT DO NOTHING",
-                (req.node, req.seq, grp, req.playbook, req.request_id, now))
+        self._x(
+            cur,
+            "INSERT INTO lease_requests (node, seq, grp, playbook, request_id, ts, decision, reason) "
+            "VALUES (?, ?, ?, ?, ?, ?, 'pending', '') ON CONFLICT DO NOTHING",
+            (req.node, req.seq, grp, req.playbook, req.request_id, now),
+        )
 
-        def decide(granted: bool, reason: str, lease_id: str = "", expires_at: float = 0.0,
-                   escalation_id: int | None = None) -> None:
-            self._x(cur, "UPDATE lease_requests SET decision = ?, reason = ? WHERE node = ? AND seq = ?",
-                    ("granted" if granted else "denied", reason, req.node, req.seq))
-            outcome.decisions.append(LeaseDecision(req, granted, reason, lease_id, expires_at, grp, escalation_id))
+        def decide(
+            granted: bool,
+            reason: str,
+            lease_id: str = "",
+            expires_at: float = 0.0,
+            escalation_id: int | None = None,
+        ) -> None:
+            self._x(
+                cur,
+                "UPDATE lease_requests SET decision = ?, reason = ? WHERE node = ? AND seq = ?",
+                ("granted" if granted else "denied", reason, req.node, req.seq),
+            )
+            outcome.decisions.append(
+                LeaseDecision(req, granted, reason, lease_id, expires_at, grp, escalation_id)
+            )
 
         open_key = f"fleet:{grp}:{req.playbook}"
         held = self._one(cur, "SELECT id FROM escalations WHERE open_key = ?", (open_key,))
         if held is not None:
-            decide(False, f"held: fleet escalation #{held['id']} is open for {req.playbook} in {grp}",
-                   escalation_id=int(held["id"]))
+            decide(
+                False,
+                f"held: fleet escalation #{held['id']} is open for {req.playbook} in {grp}",
+                escalation_id=int(held["id"]),
+            )
             return
-        distinct = int(self._scalar(
-            cur, "SELECT count(DISTINCT node) FROM lease_requests WHERE grp = ? AND playbook = ? AND ts >= ?",
-            (grp, req.playbook, now - b.storm_window_s)) or 0)
+        distinct = int(
+            self._scalar(
+                cur,
+                "SELECT count(DISTINCT node) FROM lease_requests WHERE grp = ? AND playbook = ? AND ts >= ?",
+                (grp, req.playbook, now - b.storm_window_s),
+            )
+            or 0
+        )
         if distinct >= b.storm_min_nodes and distinct > b.storm_share * size:
-            nodes = [r["node"] for r in self._rows(
-                cur, "SELECT DISTINCT node FROM lease_requests WHERE grp = ? AND playbook = ? AND ts >= ? "
-                     "ORDER BY node", (grp, req.playbook, now - b.storm_window_s))]
-            reason = (f"storm: {distinct} of {size} nodes in {grp} asked to run {req.playbook} within "
-                      f"{b.storm_window_s:.0f}s (limit {b.storm_share:.0%}); all held")
+            nodes = [
+                r["node"]
+                for r in self._rows(
+                    cur,
+                    "SELECT DISTINCT node FROM lease_requests WHERE grp = ? AND playbook = ? AND ts >= ? "
+                    "ORDER BY node",
+                    (grp, req.playbook, now - b.storm_window_s),
+                )
+            ]
+            reason = (
+                f"storm: {distinct} of {size} nodes in {grp} asked to run {req.playbook} within "
+                f"{b.storm_window_s:.0f}s (limit {b.storm_share:.0%}); all held"
+            )
             esc_id = self._insert_new(
-                cur, "INSERT INTO escalations (scope, node, grp, playbook, reason, ts, state, nodes, open_key, "
-                     "updated_at) VALUES ('fleet', '', ?, ?, ?, ?, 'open', ?, ?, ?) "
-                     "ON CONFLICT DO NOTHING RETURNING id",
-                [(grp, req.playbook, reason, now, dumps(nodes), open_key, now)])[0]
+                cur,
+                "INSERT INTO escalations (scope, node, grp, playbook, reason, ts, state, nodes, open_key, "
+                "updated_at) VALUES ('fleet', '', ?, ?, ?, ?, 'open', ?, ?, ?) "
+                "ON CONFLICT DO NOTHING RETURNING id",
+                [(grp, req.playbook, reason, now, dumps(nodes), open_key, now)],
+            )[0]
             if esc_id is not None:
                 outcome.escalations_raised.append(int(esc_id))
-                self._audit(cur, "coordinator", "fleet_escalation", "", {"id": esc_id, "group": grp,
-                                                                          "playbook": req.playbook, "nodes": distinct})
-                for lease in self._rows(cur, "SELECT id, node, site FROM leases WHERE grp = ? AND playbook = ? "
-                                             "AND released_at IS NULL AND expires_at > ?", (grp, req.playbook, now)):
-                    self._x(cur, "UPDATE leases SET released_at = ?, release_reason = ? WHERE id = ?",
-                            (now, "revoked: storm", lease["id"]))
-                    outcome.revocations.append(Revocation(lease["id"], lease["node"], lease["site"], req.playbook,
-                                                          f"storm hold (fleet escalation #{esc_id})"))
+                self._audit(
+                    cur,
+                    "coordinator",
+                    "fleet_escalation",
+                    "",
+                    {"id": esc_id, "group": grp, "playbook": req.playbook, "nodes": distinct},
+                )
+                for lease in self._rows(
+                    cur,
+                    "SELECT id, node, site FROM leases WHERE grp = ? AND playbook = ? "
+                    "AND released_at IS NULL AND expires_at > ?",
+                    (grp, req.playbook, now),
+                ):
+                    self._x(
+                        cur,
+                        "UPDATE leases SET released_at = ?, release_reason = ? WHERE id = ?",
+                        (now, "revoked: storm", lease["id"]),
+                    )
+                    outcome.revocations.append(
+                        Revocation(
+                            lease["id"],
+                            lease["node"],
+                            lease["site"],
+                            req.playbook,
+                            f"storm hold (fleet escalation #{esc_id})",
+                        )
+                    )
             else:
                 esc_id = self._scalar(cur, "SELECT id FROM escalations WHERE open_key = ?", (open_key,))
             decide(False, reason, escalation_id=None if esc_id is None else int(esc_id))
             return
-        existing = self._one(cur, "SELECT id, expires_at FROM leases WHERE node = ? AND playbook = ? "
-                                  "AND released_at IS NULL AND expires_at > ?", (req.node, req.playbook, now))
+        existing = self._one(
+            cur,
+            "SELECT id, expires_at FROM leases WHERE node = ? AND playbook = ? "
+            "AND released_at IS NULL AND expires_at > ?",
+            (req.node, req.playbook, now),
+        )
         if existing is not None:
             decide(True, "already holds a lease", existing["id"], existing["expires_at"])
             return
         limit = max(1, min(b.max_nodes, math.floor(b.max_percent / 100.0 * size)))
-        active = int(self._scalar(cur, "SELECT count(DISTINCT node) FROM leases WHERE grp = ? "
-                                       "AND released_at IS NULL AND expires_at > ?", (grp, now)) or 0)
+        active = int(
+            self._scalar(
+                cur,
+                "SELECT count(DISTINCT node) FROM leases WHERE grp = ? "
+                "AND released_at IS NULL AND expires_at > ?",
+                (grp, now),
+            )
+            or 0
+        )
         if active >= limit:
             decide(False, f"budget: {active} of {size} nodes in {grp} are remediating (limit {limit})")
             return
         ttl = min(b.lease_ttl_s, req.ttl_s) if req.ttl_s and req.ttl_s > 0 else b.lease_ttl_s
         lease_id = secrets.token_hex(8)
-        self._x(cur, "INSERT INTO leases (id, node, site, grp, playbook, request_id, granted_at, expires_at) "
-                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (lease_id, req.node, req.site, grp, req.playbook, req.request_id, now, now + ttl))
+        self._x(
+            cur,
+            "INSERT INTO leases (id, node, site, grp, playbook, request_id, granted_at, expires_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (lease_id, req.node, req.site, grp, req.playbook, req.request_id, now, now + ttl),
+        )
         decide(True, f"granted {active + 1} of {limit} in {grp}", lease_id, now + ttl)
 
     # ------------------------------------------------------------------ operator actions
 
     def _audit(self, cur: Any, actor: str, action: str, node: str, detail: dict[str, Any]) -> None:
-        self._x(cur, "INSERT INTO audit (ts, actor, replica, action, node, detail) VALUES (?, ?, ?, ?, ?, ?)",
-                (time.time(), actor, self.replica, action, node, dumps(detail)))
+        self._x(
+            cur,
+            "INSERT INTO audit (ts, actor, replica, action, node, detail) VALUES (?, ?, ?, ?, ?, ?)",
+            (time.time(), actor, self.replica, action, node, dumps(detail)),
+        )
 
-    async def audit(self, actor: str, action: str, node: str = "", detail: dict[str, Any] | None = None) -> None:
+    async def audit(
+        self, actor: str, action: str, node: str = "", detail: dict[str, Any] | None = None
+    ) -> None:
         await self._write(lambda cur: self._audit(cur, actor, action, node, detail or {}))
 
     def _record_command(self, cur: Any, cmd: Command, actor: str, status: str = "sent") -> None:
-        self._x(cur, "INSERT INTO commands (id, node, site, name, args, issuer, issued_at, expires_at, actor, "
-                     "status, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (cmd.id, cmd.node, cmd.site, cmd.name, dumps(cmd.args), cmd.issuer, cmd.issued_at, cmd.expires_at,
-                 actor, status, time.time()))
+        self._x(
+            cur,
+            "INSERT INTO commands (id, node, site, name, args, issuer, issued_at, expires_at, actor, "
+            "status, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                cmd.id,
+                cmd.node,
+                cmd.site,
+                cmd.name,
+                dumps(cmd.args),
+                cmd.issuer,
+                cmd.issued_at,
+                cmd.expires_at,
+                actor,
+                status,
+                time.time(),
+            ),
+        )
 
     async def record_commands(self, commands: Sequence[Command], actor: str) -> None:
         def run(cur: Any) -> None:
             for cmd in commands:
                 self._record_command(cur, cmd, actor)
+
         await self._write(run)
 
     async def get_approval(self, approval_id: str) -> Row:
-        row = await self._read(lambda cur: self._one(cur, "SELECT * FROM approvals WHERE id = ?", (approval_id,)))
+        row = await self._read(
+            lambda cur: self._one(cur, "SELECT * FROM approvals WHERE id = ?", (approval_id,))
+        )
         if row is None:
             raise NotFound(f"no approval {approval_id!r}")
         return _row_out(row)
@@ -782,43 +1073,66 @@ class Store:
 
         def run(cur: Any) -> None:
             now = time.time()
-            self._x(cur, "UPDATE approvals SET state = ?, decided_by = ?, decided_at = ?, command_id = ?, "
-                         "updated_at = ? WHERE id = ? AND state = 'pending'",
-                    (state, actor, now, command.id, now, approval_id))
+            self._x(
+                cur,
+                "UPDATE approvals SET state = ?, decided_by = ?, decided_at = ?, command_id = ?, "
+                "updated_at = ? WHERE id = ? AND state = 'pending'",
+                (state, actor, now, command.id, now, approval_id),
+            )
             if cur.rowcount != 1:
                 row = self._one(cur, "SELECT state FROM approvals WHERE id = ?", (approval_id,))
                 if row is None:
                     raise NotFound(f"no approval {approval_id!r}")
                 raise Conflict(f"approval {approval_id!r} is already {row['state']}")
             self._record_command(cur, command, actor)
-            self._audit(cur, actor, state, command.node, {"approval": approval_id, "command": command.id,
-                                                          "args": dict(command.args)})
+            self._audit(
+                cur,
+                actor,
+                state,
+                command.node,
+                {"approval": approval_id, "command": command.id, "args": dict(command.args)},
+            )
+
         await self._write(run)
 
-    async def issue_command(self, command: Command, actor: str, audit_action: str,
-                            silence_until: float | None = None) -> None:
+    async def issue_command(
+        self, command: Command, actor: str, audit_action: str, silence_until: float | None = None
+    ) -> None:
         def run(cur: Any) -> None:
             if self._one(cur, "SELECT node FROM nodes WHERE node = ?", (command.node,)) is None:
                 raise NotFound(f"no node {command.node!r}")
             if silence_until is not None:
-                self._x(cur, "UPDATE nodes SET silenced_until = ?, updated_at = ? WHERE node = ?",
-                        (silence_until, time.time(), command.node))
+                self._x(
+                    cur,
+                    "UPDATE nodes SET silenced_until = ?, updated_at = ? WHERE node = ?",
+                    (silence_until, time.time(), command.node),
+                )
             self._record_command(cur, command, actor)
-            self._audit(cur, actor, audit_action, command.node, {"command": command.id, "name": command.name,
-                                                                 "args": dict(command.args)})
+            self._audit(
+                cur,
+                actor,
+                audit_action,
+                command.node,
+                {"command": command.id, "name": command.name, "args": dict(command.args)},
+            )
+
         await self._write(run)
 
     async def resolve_escalation(self, escalation_id: int, actor: str) -> None:
         def run(cur: Any) -> None:
             now = time.time()
-            self._x(cur, "UPDATE escalations SET state = 'resolved', resolved_by = ?, resolved_at = ?, "
-                         "open_key = NULL, updated_at = ? WHERE id = ? AND state = 'open'",
-                    (actor, now, now, escalation_id))
+            self._x(
+                cur,
+                "UPDATE escalations SET state = 'resolved', resolved_by = ?, resolved_at = ?, "
+                "open_key = NULL, updated_at = ? WHERE id = ? AND state = 'open'",
+                (actor, now, now, escalation_id),
+            )
             if cur.rowcount != 1:
                 if self._one(cur, "SELECT id FROM escalations WHERE id = ?", (escalation_id,)) is None:
                     raise NotFound(f"no escalation {escalation_id}")
                 raise Conflict(f"escalation {escalation_id} is already resolved")
             self._audit(cur, actor, "resolve_escalation", "", {"escalation": escalation_id})
+
         await self._write(run)
 
     async def node_site(self, node: str) -> str:
@@ -831,15 +1145,23 @@ class Store:
 
     async def create_session(self, session_hash: str, csrf: str, actor: str, ttl_s: float) -> None:
         now = time.time()
-        await self._write(lambda cur: self._x(
-            cur, "INSERT INTO sessions (id, csrf, actor, created_at, expires_at) VALUES (?, ?, ?, ?, ?)",
-            (session_hash, csrf, actor, now, now + ttl_s)))
+        await self._write(
+            lambda cur: self._x(
+                cur,
+                "INSERT INTO sessions (id, csrf, actor, created_at, expires_at) VALUES (?, ?, ?, ?, ?)",
+                (session_hash, csrf, actor, now, now + ttl_s),
+            )
+        )
 
     async def get_session(self, session_hash: str) -> Row | None:
-        row = await self._read(lambda cur: self._one(
-            cur, "SELECT csrf, actor, expires_at FROM sessions WHERE id = ? AND expires_at > ?",
-            (session_hash, time.time())))
-        return row
+        row = await self._read(
+            lambda cur: self._one(
+                cur,
+                "SELECT csrf, actor, expires_at FROM sessions WHERE id = ? AND expires_at > ?",
+                (session_hash, time.time()),
+            )
+        )
+        return row  # noqa: RET504 - typed local for readability
 
     async def delete_session(self, session_hash: str) -> None:
         await self._write(lambda cur: self._x(cur, "DELETE FROM sessions WHERE id = ?", (session_hash,)))
@@ -853,21 +1175,36 @@ class Store:
         now = time.time()
         s = self.settings
         out: dict[str, int] = {}
-        out["metrics"] = self._x(cur, "DELETE FROM metrics WHERE last_wall < ?",
-                                 (now - s.metrics_retention_s,)).rowcount
+        out["metrics"] = self._x(
+            cur, "DELETE FROM metrics WHERE last_wall < ?", (now - s.metrics_retention_s,)
+        ).rowcount
         out["metrics_cap"] = self._x(
-            cur, "DELETE FROM metrics WHERE (node, seq) IN (SELECT node, seq FROM (SELECT node, seq, "
-                 "row_number() OVER (PARTITION BY node ORDER BY seq DESC) AS rn FROM metrics) AS ranked "
-                 "WHERE rn > ?)", (s.metrics_max_rows_per_node,)).rowcount
+            cur,
+            "DELETE FROM metrics WHERE (node, seq) IN (SELECT node, seq FROM (SELECT node, seq, "
+            "row_number() OVER (PARTITION BY node ORDER BY seq DESC) AS rn FROM metrics) AS ranked "
+            "WHERE rn > ?)",
+            (s.metrics_max_rows_per_node,),
+        ).rowcount
         out["risk"] = self._x(cur, "DELETE FROM risk WHERE ts < ?", (now - s.risk_retention_s,)).rowcount
-        out["presence"] = self._x(cur, "DELETE FROM presence WHERE ts < ?", (now - s.risk_retention_s,)).rowcount
-        out["lease_requests"] = self._x(cur, "DELETE FROM lease_requests WHERE ts < ?",
-                                        (now - max(self.budget.storm_window_s * 2, 3600),)).rowcount
+        out["presence"] = self._x(
+            cur, "DELETE FROM presence WHERE ts < ?", (now - s.risk_retention_s,)
+        ).rowcount
+        out["lease_requests"] = self._x(
+            cur, "DELETE FROM lease_requests WHERE ts < ?", (now - max(self.budget.storm_window_s * 2, 3600),)
+        ).rowcount
         out["sessions"] = self._x(cur, "DELETE FROM sessions WHERE expires_at < ?", (now,)).rowcount
-        self._x(cur, "UPDATE leases SET released_at = expires_at, release_reason = 'expired' "
-                     "WHERE released_at IS NULL AND expires_at <= ?", (now,))
-        self._x(cur, "UPDATE approvals SET state = 'expired', updated_at = ? WHERE state = 'pending' "
-                     "AND requested_at < ?", (now, now - 86400))
+        self._x(
+            cur,
+            "UPDATE leases SET released_at = expires_at, release_reason = 'expired' "
+            "WHERE released_at IS NULL AND expires_at <= ?",
+            (now,),
+        )
+        self._x(
+            cur,
+            "UPDATE approvals SET state = 'expired', updated_at = ? WHERE state = 'pending' "
+            "AND requested_at < ?",
+            (now, now - 86400),
+        )
         return out
 
     # ------------------------------------------------------------------ queries
@@ -908,25 +1245,47 @@ class Store:
             col = _NODE_SORTS.get(q.sort, "anomaly")
             direction = "DESC" if q.descending else "ASC"
             nulls = " NULLS LAST" if direction == "DESC" else " NULLS FIRST"
+            # where/col/direction are built from whitelisted names; every value is a bound parameter
             rows = self._rows(
-                cur, "SELECT node, site, hostname, agent_version, model_version, labels, online, status_reason, "
-                     "last_seen, first_seen, anomaly, alert, cold, explanation, open_incidents, last_action, "
-                     "silenced_until, spool_pending, dropped_metrics, "
-                     "CASE WHEN online = 1 AND last_seen >= ? THEN 1 ELSE 0 END AS online_now "
-                     f"FROM nodes{where} ORDER BY {col} {direction}{nulls}, node ASC LIMIT ? OFFSET ?",  # noqa: S608
-                [stale, *params, q.limit, q.offset])
+                cur,
+                "SELECT node, site, hostname, agent_version, model_version, labels, online, status_reason, "  # noqa: S608
+                "last_seen, first_seen, anomaly, alert, cold, explanation, open_incidents, last_action, "
+                "silenced_until, spool_pending, dropped_metrics, "
+                "CASE WHEN online = 1 AND last_seen >= ? THEN 1 ELSE 0 END AS online_now "
+                f"FROM nodes{where} ORDER BY {col} {direction}{nulls}, node ASC LIMIT ? OFFSET ?",
+                [stale, *params, q.limit, q.offset],
+            )
             items = []
             for r in rows:
                 r["online"] = bool(r.pop("online_now"))
                 r["explanation"] = (json.loads(r["explanation"]) or [])[:3]
                 items.append(_row_out(r))
-            counts = self._one(cur, "SELECT count(*) AS total, "
-                                    "sum(CASE WHEN online = 1 AND last_seen >= ? THEN 1 ELSE 0 END) AS online, "
-                                    "sum(alert) AS alert FROM nodes", (stale,)) or {}
-            sites = [r["site"] for r in self._rows(cur, "SELECT DISTINCT site FROM nodes ORDER BY site LIMIT 1000")]
-            return {"total": total, "offset": q.offset, "limit": q.limit, "items": items, "sites": sites,
-                    "fleet": {"nodes": int(counts.get("total") or 0), "online": int(counts.get("online") or 0),
-                              "alert": int(counts.get("alert") or 0)}}
+            counts = (
+                self._one(
+                    cur,
+                    "SELECT count(*) AS total, "
+                    "sum(CASE WHEN online = 1 AND last_seen >= ? THEN 1 ELSE 0 END) AS online, "
+                    "sum(alert) AS alert FROM nodes",
+                    (stale,),
+                )
+                or {}
+            )
+            sites = [
+                r["site"] for r in self._rows(cur, "SELECT DISTINCT site FROM nodes ORDER BY site LIMIT 1000")
+            ]
+            return {
+                "total": total,
+                "offset": q.offset,
+                "limit": q.limit,
+                "items": items,
+                "sites": sites,
+                "fleet": {
+                    "nodes": int(counts.get("total") or 0),
+                    "online": int(counts.get("online") or 0),
+                    "alert": int(counts.get("alert") or 0),
+                },
+            }
+
         return await self._read(run)
 
     async def get_node(self, node: str) -> Row:
@@ -939,77 +1298,160 @@ class Store:
             out["online"] = bool(row["online"]) and row["last_seen"] >= now - self.settings.stale_after_s
             for k in ("status_bdseq", "status_off", "status_seq", "risk_seq", "action_seq"):
                 out.pop(k, None)
-            out["incidents"] = [_row_out(r) for r in self._rows(
-                cur, "SELECT * FROM incidents WHERE node = ? ORDER BY id DESC LIMIT 20", (node,))]
-            out["actions"] = [_row_out(r) for r in self._rows(
-                cur, "SELECT * FROM actions WHERE node = ? ORDER BY id DESC LIMIT 50", (node,))]
-            out["events"] = [_row_out(r) for r in self._rows(
-                cur, "SELECT * FROM events WHERE node = ? ORDER BY id DESC LIMIT 50", (node,))]
-            out["commands"] = [_row_out(r) for r in self._rows(
-                cur, "SELECT * FROM commands WHERE node = ? ORDER BY issued_at DESC LIMIT 50", (node,))]
-            out["approvals"] = [_row_out(r) for r in self._rows(
-                cur, "SELECT * FROM approvals WHERE node = ? ORDER BY requested_at DESC LIMIT 50", (node,))]
-            out["escalations"] = [_row_out(r) for r in self._rows(
-                cur, "SELECT * FROM escalations WHERE node = ? ORDER BY id DESC LIMIT 20", (node,))]
-            out["leases"] = [_row_out(r) for r in self._rows(
-                cur, "SELECT * FROM leases WHERE node = ? ORDER BY granted_at DESC LIMIT 20", (node,))]
-            out["audit"] = [_row_out(r) for r in self._rows(
-                cur, "SELECT * FROM audit WHERE node = ? ORDER BY id DESC LIMIT 50", (node,))]
+            out["incidents"] = [
+                _row_out(r)
+                for r in self._rows(
+                    cur, "SELECT * FROM incidents WHERE node = ? ORDER BY id DESC LIMIT 20", (node,)
+                )
+            ]
+            out["actions"] = [
+                _row_out(r)
+                for r in self._rows(
+                    cur, "SELECT * FROM actions WHERE node = ? ORDER BY id DESC LIMIT 50", (node,)
+                )
+            ]
+            out["events"] = [
+                _row_out(r)
+                for r in self._rows(
+                    cur, "SELECT * FROM events WHERE node = ? ORDER BY id DESC LIMIT 50", (node,)
+                )
+            ]
+            out["commands"] = [
+                _row_out(r)
+                for r in self._rows(
+                    cur, "SELECT * FROM commands WHERE node = ? ORDER BY issued_at DESC LIMIT 50", (node,)
+                )
+            ]
+            out["approvals"] = [
+                _row_out(r)
+                for r in self._rows(
+                    cur, "SELECT * FROM approvals WHERE node = ? ORDER BY requested_at DESC LIMIT 50", (node,)
+                )
+            ]
+            out["escalations"] = [
+                _row_out(r)
+                for r in self._rows(
+                    cur, "SELECT * FROM escalations WHERE node = ? ORDER BY id DESC LIMIT 20", (node,)
+                )
+            ]
+            out["leases"] = [
+                _row_out(r)
+                for r in self._rows(
+                    cur, "SELECT * FROM leases WHERE node = ? ORDER BY granted_at DESC LIMIT 20", (node,)
+                )
+            ]
+            out["audit"] = [
+                _row_out(r)
+                for r in self._rows(
+                    cur, "SELECT * FROM audit WHERE node = ? ORDER BY id DESC LIMIT 50", (node,)
+                )
+            ]
             return out
+
         return await self._read(run)
 
     async def node_metrics(self, node: str, since: float, limit: int = 2000) -> Row:
         def run(cur: Any) -> Row:
-            rows = self._rows(cur, "SELECT samples FROM metrics WHERE node = ? AND last_wall >= ? "
-                                   "ORDER BY last_wall DESC LIMIT ?", (node, since, limit))
+            rows = self._rows(
+                cur,
+                "SELECT samples FROM metrics WHERE node = ? AND last_wall >= ? "
+                "ORDER BY last_wall DESC LIMIT ?",
+                (node, since, limit),
+            )
             samples: list[Any] = []
             for r in reversed(rows):
                 samples.extend(s for s in json.loads(r["samples"]) if s[0] >= since)
             samples.sort(key=lambda s: s[0])
             names = sorted({k for _, m in samples for k in m})
             return {"node": node, "names": names, "samples": samples[-limit:]}
+
         return await self._read(run)
 
     async def node_risk(self, node: str, since: float, limit: int = 2000) -> list[Row]:
         def run(cur: Any) -> list[Row]:
-            rows = self._rows(cur, "SELECT seq, ts, anomaly, alert, cold, model_version, explanation, failure, "
-                                   "forecasts FROM risk WHERE node = ? AND ts >= ? ORDER BY ts DESC LIMIT ?",
-                              (node, since, limit))
+            rows = self._rows(
+                cur,
+                "SELECT seq, ts, anomaly, alert, cold, model_version, explanation, failure, "
+                "forecasts FROM risk WHERE node = ? AND ts >= ? ORDER BY ts DESC LIMIT ?",
+                (node, since, limit),
+            )
             return [_row_out(r) for r in reversed(rows)]
+
         return await self._read(run)
 
-    async def table(self, name: str, *, where: str = "", params: Sequence[Any] = (), order: str = "id DESC",
-                    limit: int = 100, offset: int = 0) -> list[Row]:
-        if name not in {"actions", "events", "audit", "approvals", "escalations", "leases", "commands", "incidents"}:
+    async def table(
+        self,
+        name: str,
+        *,
+        where: str = "",
+        params: Sequence[Any] = (),
+        order: str = "id DESC",
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[Row]:
+        if name not in {
+            "actions",
+            "events",
+            "audit",
+            "approvals",
+            "escalations",
+            "leases",
+            "commands",
+            "incidents",
+        }:
             raise ValueError(name)
-        sql = f"SELECT * FROM {name}{' WHERE ' + where if where else ''} ORDER BY {order} LIMIT ? OFFSET ?"
+        # table, where and order come from code (whitelisted table, fixed clauses), values are bound
+        sql = f"SELECT * FROM {name}{' WHERE ' + where if where else ''} ORDER BY {order} LIMIT ? OFFSET ?"  # noqa: S608
         rows = await self._read(lambda cur: self._rows(cur, sql, [*params, limit, offset]))
         return [_row_out(r) for r in rows]
 
     async def cursor(self) -> Row:
         """Change cursors: the live stream compares them to tell clients what to refetch."""
+
         def run(cur: Any) -> Row:
-            row = self._one(cur, "SELECT (SELECT max(updated_at) FROM nodes) AS nodes, "
-                                 "(SELECT max(id) FROM actions) AS actions, (SELECT max(id) FROM events) AS events, "
-                                 "(SELECT max(updated_at) FROM approvals) AS approvals, "
-                                 "(SELECT max(updated_at) FROM escalations) AS escalations, "
-                                 "(SELECT max(updated_at) FROM commands) AS commands, "
-                                 "(SELECT max(id) FROM audit) AS audit")
+            row = self._one(
+                cur,
+                "SELECT (SELECT max(updated_at) FROM nodes) AS nodes, "
+                "(SELECT max(id) FROM actions) AS actions, (SELECT max(id) FROM events) AS events, "
+                "(SELECT max(updated_at) FROM approvals) AS approvals, "
+                "(SELECT max(updated_at) FROM escalations) AS escalations, "
+                "(SELECT max(updated_at) FROM commands) AS commands, "
+                "(SELECT max(id) FROM audit) AS audit",
+            )
             return row or {}
+
         return await self._read(run)
 
     async def changed_nodes(self, since: float, limit: int = 200) -> list[str]:
-        rows = await self._read(lambda cur: self._rows(
-            cur, "SELECT node FROM nodes WHERE updated_at > ? ORDER BY updated_at DESC LIMIT ?", (since, limit)))
+        rows = await self._read(
+            lambda cur: self._rows(
+                cur,
+                "SELECT node FROM nodes WHERE updated_at > ? ORDER BY updated_at DESC LIMIT ?",
+                (since, limit),
+            )
+        )
         return [r["node"] for r in rows]
 
     async def counts(self) -> Row:
         def run(cur: Any) -> Row:
             out: Row = {}
-            for t in ("nodes", "metrics", "risk", "events", "actions", "presence", "acks", "commands",
-                      "approvals", "escalations", "leases", "audit"):
+            for t in (
+                "nodes",
+                "metrics",
+                "risk",
+                "events",
+                "actions",
+                "presence",
+                "acks",
+                "commands",
+                "approvals",
+                "escalations",
+                "leases",
+                "audit",
+            ):
                 out[t] = int(self._scalar(cur, f"SELECT count(*) FROM {t}") or 0)  # noqa: S608
             return out
+
         return await self._read(run)
 
 
@@ -1050,4 +1492,4 @@ async def open_store(url: str, settings: StoreSection, budget: BudgetSection, *,
 
 def iter_chunks(items: Sequence[T], size: int) -> Iterable[Sequence[T]]:
     for i in range(0, len(items), size):
-        yield items[i:i + size]
+        yield items[i : i + size]

@@ -62,8 +62,13 @@ def signer(key: Ed25519PrivateKey, clock: Clock) -> CommandSigner:
 
 @pytest.fixture
 def verifier(key: Ed25519PrivateKey, clock: Clock, tmp_path: Path) -> CommandVerifier:
-    return CommandVerifier([key.public_key()], node="n1", site="s1",
-                           nonces=NonceCache(tmp_path / "nonces", clock=clock), clock=clock)
+    return CommandVerifier(
+        [key.public_key()],
+        node="n1",
+        site="s1",
+        nonces=NonceCache(tmp_path / "nonces", clock=clock),
+        clock=clock,
+    )
 
 
 def wire_roundtrip(cmd: Command) -> Command:
@@ -90,8 +95,14 @@ def test_unsigned(signer: CommandSigner, verifier: CommandVerifier) -> None:
 def test_tampered(signer: CommandSigner, verifier: CommandVerifier, field: str) -> None:
     cmd = signer.make(node="n1", site="s1", name="run", args={"playbook": "a"})
     changes: dict[str, object] = {
-        "name": "deny", "node": "*", "args": {"playbook": "b"}, "expires_at": cmd.expires_at + 1,
-        "issued_at": cmd.issued_at - 1, "nonce": bytes(16), "seq": cmd.seq + 1, "id": "other",
+        "name": "deny",
+        "node": "*",
+        "args": {"playbook": "b"},
+        "expires_at": cmd.expires_at + 1,
+        "issued_at": cmd.issued_at - 1,
+        "nonce": bytes(16),
+        "seq": cmd.seq + 1,
+        "id": "other",
     }
     bad = msgspec.structs.replace(cmd, **{field: changes[field]})
     with pytest.raises(CommandBadSignature):
@@ -140,31 +151,36 @@ def test_other_node(signer: CommandSigner, verifier: CommandVerifier, node: str,
         verifier.verify(signer.make(node=node, site=site, name="run"))
 
 
-def test_broadcast(signer: CommandSigner, verifier: CommandVerifier, key: Ed25519PrivateKey,
-                   clock: Clock) -> None:
+def test_broadcast(
+    signer: CommandSigner, verifier: CommandVerifier, key: Ed25519PrivateKey, clock: Clock
+) -> None:
     verifier.verify(signer.make(node="*", site="*", name="silence"))
     strict = CommandVerifier([key.public_key()], node="n1", site="s1", allow_broadcast=False, clock=clock)
     with pytest.raises(CommandOtherNode):
         strict.verify(signer.make(node="*", site="s1", name="silence"))
 
 
-def test_replay_survives_restart(signer: CommandSigner, key: Ed25519PrivateKey, clock: Clock,
-                                 tmp_path: Path) -> None:
+def test_replay_survives_restart(
+    signer: CommandSigner, key: Ed25519PrivateKey, clock: Clock, tmp_path: Path
+) -> None:
     path = tmp_path / "state" / "nonces"
     cmd = signer.make(node="n1", site="s1", name="run")
-    first = CommandVerifier([key.public_key()], node="n1", site="s1", nonces=NonceCache(path, clock=clock),
-                            clock=clock)
+    first = CommandVerifier(
+        [key.public_key()], node="n1", site="s1", nonces=NonceCache(path, clock=clock), clock=clock
+    )
     first.verify(cmd)
     assert path.exists()
     assert os.stat(path).st_mode & 0o777 == 0o600
-    again = CommandVerifier([key.public_key()], node="n1", site="s1", nonces=NonceCache(path, clock=clock),
-                            clock=clock)
+    again = CommandVerifier(
+        [key.public_key()], node="n1", site="s1", nonces=NonceCache(path, clock=clock), clock=clock
+    )
     with pytest.raises(CommandReplayed):
         again.verify(cmd)
 
 
-def test_corrupt_nonce_file_fails_closed(signer: CommandSigner, key: Ed25519PrivateKey, clock: Clock,
-                                         tmp_path: Path) -> None:
+def test_corrupt_nonce_file_fails_closed(
+    signer: CommandSigner, key: Ed25519PrivateKey, clock: Clock, tmp_path: Path
+) -> None:
     path = tmp_path / "nonces"
     old = signer.make(node="n1", site="s1", name="run")
     path.write_bytes(b"\xc1garbage")
@@ -205,10 +221,22 @@ def test_expired_nonces_are_forgotten(signer: CommandSigner, verifier: CommandVe
 
 
 def test_errors_are_typed() -> None:
-    assert set(REJECTION_REASONS) == {"unsigned", "bad_signature", "other_node", "expired",
-                                      "issued_at_window", "replayed"}
-    for cls in (CommandUnsigned, CommandBadSignature, CommandExpired, CommandOutsideWindow,
-                CommandReplayed, CommandOtherNode):
+    assert set(REJECTION_REASONS) == {
+        "unsigned",
+        "bad_signature",
+        "other_node",
+        "expired",
+        "issued_at_window",
+        "replayed",
+    }
+    for cls in (
+        CommandUnsigned,
+        CommandBadSignature,
+        CommandExpired,
+        CommandOutsideWindow,
+        CommandReplayed,
+        CommandOtherNode,
+    ):
         assert issubclass(cls, CommandRejected)
         assert issubclass(cls, WireError)
         assert issubclass(cls, HealdError)
@@ -230,8 +258,13 @@ def test_keys(tmp_path: Path) -> None:
         load_or_create_private_key(tmp_path / "bad.pem")
 
 
-scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**63 - 1), st.text(max_size=20),
-                    st.floats(allow_nan=False))
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**63), 2**63 - 1),
+    st.text(max_size=20),
+    st.floats(allow_nan=False),
+)
 
 
 @settings(max_examples=50, deadline=None)

@@ -69,8 +69,11 @@ class CommandRejected(WireError):
 
     def __init__(self, message: str, *, command_id: str = "") -> None:
         self.command_id = command_id
-        super().__init__(f"command {command_id!r} rejected ({self.reason}): {message}" if command_id
-                         else f"command rejected ({self.reason}): {message}")
+        super().__init__(
+            f"command {command_id!r} rejected ({self.reason}): {message}"
+            if command_id
+            else f"command rejected ({self.reason}): {message}"
+        )
 
 
 class CommandUnsigned(CommandRejected):
@@ -101,8 +104,15 @@ class CommandOtherNode(CommandRejected):
 
 #: Every rejection reason, for pre-creating counters.
 REJECTION_REASONS: Final = tuple(
-    cls.reason for cls in (CommandUnsigned, CommandBadSignature, CommandOtherNode, CommandExpired,
-                           CommandOutsideWindow, CommandReplayed)
+    cls.reason
+    for cls in (
+        CommandUnsigned,
+        CommandBadSignature,
+        CommandOtherNode,
+        CommandExpired,
+        CommandOutsideWindow,
+        CommandReplayed,
+    )
 )
 
 
@@ -175,8 +185,9 @@ def load_or_create_private_key(path: Path) -> Ed25519PrivateKey:
     if path.exists():
         return load_private_key(path)
     key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -199,10 +210,23 @@ def load_or_create_private_key(path: Path) -> Ed25519PrivateKey:
 
 def canonical_bytes(command: Command) -> bytes:
     """The bytes a command's signature covers (see the module docstring)."""
-    return _canonical_encoder.encode([
-        DOMAIN, command.v, command.site, command.node, command.seq, command.ts, command.id,
-        command.issuer, command.issued_at, command.expires_at, command.nonce, command.name, command.args,
-    ])
+    return _canonical_encoder.encode(
+        [
+            DOMAIN,
+            command.v,
+            command.site,
+            command.node,
+            command.seq,
+            command.ts,
+            command.id,
+            command.issuer,
+            command.issued_at,
+            command.expires_at,
+            command.nonce,
+            command.name,
+            command.args,
+        ]
+    )
 
 
 def sign(command: Command, private_key: Ed25519PrivateKey) -> Command:
@@ -231,15 +255,31 @@ class CommandSigner:
     def public_key(self) -> Ed25519PublicKey:
         return self.private_key.public_key()
 
-    def make(self, *, node: str, site: str, name: str, args: Args | None = None, command_id: str = "",
-             ttl_s: float | None = None) -> Command:
+    def make(
+        self,
+        *,
+        node: str,
+        site: str,
+        name: str,
+        args: Args | None = None,
+        command_id: str = "",
+        ttl_s: float | None = None,
+    ) -> Command:
         now = self.clock()
         self._seq += 1
         command = Command(
-            v=PROTOCOL_VERSION, node=node, site=site, seq=self._seq, ts=now,
-            id=command_id or secrets.token_hex(8), issuer=self.issuer, issued_at=now,
-            expires_at=now + (self.ttl_s if ttl_s is None else ttl_s), nonce=secrets.token_bytes(NONCE_BYTES),
-            name=name, args=dict(args or {}),
+            v=PROTOCOL_VERSION,
+            node=node,
+            site=site,
+            seq=self._seq,
+            ts=now,
+            id=command_id or secrets.token_hex(8),
+            issuer=self.issuer,
+            issued_at=now,
+            expires_at=now + (self.ttl_s if ttl_s is None else ttl_s),
+            nonce=secrets.token_bytes(NONCE_BYTES),
+            name=name,
+            args=dict(args or {}),
         )
         return sign(command, self.private_key)
 
@@ -262,8 +302,13 @@ class NonceCache:
     ``floor``: commands issued at or before it are refused (see the module docstring).
     """
 
-    def __init__(self, path: Path | None = None, *, capacity: int = DEFAULT_NONCE_CAPACITY,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        path: Path | None = None,
+        *,
+        capacity: int = DEFAULT_NONCE_CAPACITY,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         if capacity < 1:
             raise ValueError("nonce cache capacity must be at least 1")
         self.path = path
@@ -319,8 +364,9 @@ class NonceCache:
     def save(self) -> None:
         if self.path is None:
             return
-        body = _nonce_encoder.encode(_NonceFile(
-            floor=self.floor, entries=[(n, i, f) for n, (i, f) in self._entries.items()]))
+        body = _nonce_encoder.encode(
+            _NonceFile(floor=self.floor, entries=[(n, i, f) for n, (i, f) in self._entries.items()])
+        )
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -338,10 +384,18 @@ class NonceCache:
 class CommandVerifier:
     """Checks commands for one node (the agent's side)."""
 
-    def __init__(self, public_keys: Iterable[Ed25519PublicKey], *, node: str, site: str,
-                 nonces: NonceCache | None = None, max_skew_s: float = DEFAULT_MAX_SKEW_S,
-                 max_lifetime_s: float = DEFAULT_MAX_LIFETIME_S, allow_broadcast: bool = True,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        public_keys: Iterable[Ed25519PublicKey],
+        *,
+        node: str,
+        site: str,
+        nonces: NonceCache | None = None,
+        max_skew_s: float = DEFAULT_MAX_SKEW_S,
+        max_lifetime_s: float = DEFAULT_MAX_LIFETIME_S,
+        allow_broadcast: bool = True,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.keys: dict[str, Ed25519PublicKey] = {key_id(k): k for k in public_keys}
         if not self.keys:
             raise ValueError("a command verifier needs at least one trusted public key")
@@ -365,8 +419,9 @@ class CommandVerifier:
             except InvalidSignature:
                 continue
             return
-        raise CommandBadSignature("signature does not verify with any trusted coordinator key",
-                                  command_id=command.id)
+        raise CommandBadSignature(
+            "signature does not verify with any trusted coordinator key", command_id=command.id
+        )
 
     def _check_target(self, command: Command) -> None:
         site_ok = command.site == self.site or (self.allow_broadcast and command.site == ANY_TARGET)
@@ -374,22 +429,27 @@ class CommandVerifier:
         if not (site_ok and node_ok):
             raise CommandOtherNode(
                 f"addressed to {command.site}/{command.node}, this is {self.site}/{self.node}",
-                command_id=command.id)
+                command_id=command.id,
+            )
 
     def _check_time(self, command: Command, now: float) -> None:
         skew = self.max_skew_s
         if now > command.expires_at + skew:
             raise CommandExpired(f"expired {now - command.expires_at:.1f}s ago", command_id=command.id)
         if command.issued_at > now + skew:
-            raise CommandOutsideWindow(f"issued {command.issued_at - now:.1f}s in the future",
-                                       command_id=command.id)
+            raise CommandOutsideWindow(
+                f"issued {command.issued_at - now:.1f}s in the future", command_id=command.id
+            )
         lifetime = command.expires_at - command.issued_at
         if lifetime < 0 or lifetime > self.max_lifetime_s:
             raise CommandOutsideWindow(
-                f"lifetime {lifetime:.1f}s is outside 0..{self.max_lifetime_s:.0f}s", command_id=command.id)
+                f"lifetime {lifetime:.1f}s is outside 0..{self.max_lifetime_s:.0f}s", command_id=command.id
+            )
         if command.issued_at <= self.nonces.floor:
-            raise CommandOutsideWindow("issued before the replay-protection floor "
-                                       "(nonce history evicted or lost)", command_id=command.id)
+            raise CommandOutsideWindow(
+                "issued before the replay-protection floor (nonce history evicted or lost)",
+                command_id=command.id,
+            )
 
     def verify(self, command: Command) -> Command:
         """Return ``command`` if it may be executed, else raise a :class:`CommandRejected` subclass.

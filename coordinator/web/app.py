@@ -31,7 +31,7 @@ import structlog
 from aiohttp import web
 
 from coordinator.config import login_secrets, parse_listen
-from coordinator.errors import Conflict, NotFound
+from coordinator.errors import BadRequest, Conflict, NotFound
 from coordinator.service import Coordinator
 from coordinator.store import NodeQuery, dumps
 
@@ -44,8 +44,10 @@ COORD: web.AppKey[Coordinator] = web.AppKey("coordinator", Coordinator)
 SECRETS: web.AppKey[tuple[list[str], list[str]]] = web.AppKey("secrets", tuple)
 PUBLIC_PATHS: Final = frozenset({"/login", "/api/health"})
 SECURITY_HEADERS: Final = {
-    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
-                               "connect-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'",
+    "Content-Security-Policy": (
+        "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+        "connect-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
+    ),
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
     "X-Frame-Options": "DENY",
@@ -132,7 +134,7 @@ async def errors_to_json(request: web.Request, handler: Handler) -> web.StreamRe
         return error(404, str(exc))
     except Conflict as exc:
         return error(409, str(exc))
-    except ValueError as exc:
+    except BadRequest as exc:
         return error(400, str(exc))
 
 
@@ -160,17 +162,28 @@ async def login(request: web.Request) -> web.Response:
     if not secret or not _matches(secret, passwords + tokens):
         await asyncio.sleep(0.5)  # slow down guessing
         log.warning("login failed", remote=request.remote)
-        return web.Response(text=LOGIN_PAGE.format(message='<p class="error">Wrong password or token.</p>'),
-                            content_type="text/html", status=401)
+        return web.Response(
+            text=LOGIN_PAGE.format(message='<p class="error">Wrong password or token.</p>'),
+            content_type="text/html",
+            status=401,
+        )
     coord = request.app[COORD]
     session_id = secrets.token_urlsafe(32)
     actor = "operator@" + (request.remote or "?")
-    await coord.store.create_session(_hash(session_id), secrets.token_urlsafe(24), actor,
-                                     coord.settings.web.session_ttl_s)
+    await coord.store.create_session(
+        _hash(session_id), secrets.token_urlsafe(24), actor, coord.settings.web.session_ttl_s
+    )
     await coord.store.audit(actor, "login")
     response = web.HTTPFound("/")
-    response.set_cookie(COOKIE, session_id, httponly=True, samesite="Strict", path="/",
-                        secure=coord.settings.web.secure_cookie, max_age=int(coord.settings.web.session_ttl_s))
+    response.set_cookie(
+        COOKIE,
+        session_id,
+        httponly=True,
+        samesite="Strict",
+        path="/",
+        secure=coord.settings.web.secure_cookie,
+        max_age=int(coord.settings.web.session_ttl_s),
+    )
     raise response
 
 
@@ -204,7 +217,7 @@ def _int(request: web.Request, name: str, default: int, lo: int, hi: int) -> int
     try:
         value = int(raw)
     except ValueError:
-        raise ValueError(f"query parameter {name!r} must be an integer") from None
+        raise BadRequest(f"query parameter {name!r} must be an integer") from None
     return max(lo, min(hi, value))
 
 
@@ -215,7 +228,7 @@ def _float(request: web.Request, name: str, default: float) -> float:
     try:
         return float(raw)
     except ValueError:
-        raise ValueError(f"query parameter {name!r} must be a number") from None
+        raise BadRequest(f"query parameter {name!r} must be a number") from None
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
@@ -224,9 +237,9 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     try:
         body = await request.json()
     except json.JSONDecodeError:
-        raise ValueError("request body is not valid JSON") from None
+        raise BadRequest("request body is not valid JSON") from None
     if not isinstance(body, dict):
-        raise ValueError("request body must be a JSON object")
+        raise BadRequest("request body must be a JSON object")
     return body
 
 
@@ -251,19 +264,25 @@ async def nodes(request: web.Request) -> web.Response:
     if label:
         k, sep, v = label.partition("=")
         if not sep or not k:
-            raise ValueError("label filter must be key=value")
+            raise BadRequest("label filter must be key=value")
         label_pair = (k, v)
     sort = request.query.get("sort", "risk")
     order = request.query.get("order", "desc")
     if order not in ("asc", "desc"):
-        raise ValueError("order must be asc or desc")
+        raise BadRequest("order must be asc or desc")
     state = request.query.get("state", "")
     if state not in ("", "online", "offline", "alert", "silenced"):
-        raise ValueError("state must be online, offline, alert or silenced")
-    q = NodeQuery(site=request.query.get("site", ""), label=label_pair, q=request.query.get("q", ""),
-                  state=state, sort=sort, descending=order == "desc",
-                  offset=_int(request, "offset", 0, 0, 10**9),
-                  limit=_int(request, "limit", 50, 1, coord.settings.web.page_max))
+        raise BadRequest("state must be online, offline, alert or silenced")
+    q = NodeQuery(
+        site=request.query.get("site", ""),
+        label=label_pair,
+        q=request.query.get("q", ""),
+        state=state,
+        sort=sort,
+        descending=order == "desc",
+        offset=_int(request, "offset", 0, 0, 10**9),
+        limit=_int(request, "limit", 50, 1, coord.settings.web.page_max),
+    )
     return json_response(await coord.store.list_nodes(q))
 
 
@@ -274,7 +293,9 @@ async def node(request: web.Request) -> web.Response:
 async def node_metrics(request: web.Request) -> web.Response:
     since = _float(request, "since", time.time() - 900)
     limit = _int(request, "limit", 900, 1, 20_000)
-    return json_response(await request.app[COORD].store.node_metrics(request.match_info["node"], since, limit))
+    return json_response(
+        await request.app[COORD].store.node_metrics(request.match_info["node"], since, limit)
+    )
 
 
 async def node_risk(request: web.Request) -> web.Response:
@@ -283,14 +304,21 @@ async def node_risk(request: web.Request) -> web.Response:
     return json_response(await request.app[COORD].store.node_risk(request.match_info["node"], since, limit))
 
 
-def _table(name: str, where_from: Callable[[web.Request], tuple[str, list[Any]]], order: str = "id DESC") \
-        -> Callable[[web.Request], Awaitable[web.Response]]:
+def _table(
+    name: str, where_from: Callable[[web.Request], tuple[str, list[Any]]], order: str = "id DESC"
+) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def handler(request: web.Request) -> web.Response:
         where, params = where_from(request)
         rows = await request.app[COORD].store.table(
-            name, where=where, params=params, order=order, limit=_int(request, "limit", 100, 1, 1000),
-            offset=_int(request, "offset", 0, 0, 10**9))
+            name,
+            where=where,
+            params=params,
+            order=order,
+            limit=_int(request, "limit", 100, 1, 1000),
+            offset=_int(request, "offset", 0, 0, 10**9),
+        )
         return json_response({"items": rows})
+
     return handler
 
 
@@ -304,6 +332,7 @@ def _by_state(default: str) -> Callable[[web.Request], tuple[str, list[Any]]]:
         if state == "all":
             return "", []
         return "state = ?", [state]
+
     return where
 
 
@@ -327,10 +356,10 @@ async def run_playbook(request: web.Request) -> web.Response:
     body = await _json_body(request)
     playbook = body.get("playbook")
     if not isinstance(playbook, str):
-        raise ValueError("body needs \"playbook\": <name>")
+        raise BadRequest('body needs "playbook": <name>')
     args = body.get("args") or {}
     if not isinstance(args, dict) or not all(isinstance(v, str | int | float | bool) for v in args.values()):
-        raise ValueError("\"args\" must be an object of scalars")
+        raise BadRequest('"args" must be an object of scalars')
     cmd = await request.app[COORD].run_playbook(request.match_info["node"], playbook, request["actor"], args)
     return json_response({"ok": True, "command_id": cmd.id, "node": cmd.node})
 
@@ -339,7 +368,7 @@ async def silence(request: web.Request) -> web.Response:
     body = await _json_body(request)
     duration = body.get("duration_s")
     if isinstance(duration, bool) or not isinstance(duration, int | float):
-        raise ValueError("body needs \"duration_s\": <seconds>")
+        raise BadRequest('body needs "duration_s": <seconds>')
     cmd = await request.app[COORD].silence(request.match_info["node"], float(duration), request["actor"])
     return json_response({"ok": True, "command_id": cmd.id, "node": cmd.node, "until": cmd.args["until"]})
 
@@ -348,15 +377,16 @@ async def resolve(request: web.Request) -> web.Response:
     try:
         esc_id = int(request.match_info["id"])
     except ValueError:
-        raise ValueError("escalation id must be an integer") from None
+        raise BadRequest("escalation id must be an integer") from None
     await request.app[COORD].resolve_escalation(esc_id, request["actor"])
     return json_response({"ok": True})
 
 
 async def stream(request: web.Request) -> web.StreamResponse:
     coord = request.app[COORD]
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
-                                           "X-Accel-Buffering": "no"})
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+    )
     await response.prepare(request)
     last = await coord.store.cursor()
     last_nodes = float(last.get("nodes") or 0)
@@ -375,8 +405,11 @@ async def stream(request: web.Request) -> web.StreamResponse:
             if what:
                 changed_nodes = await coord.store.changed_nodes(last_nodes) if "nodes" in what else []
                 last, last_nodes = now_cursor, float(now_cursor.get("nodes") or 0)
-                await response.write(b"event: change\ndata: " + dumps({"what": what, "nodes": changed_nodes,
-                                                                       "cursor": now_cursor}).encode() + b"\n\n")
+                await response.write(
+                    b"event: change\ndata: "
+                    + dumps({"what": what, "nodes": changed_nodes, "cursor": now_cursor}).encode()
+                    + b"\n\n"
+                )
             elif time.monotonic() > next_ping:
                 await response.write(b": ping\n\n")
                 next_ping = time.monotonic() + 15
