@@ -14,6 +14,10 @@ import msgspec
 from agent.wire.errors import WireDecodeError, WireKindError, WireTooLarge, WireVersionError
 from agent.wire.messages import KINDS, SUPPORTED_VERSIONS, Command, Envelope, Message, kind_of
 
+#: What msgspec may raise on hostile input: its own errors, invalid UTF-8 in a key or tag
+#: (UnicodeDecodeError, a ValueError), and nesting deeper than the interpreter allows.
+_DECODE_FAILURES: Final = (msgspec.DecodeError, ValueError, RecursionError)
+
 #: Default ceiling for a payload (the agent's ``mqtt.max_payload_bytes`` default).
 DEFAULT_MAX_BYTES: Final = 256 * 1024
 
@@ -72,10 +76,10 @@ def _explain(data: bytes | bytearray | memoryview, exc: msgspec.ValidationError)
     """Turn a validation failure into the most specific error: version first, then kind."""
     try:
         head = _head_decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+    except _DECODE_FAILURES:
         return WireDecodeError(f"invalid message: {exc}")
     _check_version(head.v)  # raises WireVersionError
-    if head.kind not in KINDS:
+    if not isinstance(head.kind, str) or head.kind not in KINDS:
         return WireKindError(f"unknown message kind {head.kind!r} (known: {', '.join(sorted(KINDS))})")
     return WireDecodeError(f"invalid {head.kind} message: {exc}")
 
@@ -95,7 +99,7 @@ def decode(data: bytes | bytearray | memoryview, *, max_bytes: int = DEFAULT_MAX
         message = _decoder.decode(data)
     except msgspec.ValidationError as exc:
         raise _explain(data, exc) from None
-    except (msgspec.DecodeError, RecursionError) as exc:
+    except _DECODE_FAILURES as exc:
         raise WireDecodeError(f"malformed msgpack: {exc}") from None
     _check_version(message.v)
     return message
@@ -120,7 +124,7 @@ def decode_json(data: bytes | str, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Mes
         raise WireTooLarge(len(data), max_bytes)
     try:
         message = _json_decoder.decode(data)
-    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError) as exc:
+    except _DECODE_FAILURES as exc:
         raise WireDecodeError(f"invalid JSON message: {exc}") from None
     _check_version(message.v)
     return message
