@@ -449,10 +449,19 @@ async def drop_caches(params: Mapping[str, Any], ctx: ActionContext) -> ActionRe
 
 
 def _gpu_values(params: Mapping[str, Any], ctx: ActionContext) -> dict[str, str]:
+    """``{gpu}``/``{pci}``/``{uuid}`` for the GPU argv templates: explicit params win, then the
+    run's bindings (an XID event binds ``gpu``), then the GPU collector's device table."""
     vals = {"node": ctx.node, **ctx.bindings}
     for k in ("gpu", "pci"):
         if k in params:
             vals[k] = str(params[k])
+    gpu_detail = ctx.detail.get("gpu")
+    devices = gpu_detail.get("devices") if isinstance(gpu_detail, Mapping) else None
+    dev = devices.get(vals["gpu"]) if isinstance(devices, Mapping) and "gpu" in vals else None
+    if isinstance(dev, Mapping):
+        for k in ("pci", "uuid"):
+            if k not in vals and dev.get(k):
+                vals[k] = str(dev[k])
     return vals
 
 

@@ -44,6 +44,8 @@ class ActionContext:
     supervisor: Supervisor
     emit: Callable[[dict[str, Any]], None]
     bindings: Mapping[str, str] = field(default_factory=dict)
+    # the latest sample's detail (per collector), e.g. detail["gpu"]["devices"]["0"]["pci"]
+    detail: Mapping[str, Any] = field(default_factory=dict)
     log: Any = field(default_factory=lambda: structlog.get_logger("heald.act"))
 
     def env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -563,6 +563,7 @@ class Engine:
             supervisor=self.supervisor,
             emit=self._emit,
             bindings=dict(run.match.bindings),
+            detail=self._sample.detail if self._sample is not None else {},
             log=self.log.bind(playbook=run.playbook.name, run_id=run.run_id, step=step.name),
         )
         t0 = time.monotonic()
