@@ -1,0 +1,35 @@
+"""The coordinator imports only agent.wire and agent.errors from the agent (checked in a fresh interpreter)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from coordinator.testing import REPO_ROOT
+
+ALLOWED = ("agent", "agent.errors", "agent.wire")
+
+PROBE = """
+import json, sys
+import coordinator.cli, coordinator.service, coordinator.web.app, coordinator.store, coordinator.ingest
+import coordinator.sim, coordinator.broker, coordinator.config, coordinator.testing
+print(json.dumps(sorted(m for m in sys.modules if m == "agent" or m.startswith("agent."))))
+"""
+
+
+def test_coordinator_imports_only_the_wire_from_the_agent() -> None:
+    out = subprocess.run([sys.executable, "-c", PROBE], cwd=REPO_ROOT, capture_output=True, text=True,
+                         check=True, timeout=60)
+    modules = json.loads(out.stdout)
+    assert "agent.wire" in modules
+    offenders = [m for m in modules if not (m in ALLOWED or m.startswith("agent.wire."))]
+    assert offenders == [], f"coordinator pulls in agent modules beyond agent.wire/agent.errors: {offenders}"
+
+
+def test_coordinator_does_not_import_heavy_agent_dependencies() -> None:
+    probe = ("import sys, coordinator.service, coordinator.web.app; "
+             "print([m for m in ('sklearn', 'numpy', 'psutil', 'pynvml') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True,
+                         check=True, timeout=60)
+    assert out.stdout.strip() == "[]"
