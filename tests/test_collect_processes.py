@@ -10,8 +10,17 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from agent.collect.processes import ProcessCollector, parse_systemctl_show
+from agent.collect.processes import (
+    ProcessCollector,
+    extended_name,
+    parse_cmdline,
+    parse_pid_stat,
+    parse_procs_counts,
+    parse_systemctl_show,
+)
 from agent.collect.settings import ProcessSettings
 
 
@@ -187,3 +196,129 @@ def test_parse_systemctl_show_blocks() -> None:
         "b": {"ActiveState": "inactive", "NRestarts": "0"},
     }
 
+
+
+# --- the /proc/PID/stat reader, against fixture trees -------------------------------------------
+
+def _stat_line(pid: int, comm: str, *, state: str = "S", ticks: tuple[int, int] = (0, 0), threads: int = 1,
+               start: int = 1000, rss_pages: int = 10) -> str:
+    """A /proc/PID/stat line with the fields the collector reads (fields 3..52 of proc(5))."""
+    after = ["0"] * 50
+    after[0] = state
+    after[1] = "1"  # ppid
+    after[11], after[12] = str(ticks[0]), str(ticks[1])
+    after[17] = str(threads)
+    after[19] = str(start)
+    after[21] = str(rss_pages)
+    return f"{pid} ({comm}) {' '.join(after)}\n"
+
+
+def _fixture(root: Path, procs: dict[int, str], cmdlines: dict[int, bytes] | None = None) -> Path:
+    proc = root / "proc"
+    proc.mkdir(exist_ok=True)
+    (proc / "stat").write_text("cpu  1 2 3 4\nintr 5 6\nctxt 7\nprocs_running 3\nprocs_blocked 2\n")
+    (proc / "self").mkdir(exist_ok=True)
+    for pid, line in procs.items():
+        (proc / str(pid)).mkdir(exist_ok=True)
+        (proc / str(pid) / "stat").write_text(line)
+        (proc / str(pid) / "cmdline").write_bytes((cmdlines or {}).get(pid, b""))
+    return root
+
+
+def test_fixture_table_counts_names_and_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [100.0]
+    monkeypatch.setattr("agent.collect.processes.time.monotonic", lambda: clock[0])
+    page = os.sysconf("SC_PAGE_SIZE")
+    tck = os.sysconf("SC_CLK_TCK")
+    root = _fixture(tmp_path, {
+        1: _stat_line(1, "init", threads=1, rss_pages=100),
+        20: _stat_line(20, "we(ird) )name", ticks=(10, 5), threads=4, rss_pages=50),
+        30: _stat_line(30, "averyverylongpr", threads=2, rss_pages=5),  # comm truncated at 15
+        40: _stat_line(40, "dead", state="Z", threads=1, rss_pages=0),
+    }, cmdlines={30: b"/opt/bin/averyverylongprocessname\x00--flag\x00"})
+    settings = ProcessSettings(top_n=3, watch=("we(ird) )name", "averyverylongprocessname", "dead"))
+    c = ProcessCollector(settings, root=str(root))
+    c.start()
+    r = c.collect()
+    m = r.metrics
+    assert (m["proc.count"], m["proc.threads"], m["proc.zombies"]) == (4.0, 7.0, 1.0)
+    assert (m["proc.running"], m["proc.blocked"]) == (3.0, 2.0)
+    assert r.detail["zombie_pids"] == [40]
+    assert r.detail["watch"] == {"we(ird) )name": [20], "averyverylongprocessname": [30], "dead": [40]}
+    assert m["proc.top_cpu_pct"] == 0.0  # first pass: no interval yet
+    assert m["proc.top_rss_bytes"] == 100 * page
+    top_mem = r.detail["top_mem"]
+    assert isinstance(top_mem, list)
+    assert [row["pid"] for row in top_mem] == [1, 20, 30]
+
+    # 2 s later pid 20 used 1 s of CPU (user + system); pid 1 was replaced by another process.
+    clock[0] += 2.0
+    (root / "proc/20/stat").write_text(_stat_line(20, "we(ird) )name", ticks=(10 + tck // 2, 5 + tck // 2),
+                                                  threads=4, rss_pages=50))
+    (root / "proc/1/stat").write_text(_stat_line(1, "init", ticks=(500, 500), start=9999, rss_pages=100))
+    r = c.collect()
+    top_cpu = r.detail["top_cpu"]
+    assert isinstance(top_cpu, list)
+    assert top_cpu[0] == {"pid": 20, "name": "we(ird) )name", "cpu_pct": 50.0, "rss_bytes": 50 * page}
+    assert r.metrics["proc.top_cpu_pct"] == 50.0
+    assert next(row for row in top_cpu if row["pid"] == 1)["cpu_pct"] == 0.0  # reused pid: no delta
+    assert next(row for row in top_cpu if row["pid"] == 30)["name"] == "averyverylongprocessname"
+
+
+def test_fixture_vanished_and_malformed_entries_are_skipped(tmp_path: Path) -> None:
+    root = _fixture(tmp_path, {5: _stat_line(5, "ok"), 6: "garbage\n"})
+    (root / "proc/7").mkdir()  # exited between listdir and open: no stat file
+    c = ProcessCollector(ProcessSettings(), root=str(root))
+    c.start()
+    assert c.collect().metrics["proc.count"] == 1.0
+
+
+def test_unreadable_proc_reports_none(tmp_path: Path) -> None:
+    c = ProcessCollector(ProcessSettings(watch=("x",)), root=str(tmp_path))
+    c.start()
+    m = c.collect().metrics
+    assert m["proc.count"] is None
+    assert m["proc.count[x]"] is None
+    assert m["proc.running"] is None
+
+
+def test_psutil_fallback_gives_the_same_table() -> None:
+    fast, slow = ProcessCollector(ProcessSettings(top_n=3)), ProcessCollector(ProcessSettings(top_n=3))
+    fast.start()
+    slow.start()
+    slow._fast = False  # what start() decides where /proc is unusual
+    a, b = fast.collect().metrics, slow.collect().metrics
+    assert set(a) == set(b)
+    assert a["proc.count"] == pytest.approx(b["proc.count"], abs=10)
+
+
+@given(st.text(alphabet=st.characters(codec="utf-8", exclude_characters="\x00"), max_size=15),
+       st.tuples(st.integers(0, 2**40), st.integers(0, 2**40), st.integers(1, 10**5), st.integers(0, 2**40)),
+       st.sampled_from("RSDZTtXIP"))
+def test_parse_pid_stat_any_comm(comm: str, nums: tuple[int, int, int, int], state: str) -> None:
+    utime, stime, threads, rss = nums
+    line = _stat_line(42, comm, state=state, ticks=(utime, stime), threads=threads, start=77, rss_pages=rss)
+    want = (comm.encode(), state.encode(), utime + stime, threads, b"77", rss)
+    assert parse_pid_stat(line.encode()) == want
+
+
+def test_parse_pid_stat_malformed() -> None:
+    assert parse_pid_stat(b"") is None
+    assert parse_pid_stat(b"1 (x) S 1 2") is None
+    assert parse_pid_stat(b"1 x) " + b"1 " * 40) is None
+
+
+def test_parse_cmdline_and_extended_name() -> None:
+    assert parse_cmdline(b"/usr/bin/gnome-keyring-daemon\x00--start\x00") == [
+        "/usr/bin/gnome-keyring-daemon", "--start"]
+    assert parse_cmdline(b"nginx: worker process") == ["nginx:", "worker", "process"]  # setproctitle
+    assert parse_cmdline(b"") == []
+    assert extended_name("gnome-keyring-d", ["/usr/bin/gnome-keyring-daemon"]) == "gnome-keyring-daemon"
+    assert extended_name("gnome-keyring-d", ["/usr/bin/other"]) == "gnome-keyring-d"
+    assert extended_name("short", ["/usr/bin/shorter"]) == "short"
+
+
+def test_parse_procs_counts() -> None:
+    assert parse_procs_counts(b"cpu 1\nprocs_running 4\nprocs_blocked 1\n") == (4, 1)
+    assert parse_procs_counts(b"cpu 1\nprocs_running 4") == (4, None)
+    assert parse_procs_counts(b"cpu 1\nprocs_running x\n") == (None, None)

@@ -1,9 +1,17 @@
 """Processes collector: process table summary, top consumers, watched names, systemd units.
 
-Sources: psutil (one cached ``psutil.Process`` per pid, so ``cpu_percent`` measures the interval
-since the previous pass), ``/proc/stat`` (procs_running, procs_blocked) and
+Sources: ``/proc/PID/stat``, read once per process and pass (one ``open``/``read``/``close``):
+comm, state, utime + stime, num_threads, starttime and rss; ``/proc/PID/cmdline`` only for a
+process whose comm is truncated (15 characters) and that is reported in a top list or could match
+a watched name; ``/proc/stat`` (procs_running, procs_blocked) and
 ``systemctl show UNIT... --property=ActiveState,SubState,NRestarts,MainPID`` (argv list, timeout,
-no shell; the executable is ``settings.systemctl``).
+no shell; the executable is ``settings.systemctl``). Where ``/proc`` is not usable (not Linux, not
+mounted) the table comes from psutil instead, with the same metrics.
+
+CPU use of a process is the increase of its utime + stime between two passes over the monotonic
+time between them, % of one CPU rounded to 0.1 (as ``psutil.Process.cpu_percent``); a process seen
+for the first time, or whose pid was reused (another starttime), reports 0.0 for that pass. Names
+are psutil's: comm, or the basename of argv[0] when comm is truncated and argv[0] extends it.
 
 Metrics:
 
@@ -32,18 +40,30 @@ SubState, NRestarts, MainPID}}``.
 from __future__ import annotations
 
 import heapq
+import os
 import shutil
 import subprocess
+import sys
+import time
 from dataclasses import dataclass
 
 import psutil
 
-from agent.collect.cpu import read_proc_stat
 from agent.collect.sample import Metrics, Reading, key
 from agent.collect.settings import ProcessSettings
 
 UNIT_PROPERTIES = ("ActiveState", "SubState", "NRestarts", "MainPID")
 _MAX_ZOMBIE_PIDS = 100
+_TABLE_KEYS = ("proc.count", "proc.threads", "proc.zombies", "proc.top_cpu_pct", "proc.top_rss_bytes")
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_O_FILE = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+_O_DIR = _O_FILE | getattr(os, "O_DIRECTORY", 0)
+# /proc/PID/stat is at most ~1 KiB (52 numeric fields and a comm of 15 bytes): one read gets it all.
+_STAT_READ = 4096
+_CMDLINE_MAX = 1 << 20
+_COMM_LEN = 15  # TASK_COMM_LEN - 1: comm holds at most this many bytes, longer names are cut
 
 
 @dataclass(slots=True)
@@ -55,6 +75,88 @@ class _Row:
 
     def as_dict(self) -> dict[str, object]:
         return {"pid": self.pid, "name": self.name, "cpu_pct": self.cpu_pct, "rss_bytes": self.rss_bytes}
+
+
+def parse_pid_stat(data: bytes) -> tuple[bytes, bytes, int, int, bytes, int] | None:
+    """``/proc/PID/stat`` -> (comm, state, utime + stime in ticks, num_threads, starttime, rss pages).
+
+    comm may hold spaces and parentheses: it lies between the first ``(`` and the last ``)``.
+    starttime stays bytes: it is only compared, to tell a reused pid. None when malformed.
+    """
+    rp = data.rfind(b")")
+    lp = data.find(b"(")
+    if lp < 0 or rp < lp:
+        return None
+    # fields[0] is field 3 of proc(5) (state): field N is fields[N - 3].
+    f = data[rp + 2 :].split(None, 22)
+    if len(f) < 22:
+        return None
+    try:
+        return data[lp + 1 : rp], f[0], int(f[11]) + int(f[12]), int(f[17]), f[19], int(f[21])
+    except ValueError:
+        return None
+
+
+def parse_cmdline(data: bytes) -> list[str]:
+    """``/proc/PID/cmdline`` as psutil splits it (NUL-separated, or spaces after setproctitle)."""
+    text = os.fsdecode(data)
+    if not text:
+        return []
+    sep = "\x00" if text.endswith("\x00") else " "
+    if text.endswith(sep):
+        text = text[:-1]
+    argv = text.split(sep)
+    if sep == "\x00" and len(argv) == 1 and " " in text:
+        argv = text.split(" ")
+    return argv
+
+
+def extended_name(comm: str, argv: list[str]) -> str:
+    """psutil's process name: comm, or argv[0]'s basename when comm is truncated and it extends it."""
+    if len(comm) >= _COMM_LEN and argv:
+        ext = os.path.basename(argv[0])
+        if ext.startswith(comm):
+            return ext
+    return comm
+
+
+def _read_all(path: str, limit: int = _CMDLINE_MAX, dir_fd: int | None = None) -> bytes | None:
+    """The whole file (up to ``limit`` bytes) with os.open/os.read: no file object per read."""
+    try:
+        fd = os.open(path, _O_FILE, dir_fd=dir_fd)
+    except OSError:
+        return None
+    try:
+        chunks: list[bytes] = []
+        size = 0
+        while size < limit:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        return b"".join(chunks)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def parse_procs_counts(data: bytes) -> tuple[int | None, int | None]:
+    """(procs_running, procs_blocked) from ``/proc/stat``, without parsing its other lines."""
+    out: list[int | None] = []
+    for name in (b"\nprocs_running ", b"\nprocs_blocked "):
+        i = data.find(name)
+        if i < 0:
+            out.append(None)
+            continue
+        i += len(name)
+        j = data.find(b"\n", i)
+        try:
+            out.append(int(data[i : j if j >= 0 else len(data)]))
+        except ValueError:
+            out.append(None)
+    return out[0], out[1]
 
 
 def parse_systemctl_show(text: str, units: tuple[str, ...]) -> dict[str, dict[str, str]]:
@@ -82,39 +184,183 @@ class ProcessCollector:
         self.interval_s = self.settings.interval_s
         self.timeout_s = self.settings.timeout_s
         self.root = root
-        self._procs: dict[int, psutil.Process] = {}
+        self._proc_dir = os.path.join(root, "proc")
+        self._fast: bool | None = None  # /proc/PID/stat usable; None until probed
+        # pid (as its /proc entry name) -> (starttime, utime + stime) at the previous pass
+        self._prev: dict[str, tuple[bytes, int]] = {}
+        self._prev_t: float | None = None
+        self._procs: dict[int, psutil.Process] = {}  # the psutil fallback's cache
         self._systemctl: str | None = None
         self._watch = frozenset(self.settings.watch)
+        self._watch_b = {os.fsencode(n): n for n in self.settings.watch}
+        # Watched names a truncated comm can be the start of.
+        self._watch_long = tuple(w for w in self._watch_b if len(w) >= _COMM_LEN)
 
     def start(self) -> None:
+        self._fast = self._probe()
         if self.settings.units:
             # Absent (not None) when systemctl is not installed at all.
             self._systemctl = shutil.which(self.settings.systemctl)
 
+    def _probe(self) -> bool:
+        """Whether the process table can be read from /proc here (else psutil, on the real root)."""
+        if self.root != "/":
+            return True  # a fixture tree: never psutil, which would read this host's /proc
+        if not sys.platform.startswith("linux"):
+            return False
+        data = _read_all(os.path.join(self._proc_dir, str(os.getpid()), "stat"), _STAT_READ)
+        return data is not None and parse_pid_stat(data) is not None
+
     def close(self) -> None:
         self._procs.clear()
+        self._prev.clear()
+        self._prev_t = None
 
     def collect(self) -> Reading:
         m: Metrics = {}
         detail: dict[str, object] = {}
-        self._table(m, detail)
-        stat = read_proc_stat(self.root)
-        running = stat.procs_running if stat is not None else None
-        blocked = stat.procs_blocked if stat is not None else None
+        if self._fast is None:
+            self._fast = self._probe()
+        if self._fast:
+            self._table(m, detail)
+        else:
+            self._table_psutil(m, detail)
+        stat = _read_all(os.path.join(self._proc_dir, "stat"))
+        running, blocked = parse_procs_counts(stat) if stat is not None else (None, None)
         m["proc.running"] = None if running is None else float(running)
         m["proc.blocked"] = None if blocked is None else float(blocked)
         if self._systemctl is not None:
             self._units(self._systemctl, m, detail)
         return Reading(metrics=m, detail=detail)
 
+    def _unreadable(self, m: Metrics) -> None:
+        for k in _TABLE_KEYS:
+            m[k] = None
+        for name in self.settings.watch:
+            m[key("proc.count", name)] = None
+
     def _table(self, m: Metrics, detail: dict[str, object]) -> None:
+        """The process table from /proc/PID/stat: one open/read/close per process."""
+        now = time.monotonic()
+        try:
+            dfd = os.open(self._proc_dir, _O_DIR)
+        except OSError:
+            self._unreadable(m)
+            return
+        try:
+            try:
+                entries = os.listdir(dfd)
+            except OSError:
+                self._unreadable(m)
+                return
+            # By pid, as psutil.pids() (ties in the top lists go to the lower pid). /proc lists
+            # them in that order already, so the sort is one linear pass.
+            pids = [e for e in entries if e.isdigit()]
+            pids.sort(key=int)
+            self._scan(dfd, pids, now, m, detail)
+        finally:
+            os.close(dfd)
+
+    def _scan(self, dfd: int, entries: list[str], now: float, m: Metrics, detail: dict[str, object]) -> None:
+        """Read ``entries`` (the pid directories of ``dfd``, by pid) and fill ``m`` and ``detail``."""
+        prev = self._prev
+        cur: dict[str, tuple[bytes, int]] = {}
+        # Parallel lists, one slot per live process, by pid: no object per process.
+        pids: list[str] = []
+        comms: list[bytes] = []
+        dticks: list[int] = []
+        rsss: list[int] = []
+        threads = 0
+        zombies: list[int] = []
+        watch_b = self._watch_b
+        watch_long = self._watch_long
+        watched: dict[str, list[int]] = {name: [] for name in self.settings.watch}
+        op, rd, cl, parse = os.open, os.read, os.close, parse_pid_stat
+        for entry in entries:
+            try:
+                fd = op(entry + "/stat", _O_FILE, dir_fd=dfd)
+            except OSError:  # gone since listdir
+                continue
+            try:
+                data = rd(fd, _STAT_READ)
+            except OSError:  # ESRCH: exited between open and read
+                continue
+            finally:
+                cl(fd)
+            got = parse(data)
+            if got is None:
+                continue
+            comm, state, ticks, nthreads, start, rss = got
+            if state == b"Z":
+                zombies.append(int(entry))
+                d, rss = 0, 0
+            else:
+                threads += nthreads
+                old = prev.get(entry)
+                # 0 on a process's first pass, and when the pid now names another process.
+                d = ticks - old[1] if old is not None and old[0] == start and ticks > old[1] else 0
+                cur[entry] = (start, ticks)
+            pids.append(entry)
+            comms.append(comm)
+            dticks.append(d)
+            rsss.append(rss)
+            if watch_b:
+                if len(comm) < _COMM_LEN:
+                    if comm in watch_b:
+                        watched[watch_b[comm]].append(int(entry))
+                elif comm in watch_b or any(w.startswith(comm) for w in watch_long):
+                    # Possibly truncated: psutil's name decides (argv[0] may extend it).
+                    name = self._name(dfd, entry, comm)
+                    if name in self._watch:
+                        watched[name].append(int(entry))
+        dt = now - self._prev_t if self._prev_t is not None else 0.0
+        self._prev = cur
+        self._prev_t = now
+        scale = 100.0 / (_CLK_TCK * dt) if dt > 0 else 0.0
+
+        m["proc.count"] = float(len(pids))
+        m["proc.threads"] = float(threads)
+        m["proc.zombies"] = float(len(zombies))
+        detail["zombie_pids"] = zombies[:_MAX_ZOMBIE_PIDS]
+        for name, found in watched.items():
+            m[key("proc.count", name)] = float(len(found))
+        if watched:
+            detail["watch"] = watched
+        n = self.settings.top_n
+        idx = range(len(pids))
+        # Ordering by ticks is ordering by % (one dt for all); ties keep pid order, as before.
+        top_cpu = heapq.nlargest(n, idx, key=dticks.__getitem__) if n else []
+        top_mem = heapq.nlargest(n, idx, key=rsss.__getitem__) if n else []
+        names: dict[int, str] = {}
+
+        def row(i: int) -> _Row:
+            name = names.get(i)
+            if name is None:
+                name = names[i] = self._name(dfd, pids[i], comms[i])
+            return _Row(int(pids[i]), name, round(dticks[i] * scale, 1), rsss[i] * _PAGE)
+
+        cpu_rows = [row(i) for i in top_cpu]
+        mem_rows = [row(i) for i in top_mem]
+        m["proc.top_cpu_pct"] = cpu_rows[0].cpu_pct if cpu_rows else None
+        m["proc.top_rss_bytes"] = float(mem_rows[0].rss_bytes) if mem_rows else None
+        detail["top_cpu"] = [r.as_dict() for r in cpu_rows]
+        detail["top_mem"] = [r.as_dict() for r in mem_rows]
+
+    @staticmethod
+    def _name(dfd: int, entry: str, comm: bytes) -> str:
+        """psutil's name of a process: reads its cmdline only when comm is truncated."""
+        name = os.fsdecode(comm)
+        if len(name) < _COMM_LEN:
+            return name
+        data = _read_all(entry + "/cmdline", dir_fd=dfd)
+        return extended_name(name, parse_cmdline(data)) if data else name
+
+    def _table_psutil(self, m: Metrics, detail: dict[str, object]) -> None:
+        """The process table through psutil, where /proc is not usable (three reads per process)."""
         try:
             pids = psutil.pids()
         except (OSError, psutil.Error):
-            for k in ("proc.count", "proc.threads", "proc.zombies", "proc.top_cpu_pct", "proc.top_rss_bytes"):
-                m[k] = None
-            for name in self.settings.watch:
-                m[key("proc.count", name)] = None
+            self._unreadable(m)
             return
         cache = self._procs
         live: dict[int, psutil.Process] = {}
