@@ -57,7 +57,8 @@ def add_install_units(p: argparse.ArgumentParser) -> None:
     p.add_argument("--libexec-dir", default=DEFAULT_LIBEXEC, metavar="DIR",
                    help=f"where the root-only heald-action helper goes (default {DEFAULT_LIBEXEC})")
     p.add_argument("--executable", default=None, metavar="PATH",
-                   help="the heald executable ExecStart= should run (default: this installation's)")
+                   help="the heald executable ExecStart= should run (default: this installation's); "
+                        "with --root it is looked up below that directory")
     p.add_argument("--coordinator", action=argparse.BooleanOptionalAction, default=None,
                    help="also install heald-coordinator.service (default: when heald-coordinator "
                         "is installed beside heald)")
@@ -104,7 +105,8 @@ def current_executable(name: str = "heald") -> Path | None:
     return None
 
 
-def _check_executable(path: Path, option: str) -> list[Problem]:
+def _check_executable(path: Path, option: str, root: Path) -> list[Problem]:
+    """Problems with ``path`` as ExecStart= of heald.service; it is looked up below ``root``."""
     problems = []
     text = str(path)
     if not path.is_absolute():
@@ -115,7 +117,7 @@ def _check_executable(path: Path, option: str) -> list[Problem]:
             message=f"{text} is under a home directory, which heald.service cannot see "
                     "(ProtectHome=yes, User=heald); install system-wide, e.g. "
                     "`sudo pipx install --global heald`, or pass --executable"))
-    elif not (path.is_file() and os.access(path, os.X_OK)):
+    elif not ((on_disk := _below(root, text)).is_file() and os.access(on_disk, os.X_OK)):
         problems.append(Problem(file=option, key="", message=f"{text} is not an executable file"))
     elif re.search(r"\s", text):
         problems.append(Problem(file=option, key="", message=f"{text!r} contains whitespace"))
@@ -134,9 +136,10 @@ def _below(root: Path, path: str) -> Path:
 
 def plan(args: argparse.Namespace) -> list[Planned]:
     problems: list[Problem] = []
+    root = Path(args.root)
     if args.executable is not None:
         heald = Path(args.executable)
-        problems += _check_executable(heald, "--executable")
+        problems += _check_executable(heald, "--executable", root)
     else:
         found = current_executable()
         if found is None:
@@ -144,7 +147,7 @@ def plan(args: argparse.Namespace) -> list[Planned]:
                                       message="cannot find this installation's heald executable; "
                                               "pass --executable PATH")])
         heald = found
-        problems += _check_executable(heald, "heald executable")
+        problems += _check_executable(heald, "heald executable", Path("/"))
     for option, value in (("--prefix", args.prefix), ("--libexec-dir", args.libexec_dir)):
         if not Path(value).is_absolute():
             problems.append(Problem(file=option, key="", message=f"{value} is not an absolute path"))
@@ -152,14 +155,14 @@ def plan(args: argparse.Namespace) -> list[Planned]:
         raise InputError(problems)
 
     coordinator = heald.with_name("heald-coordinator")
+    coordinator_on_disk = _below(root if args.executable is not None else Path("/"), str(coordinator))
     want_coordinator = args.coordinator
     if want_coordinator is None:
-        want_coordinator = coordinator.is_file() and os.access(coordinator, os.X_OK)
-    elif want_coordinator and not coordinator.is_file():
+        want_coordinator = coordinator_on_disk.is_file() and os.access(coordinator_on_disk, os.X_OK)
+    elif want_coordinator and not coordinator_on_disk.is_file():
         raise InputError([Problem(file="--coordinator", key="",
                                   message=f"{coordinator} does not exist (is the coordinator installed?)")])
 
-    root = Path(args.root)
     action = f"{args.libexec_dir.rstrip('/')}/heald-action"
     src = shipped_dir()
     units = ["heald.service", "heald-action@.service"]
