@@ -1,0 +1,148 @@
+"""End to end: a real mosquitto, a real coordinator process and two real agents (`python -m agent run`).
+
+The agents' risk model is cold in a fresh state dir, so the injected fault is published as real
+wire messages (risk alert, then an action started/finished) from one agent's identity over the
+same broker; everything the coordinator does with them is real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.cookiejar
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiomqtt
+import pytest
+from broker import Broker
+
+from coordinator.sim import SimNode, publish
+from coordinator.testing import PASSWORD, REPO_ROOT, CoordinatorProcess, free_port, write_config
+
+pytestmark = pytest.mark.slow
+
+
+def agent_config(directory: Path, node: str, port: int) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "agent.toml"
+    path.write_text(
+        f'[node]\nid = "{node}"\nsite = "lab"\nlabels = {{ rack = "r1", role = "web" }}\n'
+        f'[paths]\nstate_dir = "{directory / "state"}"\nruntime_dir = "{directory / "run"}"\n'
+        f'[mqtt]\nenabled = true\nhost = "127.0.0.1"\nport = {port}\nmetrics_interval_s = 1.0\n'
+        '[log]\nformat = "json"\n'
+    )
+    return path
+
+
+@pytest.fixture
+def coordinator_proc(mosquitto: Broker, tmp_path: Path) -> Iterator[CoordinatorProcess]:
+    port = free_port()
+    proc = CoordinatorProcess(write_config(tmp_path / "coord", mqtt_port=mosquitto.port, web_port=port), port)
+    proc.start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def agents(mosquitto: Broker, tmp_path: Path) -> Iterator[dict[str, subprocess.Popen[bytes]]]:
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    procs = []
+    names = ["e2e-a", "e2e-b"]
+    for name in names:
+        cfg = agent_config(tmp_path / name, name, mosquitto.port)
+        log = (tmp_path / f"{name}.log").open("wb")
+        procs.append((subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(cfg)],
+                                       stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+                                       cwd=REPO_ROOT), log))
+    yield {name: proc for name, (proc, _) in zip(names, procs, strict=True)}
+    for proc, log in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        log.close()
+
+
+async def inject_fault(port: int, node: str) -> None:
+    sim = SimNode(node, site="lab")
+    async with aiomqtt.Client("127.0.0.1", port) as client:
+        await publish(client, sim.risk(2.4))
+        await publish(client, sim.action("fault-run-1", "restart-nginx", "started"))
+        await publish(client, sim.action("fault-run-1", "restart-nginx", "finished", "ok"))
+
+
+def test_two_real_agents_and_a_fault(coordinator_proc: CoordinatorProcess,
+                                     agents: dict[str, subprocess.Popen[bytes]],
+                                     mosquitto: Broker, tmp_path: Path) -> None:
+    c = coordinator_proc
+
+    def both_online(c: CoordinatorProcess) -> object:
+        status, body = c.api("GET", "/api/nodes?state=online")
+        return status == 200 and {n["node"] for n in body["items"]} >= set(agents) and body
+
+    listing = c.wait_for(both_online, timeout=60)
+    row = next(n for n in listing["items"] if n["node"] == "e2e-a")
+    assert row["labels"] == {"rack": "r1", "role": "web"}
+    assert row["agent_version"]
+
+    # metrics from the real agents reach the store
+    c.wait_for(lambda c: c.api("GET", "/api/nodes/e2e-a/metrics?since=0")[1]["samples"], timeout=30)
+
+    # the store itself (SQLite under the state dir)
+    db = tmp_path / "coord" / "state" / "coordinator.db"
+    with sqlite3.connect(db) as conn:
+        stored = {r[0]: r[1] for r in conn.execute("SELECT node, online FROM nodes")}
+    assert stored.get("e2e-a") == 1
+    assert stored.get("e2e-b") == 1
+
+    # the page: log in like a browser, get the dashboard and the data it renders
+    jar = http.cookiejar.CookieJar()
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+    resp = opener.open(c.url + "/login", data=urllib.parse.urlencode({"secret": PASSWORD}).encode())
+    page = resp.read().decode()
+    assert resp.url.rstrip("/") == c.url
+    assert "heald coordinator" in page
+    assert "/static/app.js" in page
+    nodes = json.loads(opener.open(c.url + "/api/nodes").read())
+    assert {"e2e-a", "e2e-b"} <= {n["node"] for n in nodes["items"]}
+
+    # inject a fault on one node: risk, an action and its outcome become visible everywhere
+    asyncio.run(inject_fault(mosquitto.port, "e2e-a"))
+
+    def fault_seen(c: CoordinatorProcess) -> object:
+        node = c.api("GET", "/api/nodes/e2e-a")[1]
+        return node["alert"] and node["actions"] and node["actions"][0]["outcome"] == "ok" and node
+
+    node = c.wait_for(fault_seen, timeout=20)
+    assert node["anomaly"] == 2.4
+    assert node["open_incidents"] == 1
+    assert node["explanation"][0]["feature"] == "cpu.util"
+    assert node["last_action"] == "restart-nginx/restart_service: ok"
+    assert not c.api("GET", "/api/nodes/e2e-b")[1]["alert"]
+    with sqlite3.connect(db) as conn:
+        outcomes = [r[0] for r in conn.execute("SELECT outcome FROM actions WHERE node = 'e2e-a' ORDER BY id")]
+        risk = conn.execute("SELECT max(anomaly) FROM risk WHERE node = 'e2e-a'").fetchone()[0]
+    assert outcomes == [None, "ok"]
+    assert risk == 2.4
+    page_view = json.loads(opener.open(c.url + "/api/nodes?state=alert").read())
+    assert [n["node"] for n in page_view["items"]] == ["e2e-a"]
+
+    info = c.api("GET", "/api/info")[1]
+    assert info["ingest"]["malformed_total"] == 0
+    assert info["ingest"]["processed"] > 4
+
+    # an agent that is killed goes offline through its MQTT will
+    agents["e2e-b"].kill()
+    agents["e2e-b"].wait()
+    c.wait_for(lambda c: not c.api("GET", "/api/nodes/e2e-b")[1]["online"], timeout=90)
