@@ -10,6 +10,9 @@ Fixtures (registered for every test by tests/conftest.py):
     ``mosquitto_factory(config_text, start=True)`` starts a broker from your own config. The text
     may use ``{port}`` and ``{dir}`` (a private directory for persistence, logs, ACL files);
     :func:`default_config` gives the base text to extend.
+``Subscriber`` (a helper, not a fixture)
+    ``async with Subscriber(broker) as sub``: collects decoded heald messages, reconnecting
+    across broker restarts; ``client_id=`` for a persistent session.
 ``tls_certs``
     Session-scoped CA, server (127.0.0.1/localhost) and client certificates, plus a second,
     unrelated CA for "wrong CA" tests (:class:`TlsCerts`).
@@ -19,19 +22,26 @@ Every broker is killed and reaped at teardown: tests never rely on PID 1 to reap
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import ipaddress
 import os
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
+import aiomqtt
 import pytest
 
+from agent import wire
+
+M = TypeVar("M", bound=wire.Envelope)
 MOSQUITTO = os.environ.get("HEALD_TEST_MOSQUITTO", "/usr/sbin/mosquitto")
 
 
@@ -249,3 +259,64 @@ def tls_listener_config(certs: TlsCerts, *, require_certificate: bool = True) ->
         "allow_anonymous true\npersistence false\nlog_dest stderr\n"
         "log_type error\nlog_type warning\nlog_type notice\nlog_type information\n"
     )
+
+
+# ------------------------------------------------------------------------------ subscriber
+class Subscriber:
+    """Collects decoded heald messages from a broker; reconnects across broker restarts.
+
+    With ``client_id`` it keeps a persistent session (clean_session false, QoS 1): a broker with
+    persistence keeps queueing for it while it is disconnected, so an outage test cannot lose
+    messages on the subscriber's side of the race.
+    """
+
+    def __init__(self, broker: Broker, topic: str = "heald/v1/#", *, client_id: str | None = None,
+                 tls_context: ssl.SSLContext | None = None) -> None:
+        self.broker = broker
+        self.topic = topic
+        self.client_id = client_id
+        self.tls_context = tls_context
+        self.received: list[tuple[str, wire.Message, bool]] = []  # (topic, message, retained)
+        self.undecodable: list[tuple[str, bytes]] = []
+        self._ready = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Subscriber:
+        self._task = asyncio.create_task(self._run(), name="test-subscriber")
+        await asyncio.wait_for(self._ready.wait(), 10)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                async with aiomqtt.Client(self.broker.host, self.broker.port, identifier=self.client_id,
+                                          clean_session=self.client_id is None,
+                                          tls_context=self.tls_context, timeout=3) as client:
+                    await client.subscribe(self.topic, qos=1)
+                    self._ready.set()
+                    async for m in client.messages:
+                        payload = m.payload if isinstance(m.payload, bytes) else b""
+                        try:
+                            self.received.append((m.topic.value, wire.decode(payload), m.retain))
+                        except wire.WireError:
+                            self.undecodable.append((m.topic.value, payload))
+            except aiomqtt.MqttError:
+                await asyncio.sleep(0.05)
+
+    def of(self, cls: type[M], node: str | None = None) -> list[M]:
+        return [m for _, m, _ in self.received if isinstance(m, cls) and (node is None or m.node == node)]
+
+    async def wait_for(self, predicate: Callable[[], bool], within: float = 10.0, what: str = "") -> None:
+        deadline = time.monotonic() + within
+        while not predicate():
+            if time.monotonic() > deadline:
+                kinds = [wire.kind_of(m) for _, m, _ in self.received[-20:]]
+                raise AssertionError(f"timed out after {within}s waiting for {what or predicate}; "
+                                     f"{len(self.received)} received, last kinds {kinds}")
+            await asyncio.sleep(0.02)

@@ -99,6 +99,31 @@ def full_jitter(attempt: int, initial: float, cap: float, rng: random.Random) ->
     return rng.uniform(0.0, min(cap, initial * (2 ** min(attempt, 30))))
 
 
+class _TlsContext(ssl.SSLContext):
+    """An SSLContext that remembers the sockets it wraps.
+
+    paho-mqtt does not close the socket when the TLS handshake fails (e.g. certificate verify
+    failed): it would leak until garbage collection, one per reconnect attempt. The reporter
+    closes every socket of a session when the session ends (closing twice is harmless).
+    """
+
+    _wrapped: list[ssl.SSLSocket]
+
+    def wrap_socket(  # noqa: PLR0917  (the signature of ssl.SSLContext.wrap_socket)
+        self, sock: socket.socket, server_side: bool = False, do_handshake_on_connect: bool = True,
+        suppress_ragged_eofs: bool = True, server_hostname: str | bytes | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLSocket:
+        wrapped = super().wrap_socket(sock, server_side, do_handshake_on_connect, suppress_ragged_eofs,
+                                      server_hostname, session)
+        self.__dict__.setdefault("_wrapped", []).append(wrapped)
+        return wrapped
+
+    def close_wrapped(self) -> None:
+        for sock in self.__dict__.pop("_wrapped", []):
+            sock.close()
+
+
 @dataclass
 class _Slot:
     seq: int
@@ -280,17 +305,19 @@ class Reporter:
 
     def _write_queue(self) -> None:
         wrote = False
-        while self._queue:
-            item = self._queue[0]
-            stored = self.spool.append(item.seq, item.kind, item.payload)
-            self._queue.popleft()
-            wrote = True
-            if not stored:
-                self.counters.dropped_metrics += 1
-            elif item.while_offline:
-                self.counters.spooled += 1
-        if wrote:
-            self._spool_event.set()
+        dropped_before = self.spool.dropped_metrics
+        try:
+            while self._queue:
+                item = self._queue[0]
+                stored = self.spool.append(item.seq, item.kind, item.payload)
+                self._queue.popleft()
+                wrote = True
+                self.counters.spooled += stored and item.while_offline
+        finally:
+            # the spool counts both kinds of quota drops: new records refused and old ones compacted away
+            self.counters.dropped_metrics += self.spool.dropped_metrics - dropped_before
+            if wrote:
+                self._spool_event.set()
 
     async def _syncer(self) -> None:
         while True:
@@ -346,12 +373,16 @@ class Reporter:
             self._log.warning("mqtt.connect_failed", **fields)
 
     # ------------------------------------------------------------------ one connection
-    def _tls_context(self) -> ssl.SSLContext | None:
+    def _tls_context(self) -> _TlsContext | None:
         tls = self.settings.tls
         if not tls.enabled:
             return None
-        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca_file)
+        ctx = _TlsContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the certificate and the host name
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if tls.ca_file:
+            ctx.load_verify_locations(cafile=tls.ca_file)
+        else:
+            ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
         if tls.cert_file:
             ctx.load_cert_chain(tls.cert_file, tls.key_file)
         return ctx
@@ -390,6 +421,14 @@ class Reporter:
             protocol=aiomqtt.ProtocolVersion.V5, will=will, keepalive=s.keepalive_s,
             timeout=s.connect_timeout_s, tls_context=tls, max_inflight_messages=s.max_inflight,
         )
+        try:
+            return await self._connected_session(client, status_topic, bdseq)
+        finally:
+            if tls is not None:
+                tls.close_wrapped()
+
+    async def _connected_session(self, client: aiomqtt.Client, status_topic: str, bdseq: int) -> bool:
+        s = self.settings
         async with client:
             self._connected = True
             self._connected_event.set()
