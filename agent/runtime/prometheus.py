@@ -247,6 +247,10 @@ class MetricsServer:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}/metrics"
 
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
     def close(self, timeout: float = 5.0) -> None:
         """Stop accepting, close the socket and join the thread. Idempotent."""
         if self._thread.is_alive():
