@@ -1,0 +1,199 @@
+"""Bounded on-disk history of feature vectors, for refitting the node's anomaly detector.
+
+Rows are buffered in a preallocated array and written in chunks of ``chunk_rows`` as
+``<dir>/<schema digest>-<first wall ms>.npz`` (``wall`` float64, ``x`` float32, atomically:
+temporary file, fsync, rename). Chunks older than ``window_s`` are deleted, so the history holds
+a rolling window (24 h at 1 Hz with ~250 features is ~90 MB of float32; shorten ``window_s`` or
+narrow the schema on small nodes). Chunks written under another schema are ignored (and pruned).
+
+The refit reads the history in a child process (``python -m agent.features.history export``),
+so the daemon never holds a day of rows in memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import structlog
+
+from agent.features.schema import FeatureSchema, decode_schema
+
+log = structlog.get_logger("heald.history")
+F64 = npt.NDArray[np.float64]
+
+
+def _write_npz(path: Path, **arrays: npt.NDArray[np.generic]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, **arrays)  # type: ignore[arg-type]
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class HistoryWriter:
+    def __init__(self, directory: str | os.PathLike[str], schema: FeatureSchema, window_s: float,
+                 chunk_rows: int = 600) -> None:
+        self.dir = Path(directory)
+        self.schema = schema
+        self.digest = schema.digest
+        self.window_s = window_s
+        self._buf = np.empty((chunk_rows, schema.dim), dtype=np.float32)
+        self._wall = np.empty(chunk_rows, dtype=np.float64)
+        self._n = 0
+        self._disabled = False
+        self.rows_on_disk = 0
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self.rows_on_disk = sum(r for _, r in self._chunks())
+        except OSError as exc:
+            self._disable(exc)
+
+    def _disable(self, exc: OSError) -> None:
+        if not self._disabled:
+            log.error("feature history disabled: cannot write", dir=str(self.dir), error=str(exc))
+        self._disabled = True
+
+    def _chunks(self) -> list[tuple[Path, int]]:
+        out = []
+        for p in sorted(self.dir.glob(f"{self.digest}-*.npz")):
+            try:
+                with np.load(p, allow_pickle=False) as z:
+                    out.append((p, int(z["wall"].shape[0])))
+            except (OSError, ValueError, KeyError):
+                continue
+        return out
+
+    @property
+    def rows(self) -> int:
+        """Rows available for training (on disk and buffered)."""
+        return self.rows_on_disk + self._n
+
+    def append(self, wall: float, vec: F64) -> None:
+        if self._disabled:
+            return
+        self._buf[self._n] = vec
+        self._wall[self._n] = wall
+        self._n += 1
+        if self._n == self._buf.shape[0]:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the buffered rows as one chunk and prune chunks older than the window."""
+        if self._n == 0 or self._disabled:
+            return
+        n = self._n
+        path = self.dir / f"{self.digest}-{int(self._wall[0] * 1000):015d}.npz"
+        try:
+            _write_npz(path, wall=self._wall[:n].copy(), x=self._buf[:n].copy())
+        except OSError as exc:
+            self._disable(exc)
+            return
+        self._n = 0
+        self.rows_on_disk += n
+        self.prune(float(self._wall[n - 1]))
+
+    def prune(self, now_wall: float | None = None) -> None:
+        now = time.time() if now_wall is None else now_wall
+        cutoff_ms = (now - self.window_s) * 1000.0
+        chunks = sorted(self.dir.glob("*.npz"))
+        for i, p in enumerate(chunks):
+            digest, _, start = p.stem.partition("-")
+            # A chunk is wholly old when the next chunk of the same schema started before the cutoff.
+            nxt = chunks[i + 1].stem.partition("-") if i + 1 < len(chunks) else None
+            stale_schema = digest != self.digest
+            old = nxt is not None and nxt[0] == digest and start.isdigit() and nxt[2].isdigit() \
+                and float(nxt[2]) < cutoff_ms
+            if stale_schema or old:
+                try:
+                    if not stale_schema:
+                        with np.load(p, allow_pickle=False) as z:
+                            self.rows_on_disk -= int(z["wall"].shape[0])
+                    p.unlink()
+                except (OSError, ValueError, KeyError):
+                    continue
+
+
+def read(directory: str | os.PathLike[str], digest: str, since_wall: float | None = None,
+         ) -> tuple[F64, F64]:
+    """All rows of schema ``digest`` (wall >= since_wall), oldest first: (wall (n,), x (n, d))."""
+    walls, xs = [], []
+    for p in sorted(Path(directory).glob(f"{digest}-*.npz")):
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                w = np.asarray(z["wall"], dtype=np.float64)
+                x = np.asarray(z["x"], dtype=np.float64)
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("skipping unreadable history chunk", path=str(p), error=str(exc))
+            continue
+        if since_wall is not None:
+            keep = w >= since_wall
+            w, x = w[keep], x[keep]
+        if w.size:
+            walls.append(w)
+            xs.append(x)
+    if not walls:
+        return np.empty(0), np.empty((0, 0))
+    return np.concatenate(walls), np.vstack(xs)
+
+
+def usable_columns(x: F64) -> list[int]:
+    """Columns with a finite value in at least half the rows and some variation."""
+    keep = []
+    for j in range(x.shape[1]):
+        col = x[:, j]
+        fin = col[np.isfinite(col)]
+        if fin.size * 2 >= col.size and fin.size and float(fin.max() - fin.min()) > 0:
+            keep.append(j)
+    return keep
+
+
+def export(directory: str | os.PathLike[str], schema: FeatureSchema, out: str | os.PathLike[str],
+           since_wall: float | None = None) -> int:
+    """Write a detector training file (``train``, ``feature_names``, ``units``) for
+    :mod:`agent.score.fit`; returns the row count (0 writes nothing)."""
+    wall, x = read(directory, schema.digest, since_wall)
+    if wall.size == 0:
+        return 0
+    keep = usable_columns(x)
+    if not keep:
+        return 0
+    names, units = schema.names, schema.units
+    _write_npz(Path(out), train=x[:, keep], feature_names=np.asarray([names[j] for j in keep]),
+               units=np.asarray([units[j] for j in keep]), wall=wall)
+    return int(wall.size)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m agent.features.history")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    ex = sub.add_parser("export", help="write a detector training file from the history")
+    ex.add_argument("--dir", required=True)
+    ex.add_argument("--schema", required=True, help="JSON of the FeatureSchema")
+    ex.add_argument("--out", required=True)
+    ex.add_argument("--since", type=float, default=None, help="wall-clock start of the window")
+    args = ap.parse_args(argv)
+    try:
+        schema = decode_schema(args.schema)
+    except ValueError as exc:
+        sys.stderr.write(f"heald history: bad --schema: {exc}\n")
+        return 2
+    rows = export(args.dir, schema, args.out, args.since)
+    sys.stdout.write(f"{rows}\n")
+    return 0 if rows else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

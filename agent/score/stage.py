@@ -1,0 +1,331 @@
+"""The score stage: Sample -> Risk, once per sample, numpy only.
+
+:class:`RiskStage` chains, per sample:
+
+1. :class:`~agent.features.window.FeatureWindow` (declared schema) -> feature vector, also
+   appended to the on-disk history (:mod:`agent.features.history`);
+2. :class:`~agent.score.forecast.Forecaster` -> exhaustion forecasts (refreshed every 5 samples);
+3. the failure classifier (compiled, :mod:`agent.score.classifier`) -> class probabilities;
+4. the node's anomaly detector (:class:`~agent.score.detector.StreamingDetector`) -> normalised
+   score, alert and, when the score is at or above ``explain_above``, the top features.
+
+Cold start: until ``cold_start_s`` of history exists and a detector is fitted, ``anomaly`` is
+None and ``cold`` is True (forecasts and the shipped classifier still run: they need no
+node-specific fit). :meth:`RiskStage.refit_loop` (an asyncio task of the daemon) fits the detector
+in child processes — the history export (``python -m agent.features.history export``) and the fit
+(``python -m agent.score.fit`` via :func:`agent.score.fit.fit_in_child`, in a worker thread) —
+with timeouts, on the last ``window_s`` of history, first once the cold-start history exists,
+then every ``refit_interval_s``. The artifact lives in ``<state_dir>/models/detector.npz`` and is
+reloaded at start. A model that cannot be loaded or does not match the feature schema is refused
+with one clear log line; the stage then runs rules-only. Nothing here raises on bad models, and
+nothing imports scikit-learn.
+
+``Risk.alert`` is the anomaly alert (score >= 1). The other two alert sources are in
+``Risk.failure`` and ``Risk.forecasts``; :meth:`RiskStage.risk_alert` combines all three with the
+stage's thresholds (used by ``bench/faults/evaluate.py`` and documented in ``docs/risk.md``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+
+from agent.collect.sample import Sample
+from agent.errors import ModelError, Problem
+from agent.features.history import HistoryWriter
+from agent.features.schema import FeatureSchema
+from agent.features.window import FeatureWindow
+from agent.score import classifier as clf
+from agent.score import compiled as art
+from agent.score.detector import StreamingDetector
+from agent.score.forecast import Forecaster
+from agent.score.settings import ModelSettings
+from agent.score.types import Contribution, Forecast, Risk
+
+log = structlog.get_logger("heald.score")
+
+DETECTOR_FILE = "detector.npz"
+# Fit options for the node's detector: a margin over the training-quantile threshold, because the
+# first fit sees only cold_start_s of history (see docs/risk.md for how this was chosen).
+DEFAULT_FIT_OPTIONS: dict[str, Any] = {"threshold_margin": 1.5}
+
+
+class RiskStage:
+    def __init__(
+        self,
+        settings: ModelSettings,
+        state_dir: str | os.PathLike[str],
+        schema: FeatureSchema | None = None,
+        *,
+        sample_interval_s: float = 1.0,
+        forecast_alert_s: float = 1800.0,
+        forecast_min_confidence: float = 0.5,
+        failure_threshold: float = 0.5,
+        explain_above: float = 1.0,
+        fit_options: dict[str, Any] | None = None,
+        fit_timeout_s: float = 600.0,
+        gap_reset_s: float = 30.0,
+        history: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.state_dir = Path(state_dir)
+        self.schema = schema or FeatureSchema()
+        self.window = FeatureWindow(self.schema)
+        self.forecaster = Forecaster()
+        self.sample_interval_s = sample_interval_s
+        self.forecast_alert_s = forecast_alert_s
+        self.forecast_min_confidence = forecast_min_confidence
+        self.failure_threshold = failure_threshold
+        self.explain_above = explain_above
+        self.fit_options = dict(DEFAULT_FIT_OPTIONS if fit_options is None else fit_options)
+        self.fit_timeout_s = fit_timeout_s
+        self.gap_reset_s = gap_reset_s
+        self.model_dir = self.state_dir / "models"
+        self.history = HistoryWriter(self.state_dir / "history", self.schema, settings.window_s) \
+            if history else None
+        self._prev_mono: float | None = None
+        self._last_fit_mono: float | None = None
+        self._fitting = False
+        self.scorer: clf.Scorer | None = None
+        self.detector: StreamingDetector | None = None
+        self._det_idx: np.ndarray[Any, np.dtype[np.intp]] | None = None
+        if settings.enabled:
+            self._load_classifier()
+            self._load_detector(self.model_dir / DETECTOR_FILE, at_start=True)
+        self._version = ""
+        self._update_version()
+
+    # ------------------------------------------------------------------ models
+    def _load_classifier(self) -> None:
+        path = self.settings.classifier_path or str(clf.DEFAULT_PATH)
+        try:
+            model = clf.load(path)
+            check_schema_compatible(model.meta.schema, self.schema)
+            self.scorer = clf.Scorer(model, self.window.names)
+        except ModelError as exc:
+            log.error("failure classifier refused; running without failure probabilities",
+                      path=path, error=str(exc))
+            self.scorer = None
+            return
+        log.info("failure classifier loaded", path=path, version=model.version,
+                 classes=list(model.meta.classes))
+
+    def _load_detector(self, path: Path, *, at_start: bool = False) -> bool:
+        if not path.exists():
+            if not at_start:
+                log.error("anomaly model missing after fit", path=str(path))
+            return False
+        try:
+            model = art.load(path)
+            self._install_detector(model)
+        except ModelError as exc:
+            log.error("anomaly model refused; rules only until the next refit", path=str(path),
+                      error=str(exc))
+            return False
+        log.info("anomaly model loaded", path=str(path), version=model.version,
+                 features=len(model.meta.features), rows=model.meta.training.rows)
+        return True
+
+    def _install_detector(self, model: art.CompiledDetector) -> None:
+        pos = {n: i for i, n in enumerate(self.window.names)}
+        missing = [n for n in model.meta.feature_names if n not in pos]
+        if missing:
+            raise ModelError(f"model {model.version}: feature schema mismatch: features {missing[:5]} "
+                             f"are not produced by this node's schema")
+        self._det_idx = np.array([pos[n] for n in model.meta.feature_names], dtype=np.intp)
+        self.detector = StreamingDetector(model)
+        self._update_version()
+
+    def _update_version(self) -> None:
+        d = self.detector.model.version if self.detector is not None else "-"
+        c = self.scorer.model.version if self.scorer is not None else "-"
+        self._version = f"anomaly:{d} classifier:{c}"
+
+    @property
+    def model_version(self) -> str:
+        return self._version
+
+    @property
+    def cold(self) -> bool:
+        return self.detector is None
+
+    # ------------------------------------------------------------------ per sample
+    def on_sample(self, sample: Sample) -> Risk:
+        if not self.settings.enabled:
+            return Risk(seq=sample.seq, wall=sample.wall, anomaly=None, alert=False, cold=True,
+                        model_version="disabled")
+        prev = self._prev_mono
+        self._prev_mono = sample.mono
+        if prev is not None and sample.mono - prev > self.gap_reset_s:
+            self.window.reset()
+            if self.detector is not None:
+                self.detector.reset()
+        vec = self.window.push_metrics(sample.metrics, sample.mono)
+        if self.history is not None:
+            self.history.append(sample.wall, vec)
+        self.forecaster.push(sample.metrics, sample.mono)
+        failure = self.scorer.failure(vec) if self.scorer is not None else {}
+        anomaly: float | None = None
+        alert = False
+        explanation: tuple[Contribution, ...] = ()
+        det = self.detector
+        if det is not None and self._det_idx is not None:
+            x = vec[self._det_idx]
+            anomaly, alert = det.score(x)
+            if anomaly >= self.explain_above:
+                explanation = tuple(det.explain(x))
+        return Risk(seq=sample.seq, wall=sample.wall, anomaly=anomaly, alert=alert, cold=det is None,
+                    model_version=self._version, explanation=explanation, failure=failure,
+                    forecasts=self.forecaster.forecasts)
+
+    def risk_alert(self, risk: Risk) -> list[str]:
+        """Why this risk is an alert (empty when it is not): anomaly, failure[c], forecast[key]."""
+        why = []
+        if risk.alert:
+            why.append("anomaly")
+        why.extend(f"failure[{c}]" for c, p in risk.failure.items() if p >= self.failure_threshold)
+        why.extend(f"forecast[{f.resource}]" for f in risk.forecasts if _forecast_alert(
+            f, self.forecast_alert_s, self.forecast_min_confidence))
+        return why
+
+    # ------------------------------------------------------------------ refit
+    def history_rows(self) -> int:
+        return self.history.rows if self.history is not None else 0
+
+    def refit_due(self, now_mono: float | None = None) -> bool:
+        if not self.settings.enabled or self.history is None or self._fitting:
+            return False
+        if self.history_rows() * self.sample_interval_s < self.settings.cold_start_s:
+            return False
+        if self.detector is None or self._last_fit_mono is None:
+            return True
+        now = time.monotonic() if now_mono is None else now_mono
+        return now - self._last_fit_mono >= self.settings.refit_interval_s
+
+    async def refit(self) -> bool:
+        """Export the history and fit a detector, both in child processes; install it if it loads."""
+        if self.history is None:
+            return False
+        self._fitting = True
+        self._last_fit_mono = time.monotonic()
+        work = self.model_dir / "work"
+        try:
+            work.mkdir(parents=True, exist_ok=True)
+            await asyncio.to_thread(self.history.flush)
+            train = work / "train.npz"
+            since = time.time() - self.settings.window_s
+            rc = await _run_child([sys.executable, "-m", "agent.features.history", "export",
+                                   "--dir", str(self.history.dir), "--schema", self.schema.to_json().decode(),
+                                   "--out", str(train), "--since", f"{since:.3f}"], self.fit_timeout_s)
+            if rc != 0:
+                log.warning("anomaly refit skipped: no usable history", exit=rc)
+                return False
+            from agent.score.fit import fit_in_child  # noqa: PLC0415 - numpy-only module, lazy
+
+            tmp = work / "detector.npz"
+            model = await asyncio.to_thread(fit_in_child, train, tmp, options=self.fit_options,
+                                            timeout_s=self.fit_timeout_s)
+            self._install_detector(model)
+            os.replace(tmp, self.model_dir / DETECTOR_FILE)
+            train.unlink(missing_ok=True)
+        except ModelError as exc:
+            log.error("anomaly refit failed; keeping the previous model", error=str(exc),
+                      previous=self.detector.model.version if self.detector else None)
+            return False
+        except OSError as exc:
+            log.error("anomaly refit failed (state dir)", error=str(exc))
+            return False
+        finally:
+            self._fitting = False
+        log.info("anomaly model refitted", version=model.version, rows=model.meta.training.rows,
+                 features=len(model.meta.features))
+        return True
+
+    async def refit_loop(self, check_every_s: float = 30.0) -> None:
+        """Daemon task: fit once the cold-start history exists, then every ``refit_interval_s``."""
+        while True:
+            await asyncio.sleep(check_every_s)
+            if self.refit_due():
+                await self.refit()
+
+    def close(self) -> None:
+        if self.history is not None:
+            self.history.flush()
+
+
+def _forecast_alert(f: Forecast, eta_s: float, min_conf: float) -> bool:
+    return f.eta_s is not None and f.eta_s <= eta_s and f.confidence >= min_conf
+
+
+async def _run_child(argv: list[str], timeout_s: float) -> int:
+    """Run a child process with a timeout; kill and reap it on timeout or cancellation."""
+    proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
+                                                stdout=asyncio.subprocess.DEVNULL,
+                                                stderr=asyncio.subprocess.PIPE)
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), timeout_s)
+    except (TimeoutError, asyncio.CancelledError):
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await asyncio.shield(proc.wait())
+        raise
+    if proc.returncode not in (0, 1):
+        log.warning("child process failed", argv=argv[:4], exit=proc.returncode,
+                    stderr=err.decode("utf-8", "replace")[-300:])
+    return proc.returncode if proc.returncode is not None else -1
+
+
+def check_schema_compatible(model_schema: FeatureSchema, node_schema: FeatureSchema) -> None:
+    """A model's features mean the same on this node only with the same window parameters."""
+    if (model_schema.window, model_schema.ewma_alpha, model_schema.version) != (
+            node_schema.window, node_schema.ewma_alpha, node_schema.version):
+        raise ModelError(
+            f"feature schema mismatch: the model was trained with window={model_schema.window}, "
+            f"ewma_alpha={model_schema.ewma_alpha}, schema v{model_schema.version}; this node uses "
+            f"window={node_schema.window}, ewma_alpha={node_schema.ewma_alpha}, v{node_schema.version}")
+    node_inputs = {i.name: i for i in node_schema.inputs}
+    bad = [i.name for i in model_schema.inputs if i.name in node_inputs and node_inputs[i.name] != i]
+    if bad:
+        raise ModelError(f"feature schema mismatch: inputs {bad[:5]} are defined differently (unit/scale)")
+
+
+def check_model(settings: ModelSettings, state_dir: str | os.PathLike[str] | None = None,
+                schema: FeatureSchema | None = None) -> list[Problem]:
+    """For ``heald check``: can the configured models be loaded and do they fit the schema?"""
+    if not settings.enabled:
+        return []
+    problems: list[Problem] = []
+    sch = schema or FeatureSchema()
+    names = sch.names
+    path = settings.classifier_path or str(clf.DEFAULT_PATH)
+    try:
+        model = clf.load(path)
+        check_schema_compatible(model.meta.schema, sch)
+        clf.Scorer(model, names)
+    except ModelError as exc:
+        problems.append(Problem(file=path, key="model.classifier_path", message=str(exc)))
+    if state_dir is not None:
+        det = Path(state_dir) / "models" / DETECTOR_FILE
+        if det.exists():
+            try:
+                dm = art.load(det)
+                missing = [n for n in dm.meta.feature_names if n not in set(names)]
+                if missing:
+                    problems.append(Problem(file=str(det), key="model",
+                                            message=f"anomaly model features {missing[:5]} are not in this "
+                                                    f"node's feature schema; it will be refused and refitted"))
+            except ModelError as exc:
+                problems.append(Problem(file=str(det), key="model",
+                                        message=f"{exc}; it will be refused and refitted"))
+    if not math.isfinite(settings.cold_start_s):
+        problems.append(Problem(file="agent.toml", key="model.cold_start_s", message="must be finite"))
+    return problems
