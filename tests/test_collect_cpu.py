@@ -125,3 +125,80 @@ def test_real_host() -> None:
     assert m["cpu.load1"] == pytest.approx(os.getloadavg()[0], abs=1.0)
     assert m["cpu.interrupts_per_s"] is not None
     c.close()
+
+
+def _hwmon(root: Path, n: int, chip: str, temps: dict[int, tuple[int, str | None]], *,
+           device: bool = False) -> None:
+    d = root / f"sys/class/hwmon/hwmon{n}"
+    d.mkdir(parents=True)
+    (d / "name").write_text(f"{chip}\n")
+    if device:
+        d = d / "device"
+        d.mkdir()
+        (d / "name").write_text(f"{chip}\n")
+    for i, (milli, label) in temps.items():
+        (d / f"temp{i}_input").write_text(f"{milli}\n")
+        (d / f"temp{i}_max").write_text("100000\n")
+        if label is not None:
+            (d / f"temp{i}_label").write_text(f"{label}\n")
+
+
+def test_temperatures_named_as_psutil_and_read_each_pass(tmp_path: Path) -> None:
+    root = _tree(tmp_path)
+    _hwmon(root, 0, "coretemp", {1: (45000, "Package id 0"), 2: (47000, "Core 0"), 10: (52500, "Core 8")})
+    _hwmon(root, 1, "nvme", {1: (38850, None), 2: (40850, None)})
+    _hwmon(root, 2, "acpitz", {1: (27800, None)}, device=True)
+    c = CpuCollector(root=str(root))
+    c.start()
+    temps = {k: v for k, v in c.collect().metrics.items() if k.startswith("cpu.temp")}
+    assert temps == {
+        "cpu.temp_c[coretemp/Package id 0]": 45.0,
+        "cpu.temp_c[coretemp/Core 8]": 52.5,  # temp10 sorts before temp2, as in psutil
+        "cpu.temp_c[coretemp/Core 0]": 47.0,
+        "cpu.temp_c[nvme/0]": pytest.approx(38.85),
+        "cpu.temp_c[nvme/1]": pytest.approx(40.85),
+        "cpu.temp_c[acpitz/0]": pytest.approx(27.8),
+        "cpu.temp_max_c": 52.5,
+    }
+    (root / "sys/class/hwmon/hwmon0/temp2_input").write_text("90000\n")
+    (root / "sys/class/hwmon/hwmon1/temp1_input").unlink()  # unreadable this pass: None, not absent
+    m = c.collect().metrics
+    assert m["cpu.temp_c[coretemp/Core 0]"] == 90.0
+    assert m["cpu.temp_max_c"] == 90.0
+    assert m["cpu.temp_c[nvme/0]"] is None
+
+
+def test_temperatures_from_thermal_zones_without_hwmon(tmp_path: Path) -> None:
+    root = _tree(tmp_path)
+    for i, (kind, milli) in enumerate([("x86_pkg_temp", 51000), ("acpitz", 30000)]):
+        z = root / f"sys/class/thermal/thermal_zone{i}"
+        z.mkdir(parents=True)
+        (z / "type").write_text(f"{kind}\n")
+        (z / "temp").write_text(f"{milli}\n")
+    c = CpuCollector(root=str(root))
+    c.start()
+    m = c.collect().metrics
+    assert m["cpu.temp_c[x86_pkg_temp/0]"] == 51.0
+    assert m["cpu.temp_c[acpitz/0]"] == 30.0
+    assert m["cpu.temp_max_c"] == 51.0
+
+
+def test_freq_from_cpuinfo_without_cpufreq(tmp_path: Path) -> None:
+    (tmp_path / "proc").mkdir()
+    (tmp_path / "proc/stat").write_text(STAT1)
+    (tmp_path / "proc/cpuinfo").write_text(
+        "processor\t: 0\ncpu MHz\t\t: 2000.000\nflags\t\t: fpu\n\n"
+        "processor\t: 1\ncpu MHz\t\t: 3000.500\nflags\t\t: fpu\n"
+    )
+    c = CpuCollector(root=str(tmp_path))
+    c.start()
+    m = c.collect().metrics
+    assert m["cpu.freq_mhz"] == pytest.approx(2500.25)
+    assert m["cpu.freq_max_mhz"] == pytest.approx(3000.5)
+
+
+def test_parse_proc_stat_reads_first_numbers_of_long_lines() -> None:
+    s = parse_proc_stat(STAT2.encode())
+    assert (s.intr, s.ctxt, s.procs_running, s.procs_blocked) == (3000, 9000, 5, 0)
+    assert s.cpus["cpu1"] == (50, 0, 25, 550, 55, 0, 0, 20)
+    assert parse_proc_stat("cpu 1 2 3\n").cpus["cpu"] == (1, 2, 3, 0, 0, 0, 0, 0)  # old kernels: 4 fields

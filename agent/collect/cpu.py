@@ -3,7 +3,11 @@
 Sources: ``/proc/stat`` (utilisation from deltas of the jiffy counters, context switches,
 interrupts), ``/proc/loadavg``, ``/sys/devices/system/cpu/cpu*/cpufreq/scaling_cur_freq``
 (falling back to ``cpu MHz`` in ``/proc/cpuinfo``), ``/sys/devices/system/cpu/cpu*/thermal_throttle``
-and ``psutil.sensors_temperatures()``.
+and the temperature sensors ``psutil.sensors_temperatures()`` exposes, named as psutil names them
+(``/sys/class/hwmon/hwmon*/temp*_input``, else ``/sys/class/thermal/thermal_zone*/temp``). The
+sensors are found, and their names and labels read, at start and once a minute; a pass reads only
+each sensor's current value (psutil reads five files per sensor and globs sysfs on every call).
+Every file is read with ``os.open``/``os.read``: no file object per read.
 
 Metrics (``None`` on the first pass for anything computed from deltas):
 
@@ -25,7 +29,8 @@ Metrics (``None`` on the first pass for anything computed from deltas):
 ``cpu.core_throttle_per_s``         the same as a rate, events/s
 ``cpu.package_throttle_count``      package throttle events, summed over physical packages
 ``cpu.package_throttle_per_s``      the same as a rate, events/s
-``cpu.temp_c[chip/label]``          each sensor psutil exposes, Celsius (absent when none)
+``cpu.temp_c[chip/label]``          each sensor psutil exposes, Celsius (absent when none; None
+                                    when its value cannot be read this pass)
 ``cpu.temp_max_c``                  the hottest of those sensors, Celsius
 =================================== ===================================================================
 """
@@ -38,8 +43,6 @@ import os
 import time
 from dataclasses import dataclass
 
-import psutil
-
 from agent.collect.counters import RateTracker
 from agent.collect.sample import Metrics, Reading, key
 from agent.collect.settings import CpuSettings
@@ -50,11 +53,54 @@ _USER, _NICE, _SYSTEM, _IDLE, _IOWAIT, _IRQ, _SOFTIRQ, _STEAL = range(8)
 _N_TIMES = 8
 
 
-def _read(path: str) -> str | None:
+_O_FILE = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+_CHUNK = 65536
+SENSOR_RESCAN_S = 60.0  # sensors (hwmon drivers) can come and go: look for them again this often
+
+
+def read_bytes(path: str) -> bytes | None:
+    """The whole file, or None when it cannot be read. os.open/os.read: no file object per read.
+
+    A short read ends it: procfs and sysfs files return everything that fits in one read.
+    """
     try:
-        with open(path, encoding="ascii", errors="replace") as f:
-            return f.read()
+        fd = os.open(path, _O_FILE)
     except OSError:
+        return None
+    try:
+        data = os.read(fd, _CHUNK)
+        if len(data) < _CHUNK:
+            return data
+        chunks = [data]
+        while chunk := os.read(fd, _CHUNK):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _read(path: str) -> str | None:
+    data = read_bytes(path)
+    return None if data is None else data.decode("ascii", "replace")
+
+
+def _line_value(data: bytes, name: bytes) -> int | None:
+    """The first number after ``name`` on the line starting with it (``ctxt 123``), or None."""
+    i = data.find(b"\n" + name + b" ")
+    if i < 0:
+        if not data.startswith(name + b" "):
+            return None
+        i = -1
+    i += len(name) + 2
+    end = data.find(b"\n", i)
+    if end < 0:
+        end = len(data)
+    space = data.find(b" ", i, end)
+    try:
+        return int(data[i : space if space >= 0 else end])
+    except ValueError:
         return None
 
 
@@ -69,36 +115,85 @@ class ProcStat:
     procs_blocked: int | None = None
 
 
-def parse_proc_stat(text: str) -> ProcStat:
+def parse_proc_stat(text: str | bytes) -> ProcStat:
+    """The cpu lines (at the top of the file) and the counters this agent uses, as bytes.
+
+    The long ``intr`` and ``softirq`` lines are not split: only their first number is read.
+    """
+    data = text.encode("ascii", "replace") if isinstance(text, str) else text
     out = ProcStat(cpus={})
-    for line in text.splitlines():
-        name, _, rest = line.partition(" ")
-        if name.startswith("cpu"):
-            fields = rest.split()
-            try:
-                vals = tuple(int(v) for v in fields[:_N_TIMES])
-            except ValueError:
-                continue
-            out.cpus[name] = vals + (0,) * (_N_TIMES - len(vals))
-            continue
-        first = rest.split(" ", 1)[0].strip() if rest else ""
+    pos, n = 0, len(data)
+    while pos < n and data.startswith(b"cpu", pos):
+        end = data.find(b"\n", pos)
+        if end < 0:
+            end = n
+        name, _, rest = data[pos:end].partition(b" ")
+        pos = end + 1
         try:
-            if name == "ctxt":
-                out.ctxt = int(first)
-            elif name == "intr":
-                out.intr = int(first)
-            elif name == "procs_running":
-                out.procs_running = int(first)
-            elif name == "procs_blocked":
-                out.procs_blocked = int(first)
+            vals = tuple(map(int, rest.split(None, _N_TIMES)[:_N_TIMES]))
         except ValueError:
             continue
+        out.cpus[name.decode("ascii", "replace")] = vals + (0,) * (_N_TIMES - len(vals))
+    out.ctxt = _line_value(data, b"ctxt")
+    out.intr = _line_value(data, b"intr")
+    out.procs_running = _line_value(data, b"procs_running")
+    out.procs_blocked = _line_value(data, b"procs_blocked")
     return out
 
 
 def read_proc_stat(root: str = "/") -> ProcStat | None:
-    text = _read(os.path.join(root, "proc/stat"))
-    return None if text is None else parse_proc_stat(text)
+    data = read_bytes(os.path.join(root, "proc/stat"))
+    return None if data is None else parse_proc_stat(data)
+
+
+def _strip_read(path: str) -> str | None:
+    data = read_bytes(path)
+    return None if data is None else data.decode("utf-8", "replace").strip()
+
+
+def discover_temp_sensors(root: str = "/") -> list[tuple[str, str]]:
+    """(``chip/label``, file holding the current millidegrees) of each sensor, named as psutil does.
+
+    psutil.sensors_temperatures(): every ``/sys/class/hwmon/hwmon*[/device]/tempN_*`` (sorted by
+    path), its chip from the ``name`` file beside it, its label from ``tempN_label`` or else its
+    index among the chip's sensors; only sensors whose value and name read. Without any hwmon
+    sensor, ``/sys/class/thermal/thermal_zone*`` (chip from ``type``, no label).
+    """
+    hwmon = os.path.join(root, "sys/class/hwmon")
+    found = glob.glob(os.path.join(hwmon, "hwmon*/temp*_*"))
+    found.extend(glob.glob(os.path.join(hwmon, "hwmon*/device/temp*_*")))
+    bases = sorted({os.path.join(os.path.dirname(p), os.path.basename(p).split("_")[0]) for p in found})
+    sensors: list[tuple[str, str]] = []
+    per_chip: dict[str, int] = {}
+    for base in bases:
+        path = base + "_input"
+        chip = _strip_read(os.path.join(os.path.dirname(base), "name"))
+        value = read_bytes(path)
+        if chip is None or value is None:
+            continue
+        try:
+            float(value)
+        except ValueError:
+            continue
+        i = per_chip.get(chip, 0)
+        per_chip[chip] = i + 1
+        sensors.append((f"{chip}/{_strip_read(base + '_label') or i}", path))
+    if bases:
+        return sensors
+    for base in sorted(glob.glob(os.path.join(root, "sys/class/thermal/thermal_zone*"))):
+        path = os.path.join(base, "temp")
+        chip = _strip_read(os.path.join(base, "type"))
+        value = read_bytes(path)
+        if chip is None or value is None:
+            continue
+        try:
+            float(value)
+        except ValueError:
+            continue
+        i = per_chip.get(chip, 0)
+        per_chip[chip] = i + 1
+        sensors.append((f"{chip}/{i}", path))
+    return sensors
 
 
 class CpuCollector:
@@ -116,7 +211,10 @@ class CpuCollector:
         self._freq_files: list[str] = []
         self._core_throttle_files: list[str] = []
         self._pkg_throttle_files: list[str] = []  # one per physical package
-        self._temps = True
+        self._sensors: list[tuple[str, str]] = []  # (metric key, *_input file)
+        self._sensors_at: float | None = None  # monotonic time of the last discovery
+        # "cpu" / "cpuN" -> its cpu.util_pct key (built once, not per pass)
+        self._util_keys: dict[str, str] = {}
 
     def _p(self, rel: str) -> str:
         return os.path.join(self.root, rel)
@@ -136,8 +234,11 @@ class CpuCollector:
             pkg = (_read(os.path.join(cpu, "topology/physical_package_id")) or cpu).strip()
             packages.setdefault(pkg, path)
         self._pkg_throttle_files = list(packages.values())
-        # Only the real host's sensors are read through psutil; a fixture root has none.
-        self._temps = self.root == "/"
+        self._discover_sensors(time.monotonic())
+
+    def _discover_sensors(self, now: float) -> None:
+        self._sensors = [(key("cpu.temp_c", label), path) for label, path in discover_temp_sensors(self.root)]
+        self._sensors_at = now
 
     def close(self) -> None:
         self._prev_times.clear()
@@ -156,32 +257,35 @@ class CpuCollector:
         self._load(m)
         self._freq(m)
         self._throttle(m, now)
-        if self._temps:
-            self._temperatures(m)
+        self._temperatures(m, now)
         self._rates.sweep()
         return Reading(metrics=m)
 
     def _utilisation(self, stat: ProcStat, m: Metrics) -> None:
-        m["cpu.count"] = float(sum(1 for n in stat.cpus if n != "cpu"))
+        m["cpu.count"] = float(len(stat.cpus) - ("cpu" in stat.cpus))
         prev = self._prev_times
+        keys = self._util_keys
+        per_cpu = self.settings.per_cpu
         for name, times in stat.cpus.items():
-            if name != "cpu" and not self.settings.per_cpu:
+            if name != "cpu" and not per_cpu:
                 continue
             old = prev.get(name)
             prev[name] = times
-            label = None if name == "cpu" else name
+            util_key = keys.get(name)
+            if util_key is None:
+                util_key = keys[name] = key("cpu.util_pct", None if name == "cpu" else name)
             # iowait (and on some kernels idle) can go backwards: clamp each delta at 0.
-            d = [max(0, a - b) for a, b in zip(times, old, strict=True)] if old is not None else []
+            d = [a - b if a > b else 0 for a, b in zip(times, old, strict=True)] if old is not None else []
             total = sum(d)
             if total <= 0:  # first pass, or no tick elapsed since the last one
-                m[key("cpu.util_pct", label)] = None
-                if label is None:
+                m[util_key] = None
+                if name == "cpu":
                     for fam in ("cpu.user_pct", "cpu.system_pct", "cpu.iowait_pct", "cpu.steal_pct"):
                         m[fam] = None
                 continue
             busy = total - d[_IDLE] - d[_IOWAIT]
-            m[key("cpu.util_pct", label)] = 100.0 * busy / total
-            if label is None:
+            m[util_key] = 100.0 * busy / total
+            if name == "cpu":
                 m["cpu.user_pct"] = 100.0 * (d[_USER] + d[_NICE]) / total
                 m["cpu.system_pct"] = 100.0 * (d[_SYSTEM] + d[_IRQ] + d[_SOFTIRQ]) / total
                 m["cpu.iowait_pct"] = 100.0 * d[_IOWAIT] / total
@@ -189,35 +293,40 @@ class CpuCollector:
         if len(prev) > len(stat.cpus):  # CPUs went offline
             for gone in [n for n in prev if n not in stat.cpus]:
                 del prev[gone]
+                keys.pop(gone, None)
 
     def _load(self, m: Metrics) -> None:
-        text = _read(self._p("proc/loadavg"))
+        data = read_bytes(self._p("proc/loadavg"))
         vals: list[float | None] = [None, None, None]
-        if text is not None:
+        if data is not None:
             with contextlib.suppress(ValueError):
-                vals = [float(v) for v in text.split()[:3]]
+                vals = [float(v) for v in data.split(None, 3)[:3]]
         m["cpu.load1"], m["cpu.load5"], m["cpu.load15"] = vals
 
     def _freq(self, m: Metrics) -> None:
         mhz: list[float] = []
         if self._freq_files:
             for path in self._freq_files:
-                text = _read(path)
+                data = read_bytes(path)
                 try:
-                    if text is not None:
-                        mhz.append(int(text) / 1000.0)  # kHz
+                    if data is not None:
+                        mhz.append(int(data) / 1000.0)  # kHz
                 except ValueError:
                     continue
         else:
-            text = _read(self._p("proc/cpuinfo"))
-            if text is None:
+            data = read_bytes(self._p("proc/cpuinfo"))
+            if data is None:
                 return
-            for line in text.splitlines():
-                if line.startswith("cpu MHz"):
-                    try:
-                        mhz.append(float(line.partition(":")[2]))
-                    except ValueError:
-                        continue
+            # "cpu MHz\t\t: 2400.000" lines, found without splitting the whole file into lines.
+            pos = 0
+            while (i := data.find(b"cpu MHz", pos)) >= 0:
+                end = data.find(b"\n", i)
+                if end < 0:
+                    end = len(data)
+                if i == 0 or data[i - 1] == 0x0A:  # at the start of a line
+                    with contextlib.suppress(ValueError):
+                        mhz.append(float(data[i:end].partition(b":")[2]))
+                pos = end
         if mhz:
             m["cpu.freq_mhz"] = sum(mhz) / len(mhz)
             m["cpu.freq_max_mhz"] = max(mhz)
@@ -230,25 +339,26 @@ class CpuCollector:
                 continue
             total: float | None = 0.0
             for path in files:
-                text = _read(path)
+                data = read_bytes(path)
                 try:
-                    total = None if text is None or total is None else total + int(text)
+                    total = None if data is None or total is None else total + int(data)
                 except ValueError:
                     total = None
             m[f"cpu.{fam}_throttle_count"] = total
             m[f"cpu.{fam}_throttle_per_s"] = self._rates.rate(f"{fam}_throttle", total, now)
 
-    def _temperatures(self, m: Metrics) -> None:
-        try:
-            sensors = psutil.sensors_temperatures()
-        except (OSError, psutil.Error, AttributeError):  # AttributeError: platform without sensors
-            return
+    def _temperatures(self, m: Metrics, now: float) -> None:
+        if self._sensors_at is None or now - self._sensors_at >= SENSOR_RESCAN_S:
+            self._discover_sensors(now)
         hottest: float | None = None
-        for chip, entries in sensors.items():
-            for i, entry in enumerate(entries):
-                label = f"{chip}/{entry.label or i}"
-                m[key("cpu.temp_c", label)] = entry.current
-                if entry.current is not None and (hottest is None or entry.current > hottest):
-                    hottest = entry.current
+        for metric_key, path in self._sensors:
+            data = read_bytes(path)
+            try:
+                current = None if data is None else float(data) / 1000.0  # millidegrees
+            except ValueError:
+                current = None
+            m[metric_key] = current
+            if current is not None and (hottest is None or current > hottest):
+                hottest = current
         if hottest is not None:
             m["cpu.temp_max_c"] = hottest
