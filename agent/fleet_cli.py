@@ -126,10 +126,11 @@ class Client:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # noqa: S310 - http(s) checked  # noqa: S310
                 return json.loads(resp.read() or b"null")
         except urllib.error.HTTPError as exc:
-            try:
-                message = json.loads(exc.read()).get("error", exc.reason)
-            except (ValueError, AttributeError):
-                message = exc.reason
+            with exc:
+                try:
+                    message = json.loads(exc.read()).get("error", exc.reason)
+                except (ValueError, AttributeError):
+                    message = exc.reason
             if exc.code in (400, 404, 409):
                 raise _bad(path, f"{message} (HTTP {exc.code})") from None
             if exc.code in (401, 403):

@@ -152,7 +152,8 @@ class CoordinatorProcess:
                 raw = resp.read()
                 return resp.status, json.loads(raw) if raw.startswith((b"{", b"[")) else raw.decode()
         except urllib.error.HTTPError as exc:
-            raw = exc.read()
+            with exc:  # an HTTPError holds the response socket open
+                raw = exc.read()
             try:
                 return exc.code, json.loads(raw)
             except ValueError:

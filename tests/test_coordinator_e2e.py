@@ -80,6 +80,7 @@ async def inject_fault(port: int, node: str) -> None:
         await publish(client, sim.risk(2.4))
         await publish(client, sim.action("fault-run-1", "restart-nginx", "started"))
         await publish(client, sim.action("fault-run-1", "restart-nginx", "finished", "ok"))
+    await asyncio.sleep(0.1)  # let paho close its socket before asyncio.run() closes the loop
 
 
 def test_two_real_agents_and_a_fault(coordinator_proc: CoordinatorProcess,

@@ -84,7 +84,12 @@ def _wants_html(request: web.Request) -> bool:
 
 @web.middleware
 async def security_headers(request: web.Request, handler: Handler) -> web.StreamResponse:
-    response = await handler(request)
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:  # redirects and HTTP errors are raised, not returned
+        for k, v in SECURITY_HEADERS.items():
+            exc.headers.setdefault(k, v)
+        raise
     if not response.prepared:
         for k, v in SECURITY_HEADERS.items():
             response.headers.setdefault(k, v)
