@@ -118,11 +118,8 @@ class FeatureSchema(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
 
     @property
     def units(self) -> tuple[str, ...]:
-        out = []
-        for i in self.inputs:
-            for t in self.transforms:
-                out.append(f"{i.unit or '1'}/s" if t in _PER_SECOND else i.unit)
-        return tuple(out)
+        return tuple(f"{i.unit or '1'}/s" if t in _PER_SECOND else i.unit
+                     for i in self.inputs for t in self.transforms)
 
     @property
     def dim(self) -> int:

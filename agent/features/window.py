@@ -17,7 +17,6 @@ labels are rescanned when the sample's key count changes and every ``window`` sa
 
 from __future__ import annotations
 
-import math
 from typing import Final
 
 import numpy as np
@@ -117,14 +116,13 @@ class FeatureWindow:
         self._cring = np.zeros((w, 6, g))  # each slot's contribution to the sums
         # rows: count, sum t, sum t^2, sum x, sum x^2, sum t*x  (x relative to xref, t to t0)
         self._sums = np.zeros((6, g))
-        self._xref = np.full(g, np.nan)
+        self._xref = np.zeros(g)  # exact references are set at the first rebase
         self._last = np.full(g, np.nan)
         self._tlast = np.full(g, np.nan)
         self._ewma = np.full(g, np.nan)
         self._pos = 0
         self._pushes = 0
         self._t0 = 0.0
-        self._pending = True  # some input has no reference value / EWMA yet
         self._last_len = -1
         self._prev_mono: float | None = None
         self._coef = np.zeros((6, 3))
@@ -147,6 +145,7 @@ class FeatureWindow:
     def _rebase(self, t: float) -> None:
         """Recompute the sums exactly from the ring with fresh references (every ``window`` pushes)."""
         vals = self._vring + self._xref  # absolute (NaN where empty)
+        # The newest value as reference keeps x - ref small (exact sums for byte-sized metrics).
         ref = np.where(np.isfinite(self._last), self._last, 0.0)
         times = self._tring + self._t0
         self._t0 = t
@@ -167,14 +166,6 @@ class FeatureWindow:
         c[:, 4] = v * v
         c[:, 5] = v * tz
         self._sums = c.sum(axis=0)
-        self._fill_pending()
-
-    def _fill_pending(self) -> None:
-        """Give inputs seen for the first time a reference value and an EWMA start."""
-        seen = np.isfinite(self._last)
-        self._xref = np.where(np.isfinite(self._xref), self._xref, np.where(seen, self._last, np.nan))
-        self._ewma = np.where(np.isfinite(self._ewma), self._ewma, self._last)
-        self._pending = not bool(np.isfinite(self._xref).all())
 
     # ------------------------------------------------------------------ push
     def push(self, sample: Sample) -> F64:
@@ -215,9 +206,6 @@ class FeatureWindow:
         elif self._pushes % self._w == 0:
             self._rebase(mono)
         fin = np.isfinite(x)
-        if self._pending and (self._pushes % 10 == 0 or self._pushes < 2):
-            np.copyto(self._last, x, where=fin)
-            self._fill_pending()
         t = mono - self._t0
         xr = x - self._xref
         u = self._u
@@ -245,6 +233,7 @@ class FeatureWindow:
         np.divide(f[_T_DELTA], mono - self._tlast, out=f[_T_RATE])
         e = self._ewma
         np.copyto(e, e + self._alpha * (x - e), where=fin)
+        np.copyto(e, x, where=np.isnan(e))  # first value of an input starts its EWMA
         f[_T_EWMA] = e
         # std and slope from the sums: D = n*[S4, S5, S2] - [S3*S3, S1*S3, S1*S1]
         n = s[0]

@@ -321,8 +321,9 @@ def check_model(settings: ModelSettings, state_dir: str | os.PathLike[str] | Non
                 missing = [n for n in dm.meta.feature_names if n not in set(names)]
                 if missing:
                     problems.append(Problem(file=str(det), key="model",
-                                            message=f"anomaly model features {missing[:5]} are not in this "
-                                                    f"node's feature schema; it will be refused and refitted"))
+                                            message=f"anomaly model features {missing[:5]} are not in "
+                                                    f"this node's feature schema; it will be refused "
+                                                    f"and refitted"))
             except ModelError as exc:
                 problems.append(Problem(file=str(det), key="model",
                                         message=f"{exc}; it will be refused and refitted"))

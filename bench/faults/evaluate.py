@@ -32,11 +32,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import dataset  # noqa: E402
+import dataset
 
-from agent.collect.sample import Sample  # noqa: E402
-from agent.score.settings import ModelSettings  # noqa: E402
-from agent.score.stage import RiskStage  # noqa: E402
+from agent.collect.sample import Sample
+from agent.score.settings import ModelSettings
+from agent.score.stage import RiskStage
 
 SOURCES = ("anomaly", "failure", "forecast")
 FAULT_FREE = ("idle", "stress", "idle_post", "stress_post")
@@ -94,7 +94,7 @@ def replay(path: Path, args: argparse.Namespace) -> dict[str, object]:
               f"{fmt(row['lead_s']):>8s}  " + " ".join(f"{fmt(row[f'{s}_lead_s']):>14s}" for s in SOURCES)
               + f"  {','.join(row['first_reason'][:2])}")  # type: ignore[index]
     free = []
-    print(f"\nfault-free phases (after the cold-start window: detector fitted), alerts by source")
+    print("\nfault-free phases (after the cold-start window: detector fitted), alerts by source")
     print(f"{'phase':12s} {'evaluated':>10s} {'alert samples':>14s} {'episodes':>9s}  "
           + " ".join(f"{s:>9s}" for s in SOURCES))
     phase = np.asarray(rec.phase)

@@ -15,7 +15,9 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import msgspec
@@ -24,11 +26,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import dataset  # noqa: E402
+import dataset
 
-from agent.features.schema import FeatureSchema  # noqa: E402
-from agent.score import classifier as clf  # noqa: E402
-from agent.score.compiled import TrainingWindow  # noqa: E402
+from agent.features.schema import FeatureSchema
+from agent.score import classifier as clf
+from agent.score.compiled import TrainingWindow
 
 THRESHOLD = 0.5
 
@@ -111,21 +113,24 @@ def main() -> int:
                   f"{'' if lead is None else f'   lead {lead:6.1f} s before failure'}")
         off += n
     ff = np.isin(np.asarray(y), [clf.NONE])
-    free_alerts = int(np.sum(np.max(np.delete(oof, classes.index(clf.NONE), axis=1)[ff], axis=1) >= THRESHOLD))
+    fail_p = np.delete(oof, classes.index(clf.NONE), axis=1)
+    free_alerts = int(np.sum(np.max(fail_p[ff], axis=1) >= THRESHOLD))
     print(f"\nfault-free samples with some failure p >= {THRESHOLD}: {free_alerts} / {int(ff.sum())}")
     metrics["episodes"] = episodes
     metrics["false_positive_samples"] = [free_alerts, int(ff.sum())]
 
     # ---- final model on everything, fitted in a child process
-    data = args.out.with_name("training-dataset.npz")
-    tmp = Path("/tmp") / f"heald-classifier-train-{args.out.stem}.npz"
-    np.savez_compressed(tmp, X=x, y=y.astype(str), groups=g.astype(str), feature_names=np.asarray(schema.names),
+    tmpdir = tempfile.mkdtemp(prefix="heald-classifier-")
+    tmp = Path(tmpdir) / "dataset.npz"
+    np.savez_compressed(tmp, X=x, y=y.astype(str), groups=g.astype(str),
+                        feature_names=np.asarray(schema.names),
                         units=np.asarray(schema.units), wall=wall, horizon_s=np.float64(args.horizon),
                         schema_json=np.frombuffer(schema.to_json(), dtype=np.uint8),
                         metrics_json=np.frombuffer(msgspec.json.encode(metrics), dtype=np.uint8))
-    del data
-    model = clf.train_in_child(tmp, args.out, c_reg=args.c)
-    tmp.unlink(missing_ok=True)
+    try:
+        model = clf.train_in_child(tmp, args.out, c_reg=args.c)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
     print(f"\nwrote {args.out} ({args.out.stat().st_size} bytes), version {model.version}, "
           f"classes {list(model.meta.classes)}, {len(model.meta.features)} features")
     return 0
