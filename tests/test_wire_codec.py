@@ -273,3 +273,13 @@ def test_msgspec_errors_never_escape_decode_json() -> None:
         with pytest.raises(WireError):
             wire.decode_json(bad)
     assert msgspec.json.decode(wire.encode_json(wire.decode(msgpack.packb(good_event()))))["kind"] == "event"
+
+
+def test_docs_describe_every_field_and_kind() -> None:
+    doc = (REPO / "docs" / "wire.md").read_text()
+    for kind, cls in wire.KINDS.items():
+        assert f"### `{kind}`" in doc, kind
+        for f in msgspec.structs.fields(cls):
+            assert f"`{f.name}`" in doc, f"{kind}.{f.name} undocumented"
+    for suffix in wire.SUFFIX.values():
+        assert f"`{suffix}`" in doc
