@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from agent.collect.memory import MemoryCollector
+from agent.collect.memory import MemoryCollector, meminfo_fields, parse_meminfo, parse_vmstat
 
 MEMINFO = """MemTotal:       1000 kB
 MemFree:         100 kB
@@ -89,3 +89,16 @@ def test_no_swap_means_swap_pct_absent(tmp_path: Path) -> None:
     assert m["psi.some_avg10_pct[memory]"] == 1.5
     assert m["psi.full_avg60_pct[memory]"] == 0.1
     assert "psi.some_avg10_pct[io]" not in m
+
+
+def test_field_lookup_matches_full_parse() -> None:
+    data = Path("/proc/meminfo").read_bytes()
+    full = parse_meminfo(data)
+    assert meminfo_fields(data) == {k: full[k] for k in meminfo_fields(data)}
+    assert "MemTotal" in meminfo_fields(data)
+    # Only whole names at the start of a line: SwapCached is not Cached, pgfault_x is not pgfault.
+    text = b"SwapCached:       7 kB\nCached:  3 kB\nHugePages_Total: 2\nMemTotal: 9 kB"
+    assert meminfo_fields(text, (b"Cached", b"MemTotal", b"HugePages_Total")) == {
+        "Cached": 3072, "MemTotal": 9216, "HugePages_Total": 2}
+    assert parse_vmstat(b"pgfault_x 1\npgmajfault 3\npgfault 9\noom_kill nope\n") == {
+        "pgfault": 9, "pgmajfault": 3}

@@ -1,6 +1,7 @@
 """Memory collector: capacity, swap, page faults, pressure stall information, OOM kills.
 
-Sources: ``/proc/meminfo``, ``/proc/vmstat`` and ``/proc/pressure/{memory,cpu,io}``.
+Sources: ``/proc/meminfo``, ``/proc/vmstat`` and ``/proc/pressure/{memory,cpu,io}``. A pass looks
+up only the fields it reports (vmstat has ~180 lines, meminfo ~55), with os.open/os.read.
 
 Metrics:
 
@@ -31,6 +32,7 @@ import os
 import time
 
 from agent.collect.counters import RateTracker
+from agent.collect.cpu import read_bytes
 from agent.collect.sample import Event, Metrics, Reading, key
 from agent.collect.settings import MemorySettings
 from agent.errors import CollectorUnavailable
@@ -39,12 +41,42 @@ PSI_RESOURCES = ("memory", "cpu", "io")
 _VMSTAT_KEYS = frozenset({b"pgfault", b"pgmajfault", b"oom_kill"})
 
 
-def _read_bytes(path: str) -> bytes | None:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError:
-        return None
+_MEMINFO_KEYS = (b"MemTotal", b"MemAvailable", b"MemFree", b"Buffers", b"Cached", b"SwapTotal", b"SwapFree")
+_read_bytes = read_bytes
+
+
+def _find_line(data: bytes, name: bytes) -> bytes | None:
+    """The rest of the line that starts with ``name`` (``name`` includes its separator), or None."""
+    if data.startswith(name):
+        i = 0
+    else:
+        i = data.find(b"\n" + name)
+        if i < 0:
+            return None
+        i += 1
+    i += len(name)
+    end = data.find(b"\n", i)
+    return data[i : end if end >= 0 else len(data)]
+
+
+def meminfo_fields(data: bytes, names: tuple[bytes, ...] = _MEMINFO_KEYS) -> dict[str, int]:
+    """Only ``names`` of ``/proc/meminfo``, as bytes (the same values as :func:`parse_meminfo`)."""
+    out: dict[str, int] = {}
+    for name in names:
+        rest = _find_line(data, name + b":")
+        if rest is None:
+            continue
+        parts = rest.split()
+        if not parts:
+            continue
+        try:
+            val = int(parts[0])
+        except ValueError:
+            continue
+        if len(parts) > 1 and parts[1] == b"kB":
+            val *= 1024
+        out[name.decode("ascii")] = val
+    return out
 
 
 def parse_meminfo(data: bytes) -> dict[str, int]:
@@ -66,10 +98,11 @@ def parse_meminfo(data: bytes) -> dict[str, int]:
 
 
 def parse_vmstat(data: bytes, wanted: frozenset[bytes] = _VMSTAT_KEYS) -> dict[str, int]:
+    """The ``wanted`` counters of ``/proc/vmstat``, each found directly (no split of ~180 lines)."""
     out: dict[str, int] = {}
-    for line in data.splitlines():
-        name, _, val = line.partition(b" ")
-        if name in wanted:
+    for name in wanted:
+        val = _find_line(data, name + b" ")
+        if val is not None:
             try:
                 out[name.decode()] = int(val)
             except ValueError:
@@ -104,7 +137,8 @@ class MemoryCollector:
         self.root = root
         self._rates = RateTracker()
         self._psi: dict[str, str] = {}  # resource -> path, only those readable at start
-        self._psi_keys: dict[str, list[str]] = {}  # resource -> the fields it had at start
+        # resource -> (field, metric key) of the fields it had at start
+        self._psi_keys: dict[str, list[tuple[str, str]]] = {}
         self._last_oom: int | None = None
 
     def _p(self, rel: str) -> str:
@@ -119,7 +153,7 @@ class MemoryCollector:
             data = _read_bytes(path)  # psi=0 kernels have the files but reading fails (EOPNOTSUPP)
             if data is not None and (fields := parse_psi(data)):
                 self._psi[res] = path
-                self._psi_keys[res] = sorted(fields)
+                self._psi_keys[res] = [(f, key(f"psi.{f}_pct", res)) for f in sorted(fields)]
         vm = _read_bytes(self._p("proc/vmstat"))
         self._last_oom = parse_vmstat(vm).get("oom_kill") if vm is not None else None
 
@@ -135,14 +169,14 @@ class MemoryCollector:
         for res, path in self._psi.items():
             data = _read_bytes(path)
             vals = parse_psi(data) if data is not None else {}
-            for field in self._psi_keys[res]:
-                m[key(f"psi.{field}_pct", res)] = vals.get(field)
+            for field, metric_key in self._psi_keys[res]:
+                m[metric_key] = vals.get(field)
         self._rates.sweep()
         return Reading(metrics=m, events=events)
 
     def _meminfo(self, m: Metrics) -> None:
         data = _read_bytes(self._p("proc/meminfo"))
-        info = parse_meminfo(data) if data is not None else {}
+        info = meminfo_fields(data) if data is not None else {}
         total = info.get("MemTotal")
         avail = info.get("MemAvailable")
         if avail is None and total is not None and "MemFree" in info:  # kernels < 3.14
