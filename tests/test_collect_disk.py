@@ -140,3 +140,29 @@ def test_real_tmpfs_used_pct_and_remount_ro(tmp_path: Path) -> None:
         assert any(e.kind == "disk.readonly" and e.labels["mount"] == str(point) for e in r.events)
     finally:
         subprocess.run(["umount", str(point)], check=False, capture_output=True, timeout=10)
+
+
+def test_mount_table_changes_and_vanished_devices(tmp_path: Path) -> None:
+    """The parsed mount table is reused while /proc/self/mounts is unchanged, and only then."""
+    (tmp_path / "proc/self").mkdir(parents=True)
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    mounts = tmp_path / "proc/self/mounts"
+    mounts.write_text(f"/dev/sdz1 {a} ext4 rw 0 0\n")
+    line = "8 {mn} {name} 1 0 8 1 1 0 8 1 0 1 0 0 0 0 0 0 0\n"
+    (tmp_path / "proc/diskstats").write_text(line.format(mn=0, name="sdz") + line.format(mn=16, name="sdy"))
+    c = DiskCollector(root=str(tmp_path))
+    c.start()
+    m = c.collect().metrics
+    assert f"disk.total_bytes[{a}]" in m
+    assert f"disk.total_bytes[{b}]" not in m
+    assert "disk.read_iops[sdy]" in m
+    assert c.collect().metrics.keys() == m.keys()
+
+    mounts.write_text(f"/dev/sdz1 {a} ext4 rw 0 0\n/dev/sdy1 {b} ext4 rw 0 0\n")
+    (tmp_path / "proc/diskstats").write_text(line.format(mn=0, name="sdz"))
+    m = c.collect().metrics
+    assert f"disk.total_bytes[{b}]" in m
+    assert "disk.read_iops[sdy]" not in m  # the device is gone: absent, its baselines dropped
+    assert "disk.read_iops[sdz]" in m

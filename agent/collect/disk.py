@@ -33,6 +33,9 @@ Events: ``disk.readonly`` (labels ``mount``, ``device``, ``fstype``) when a moun
 read-write becomes read-only (typically ext4 ``errors=remount-ro`` after an I/O error).
 
 Note: ``statvfs`` on a hung network filesystem blocks; the daemon's per-pass timeout covers it.
+
+Cost: the mount table is parsed again only when ``/proc/self/mounts`` changed since the last pass;
+metric keys are built once per mount and device; files are read with os.open/os.read.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import time
 from dataclasses import dataclass
 
 from agent.collect.counters import RateTracker
+from agent.collect.cpu import read_bytes
 from agent.collect.sample import Event, Metrics, Reading, key
 from agent.collect.settings import DiskSettings
 from agent.errors import CollectorUnavailable
@@ -50,11 +54,8 @@ SECTOR_BYTES = 512
 
 
 def _read(path: str) -> str | None:
-    try:
-        with open(path, encoding="utf-8", errors="surrogateescape") as f:
-            return f.read()
-    except OSError:
-        return None
+    data = read_bytes(path)
+    return None if data is None else data.decode("utf-8", "surrogateescape")
 
 
 def unescape_mount(field: str) -> str:
@@ -125,10 +126,16 @@ def parse_diskstats(text: str) -> dict[str, tuple[int, ...]]:
         if len(parts) < 14:
             continue
         try:
-            out[parts[2]] = tuple(int(v) for v in parts[3:14])
+            out[parts[2]] = tuple(map(int, parts[3:14]))
         except ValueError:
             continue
     return out
+
+
+_FS_FAMILIES = ("total_bytes", "used_bytes", "free_bytes", "used_pct", "inodes_used_pct", "inodes_free",
+                "readonly")
+_DEV_FAMILIES = ("read_iops", "write_iops", "read_bytes_per_s", "write_bytes_per_s", "read_await_ms",
+                 "write_await_ms", "util_pct")
 
 
 class DiskCollector:
@@ -144,6 +151,13 @@ class DiskCollector:
         self._rates = RateTracker()
         self._ro: dict[str, bool] = {}
         self._prev_ms: dict[str, tuple[int, int, int, int, int, float]] = {}
+        # The last /proc/self/mounts and what was derived from it (parsed again only on change).
+        self._mounts_raw: bytes | None = None
+        self._mounts: list[Mount] = []
+        self._selected: list[Mount] = []
+        self._backing: frozenset[str] = frozenset()
+        self._fs_keys: dict[str, tuple[str, ...]] = {}  # mount point -> its disk.* keys
+        self._dev_keys: dict[str, tuple[str, ...]] = {}  # device -> its disk.* keys, then rate keys
 
     def _p(self, rel: str) -> str:
         return os.path.join(self.root, rel)
@@ -155,16 +169,24 @@ class DiskCollector:
     def close(self) -> None:
         self._ro.clear()
         self._prev_ms.clear()
+        self._mounts_raw = None
 
     def collect(self) -> Reading:
         now = time.monotonic()
         m: Metrics = {}
         events: list[Event] = []
-        text = _read(self._p("proc/self/mounts"))
-        mounts = parse_mounts(text) if text is not None else []
-        self._filesystems(select_mounts(mounts, self.settings), m, events)
-        backing = {os.path.basename(mt.device) for mt in mounts if mt.device.startswith("/dev/")}
-        self._devices(backing, m, now)
+        raw = read_bytes(self._p("proc/self/mounts"))
+        if raw != self._mounts_raw:
+            self._mounts_raw = raw
+            self._mounts = parse_mounts(raw.decode("utf-8", "surrogateescape")) if raw is not None else []
+            self._selected = select_mounts(self._mounts, self.settings)
+            self._backing = frozenset(
+                os.path.basename(mt.device) for mt in self._mounts if mt.device.startswith("/dev/"))
+            self._fs_keys = {mt.mountpoint: self._fs_keys.get(mt.mountpoint)
+                             or tuple(key(f"disk.{fam}", mt.mountpoint) for fam in _FS_FAMILIES)
+                             for mt in self._selected}
+        self._filesystems(self._selected, m, events)
+        self._devices(self._backing, m, now)
         self._rates.sweep()
         return Reading(metrics=m, events=events)
 
@@ -173,25 +195,26 @@ class DiskCollector:
         for mt in mounts:
             point = mt.mountpoint
             seen.add(point)
+            k_total, k_used, k_free, k_pct, k_ipct, k_ifree, k_ro = self._fs_keys[point]
             try:
                 st = os.statvfs(point)
             except OSError:
-                for fam in ("total_bytes", "used_bytes", "free_bytes", "used_pct", "readonly"):
-                    m[key(f"disk.{fam}", point)] = None
+                for k in (k_total, k_used, k_free, k_pct, k_ro):
+                    m[k] = None
                 continue
             frsize = st.f_frsize or st.f_bsize
             total = st.f_blocks * frsize
             used = (st.f_blocks - st.f_bfree) * frsize
             avail = st.f_bavail * frsize
-            m[key("disk.total_bytes", point)] = float(total)
-            m[key("disk.used_bytes", point)] = float(used)
-            m[key("disk.free_bytes", point)] = float(avail)
-            m[key("disk.used_pct", point)] = 100.0 * used / (used + avail) if used + avail > 0 else 0.0
+            m[k_total] = float(total)
+            m[k_used] = float(used)
+            m[k_free] = float(avail)
+            m[k_pct] = 100.0 * used / (used + avail) if used + avail > 0 else 0.0
             if st.f_files > 0:
-                m[key("disk.inodes_used_pct", point)] = 100.0 * (st.f_files - st.f_ffree) / st.f_files
-                m[key("disk.inodes_free", point)] = float(st.f_ffree)
+                m[k_ipct] = 100.0 * (st.f_files - st.f_ffree) / st.f_files
+                m[k_ifree] = float(st.f_ffree)
             ro = mt.readonly or bool(st.f_flag & os.ST_RDONLY)
-            m[key("disk.readonly", point)] = 1.0 if ro else 0.0
+            m[k_ro] = 1.0 if ro else 0.0
             was = self._ro.get(point)
             self._ro[point] = ro
             if ro and was is False:
@@ -208,24 +231,38 @@ class DiskCollector:
         for gone in [p for p in self._ro if p not in seen]:
             del self._ro[gone]
 
-    def _devices(self, backing: set[str], m: Metrics, now: float) -> None:
-        text = _read(self._p("proc/diskstats"))
-        if text is None:
+    def _devices(self, backing: frozenset[str], m: Metrics, now: float) -> None:
+        data = read_bytes(self._p("proc/diskstats"))
+        if data is None:
             return
-        stats = parse_diskstats(text)
         prev = self._prev_ms
-        for dev, s in stats.items():
+        keys = self._dev_keys
+        rate = self._rates.rate
+        seen: set[str] = set()
+        for line in data.split(b"\n"):
+            parts = line.split()
+            if len(parts) < 14:
+                continue
+            dev = parts[2].decode("utf-8", "surrogateescape")
             if dev.startswith("loop") and dev not in backing:
                 continue
+            try:
+                s = tuple(map(int, parts[3:14]))
+            except ValueError:
+                continue
+            seen.add(dev)
             if dev.startswith(("ram", "zram")) and not any(s):
                 continue
-            rate = self._rates.rate
-            m[key("disk.read_iops", dev)] = rate(f"rd/{dev}", s[_RD], now)
-            m[key("disk.write_iops", dev)] = rate(f"wr/{dev}", s[_WR], now)
-            rb = rate(f"rds/{dev}", s[_RD_SEC], now)
-            wb = rate(f"wrs/{dev}", s[_WR_SEC], now)
-            m[key("disk.read_bytes_per_s", dev)] = None if rb is None else rb * SECTOR_BYTES
-            m[key("disk.write_bytes_per_s", dev)] = None if wb is None else wb * SECTOR_BYTES
+            k = keys.get(dev)
+            if k is None:
+                k = keys[dev] = (*(key(f"disk.{fam}", dev) for fam in _DEV_FAMILIES),
+                                 f"rd/{dev}", f"wr/{dev}", f"rds/{dev}", f"wrs/{dev}")
+            m[k[0]] = rate(k[7], s[_RD], now)
+            m[k[1]] = rate(k[8], s[_WR], now)
+            rb = rate(k[9], s[_RD_SEC], now)
+            wb = rate(k[10], s[_WR_SEC], now)
+            m[k[2]] = None if rb is None else rb * SECTOR_BYTES
+            m[k[3]] = None if wb is None else wb * SECTOR_BYTES
             cur = (s[_RD], s[_RD_MS], s[_WR], s[_WR_MS], s[_IO_MS], now)
             old = prev.get(dev)
             prev[dev] = cur
@@ -235,8 +272,11 @@ class DiskCollector:
                 await_r = d_rd_ms / d_rd if d_rd else 0.0
                 await_w = d_wr_ms / d_wr if d_wr else 0.0
                 util = min(100.0, 100.0 * d_io_ms / (dt * 1000.0)) if dt > 0 else None
-            m[key("disk.read_await_ms", dev)] = await_r
-            m[key("disk.write_await_ms", dev)] = await_w
-            m[key("disk.util_pct", dev)] = util
-        for gone in [d for d in prev if d not in stats]:
+            m[k[4]] = await_r
+            m[k[5]] = await_w
+            m[k[6]] = util
+        for gone in [d for d in prev if d not in seen]:
             del prev[gone]
+        if len(keys) > len(seen):
+            for gone in [d for d in keys if d not in seen]:
+                del keys[gone]
