@@ -290,8 +290,13 @@ def test_install_units_then_verify(tmp_path: Path) -> None:
         v = verify(root, root / "etc/systemd/system" / name)
         assert v.returncode == 0, v.stderr
         assert not v.stderr.strip(), v.stderr
+    assert (root / "etc/heald/agent.toml").read_bytes() == (TOP / "packaging/agent.toml").read_bytes()
+    (root / "etc/heald/agent.toml").write_text("[mqtt]\nenabled = true\n")  # the operator's edit
     again = install_units("--root", str(root), "--executable", "/opt/venv/bin/heald", "--json")
-    assert {f["status"] for f in json.loads(again.stdout)["files"]} == {"unchanged"}
+    statuses = {f["source"]: f["status"] for f in json.loads(again.stdout)["files"]}
+    assert statuses.pop("agent.toml") == "kept"
+    assert set(statuses.values()) == {"unchanged"}
+    assert (root / "etc/heald/agent.toml").read_text() == "[mqtt]\nenabled = true\n"
 
 
 def test_install_units_refuses_home_and_missing(tmp_path: Path) -> None:

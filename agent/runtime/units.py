@@ -9,6 +9,7 @@ the wheel, into place, with every ``ExecStart=`` rewritten to this installation:
   tmpfiles.d/heald.conf   -> /etc/tmpfiles.d/heald.conf
   polkit/60-heald.rules   -> /etc/polkit-1/rules.d/60-heald.rules
   heald-action            -> --libexec-dir/heald-action   (root-only action helper)
+  agent.toml              -> /etc/heald/agent.toml        (the commented defaults; only if absent)
 
 It starts, enables and reloads nothing: it prints the commands that do, for the operator to
 run with consent. ``--root`` stages everything below another directory (packaging, tests).
@@ -48,7 +49,7 @@ class Planned:
     dest: Path  # final path (below --root)
     content: bytes
     mode: int
-    status: str = ""  # "new" | "updated" | "unchanged" (filled by plan())
+    status: str = ""  # "new" | "updated" | "unchanged" | "kept" (existing config, never replaced)
 
 
 def add_install_units(p: argparse.ArgumentParser) -> None:
@@ -80,14 +81,15 @@ def shipped_dir() -> Traversable:
     raise HealdError("the systemd units are not in this installation (agent/_systemd is missing)")
 
 
-def shipped_action() -> bytes:
-    packaged = resources.files("agent") / "_systemd" / "heald-action"
+def shipped_packaging_file(name: str) -> bytes:
+    """``packaging/<name>``: ``agent/_systemd/<name>`` in a wheel, ``packaging/`` in a checkout."""
+    packaged = resources.files("agent") / "_systemd" / name
     if packaged.is_file():
         return packaged.read_bytes()
-    checkout = Path(__file__).resolve().parents[2] / "packaging" / "heald-action"
+    checkout = Path(__file__).resolve().parents[2] / "packaging" / name
     if checkout.is_file():
         return checkout.read_bytes()
-    raise HealdError("the heald-action helper is not in this installation")
+    raise HealdError(f"{name} is not in this installation (agent/_systemd/{name} is missing)")
 
 
 def current_executable(name: str = "heald") -> Path | None:
@@ -182,8 +184,13 @@ def plan(args: argparse.Namespace) -> list[Planned]:
                        ("polkit/60-heald.rules", "/etc/polkit-1/rules.d/60-heald.rules")):
         parts = name.split("/")
         out.append(Planned(name, _below(root, dest), src.joinpath(*parts).read_bytes(), 0o644))
-    out.append(Planned("heald-action", _below(root, action), shipped_action(), 0o755))
-    return [_with_status(p) for p in out]
+    out.append(Planned("heald-action", _below(root, action), shipped_packaging_file("heald-action"), 0o755))
+    planned = [_with_status(p) for p in out]
+    config = _below(root, "/etc/heald/agent.toml")
+    # The operator's configuration is never replaced: written only when there is none.
+    status = "kept" if config.exists() or config.is_symlink() else "new"
+    planned.append(Planned("agent.toml", config, shipped_packaging_file("agent.toml"), 0o644, status))
+    return planned
 
 
 def _with_status(p: Planned) -> Planned:
@@ -232,7 +239,7 @@ def run_install_units(args: argparse.Namespace) -> int:
     planned = plan(args)
     if not args.dry_run:
         for p in planned:
-            if p.status != "unchanged":
+            if p.status in ("new", "updated"):
                 try:
                     _write(p)
                 except OSError as exc:
@@ -249,7 +256,7 @@ def run_install_units(args: argparse.Namespace) -> int:
     verb = "would write" if args.dry_run else "wrote"
     width = max(len(str(p.dest)) for p in planned)
     for p in planned:
-        status = p.status if p.status == "unchanged" else f"{verb} ({p.status})"
+        status = f"{verb} ({p.status})" if p.status in ("new", "updated") else p.status
         _out(f"{p.dest!s:<{width}}  {p.mode:04o}  {status}")
     if args.dry_run:
         for p in planned:
