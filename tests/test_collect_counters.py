@@ -103,3 +103,24 @@ def test_counter_delta_monotone(a: int, b: int) -> None:
         assert d == b - a
     else:
         assert d is None or 0 < d <= U64 / 4
+
+
+@given(
+    values=st.lists(st.one_of(st.none(), st.integers(min_value=0, max_value=U64 - 1)), max_size=20),
+    dts=st.lists(st.floats(min_value=-1, max_value=60), min_size=20, max_size=20),
+)
+def test_rate_is_delta_over_dt(values: list[int | None], dts: list[float]) -> None:
+    """rate() (inlined for speed) agrees with delta() / dt on any sequence, None and resets included."""
+    rates, deltas = RateTracker(), RateTracker()
+    now = 0.0
+    last_t: float | None = None
+    for value, dt in zip(values, dts, strict=False):
+        now += dt
+        got, d = rates.rate("k", value, now), deltas.delta("k", value, now)
+        step = None if last_t is None or value is None else now - last_t
+        if value is not None:
+            last_t = now
+        if d is None or step is None or step <= 0:
+            assert got is None
+        else:
+            assert got == d / step

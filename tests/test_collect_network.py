@@ -160,3 +160,23 @@ def test_probes_ok_and_failing() -> None:
     assert 0 <= ms < 1000
     assert m["net.probe_ok[down]"] == 0.0
     assert m["net.probe_ms[down]"] is None
+
+
+def test_vanished_interface_is_absent_and_forgotten(tmp_path: Path) -> None:
+    (tmp_path / "proc/net").mkdir(parents=True)
+    for ifname in ("eth9", "eth8"):
+        (tmp_path / f"sys/class/net/{ifname}").mkdir(parents=True)
+        (tmp_path / f"sys/class/net/{ifname}/operstate").write_text("up\n")
+    two = NET_DEV.format(rx=1, tx=1, err=0) + NET_DEV.format(rx=1, tx=1, err=0).splitlines()[-1].replace(
+        "eth9", "eth8") + "\n"
+    (tmp_path / "proc/net/dev").write_text(two)
+    c = NetworkCollector(root=str(tmp_path))
+    c.start()
+    m = c.collect().metrics
+    assert m["net.link_up[eth8]"] == 1.0
+    assert m["net.link_up[eth9]"] == 1.0
+    (tmp_path / "proc/net/dev").write_text(NET_DEV.format(rx=2, tx=2, err=0))
+    m = c.collect().metrics
+    assert "net.link_up[eth8]" not in m
+    assert "net.rx_bytes_per_s[eth8]" not in m
+    assert m["net.rx_bytes_per_s[eth9]"] is not None

@@ -51,6 +51,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from agent.collect.counters import RateTracker
+from agent.collect.cpu import read_bytes
 from agent.collect.sample import Event, Metrics, Reading, key
 from agent.collect.settings import NetworkSettings, Probe
 from agent.errors import CollectorUnavailable
@@ -76,11 +77,19 @@ _TCP_RATES = (
 
 
 def _read(path: str) -> str | None:
-    try:
-        with open(path, encoding="ascii", errors="replace") as f:
-            return f.read()
-    except OSError:
-        return None
+    data = read_bytes(path)  # os.open/os.read: no file object per read
+    return None if data is None else data.decode("ascii", "replace")
+
+
+class _IfKeys:
+    """The metric and rate keys of one interface, built once instead of per pass."""
+
+    __slots__ = ("fields", "link", "sys")
+
+    def __init__(self, ifname: str, sys_dir: str) -> None:
+        self.fields = tuple((col, key(f"net.{f}_per_s", ifname), f"{f}/{ifname}") for f, col in _DEV_FIELDS)
+        self.link = key("net.link_up", ifname)
+        self.sys = f"{sys_dir}/{ifname}"
 
 
 def parse_net_dev(text: str) -> dict[str, list[int]]:
@@ -171,6 +180,7 @@ class NetworkCollector:
         self._link: dict[str, bool] = {}
         self._exclude = frozenset(self.settings.exclude_interfaces)
         self._prober: _Prober | None = None
+        self._if_keys: dict[str, _IfKeys] = {}
 
     def _p(self, rel: str) -> str:
         return os.path.join(self.root, rel)
@@ -202,14 +212,19 @@ class NetworkCollector:
         if text is None:
             return
         devs = parse_net_dev(text)
+        rate = self._rates.rate
+        if_keys = self._if_keys
         for ifname, vals in devs.items():
             if ifname in self._exclude:
                 continue
-            for field, col in _DEV_FIELDS:
-                value = vals[col] if col < len(vals) else None
-                m[key(f"net.{field}_per_s", ifname)] = self._rates.rate(f"{field}/{ifname}", value, now)
-            up = self._link_up(ifname)
-            m[key("net.link_up", ifname)] = None if up is None else float(up)
+            k = if_keys.get(ifname)
+            if k is None:
+                k = if_keys[ifname] = _IfKeys(ifname, self._p("sys/class/net"))
+            n = len(vals)
+            for col, metric_key, rate_key in k.fields:
+                m[metric_key] = rate(rate_key, vals[col] if col < n else None, now)
+            up = self._link_up(k.sys)
+            m[k.link] = None if up is None else float(up)
             was = self._link.get(ifname)
             if up is not None:
                 self._link[ifname] = up
@@ -226,9 +241,13 @@ class NetworkCollector:
                 )
         for gone in [i for i in self._link if i not in devs]:
             del self._link[gone]
+        if len(if_keys) > len(devs):
+            for gone in [i for i in if_keys if i not in devs]:
+                del if_keys[gone]
 
-    def _link_up(self, ifname: str) -> bool | None:
-        base = self._p(f"sys/class/net/{ifname}")
+    @staticmethod
+    def _link_up(base: str) -> bool | None:
+        """From /sys/class/net/IF (``base``): operstate, else carrier, else the IFF_UP flag."""
         state = _read(f"{base}/operstate")
         if state is None:
             return None
