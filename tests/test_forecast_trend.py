@@ -114,6 +114,9 @@ def test_robust_trend_rows() -> None:
     t = np.arange(20.0)
     y = np.vstack([2.0 * t + 1.0, np.full(20, np.nan), -t])
     slope, level, conf = robust_trend(t, y)
-    assert slope[0] == pytest.approx(2.0) and level[0] == pytest.approx(39.0) and conf[0] > 0.99
-    assert np.isnan(slope[1]) and conf[1] == 0.0
+    assert slope[0] == pytest.approx(2.0)
+    assert level[0] == pytest.approx(39.0)
+    assert conf[0] > 0.99
+    assert np.isnan(slope[1])
+    assert conf[1] == 0.0
     assert slope[2] == pytest.approx(-1.0)

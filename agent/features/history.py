@@ -54,6 +54,7 @@ class HistoryWriter:
         self._wall = np.empty(chunk_rows, dtype=np.float64)
         self._n = 0
         self._disabled = False
+        self.last_wall: float | None = None
         self.rows_on_disk = 0
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -86,6 +87,7 @@ class HistoryWriter:
             return
         self._buf[self._n] = vec
         self._wall[self._n] = wall
+        self.last_wall = wall
         self._n += 1
         if self._n == self._buf.shape[0]:
             self.flush()

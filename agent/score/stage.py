@@ -222,7 +222,8 @@ class RiskStage:
             work.mkdir(parents=True, exist_ok=True)
             await asyncio.to_thread(self.history.flush)
             train = work / "train.npz"
-            since = time.time() - self.settings.window_s
+            last = self.history.last_wall if self.history.last_wall is not None else time.time()
+            since = last - self.settings.window_s
             rc = await _run_child([sys.executable, "-m", "agent.features.history", "export",
                                    "--dir", str(self.history.dir), "--schema", self.schema.to_json().decode(),
                                    "--out", str(train), "--since", f"{since:.3f}"], self.fit_timeout_s)
