@@ -59,8 +59,8 @@ def write_config(
         lines += [f'host = "{mqtt_host}"', f"port = {mqtt_port}"]
     if share_group:
         lines.append(f'share_group = "{share_group}"')
-    lines += ["[store]", f'url = "{store_url}"', "batch_interval_s = 0.02"]
-    lines += [f"{k} = {json.dumps(v)}" for k, v in (store or {}).items()]
+    lines += ["[store]", f'url = "{store_url}"']
+    lines += [f"{k} = {json.dumps(v)}" for k, v in ({"batch_interval_s": 0.02} | (store or {})).items()]
     lines += [
         "[web]",
         f'listen = "127.0.0.1:{web_port}"',

@@ -1,0 +1,351 @@
+"""Coordinator ingest benchmark: a fleet simulator publishing real wire messages.
+
+For each scenario it starts a private mosquitto on a free port, one or two coordinator replicas
+(SQLite, or PostgreSQL with shared subscriptions), a raw MQTT subscriber that only counts
+messages (the ceiling the broker and a Python MQTT client give on this machine), and a fleet
+simulator process that publishes one ``metrics`` report per node at the given rate (QoS 1,
+real msgpack wire messages, fresh ``seq`` and ``ts``).
+
+It reports, per scenario: offered reports/s, the coordinator's sustained processed reports/s
+over the measuring window, the raw subscriber's received/s, p50/p99/max ingest lag (commit time
+minus the report's ``ts``), the backlog when publishing stops and the p99 lag in the first and
+second half of the window (growing lag = not sustainable).
+
+    python bench/coordinator_ingest.py                      # default scenarios
+    python bench/coordinator_ingest.py --quick              # shorter, for a smoke run
+    python bench/coordinator_ingest.py --nodes 10000 --rate 1 --replicas 2 --duration 30
+
+Writes bench/results/coordinator_ingest.json. Every process it starts is stopped and reaped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import secrets
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from coordinator.testing import CoordinatorProcess, free_port, write_config  # noqa: E402
+
+MOSQUITTO = os.environ.get("HEALD_TEST_MOSQUITTO", "/usr/sbin/mosquitto")
+PG_ADMIN = os.environ.get("HEALD_BENCH_PG", "postgresql://postgres@127.0.0.1/postgres")
+RESULTS = REPO / "bench" / "results" / "coordinator_ingest.json"
+
+
+@dataclass
+class Row:
+    store: str
+    replicas: int
+    nodes: int
+    rate_hz: float
+    offered_per_s: float
+    published: int
+    processed_per_s: float
+    raw_subscriber_per_s: float
+    lag_p50_s: float | None
+    lag_p99_s: float | None
+    lag_max_s: float | None
+    lag_p99_first_half_s: float | None
+    lag_p99_second_half_s: float | None
+    backlog_at_stop: int
+    drained_after_s: float | None
+    sustained: bool
+
+
+# ------------------------------------------------------------------------------ processes
+
+
+def start_mosquitto(directory: Path) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    conf = directory / "mosquitto.conf"
+    user = "user root\n" if os.geteuid() == 0 else ""
+    conf.write_text(f"{user}listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+                    "max_queued_messages 1000000\nmax_inflight_messages 0\nlog_dest none\n")
+    proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import socket  # noqa: PLC0415
+
+    for _ in range(100):
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return proc, port
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    raise RuntimeError("mosquitto did not start")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def publisher(port: int, nodes: int, rate_hz: float, duration: float, counter: Any, stop_at: Any) -> None:
+    """Child process: publish one metrics report per node every 1/rate_hz seconds, spread evenly."""
+    import paho.mqtt.client as mqtt  # noqa: PLC0415
+
+    from agent.wire import PROTOCOL_VERSION, Metrics, MetricSample, encode  # noqa: PLC0415
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-pub-{secrets.token_hex(3)}")
+    client.max_inflight_messages_set(0)
+    client.max_queued_messages_set(0)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    names = [f"sim-{i:05d}" for i in range(nodes)]
+    sites = [f"site-{i % 10}" for i in range(nodes)]
+    topics = [f"heald/v1/{sites[i]}/{names[i]}/metrics" for i in range(nodes)]
+    seqs = [int(time.time() * 1e6)] * nodes
+    per_s = nodes * rate_hz
+    start = time.monotonic()
+    sent = 0
+    i = 0
+    while (elapsed := time.monotonic() - start) < duration:
+        due = int(elapsed * per_s)
+        while sent < due:
+            k = i % nodes
+            seqs[k] += 1
+            now = time.time()
+            msg = Metrics(v=PROTOCOL_VERSION, node=names[k], site=sites[k], seq=seqs[k], ts=now,
+                          samples=[MetricSample(seq=seqs[k], wall=now, mono=time.monotonic(),
+                                                metrics={"cpu.util": 12.5, "mem.used_pct": 40.0,
+                                                         "disk.root.used_pct": 61.0})])
+            client.publish(topics[k], encode(msg), qos=1)
+            sent += 1
+            i += 1
+            if sent % 1000 == 0:
+                counter.value = sent
+        time.sleep(0.002)
+    counter.value = sent
+    stop_at.value = time.time()
+    deadline = time.monotonic() + 30
+    while client.want_write() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    client.loop_stop()
+    client.disconnect()
+
+
+class RawSubscriber:
+    """Counts messages on heald/v1/+/+/metrics without decoding them (paho, QoS 1)."""
+
+    def __init__(self, port: int) -> None:
+        import paho.mqtt.client as mqtt  # noqa: PLC0415
+
+        self.count = 0
+        self.first: float | None = None
+        self.last: float | None = None
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-raw-{secrets.token_hex(3)}")
+        self.client.on_message = self._on_message
+        self.client.on_connect = lambda c, *_: c.subscribe("heald/v1/+/+/metrics", qos=1)
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def _on_message(self, *_: Any) -> None:
+        now = time.monotonic()
+        if self.first is None:
+            self.first = now
+        self.last = now
+        self.count += 1
+
+    def rate(self) -> float:
+        if self.first is None or self.last is None or self.last <= self.first:
+            return 0.0
+        return self.count / (self.last - self.first)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+# ------------------------------------------------------------------------------ scenario
+
+
+def create_pg_db() -> str | None:
+    try:
+        import psycopg  # noqa: PLC0415
+
+        name = f"heald_bench_{secrets.token_hex(4)}"
+        with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=3) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        return name
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def drop_pg_db(name: str) -> None:
+    import psycopg  # noqa: PLC0415
+
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def info_of(c: CoordinatorProcess) -> dict[str, Any]:
+    status, body = c.api("GET", "/api/info")
+    if status != 200:
+        raise RuntimeError(f"/api/info: {status} {body}")
+    return dict(body)
+
+
+def run_scenario(store: str, replicas: int, nodes: int, rate_hz: float, duration: float) -> Row | None:
+    work = Path(tempfile.mkdtemp(prefix="heald-bench-"))
+    broker, port = start_mosquitto(work)
+    pg_name = None
+    coords: list[CoordinatorProcess] = []
+    raw: RawSubscriber | None = None
+    try:
+        url = ""
+        if store == "postgresql":
+            pg_name = create_pg_db()
+            if pg_name is None:
+                print(f"  skipped: PostgreSQL unreachable at {PG_ADMIN}")
+                return None
+            url = PG_ADMIN.rsplit("/", 1)[0] + "/" + pg_name
+        for r in range(replicas):
+            web = free_port()
+            cfg = write_config(work / f"r{r}", mqtt_port=port, web_port=web, store_url=url,
+                               share_group="bench" if replicas > 1 else "", replica_id=f"bench-{r}",
+                               store={"batch_interval_s": 0.05, "batch_max": 5000, "queue_max": 200000})
+            c = CoordinatorProcess(cfg, web)
+            c.start()
+            coords.append(c)
+        raw = RawSubscriber(port)
+        time.sleep(0.5)
+        ctx = mp.get_context("spawn")
+        counter, stop_at = ctx.Value("q", 0), ctx.Value("d", 0.0)
+        pub = ctx.Process(target=publisher, args=(port, nodes, rate_hz, duration, counter, stop_at), daemon=True)
+        pub.start()
+        samples: list[tuple[float, int, float | None]] = []  # (t, processed, p99)
+        t0 = time.monotonic()
+        half_p99: list[float | None] = []
+        while pub.is_alive() and time.monotonic() - t0 < duration + 60:
+            time.sleep(1.0)
+            infos = [info_of(c) for c in coords]
+            processed = sum(i["ingest"]["processed"] for i in infos)
+            p99s = [i["ingest"]["lag_s"]["p99"] for i in infos if i["ingest"]["lag_s"]["p99"] is not None]
+            samples.append((time.monotonic() - t0, processed, max(p99s) if p99s else None))
+            if abs((time.monotonic() - t0) - duration / 2) < 0.6 or abs((time.monotonic() - t0) - duration) < 0.6:
+                half_p99.append(max(p99s) if p99s else None)
+        pub.join(60)
+        published = int(counter.value)
+        infos = [info_of(c) for c in coords]
+        backlog = published - sum(i["ingest"]["processed"] for i in infos)
+        drained_after = None
+        t_stop = time.monotonic()
+        while time.monotonic() - t_stop < 60:
+            infos = [info_of(c) for c in coords]
+            if sum(i["ingest"]["processed"] for i in infos) >= published:
+                drained_after = time.monotonic() - t_stop
+                break
+            time.sleep(0.25)
+        # sustained rate: processed over the window that skips the first 20% (warm-up)
+        window = [s for s in samples if duration * 0.2 <= s[0] <= duration]
+        if len(window) >= 2:
+            rate = (window[-1][1] - window[0][1]) / (window[-1][0] - window[0][0])
+        else:
+            rate = 0.0
+        lags = [i["ingest"]["lag_s"] for i in infos]
+        p50 = max((x["p50"] for x in lags if x["p50"] is not None), default=None)
+        p99 = max((x["p99"] for x in lags if x["p99"] is not None), default=None)
+        lmax = max((x["max"] for x in lags if x["max"] is not None), default=None)
+        first = half_p99[0] if half_p99 else None
+        second = half_p99[-1] if len(half_p99) > 1 else None
+        offered = nodes * rate_hz
+        sustained = (rate >= 0.95 * offered and backlog < max(1000, offered)
+                     and (second is None or second < 2.0))
+        return Row(store, replicas, nodes, rate_hz, offered, published, round(rate, 1), round(raw.rate(), 1),
+                   p50, p99, lmax, first, second, backlog, drained_after, sustained)
+    finally:
+        if raw is not None:
+            raw.close()
+        for c in coords:
+            c.stop()
+        stop(broker)
+        if pg_name:
+            drop_pg_db(pg_name)
+
+
+def fmt(v: float | None, unit: str = "s") -> str:
+    if v is None:
+        return "-"
+    return f"{v * 1000:.0f}ms" if unit == "s" and v < 10 else f"{v:.1f}{unit}"
+
+
+def print_table(rows: list[Row]) -> None:
+    headers = ["store", "repl", "nodes", "Hz", "offered/s", "processed/s", "raw sub/s", "lag p50", "lag p99",
+               "p99 1st/2nd half", "backlog", "drain", "sustained"]
+    table = [[r.store, str(r.replicas), str(r.nodes), f"{r.rate_hz:g}", f"{r.offered_per_s:.0f}",
+              f"{r.processed_per_s:.0f}", f"{r.raw_subscriber_per_s:.0f}", fmt(r.lag_p50_s), fmt(r.lag_p99_s),
+              f"{fmt(r.lag_p99_first_half_s)}/{fmt(r.lag_p99_second_half_s)}", str(r.backlog_at_stop),
+              fmt(r.drained_after_s), "yes" if r.sustained else "NO"] for r in rows]
+    widths = [max(len(h), *(len(t[i]) for t in table)) for i, h in enumerate(headers)]
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
+    for t in table:
+        print("  ".join(c.ljust(w) for c, w in zip(t, widths, strict=True)))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nodes", type=int, action="append")
+    parser.add_argument("--rate", type=float, action="append", help="reports per node per second (0.1-1)")
+    parser.add_argument("--replicas", type=int, action="append", choices=[1, 2])
+    parser.add_argument("--store", action="append", choices=["sqlite", "postgresql"])
+    parser.add_argument("--duration", type=float, default=30.0)
+    parser.add_argument("--quick", action="store_true", help="1k nodes only, 10 s")
+    args = parser.parse_args()
+    if args.quick:
+        scenarios = [("sqlite", 1, 1000, 1.0)]
+        args.duration = 10.0
+    elif args.nodes or args.rate or args.replicas or args.store:
+        scenarios = [(s, r, n, hz) for s in (args.store or ["sqlite"]) for r in (args.replicas or [1])
+                     for n in (args.nodes or [1000]) for hz in (args.rate or [1.0])
+                     if not (s == "sqlite" and r > 1)]
+    else:
+        scenarios = [
+            ("sqlite", 1, 1000, 1.0), ("sqlite", 1, 10000, 0.5), ("sqlite", 1, 10000, 1.0),
+            ("postgresql", 1, 1000, 1.0), ("postgresql", 1, 10000, 0.5),
+            ("postgresql", 2, 1000, 1.0), ("postgresql", 2, 10000, 0.5), ("postgresql", 2, 10000, 1.0),
+        ]
+    rows: list[Row] = []
+    for store, replicas, nodes, hz in scenarios:
+        print(f"== {store} x{replicas}: {nodes} nodes at {hz:g} Hz for {args.duration:.0f}s", flush=True)
+        row = run_scenario(store, replicas, nodes, hz, args.duration)
+        if row is not None:
+            rows.append(row)
+            print(f"  processed {row.processed_per_s:.0f}/s (offered {row.offered_per_s:.0f}/s), "
+                  f"lag p99 {fmt(row.lag_p99_s)}, backlog {row.backlog_at_stop}", flush=True)
+    print()
+    print_table(rows)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    tmp = RESULTS.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "duration_s": args.duration, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "notes": "publisher, mosquitto, raw subscriber and every coordinator replica share this machine's CPUs",
+        "rows": [asdict(r) for r in rows]}, indent=2))
+    tmp.replace(RESULTS)
+    print(f"\nwrote {RESULTS.relative_to(REPO)}")
+    return 0
+
+
+if __name__ == "__main__":
+    threading.excepthook = lambda a: None  # paho's network thread at shutdown
+    sys.exit(main())
