@@ -204,6 +204,11 @@ class Engine:
         self.events.add(sample.events, sample.wall)
         self._index = SampleIndex(sample)
         self._evaluate_all(sample.wall, sample.mono)
+        # verification waits for a new sample (not for a fast-path re-evaluation of an old one)
+        self._eval_seq += 1
+        if self._tick is not None:
+            self._tick.set()
+            self._tick = asyncio.Event()
 
     def _evaluate_all(self, wall: float, mono: float) -> None:
         for name, pb in self._playbooks.items():
@@ -224,10 +229,6 @@ class Engine:
                 matches = []
             self._latest[name] = matches
             self._consider(pb, st, matches, wall)
-        self._eval_seq += 1
-        if self._tick is not None:
-            self._tick.set()
-            self._tick = asyncio.Event()
 
     def _hold(self, pb: Playbook, reason: str, matches: list[Match]) -> None:
         if self._held.get(pb.name) == reason:

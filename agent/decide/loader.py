@@ -411,12 +411,17 @@ class _Builder:
         target = params.get("target")
         if isinstance(target, Mapping):
             chosen = [k for k in _TARGET_SELECTORS if k in target]
-            if len(chosen) != 1:
+            exclusive = [k for k in ("pid", "unit") if k in target]
+            if exclusive and len(chosen) > 1:
                 self.err(
                     (*path, "target"),
-                    f"target needs exactly one of {', '.join(_TARGET_SELECTORS)}"
-                    + (f"; found {', '.join(chosen)}" if chosen else ""),
+                    f"target {exclusive[0]} names one process; it cannot be combined with "
+                    f"{', '.join(k for k in chosen if k != exclusive[0])}",
                 )
+            elif not chosen:
+                self.err((*path, "target"), f"target needs one of {', '.join(_TARGET_SELECTORS)}")
+            elif "top" in target and "zombie_parent" in target:
+                self.err((*path, "target"), "target top and zombie_parent cannot be combined")
             for rx in ("name", "cmdline"):
                 if isinstance(target.get(rx), str) and not PLACEHOLDER.search(target[rx]):
                     try:
