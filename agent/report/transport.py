@@ -242,13 +242,15 @@ class Reporter:
         return False
 
     def submit_sample(self, sample: Sample) -> None:
-        """Batch samples into one metrics message per ``metrics_interval_s``."""
+        """Batch samples into one metrics message per ``metrics_interval_s`` of sample time
+        (a batch covers ``[first.mono, first.mono + interval)`` and goes out when the next sample
+        falls outside it, or at 3600 samples)."""
+        if self._batch and (sample.mono - self._batch_started >= self.settings.metrics_interval_s
+                            or len(self._batch) >= 3600):
+            self.flush_samples()
         if not self._batch:
             self._batch_started = sample.mono
         self._batch.append(sample)
-        elapsed = sample.mono - self._batch_started
-        if elapsed >= self.settings.metrics_interval_s - 1e-6 or len(self._batch) >= 3600:
-            self.flush_samples()
 
     def flush_samples(self) -> None:
         if self._batch:
