@@ -22,8 +22,8 @@ from typing import Any
 import coordinator
 
 REPO_ROOT = Path(coordinator.__file__).resolve().parent.parent
-TOKEN = "test-token-0123456789"
-PASSWORD = "test-password"
+TOKEN = "test-token-0123456789"  # noqa: S105 - test fixture secret
+PASSWORD = "test-password"  # noqa: S105 - test fixture secret
 
 
 def free_port() -> int:

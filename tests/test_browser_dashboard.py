@@ -25,8 +25,16 @@ pytestmark = pytest.mark.slow
 
 CHROMIUM = os.environ.get("HEALD_TEST_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = REPO_ROOT / "test-artifacts"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def _skip_reason() -> str | None:
@@ -57,8 +65,10 @@ async def test_dashboard_login_nodes_approve_live(coord: CoordinatorProcess, mos
 
     ARTIFACTS.mkdir(exist_ok=True)
     key = load_private_key(coord.config.parent / "state" / "command-key.pem").public_key()
-    agents = [SimAgent(SimNode("web-1", site="lab", labels={"role": "web"}), "127.0.0.1", mosquitto.port, key),
-              SimAgent(SimNode("db-1", site="lab", labels={"role": "db"}), "127.0.0.1", mosquitto.port, key)]
+    agents = [
+        SimAgent(SimNode("web-1", site="lab", labels={"role": "web"}), "127.0.0.1", mosquitto.port, key),
+        SimAgent(SimNode("db-1", site="lab", labels={"role": "db"}), "127.0.0.1", mosquitto.port, key),
+    ]
     async with asyncio.TaskGroup() as tg:
         tasks = [tg.create_task(a.run(), name=f"sim-{a.node.node}") for a in agents]
         try:

@@ -53,8 +53,13 @@ async def seed(port: int) -> None:
         for m in (a.birth(), a.status(), b.birth(), b.status(), a.risk(1.3), a.metrics(5)):
             await publish(client, m)
         for i in range(3):
-            await publish(client, a.event("approval_request", {"request_id": f"ap-{i}", "run_id": f"run-{i}",
-                                                               "playbook": "restart-nginx"}))
+            await publish(
+                client,
+                a.event(
+                    "approval_request",
+                    {"request_id": f"ap-{i}", "run_id": f"run-{i}", "playbook": "restart-nginx"},
+                ),
+            )
     await asyncio.sleep(0.1)  # let paho close its socket before asyncio.run() closes the loop
 
 
@@ -67,8 +72,9 @@ def login(c: CoordinatorProcess, secret: str = PASSWORD) -> tuple[urllib.request
 
 
 def post(opener: urllib.request.OpenerDirector, url: str, headers: dict[str, str]) -> int:
-    req = urllib.request.Request(url, data=b"{}", method="POST",
-                                 headers={"Content-Type": "application/json"} | headers)
+    req = urllib.request.Request(  # noqa: S310 - local test URL
+        url, data=b"{}", method="POST", headers={"Content-Type": "application/json"} | headers
+    )
     try:
         with opener.open(req) as resp:
             return int(resp.status)
@@ -78,14 +84,22 @@ def post(opener: urllib.request.OpenerDirector, url: str, headers: dict[str, str
 
 
 def test_everything_needs_credentials(coord: CoordinatorProcess) -> None:
-    for path in ("/api/nodes", "/api/nodes/api-a", "/api/approvals", "/api/escalations", "/api/info",
-                 "/api/stream", "/api/audit", "/api/nodes/api-a/metrics"):
+    for path in (
+        "/api/nodes",
+        "/api/nodes/api-a",
+        "/api/approvals",
+        "/api/escalations",
+        "/api/info",
+        "/api/stream",
+        "/api/audit",
+        "/api/nodes/api-a/metrics",
+    ):
         status, body = coord.api("GET", path, token=None)
         assert status == 401, path
         assert "authentication required" in body["error"]
     for path in ("/api/approvals/ap-0/approve", "/api/nodes/api-a/run", "/api/nodes/api-a/silence"):
         assert coord.api("POST", path, {}, token=None)[0] == 401
-    assert coord.api("GET", "/api/nodes", token="wrong")[0] == 401
+    assert coord.api("GET", "/api/nodes", token="wrong")  # noqa: S106 - a wrong token on purpose[0] == 401
     assert coord.api("GET", "/api/health", token=None)[0] == 200  # liveness only, no data
     # the dashboard page redirects to the login form
     no_redirect = urllib.request.build_opener(NoRedirect)
@@ -102,12 +116,16 @@ class NoRedirect(urllib.request.HTTPRedirectHandler):
 
 
 def test_login_session_cookie_and_csrf(coord: CoordinatorProcess) -> None:
-    req = urllib.request.Request(coord.url + "/login", data=urllib.parse.urlencode({"secret": "nope"}).encode())
+    req = urllib.request.Request(  # noqa: S310 - local test URL
+        coord.url + "/login", data=urllib.parse.urlencode({"secret": "nope"}).encode()
+    )
     with pytest.raises(urllib.error.HTTPError) as bad:
         urllib.request.build_opener(NoRedirect).open(req)
     bad.value.close()
     assert bad.value.code == 401
-    req = urllib.request.Request(coord.url + "/login", data=urllib.parse.urlencode({"secret": PASSWORD}).encode())
+    req = urllib.request.Request(  # noqa: S310 - local test URL
+        coord.url + "/login", data=urllib.parse.urlencode({"secret": PASSWORD}).encode()
+    )
     with pytest.raises(urllib.error.HTTPError) as ok:
         urllib.request.build_opener(NoRedirect).open(req)
     ok.value.close()
@@ -149,8 +167,9 @@ def test_api_queries_and_errors(coord: CoordinatorProcess) -> None:
     assert risk[0]["anomaly"] == 1.3
 
 
-def test_approval_sends_a_signed_command(coord: CoordinatorProcess, module_broker: Broker,
-                                         tmp_path: Path) -> None:
+def test_approval_sends_a_signed_command(
+    coord: CoordinatorProcess, module_broker: Broker, tmp_path: Path
+) -> None:
     key = load_private_key(coord.config.parent / "state" / "command-key.pem").public_key()
 
     async def approve_and_receive() -> object:
@@ -177,10 +196,18 @@ def test_approval_sends_a_signed_command(coord: CoordinatorProcess, module_broke
 
 
 def fleet(coord: CoordinatorProcess, *args: str, token: str = TOKEN) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), HEALD_COORDINATOR_URL=coord.url,
-               HEALD_COORDINATOR_TOKEN=token)
-    return subprocess.run([sys.executable, "-m", "agent", "fleet", *args], capture_output=True, text=True,
-                          env=env, cwd=REPO_ROOT, timeout=60, check=False)
+    env = dict(
+        os.environ, PYTHONPATH=str(REPO_ROOT), HEALD_COORDINATOR_URL=coord.url, HEALD_COORDINATOR_TOKEN=token
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "agent", "fleet", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO_ROOT,
+        timeout=60,
+        check=False,
+    )
 
 
 def test_fleet_cli(coord: CoordinatorProcess) -> None:
@@ -206,13 +233,24 @@ def test_fleet_cli(coord: CoordinatorProcess) -> None:
     assert fleet(coord, "silence", "api-b", "15m").returncode == 0
     assert fleet(coord, "silence", "api-b", "soon").returncode == 2
     assert fleet(coord, "show", "nope").returncode == 2
-    denied = fleet(coord, "ls", token="wrong")
+    denied = fleet(coord, "ls", token="wrong")  # noqa: S106 - a wrong token on purpose
     assert denied.returncode == 1
     assert "refused the credentials" in denied.stderr
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), HEALD_COORDINATOR_URL="http://127.0.0.1:1",
-               HEALD_COORDINATOR_TOKEN=TOKEN)
-    down = subprocess.run([sys.executable, "-m", "agent", "fleet", "ls"], capture_output=True, text=True, env=env,
-                          cwd=REPO_ROOT, timeout=60, check=False)
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(REPO_ROOT),
+        HEALD_COORDINATOR_URL="http://127.0.0.1:1",
+        HEALD_COORDINATOR_TOKEN=TOKEN,
+    )
+    down = subprocess.run(
+        [sys.executable, "-m", "agent", "fleet", "ls"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO_ROOT,
+        timeout=60,
+        check=False,
+    )
     assert down.returncode == 1
     assert "cannot reach the coordinator" in down.stderr
     silenced = coord.api("GET", "/api/nodes?state=silenced")[1]

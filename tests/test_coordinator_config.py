@@ -20,8 +20,14 @@ GOOD = '[web]\npassword = "x"\n'
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "coordinator", *args], capture_output=True, text=True,
-                          cwd=REPO_ROOT, timeout=60, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "coordinator", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=60,
+        check=False,
+    )
 
 
 def test_defaults_are_safe() -> None:
@@ -32,15 +38,18 @@ def test_defaults_are_safe() -> None:
     assert s.store_url.startswith("sqlite:///")
 
 
-@pytest.mark.parametrize(("text", "key", "line"), [
-    ("[web]\npassword = 'x'\nlisten = 'nope'\n", "web.listen", 3),
-    ("[web]\npassword = 'x'\n[budget]\nmax_percent = 300\n", "budget.max_percent", 4),
-    ("[web]\npassword = 'x'\n[store]\nurl = 'mysql://x'\n", "store.url", 4),
-    ("[web]\npassword = 'x'\n[mqtt]\nshare_group = 'g'\n", "mqtt.share_group", 4),
-    ("[web]\npassword = 'x'\ncolour = 1\n", "web.colour", 3),
-    ("[web]\nlisten = '127.0.0.1:1'\n", "web", 1),
-    ("[budget]\ngroup_by = 'rack'\n[web]\npassword='x'\n", "budget.group_by", 2),
-])
+@pytest.mark.parametrize(
+    ("text", "key", "line"),
+    [
+        ("[web]\npassword = 'x'\nlisten = 'nope'\n", "web.listen", 3),
+        ("[web]\npassword = 'x'\n[budget]\nmax_percent = 300\n", "budget.max_percent", 4),
+        ("[web]\npassword = 'x'\n[store]\nurl = 'mysql://x'\n", "store.url", 4),
+        ("[web]\npassword = 'x'\n[mqtt]\nshare_group = 'g'\n", "mqtt.share_group", 4),
+        ("[web]\npassword = 'x'\ncolour = 1\n", "web.colour", 3),
+        ("[web]\nlisten = '127.0.0.1:1'\n", "web", 1),
+        ("[budget]\ngroup_by = 'rack'\n[web]\npassword='x'\n", "budget.group_by", 2),
+    ],
+)
 def test_config_errors_name_key_and_line(text: str, key: str, line: int) -> None:
     with pytest.raises(CoordinatorConfigError) as exc:
         loads(text, "c.toml")
@@ -79,7 +88,7 @@ def test_pubkey_matches_signing_key(tmp_path: Path) -> None:
 def test_embedded_broker_is_loopback_only() -> None:
     check_loopback("127.0.0.1")
     check_loopback("::1")
-    for host in ("0.0.0.0", "192.168.1.10", "example.com"):  # noqa: S104
+    for host in ("0.0.0.0", "192.168.1.10", "example.com"):
         with pytest.raises(BrokerUnavailable):
             check_loopback(host)
 
@@ -104,7 +113,8 @@ async def test_embedded_broker_whole_system(tmp_path: Path) -> None:
             status, _ = await asyncio.to_thread(proc.api, "POST", "/api/approvals/ap/approve", {})
             assert status == 200
             node = await asyncio.to_thread(
-                proc.wait_for, lambda c: (n := c.api("GET", "/api/nodes/solo")[1])["actions"] and n)
+                proc.wait_for, lambda c: (n := c.api("GET", "/api/nodes/solo")[1])["actions"] and n
+            )
             assert node["alert"]
             assert agent.accepted[0].name == "approve"
             assert agent.rejected == []  # verified with the real CommandVerifier

@@ -59,9 +59,19 @@ def agents(mosquitto: Broker, tmp_path: Path) -> Iterator[dict[str, subprocess.P
     for name in names:
         cfg = agent_config(tmp_path / name, name, mosquitto.port)
         log = (tmp_path / f"{name}.log").open("wb")
-        procs.append((subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(cfg)],
-                                       stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
-                                       cwd=REPO_ROOT), log))
+        procs.append(
+            (
+                subprocess.Popen(
+                    [sys.executable, "-m", "agent", "run", "--config", str(cfg)],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    env=env,
+                    cwd=REPO_ROOT,
+                ),
+                log,
+            )
+        )
     yield {name: proc for name, (proc, _) in zip(names, procs, strict=True)}
     for proc, log in procs:
         if proc.poll() is None:
@@ -83,9 +93,12 @@ async def inject_fault(port: int, node: str) -> None:
     await asyncio.sleep(0.1)  # let paho close its socket before asyncio.run() closes the loop
 
 
-def test_two_real_agents_and_a_fault(coordinator_proc: CoordinatorProcess,
-                                     agents: dict[str, subprocess.Popen[bytes]],
-                                     mosquitto: Broker, tmp_path: Path) -> None:
+def test_two_real_agents_and_a_fault(
+    coordinator_proc: CoordinatorProcess,
+    agents: dict[str, subprocess.Popen[bytes]],
+    mosquitto: Broker,
+    tmp_path: Path,
+) -> None:
     c = coordinator_proc
 
     def both_online(c: CoordinatorProcess) -> object:
@@ -132,7 +145,9 @@ def test_two_real_agents_and_a_fault(coordinator_proc: CoordinatorProcess,
     assert node["last_action"] == "restart-nginx/restart_service: ok"
     assert not c.api("GET", "/api/nodes/e2e-b")[1]["alert"]
     with sqlite3.connect(db) as conn:
-        outcomes = [r[0] for r in conn.execute("SELECT outcome FROM actions WHERE node = 'e2e-a' ORDER BY id")]
+        outcomes = [
+            r[0] for r in conn.execute("SELECT outcome FROM actions WHERE node = 'e2e-a' ORDER BY id")
+        ]
         risk = conn.execute("SELECT max(anomaly) FROM risk WHERE node = 'e2e-a'").fetchone()[0]
     assert outcomes == [None, "ok"]
     assert risk == 2.4

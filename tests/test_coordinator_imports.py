@@ -1,4 +1,5 @@
-"""The coordinator imports only agent.wire and agent.errors from the agent (checked in a fresh interpreter)."""
+"""The coordinator imports only agent.wire and agent.errors from the agent (checked in a fresh
+interpreter)."""
 
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ print(json.dumps(sorted(m for m in sys.modules if m == "agent" or m.startswith("
 
 
 def test_coordinator_imports_only_the_wire_from_the_agent() -> None:
-    out = subprocess.run([sys.executable, "-c", PROBE], cwd=REPO_ROOT, capture_output=True, text=True,
-                         check=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE], cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=60
+    )
     modules = json.loads(out.stdout)
     assert "agent.wire" in modules
     offenders = [m for m in modules if not (m in ALLOWED or m.startswith("agent.wire."))]
@@ -28,8 +30,11 @@ def test_coordinator_imports_only_the_wire_from_the_agent() -> None:
 
 
 def test_coordinator_does_not_import_heavy_agent_dependencies() -> None:
-    probe = ("import sys, coordinator.service, coordinator.web.app; "
-             "print([m for m in ('sklearn', 'numpy', 'psutil', 'pynvml') if m in sys.modules])")
-    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True,
-                         check=True, timeout=60)
+    probe = (
+        "import sys, coordinator.service, coordinator.web.app; "
+        "print([m for m in ('sklearn', 'numpy', 'psutil', 'pynvml') if m in sys.modules])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=60
+    )
     assert out.stdout.strip() == "[]"

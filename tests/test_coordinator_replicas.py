@@ -42,14 +42,21 @@ def replicas(mosquitto: Broker, pg_url: str, tmp_path: Path) -> Iterator[list[Co
     procs = []
     for i in (1, 2):
         port = free_port()
-        cfg = write_config(tmp_path / f"r{i}", mqtt_port=mosquitto.port, web_port=port, store_url=pg_url,
-                           share_group="coordinators", replica_id=f"replica-{i}")
+        cfg = write_config(
+            tmp_path / f"r{i}",
+            mqtt_port=mosquitto.port,
+            web_port=port,
+            store_url=pg_url,
+            share_group="coordinators",
+            replica_id=f"replica-{i}",
+        )
         # both replicas sign with the same key (as a real deployment would share it)
         procs.append(CoordinatorProcess(cfg, port))
     procs[0].start()
     (tmp_path / "r2" / "state").mkdir(parents=True)
     (tmp_path / "r2" / "state" / "command-key.pem").write_bytes(
-        (tmp_path / "r1" / "state" / "command-key.pem").read_bytes())
+        (tmp_path / "r1" / "state" / "command-key.pem").read_bytes()
+    )
     procs[1].start()
     yield procs
     for p in procs:
@@ -71,7 +78,12 @@ async def traffic(port: int) -> int:
             unique += 2
         for r in range(ROUNDS):
             for n in nodes:
-                batch = [n.metrics(3), n.risk(0.1 * r), n.event("sim.tick"), n.action(f"run{r}", "pb", "started")]
+                batch = [
+                    n.metrics(3),
+                    n.risk(0.1 * r),
+                    n.event("sim.tick"),
+                    n.action(f"run{r}", "pb", "started"),
+                ]
                 for m in batch:
                     await publish(client, m)
                     unique += 1

@@ -194,8 +194,7 @@ async def _fleet(store: Store, count: int, site: str = "s") -> list[SimNode]:
 async def _request(store: Store, node: SimNode, playbook: str = "restart-nginx") -> object:
     ev = node.event("lease_request", {"request_id": f"r-{node.node}", "playbook": playbook}, value=30)
     result = await store.apply([inc(ev)])
-    outcome = await store.decide_leases(result.lease_requests)
-    return outcome
+    return await store.decide_leases(result.lease_requests)
 
 
 @pytest.mark.asyncio
@@ -278,8 +277,9 @@ def test_classify_counts_malformed() -> None:
 
 
 def test_subscriptions_share_only_unretained_kinds() -> None:
-    assert subscriptions("") == [f"heald/v1/+/+/{k}" for k in
-                                 ("birth", "status", "metrics", "risk", "event", "action", "cmd_ack")]
+    assert subscriptions("") == [
+        f"heald/v1/+/+/{k}" for k in ("birth", "status", "metrics", "risk", "event", "action", "cmd_ack")
+    ]
     shared = subscriptions("g")
     assert "heald/v1/+/+/birth" in shared
     assert "heald/v1/+/+/status" in shared

@@ -20,14 +20,22 @@ from coordinator.testing import CoordinatorProcess, free_port, write_config
 pytestmark = pytest.mark.slow
 
 NODES = 100
-BUDGET = {"max_nodes": 3, "max_percent": 10.0, "storm_share": 0.2, "storm_min_nodes": 3,
-          "storm_window_s": 300.0, "lease_ttl_s": 120.0}
+BUDGET = {
+    "max_nodes": 3,
+    "max_percent": 10.0,
+    "storm_share": 0.2,
+    "storm_min_nodes": 3,
+    "storm_window_s": 300.0,
+    "lease_ttl_s": 120.0,
+}
 
 
 @pytest.fixture
 def coord(mosquitto: Broker, tmp_path: Path) -> Iterator[CoordinatorProcess]:
     port = free_port()
-    proc = CoordinatorProcess(write_config(tmp_path, mqtt_port=mosquitto.port, web_port=port, budget=BUDGET), port)
+    proc = CoordinatorProcess(
+        write_config(tmp_path, mqtt_port=mosquitto.port, web_port=port, budget=BUDGET), port
+    )
     proc.start()
     yield proc
     proc.stop()
@@ -42,10 +50,23 @@ async def storm(port: int, nodes: list[SimNode], coord: CoordinatorProcess) -> l
             await publish(client, n.status())
         await asyncio.to_thread(coord.wait_for, lambda c: c.api("GET", "/api/nodes")[1]["total"] == NODES)
         # every node detects the same symptom at the same moment
-        await asyncio.gather(*(publish(client, n.event("lease_request", {"request_id": f"req-{n.node}",
-                                                                          "run_id": f"run-{n.node}",
-                                                                          "playbook": "restart-nginx"},
-                                                       value=60.0)) for n in nodes))
+        await asyncio.gather(
+            *(
+                publish(
+                    client,
+                    n.event(
+                        "lease_request",
+                        {
+                            "request_id": f"req-{n.node}",
+                            "run_id": f"run-{n.node}",
+                            "playbook": "restart-nginx",
+                        },
+                        value=60.0,
+                    ),
+                )
+                for n in nodes
+            )
+        )
         async with asyncio.timeout(30):
             async for msg in client.messages:
                 received.append(decode_command(msg.payload))  # type: ignore[arg-type]
