@@ -33,6 +33,10 @@ F64 = npt.NDArray[np.float64]
 _T_VALUE, _T_DELTA, _T_RATE, _T_EWMA, _T_STD, _T_SLOPE = range(len(TRANSFORMS))
 _AGGS: Final = ("max", "min", "sum")
 _RESCAN_EVERY = 5  # windows
+_NS = 10  # rows of the running sums (see _reset_state)
+_SX_ROWS = (4, 7, 8)  # rows holding sum x
+_ST_ROWS = (5, 6, 9)  # rows holding sum t
+_TINY = 1e-200  # a zero denominator becomes tiny; results for n < 2 are masked
 
 
 class FeatureWindow:
@@ -63,6 +67,8 @@ class FeatureWindow:
             else:
                 self._add_raw(spec.key, gi)
         self._out = np.empty(schema.dim, dtype=np.float64)
+        self._out2 = self._out.reshape(g, len(schema.transforms))  # a view: input-major order
+        self._t_all = tuple(schema.transforms) == TRANSFORMS
         self._feat = np.full((len(TRANSFORMS), g), np.nan)
         self._res = np.empty((2, g))
         self._reset_state()
@@ -113,9 +119,10 @@ class FeatureWindow:
         g, w = self._g, self._w
         self._vring = np.full((w, g), np.nan)  # values relative to _xref
         self._tring = np.full(w, np.nan)  # times relative to _t0
-        self._cring = np.zeros((w, 6, g))  # each slot's contribution to the sums
-        # rows: count, sum t, sum t^2, sum x, sum x^2, sum t*x  (x relative to xref, t to t0)
-        self._sums = np.zeros((6, g))
+        # Running sums, rows laid out so that std and slope need slices only (x relative to xref,
+        # t to t0): n, Sxx, Stx, Stt, Sx, St, St, Sx, Sx, St  (S = sum over the window's valid rows).
+        self._cring = np.zeros((w, _NS, g))  # each slot's contribution to the sums
+        self._sums = np.zeros((_NS, g))
         self._xref = np.zeros(g)  # exact references are set at the first rebase
         self._last = np.full(g, np.nan)
         self._tlast = np.full(g, np.nan)
@@ -125,8 +132,12 @@ class FeatureWindow:
         self._t0 = 0.0
         self._last_len = -1
         self._prev_mono: float | None = None
-        self._coef = np.zeros((6, 3))
-        self._coef[0, 0] = self._coef[3, 1] = self._coef[4, 2] = 1.0
+        # contribution = coef @ [valid, v, v*v] with v the (relative) value, 0 when missing
+        self._coef = np.zeros((_NS, 3))
+        self._coef[0, 0] = 1.0
+        self._coef[1, 2] = 1.0
+        for r in _SX_ROWS:
+            self._coef[r, 1] = 1.0
         self._u = np.zeros((3, g))
 
     def reset(self) -> None:
@@ -160,11 +171,13 @@ class FeatureWindow:
         v = np.where(valid, xr, 0.0)
         c = self._cring
         c[:, 0] = f
-        c[:, 1] = f * tz
-        c[:, 2] = f * tz * tz
-        c[:, 3] = v
-        c[:, 4] = v * v
-        c[:, 5] = v * tz
+        c[:, 1] = v * v
+        c[:, 2] = v * tz
+        c[:, 3] = f * tz * tz
+        for r in _SX_ROWS:
+            c[:, r] = v
+        for r in _ST_ROWS:
+            c[:, r] = f * tz
         self._sums = c.sum(axis=0)
 
     # ------------------------------------------------------------------ push
@@ -214,8 +227,8 @@ class FeatureWindow:
         np.copyto(u[1], 0.0, where=~fin)
         np.multiply(u[1], u[1], out=u[2])
         coef = self._coef
-        coef[1, 0] = coef[5, 1] = t
-        coef[2, 0] = t * t
+        coef[5, 0] = coef[6, 0] = coef[9, 0] = coef[2, 1] = t
+        coef[3, 0] = t * t
         pos = self._pos
         slot = self._cring[pos]
         s = self._sums
@@ -232,20 +245,28 @@ class FeatureWindow:
         np.subtract(x, self._last, out=f[_T_DELTA])
         np.divide(f[_T_DELTA], mono - self._tlast, out=f[_T_RATE])
         e = self._ewma
+        np.copyto(e, x, where=np.isnan(e))  # the first value of an input starts its EWMA
         np.copyto(e, e + self._alpha * (x - e), where=fin)
-        np.copyto(e, x, where=np.isnan(e))  # first value of an input starts its EWMA
         f[_T_EWMA] = e
-        # std and slope from the sums: D = n*[S4, S5, S2] - [S3*S3, S1*S3, S1*S1]
+        # D = n * [Sxx, Stx, Stt] - [Sx, St, St] * [Sx, Sx, St]
+        #   = [n^2 var * (n-1)/n, n^2 cov(t, x), n^2 var(t)]
         n = s[0]
-        d = n * s[(4, 5, 2), :] - s[(3, 1, 1), :] * s[(3, 3, 1), :]
-        res = self._res
-        res.fill(np.nan)
-        np.divide(d[:2], np.stack((n * (n - 1.0), d[2])), out=res,
-                  where=(n > 1.5) & (d[2] > 1e-12 * n * n))
-        np.sqrt(np.maximum(res[0], 0.0), out=f[_T_STD], where=n > 1.5)
-        f[_T_STD][n < 1.5] = np.nan
-        f[_T_SLOPE] = res[1]
+        d = n * s[1:4] - s[4:7] * s[7:10]
+        den = self._res
+        np.multiply(n, n - 1.0, out=den[0])
+        den[1] = d[2]
+        np.maximum(den, _TINY, out=den)
+        q = d[:2] / den  # [var, slope]; n < 2 gives 0/tiny = 0 here, masked below
+        np.sqrt(np.maximum(q[0], 0.0), out=f[_T_STD])
+        f[_T_SLOPE] = q[1]
+        few = n < 1.5
+        if few.any():
+            f[_T_STD][few] = np.nan
+            f[_T_SLOPE][few] = np.nan
         np.copyto(self._last, x, where=fin)
         np.copyto(self._tlast, mono, where=fin)
-        self._out[:] = f[self._t_sel].T.ravel()
+        if self._t_all:
+            self._out2[:] = f.T
+        else:
+            self._out2[:] = f[self._t_sel].T
         return self._out

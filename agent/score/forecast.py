@@ -6,11 +6,11 @@ Tracked resources (:data:`DEFAULT_RESOURCES`): free bytes and free inodes per mo
 
 Method. Every sample's values go into one preallocated ring (``capacity`` samples x resources);
 every ``every`` samples the trend of each resource is re-estimated on several windows (by
-default the last 30 s, 120 s and ``window_s`` = 600 s), each subsampled to at most
-``max_points`` points:
+default the last 30 s, 120 s and ``window_s`` = 600 s; a window of S seconds is refitted every
+max(``every``, S/20) samples), each subsampled to at most ``max_points`` points:
 
 1. a vectorised least-squares pre-filter: a resource that is not moving towards its limit, or
-   whose least-squares ETA exceeds ``max_eta_s`` by a wide margin, is reported as not trending
+   whose least-squares ETA exceeds ``max_eta_s`` (2 days), is reported as not trending
    (``eta_s = None``) without further work;
 2. otherwise the **Theil-Sen** slope (median of all pairwise slopes; tolerates up to ~29 % of
    outliers) and the robust level ``median(y - slope * t)`` at the latest sample time;
@@ -117,7 +117,7 @@ class Forecaster:
     def __init__(self, resources: Sequence[Resource] = DEFAULT_RESOURCES, *, window_s: float = 600.0,
                  spans: Sequence[float] = (30.0, 120.0), every: int = 5, max_points: int = 30,
                  capacity: int = 600,
-                 max_eta_s: float = 7 * 86400.0, min_points: int = 8) -> None:
+                 max_eta_s: float = 2 * 86400.0, min_points: int = 8) -> None:
         self.resources = tuple(resources)
         self.window_s = window_s
         self.spans = (*sorted(s for s in spans if s < window_s), float(window_s))
@@ -136,6 +136,7 @@ class Forecaster:
         self._n = 0
         self._last_len = -1
         self.forecasts: tuple[Forecast, ...] = ()
+        self._results: dict[int, tuple[F64, F64, F64]] = {}
 
     @property
     def keys(self) -> list[str]:
@@ -174,15 +175,22 @@ class Forecaster:
         if self._n % self.every == 0 and self._keys:
             self.forecasts = self._compute(mono)
 
+    def _due(self, span: float) -> bool:
+        """A window of ``span`` seconds is refitted every max(every, span / 20) samples."""
+        cadence = max(self.every, int(span / 20.0) // self.every * self.every)
+        return self._n % cadence == 0
+
     def _compute(self, now: float) -> tuple[Forecast, ...]:
         k = len(self._keys)
-        best_eta = np.full(k, np.nan)
-        best_conf = np.zeros(k)
-        best_rate = np.zeros(k)
         n = min(self._n, self._cap)
         order = (self._pos - n + np.arange(n)) % self._cap
         t_all = self._t[order]
-        for span in self.spans:
+        for si, span in enumerate(self.spans):
+            res = self._results.get(si)
+            if res is not None and res[0].size == k and not self._due(span):
+                continue  # keep this window's last fit
+            eta_s, conf_s, rate_s = np.full(k, np.nan), np.zeros(k), np.zeros(k)
+            self._results[si] = (eta_s, conf_s, rate_s)
             sel = order[t_all >= now - span]
             if sel.size < self.min_points:
                 continue
@@ -203,7 +211,7 @@ class Forecaster:
                 toward = -ols * self._sign  # > 0: moving towards the limit
                 room = (level - self._limit) * self._sign
                 cand = np.flatnonzero((cnt >= self.min_points) & (toward > 0)
-                                      & ((room < 10 * self.max_eta_s * toward) | (room <= 0)))
+                                      & ((room < self.max_eta_s * toward) | (room <= 0)))
             if cand.size == 0:
                 continue
             slope, lev, conf = robust_trend(t, yk[cand])
@@ -213,9 +221,18 @@ class Forecaster:
             rm = (lev - self._limit[cand]) * sign
             with np.errstate(invalid="ignore", divide="ignore"):
                 eta = np.where(rm <= 0, 0.0, rm / np.where(tw > 0, tw, np.nan))
-            better = np.isfinite(eta) & (eta <= self.max_eta_s) & (conf > best_conf[cand])
-            r = cand[better]
-            best_eta[r], best_conf[r], best_rate[r] = eta[better], conf[better], slope[better]
+            good = np.isfinite(eta) & (eta <= self.max_eta_s)
+            r = cand[good]
+            eta_s[r], conf_s[r], rate_s[r] = eta[good], conf[good], slope[good]
+        # The window with the highest confidence wins, per resource.
+        best_eta = np.full(k, np.nan)
+        best_conf = np.zeros(k)
+        best_rate = np.zeros(k)
+        for eta_s, conf_s, rate_s in self._results.values():
+            better = conf_s > best_conf
+            best_eta[better] = eta_s[better]
+            best_conf[better] = conf_s[better]
+            best_rate[better] = rate_s[better]
         return tuple(
             Forecast(resource=key, eta_s=float(e) if e == e else None,  # noqa: PLR0124 - NaN test
                      confidence=round(float(c), 4), rate_per_s=float(rt))
