@@ -113,7 +113,8 @@ def test_conffiles(built: Built, tmp_path: Path) -> None:
         assert mode & stat.S_IXUSR, script
     postinst = (tmp_path / "DEBIAN/postinst").read_text()
     # Debian practice: nothing is enabled or started without the operator.
-    code = "\n".join(line for line in postinst.splitlines() if not line.lstrip().startswith("#"))
+    code = "\n".join(line for line in postinst.splitlines()
+                     if not line.lstrip().startswith(("#", "echo ")))  # comments and the advice printed
     assert not re.search(r"systemctl\s+(--\S+\s+)*(enable|start|restart)\b", code)
     assert not re.search(r"deb-systemd-(helper|invoke)\s+(enable|start)", code)
     assert "systemd-sysusers" in code
