@@ -507,3 +507,29 @@ async def test_corrupt_segment_quarantined_and_prefix_replayed(mosquitto: Broker
         await sub.wait_for(lambda: len(sub.of(wire.Event)) == survivors, what="valid prefix")
     assert [int(e.value or 0) for e in sub.of(wire.Event)] == list(range(1, survivors + 1))
     assert reporter._seq.peek > survivors  # new numbers continue above what the spool holds
+
+
+@pytest.mark.asyncio
+async def test_unacknowledged_qos1_publish_is_kept_and_replayed(mosquitto: Broker, tmp_path: Path) -> None:
+    """A frozen broker (SIGSTOP: TCP up, no PUBACK) makes the publish time out; the reporter drops the
+    link, keeps the record in the spool and delivers it once the broker answers again."""
+    reporter = Reporter(settings_for(mosquitto, ack_timeout_s=1.0, connect_timeout_s=1.0, backoff_max_s=0.3),
+                        node="n1", site=SITE, state_dir=tmp_path)
+    assert mosquitto.proc is not None
+    async with Subscriber(mosquitto) as sub, running(reporter):
+        await asyncio.wait_for(reporter.wait_connected(), 10)
+        mosquitto.proc.send_signal(signal.SIGSTOP)
+        try:
+            reporter.submit(build.report_event("during-freeze", value=1.0))
+            deadline = time.monotonic() + 10
+            while reporter.connected:
+                assert time.monotonic() < deadline, "ack timeout did not drop the link"
+                await asyncio.sleep(0.05)
+            assert reporter.backlog >= 1
+        finally:
+            mosquitto.proc.send_signal(signal.SIGCONT)
+        reporter.submit(build.report_event("after-freeze", value=2.0))
+        await sub.wait_for(lambda: {e.value for e in sub.of(wire.Event)} >= {1.0, 2.0}, within=20,
+                           what="both events")
+    values = first_seen([int(e.value or 0) for e in sub.of(wire.Event)])
+    assert values == [1, 2]
