@@ -17,7 +17,23 @@ if TYPE_CHECKING:
 
 # Extra validations run by `heald check`, as "module:function(settings) -> list[Problem]".
 # Stages register theirs here (playbooks, model artifacts).
-CHECKS: tuple[str, ...] = ()
+CHECKS: tuple[str, ...] = (
+    "agent.runtime.cli:check_playbooks",
+    "agent.runtime.cli:check_models",
+)
+
+
+def check_playbooks(settings: Settings) -> list[Problem]:
+    from agent.decide.loader import check_playbooks as check  # noqa: PLC0415
+
+    return check(settings.playbooks)
+
+
+def check_models(settings: Settings) -> list[Problem]:
+    from agent.score.stage import check_model  # noqa: PLC0415
+
+    state = settings.paths.state_dir
+    return check_model(settings.model, state if Path(state).is_dir() else None)
 
 
 def _config_arg(p: argparse.ArgumentParser) -> None:

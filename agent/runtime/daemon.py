@@ -217,22 +217,59 @@ class Daemon:
 
 def build_daemon(loaded: LoadedConfig, config_path: Path | None = None,
                  *, nvml: object | None = None) -> Daemon:
-    """The daemon with every pipeline stage the config enables, wired in flow order."""
+    """The daemon with every pipeline stage the config enables, wired in flow order.
+
+    Heavy modules (numpy models, aiomqtt, prometheus_client, cryptography) are imported only
+    when their stage is enabled. Invalid playbooks at start are an InputError (exit 2).
+    """
+    # Imports are local so that a disabled stage costs nothing at start-up or in RSS.
+    from agent.runtime import wiring  # noqa: PLC0415
+
     daemon = Daemon(loaded, config_path, nvml=nvml)
     s = daemon.settings
     pipe = daemon.pipeline
+    if s.model.enabled:
+        from agent.score.stage import RiskStage  # noqa: PLC0415
+
+        stage = RiskStage(s.model, daemon.state_dir, sample_interval_s=s.sample.interval_s)
+        pipe.scorer = stage
+        pipe.add_task("score-refit", stage.refit_loop)
     if s.prometheus.enabled:
-        from agent.runtime import prometheus  # noqa: PLC0415 - only when enabled
+        from agent.runtime import prometheus  # noqa: PLC0415
 
         exposition = prometheus.Exposition(s.node.id)
         pipe.exposition = exposition
         pipe.add_task("prometheus", lambda: prometheus.serve(exposition, s.prometheus.listen))
+    reporter = None
     if s.mqtt.enabled:
-        from agent.report.transport import Reporter  # noqa: PLC0415 - aiomqtt only when reporting
+        from agent.report.transport import Reporter  # noqa: PLC0415
 
         reporter = Reporter(s.mqtt, node=s.node.id, site=s.node.site, state_dir=daemon.state_dir,
                             labels=s.node.labels, collectors=daemon.sampler.names,
-                            capabilities=["playbooks", "spool"])
+                            model_version=pipe.scorer.model_version if pipe.scorer is not None else "",
+                            capabilities=["playbooks", "spool", "signed-commands"])
         pipe.reporter = reporter
         pipe.add_task("report", reporter.run)
+
+    from agent.act.engine import Engine  # noqa: PLC0415
+    from agent.decide.loader import load_playbooks  # noqa: PLC0415
+
+    def on_action(record: dict[str, Any]) -> None:
+        if pipe.exposition is not None and record.get("type") in ("run.end", "run.finished"):
+            pipe.exposition.record_run(str(record.get("playbook")), str(record.get("outcome", "")))
+        if reporter is not None:
+            reporter.submit(wiring.action_message(record))
+
+    def on_event(event: dict[str, Any]) -> None:
+        log.warning("playbook event", **{k: v for k, v in event.items() if k != "event"})
+
+    engine = Engine(s.playbooks, daemon.state_dir, s.node.id, load_playbooks(s.playbooks),
+                    on_action=on_action, on_event=on_event)
+    pipe.decider = engine
+    pipe.add_task("playbooks", engine.run)
+    daemon.reloadables.append(wiring.PlaybookReloader(engine))
+    if reporter is not None:
+        dispatcher = wiring.CommandDispatcher(wiring.build_verifier(s, daemon.state_dir), engine, reporter)
+        reporter.command_handler = dispatcher
+        pipe.add_task("commands", dispatcher.run)
     return daemon

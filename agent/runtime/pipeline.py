@@ -20,6 +20,9 @@ log = structlog.get_logger("heald.pipeline")
 
 
 class RiskScorer(Protocol):
+    @property
+    def model_version(self) -> str: ...
+
     def on_sample(self, sample: Sample) -> Risk: ...
 
 
@@ -56,6 +59,8 @@ class Pipeline:
             if risk is not None:
                 self.exposition.update_risk(risk)
         if self.decider is not None:
+            if self.reporter is not None and hasattr(self.decider, "set_connected"):
+                self.decider.set_connected(self.reporter.connected)
             try:
                 await self.decider.evaluate(sample, risk)
             except Exception:  # a playbook bug must not stop sampling or reporting

@@ -1,0 +1,176 @@
+"""Glue between the stages that the stages themselves must not know about.
+
+- playbook decisions (audit records) -> MQTT ``action`` messages, escalations -> ``event``s;
+- signed commands from the coordinator -> verified -> the playbook engine -> ``command_ack``;
+- SIGHUP -> the playbook engine reloads its playbooks (an invalid set keeps the old one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import msgspec
+import structlog
+
+from agent import wire
+from agent.errors import HealdError, InputError
+from agent.report import build
+
+if TYPE_CHECKING:
+    from agent.act.engine import Engine
+    from agent.report.transport import Reporter
+    from agent.runtime.config import Settings
+    from agent.wire.signing import CommandVerifier
+
+log = structlog.get_logger("heald.wiring")
+AckStatus = Literal["accepted", "rejected", "done", "failed", "expired"]
+
+_OUTCOMES: dict[str, Literal["ok", "failed", "skipped", "timeout", "refused"]] = {
+    "ok": "ok", "succeeded": "ok", "verified": "ok", "done": "ok", "dry-run": "ok",
+    "failed": "failed", "escalated": "failed", "interrupted": "failed", "abandoned": "skipped",
+    "skipped": "skipped", "held": "refused", "refused": "refused", "timeout": "timeout",
+}
+
+
+def _clean(value: Any) -> Any:
+    """JSON-ish audit values -> wire ``Args`` values (str keys, scalars, lists, dicts)."""
+    return msgspec.convert(msgspec.to_builtins(value, str_keys=True), Any)
+
+
+def action_message(record: dict[str, Any]) -> wire.Action | wire.Event:
+    """One engine audit record as a wire message (decisions are published as actions)."""
+    kind = str(record.get("type", "decision"))
+    env = build._env()  # same envelope rules as every other report
+    playbook = str(record.get("playbook") or "-")
+    run_id = str(record.get("run_id") or "-")
+    if kind == "escalate":
+        return wire.Event(**env, name=str(record.get("kind") or "playbook.escalation"), source="playbooks",
+                          wall=time.time(), labels={"playbook": playbook, "run_id": run_id,
+                                                    "severity": str(record.get("severity", ""))},
+                          message=str(record.get("message", ""))[:4096])
+    status = str(record.get("status") or record.get("outcome") or "")
+    finished = kind == "step" and status not in ("intent", "started", "")
+    finished = finished or kind in ("run.end", "run.finished", "run.abandoned")
+    outcome = None
+    if finished:
+        ok = record.get("ok")
+        outcome = _OUTCOMES.get(status, "ok" if ok is True else "failed")
+    result = {k: v for k, v in record.items()
+              if k not in ("node", "playbook", "run_id", "action", "dry_run", "duration_s", "type")}
+    return wire.Action(
+        **env, phase="finished" if finished else "started", run_id=run_id[:128] or "-",
+        playbook=playbook[:128] or "-", step=str(record.get("step_name") or record.get("step") or kind),
+        action=str(record.get("action") or kind), dry_run=bool(record.get("dry_run", False)),
+        outcome=outcome, result=_clean({"type": kind, **result}),
+        error=str(record.get("detail", ""))[:4096] if outcome == "failed" else "",
+        duration_s=record.get("duration_s") if isinstance(record.get("duration_s"), int | float) else None,
+    )
+
+
+class CommandDispatcher:
+    """Verify a coordinator command, act on it through the engine, acknowledge it."""
+
+    def __init__(self, verifier: CommandVerifier | None, engine: Engine | None,
+                 reporter: Reporter) -> None:
+        self.verifier = verifier
+        self.engine = engine
+        self.reporter = reporter
+        self.rejected: dict[str, int] = {}
+        self._queue: asyncio.Queue[wire.Command] = asyncio.Queue(maxsize=100)
+
+    def _ack(self, command: wire.Command, status: AckStatus, message: str = "",
+             result: dict[str, Any] | None = None) -> None:
+        env = build._env()
+        self.reporter.submit(wire.CommandAck(**env, command_id=command.id, status=status,
+                                             message=message[:4096], result=_clean(result or {})))
+
+    def __call__(self, command: wire.Command) -> None:
+        from agent.wire.signing import CommandExpired, CommandRejected  # noqa: PLC0415
+
+        if self.verifier is None:
+            self.rejected["no_key"] = self.rejected.get("no_key", 0) + 1
+            log.warning("command rejected: no coordinator public key configured", command_id=command.id,
+                        name=command.name)
+            self._ack(command, "rejected", "this node has no coordinator public key configured")
+            return
+        try:
+            self.verifier.verify(command)
+        except CommandRejected as exc:
+            reason = getattr(exc, "reason", type(exc).__name__)
+            self.rejected[reason] = self.rejected.get(reason, 0) + 1
+            log.warning("command rejected", command_id=command.id, name=command.name, reason=reason,
+                        error=str(exc), rejected_total=sum(self.rejected.values()))
+            self._ack(command, "expired" if isinstance(exc, CommandExpired) else "rejected", str(exc))
+            return
+        try:
+            self._queue.put_nowait(command)
+        except asyncio.QueueFull:
+            self._ack(command, "rejected", "too many commands queued on this node")
+            return
+        self._ack(command, "accepted")
+
+    async def run(self) -> None:
+        """The command task (in the daemon's root group): one verified command at a time."""
+        while True:
+            command = await self._queue.get()
+            try:
+                status, message, result = await self._execute(command)
+            except HealdError as exc:
+                log.warning("command failed", command_id=command.id, name=command.name, error=str(exc))
+                status, message, result = "failed", str(exc), {}
+            self._ack(command, status, message, result)
+
+    async def _execute(self, command: wire.Command) -> tuple[AckStatus, str, dict[str, Any]]:
+        engine = self.engine
+        if engine is None:
+            return "failed", "playbooks are not loaded on this node", {}
+        playbook = str(command.args.get("playbook", ""))
+        by = command.issuer or "coordinator"
+        if command.name in ("run", "run_playbook", "approve"):
+            run_id = await engine.trigger_manual(playbook, approved_by=by)
+            return "done", f"{command.name}: run {run_id} started", {"run_id": run_id}
+        if command.name == "deny":
+            deny = getattr(engine, "deny", None)
+            denied = bool(deny(playbook, by)) if deny is not None else False
+            return "done", f"approval for {playbook} denied", {"denied": denied}
+        if command.name == "status":
+            return "done", "", {"playbooks": engine.status(), "approvals": engine.pending_approvals()}
+        return "failed", f"unknown command '{command.name}'", {}
+
+
+class PlaybookReloader:
+    """On SIGHUP: load the playbooks again; an invalid set is refused and the running one kept."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def reload(self, settings: Settings) -> None:
+        from agent.decide.loader import load_playbooks  # noqa: PLC0415
+
+        try:
+            playbooks = load_playbooks(settings.playbooks)
+        except InputError as exc:
+            log.error("playbook reload refused, keeping the running set",
+                      problems=[str(p) for p in exc.problems])
+            return
+        self.engine.settings = settings.playbooks
+        self.engine.reload(playbooks)
+        log.info("playbooks reloaded", count=len(playbooks))
+
+
+def build_verifier(settings: Settings, state_dir: Path) -> CommandVerifier | None:
+    """The command verifier from ``[coordinator]`` keys; None when no key is configured."""
+    from agent.wire import signing  # noqa: PLC0415 - cryptography only when commands are in use
+
+    c = settings.coordinator
+    keys = [signing.parse_public_key(k) for k in c.public_keys]
+    keys += [signing.load_public_key(Path(p)) for p in c.public_key_files]
+    if not keys:
+        return None
+    (state_dir / "report").mkdir(parents=True, exist_ok=True)
+    return signing.CommandVerifier(keys, node=settings.node.id, site=settings.node.site,
+                                   nonces=signing.NonceCache(state_dir / "report" / "nonces.msgpack"),
+                                   max_skew_s=c.max_clock_skew_s)
