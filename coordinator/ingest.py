@@ -46,6 +46,12 @@ REPORT_SUFFIXES: Final = ("birth", "status", "metrics", "risk", "event", "action
 RETAINED_SUFFIXES: Final = frozenset({"birth", "status"})
 
 
+def subscription_qos(topic: str) -> int:
+    """Metrics are published at QoS 0 (superseded by the next batch): subscribing at QoS 1 would only
+    add a PUBACK per report for messages that are delivered at QoS 0 anyway."""
+    return 0 if topic.endswith("/metrics") else 1
+
+
 def subscriptions(share_group: str) -> list[str]:
     """The topic filters this replica subscribes to."""
     out = []
@@ -203,7 +209,7 @@ class Bus:
                 async with self._client_for() as client:
                     self._client = client
                     for topic in subscriptions(self.cfg.share_group):
-                        await client.subscribe(topic, qos=1)
+                        await client.subscribe(topic, qos=subscription_qos(topic))
                     self.stats.connected = True
                     self.stats.connects += 1
                     self.ready.set()

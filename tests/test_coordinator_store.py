@@ -17,7 +17,7 @@ import pytest_asyncio
 
 from agent.wire import encode
 from coordinator.config import BudgetSection, StoreSection
-from coordinator.ingest import classify, subscriptions
+from coordinator.ingest import classify, subscription_qos, subscriptions
 from coordinator.model import Incoming
 from coordinator.sim import SimNode
 from coordinator.store import NodeQuery, Store, open_store
@@ -285,3 +285,4 @@ def test_subscriptions_share_only_unretained_kinds() -> None:
     assert "heald/v1/+/+/status" in shared
     assert "$share/g/heald/v1/+/+/metrics" in shared
     assert "$share/g/heald/v1/+/+/cmd_ack" in shared
+    assert [subscription_qos(t) for t in shared] == [1, 1, 0, 1, 1, 1, 1]
