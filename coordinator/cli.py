@@ -68,6 +68,11 @@ def _run(settings: CoordinatorSettings) -> int:
     from coordinator.logs import configure  # noqa: PLC0415
 
     configure(settings.log.level, settings.log.format, replica=settings.replica_id)
+    try:
+        import aiohttp  # noqa: F401, PLC0415 - the web server; part of the coordinator extra
+    except ImportError:
+        sys.stderr.write("heald-coordinator: aiohttp is missing: pip install 'heald[coordinator]'\n")
+        return 1
     if settings.embedded_broker and not amqtt_available():
         sys.stderr.write(f"heald-coordinator: no [mqtt] host configured and {INSTALL_HINT}\n")
         return 1

@@ -349,7 +349,11 @@ class Store:
 
     def _connect(self, *, writer: bool) -> Any:
         if self.is_postgres:
-            import psycopg  # noqa: PLC0415 - only PostgreSQL deployments need it
+            try:
+                import psycopg  # noqa: PLC0415 - only PostgreSQL deployments need it
+            except ImportError:
+                raise StoreError("a postgresql:// store needs psycopg 3: pip install 'heald[postgres]'") \
+                    from None
 
             try:
                 conn: Any = psycopg.connect(self.url, autocommit=not writer, connect_timeout=10)
