@@ -23,7 +23,8 @@ max(``every``, S/20) samples), each subsampled to at most ``max_points`` points:
    limit, (limit - level) / slope for one rising to it, 0 once at the limit.
 
 A sudden cleanup (step up in free space) reads as not trending; a single step down reads as low
-confidence. Cost: O(1) per sample plus the periodic refit (typically < 100 us every 5 samples).
+confidence. Cost: O(1) per sample plus the periodic refit (every ``every`` = 10 samples; a few hundred
+microseconds with ~30 tracked resources, see bench/pipeline_cost.py).
 Nothing here imports scikit-learn.
 """
 
@@ -115,7 +116,7 @@ class Forecaster:
     """Feed samples with :meth:`push`; read :attr:`forecasts` (refreshed every ``every`` samples)."""
 
     def __init__(self, resources: Sequence[Resource] = DEFAULT_RESOURCES, *, window_s: float = 600.0,
-                 spans: Sequence[float] = (30.0, 120.0), every: int = 5, max_points: int = 30,
+                 spans: Sequence[float] = (30.0, 120.0), every: int = 10, max_points: int = 30,
                  capacity: int = 600,
                  max_eta_s: float = 2 * 86400.0, min_points: int = 8) -> None:
         self.resources = tuple(resources)
@@ -203,14 +204,22 @@ class Forecaster:
             cnt = valid.sum(axis=1)
             tc = t - t[-1]
             with np.errstate(invalid="ignore", divide="ignore"):
-                yz = np.where(valid, yk, 0.0)
                 tz = np.where(valid, tc, 0.0)
-                st, sy = tz.sum(axis=1), yz.sum(axis=1)
-                ols = (cnt * (tz * yz).sum(axis=1) - st * sy) / (cnt * (tz * tz).sum(axis=1) - st * st)
-                level = (sy - ols * st) / cnt
+                yz = np.where(valid, yk, 0.0)
+                tm = tz.sum(axis=1) / cnt
+                ym = yz.sum(axis=1) / cnt
+                tcen = np.where(valid, tc[None, :] - tm[:, None], 0.0)
+                ycen = np.where(valid, yk - ym[:, None], 0.0)
+                stt = (tcen * tcen).sum(axis=1)
+                sty = (tcen * ycen).sum(axis=1)
+                ols = sty / stt
+                rvar = np.maximum((ycen * ycen).sum(axis=1) - ols * sty, 0.0) / np.maximum(cnt - 2, 1)
+                change2 = ols * ols * 12.0 * stt / cnt  # (slope * span)^2 for evenly spaced points
+                level = ym - ols * tm  # at the latest time (tc = 0)
                 toward = -ols * self._sign  # > 0: moving towards the limit
                 room = (level - self._limit) * self._sign
-                cand = np.flatnonzero((cnt >= self.min_points) & (toward > 0)
+                # A trend that does not stand out of its own noise cannot reach confidence 0.5.
+                cand = np.flatnonzero((cnt >= self.min_points) & (toward > 0) & (change2 >= rvar)
                                       & ((room < self.max_eta_s * toward) | (room <= 0)))
             if cand.size == 0:
                 continue

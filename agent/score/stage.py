@@ -4,7 +4,7 @@
 
 1. :class:`~agent.features.window.FeatureWindow` (declared schema) -> feature vector, also
    appended to the on-disk history (:mod:`agent.features.history`);
-2. :class:`~agent.score.forecast.Forecaster` -> exhaustion forecasts (refreshed every 5 samples);
+2. :class:`~agent.score.forecast.Forecaster` -> exhaustion forecasts (refreshed every 10 samples);
 3. the failure classifier (compiled, :mod:`agent.score.classifier`) -> class probabilities;
 4. the node's anomaly detector (:class:`~agent.score.detector.StreamingDetector`) -> normalised
    score, alert and, when the score is at or above ``explain_above``, the top features.
