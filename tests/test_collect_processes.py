@@ -322,3 +322,60 @@ def test_parse_procs_counts() -> None:
     assert parse_procs_counts(b"cpu 1\nprocs_running 4\nprocs_blocked 1\n") == (4, 1)
     assert parse_procs_counts(b"cpu 1\nprocs_running 4") == (4, None)
     assert parse_procs_counts(b"cpu 1\nprocs_running x\n") == (None, None)
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_held_stat_fds_follow_processes_and_are_closed() -> None:
+    c = ProcessCollector(ProcessSettings())
+    c.start()
+    before = _open_fds()
+    c.collect()
+    held = len(c._fds)
+    assert held > 0
+    assert _open_fds() == before + held
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        _wait_state(child.pid, "S")
+        r = c.collect()
+        assert str(child.pid) in c._fds
+    finally:
+        child.kill()
+        child.wait(timeout=5)
+    r = c.collect()  # reaped: its fd is closed, and the pid is not counted
+    assert str(child.pid) not in c._fds
+    top_mem = r.detail["top_mem"]
+    assert isinstance(top_mem, list)
+    assert child.pid not in [row["pid"] for row in top_mem]
+    c.close()
+    assert not c._fds
+    assert _open_fds() == before
+
+
+def test_no_fd_budget_reads_the_same_table() -> None:
+    held, plain = ProcessCollector(ProcessSettings()), ProcessCollector(ProcessSettings())
+    held.start()
+    plain.start()
+    plain._max_fds = 0  # what start() decides under a tiny RLIMIT_NOFILE
+    a, b = held.collect().metrics, plain.collect().metrics
+    assert not plain._fds
+    assert a.keys() == b.keys()
+    assert a["proc.count"] == pytest.approx(b["proc.count"], abs=10)
+    held.close()
+
+
+def test_reported_rss_is_statm_and_ranks_candidates(tmp_path: Path) -> None:
+    """stat's rss only picks candidates; the exact statm value is reported and ranks them."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    root = _fixture(tmp_path, {pid: _stat_line(pid, f"p{pid}", rss_pages=1000 - pid) for pid in range(1, 8)})
+    (root / "proc/2/statm").write_text("5000 1200 10 1 0 100 0\n")  # 2 is really the largest
+    (root / "proc/1/statm").write_text("5000 999 10 1 0 100 0\n")
+    c = ProcessCollector(ProcessSettings(top_n=2), root=str(root))
+    c.start()
+    r = c.collect()
+    top_mem = r.detail["top_mem"]
+    assert isinstance(top_mem, list)
+    assert [(row["pid"], row["rss_bytes"]) for row in top_mem] == [(2, 1200 * page), (1, 999 * page)]
+    assert r.metrics["proc.top_rss_bytes"] == 1200 * page

@@ -1,12 +1,17 @@
 """Processes collector: process table summary, top consumers, watched names, systemd units.
 
-Sources: ``/proc/PID/stat``, read once per process and pass (one ``open``/``read``/``close``):
-comm, state, utime + stime, num_threads, starttime and rss; ``/proc/PID/cmdline`` only for a
-process whose comm is truncated (15 characters) and that is reported in a top list or could match
-a watched name; ``/proc/stat`` (procs_running, procs_blocked) and
-``systemctl show UNIT... --property=ActiveState,SubState,NRestarts,MainPID`` (argv list, timeout,
-no shell; the executable is ``settings.systemctl``). Where ``/proc`` is not usable (not Linux, not
-mounted) the table comes from psutil instead, with the same metrics.
+Sources: ``/proc/PID/stat``, read once per process and pass: comm, state, utime + stime,
+num_threads, starttime and rss (the kernel's approximate count: it only picks the candidates for
+the top lists, whose reported ``rss_bytes`` are read from ``/proc/PID/statm``, exact, as psutil's).
+The stat files of the first ``_MAX_HELD_FDS`` processes (at most a quarter of RLIMIT_NOFILE) stay
+open and are re-read with ``pread`` at offset 0, which regenerates them; such an fd stays bound to
+its process (ESRCH once it is reaped, even if the pid is reused) and is closed then. Others are
+opened, read and closed each pass; a stat file identical to the last pass's is not parsed again.
+``/proc/PID/cmdline`` is read only for a process whose comm is truncated (15 characters) and that
+is reported in a top list or could match a watched name. Also ``/proc/stat`` (procs_running,
+procs_blocked) and ``systemctl show UNIT... --property=ActiveState,SubState,NRestarts,MainPID``
+(argv list, timeout, no shell; the executable is ``settings.systemctl``). Where ``/proc`` is not
+usable (not Linux, not mounted) the table comes from psutil instead, with the same metrics.
 
 CPU use of a process is the increase of its utime + stime between two passes over the monotonic
 time between them, % of one CPU rounded to 0.1 (as ``psutil.Process.cpu_percent``); a process seen
@@ -39,11 +44,13 @@ SubState, NRestarts, MainPID}}``.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -64,6 +71,20 @@ _O_DIR = _O_FILE | getattr(os, "O_DIRECTORY", 0)
 _STAT_READ = 4096
 _CMDLINE_MAX = 1 << 20
 _COMM_LEN = 15  # TASK_COMM_LEN - 1: comm holds at most this many bytes, longer names are cut
+_RSS_MARGIN = 3  # candidates beyond top_n whose exact rss is read before the top_mem list is cut
+# /proc/PID/stat files kept open between passes (pread instead of open/read/close: half the cost).
+_MAX_HELD_FDS = 512
+
+
+def _fd_budget() -> int:
+    """How many stat files may stay open: _MAX_HELD_FDS, at most a quarter of RLIMIT_NOFILE."""
+    try:
+        import resource  # noqa: PLC0415 - POSIX only
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return 0
+    return _MAX_HELD_FDS if soft == resource.RLIM_INFINITY else max(0, min(_MAX_HELD_FDS, soft // 4))
 
 
 @dataclass(slots=True)
@@ -77,7 +98,10 @@ class _Row:
         return {"pid": self.pid, "name": self.name, "cpu_pct": self.cpu_pct, "rss_bytes": self.rss_bytes}
 
 
-def parse_pid_stat(data: bytes) -> tuple[bytes, bytes, int, int, bytes, int] | None:
+_Stat = tuple[bytes, bytes, int, int, bytes, int]  # comm, state, ticks, threads, starttime, rss pages
+
+
+def parse_pid_stat(data: bytes) -> _Stat | None:
     """``/proc/PID/stat`` -> (comm, state, utime + stime in ticks, num_threads, starttime, rss pages).
 
     comm may hold spaces and parentheses: it lies between the first ``(`` and the last ``)``.
@@ -95,6 +119,20 @@ def parse_pid_stat(data: bytes) -> tuple[bytes, bytes, int, int, bytes, int] | N
         return data[lp + 1 : rp], f[0], int(f[11]) + int(f[12]), int(f[17]), f[19], int(f[21])
     except ValueError:
         return None
+
+
+def _statm_rss(dfd: int, entry: str, approx_pages: int) -> int:
+    """Resident bytes from ``/proc/PID/statm`` (exact, as psutil's rss); stat's count if unreadable."""
+    try:
+        fd = os.open(entry + "/statm", _O_FILE, dir_fd=dfd)
+    except OSError:
+        return approx_pages * _PAGE
+    try:
+        return int(os.read(fd, 256).split(None, 2)[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return approx_pages * _PAGE
+    finally:
+        os.close(fd)
 
 
 def parse_cmdline(data: bytes) -> list[str]:
@@ -186,9 +224,13 @@ class ProcessCollector:
         self.root = root
         self._proc_dir = os.path.join(root, "proc")
         self._fast: bool | None = None  # /proc/PID/stat usable; None until probed
-        # pid (as its /proc entry name) -> (starttime, utime + stime) at the previous pass
-        self._prev: dict[str, tuple[bytes, int]] = {}
+        # pid (as its /proc entry name) -> its stat file at the previous pass, and that parsed
+        self._prev: dict[str, tuple[bytes, _Stat]] = {}
         self._prev_t: float | None = None
+        self._fds: dict[str, int] = {}  # pid (entry name) -> its open /proc/PID/stat
+        self._max_fds = 0  # set by start()
+        self._lock = threading.Lock()  # a pass and close() never touch the fds at once
+        self._close_pending = False
         self._procs: dict[int, psutil.Process] = {}  # the psutil fallback's cache
         self._systemctl: str | None = None
         self._watch = frozenset(self.settings.watch)
@@ -198,6 +240,7 @@ class ProcessCollector:
 
     def start(self) -> None:
         self._fast = self._probe()
+        self._max_fds = _fd_budget() if self._fast else 0
         if self.settings.units:
             # Absent (not None) when systemctl is not installed at all.
             self._systemctl = shutil.which(self.settings.systemctl)
@@ -213,8 +256,24 @@ class ProcessCollector:
 
     def close(self) -> None:
         self._procs.clear()
-        self._prev.clear()
+        # A pass abandoned by the daemon may still be running in its thread: it closes the fds
+        # itself when it ends (a /proc scan takes milliseconds, so this rarely waits at all).
+        if not self._lock.acquire(timeout=1.0):
+            self._close_pending = True
+            return
+        try:
+            self._close_fds()
+        finally:
+            self._lock.release()
+
+    def _close_fds(self) -> None:
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._prev = {}
         self._prev_t = None
+        self._close_pending = False
 
     def collect(self) -> Reading:
         m: Metrics = {}
@@ -222,7 +281,10 @@ class ProcessCollector:
         if self._fast is None:
             self._fast = self._probe()
         if self._fast:
-            self._table(m, detail)
+            with self._lock:
+                self._table(m, detail)
+                if self._close_pending:
+                    self._close_fds()
         else:
             self._table_psutil(m, detail)
         stat = _read_all(os.path.join(self._proc_dir, "stat"))
@@ -264,7 +326,7 @@ class ProcessCollector:
     def _scan(self, dfd: int, entries: list[str], now: float, m: Metrics, detail: dict[str, object]) -> None:
         """Read ``entries`` (the pid directories of ``dfd``, by pid) and fill ``m`` and ``detail``."""
         prev = self._prev
-        cur: dict[str, tuple[bytes, int]] = {}
+        cur: dict[str, tuple[bytes, _Stat]] = {}
         # Parallel lists, one slot per live process, by pid: no object per process.
         pids: list[str] = []
         comms: list[bytes] = []
@@ -275,31 +337,53 @@ class ProcessCollector:
         watch_b = self._watch_b
         watch_long = self._watch_long
         watched: dict[str, list[int]] = {name: [] for name in self.settings.watch}
-        op, rd, cl, parse = os.open, os.read, os.close, parse_pid_stat
+        fds = self._fds
+        room = self._max_fds - len(fds)
+        op, pread, rd, cl, parse = os.open, os.pread, os.read, os.close, parse_pid_stat
         for entry in entries:
-            try:
-                fd = op(entry + "/stat", _O_FILE, dir_fd=dfd)
-            except OSError:  # gone since listdir
-                continue
-            try:
-                data = rd(fd, _STAT_READ)
-            except OSError:  # ESRCH: exited between open and read
-                continue
-            finally:
-                cl(fd)
-            got = parse(data)
-            if got is None:
-                continue
-            comm, state, ticks, nthreads, start, rss = got
+            fd = fds.get(entry)
+            data = None
+            if fd is not None:
+                try:
+                    data = pread(fd, _STAT_READ, 0)  # offset 0: the kernel writes it anew
+                except OSError:  # ESRCH: that process was reaped; the pid may name a new one
+                    cl(fd)
+                    del fds[entry]
+                    room += 1
+            if data is None:
+                try:
+                    fd = op(entry + "/stat", _O_FILE, dir_fd=dfd)
+                except OSError:  # gone since listdir
+                    continue
+                try:
+                    data = rd(fd, _STAT_READ)
+                except OSError:  # ESRCH: exited between open and read
+                    cl(fd)
+                    continue
+                if room > 0:
+                    fds[entry] = fd
+                    room -= 1
+                else:
+                    cl(fd)
+            old = prev.get(entry)
+            got: _Stat | None
+            if old is not None and old[0] == data:  # an idle process: nothing moved, no parse
+                got = old[1]
+                d = 0
+            else:
+                got = parse(data)
+                if got is None:
+                    continue
+                # 0 on a process's first pass, and when the pid now names another process.
+                base = old[1] if old is not None else None
+                d = got[2] - base[2] if base is not None and base[4] == got[4] and got[2] > base[2] else 0
+            cur[entry] = (data, got)
+            comm, state, _, nthreads, _, rss = got
             if state == b"Z":
                 zombies.append(int(entry))
                 d, rss = 0, 0
             else:
                 threads += nthreads
-                old = prev.get(entry)
-                # 0 on a process's first pass, and when the pid now names another process.
-                d = ticks - old[1] if old is not None and old[0] == start and ticks > old[1] else 0
-                cur[entry] = (start, ticks)
             pids.append(entry)
             comms.append(comm)
             dticks.append(d)
@@ -313,6 +397,10 @@ class ProcessCollector:
                     name = self._name(dfd, entry, comm)
                     if name in self._watch:
                         watched[name].append(int(entry))
+        if len(fds) > len(pids):  # processes gone (reaped) since the last pass
+            live = set(pids)
+            for gone in [e for e in fds if e not in live]:
+                cl(fds.pop(gone))
         dt = now - self._prev_t if self._prev_t is not None else 0.0
         self._prev = cur
         self._prev_t = now
@@ -330,14 +418,25 @@ class ProcessCollector:
         idx = range(len(pids))
         # Ordering by ticks is ordering by % (one dt for all); ties keep pid order, as before.
         top_cpu = heapq.nlargest(n, idx, key=dticks.__getitem__) if n else []
-        top_mem = heapq.nlargest(n, idx, key=rsss.__getitem__) if n else []
+        # stat's rss is the kernel's approximate (per-CPU batched) count; statm's, which psutil
+        # reports, is exact (kernels >= 6.16). Rank a few more by the first, then by the second.
+        mem_cands = heapq.nlargest(n + _RSS_MARGIN, idx, key=rsss.__getitem__) if n else []
+        exact: dict[int, int] = {}
+
+        def rss_of(i: int) -> int:
+            got = exact.get(i)
+            if got is None:
+                got = exact[i] = _statm_rss(dfd, pids[i], rsss[i])
+            return got
+
+        top_mem = heapq.nlargest(n, mem_cands, key=rss_of)
         names: dict[int, str] = {}
 
         def row(i: int) -> _Row:
             name = names.get(i)
             if name is None:
                 name = names[i] = self._name(dfd, pids[i], comms[i])
-            return _Row(int(pids[i]), name, round(dticks[i] * scale, 1), rsss[i] * _PAGE)
+            return _Row(int(pids[i]), name, round(dticks[i] * scale, 1), rss_of(i))
 
         cpu_rows = [row(i) for i in top_cpu]
         mem_rows = [row(i) for i in top_mem]
