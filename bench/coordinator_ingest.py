@@ -72,10 +72,16 @@ def start_mosquitto(directory: Path) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     conf = directory / "mosquitto.conf"
     user = "user root\n" if os.geteuid() == 0 else ""
-    conf.write_text(f"{user}listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                    "max_queued_messages 1000000\nmax_inflight_messages 0\nlog_dest none\n")
-    proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    conf.write_text(
+        f"{user}listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+        "max_queued_messages 1000000\nmax_inflight_messages 0\nlog_dest none\n"
+    )
+    proc = subprocess.Popen(
+        [MOSQUITTO, "-c", str(conf)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     import socket  # noqa: PLC0415
 
     for _ in range(100):
@@ -99,7 +105,7 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
-def publisher(port: int, nodes: int, rate_hz: float, duration: float, counter: Any, stop_at: Any) -> None:
+def publisher(port: int, nodes: int, rate_hz: float, duration: float, counter: Any, stop_at: Any) -> None:  # noqa: PLR0917 - a Process target
     """Child process: publish one metrics report per node every 1/rate_hz seconds, spread evenly."""
     import paho.mqtt.client as mqtt  # noqa: PLC0415
 
@@ -124,10 +130,21 @@ def publisher(port: int, nodes: int, rate_hz: float, duration: float, counter: A
             k = i % nodes
             seqs[k] += 1
             now = time.time()
-            msg = Metrics(v=PROTOCOL_VERSION, node=names[k], site=sites[k], seq=seqs[k], ts=now,
-                          samples=[MetricSample(seq=seqs[k], wall=now, mono=time.monotonic(),
-                                                metrics={"cpu.util": 12.5, "mem.used_pct": 40.0,
-                                                         "disk.root.used_pct": 61.0})])
+            msg = Metrics(
+                v=PROTOCOL_VERSION,
+                node=names[k],
+                site=sites[k],
+                seq=seqs[k],
+                ts=now,
+                samples=[
+                    MetricSample(
+                        seq=seqs[k],
+                        wall=now,
+                        mono=time.monotonic(),
+                        metrics={"cpu.util": 12.5, "mem.used_pct": 40.0, "disk.root.used_pct": 61.0},
+                    )
+                ],
+            )
             client.publish(topics[k], encode(msg), qos=1)
             sent += 1
             i += 1
@@ -153,7 +170,9 @@ class RawSubscriber:
         self.count = 0
         self.first: float | None = None
         self.last: float | None = None
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-raw-{secrets.token_hex(3)}")
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-raw-{secrets.token_hex(3)}"
+        )
         self.client.on_message = self._on_message
         self.client.on_connect = lambda c, *_: c.subscribe("heald/v1/+/+/metrics", qos=1)
         self.client.connect("127.0.0.1", port)
@@ -186,9 +205,9 @@ def create_pg_db() -> str | None:
         name = f"heald_bench_{secrets.token_hex(4)}"
         with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=3) as conn:
             conn.execute(f"CREATE DATABASE {name}")
-        return name
     except Exception:  # noqa: BLE001
         return None
+    return name
 
 
 def drop_pg_db(name: str) -> None:
@@ -221,9 +240,15 @@ def run_scenario(store: str, replicas: int, nodes: int, rate_hz: float, duration
             url = PG_ADMIN.rsplit("/", 1)[0] + "/" + pg_name
         for r in range(replicas):
             web = free_port()
-            cfg = write_config(work / f"r{r}", mqtt_port=port, web_port=web, store_url=url,
-                               share_group="bench" if replicas > 1 else "", replica_id=f"bench-{r}",
-                               store={"batch_interval_s": 0.05, "batch_max": 5000, "queue_max": 200000})
+            cfg = write_config(
+                work / f"r{r}",
+                mqtt_port=port,
+                web_port=web,
+                store_url=url,
+                share_group="bench" if replicas > 1 else "",
+                replica_id=f"bench-{r}",
+                store={"batch_interval_s": 0.05, "batch_max": 5000, "queue_max": 200000},
+            )
             c = CoordinatorProcess(cfg, web)
             c.start()
             coords.append(c)
@@ -231,7 +256,9 @@ def run_scenario(store: str, replicas: int, nodes: int, rate_hz: float, duration
         time.sleep(0.5)
         ctx = mp.get_context("spawn")
         counter, stop_at = ctx.Value("q", 0), ctx.Value("d", 0.0)
-        pub = ctx.Process(target=publisher, args=(port, nodes, rate_hz, duration, counter, stop_at), daemon=True)
+        pub = ctx.Process(
+            target=publisher, args=(port, nodes, rate_hz, duration, counter, stop_at), daemon=True
+        )
         pub.start()
         samples: list[tuple[float, int, float | None]] = []  # (t, processed, p99)
         t0 = time.monotonic()
@@ -242,7 +269,10 @@ def run_scenario(store: str, replicas: int, nodes: int, rate_hz: float, duration
             processed = sum(i["ingest"]["processed"] for i in infos)
             p99s = [i["ingest"]["lag_s"]["p99"] for i in infos if i["ingest"]["lag_s"]["p99"] is not None]
             samples.append((time.monotonic() - t0, processed, max(p99s) if p99s else None))
-            if abs((time.monotonic() - t0) - duration / 2) < 0.6 or abs((time.monotonic() - t0) - duration) < 0.6:
+            if (
+                abs((time.monotonic() - t0) - duration / 2) < 0.6
+                or abs((time.monotonic() - t0) - duration) < 0.6
+            ):
                 half_p99.append(max(p99s) if p99s else None)
         pub.join(60)
         published = int(counter.value)
@@ -258,10 +288,7 @@ def run_scenario(store: str, replicas: int, nodes: int, rate_hz: float, duration
             time.sleep(0.25)
         # sustained rate: processed over the window that skips the first 20% (warm-up)
         window = [s for s in samples if duration * 0.2 <= s[0] <= duration]
-        if len(window) >= 2:
-            rate = (window[-1][1] - window[0][1]) / (window[-1][0] - window[0][0])
-        else:
-            rate = 0.0
+        rate = (window[-1][1] - window[0][1]) / (window[-1][0] - window[0][0]) if len(window) >= 2 else 0.0
         lags = [i["ingest"]["lag_s"] for i in infos]
         p50 = max((x["p50"] for x in lags if x["p50"] is not None), default=None)
         p99 = max((x["p99"] for x in lags if x["p99"] is not None), default=None)
@@ -269,10 +296,27 @@ def run_scenario(store: str, replicas: int, nodes: int, rate_hz: float, duration
         first = half_p99[0] if half_p99 else None
         second = half_p99[-1] if len(half_p99) > 1 else None
         offered = nodes * rate_hz
-        sustained = (rate >= 0.95 * offered and backlog < max(1000, offered)
-                     and (second is None or second < 2.0))
-        return Row(store, replicas, nodes, rate_hz, offered, published, round(rate, 1), round(raw.rate(), 1),
-                   p50, p99, lmax, first, second, backlog, drained_after, sustained)
+        sustained = (
+            rate >= 0.95 * offered and backlog < max(1000, offered) and (second is None or second < 2.0)
+        )
+        return Row(
+            store,
+            replicas,
+            nodes,
+            rate_hz,
+            offered,
+            published,
+            round(rate, 1),
+            round(raw.rate(), 1),
+            p50,
+            p99,
+            lmax,
+            first,
+            second,
+            backlog,
+            drained_after,
+            sustained,
+        )
     finally:
         if raw is not None:
             raw.close()
@@ -290,12 +334,39 @@ def fmt(v: float | None, unit: str = "s") -> str:
 
 
 def print_table(rows: list[Row]) -> None:
-    headers = ["store", "repl", "nodes", "Hz", "offered/s", "processed/s", "raw sub/s", "lag p50", "lag p99",
-               "p99 1st/2nd half", "backlog", "drain", "sustained"]
-    table = [[r.store, str(r.replicas), str(r.nodes), f"{r.rate_hz:g}", f"{r.offered_per_s:.0f}",
-              f"{r.processed_per_s:.0f}", f"{r.raw_subscriber_per_s:.0f}", fmt(r.lag_p50_s), fmt(r.lag_p99_s),
-              f"{fmt(r.lag_p99_first_half_s)}/{fmt(r.lag_p99_second_half_s)}", str(r.backlog_at_stop),
-              fmt(r.drained_after_s), "yes" if r.sustained else "NO"] for r in rows]
+    headers = [
+        "store",
+        "repl",
+        "nodes",
+        "Hz",
+        "offered/s",
+        "processed/s",
+        "raw sub/s",
+        "lag p50",
+        "lag p99",
+        "p99 1st/2nd half",
+        "backlog",
+        "drain",
+        "sustained",
+    ]
+    table = [
+        [
+            r.store,
+            str(r.replicas),
+            str(r.nodes),
+            f"{r.rate_hz:g}",
+            f"{r.offered_per_s:.0f}",
+            f"{r.processed_per_s:.0f}",
+            f"{r.raw_subscriber_per_s:.0f}",
+            fmt(r.lag_p50_s),
+            fmt(r.lag_p99_s),
+            f"{fmt(r.lag_p99_first_half_s)}/{fmt(r.lag_p99_second_half_s)}",
+            str(r.backlog_at_stop),
+            fmt(r.drained_after_s),
+            "yes" if r.sustained else "NO",
+        ]
+        for r in rows
+    ]
     widths = [max(len(h), *(len(t[i]) for t in table)) for i, h in enumerate(headers)]
     print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
     for t in table:
@@ -303,7 +374,9 @@ def print_table(rows: list[Row]) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--nodes", type=int, action="append")
     parser.add_argument("--rate", type=float, action="append", help="reports per node per second (0.1-1)")
     parser.add_argument("--replicas", type=int, action="append", choices=[1, 2])
@@ -315,14 +388,24 @@ def main() -> int:
         scenarios = [("sqlite", 1, 1000, 1.0)]
         args.duration = 10.0
     elif args.nodes or args.rate or args.replicas or args.store:
-        scenarios = [(s, r, n, hz) for s in (args.store or ["sqlite"]) for r in (args.replicas or [1])
-                     for n in (args.nodes or [1000]) for hz in (args.rate or [1.0])
-                     if not (s == "sqlite" and r > 1)]
+        scenarios = [
+            (s, r, n, hz)
+            for s in (args.store or ["sqlite"])
+            for r in (args.replicas or [1])
+            for n in (args.nodes or [1000])
+            for hz in (args.rate or [1.0])
+            if not (s == "sqlite" and r > 1)
+        ]
     else:
         scenarios = [
-            ("sqlite", 1, 1000, 1.0), ("sqlite", 1, 10000, 0.5), ("sqlite", 1, 10000, 1.0),
-            ("postgresql", 1, 1000, 1.0), ("postgresql", 1, 10000, 0.5),
-            ("postgresql", 2, 1000, 1.0), ("postgresql", 2, 10000, 0.5), ("postgresql", 2, 10000, 1.0),
+            ("sqlite", 1, 1000, 1.0),
+            ("sqlite", 1, 10000, 0.5),
+            ("sqlite", 1, 10000, 1.0),
+            ("postgresql", 1, 1000, 1.0),
+            ("postgresql", 1, 10000, 0.5),
+            ("postgresql", 2, 1000, 1.0),
+            ("postgresql", 2, 10000, 0.5),
+            ("postgresql", 2, 10000, 1.0),
         ]
     rows: list[Row] = []
     for store, replicas, nodes, hz in scenarios:
@@ -330,17 +413,34 @@ def main() -> int:
         row = run_scenario(store, replicas, nodes, hz, args.duration)
         if row is not None:
             rows.append(row)
-            print(f"  processed {row.processed_per_s:.0f}/s (offered {row.offered_per_s:.0f}/s), "
-                  f"lag p99 {fmt(row.lag_p99_s)}, backlog {row.backlog_at_stop}", flush=True)
+            print(
+                f"  processed {row.processed_per_s:.0f}/s (offered {row.offered_per_s:.0f}/s), "
+                f"lag p99 {fmt(row.lag_p99_s)}, backlog {row.backlog_at_stop}",
+                flush=True,
+            )
     print()
     print_table(rows)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     tmp = RESULTS.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-        "duration_s": args.duration, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "notes": "publisher, mosquitto, raw subscriber and every coordinator replica share this machine's CPUs",
-        "rows": [asdict(r) for r in rows]}, indent=2))
+    tmp.write_text(
+        json.dumps(
+            {
+                "machine": {
+                    "cpus": os.cpu_count(),
+                    "python": platform.python_version(),
+                    "platform": platform.platform(),
+                },
+                "duration_s": args.duration,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "notes": (
+                    "publisher, mosquitto, raw subscriber and every coordinator replica share this "
+                    "machine's CPUs"
+                ),
+                "rows": [asdict(r) for r in rows],
+            },
+            indent=2,
+        )
+    )
     tmp.replace(RESULTS)
     print(f"\nwrote {RESULTS.relative_to(REPO)}")
     return 0
