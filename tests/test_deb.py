@@ -142,6 +142,13 @@ def test_layout(built: Built) -> None:
     assert files["/lib/systemd/system/heald.service"][0] == "-rw-r--r--"
     assert files["/etc/heald/agent.toml"][0] == "-rw-r--r--"
     assert {owner for _, owner, _ in files.values()} == {"root/root"}
+    # The service runs as user heald: everything must be world-readable, nothing group/world-writable.
+    for path, (mode, _, _) in files.items():
+        if mode.startswith("l"):
+            continue
+        assert mode[7] == "r", (path, mode)
+        assert mode[5] == "-", (path, mode)
+        assert mode[8] == "-", (path, mode)
     assert not any("/tests/" in p for p in files), "dependency test suites should be stripped"
     assert not any(p.startswith("/opt/heald/bin/pip") for p in files)
     library = TOP / "remediations"
