@@ -12,10 +12,13 @@ child processes), synchronously in the replay. A sample is a *risk alert* when a
 * ``failure``:  a failure-class probability >= ``--p`` (0.5);
 * ``forecast``: a forecast with ETA <= ``--eta`` (1800 s) and confidence >= 0.5.
 
-Per fault: the first alert between injection and failure (ENOSPC / OOM kill) and the lead time
-it gave, per source. Per fault-free phase (idle, stress, ...): alert samples and alert episodes
-after the cold-start window, and the phase duration. The classifier column is in-sample when the
-shipped model was trained on the same recording: see ``train.py`` for held-out figures.
+Per fault: the first alert *about that fault* (anomaly, its own class, or a forecast on its own
+resource: the fault's mount, or ``mem.*``) between injection and failure (ENOSPC / OOM kill) and
+the lead time it gave, per source; for faults without a failure instant ahead (CPU, network,
+service kill) the detection delay after injection. Per fault-free phase (idle, stress, ...): alert
+samples and alert episodes, the phase duration and how much of it the detector was warm. The
+classifier column is in-sample when the shipped model was trained on the same recording: see
+``train.py`` for held-out figures, or pass ``--classifier /nonexistent`` to leave it out.
 """
 
 from __future__ import annotations
@@ -40,6 +43,25 @@ from agent.score.stage import RiskStage
 
 SOURCES = ("anomaly", "failure", "forecast")
 FAULT_FREE = ("idle", "stress", "idle_post", "stress_post")
+# Other engineers' test fixtures on the shared recording host mount and fill small tmpfs here.
+FOREIGN_MOUNTS = "/tmp/heald-tmpfs-"  # noqa: S108 - a name to recognise, nothing is written there
+MOUNT_OF = {"heald-fault-disk": "/mnt/heald-fault-disk", "heald-fault-tmpfs": "/mnt/heald-fault-tmpfs",
+            "x": "/mnt/heald-fault-inodes"}
+
+
+def relevant(reason: str, fault: dict[str, object]) -> bool:
+    """Does this alert reason point at this fault (its class, or its own resource)?"""
+    if reason == "anomaly":
+        return True
+    if reason.startswith("failure["):
+        return reason == f"failure[{fault['cls']}]"
+    res = reason[len("forecast["):-1]
+    if fault["cls"] == "memory_exhaustion":
+        return res.startswith("mem.")
+    if fault["cls"] == "disk_full":
+        mount = MOUNT_OF.get(str(fault["name"]).split(":")[1], "?")
+        return res.endswith(f"[{mount}]")
+    return False
 
 
 def replay(path: Path, args: argparse.Namespace) -> dict[str, object]:
@@ -74,43 +96,63 @@ def replay(path: Path, args: argparse.Namespace) -> dict[str, object]:
           + " ".join(f"{s + ' lead':>14s}" for s in SOURCES) + "  first reason")
     for f in rec.faults:
         start, fail = float(f["start"]), float(f["failure"])  # type: ignore[arg-type]
-        end = fail if np.isfinite(fail) else float(f["end"])  # type: ignore[arg-type]
+        # Faults whose failure is the injection itself (service kill) or has no instant (CPU, network):
+        # detection delay within the fault, no lead time.
+        predictive = np.isfinite(fail) and fail > start + 1.0
+        end = fail if predictive else float(f["end"])  # type: ignore[arg-type]
         win = np.flatnonzero((rec.wall >= start) & (rec.wall <= end))
+        rel = {s: np.zeros(n, dtype=bool) for s in SOURCES}
+        for i in win:
+            for w in why_first[i]:
+                if relevant(w, f):
+                    rel[w.split("[", 1)[0]][i] = True
+        anyr = rel["anomaly"] | rel["failure"] | rel["forecast"]
         row: dict[str, object] = {"fault": f["name"], "class": f["cls"],
-                                  "time_to_failure_s": (fail - start) if np.isfinite(fail) else None}
-        first = win[anyf[win]]
+                                  "time_to_failure_s": (fail - start) if predictive else None}
+        first = win[anyr[win]]
         t_first = float(rec.wall[first[0]]) if first.size else None
         row["first_alert_after_s"] = None if t_first is None else t_first - start
-        row["lead_s"] = (end - t_first) if t_first is not None else None
-        row["first_reason"] = why_first[first[0]] if first.size else []
+        row["lead_s"] = (end - t_first) if t_first is not None and predictive else None
+        row["first_reason"] = [w for w in why_first[first[0]] if relevant(w, f)] if first.size else []
         for s in SOURCES:
-            hit = win[fired[s][win]]
-            row[f"{s}_lead_s"] = (end - float(rec.wall[hit[0]])) if hit.size else None
+            hit = win[rel[s][win]]
+            if predictive:
+                row[f"{s}_lead_s"] = (end - float(rec.wall[hit[0]])) if hit.size else None
+            else:
+                row[f"{s}_after_s"] = (float(rec.wall[hit[0]]) - start) if hit.size else None
         faults.append(row)
 
         def fmt(v: object) -> str:
             return "-" if v is None else f"{v:.0f} s"  # type: ignore[str-format]
+        cells = [fmt(row.get(f"{s}_lead_s", row.get(f"{s}_after_s"))) + ("" if predictive else " after")
+                 for s in SOURCES]
         print(f"{f['name']:36s} {fmt(row['time_to_failure_s']):>8s} {fmt(row['first_alert_after_s']):>12s} "
-              f"{fmt(row['lead_s']):>8s}  " + " ".join(f"{fmt(row[f'{s}_lead_s']):>14s}" for s in SOURCES)
+              f"{fmt(row['lead_s']):>8s}  " + " ".join(f"{c:>14s}" for c in cells)
               + f"  {','.join(row['first_reason'][:2])}")  # type: ignore[index]
     free = []
-    print("\nfault-free phases (after the cold-start window: detector fitted), alerts by source")
-    print(f"{'phase':12s} {'evaluated':>10s} {'alert samples':>14s} {'episodes':>9s}  "
-          + " ".join(f"{s:>9s}" for s in SOURCES))
+    print("\nfault-free phases, alerts by source (the anomaly detector runs once warm; forecasts and the "
+          "classifier from the first sample)")
+    print(f"{'phase':12s} {'evaluated':>10s} {'warm':>6s} {'alert samples':>14s} {'episodes':>9s}  "
+          + " ".join(f"{s:>9s}" for s in SOURCES) + "  alerts w/o foreign tmpfs  forecast resources")
     phase = np.asarray(rec.phase)
     for ph in FAULT_FREE:
-        m = (phase == ph) & ~cold
+        m = phase == ph
         if not m.any():
             continue
         idx = np.flatnonzero(m)
+        warm_s = int((m & ~cold).sum())
         a = anyf[idx]
         episodes = int(np.sum(a[1:] & ~a[:-1]) + (1 if a.size and a[0] else 0))
         dur = float(rec.wall[idx[-1]] - rec.wall[idx[0]]) + 1.0
-        row = {"phase": ph, "evaluated_s": dur, "samples": int(idx.size), "alert_samples": int(a.sum()),
-               "episodes": episodes, **{s: int(fired[s][idx].sum()) for s in SOURCES}}
+        own = np.array([any(FOREIGN_MOUNTS not in w for w in why_first[i]) for i in idx])
+        res = sorted({w for i in idx for w in why_first[i] if w.startswith("forecast[")})
+        row = {"phase": ph, "evaluated_s": dur, "warm_samples": warm_s, "samples": int(idx.size),
+               "alert_samples": int(a.sum()),
+               "episodes": episodes, **{s: int(fired[s][idx].sum()) for s in SOURCES},
+               "alert_samples_excluding_foreign_tmpfs": int(own.sum()), "forecast_resources": res}
         free.append(row)
-        print(f"{ph:12s} {dur:9.0f}s {int(a.sum()):14d} {episodes:9d}  "
-              + " ".join(f"{row[s]:9d}" for s in SOURCES))
+        print(f"{ph:12s} {dur:9.0f}s {warm_s:5d}s {int(a.sum()):14d} {episodes:9d}  "
+              + " ".join(f"{row[s]:9d}" for s in SOURCES) + f"  {int(own.sum()):24d}  {', '.join(res)[:80]}")
     return {"recording": rec.name, "faults": faults, "fault_free": free}
 
 
