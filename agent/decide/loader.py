@@ -141,7 +141,10 @@ def _map_nodes(node: yaml.Node, path: Path_, out: SourceMap) -> None:
 
 def parse_yaml(text: str, file: str) -> tuple[Any, SourceMap]:
     """Parse one YAML document, returning the data and where each value stands."""
-    loader = _Loader(text)
+    try:
+        loader = _Loader(text)
+    except yaml.YAMLError as exc:  # e.g. control characters the YAML reader refuses
+        raise PlaybookError([Problem(file, "", f"not valid YAML: {exc}")]) from None
     try:
         node = loader.get_single_node()
         data = loader.construct_document(node) if node is not None else None

@@ -47,4 +47,4 @@ def format_duration(seconds: float) -> str:
     for unit, mult in (("d", 86400.0), ("h", 3600.0), ("m", 60.0)):
         if seconds >= mult and seconds % mult == 0:
             return f"{seconds / mult:.0f}{unit}"
-    return f"{seconds:g}s"
+    return f"{int(seconds)}s" if float(seconds).is_integer() else f"{seconds:.3f}s"
