@@ -262,6 +262,8 @@ def build_daemon(loaded: LoadedConfig, config_path: Path | None = None,
 
     def on_event(event: dict[str, Any]) -> None:
         log.warning("playbook event", **{k: v for k, v in event.items() if k != "event"})
+        if reporter is not None:
+            reporter.submit(wiring.event_message(event))
 
     engine = Engine(s.playbooks, daemon.state_dir, s.node.id, load_playbooks(s.playbooks),
                     on_action=on_action, on_event=on_event)
@@ -271,5 +273,6 @@ def build_daemon(loaded: LoadedConfig, config_path: Path | None = None,
     if reporter is not None:
         dispatcher = wiring.CommandDispatcher(wiring.build_verifier(s, daemon.state_dir), engine, reporter)
         reporter.command_handler = dispatcher
+        pipe.hold_until = lambda: dispatcher.silenced_until
         pipe.add_task("commands", dispatcher.run)
     return daemon

@@ -38,6 +38,8 @@ class Pipeline:
         self.reporter = reporter  # agent.report.transport.Reporter (imported lazily by the daemon)
         self.exposition = exposition  # agent.runtime.prometheus.Exposition
         self.last_risk: Risk | None = None
+        # Wall time until which automatic playbook runs are held (a coordinator `silence`).
+        self.hold_until: Callable[[], float] = lambda: 0.0
         self._tasks: list[tuple[str, Callable[[], Coroutine[Any, Any, None]]]] = []
 
     def add_task(self, name: str, factory: Callable[[], Coroutine[Any, Any, None]]) -> None:
@@ -58,7 +60,7 @@ class Pipeline:
             self.exposition.update_sample(sample)
             if risk is not None:
                 self.exposition.update_risk(risk)
-        if self.decider is not None:
+        if self.decider is not None and sample.wall >= self.hold_until():
             if self.reporter is not None and hasattr(self.decider, "set_connected"):
                 self.decider.set_connected(self.reporter.connected)
             try:

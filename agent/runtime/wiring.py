@@ -70,6 +70,26 @@ def action_message(record: dict[str, Any]) -> wire.Action | wire.Event:
     )
 
 
+def event_message(event: dict[str, Any]) -> wire.Event:
+    """An engine event for humans (escalation, approval request, breaker trip) as a wire event.
+
+    Approval requests go out as ``approval_request`` events, the name the coordinator queues for
+    an operator's signed approve/deny.
+    """
+    env = build._env()
+    kind = str(event.get("kind") or "playbook.event")
+    playbook = str(event.get("playbook") or "")
+    labels = {str(k): str(v) for k, v in dict(event.get("labels") or {}).items()}
+    labels.update({k: str(event[k]) for k in ("playbook", "run_id", "severity") if event.get(k)})
+    if kind == "playbook.approval_requested":
+        kind = "approval_request"
+        labels["request_id"] = f"{event.get('node', '')}-{playbook}-{int(float(event.get('wall', 0)))}"
+        labels.setdefault("action", str(event.get("action") or "playbook"))
+    wall = float(event.get("wall") or time.time())
+    return wire.Event(**env, name=kind[:128], source="playbooks", wall=wall, labels=labels,
+                      message=str(event.get("message", ""))[:4096])
+
+
 class CommandDispatcher:
     """Verify a coordinator command, act on it through the engine, acknowledge it."""
 
@@ -78,6 +98,9 @@ class CommandDispatcher:
         self.verifier = verifier
         self.engine = engine
         self.reporter = reporter
+        # `silence NODE DURATION`: automatic playbook runs are held until then (manual runs and
+        # approvals still work); sampling and reporting go on.
+        self.silenced_until = 0.0
         self.rejected: dict[str, int] = {}
         self._queue: asyncio.Queue[wire.Command] = asyncio.Queue(maxsize=100)
 
@@ -136,6 +159,16 @@ class CommandDispatcher:
             deny = getattr(engine, "deny", None)
             denied = bool(deny(playbook, by)) if deny is not None else False
             return "done", f"approval for {playbook} denied", {"denied": denied}
+        if command.name == "silence":
+            given = command.args.get("until") or command.args.get("duration_s") or 0
+            if not isinstance(given, int | float):
+                return "failed", "silence needs a numeric until or duration_s", {}
+            until = float(given) if command.args.get("until") else time.time() + float(given)
+            self.silenced_until = until
+            log.warning("node silenced: automatic playbook runs held", until=until, by=by)
+            return "done", f"automatic playbook runs held until {until:.0f}", {"until": until}
+        if command.name in ("lease_grant", "lease_deny", "lease_revoke"):
+            return "done", "noted", {}
         if command.name == "status":
             return "done", "", {"playbooks": engine.status(), "approvals": engine.pending_approvals()}
         return "failed", f"unknown command '{command.name}'", {}
