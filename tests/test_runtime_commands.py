@@ -41,6 +41,10 @@ class Broker:
     def __init__(self, port: int) -> None:
         self.acks: list[wire.CommandAck] = []
         self.actions: list[wire.Action] = []
+        self.events: list[wire.Event] = []
+        # How this stand-in coordinator answers lease requests: "grant", "deny" or None (silence).
+        self.lease_answer: str | None = "grant"
+        self.signer: signing.CommandSigner | None = None
         self.lock = threading.Lock()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
         self.client.on_message = self._on
@@ -58,6 +62,17 @@ class Broker:
                 self.acks.append(m)
             elif isinstance(m, wire.Action):
                 self.actions.append(m)
+            elif isinstance(m, wire.Event):
+                self.events.append(m)
+                if m.name == "lease_request" and self.lease_answer and self.signer is not None:
+                    args: dict[str, Any] = {"request_id": m.labels["request_id"],
+                                            "playbook": m.labels["playbook"], "reason": "test"}
+                    if self.lease_answer == "grant":
+                        args["lease_id"] = "L1"
+                    answer = self.signer.make(node=m.node, site=m.site, name=f"lease_{self.lease_answer}",
+                                              args=args)
+                    topic = wire.topic_for(m.site, m.node, "command")
+                    self.client.publish(topic, wire.encode(answer), qos=1)
 
     def send(self, cmd: wire.Command) -> None:
         topic = wire.topic_for(cmd.site, cmd.node, "command")
@@ -108,6 +123,7 @@ public_keys = ["{signing.public_key_text(key.public_key())}"]
     proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(cfg)],
                             stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
     broker = Broker(mosquitto.port)
+    broker.signer = signer
     try:
         # Wait for the agent's birth so its command subscription is in place.
         deadline = time.monotonic() + 30
@@ -173,3 +189,40 @@ def test_signed_run_is_executed_and_everything_else_refused(
         assert ack.status == status, (bad.id, ack)
     time.sleep(1.0)
     assert not marker.exists()  # nothing ran
+
+
+def test_disruptive_step_waits_for_the_fleet_lease(setup: tuple[signing.CommandSigner, Broker, Path]) -> None:
+    signer, broker, marker = setup
+    # Denied: the run is held, the step never runs, and it is not counted as a failure.
+    broker.lease_answer = "deny"
+    cmd = signer.make(node="n1", site="lab", name="run_playbook", args={"playbook": "touch-marker"})
+    broker.send(cmd)
+    assert [a.status for a in broker.acks_for(cmd.id, n=2)] == ["accepted", "done"]
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        with broker.lock:
+            held = [a for a in broker.actions if a.result.get("type") == "run.held"]
+        if held:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"run not held: {broker.actions}")
+    assert not marker.exists()
+    with broker.lock:
+        assert any(e.name == "lease_request" and e.labels["action"] == "run_command" for e in broker.events)
+
+    # Granted: the step runs, then the lease is released.
+    broker.lease_answer = "grant"
+    cmd = signer.make(node="n1", site="lab", name="run_playbook", args={"playbook": "touch-marker"})
+    broker.send(cmd)
+    deadline = time.monotonic() + 20
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert marker.exists()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with broker.lock:
+            if any(e.name == "lease_release" and e.labels["lease_id"] == "L1" for e in broker.events):
+                return
+        time.sleep(0.1)
+    raise AssertionError("lease not released")

@@ -28,7 +28,7 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -54,6 +54,22 @@ from agent.errors import HealdError
 from agent.score.types import Risk
 
 Callback = Callable[[dict[str, Any]], None]
+# Actions that disrupt workloads: in enforce mode, a connected agent asks the coordinator for a
+# fleet lease before each (the blast-radius budget); see LeaseGate.
+DISRUPTIVE_ACTIONS = frozenset({
+    "restart_unit", "signal_process", "stop_process", "drop_caches", "cgroup_limit", "gpu_reset",
+    "gpu_drain", "cordon", "run_command",
+})
+
+
+class LeaseHeld(HealdError):
+    """The fleet budget (or the local policy without one) holds this run; not a failure."""
+
+
+class LeaseGate(Protocol):
+    async def acquire(self, pb: Playbook, run_id: str, action: str) -> Callable[[], None]:
+        """Wait for a lease; return its release callback, or raise LeaseHeld."""
+        ...
 FRESH_SAMPLE_TIMEOUT_S = 10.0
 _actions.check_registry()
 
@@ -138,6 +154,7 @@ class Engine:
         self._sample: Sample | None = None
         self._eval_seq = 0
         self._tick: asyncio.Event | None = None
+        self.lease_gate: LeaseGate | None = None
         self.reload(playbooks)
 
     # ------------------------------------------------------------------ lifecycle
@@ -469,6 +486,10 @@ class Engine:
             else:
                 outcome = "escalated"
                 self._escalate(run, values, log)
+        except LeaseHeld as exc:
+            outcome = "held"
+            self._record({"type": "run.held", "playbook": pb.name, "run_id": run.run_id, "reason": str(exc)})
+            log.warning("playbook run held by the fleet budget", reason=str(exc))
         except asyncio.CancelledError:
             # Shutdown: the journal keeps the run unfinished; the next start resumes it.
             if rj is not None:
@@ -485,7 +506,7 @@ class Engine:
         pb = run.playbook
         st = self.store.get(pb.name)
         now = time.time()
-        opened = record_end(pb, st, now, outcome, counts=not run.dry_run)
+        opened = record_end(pb, st, now, outcome, counts=not run.dry_run and outcome != "held")
         self.store.save()
         self._record(
             {
@@ -567,6 +588,9 @@ class Engine:
             detail=self._sample.detail if self._sample is not None else {},
             log=self.log.bind(playbook=run.playbook.name, run_id=run.run_id, step=step.name),
         )
+        release: Callable[[], None] | None = None
+        if not dry_run and self.lease_gate is not None and step.action in DISRUPTIVE_ACTIONS:
+            release = await self.lease_gate.acquire(run.playbook, run.run_id, step.action)  # or LeaseHeld
         t0 = time.monotonic()
         try:
             params = substitute(step.params, values)
@@ -579,6 +603,9 @@ class Engine:
         except Exception as exc:
             ctx.log.exception("action raised")
             res = ActionResult(ok=False, detail=f"{type(exc).__name__}: {exc}")
+        finally:
+            if release is not None:
+                release()
         res.duration_s = time.monotonic() - t0
         return res
 

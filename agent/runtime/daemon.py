@@ -274,5 +274,7 @@ def build_daemon(loaded: LoadedConfig, config_path: Path | None = None,
         dispatcher = wiring.CommandDispatcher(wiring.build_verifier(s, daemon.state_dir), engine, reporter)
         reporter.command_handler = dispatcher
         pipe.hold_until = lambda: dispatcher.silenced_until
+        dispatcher.leases = wiring.CoordinatorLeases(reporter)
+        engine.lease_gate = dispatcher.leases
         pipe.add_task("commands", dispatcher.run)
     return daemon

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -90,6 +92,67 @@ def event_message(event: dict[str, Any]) -> wire.Event:
                       message=str(event.get("message", ""))[:4096])
 
 
+class CoordinatorLeases:
+    """The agent's side of the fleet blast-radius budget (an :class:`agent.act.engine.LeaseGate`).
+
+    Before a disruptive step in enforce mode: publish a ``lease_request`` event and wait for the
+    coordinator's signed ``lease_grant`` / ``lease_deny``. Disconnected, or no answer in time: the
+    playbook's local policy (``guards.disconnected``: act or hold) decides.
+    """
+
+    def __init__(self, reporter: Reporter, *, timeout_s: float = 10.0, ttl_s: float = 300.0) -> None:
+        self.reporter = reporter
+        self.timeout_s = timeout_s
+        self.ttl_s = ttl_s
+        self._waiting: dict[str, asyncio.Future[wire.Command]] = {}
+
+    async def acquire(self, pb: Any, run_id: str, action: str) -> Callable[[], None]:
+        from agent.act.engine import LeaseHeld  # noqa: PLC0415
+
+        policy = pb.guards.disconnected
+        if not self.reporter.connected:
+            if policy == "hold":
+                raise LeaseHeld("coordinator unreachable and the playbook's local policy is hold")
+            return _no_release
+        request_id = uuid.uuid4().hex[:16]
+        fut: asyncio.Future[wire.Command] = asyncio.get_running_loop().create_future()
+        self._waiting[request_id] = fut
+        self.reporter.submit(wire.Event(
+            **build._env(), name="lease_request", source="playbooks", wall=time.time(), value=self.ttl_s,
+            labels={"request_id": request_id, "playbook": pb.name, "run_id": run_id, "action": action}))
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                answer = await fut
+        except TimeoutError:
+            if policy == "hold":
+                raise LeaseHeld(f"no lease answer within {self.timeout_s:g}s; local policy is hold") from None
+            log.warning("no lease answer from the coordinator; local policy acts", playbook=pb.name,
+                        run_id=run_id, action=action)
+            return _no_release
+        finally:
+            self._waiting.pop(request_id, None)
+        if answer.name != "lease_grant":
+            raise LeaseHeld(f"fleet budget: {answer.args.get('reason', 'denied')}")
+        lease_id = str(answer.args.get("lease_id", ""))
+
+        def release() -> None:
+            self.reporter.submit(wire.Event(**build._env(), name="lease_release", source="playbooks",
+                                            wall=time.time(), labels={"lease_id": lease_id,
+                                                                      "playbook": pb.name}))
+        return release
+
+    def resolve(self, command: wire.Command) -> bool:
+        fut = self._waiting.get(str(command.args.get("request_id", "")))
+        if fut is None or fut.done():
+            return False
+        fut.set_result(command)
+        return True
+
+
+def _no_release() -> None:
+    return None
+
+
 class CommandDispatcher:
     """Verify a coordinator command, act on it through the engine, acknowledge it."""
 
@@ -101,6 +164,7 @@ class CommandDispatcher:
         # `silence NODE DURATION`: automatic playbook runs are held until then (manual runs and
         # approvals still work); sampling and reporting go on.
         self.silenced_until = 0.0
+        self.leases: CoordinatorLeases | None = None
         self.rejected: dict[str, int] = {}
         self._queue: asyncio.Queue[wire.Command] = asyncio.Queue(maxsize=100)
 
@@ -127,6 +191,10 @@ class CommandDispatcher:
             log.warning("command rejected", command_id=command.id, name=command.name, reason=reason,
                         error=str(exc), rejected_total=sum(self.rejected.values()))
             self._ack(command, "expired" if isinstance(exc, CommandExpired) else "rejected", str(exc))
+            return
+        if command.name in ("lease_grant", "lease_deny", "lease_revoke"):
+            answered = self.leases is not None and self.leases.resolve(command)
+            self._ack(command, "done", "lease answer taken" if answered else "no request waiting")
             return
         try:
             self._queue.put_nowait(command)
@@ -167,8 +235,6 @@ class CommandDispatcher:
             self.silenced_until = until
             log.warning("node silenced: automatic playbook runs held", until=until, by=by)
             return "done", f"automatic playbook runs held until {until:.0f}", {"until": until}
-        if command.name in ("lease_grant", "lease_deny", "lease_revoke"):
-            return "done", "noted", {}
         if command.name == "status":
             return "done", "", {"playbooks": engine.status(), "approvals": engine.pending_approvals()}
         return "failed", f"unknown command '{command.name}'", {}
