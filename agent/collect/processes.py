@@ -258,7 +258,7 @@ class ProcessCollector:
         self._procs.clear()
         # A pass abandoned by the daemon may still be running in its thread: it closes the fds
         # itself when it ends (a /proc scan takes milliseconds, so this rarely waits at all).
-        if not self._lock.acquire(timeout=1.0):
+        if not self._lock.acquire(timeout=0.2):
             self._close_pending = True
             return
         try:
