@@ -45,7 +45,7 @@ def check_loopback(host: str) -> None:
 
 def amqtt_available() -> bool:
     try:
-        import amqtt.broker  # type: ignore[import-untyped]  # noqa: F401, PLC0415
+        import amqtt.broker  # noqa: F401, PLC0415
     except ImportError:
         return False
     return True
