@@ -141,9 +141,10 @@ class Daemon:
     def _start_collectors(self) -> None:
         if self._tg is None:
             raise RuntimeError("collectors start inside run()")
-        for name in self.sampler.names:
-            self._collector_tasks[name] = self._tg.create_task(
-                self.sampler.run_collector(name), name=f"collect:{name}")
+        for names in self.sampler.task_groups():
+            label = "+".join(names)
+            self._collector_tasks[label] = self._tg.create_task(
+                self.sampler.run_collector(*names), name=f"collect:{label}")
 
     async def _stop_collectors(self) -> None:
         tasks = list(self._collector_tasks.values())

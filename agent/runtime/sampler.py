@@ -28,7 +28,8 @@ T = TypeVar("T")
 @dataclass
 class _Slot:
     collector: Collector
-    status: str = "starting"  # starting | ok | late | absent (host lacks it) | disabled (broken)
+    # starting | ok | late | failing (its last pass raised) | absent (host lacks it) | disabled
+    status: str = "starting"
     reason: str = ""
     reading: Reading | None = None
     at: float | None = None  # monotonic time of the last good reading
@@ -50,7 +51,7 @@ class Sampler:
         self._events: list[Event] = []
         self._executor = ThreadPoolExecutor(max_workers=max(2, len(collectors) + 1),
                                             thread_name_prefix="heald-collect")
-        self._pending: dict[str, Future[Reading]] = {}
+        self._pending: dict[str, Future[list[tuple[str, Reading | Exception, float]]]] = {}
 
     @property
     def names(self) -> list[str]:
@@ -81,57 +82,96 @@ class Sampler:
         slot.status = "ok"
         return True
 
-    async def collect_once(self, name: str) -> None:
-        """One pass of one collector, under its time budget; never raises (but for cancellation)."""
+    def _late(self, name: str) -> None:
         slot = self._slots[name]
-        c = slot.collector
-        prev = self._pending.get(name)
-        if prev is not None and not prev.done():
-            slot.status = "late"
-            return  # the previous pass is still stuck in its thread: do not pile up
-        loop = asyncio.get_running_loop()
-        t0 = time.monotonic()
-        cfut: Future[Reading] = self._executor.submit(c.collect)
-        self._pending[name] = cfut
-        try:
-            reading = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(cfut, loop=loop)),
-                                             c.timeout_s)
-        except TimeoutError:
-            slot.status = "late"
-            slot.failures += 1
-            if slot.failures in (1, 10) or slot.failures % 600 == 0:
-                log.warning("collector pass overran its budget", collector=name,
-                            timeout_s=c.timeout_s, failures=slot.failures)
-            return
-        except Exception as exc:  # noqa: BLE001 - a collector bug costs one pass, not the daemon
+        slot.status = "late"
+        slot.failures += 1
+        if slot.failures in (1, 10) or slot.failures % 600 == 0:
+            log.warning("collector pass overran its budget", collector=name,
+                        timeout_s=slot.collector.timeout_s, failures=slot.failures)
+
+    def _apply(self, name: str, result: Reading | Exception, duration_ms: float) -> None:
+        slot = self._slots[name]
+        if isinstance(result, Exception):
+            slot.status = "failing"
             slot.failures += 1
             if slot.failures in (1, 10) or slot.failures % 600 == 0:
                 log.warning("collector pass failed", collector=name,
-                            error=f"{type(exc).__name__}: {exc}", failures=slot.failures)
+                            error=f"{type(result).__name__}: {result}", failures=slot.failures)
             return
-        slot.duration_ms = (time.monotonic() - t0) * 1000.0
-        slot.reading = reading
+        slot.duration_ms = duration_ms
+        slot.reading = result
         slot.at = time.monotonic()
         slot.status = "ok"
-        slot.known_keys.update(reading.metrics)
-        if reading.events:
-            self._events.extend(reading.events)
+        slot.known_keys.update(result.metrics)
+        if result.events:
+            self._events.extend(result.events)
             del self._events[:-1000]  # bounded if nobody drains (never in the daemon)
 
-    async def run_collector(self, name: str, stop: asyncio.Event | None = None) -> None:
-        """The per-collector task: start, then a pass every interval until cancelled."""
-        if not await self.start_collector(name):
+    def _collect_many(self, names: tuple[str, ...]) -> list[tuple[str, Reading | Exception, float]]:
+        """Worker-thread side: one pass of each collector in turn, each timed on its own."""
+        out: list[tuple[str, Reading | Exception, float]] = []
+        for name in names:
+            t0 = time.perf_counter()
+            try:
+                result: Reading | Exception = self._slots[name].collector.collect()
+            except Exception as exc:  # noqa: BLE001 - a collector bug costs one pass, not the daemon
+                result = exc
+            out.append((name, result, (time.perf_counter() - t0) * 1000.0))
+        return out
+
+    async def collect_once(self, *names: str) -> None:
+        """One pass of one collector — or of several in one worker-thread job, to save the
+        thread hand-off per collector — under their summed time budget. Never raises (but for
+        cancellation). A pass still stuck in its thread blocks the next one: no pile-up."""
+        key = "+".join(names)
+        prev = self._pending.get(key)
+        if prev is not None and not prev.done():
+            for name in names:
+                self._slots[name].status = "late"
             return
-        c = self._slots[name].collector
+        budget = sum(self._slots[n].collector.timeout_s for n in names)
+        fut = self._executor.submit(self._collect_many, names)
+        self._pending[key] = fut
+        try:
+            results = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fut)), budget)
+        except TimeoutError:
+            for name in names:
+                self._late(name)
+            return
+        for name, result, ms in results:
+            self._apply(name, result, ms)
+
+    async def run_collector(self, *names: str, stop: asyncio.Event | None = None) -> None:
+        """The task of one collector, or of a group sharing an interval: start each (a collector
+        that cannot start is dropped from the group), then a pass every interval until cancelled."""
+        started = tuple([n for n in names if await self.start_collector(n)])
+        if not started:
+            return
+        interval = self._slots[started[0]].collector.interval_s
         next_at = time.monotonic()
         while stop is None or not stop.is_set():
-            await self.collect_once(name)
-            next_at += c.interval_s
+            await self.collect_once(*started)
+            next_at += interval
             delay = next_at - time.monotonic()
             if delay < 0:  # fell behind: skip missed ticks rather than bursting
                 next_at = time.monotonic()
                 delay = 0
             await asyncio.sleep(delay)
+
+    def task_groups(self, groupable: frozenset[str] = frozenset({"cpu", "memory", "network"})
+                    ) -> list[tuple[str, ...]]:
+        """How the daemon runs the collectors: cheap, never-blocking ones that share an interval
+        run as one job per tick; the rest (disk: statvfs can hang on NFS; processes: systemctl;
+        gpu: NVML) get their own job so that one cannot stall the others."""
+        groups: dict[float, list[str]] = {}
+        out: list[tuple[str, ...]] = []
+        for name, slot in self._slots.items():
+            if name in groupable:
+                groups.setdefault(slot.collector.interval_s, []).append(name)
+            else:
+                out.append((name,))
+        return [tuple(g) for g in groups.values()] + out
 
     def assemble(self) -> Sample:
         """One Sample from the latest readings; stale collectors' metrics are reported missing."""

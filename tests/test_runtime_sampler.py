@@ -1,0 +1,108 @@
+"""The sampler: budgets, grouping, failures and staleness, with small real collectors."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from agent.collect.sample import Event, Reading
+from agent.errors import CollectorUnavailable
+from agent.runtime.sampler import Sampler
+
+
+class Fake:
+    def __init__(self, name: str, *, value: float = 1.0, interval_s: float = 0.05, timeout_s: float = 0.2,
+                 sleep_s: float = 0.0, fail: bool = False, unavailable: bool = False) -> None:
+        self.name, self.value, self.interval_s, self.timeout_s = name, value, interval_s, timeout_s
+        self.sleep_s, self.fail, self.unavailable = sleep_s, fail, unavailable
+        self.passes = 0
+        self.release = threading.Event()
+
+    def start(self) -> None:
+        if self.unavailable:
+            raise CollectorUnavailable(f"{self.name}: no such hardware")
+
+    def collect(self) -> Reading:
+        self.passes += 1
+        if self.sleep_s:
+            self.release.wait(self.sleep_s)
+        if self.fail:
+            raise RuntimeError("collector bug")
+        return Reading(metrics={f"{self.name}.v": self.value},
+                       events=[Event(kind=f"{self.name}.tick", source=self.name, wall=time.time())])
+
+    def close(self) -> None:
+        self.release.set()
+
+
+async def _run(sampler: Sampler, seconds: float) -> None:
+    async with asyncio.TaskGroup() as tg:
+        tasks = [tg.create_task(sampler.run_collector(*g)) for g in sampler.task_groups(
+            frozenset({"cpu", "memory", "broken"}))]
+        await asyncio.sleep(seconds)
+        for t in tasks:
+            t.cancel()
+
+
+def test_group_shares_one_job_and_a_broken_member_costs_only_itself() -> None:
+    cpu, mem, broken = Fake("cpu"), Fake("memory", value=2.0), Fake("broken", fail=True)
+    sampler = Sampler("n", [cpu, mem, broken])
+    assert sampler.task_groups(frozenset({"cpu", "memory", "broken"})) == [("cpu", "memory", "broken")]
+    asyncio.run(_run(sampler, 0.3))
+    s = sampler.assemble()
+    sampler.close()
+    assert s.metrics["cpu.v"] == 1.0
+    assert s.metrics["memory.v"] == 2.0
+    assert s.collectors["cpu"].status == "ok"
+    assert s.collectors["broken"].status == "failing"
+    assert cpu.passes >= 3
+    assert broken.passes == cpu.passes
+    kinds = {e.kind for e in s.events}
+    assert kinds == {"cpu.tick", "memory.tick"}
+    assert sampler.assemble().events == ()  # events are handed over once
+
+
+def test_hung_collector_goes_late_then_stale_without_piling_up_threads() -> None:
+    slow = Fake("disk", sleep_s=30.0, timeout_s=0.05, interval_s=0.05)
+    ok = Fake("cpu")
+    sampler = Sampler("n", [slow, ok], stale_after=1.0)
+    asyncio.run(_run(sampler, 0.4))
+    s = sampler.assemble()
+    assert slow.passes == 1  # the stuck pass blocks the next one
+    assert s.collectors["disk"].status == "late"
+    assert s.metrics["cpu.v"] == 1.0
+    sampler.close()
+
+
+def test_unavailable_collector_is_absent_once() -> None:
+    gpu = Fake("gpu", unavailable=True)
+    sampler = Sampler("n", [gpu, Fake("cpu")])
+    asyncio.run(_run(sampler, 0.15))
+    s = sampler.assemble()
+    sampler.close()
+    assert s.collectors["gpu"].status == "absent"
+    assert "no such hardware" in s.collectors["gpu"].reason
+    assert gpu.passes == 0
+
+
+def test_stale_metrics_are_reported_missing_not_dropped() -> None:
+    cpu = Fake("cpu", interval_s=0.02, timeout_s=0.02)
+    sampler = Sampler("n", [cpu], stale_after=1.0)
+    asyncio.run(_run(sampler, 0.1))
+    time.sleep(0.2)
+    s = sampler.assemble()
+    sampler.close()
+    assert s.collectors["cpu"].status == "stale"
+    assert "cpu.v" in s.metrics
+    assert s.metrics["cpu.v"] is None
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_sequence_numbers_increase(n: int) -> None:
+    sampler = Sampler("n", [Fake("cpu")])
+    seqs = [sampler.assemble().seq for _ in range(n)]
+    sampler.close()
+    assert seqs == list(range(1, n + 1))
