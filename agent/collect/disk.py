@@ -1,6 +1,7 @@
 """Disk collector: filesystem capacity per mount and I/O per block device.
 
-Sources: ``/proc/self/mounts`` + ``statvfs(2)`` per mount, ``/proc/diskstats`` deltas.
+Sources: ``/proc/self/mountinfo`` (superblock options; ``/proc/self/mounts`` as a fallback) +
+``statvfs(2)`` per mount, ``/proc/diskstats`` deltas.
 
 Mounts: every mount whose fstype is not in ``exclude_fstypes`` (tmpfs is kept), plus
 ``include_mounts``, minus ``exclude_mounts``; a mount point mounted twice is reported once (the top
@@ -103,6 +104,28 @@ def parse_mounts(text: str) -> list[Mount]:
     return list(by_point.values())
 
 
+def parse_mountinfo(text: str) -> list[Mount]:
+    """Parse /proc/self/mountinfo, taking the *superblock* options (after ``-``) as the options.
+
+    Why mountinfo: a hardened service (systemd's ProtectSystem=strict) sees /, /usr and /etc
+    through read-only bind mounts, so the per-mount "ro" of /proc/self/mounts (and statvfs's
+    ST_RDONLY) would flag every node's root as read-only. The filesystem itself going read-only
+    (ext4 errors=remount-ro) shows in the superblock options, which is what the metric means.
+    """
+    by_point: dict[str, Mount] = {}
+    for line in text.splitlines():
+        left, sep, right = line.partition(" - ")
+        if not sep:
+            continue
+        lparts, rparts = left.split(), right.split()
+        if len(lparts) < 6 or len(rparts) < 3:
+            continue
+        point = unescape_mount(lparts[4])
+        by_point.pop(point, None)  # keep insertion order of the top mount
+        by_point[point] = Mount(unescape_mount(rparts[1]), point, rparts[0], tuple(rparts[2].split(",")))
+    return list(by_point.values())
+
+
 def select_mounts(mounts: list[Mount], settings: DiskSettings) -> list[Mount]:
     excluded = set(settings.exclude_fstypes)
     include = set(settings.include_mounts)
@@ -175,10 +198,13 @@ class DiskCollector:
         now = time.monotonic()
         m: Metrics = {}
         events: list[Event] = []
-        raw = read_bytes(self._p("proc/self/mounts"))
+        raw = read_bytes(self._p("proc/self/mountinfo"))
+        parse = parse_mountinfo
+        if raw is None:  # no mountinfo (fixture trees, odd kernels): the plain mount table
+            raw, parse = read_bytes(self._p("proc/self/mounts")), parse_mounts
         if raw != self._mounts_raw:
             self._mounts_raw = raw
-            self._mounts = parse_mounts(raw.decode("utf-8", "surrogateescape")) if raw is not None else []
+            self._mounts = parse(raw.decode("utf-8", "surrogateescape")) if raw is not None else []
             self._selected = select_mounts(self._mounts, self.settings)
             self._backing = frozenset(
                 os.path.basename(mt.device) for mt in self._mounts if mt.device.startswith("/dev/"))
@@ -213,7 +239,8 @@ class DiskCollector:
             if st.f_files > 0:
                 m[k_ipct] = 100.0 * (st.f_files - st.f_ffree) / st.f_files
                 m[k_ifree] = float(st.f_ffree)
-            ro = mt.readonly or bool(st.f_flag & os.ST_RDONLY)
+            # Superblock options only (see parse_mountinfo): statvfs's ST_RDONLY is per mount.
+            ro = mt.readonly
             m[k_ro] = 1.0 if ro else 0.0
             was = self._ro.get(point)
             self._ro[point] = ro
