@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import stat
@@ -16,7 +17,7 @@ from typing import Any
 import psutil
 import pytest
 
-from agent.act.actions import REGISTRY
+from agent.act.actions import REGISTRY, cgroup_v2_root, systemd_unit_of, unit_cgroup_path, unit_properties
 from agent.act.base import ActionContext, ActionResult
 from agent.act.engine import substitute
 from agent.act.supervisor import Supervisor
@@ -253,6 +254,34 @@ async def test_clean_paths_age_policy_and_never_follows_symlinks(tmp_path: Path)
 
 
 @pytest.mark.asyncio
+async def test_clean_paths_skips_other_services_private_tmp(tmp_path: Path) -> None:
+    root = tmp_path / "tmp"
+    root.mkdir()
+    _tree(root)
+    old = time.time() - 9 * 86400
+    private = root / "systemd-private-0123abcd-nginx.service-XyZ12" / "tmp"
+    nested = root / "cache" / "systemd-private-4567-foo.service-abc" / "tmp"
+    keep = [private / "upload.bin", nested / "x.bin"]
+    for f in keep:
+        f.parent.mkdir(parents=True)
+        f.write_bytes(b"p" * 4000)
+        os.utime(f, (old, old))
+    s = PlaybookSettings(clean_roots=(str(root),))
+    dry = await act("clean_paths", {"older_than": "1d"}, ctx(s, dry=True))
+    assert dry.data["candidates"] == 3
+    assert "systemd-private" not in dry.detail
+    res = await act("clean_paths", {"older_than": "1d"}, ctx(s))
+    assert res.data["deleted"] == 3
+    assert all(f.exists() for f in keep)
+    assert sum("PrivateTmp" in n for n in res.data["notes"]) == 2
+    # not even when named explicitly
+    res = await act("clean_paths", {"paths": [str(private)]}, ctx(s))
+    assert res.data["deleted"] == 0
+    assert "PrivateTmp" in res.data["notes"][0]
+    assert all(f.exists() for f in keep)
+
+
+@pytest.mark.asyncio
 async def test_clean_paths_size_policy(tmp_path: Path) -> None:
     root = tmp_path / "r"
     root.mkdir()
@@ -327,6 +356,40 @@ async def test_gpu_actions_argv_and_helper_unit(tmp_path: Path) -> None:
     res = await act("gpu_reset", {"gpu": 5}, ctx(PlaybookSettings(systemctl=(sc,), use_helper_units=True)))
     assert res.ok
     assert calls(slog) == [["start", "heald-action@gpu-reset-5.service"]]
+
+
+@pytest.mark.asyncio
+async def test_gpu_drain_and_undrain_through_helper_units(tmp_path: Path) -> None:
+    # heald.service has no CAP_SYS_ADMIN: with use_helper_units nvidia-smi never runs in the agent
+    smi, smi_log = recorder(tmp_path, "nvidia-smi")
+    sc, log = recorder(tmp_path, "systemctl")
+    s = PlaybookSettings(
+        systemctl=(sc,),
+        use_helper_units=True,
+        gpu_drain_argv=(smi, "drain", "-p", "{pci}", "-m", "1"),
+        gpu_undrain_argv=(smi, "drain", "-p", "{pci}", "-m", "0"),
+    )
+    b = {"gpu": "3", "pci": "0000:3b:00.0"}
+    dry = await act("gpu_drain", {}, ctx(s, dry=True, bindings=b))
+    assert dry.ok
+    assert dry.detail == f"would run: {sc} start heald-action@gpu-drain-3.service"
+    assert not calls(log)
+    assert (await act("gpu_drain", {}, ctx(s, bindings=b))).ok
+    assert (await act("gpu_drain", {"undo": True}, ctx(s, bindings=b))).ok
+    assert calls(log) == [
+        ["start", "heald-action@gpu-drain-3.service"],
+        ["start", "heald-action@gpu-undrain-3.service"],
+    ]
+    assert not calls(smi_log)
+    # no index, or one the helper would refuse anyway: nothing is started
+    res = await act("gpu_drain", {"pci": "0000:3b:00.0"}, ctx(s))
+    assert not res.ok
+    assert "gpu index" in res.detail
+    for bad in ("3.service", "64", "01", "-1"):
+        res = await act("gpu_drain", {"gpu": bad}, ctx(s))
+        assert not res.ok, bad
+        assert "not a GPU index" in res.detail
+    assert len(calls(log)) == 2
 
 
 @pytest.mark.asyncio
@@ -441,22 +504,127 @@ async def test_cgroup_limit_writes_the_process_cgroup(children: Children) -> Non
     try:
         p = children.start(["/bin/sleep", "30"])
         (cg / procs).write_text(str(p.pid))
-        res = await act(
-            "cgroup_limit", {"target": {"pid": p.pid}, "memory_max": "64M"}, ctx(PlaybookSettings())
-        )
+        direct = PlaybookSettings(cgroup_direct_write=True)
+        res = await act("cgroup_limit", {"target": {"pid": p.pid}, "memory_max": "64M"}, ctx(direct))
         assert res.ok, res.detail
         assert int((cg / limit_file).read_text()) == 64 * 2**20
         # the root cgroup is never limited
         res = await act(
             "cgroup_limit",
             {"target": {"pid": os.getpid()}, "memory_max": "64M"},
-            ctx(PlaybookSettings(protected_processes=())),
+            ctx(PlaybookSettings(protected_processes=(), cgroup_direct_write=True)),
         )
         assert not res.ok
     finally:
         p.kill()
         p.wait()
         cg.rmdir()
+
+
+@pytest.mark.parametrize(
+    ("path", "unit"),
+    [
+        ("/system.slice/nginx.service", "nginx.service"),
+        ("/system.slice/system-getty.slice/getty@tty1.service", "getty@tty1.service"),
+        ("/user.slice/user-1000.slice/session-4.scope", "session-4.scope"),
+        ("/machine.slice/libpod-8f1c.scope", "libpod-8f1c.scope"),
+        ("/system.slice/foo\\x2dbar.service", "foo\\x2dbar.service"),
+        ("/", None),
+        ("/nginx", None),
+        ("/system.slice", None),
+        ("/init.scope/../x.service", None),
+        # below a unit the names belong to whoever the subtree is delegated to
+        ("/system.slice/docker-1.scope/sshd.service", None),
+        ("/system.slice/app.service/worker", None),
+        ("/user.slice/user-1000.slice/user@1000.service/app.slice/foo.service", None),
+        # never something systemctl would read as an option
+        ("/system.slice/--force.service", None),
+        ("/system.slice/a b.service", None),
+        ("/system.slice/gone.service (deleted)", None),
+    ],
+)
+def test_systemd_unit_of_cgroup_path(path: str, unit: str | None) -> None:
+    assert systemd_unit_of(path) == unit
+
+
+def test_unit_cgroup_path_and_properties() -> None:
+    assert unit_cgroup_path({"": "/system.slice/a.service", "memory": "/x"}) == "/system.slice/a.service"
+    assert unit_cgroup_path({"": "/", "name=systemd": "/system.slice/b.service"}) == "/system.slice/b.service"
+    assert unit_cgroup_path({"memory": "/x"}) == "/"
+    assert unit_properties({"memory_high": "48M", "memory_max": "64M", "cpu_pct": 50}) == [
+        "MemoryHigh=50331648",
+        "MemoryMax=67108864",
+        "CPUQuota=50%",
+    ]
+    assert unit_properties({"cpu_pct": 0.2}) == ["CPUQuota=1%"]
+    assert unit_properties({"cpu_pct": 250}) == ["CPUQuota=250%"]
+
+
+@pytest.mark.asyncio
+async def test_cgroup_limit_outside_a_unit_fails_clearly(tmp_path: Path, children: Children) -> None:
+    sc, log = recorder(tmp_path, "systemctl")
+    p = children.start(["/bin/sleep", "30"])  # in our own cgroup: no unit of its own
+    s = PlaybookSettings(systemctl=(sc,))
+    res = await act("cgroup_limit", {"target": {"pid": p.pid}, "memory_max": "64M"}, ctx(s))
+    assert not res.ok
+    assert f"pid {p.pid}" in res.detail
+    assert "cgroup_direct_write" in res.detail or "own unit" in res.detail
+    assert not calls(log)
+
+
+@pytest.fixture
+def unit_cgroup(children: Children) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """A sleeping child in a cgroup shaped like a system unit's: /heald-test.slice/heald-test-PID.service."""
+    v2 = cgroup_v2_root("")
+    if os.geteuid() != 0 or v2 is None or not os.access(v2, os.W_OK):
+        pytest.skip("needs root and a writable cgroup v2 hierarchy")
+    unit = f"heald-test-{os.getpid()}.service"
+    slice_dir = v2 / "heald-test.slice"
+    cg = slice_dir / unit
+    cg.mkdir(parents=True)
+    p = children.start(["/bin/sleep", "30"])
+    try:
+        (cg / "cgroup.procs").write_text(str(p.pid))
+        yield p, unit
+    finally:
+        p.kill()
+        p.wait()
+        cg.rmdir()
+        with contextlib.suppress(OSError):
+            slice_dir.rmdir()
+
+
+@pytest.mark.root
+@pytest.mark.asyncio
+async def test_cgroup_limit_asks_systemd_for_the_unit(
+    tmp_path: Path, unit_cgroup: tuple[subprocess.Popen[bytes], str]
+) -> None:
+    p, unit = unit_cgroup
+    sc, log = recorder(tmp_path, "systemctl")
+    s = PlaybookSettings(systemctl=(sc, "--no-ask-password"))
+    params = {"target": {"pid": p.pid}, "memory_high": "48M", "memory_max": "64M", "cpu_pct": 50}
+    argv = ["set-property", "--runtime", unit, "MemoryHigh=50331648", "MemoryMax=67108864", "CPUQuota=50%"]
+    dry = await act("cgroup_limit", params, ctx(s, dry=True))
+    assert dry.ok, dry.detail
+    assert dry.detail.endswith(f"would run: {sc} --no-ask-password {' '.join(argv)}")
+    assert not calls(log)
+    res = await act("cgroup_limit", params, ctx(s))
+    assert res.ok, res.detail
+    assert res.changed
+    assert res.data["unit"] == unit
+    assert calls(log) == [["--no-ask-password", *argv]]
+    # the unit path wins over cgroup_direct_write: cgroupfs is never written for a unit
+    res = await act(
+        "cgroup_limit",
+        {"target": {"pid": p.pid}, "cpu_pct": 10},
+        ctx(PlaybookSettings(systemctl=(sc,), cgroup_direct_write=True)),
+    )
+    assert res.ok, res.detail
+    assert calls(log)[-1] == ["set-property", "--runtime", unit, "CPUQuota=10%"]
+    bad, _ = recorder(tmp_path, "systemctl-denied", "Interactive authentication required.", rc=1)
+    res = await act("cgroup_limit", params, ctx(PlaybookSettings(systemctl=(bad,))))
+    assert not res.ok
+    assert "Interactive authentication required" in res.detail
 
 
 def test_recorder_is_executable(tmp_path: Path) -> None:

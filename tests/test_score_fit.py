@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -12,6 +15,7 @@ from sklearn.decomposition import PCA
 
 from agent.errors import InputError, ModelError
 from agent.score import compiled as art
+from agent.score import fit
 from agent.score.detector import KM, RZ, StreamingDetector, component_scores
 from agent.score.detector import PCA as PCA_COMPONENT
 from agent.score.fit import compile_kmeans, compile_pca, fit_detector, fit_in_child, load_training
@@ -168,6 +172,47 @@ def test_fit_in_child_timeout_kills_and_reaps(tmp_path: Path) -> None:
         fit_in_child(train, tmp_path / "m.npz", timeout_s=0.05)
     assert time.monotonic() - t0 < 30
     assert not (tmp_path / "m.npz").exists()
+
+
+@pytest.mark.parametrize(("before", "after"), [("-900\n", "0\n"), ("-1", "0\n"), ("0\n", "0\n"),
+                                               ("300\n", "300\n"), ("junk", "junk")])
+def test_leave_oom_protection_only_raises(tmp_path: Path, before: str, after: str) -> None:
+    adj = tmp_path / "oom_score_adj"
+    adj.write_text(before)
+    fit.leave_oom_protection(str(adj))
+    assert adj.read_text() == after
+    fit.leave_oom_protection(str(tmp_path / "missing"))  # no /proc: ignored
+
+
+def test_child_main_gives_up_oom_protection_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    adj = tmp_path / "oom_score_adj"
+    adj.write_text("-900\n")  # what heald.service's OOMScoreAdjust=-900 leaves to the child
+    monkeypatch.setattr(fit, "OOM_SCORE_ADJ", str(adj))
+    assert fit.main(["--input", str(tmp_path / "missing.npz"), "--output", str(tmp_path / "m.npz")]) == 2
+    assert adj.read_text() == "0\n"
+
+
+def _protect() -> None:
+    with open("/proc/self/oom_score_adj", "w") as fh:
+        fh.write("-900")
+
+
+def test_child_entry_raises_real_oom_score_adj(tmp_path: Path) -> None:
+    # The real thing: a process started with oom_score_adj -900 (as the daemon's children are)
+    # runs the child's main and reads its own value back. Lowering needs CAP_SYS_RESOURCE.
+    code = ("import sys; from agent.score.fit import main; "
+            "rc = main(['--input', sys.argv[1], '--output', sys.argv[2]]); "
+            "print(rc, open('/proc/self/oom_score_adj').read().strip())")
+    argv = [sys.executable, "-c", code, str(tmp_path / "missing.npz"), str(tmp_path / "m.npz")]
+    try:
+        probe = subprocess.run([sys.executable, "-c", "print(open('/proc/self/oom_score_adj').read())"],
+                               preexec_fn=_protect, capture_output=True, text=True, timeout=30, check=True)
+    except subprocess.SubprocessError:
+        pytest.skip("cannot lower oom_score_adj here (needs CAP_SYS_RESOURCE)")
+    assert probe.stdout.strip() == "-900"
+    out = subprocess.run(argv, preexec_fn=_protect, capture_output=True, text=True, timeout=60, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.stdout.split() == ["2", "0"]
 
 
 def _meta_fields(m: art.CompiledDetector) -> dict[str, object]:

@@ -158,6 +158,9 @@ def test_heald_service_contract() -> None:
     ("gpu-reset-0", "nvidia-smi --gpu-reset -i 0"),
     ("gpu-reset-63", "nvidia-smi --gpu-reset -i 63"),
     ("gpu-drain-7", "nvidia-smi drain -p"),
+    ("gpu-drain-7", "-m 1"),
+    ("gpu-undrain-7", "nvidia-smi drain -p"),
+    ("gpu-undrain-0", "-m 0"),
 ])
 def test_action_allows(name: str, expected: str) -> None:
     result = subprocess.run([str(ACTION), "--dry-run", name], capture_output=True, text=True,
@@ -169,7 +172,8 @@ def test_action_allows(name: str, expected: str) -> None:
 @pytest.mark.parametrize("name", [
     "", "drop-caches;id", "drop-caches ", " drop-caches", "drop_caches", "DROP-CACHES",
     "gpu-reset-", "gpu-reset-64", "gpu-reset-01", "gpu-reset--1", "gpu-reset-1\n", "gpu-reset-1 2",
-    "gpu-reset-$(id)", "gpu-reset-`id`", "../../bin/sh", "gpu-drain-x", "gpu-undrain-0", "--dry-run",
+    "gpu-reset-$(id)", "gpu-reset-`id`", "../../bin/sh", "gpu-drain-x", "gpu-undrain-64",
+    "gpu-undrain-01", "gpu-redrain-0", "gpu-drain-undrain-0", "--dry-run",
 ])
 def test_action_rejects(tmp_path: Path, name: str) -> None:
     # A poisoned PATH proves nothing runs: the helper resets PATH, and rejects before running.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import stat
 import time
@@ -171,9 +172,19 @@ def _write(path: Path, value: str) -> str:
     return old
 
 
-def _cgroup_limit_sync(pid: int, params: Mapping[str, Any], settings_root: str, dry: bool) -> ActionResult:
+def _own_cgroup(cgs: Mapping[str, str], own: Mapping[str, str], ctrl: str) -> str | None:
+    """The process's cgroup path for ``ctrl`` unless it is the root or heald's own cgroup."""
+    path = cgs.get(ctrl, "/")
+    return None if path == "/" or path == own.get(ctrl) else path
+
+
+def _cgroup_limit_sync(
+    pid: int, params: Mapping[str, Any], settings_root: str, dry: bool, own: Mapping[str, str]
+) -> ActionResult:
+    """The direct write into cgroupfs (``cgroup_direct_write``): for hosts without systemd."""
     cgs = _proc_cgroups(pid)
     v2root = cgroup_v2_root(settings_root)
+    v2path = _own_cgroup(cgs, own, "")
     writes: list[tuple[Path, str]] = []
     missing: list[str] = []
     mem = {
@@ -184,29 +195,24 @@ def _cgroup_limit_sync(pid: int, params: Mapping[str, Any], settings_root: str, 
         if key not in params:
             continue
         value = str(parse_size(params[key]))
-        v2 = v2root / cgs.get("", "/").lstrip("/") / v2file if v2root and cgs.get("", "/") != "/" else None
-        v1 = (
-            Path("/sys/fs/cgroup/memory") / cgs.get("memory", "/").lstrip("/") / v1file
-            if cgs.get("memory", "/") != "/"
-            else None
-        )
+        v2 = v2root / v2path.lstrip("/") / v2file if v2root and v2path else None
+        v1path = _own_cgroup(cgs, own, "memory")
+        v1 = Path("/sys/fs/cgroup/memory") / v1path.lstrip("/") / v1file if v1path else None
         if v2 is not None and v2.exists():
             writes.append((v2, value))
         elif v1 is not None and v1.exists():
             writes.append((v1, value))
         else:
             missing.append(
-                f"{key}: process {pid} is in no memory-controlled cgroup (refusing the root cgroup)"
+                f"{key}: process {pid} is in no memory-controlled cgroup of its own "
+                "(refusing the root cgroup and heald's own)"
             )
     if "cpu_pct" in params:
         period = 100_000
         quota = max(1000, int(float(params["cpu_pct"]) / 100.0 * period))
-        v2 = v2root / cgs.get("", "/").lstrip("/") / "cpu.max" if v2root and cgs.get("", "/") != "/" else None
-        v1dir = (
-            Path("/sys/fs/cgroup/cpu") / cgs.get("cpu", "/").lstrip("/")
-            if cgs.get("cpu", "/") != "/"
-            else None
-        )
+        v2 = v2root / v2path.lstrip("/") / "cpu.max" if v2root and v2path else None
+        v1path = _own_cgroup(cgs, own, "cpu")
+        v1dir = Path("/sys/fs/cgroup/cpu") / v1path.lstrip("/") if v1path else None
         if v2 is not None and v2.exists():
             writes.append((v2, f"{quota} {period}"))
         elif v1dir is not None and (v1dir / "cpu.cfs_quota_us").exists():
@@ -214,7 +220,8 @@ def _cgroup_limit_sync(pid: int, params: Mapping[str, Any], settings_root: str, 
             writes.append((v1dir / "cpu.cfs_quota_us", str(quota)))
         else:
             missing.append(
-                f"cpu_pct: process {pid} is in no cpu-controlled cgroup (refusing the root cgroup)"
+                f"cpu_pct: process {pid} is in no cpu-controlled cgroup of its own "
+                "(refusing the root cgroup and heald's own)"
             )
     plan = "; ".join(f"{p} = {v}" for p, v in writes)
     if missing and not writes:
@@ -231,14 +238,90 @@ def _cgroup_limit_sync(pid: int, params: Mapping[str, Any], settings_root: str, 
     return ActionResult(ok=not missing, changed=True, detail="; ".join(done + missing))
 
 
+# A system unit's own cgroup: slices all the way down, then the .service or .scope leaf. Only the
+# system manager creates such a path; anything below a .service/.scope (a delegated subtree: a
+# container runtime, a user manager's user@UID.service) may be named freely by its owner, so
+# "/system.slice/docker-1.scope/sshd.service" must not become `set-property sshd.service`.
+# Unit names never start with '-' here, so the name cannot be read as a systemctl option.
+_SLICE_RE = re.compile(r"[A-Za-z0-9_\\][A-Za-z0-9:_.\\-]*\.slice")
+_UNIT_RE = re.compile(r"[A-Za-z0-9_\\][A-Za-z0-9:_.\\@-]*\.(?:service|scope)")
+_SYSTEMCTL_TIMEOUT_S = 30.0
+
+
+def unit_cgroup_path(cgs: Mapping[str, str]) -> str:
+    """The cgroup path systemd tracks units in: the v2 line, else the v1 ``name=systemd`` line."""
+    for ctrl in ("", "name=systemd"):
+        path = cgs.get(ctrl, "/")
+        if path != "/":
+            return path
+    return "/"
+
+
+def systemd_unit_of(path: str) -> str | None:
+    """The system unit whose own cgroup ``path`` is (a .service or .scope leaf under slices)."""
+    parts = path.strip("/").split("/")
+    if not path.startswith("/") or not parts[-1]:
+        return None
+    if not all(_SLICE_RE.fullmatch(p) for p in parts[:-1]) or not _UNIT_RE.fullmatch(parts[-1]):
+        return None
+    return parts[-1]
+
+
+def unit_properties(params: Mapping[str, Any]) -> list[str]:
+    """``cgroup_limit`` params as systemd resource-control properties (systemd maps MemoryMax and
+    CPUQuota onto the v1 controllers on legacy hosts; MemoryHigh needs cgroup v2)."""
+    props = []
+    if "memory_high" in params:
+        props.append(f"MemoryHigh={parse_size(params['memory_high'])}")
+    if "memory_max" in params:
+        props.append(f"MemoryMax={parse_size(params['memory_max'])}")
+    if "cpu_pct" in params:
+        props.append(f"CPUQuota={max(1, round(float(params['cpu_pct'])))}%")
+    return props
+
+
 @action("cgroup_limit")
 async def cgroup_limit(params: Mapping[str, Any], ctx: ActionContext) -> ActionResult:
+    """Limit the process's unit through systemd (`systemctl set-property --runtime`): heald.service
+    has a read-only cgroupfs (ProtectControlGroups=yes), and systemd must stay the only writer of
+    the tree it manages. Processes outside a unit need ``cgroup_direct_write``."""
     cands, notes = await select(params["target"], ctx.settings, limit=1, env=ctx.env())
     if not cands:
         return ActionResult(ok=False, detail="no process matched", data={"notes": notes})
-    res = await asyncio.to_thread(
-        _cgroup_limit_sync, cands[0].proc.pid, params, ctx.settings.cgroup_root, ctx.dry_run
-    )
+    pid = cands[0].proc.pid
+    try:
+        cgs, own = await asyncio.to_thread(lambda: (_proc_cgroups(pid), _proc_cgroups(os.getpid())))
+    except OSError as exc:
+        return ActionResult(
+            ok=False, detail=f"{cands[0].describe()}: cannot read its cgroup: {exc.strerror or exc}"
+        )
+    path = unit_cgroup_path(cgs)
+    unit = systemd_unit_of(path)
+    if unit is not None and path == unit_cgroup_path(own):
+        res = ActionResult(ok=False, detail=f"{unit} is heald's own unit; never limited by a playbook")
+    elif unit is not None:
+        props = unit_properties(params)
+        if not props:
+            res = ActionResult(ok=False, detail="nothing to set: give memory_high, memory_max or cpu_pct")
+        else:
+            argv = [*ctx.settings.systemctl, "set-property", "--runtime", unit, *props]
+            res = await _run_tool(ctx, argv, timeout_s=_SYSTEMCTL_TIMEOUT_S)
+        res.data.update(unit=unit, cgroup=path)
+    elif ctx.settings.cgroup_direct_write:
+        res = await asyncio.to_thread(
+            _cgroup_limit_sync, pid, params, ctx.settings.cgroup_root, ctx.dry_run, own
+        )
+    else:
+        where = "the root cgroup" if path == "/" else f"cgroup {path}"
+        res = ActionResult(
+            ok=False,
+            detail=(
+                f"in {where}, which is not a systemd unit's own cgroup (a .service or .scope under "
+                "slices), so systemd cannot limit it; [playbooks] cgroup_direct_write = true writes "
+                "its cgroup files instead (hosts without systemd; not under heald.service)"
+            ),
+            data={"cgroup": path},
+        )
     res.detail = f"{cands[0].describe()}: {res.detail}"
     return res
 
@@ -266,8 +349,20 @@ class _File:
     mtime: float
 
 
-def _scan(root: str, older_than: float, larger_than: int, now: float, limit: int) -> tuple[list[_File], int]:
-    """Regular files under ``root`` (not following symlinks, not crossing filesystems)."""
+# systemd's PrivateTmp= of other services: /tmp/systemd-private-<boot>-<unit>-<rand>/ (and the
+# same under /var/tmp). Those files belong to running services' private /tmp; never cleaned.
+PRIVATE_TMP_PREFIX = "systemd-private-"
+
+
+def _private_tmp(parts: tuple[str, ...]) -> bool:
+    return any(p.startswith(PRIVATE_TMP_PREFIX) for p in parts)
+
+
+def _scan(
+    root: str, older_than: float, larger_than: int, now: float, limit: int, *, notes: list[str] | None = None
+) -> tuple[list[_File], int]:
+    """Regular files under ``root`` (not following symlinks, not crossing filesystems, never
+    descending into another service's ``systemd-private-*`` directory)."""
     out: list[_File] = []
     root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
@@ -279,6 +374,10 @@ def _scan(root: str, older_than: float, larger_than: int, now: float, limit: int
         rel_dir = tuple(Path(os.path.relpath(dirpath, root)).parts) if dirpath != root else ()
         keep = []
         for d in dirnames:
+            if d.startswith(PRIVATE_TMP_PREFIX):
+                if notes is not None:
+                    notes.append(f"{os.path.join(dirpath, d)}: another service's PrivateTmp, skipped")
+                continue
             with contextlib.suppress(OSError):
                 if os.stat(d, dir_fd=dirfd, follow_symlinks=False).st_dev == root_dev:
                     keep.append(d)
@@ -343,7 +442,10 @@ def _clean_sync(params: Mapping[str, Any], ctx: ActionContext) -> ActionResult:
         if mount_dev is not None and os.stat(real).st_dev != mount_dev:
             notes.append(f"{p}: not on {mount}, skipped")
             continue
-        files, _ = _scan(real, older, larger, now, limit)
+        if _private_tmp(Path(real).parts):
+            notes.append(f"{p}: inside another service's PrivateTmp (systemd-private-*), skipped")
+            continue
+        files, _ = _scan(real, older, larger, now, limit, notes=notes)
         chosen.extend((real, f) for f in files)
     chosen.sort(key=lambda rf: rf[1].mtime)  # oldest first
     check = mount or (chosen[0][0] if chosen else None)
@@ -465,15 +567,24 @@ def _gpu_values(params: Mapping[str, Any], ctx: ActionContext) -> dict[str, str]
     return vals
 
 
+_GPU_INDEX_RE = re.compile(r"0|[1-9][0-9]?")  # as heald-action accepts it (0..63)
+
+
+async def _gpu_helper(ctx: ActionContext, what: str, vals: Mapping[str, str]) -> ActionResult:
+    """``systemctl start heald-action@<what>-<gpu>.service``: the root-only helper does the step."""
+    gpu = vals.get("gpu")
+    if gpu is None:
+        return ActionResult(ok=False, detail=f"{what} needs a gpu index (params.gpu or a bound {{gpu}})")
+    if not _GPU_INDEX_RE.fullmatch(gpu) or int(gpu) > 63:
+        return ActionResult(ok=False, detail=f"{what}: gpu {gpu!r} is not a GPU index (0..63)")
+    return await _run_tool(ctx, [*ctx.settings.systemctl, "start", f"heald-action@{what}-{gpu}.service"])
+
+
 @action("gpu_reset")
 async def gpu_reset(params: Mapping[str, Any], ctx: ActionContext) -> ActionResult:
     vals = _gpu_values(params, ctx)
     if ctx.settings.use_helper_units:
-        if "gpu" not in vals:
-            return ActionResult(ok=False, detail="gpu_reset needs a gpu index (params.gpu or a bound {gpu})")
-        return await _run_tool(
-            ctx, [*ctx.settings.systemctl, "start", f"heald-action@gpu-reset-{vals['gpu']}.service"]
-        )
+        return await _gpu_helper(ctx, "gpu-reset", vals)
     try:
         argv = substitute_argv(ctx.settings.gpu_reset_argv, vals)
     except HealdError as exc:
@@ -483,9 +594,13 @@ async def gpu_reset(params: Mapping[str, Any], ctx: ActionContext) -> ActionResu
 
 @action("gpu_drain")
 async def gpu_drain(params: Mapping[str, Any], ctx: ActionContext) -> ActionResult:
+    vals = _gpu_values(params, ctx)
+    if ctx.settings.use_helper_units:
+        # nvidia-smi drain needs CAP_SYS_ADMIN, which heald.service does not hold
+        return await _gpu_helper(ctx, "gpu-undrain" if params.get("undo") else "gpu-drain", vals)
     template = ctx.settings.gpu_undrain_argv if params.get("undo") else ctx.settings.gpu_drain_argv
     try:
-        argv = substitute_argv(template, _gpu_values(params, ctx))
+        argv = substitute_argv(template, vals)
     except HealdError as exc:
         return ActionResult(ok=False, detail=str(exc))
     return await _run_tool(ctx, argv)

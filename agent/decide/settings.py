@@ -28,14 +28,20 @@ class PlaybookSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, 
     gpu_reset_argv: tuple[str, ...] = ("nvidia-smi", "--gpu-reset", "-i", "{gpu}")
     gpu_drain_argv: tuple[str, ...] = ("nvidia-smi", "drain", "-p", "{pci}", "-m", "1")
     gpu_undrain_argv: tuple[str, ...] = ("nvidia-smi", "drain", "-p", "{pci}", "-m", "0")
-    # Run privileged actions (drop caches, GPU reset) through `heald-action@<what>.service` instead
-    # of doing them in-process, so the daemon itself can run with fewer capabilities.
+    # Run root-only steps (drop caches, GPU drain/undrain/reset) in `heald-action@<what>.service`
+    # instead of in-process, so the daemon itself needs fewer capabilities. The shipped
+    # heald.service (user heald, no CAP_SYS_ADMIN) requires true; false suits only an agent run as root.
     use_helper_units: bool = False
     # The cordon action runs this argv; ``{node}`` is replaced as a whole element. Empty: not configured.
     cordon_argv: tuple[str, ...] = ()
     # Environment variables passed from the daemon to commands it runs (run_command, tools).
     command_env_allowlist: tuple[str, ...] = ("PATH", "LANG", "LC_ALL", "TZ")
     drop_caches_path: str = "/proc/sys/vm/drop_caches"
+    # cgroup_limit asks systemd (`systemctl set-property --runtime UNIT MemoryMax=...`) for a process
+    # in a system unit's own cgroup (a .service or .scope under slices) and refuses any other.
+    # true: for processes outside a unit, write memory.max/cpu.max (or the v1 files) directly
+    # instead -- for hosts without systemd; it fails under heald.service (ProtectControlGroups=yes).
+    cgroup_direct_write: bool = False
     # cgroup v2 mount; empty: detected (/sys/fs/cgroup, or /sys/fs/cgroup/unified on hybrid hosts).
     cgroup_root: str = ""
     # Longest time an approval request stays pending before it is dropped.

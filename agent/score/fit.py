@@ -297,7 +297,29 @@ def fit_in_child(
     return art.load(out_path, None if feature_names is None else list(feature_names))
 
 
+OOM_SCORE_ADJ = "/proc/self/oom_score_adj"
+
+
+def leave_oom_protection(path: str | None = None) -> None:
+    """Give up the daemon's OOM protection (heald.service: OOMScoreAdjust=-900, inherited).
+
+    Under memory pressure the kernel must kill the fit before the healer. Raising the value back
+    to 0 needs no privilege; a value already >= 0 is left alone (lowering it might not be
+    allowed), and any failure (no /proc, a read-only file) is ignored: fitting matters more.
+    """
+    path = path or OOM_SCORE_ADJ
+    try:
+        with open(path, encoding="ascii") as fh:
+            current = int(fh.read().strip() or "0")
+        if current < 0:
+            with open(path, "w", encoding="ascii") as fh:
+                fh.write("0\n")
+    except (OSError, ValueError):
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    leave_oom_protection()
     parser = argparse.ArgumentParser(prog="python -m agent.score.fit",
                                      description="Fit heald's anomaly detector (child process).")
     parser.add_argument("--input", required=True, help="training rows: .npz, .npy or .csv")
