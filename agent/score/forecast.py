@@ -23,16 +23,20 @@ max(``every``, S/20) samples), each subsampled to at most ``max_points`` points:
    limit, (limit - level) / slope for one rising to it, 0 once at the limit.
 
 A sudden cleanup (step up in free space) reads as not trending; a single step down reads as low
-confidence. Cost: O(1) per sample plus the periodic refit (every ``every`` = 10 samples; a few hundred
-microseconds with ~30 tracked resources, see bench/pipeline_cost.py).
+confidence. Cost: O(1) per sample (one itemgetter over the tracked keys into the ring) plus the
+periodic refit (every ``every`` = 10 samples). A refit handles every due window at once: one
+least-squares pre-filter over all (window, resource) rows, one Theil-Sen call over the
+candidates of all windows (medians by partition when nothing is missing), and only forecasts
+whose values changed are rebuilt; see bench/pipeline_cost.py.
 Nothing here imports scikit-learn.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Literal
+import operator
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 import msgspec
 import numpy as np
@@ -71,42 +75,51 @@ def _pairs(m: int) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]:
 
 def _nanmedian_rows(a: F64) -> tuple[F64, npt.NDArray[np.intp]]:
     """Row medians ignoring NaN (NaN where a row has none) and the count of valid entries."""
+    m = a.shape[1]
+    nv = np.isfinite(a).sum(axis=1)
+    if m and bool((nv == m).all()):  # nothing missing: a partition finds the middle entries
+        lo, hi = (m - 1) // 2, m // 2
+        part = np.partition(a, (lo, hi) if lo != hi else lo, axis=1)
+        return 0.5 * (part[:, lo] + part[:, hi]), nv
     srt = np.sort(a, axis=1)  # NaN sort last
-    nv = np.count_nonzero(np.isfinite(a), axis=1)
     rows = np.arange(a.shape[0])
-    lo = np.maximum((nv - 1) // 2, 0)
-    hi = np.minimum(nv // 2, a.shape[1] - 1)
-    med = 0.5 * (srt[rows, lo] + srt[rows, hi])
+    lo_i = np.maximum((nv - 1) // 2, 0)
+    hi_i = np.minimum(nv // 2, m - 1)
+    med = 0.5 * (srt[rows, lo_i] + srt[rows, hi_i])
     med[nv == 0] = np.nan
     return med, nv
 
 
 def robust_trend(t: F64, y: F64) -> tuple[F64, F64, F64]:
-    """Theil-Sen fit of each row of ``y`` (k, m) over times ``t`` (m,); NaN = missing.
+    """Theil-Sen fit of each row of ``y`` (k, m) over times ``t`` (m,) or, per row, (k, m);
+    NaN = missing. The level is at each row's last time (``t[..., -1]``).
 
     Returns ``(slope, level_at_last_t, confidence_without_coverage)``, each (k,); NaN slope and
     level and 0 confidence where a row has fewer than 3 valid points.
     """
     m = y.shape[1]
     i, j = _pairs(m)
-    dt = t[j] - t[i]
+    tt = t if t.ndim == 2 else t[None, :]
+    dt = tt.take(j, axis=1) - tt.take(i, axis=1)  # take: much cheaper than [:, j] here
     with np.errstate(invalid="ignore", divide="ignore"):
-        sl = (y[:, j] - y[:, i]) / np.where(dt > 0, dt, np.nan)
-    slope, nv = _nanmedian_rows(sl)
-    ok = nv >= 3
-    slope[~ok] = np.nan
-    tl = float(t[-1])
-    resid = y - slope[:, None] * (t - tl)[None, :]
-    level, _ = _nanmedian_rows(resid)
-    mad, _ = _nanmedian_rows(np.abs(resid - level[:, None]))
-    valid = np.isfinite(y)
-    first = np.argmax(valid, axis=1)
-    last = m - 1 - np.argmax(valid[:, ::-1], axis=1)
-    span = t[last] - t[first]
-    with np.errstate(invalid="ignore", divide="ignore"):
+        sl = (y.take(j, axis=1) - y.take(i, axis=1)) / np.where(dt > 0, dt, np.nan)
+        slope, nv = _nanmedian_rows(sl)
+        ok = nv >= 3
+        slope[~ok] = np.nan
+        resid = y - slope[:, None] * (tt - tt[:, -1:])
+        level, _ = _nanmedian_rows(resid)
+        mad, _ = _nanmedian_rows(np.abs(resid - level[:, None]))
+        valid = np.isfinite(y)
+        first = np.argmax(valid, axis=1)
+        last = m - 1 - np.argmax(valid[:, ::-1], axis=1)
+        if tt.shape[0] == 1:
+            span = tt[0, last] - tt[0, first]
+        else:
+            rows = np.arange(y.shape[0])
+            span = tt[rows, last] - tt[rows, first]
         scale = np.maximum(1.4826 * mad, 1e-9 * np.maximum(np.abs(level), 1.0))
         signal = 1.0 - np.exp(-np.abs(slope) * span / (3.0 * scale))
-        same = np.count_nonzero(np.sign(sl) == np.sign(slope)[:, None], axis=1) / np.maximum(nv, 1)
+        same = (np.sign(sl) == np.sign(slope)[:, None]).sum(axis=1) / np.maximum(nv, 1)
         conf = np.clip(2.0 * same - 1.0, 0.0, 1.0) * signal
     conf = np.where(ok & (slope != 0) & np.isfinite(conf), conf, 0.0)
     return slope, level, conf
@@ -131,13 +144,19 @@ class Forecaster:
         self._wild = {split_key(r.key)[0]: r for r in self.resources if r.key.endswith("[*]")}
         self._keys: list[str] = []
         self._spec: list[Resource] = []
-        self._ring = np.full((capacity, 0), np.nan)
-        self._t = np.full(capacity, np.nan)
+        self._get: Callable[[dict[str, float | None]], tuple[Any, ...]] = lambda _m: ()
+        # One extra ring row stays NaN: padding for windows with fewer points than others.
+        self._ring = np.full((capacity + 1, 0), np.nan)
+        self._t = np.full(capacity + 1, np.nan)
+        self._ages = np.arange(capacity)
         self._pos = 0
         self._n = 0
         self._last_len = -1
         self.forecasts: tuple[Forecast, ...] = ()
         self._results: dict[int, tuple[F64, F64, F64]] = {}
+        self._subsample: dict[int, npt.NDArray[np.intp]] = {}
+        self._shown: list[Forecast] = []
+        self._shown_arr = (np.empty(0), np.empty(0), np.empty(0))
 
     @property
     def keys(self) -> list[str]:
@@ -162,78 +181,121 @@ class Forecaster:
             self._ring = np.pad(self._ring, ((0, 0), (0, len(new))), constant_values=np.nan)
             self._sign = np.array([1.0 if s.direction == "down" else -1.0 for s in self._spec])
             self._limit = np.array([s.limit for s in self._spec])
+            self._shown = []
+        keys = self._keys
+        if len(keys) >= 2:
+            self._get = operator.itemgetter(*keys)
+        elif keys:
+            only = keys[0]
+            self._get = lambda m: (m.get(only),)
 
     def push(self, metrics: dict[str, float | None], mono: float) -> None:
         if len(metrics) != self._last_len or self._n % 300 == 0:
             self._last_len = len(metrics)
             self._scan(metrics)
-        get = metrics.get
         row = self._ring[self._pos]
-        row[:] = [math.nan if (v := get(k)) is None else v for k in self._keys]
+        try:
+            row[:] = self._get(metrics)  # None -> NaN
+        except KeyError:  # a tracked key is absent from this sample
+            get = metrics.get
+            row[:] = [math.nan if (v := get(k)) is None else v for k in self._keys]
         self._t[self._pos] = mono
         self._pos = (self._pos + 1) % self._cap
         self._n += 1
         if self._n % self.every == 0 and self._keys:
-            self.forecasts = self._compute(mono)
+            self._compute(mono)
 
     def _due(self, span: float) -> bool:
         """A window of ``span`` seconds is refitted every max(every, span / 20) samples."""
         cadence = max(self.every, int(span / 20.0) // self.every * self.every)
         return self._n % cadence == 0
 
-    def _compute(self, now: float) -> tuple[Forecast, ...]:
+    def _points(self, size: int) -> npt.NDArray[np.intp]:
+        """Evenly spaced subsample of ``size`` points down to ``max_points`` (cached per size)."""
+        idx = self._subsample.get(size)
+        if idx is None:
+            idx = self._subsample[size] = np.linspace(0, size - 1, self.max_points).round().astype(np.intp)
+        return idx
+
+    def _compute(self, now: float) -> None:
+        """Refit the due windows — all of them in one vectorised pass — and publish forecasts."""
         k = len(self._keys)
         n = min(self._n, self._cap)
-        order = (self._pos - n + np.arange(n)) % self._cap
+        order = (self._pos - n + self._ages[:n]) % self._cap
         t_all = self._t[order]
+        fits: list[tuple[int, npt.NDArray[np.intp]]] = []
         for si, span in enumerate(self.spans):
             res = self._results.get(si)
             if res is not None and res[0].size == k and not self._due(span):
                 continue  # keep this window's last fit
-            eta_s, conf_s, rate_s = np.full(k, np.nan), np.zeros(k), np.zeros(k)
-            self._results[si] = (eta_s, conf_s, rate_s)
+            self._results[si] = (np.full(k, np.nan), np.zeros(k), np.zeros(k))
             sel = order[t_all >= now - span]
             if sel.size < self.min_points:
                 continue
             if sel.size > self.max_points:
-                sel = sel[np.linspace(0, sel.size - 1, self.max_points).round().astype(np.intp)]
-            t = self._t[sel]
-            yk = self._ring[sel].T  # keys x points
-            # Least-squares pre-filter: moving towards the limit, plausibly within max_eta_s?
-            valid = np.isfinite(yk)
-            cnt = valid.sum(axis=1)
-            tc = t - t[-1]
-            with np.errstate(invalid="ignore", divide="ignore"):
-                tz = np.where(valid, tc, 0.0)
-                yz = np.where(valid, yk, 0.0)
-                tm = tz.sum(axis=1) / cnt
-                ym = yz.sum(axis=1) / cnt
-                tcen = np.where(valid, tc[None, :] - tm[:, None], 0.0)
-                ycen = np.where(valid, yk - ym[:, None], 0.0)
-                stt = (tcen * tcen).sum(axis=1)
-                sty = (tcen * ycen).sum(axis=1)
-                ols = sty / stt
-                rvar = np.maximum((ycen * ycen).sum(axis=1) - ols * sty, 0.0) / np.maximum(cnt - 2, 1)
-                change2 = ols * ols * 12.0 * stt / cnt  # (slope * span)^2 for evenly spaced points
-                level = ym - ols * tm  # at the latest time (tc = 0)
-                toward = -ols * self._sign  # > 0: moving towards the limit
-                room = (level - self._limit) * self._sign
-                # A trend that does not stand out of its own noise cannot reach confidence 0.5.
-                cand = np.flatnonzero((cnt >= self.min_points) & (toward > 0) & (change2 >= rvar)
-                                      & ((room < self.max_eta_s * toward) | (room <= 0)))
-            if cand.size == 0:
+                sel = sel[self._points(sel.size)]
+            fits.append((si, sel))
+        if fits:
+            self._fit(fits, k)
+        self._publish(k)
+
+    def _fit(self, fits: list[tuple[int, npt.NDArray[np.intp]]], k: int) -> None:
+        """Pre-filter and Theil-Sen fit of every (window, resource) row at once."""
+        m = max(sel.size for _, sel in fits)
+        nw = len(fits)
+        idx = np.full((nw, m), self._cap, dtype=np.intp)  # the NaN row pads shorter windows (front)
+        for w, (_, sel) in enumerate(fits):
+            idx[w, m - sel.size:] = sel
+        tw = self._t[idx]  # (windows, points)
+        yk = self._ring[idx].transpose(0, 2, 1).reshape(nw * k, m)  # (windows * keys, points)
+        t = np.repeat(tw, k, axis=0)
+        sign = np.tile(self._sign, nw)
+        limit = np.tile(self._limit, nw)
+        # Least-squares pre-filter: moving towards the limit, plausibly within max_eta_s?
+        valid = np.isfinite(yk)
+        cnt = valid.sum(axis=1)
+        tc = t - t[:, -1:]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            tz = np.where(valid, tc, 0.0)
+            yz = np.where(valid, yk, 0.0)
+            tm = tz.sum(axis=1) / cnt
+            ym = yz.sum(axis=1) / cnt
+            tcen = np.where(valid, tc - tm[:, None], 0.0)
+            ycen = np.where(valid, yk - ym[:, None], 0.0)
+            stt = (tcen * tcen).sum(axis=1)
+            sty = (tcen * ycen).sum(axis=1)
+            ols = sty / stt
+            rvar = np.maximum((ycen * ycen).sum(axis=1) - ols * sty, 0.0) / np.maximum(cnt - 2, 1)
+            change2 = ols * ols * 12.0 * stt / cnt  # (slope * span)^2 for evenly spaced points
+            level = ym - ols * tm  # at the latest time (tc = 0)
+            toward = -ols * sign  # > 0: moving towards the limit
+            room = (level - limit) * sign
+            # A trend that does not stand out of its own noise cannot reach confidence 0.5.
+            cand = np.flatnonzero((cnt >= self.min_points) & (toward > 0) & (change2 >= rvar)
+                                  & ((room < self.max_eta_s * toward) | (room <= 0)))
+        if cand.size == 0:
+            return
+        slope, lev, conf = robust_trend(t[cand], yk[cand])
+        conf *= np.minimum(1.0, cnt[cand] / self.min_points)
+        sgn = sign[cand]
+        tw_ = -slope * sgn
+        rm = (lev - limit[cand]) * sgn
+        with np.errstate(invalid="ignore", divide="ignore"):
+            eta = np.where(rm <= 0, 0.0, rm / np.where(tw_ > 0, tw_, np.nan))
+        good = np.isfinite(eta) & (eta <= self.max_eta_s)
+        for w, (si, _) in enumerate(fits):
+            lo = np.searchsorted(cand, w * k)
+            hi = np.searchsorted(cand, (w + 1) * k)
+            if lo == hi:
                 continue
-            slope, lev, conf = robust_trend(t, yk[cand])
-            conf *= np.minimum(1.0, cnt[cand] / self.min_points)
-            sign = self._sign[cand]
-            tw = -slope * sign
-            rm = (lev - self._limit[cand]) * sign
-            with np.errstate(invalid="ignore", divide="ignore"):
-                eta = np.where(rm <= 0, 0.0, rm / np.where(tw > 0, tw, np.nan))
-            good = np.isfinite(eta) & (eta <= self.max_eta_s)
-            r = cand[good]
-            eta_s[r], conf_s[r], rate_s[r] = eta[good], conf[good], slope[good]
-        # The window with the highest confidence wins, per resource.
+            g = good[lo:hi]
+            r = cand[lo:hi][g] - w * k
+            eta_s, conf_s, rate_s = self._results[si]
+            eta_s[r], conf_s[r], rate_s[r] = eta[lo:hi][g], conf[lo:hi][g], slope[lo:hi][g]
+
+    def _publish(self, k: int) -> None:
+        """The window with the highest confidence wins, per resource; only changed forecasts are
+        rebuilt."""
         best_eta = np.full(k, np.nan)
         best_conf = np.zeros(k)
         best_rate = np.zeros(k)
@@ -242,12 +304,21 @@ class Forecaster:
             best_eta[better] = eta_s[better]
             best_conf[better] = conf_s[better]
             best_rate[better] = rate_s[better]
-        return tuple(
-            Forecast(resource=key, eta_s=float(e) if e == e else None,  # noqa: PLR0124 - NaN test
-                     confidence=round(float(c), 4), rate_per_s=float(rt))
-            for key, e, c, rt in zip(self._keys, best_eta.tolist(), best_conf.tolist(), best_rate.tolist(),
-                                     strict=True)
-        )
+        shown = self._shown
+        if len(shown) != k:
+            shown[:] = [Forecast(resource=key, eta_s=None, confidence=0.0, rate_per_s=0.0)
+                        for key in self._keys]
+            self._shown_arr = (np.full(k, np.nan), np.zeros(k), np.zeros(k))
+        old_eta, old_conf, old_rate = self._shown_arr
+        changed = np.flatnonzero(((best_eta != old_eta) & ~(np.isnan(best_eta) & np.isnan(old_eta)))
+                                 | (best_conf != old_conf) | (best_rate != old_rate))
+        if changed.size or len(self.forecasts) != k:
+            for i in changed.tolist():
+                e, c, rt = float(best_eta[i]), float(best_conf[i]), float(best_rate[i])
+                shown[i] = Forecast(resource=self._keys[i], eta_s=e if e == e else None,  # noqa: PLR0124
+                                    confidence=round(c, 4), rate_per_s=rt)
+            self._shown_arr = (best_eta, best_conf, best_rate)
+            self.forecasts = tuple(shown)
 
 
 def soonest(forecasts: Sequence[Forecast], min_confidence: float = 0.5) -> Forecast | None:
