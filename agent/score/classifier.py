@@ -117,9 +117,14 @@ class CompiledClassifier:
 
 
 class Scorer:
-    """Per-sample scoring of a compiled classifier from a feature-window vector (preallocated)."""
+    """Per-sample scoring of a compiled classifier from a feature-window vector (preallocated).
 
-    __slots__ = ("_a", "_b", "_bias", "_classes", "_idx", "_med", "_out", "_w", "model")
+    Per call: one gather, the median imputation, one matrix-vector product and five elementwise
+    operations into preallocated buffers (no Python-scalar operands, no reductions); the
+    normalisation sums the few class probabilities in Python, in the order numpy would.
+    """
+
+    __slots__ = ("_a", "_b", "_bias", "_classes", "_idx", "_med", "_miss", "_one", "_w", "_z", "model")
 
     def __init__(self, model: CompiledClassifier, window_names: Sequence[str]) -> None:
         pos = {n: i for i, n in enumerate(window_names)}
@@ -133,18 +138,30 @@ class Scorer:
         self._med, self._w, self._bias = a["median"], a["weight"], a["bias"]
         self._a, self._b = a["cal_a"], a["cal_b"]
         self._classes = [(i, c) for i, c in enumerate(model.meta.classes) if c != NONE]
-        self._out: dict[str, float] = {}
+        self._miss = np.empty(self._idx.size, dtype=np.bool_)
+        self._z = np.empty(len(model.meta.classes))
+        self._one = np.ones(len(model.meta.classes))
 
     def failure(self, window_vec: F64) -> dict[str, float]:
         """Failure class -> probability (the ``none`` class left out)."""
         x = window_vec[self._idx]
-        miss = x != x  # noqa: PLR0124 - NaN test, cheaper than isfinite here
-        if miss.any():
-            np.copyto(x, self._med, where=miss)
-        p = 1.0 / (1.0 + np.exp(self._a * (self._w @ x + self._bias) + self._b))
-        s = float(p.sum())
-        pl = (p / s).tolist() if s > 0 else [1.0 / p.size] * p.size
-        return {c: pl[i] for i, c in self._classes}
+        np.isnan(x, self._miss)
+        np.putmask(x, self._miss, self._med)  # median imputation
+        z, one = self._z, self._one
+        np.dot(self._w, x, z)
+        np.add(z, self._bias, z)
+        np.multiply(self._a, z, z)
+        np.add(z, self._b, z)
+        np.exp(z, z)
+        np.add(one, z, z)
+        np.divide(one, z, z)  # p = 1 / (1 + exp(a (W x + bias) + b))
+        pl = z.tolist()
+        s = 0.0
+        for p in pl:  # numpy's own order for a handful of values: sequential
+            s += p
+        if not s > 0:
+            return {c: 1.0 / len(pl) for _, c in self._classes}
+        return {c: pl[i] / s for i, c in self._classes}
 
 
 # ------------------------------------------------------------------------------- artifact I/O
