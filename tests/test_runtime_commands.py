@@ -45,14 +45,22 @@ class Broker:
         # How this stand-in coordinator answers lease requests: "grant", "deny" or None (silence).
         self.lease_answer: str | None = "grant"
         self.signer: signing.CommandSigner | None = None
+        self.errors: list[str] = []
         self.lock = threading.Lock()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
         self.client.on_message = self._on
+        self.client.suppress_exceptions = True  # a bug in _on must not kill paho's network thread
         self.client.connect("127.0.0.1", port)
         self.client.subscribe("heald/v1/#", qos=1)
         self.client.loop_start()
 
     def _on(self, _c: object, _u: object, msg: mqtt.MQTTMessage) -> None:
+        try:
+            self._handle(msg)
+        except Exception as exc:  # noqa: BLE001 - kept for the test's own assertion message
+            self.errors.append(f"{msg.topic}: {type(exc).__name__}: {exc}")
+
+    def _handle(self, msg: mqtt.MQTTMessage) -> None:
         try:
             m = wire.decode(msg.payload)
         except wire.WireError:
@@ -76,7 +84,7 @@ class Broker:
 
     def send(self, cmd: wire.Command) -> None:
         topic = wire.topic_for(cmd.site, cmd.node, "command")
-        self.client.publish(topic, wire.encode(cmd), qos=1).wait_for_publish()
+        self.client.publish(topic, wire.encode(cmd), qos=1).wait_for_publish(timeout=10)
 
     def acks_for(self, command_id: str, timeout: float = 20.0, n: int = 1) -> list[wire.CommandAck]:
         deadline = time.monotonic() + timeout
@@ -86,7 +94,7 @@ class Broker:
             if len(got) >= n:
                 return got
             time.sleep(0.05)
-        raise AssertionError(f"no ack for {command_id}: {self.acks}")
+        raise AssertionError(f"no ack for {command_id}: {self.acks}; callback errors: {self.errors}")
 
     def close(self) -> None:
         self.client.loop_stop()

@@ -28,6 +28,7 @@ class Subscriber:
         self.lock = threading.Lock()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
         self.client.on_message = self._on_message
+        self.client.suppress_exceptions = True  # a bug in a callback must not kill paho's thread
         self.client.connect("127.0.0.1", port)
         self.client.subscribe("heald/v1/#", qos=1)
         self.client.loop_start()
