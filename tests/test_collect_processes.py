@@ -379,3 +379,20 @@ def test_reported_rss_is_statm_and_ranks_candidates(tmp_path: Path) -> None:
     assert isinstance(top_mem, list)
     assert [(row["pid"], row["rss_bytes"]) for row in top_mem] == [(2, 1200 * page), (1, 999 * page)]
     assert r.metrics["proc.top_rss_bytes"] == 1200 * page
+
+
+def test_dropped_collector_releases_its_held_fds() -> None:
+    import gc  # noqa: PLC0415
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    before = open_fds()
+    c = ProcessCollector(ProcessSettings())
+    c.start()
+    c.collect()
+    c.collect()
+    assert open_fds() > before + 5  # it holds /proc/PID/stat files open between passes
+    del c
+    gc.collect()
+    assert open_fds() <= before + 1

@@ -52,6 +52,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 
 import psutil
@@ -74,6 +75,14 @@ _COMM_LEN = 15  # TASK_COMM_LEN - 1: comm holds at most this many bytes, longer 
 _RSS_MARGIN = 3  # candidates beyond top_n whose exact rss is read before the top_mem list is cut
 # /proc/PID/stat files kept open between passes (pread instead of open/read/close: half the cost).
 _MAX_HELD_FDS = 512
+
+
+def _close_all(fds: dict[str, int]) -> None:
+    held = list(fds.values())
+    fds.clear()
+    for fd in held:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def _fd_budget() -> int:
@@ -228,6 +237,10 @@ class ProcessCollector:
         self._prev: dict[str, tuple[bytes, _Stat]] = {}
         self._prev_t: float | None = None
         self._fds: dict[str, int] = {}  # pid (entry name) -> its open /proc/PID/stat
+        # A collector dropped without close() (a test, a reload gone wrong) must not leak its
+        # held fds: they are closed when it is garbage-collected. The dict is only ever
+        # cleared in place, so the finalizer always sees the live one.
+        weakref.finalize(self, _close_all, self._fds)
         self._max_fds = 0  # set by start()
         self._lock = threading.Lock()  # a pass and close() never touch the fds at once
         self._close_pending = False
@@ -267,10 +280,7 @@ class ProcessCollector:
             self._lock.release()
 
     def _close_fds(self) -> None:
-        fds, self._fds = self._fds, {}
-        for fd in fds.values():
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        _close_all(self._fds)
         self._prev = {}
         self._prev_t = None
         self._close_pending = False
