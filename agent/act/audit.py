@@ -21,7 +21,7 @@ from typing import Any
 
 import structlog
 
-from agent.decide.guards import atomic_write
+from agent.fsutil import atomic_write
 
 GENESIS = "0" * 64
 log = structlog.get_logger("heald.act.audit")

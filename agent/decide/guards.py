@@ -9,13 +9,13 @@ restart with the host.
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 
 import msgspec
 import structlog
 
 from agent.decide.model import Playbook
+from agent.fsutil import atomic_write
 
 log = structlog.get_logger("heald.decide")
 
@@ -35,24 +35,6 @@ class PlaybookState(msgspec.Struct, kw_only=True):
 class StateFile(msgspec.Struct, kw_only=True):
     version: int = 1
     playbooks: dict[str, PlaybookState] = msgspec.field(default_factory=dict)
-
-
-def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves either the old or the new content."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 class StateStore:

@@ -51,6 +51,8 @@ from typing import Final
 
 import structlog
 
+from agent.fsutil import atomic_write, fsync_dir
+
 MAGIC: Final = b"HSPOOL1\n"
 _HDR: Final = struct.Struct("<IIQB")
 HEADER_BYTES: Final = _HDR.size
@@ -140,26 +142,6 @@ def _scan(data: bytes, *, min_seq: int = -1) -> _Scan:
     return _Scan(out, off, None, False)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        _write_all(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    tmp.replace(path)
-    _fsync_dir(path.parent)
-
-
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -184,7 +166,7 @@ class SyncJob:
                 os.close(self.fd)
                 self.fd = None
         if self.cursor is not None:
-            _write_atomic(self.cursor_path, self.cursor)
+            atomic_write(self.cursor_path, self.cursor)
 
 
 class Spool:
@@ -275,9 +257,9 @@ class Spool:
         log.error("spool.segment_quarantined", segment=str(path), moved_to=str(target), reason=reason,
                   kept_valid_prefix_bytes=len(keep))
         if keep:
-            _write_atomic(path, keep)
+            atomic_write(path, keep)
         else:
-            _fsync_dir(self.dir)
+            fsync_dir(self.dir)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -309,7 +291,7 @@ class Spool:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
         _write_all(fd, MAGIC)
         self._fd = fd
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
         seg = _Segment(new_id, path, len(MAGIC))
         self._segments.append(seg)
         return seg
@@ -392,11 +374,11 @@ class Spool:
             self._inflight = deque(s for s in self._inflight if s not in dropped)
         idx = self._segments.index(seg)
         if new.records:
-            _write_atomic(seg.path, bytes(keep))
+            atomic_write(seg.path, bytes(keep))
             self._segments[idx] = new
         else:
             seg.path.unlink(missing_ok=True)
-            _fsync_dir(self.dir)
+            fsync_dir(self.dir)
             del self._segments[idx]
         if self._read_seg == seg.id:
             self._read_off = len(MAGIC)  # offsets moved: re-read, skipping what was already read

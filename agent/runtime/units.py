@@ -24,13 +24,13 @@ import re
 import shutil
 import stat
 import sys
-import tempfile
 from dataclasses import dataclass
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
 
 from agent.errors import HealdError, InputError, Problem
+from agent.fsutil import atomic_write
 
 DEFAULT_PREFIX = "/etc/systemd/system"
 DEFAULT_LIBEXEC = "/usr/local/lib/heald"
@@ -207,19 +207,8 @@ def _with_status(p: Planned) -> Planned:
 
 
 def _write(p: Planned) -> None:
-    """Atomically replace ``p.dest`` (write a temporary file beside it, then rename)."""
-    p.dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.dest.name}.", dir=p.dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(p.content)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, p.mode)
-        os.replace(tmp, p.dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Atomically replace ``p.dest``."""
+    atomic_write(p.dest, p.content, mode=p.mode)
 
 
 NEXT_STEPS = (

@@ -31,7 +31,6 @@ import io
 import os
 import subprocess
 import sys
-import tempfile
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ import numpy.typing as npt
 
 from agent.errors import ModelError
 from agent.features.schema import FeatureSchema
+from agent.fsutil import atomic_write
 from agent.score.compiled import F64, FeatureSpec, TrainingWindow, content_hash
 
 FAILURE_CLASSES: tuple[str, ...] = (
@@ -217,25 +217,7 @@ def to_bytes(model: CompiledClassifier) -> bytes:
 
 def save(model: CompiledClassifier, path: str | os.PathLike[str]) -> Path:
     """Write atomically: temporary file beside ``path``, fsync, rename, fsync the directory."""
-    dest = Path(path)
-    data = to_bytes(model)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(dest.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return dest
+    return atomic_write(path, to_bytes(model), mode=0o644)
 
 
 def from_bytes(data: bytes, where: str = "classifier") -> CompiledClassifier:

@@ -23,7 +23,6 @@ import hashlib
 import io
 import os
 import struct
-import tempfile
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.errors import ModelError
+from agent.fsutil import atomic_write
 
 FORMAT_VERSION = 1
 KIND = "heald.anomaly"
@@ -212,25 +212,7 @@ def to_bytes(model: CompiledDetector) -> bytes:
 
 def save(model: CompiledDetector, path: str | os.PathLike[str]) -> Path:
     """Write the artifact atomically: temporary file beside ``path``, fsync, rename, fsync dir."""
-    dest = Path(path)
-    data = to_bytes(model)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(dest.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return dest
+    return atomic_write(path, to_bytes(model), mode=0o644)
 
 
 # What zipfile/numpy raise on damaged archives (found by fuzzing single-byte flips): zipfile raises
