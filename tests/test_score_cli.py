@@ -141,3 +141,16 @@ def test_evaluate_one_smd_file_truncated(tmp_path: Path) -> None:
     m = result["files"]["machine-1-6"]
     assert m["heald"]["auc_pr"] > m["random"]["auc_pr"] + 0.2
     assert m["heald"]["us_per_sample"] < 1000
+
+
+def test_info_reads_the_shipped_classifier_too() -> None:
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    path = Path(__file__).resolve().parents[1] / "agent" / "score" / "data" / "default-classifier.npz"
+    proc = subprocess.run([sys.executable, "-m", "agent", "model", "info", str(path), "--json"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["kind"] == "heald.classifier"
+    assert "disk_full" in info["classes"]

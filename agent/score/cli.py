@@ -133,10 +133,47 @@ def _print_meta(info: dict[str, Any], as_json: bool) -> None:
 
 
 def info_cmd(args: argparse.Namespace) -> int:
+    """Metadata of an anomaly-detector artifact or of a failure-classifier artifact."""
+    from agent.errors import ModelError  # noqa: PLC0415
+    from agent.score import classifier  # noqa: PLC0415
     from agent.score.compiled import load  # noqa: PLC0415
 
-    _print_meta(_meta_dict(load(args.path)), args.json)
+    try:
+        detector = load(args.path)
+    except ModelError as first:
+        try:
+            model = classifier.load(args.path)
+        except ModelError:
+            raise first from None
+        _print_classifier(model, args.json)
+        return 0
+    _print_meta(_meta_dict(detector), args.json)
     return 0
+
+
+def _print_classifier(model: Any, as_json: bool) -> None:
+    import msgspec  # noqa: PLC0415
+
+    meta: dict[str, Any] = msgspec.to_builtins(model.meta)
+    info = {"sha256": model.sha256, "version": model.version, **meta,
+            "arrays": {k: list(v.shape) for k, v in model.arrays.items()}}
+    if as_json:
+        _write(json.dumps(info))
+        return
+    tr = info["training"]
+    rows = [
+        ["version", info["version"]],
+        ["sha256", info["sha256"]],
+        ["format", f"{info['kind']} v{info['format_version']}"],
+        ["classes", ", ".join(info["classes"])],
+        ["horizon", f"{info['horizon_s']:g} s"],
+        ["features", f"{len(info['features'])}: " + ", ".join(f["name"] for f in info["features"][:6])
+         + (" ..." if len(info["features"]) > 6 else "")],
+        ["training", f"{tr['rows']} rows" + (f" from {tr['source']}" if tr.get("source") else "")],
+        ["sklearn", info["sklearn_version"]],
+        ["created", info["created"]],
+    ]
+    _write(_table(["field", "value"], rows))
 
 
 def train_cmd(args: argparse.Namespace) -> int:
