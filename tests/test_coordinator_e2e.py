@@ -1,13 +1,16 @@
 """End to end: a real mosquitto, a real coordinator process and two real agents (`python -m agent run`).
 
-The agents' risk model is cold in a fresh state dir, so the injected fault is published as real
-wire messages (risk alert, then an action started/finished) from one agent's identity over the
-same broker; everything the coordinator does with them is real.
+A real fault on one agent (its supervised worker is SIGKILLed) is healed by that agent's own
+playbook, and the action and its outcome reach the coordinator from the agent itself. The
+agents' anomaly model is cold in a fresh state dir (10 minutes of history before the first fit),
+so the *risk alert* is additionally published as real wire messages from one agent's identity;
+everything the coordinator does with all of them is real.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.cookiejar
 import json
 import os
@@ -30,16 +33,69 @@ from coordinator.testing import PASSWORD, REPO_ROOT, CoordinatorProcess, free_po
 pytestmark = pytest.mark.slow
 
 
-def agent_config(directory: Path, node: str, port: int) -> Path:
+WORKER = "heald-e2e-wk"  # a service the agent supervises (non-systemd); killed to inject a fault
+
+PLAYBOOK = """
+name: keep-worker
+description: keep the e2e worker running
+mode: enforce
+trigger:
+  any:
+    - event: proc.exited
+      labels: {{name: {worker}}}
+      within: 1m
+    - metric: "proc.count[{worker}]"
+      op: "<"
+      value: 1
+steps:
+  - action: restart_process
+    params: {{name: {worker}, argv: ["{exe}", "-c", "import time; time.sleep(3600)"]}}
+    timeout: 10s
+verify: {{settle: 0s}}
+guards: {{cooldown: 0s, max_runs: {{count: 100, window: 1h}}}}
+"""
+
+
+def agent_config(directory: Path, node: str, port: int, *, supervise: bool = False) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "agent.toml"
-    path.write_text(
+    common = (
         f'[node]\nid = "{node}"\nsite = "lab"\nlabels = {{ rack = "r1", role = "web" }}\n'
         f'[paths]\nstate_dir = "{directory / "state"}"\nruntime_dir = "{directory / "run"}"\n'
         f'[mqtt]\nenabled = true\nhost = "127.0.0.1"\nport = {port}\nmetrics_interval_s = 1.0\n'
         '[log]\nformat = "json"\n'
     )
+    if not supervise:
+        path.write_text(common)
+        return path
+    playbooks = directory / "playbooks.d"
+    playbooks.mkdir(exist_ok=True)
+    exe = directory / WORKER
+    if not exe.exists():
+        exe.symlink_to(sys.executable)
+    (playbooks / "keep-worker.yaml").write_text(PLAYBOOK.format(worker=WORKER, exe=exe))
+    path.write_text(
+        common + f'[collect.processes]\ninterval_s = 1.0\nwatch = ["{WORKER}"]\n'
+        f'[playbooks]\ndirs = ["{playbooks}"]\nload_shipped = false\n'
+    )
     return path
+
+
+def worker_pids(agent_pid: int) -> list[int]:
+    """The agent's supervised worker (its child), not the other agent's."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        comm = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2:].split()
+        if comm == WORKER and fields[0] != "Z" and int(fields[1]) == agent_pid:
+            out.append(int(entry.name))
+    return out
 
 
 @pytest.fixture
@@ -57,7 +113,7 @@ def agents(mosquitto: Broker, tmp_path: Path) -> Iterator[dict[str, subprocess.P
     procs = []
     names = ["e2e-a", "e2e-b"]
     for name in names:
-        cfg = agent_config(tmp_path / name, name, mosquitto.port)
+        cfg = agent_config(tmp_path / name, name, mosquitto.port, supervise=name == "e2e-a")
         log = (tmp_path / f"{name}.log").open("wb")
         procs.append(
             (
@@ -82,6 +138,16 @@ def agents(mosquitto: Broker, tmp_path: Path) -> Iterator[dict[str, subprocess.P
                 proc.kill()
                 proc.wait()
         log.close()
+    # heald leaves the services it supervises running when it stops (an agent restart must not
+    # take the workload down); the test's own worker goes with the test.
+    for entry in Path("/proc").iterdir():
+        try:
+            argv0 = (entry / "cmdline").read_bytes().split(b"\0")[0].decode()
+        except (OSError, UnicodeDecodeError):
+            continue
+        if argv0.startswith(str(tmp_path)) and argv0.endswith(WORKER):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry.name), signal.SIGKILL)
 
 
 async def inject_fault(port: int, node: str) -> None:
@@ -146,13 +212,35 @@ def test_two_real_agents_and_a_fault(
     assert not c.api("GET", "/api/nodes/e2e-b")[1]["alert"]
     with sqlite3.connect(db) as conn:
         outcomes = [
-            r[0] for r in conn.execute("SELECT outcome FROM actions WHERE node = 'e2e-a' ORDER BY id")
+            r[0] for r in conn.execute("SELECT outcome FROM actions WHERE node = 'e2e-a' "
+                                       "AND run_id = 'fault-run-1' ORDER BY id")
         ]
         risk = conn.execute("SELECT max(anomaly) FROM risk WHERE node = 'e2e-a'").fetchone()[0]
     assert outcomes == [None, "ok"]
     assert risk == 2.4
     page_view = json.loads(opener.open(c.url + "/api/nodes?state=alert").read())
     assert [n["node"] for n in page_view["items"]] == ["e2e-a"]
+
+    # a real fault on the real agent: its supervised worker dies; the agent's own playbook restarts
+    # it, and the decision and its outcome reach the coordinator as action messages.
+    deadline = c.wait_for(lambda c: worker_pids(agents["e2e-a"].pid), timeout=30)
+    (worker,) = deadline
+    os.kill(worker, signal.SIGKILL)
+
+    def real_action(c: CoordinatorProcess) -> object:
+        acts = c.api("GET", "/api/nodes/e2e-a/actions")[1]
+        items = acts["items"] if isinstance(acts, dict) else acts
+        done = [a for a in items if a.get("playbook") == "keep-worker" and a.get("outcome") == "ok"]
+        return len(done) >= 2 and done  # the start-up run and the restart after the kill
+
+    c.wait_for(real_action, timeout=30)
+    c.wait_for(lambda c: [p for p in worker_pids(agents["e2e-a"].pid) if p != worker], timeout=30)
+    with sqlite3.connect(db) as conn:
+        real = conn.execute("SELECT count(*) FROM actions WHERE node = 'e2e-a' "
+                            "AND playbook = 'keep-worker' AND outcome = 'ok'").fetchone()[0]
+        risk_rows = conn.execute("SELECT count(*) FROM risk WHERE node = 'e2e-a'").fetchone()[0]
+    assert real >= 2
+    assert risk_rows >= 2  # the agent's own risk reports (cold model: forecasts and probabilities)
 
     info = c.api("GET", "/api/info")[1]
     assert info["ingest"]["malformed_total"] == 0

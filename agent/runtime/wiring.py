@@ -37,9 +37,22 @@ _OUTCOMES: dict[str, Literal["ok", "failed", "skipped", "timeout", "refused"]] =
 }
 
 
-def _clean(value: Any) -> Any:
-    """JSON-ish audit values -> wire ``Args`` values (str keys, scalars, lists, dicts)."""
-    return msgspec.convert(msgspec.to_builtins(value, str_keys=True), Any)
+def _clean(value: dict[str, Any], prefix: str = "", out: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Audit records -> wire ``Args``, which are flat (a scalar or a list of scalars per key):
+    nested mappings become dotted keys, anything else that is not a scalar becomes JSON text."""
+    out = {} if out is None else out
+    for k, v in value.items():
+        key = f"{prefix}{k}"
+        if v is None or isinstance(v, str | bool | int | float):
+            out[key] = v[:4096] if isinstance(v, str) else v
+        elif isinstance(v, dict):
+            _clean(v, key + ".", out)
+        elif isinstance(v, list | tuple) and all(x is None or isinstance(x, str | bool | int | float)
+                                                 for x in v):
+            out[key] = list(v)
+        else:
+            out[key] = msgspec.json.encode(v, enc_hook=str).decode()[:4096]
+    return out
 
 
 def action_message(record: dict[str, Any]) -> wire.Action | wire.Event:
@@ -49,10 +62,10 @@ def action_message(record: dict[str, Any]) -> wire.Action | wire.Event:
     playbook = str(record.get("playbook") or "-")
     run_id = str(record.get("run_id") or "-")
     if kind == "escalate":
-        return wire.Event(**env, name=str(record.get("kind") or "playbook.escalation"), source="playbooks",
-                          wall=time.time(), labels={"playbook": playbook, "run_id": run_id,
-                                                    "severity": str(record.get("severity", ""))},
-                          message=str(record.get("message", ""))[:4096])
+        labels = {str(k): str(v) for k, v in dict(record.get("labels") or {}).items()}
+        labels.update(playbook=playbook, run_id=run_id, severity=str(record.get("severity", "")))
+        return wire.Event(**env, name=str(record.get("kind") or "playbook.escalated"), source="playbooks",
+                          wall=time.time(), labels=labels, message=str(record.get("message", ""))[:4096])
     status = str(record.get("status") or record.get("outcome") or "")
     finished = kind == "step" and status not in ("intent", "started", "")
     finished = finished or kind in ("run.end", "run.finished", "run.abandoned")
