@@ -1,10 +1,10 @@
 """End to end: a real mosquitto, a real coordinator process and two real agents (`python -m agent run`).
 
-A real fault on one agent (its supervised worker is SIGKILLed) is healed by that agent's own
-playbook, and the action and its outcome reach the coordinator from the agent itself. The
-agents' anomaly model is cold in a fresh state dir (10 minutes of history before the first fit),
-so the *risk alert* is additionally published as real wire messages from one agent's identity;
-everything the coordinator does with all of them is real.
+Real faults on one agent: its supervised worker is SIGKILLed and the agent's own playbook restarts
+it (the action and its outcome reach the coordinator from the agent); then, once that agent's
+anomaly model is fitted on its own history (cold start shortened to 20 s), CPU hogs make its real
+risk reports alert. A simulated node identity additionally publishes a known risk/action pair so
+that exact values (anomaly 2.4, the explanation, incident counts) can be asserted on the page.
 """
 
 from __future__ import annotations
@@ -77,6 +77,8 @@ def agent_config(directory: Path, node: str, port: int, *, supervise: bool = Fal
     path.write_text(
         common + f'[collect.processes]\ninterval_s = 1.0\nwatch = ["{WORKER}"]\n'
         f'[playbooks]\ndirs = ["{playbooks}"]\nload_shipped = false\n'
+        # A short cold start so that the anomaly model is fitted (in a child process) within the test.
+        '[model]\ncold_start_s = 20\n'
     )
     return path
 
@@ -241,6 +243,28 @@ def test_two_real_agents_and_a_fault(
         risk_rows = conn.execute("SELECT count(*) FROM risk WHERE node = 'e2e-a'").fetchone()[0]
     assert real >= 2
     assert risk_rows >= 2  # the agent's own risk reports (cold model: forecasts and probabilities)
+
+    # a second real fault, for the model: once e2e-a's anomaly detector is fitted on its own short
+    # history, CPU hogs make its real risk reports alert, with an explanation.
+    def warm(c: CoordinatorProcess) -> object:
+        with sqlite3.connect(db) as conn:
+            return conn.execute("SELECT count(*) FROM risk WHERE node = 'e2e-a' AND cold = 0 "
+                                "AND model_version != 'm1'").fetchone()[0]  # m1: the simulated one
+
+    c.wait_for(warm, timeout=120)
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(3)]
+    try:
+        def real_alert(c: CoordinatorProcess) -> object:
+            with sqlite3.connect(db) as conn:
+                return conn.execute("SELECT anomaly FROM risk WHERE node = 'e2e-a' AND alert = 1 "
+                                    "AND cold = 0 AND model_version != 'm1'").fetchone()
+
+        (anomaly,) = c.wait_for(real_alert, timeout=60)
+        assert anomaly >= 1.0
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
 
     info = c.api("GET", "/api/info")[1]
     assert info["ingest"]["malformed_total"] == 0
