@@ -31,7 +31,6 @@ import io
 import os
 import subprocess
 import sys
-import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +43,7 @@ import numpy.typing as npt
 from agent.errors import ModelError
 from agent.features.schema import FeatureSchema
 from agent.fsutil import atomic_write
-from agent.score.compiled import F64, FeatureSpec, TrainingWindow, content_hash
+from agent.score.compiled import _READ_ERRORS, F64, FeatureSpec, TrainingWindow, content_hash
 
 FAILURE_CLASSES: tuple[str, ...] = (
     "disk_full", "memory_exhaustion", "cpu_runaway", "network_degradation", "gpu_fault", "service_down",
@@ -227,7 +226,7 @@ def from_bytes(data: bytes, where: str = "classifier") -> CompiledClassifier:
             raise ModelError(f"{where}: not a heald classifier artifact (not an .npz archive)")
         with loaded as z:
             entries = {name: z[name] for name in z.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+    except _READ_ERRORS as exc:  # the detector's fuzz-found list: damaged zips raise odd types
         raise ModelError(f"{where}: not a readable heald classifier artifact ({exc})") from None
     raw_meta, raw_hash = entries.pop("__meta__", None), entries.pop("__sha256__", None)
     if raw_meta is None or raw_hash is None:
