@@ -25,6 +25,7 @@ out first, and when, is the forecaster's job, per mount.)
 
 from __future__ import annotations
 
+import ctypes
 import operator
 from collections.abc import Callable
 from typing import Any
@@ -36,6 +37,7 @@ import structlog
 from agent.collect.sample import Sample, split_key
 from agent.errors import ModelError
 from agent.features.schema import TRANSFORMS, FeatureSchema
+from agent.native import FwCtx, Kernels, kernels, ptr
 
 log = structlog.get_logger("heald.features")
 
@@ -71,9 +73,14 @@ def _getter(keys: list[str]) -> Callable[[Metrics], tuple[Any, ...]]:
 
 class FeatureWindow:
     """``push(sample) -> features``: the vector is an internal buffer, overwritten by the next push
-    (copy it to keep it)."""
+    (copy it to keep it).
 
-    def __init__(self, schema: FeatureSchema) -> None:
+    ``native``: run the per-sample update in the C kernel (:mod:`agent.native`) — None = when it
+    is available, False = always numpy (the reference), True = require it (ModelError if absent).
+    Both paths keep the same state arrays, so the exact recomputation (``_rebase``) is shared.
+    """
+
+    def __init__(self, schema: FeatureSchema, *, native: bool | None = None) -> None:
         probs = schema.problems()
         if probs:
             raise ModelError("; ".join(str(p) for p in probs))
@@ -138,8 +145,31 @@ class FeatureWindow:
             f[_T_DELTA], f[_T_RATE], f[_T_EWMA], f[_T_STD:_T_SLOPE + 1], f[_T_STD],
         )
         self._base_coef = coef.copy()
+        self._kern: Kernels | None = None if native is False else kernels()
+        if native and self._kern is None:
+            raise ModelError("native kernels requested but not available (see the log)")
+        self._ctx = FwCtx()
+        self._ctx_ref: Any = None
+        if self._kern is not None:
+            c = self._ctx
+            c.g, c.ntrans, c.window = g, len(schema.transforms), w
+            c.is_sum = ptr(self._sum_in, np.bool_)
+            c.tsel = ptr(self._t_sel, np.intp)
+            c.x = ptr(x, np.float64)
+            c.sums = ptr(self._sums, np.float64)
+            c.cring = ptr(self._cring, np.float64)
+            for name in ("xref", "last", "tlast", "ewma"):
+                setattr(c, name, ptr(getattr(self, f"_{name}"), np.float64))
+            c.out = ptr(self._out, np.float64)
+            c.alpha, c.tiny = self._alpha, _TINY
+            self._ctx_ref = ctypes.byref(c)
         self._reset_state()
         self._plan({})
+
+    @property
+    def native(self) -> bool:
+        """Whether pushes run in the C kernel."""
+        return self._kern is not None
 
     # ------------------------------------------------------------------ gather plan
     def _scan(self, metrics: Metrics) -> None:
@@ -215,9 +245,22 @@ class FeatureWindow:
         self._sum_any: Mask = np.empty(len(sum_rows), dtype=np.bool_)
         self._absent = absent
         self._last_len = len(metrics)
+        if self._kern is not None:
+            # The kernel reads input gi's plan positions [lo, hi) directly (no clamping needed).
+            st = np.asarray(starts, dtype=np.intp)
+            self._lo = st
+            self._hi = np.append(st[1:], n).astype(np.intp)
+            c = self._ctx
+            c.vbuf = ptr(self._vbuf, np.float64)
+            c.perm = ptr(self._perm, np.intp)
+            c.scale = ptr(self._scale, np.float64)
+            c.lo = ptr(self._lo, np.intp)
+            c.hi = ptr(self._hi, np.intp)
+            c.sign = ptr(self._sign, np.float64)
 
-    def _gather_into(self, metrics: Metrics, out: F64) -> None:
-        """The inputs' current values (wildcards reduced, scaled) into ``out``."""
+    def _load(self, metrics: Metrics) -> bool:
+        """Read the planned keys of ``metrics`` into the value buffer (re-planning when the keys
+        changed); False when no key the schema reads is present."""
         if len(metrics) != self._last_len or (self._wild and self._pushes % self._rescan_every == 0):
             self._scan(metrics)
         elif self._absent:
@@ -233,8 +276,7 @@ class FeatureWindow:
             num = self._get_num(metrics)
             nul = self._get_nul(metrics)
         if not self._nkeys:
-            out.fill(np.nan)
-            return
+            return False
         try:
             self._vbuf_num[:] = np.fromiter(num, np.float64, self._n_num)
         except TypeError:  # a number became None: convert slowly now, re-plan at the next sample
@@ -246,6 +288,13 @@ class FeatureWindow:
         elif self._nul_dirty:
             self._vbuf_nul.fill(np.nan)
             self._nul_dirty = False
+        return True
+
+    def _gather_into(self, metrics: Metrics, out: F64) -> None:
+        """The inputs' current values (wildcards reduced, scaled) into ``out`` (numpy path)."""
+        if not self._load(metrics):
+            out.fill(np.nan)
+            return
         v = self._vbuf[self._perm]
         np.multiply(v, self._scale, v)
         x = self._xs
@@ -333,6 +382,8 @@ class FeatureWindow:
         if self._prev_mono is not None and not mono > self._prev_mono:
             mono = self._prev_mono + 1e-3  # never divide by a zero or negative interval
         self._prev_mono = mono
+        if self._kern is not None:
+            return self._push_native(metrics, mono)
         (x, fin, nfin, unset, tmp, u, u_f, u_v, u_vv, coef, sums, s_a, s_b, s_c, s_d, s_n2, d4, d4b,
          d4_den, d4_num, few, c15, xref, last, tlast, e, alpha, mono0, zero, nan0, tiny,
          f_delta, f_rate, f_ewma, f_q, f_std) = self._bufs
@@ -389,4 +440,23 @@ class FeatureWindow:
             self._out2[:] = self._feat.T
         else:
             self._out2[:] = self._feat[self._t_sel].T
+        return self._out
+
+    def _push_native(self, metrics: Metrics, mono: float) -> F64:
+        """The same update as the numpy path, in one C call (gather reduction included)."""
+        if not self._load(metrics):
+            self._vbuf.fill(np.nan)  # no key present: every input NaN this sample
+        pushes = self._pushes
+        if pushes == 0:
+            self._t0 = mono
+        elif pushes % self._w == 0:
+            self._rebase(mono)
+        t = mono - self._t0
+        pos = self._pos
+        assert self._kern is not None
+        if self._kern.fw_push(self._ctx_ref, pos, t, mono) != 0:
+            raise ModelError(f"native feature kernel refused slot {pos}")
+        self._tring[pos] = t
+        self._pos = pos + 1 if pos + 1 < self._w else 0
+        self._pushes = pushes + 1
         return self._out

@@ -43,6 +43,8 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.collect.sample import split_key
+from agent.errors import ModelError
+from agent.native import Kernels, kernels, ptr
 from agent.score.types import Forecast
 
 F64 = npt.NDArray[np.float64]
@@ -126,12 +128,20 @@ def robust_trend(t: F64, y: F64) -> tuple[F64, F64, F64]:
 
 
 class Forecaster:
-    """Feed samples with :meth:`push`; read :attr:`forecasts` (refreshed every ``every`` samples)."""
+    """Feed samples with :meth:`push`; read :attr:`forecasts` (refreshed every ``every`` samples).
+
+    ``native``: run the trend fit in the C kernel (:mod:`agent.native`) — None = when it is
+    available, False = always numpy (the reference), True = require it.
+    """
 
     def __init__(self, resources: Sequence[Resource] = DEFAULT_RESOURCES, *, window_s: float = 600.0,
                  spans: Sequence[float] = (30.0, 120.0), every: int = 10, max_points: int = 30,
                  capacity: int = 600,
-                 max_eta_s: float = 2 * 86400.0, min_points: int = 8) -> None:
+                 max_eta_s: float = 2 * 86400.0, min_points: int = 8,
+                 native: bool | None = None) -> None:
+        self._kern: Kernels | None = None if native is False else kernels()
+        if native and self._kern is None:
+            raise ModelError("native kernels requested but not available (see the log)")
         self.resources = tuple(resources)
         self.window_s = window_s
         self.spans = (*sorted(s for s in spans if s < window_s), float(window_s))
@@ -246,6 +256,9 @@ class Forecaster:
         idx = np.full((nw, m), self._cap, dtype=np.intp)  # the NaN row pads shorter windows (front)
         for w, (_, sel) in enumerate(fits):
             idx[w, m - sel.size:] = sel
+        if self._kern is not None:
+            self._fit_native(fits, idx, k)
+            return
         tw = self._t[idx]  # (windows, points)
         yk = self._ring[idx].transpose(0, 2, 1).reshape(nw * k, m)  # (windows * keys, points)
         t = np.repeat(tw, k, axis=0)
@@ -292,6 +305,23 @@ class Forecaster:
             r = cand[lo:hi][g] - w * k
             eta_s, conf_s, rate_s = self._results[si]
             eta_s[r], conf_s[r], rate_s[r] = eta[lo:hi][g], conf[lo:hi][g], slope[lo:hi][g]
+
+    def _fit_native(self, fits: list[tuple[int, npt.NDArray[np.intp]]], idx: npt.NDArray[np.intp],
+                    k: int) -> None:
+        """The same fit as :meth:`_fit` (pre-filter, Theil-Sen, ETA), in one C call."""
+        nw, m = idx.shape
+        eta = np.full((nw, k), np.nan)
+        conf = np.zeros((nw, k))
+        rate = np.zeros((nw, k))
+        assert self._kern is not None
+        rc = self._kern.trend_fit(
+            ptr(self._ring, np.float64), ptr(self._t, np.float64), ptr(idx, np.intp), nw, m, k,
+            ptr(self._sign, np.float64), ptr(self._limit, np.float64), float(self.min_points),
+            float(self.max_eta_s), ptr(eta, np.float64), ptr(conf, np.float64), ptr(rate, np.float64))
+        if rc != 0:
+            raise MemoryError("native trend fit: no scratch memory")
+        for w, (si, _) in enumerate(fits):
+            self._results[si] = (eta[w], conf[w], rate[w])
 
     def _publish(self, k: int) -> None:
         """The window with the highest confidence wins, per resource; only changed forecasts are
