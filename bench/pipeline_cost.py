@@ -12,11 +12,17 @@ Prints, per part, the thread and process CPU time per sample (robust on a shared
 per-call wall time mean / p50 / p99 in microseconds; the whole measurement runs ``--repeats``
 times and the median of the runs is shown. The detector's ``explain`` (which the stage calls
 when the score is >= 1) is shown amortised over all samples.
+
+The stage runs with the native kernels when they are built (agent/native; the header says
+which), ``--numpy`` forces the numpy reference path for comparison. As in the daemon, full
+chunks of the feature history are written outside the sample path (there by the refit task's
+worker thread, here between samples, untimed); their cost is shown on its own row, amortised.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -52,7 +58,12 @@ def main() -> int:
     ap.add_argument("recording", nargs="?", type=Path, default=Path("bench/faults/data/host1.npz"))
     ap.add_argument("--samples", type=int, default=5000)
     ap.add_argument("--repeats", type=int, default=3, help="runs of the whole measurement (median shown)")
+    ap.add_argument("--numpy", action="store_true", help="score with the numpy path, not the C kernels")
     args = ap.parse_args()
+    if args.numpy:
+        os.environ["HEALD_KERNELS"] = "0"
+    from agent.native import kernels  # noqa: PLC0415 - after the environment is set
+    native = kernels() is not None
     from sklearn.cluster import KMeans  # noqa: PLC0415 - the comparison side
 
     rec = dataset.load(args.recording)
@@ -76,7 +87,7 @@ def main() -> int:
     seq = [(metrics[i % len(metrics)], float(i)) for i in range(args.samples)]
     names_ = ("features (FeatureWindow.push)", "forecast (Forecaster.push)", "classifier (compiled)",
               "detector (StreamingDetector.score)", "detector explain (when score >= 1)",
-              "RiskStage.on_sample (all + history)",
+              "RiskStage.on_sample (all + history)", "history chunk writes (worker thread)",
               "sklearn predict_proba, 1 row", "sklearn KMeans.transform, 1 row")
     pc = time.perf_counter_ns
     ct = time.thread_time_ns
@@ -101,12 +112,24 @@ def main() -> int:
                 CPU time per call."""
                 out = []
                 walls = []
+                hist = getattr(getattr(fn, "__self__", None), "history", None)
+                drain = 0
                 c0, p0 = ct(), pt()
                 for it in items:
                     t0 = pc()
                     out.append(fn(it))  # type: ignore[operator]
                     walls.append(pc() - t0)
+                    if hist is not None and hist.pending:  # the daemon's worker thread, untimed
+                        d0 = ct()
+                        hist.write_pending()
+                        drain += ct() - d0
                 c1, p1 = ct(), pt()
+                c1 -= drain
+                p1 -= drain
+                if hist is not None:
+                    nan = float("nan")
+                    row["history chunk writes (worker thread)"] = (drain / 1000.0 / max(1, len(items)),
+                                                                   nan, nan, nan, nan)
                 mean, p50, p99 = stats(walls)
                 n = max(1, len(items))
                 row[name] = ((c1 - c0) / 1000.0 / n, (p1 - p0) / 1000.0 / n, mean, p50, p99)
@@ -136,6 +159,7 @@ def main() -> int:
             row["detector explain (when score >= 1)"] = (e[0] * share, e[1] * share, e[2], e[3], e[4])
             runs.append(row)
     med = {k: tuple(float(np.median([r[k][i] for r in runs])) for i in range(5)) for k in names_}
+    print(f"scoring path: {'native C kernels (agent/native)' if native else 'numpy (reference)'}")
     print(f"{len(seq)} samples from {args.recording.name}, {args.repeats} runs (median of runs shown); "
           f"schema {schema.dim} features ({len(keep)} in the classifier, {len(cols)} in the detector); "
           f"explain on {share:.0%} of the samples (amortised below)")

@@ -190,6 +190,11 @@ def test_venv_runs_from_the_unpacked_tree(root: Path) -> None:
     agent_file, prefix = where.stdout.split()
     assert agent_file.startswith(str(root / "opt/heald/lib/"))
     assert prefix == str(root / "opt/heald")
+    # The package carries the native scoring kernels, and they load from the unpacked tree.
+    kern = subprocess.run([str(root / "opt/heald/bin/python3"), "-c",
+                           "import agent.native as n; k = n.load(); print(k.path if k else 'none')"],
+                          capture_output=True, text=True, timeout=120, env=env, cwd="/", check=True)
+    assert kern.stdout.strip().startswith(str(root / "opt/heald/lib/")), kern.stdout + kern.stderr
 
 
 def test_no_file_names_the_build_directory(root: Path) -> None:

@@ -8,6 +8,12 @@ narrow the schema on small nodes). Chunks written under another schema are ignor
 
 The refit reads the history in a child process (``python -m agent.features.history export``),
 so the daemon never holds a day of rows in memory.
+
+Writing stays off the per-sample path: :meth:`HistoryWriter.append` only copies the row into
+the buffer; a full buffer is queued and a fresh one takes its place, and the daemon writes the
+queue from a worker thread (:meth:`HistoryWriter.write_pending`, called by the score stage's
+refit task every 30 s). If nobody drains the queue (``MAX_PENDING`` chunks waiting), append
+writes them itself rather than hold more memory. A lock serialises the writers.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import argparse
 import os
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +35,7 @@ from agent.features.schema import FeatureSchema, decode_schema
 
 log = structlog.get_logger("heald.history")
 F64 = npt.NDArray[np.float64]
+MAX_PENDING = 2  # full chunks queued for the worker before append writes them itself
 
 
 def _write_npz(path: Path, **arrays: npt.NDArray[np.generic]) -> None:
@@ -50,9 +58,12 @@ class HistoryWriter:
         self.schema = schema
         self.digest = schema.digest
         self.window_s = window_s
+        self._chunk_rows = chunk_rows
         self._buf = np.empty((chunk_rows, schema.dim), dtype=np.float32)
         self._wall = np.empty(chunk_rows, dtype=np.float64)
         self._n = 0
+        self._pending: list[tuple[npt.NDArray[np.float32], F64]] = []  # full chunks to write
+        self._lock = threading.Lock()  # one writer at a time; guards the buffer swap
         self._disabled = False
         self.last_wall: float | None = None
         self.rows_on_disk = 0
@@ -79,33 +90,63 @@ class HistoryWriter:
 
     @property
     def rows(self) -> int:
-        """Rows available for training (on disk and buffered)."""
-        return self.rows_on_disk + self._n
+        """Rows available for training (on disk, queued and buffered)."""
+        return self.rows_on_disk + sum(int(w.shape[0]) for _, w in self._pending) + self._n
+
+    @property
+    def pending(self) -> int:
+        """Full chunks queued for :meth:`write_pending`."""
+        return len(self._pending)
 
     def append(self, wall: float, vec: F64) -> None:
         if self._disabled:
             return
-        self._buf[self._n] = vec
-        self._wall[self._n] = wall
+        n = self._n
+        self._buf[n] = vec
+        self._wall[n] = wall
         self.last_wall = wall
-        self._n += 1
-        if self._n == self._buf.shape[0]:
-            self.flush()
+        self._n = n + 1
+        if n + 1 == self._chunk_rows:
+            with self._lock:
+                self._pending.append((self._buf, self._wall))
+                self._buf = np.empty_like(self._buf)
+                self._wall = np.empty_like(self._wall)
+                self._n = 0
+            if len(self._pending) > MAX_PENDING:
+                self.write_pending()
+
+    def write_pending(self) -> None:
+        """Write the queued full chunks (from a worker thread in the daemon)."""
+        with self._lock:
+            while self._pending and not self._disabled:
+                buf, wall = self._pending[0]
+                if not self._write(buf, wall):
+                    return
+                self._pending.pop(0)
 
     def flush(self) -> None:
-        """Write the buffered rows as one chunk and prune chunks older than the window."""
-        if self._n == 0 or self._disabled:
-            return
-        n = self._n
-        path = self.dir / f"{self.digest}-{int(self._wall[0] * 1000):015d}.npz"
+        """Write the queued chunks and the buffered rows; prune chunks older than the window."""
+        self.write_pending()
+        with self._lock:
+            if self._n == 0 or self._disabled:
+                return
+            n = self._n
+            buf, wall = self._buf[:n].copy(), self._wall[:n].copy()
+            self._n = 0
+        with self._lock:
+            self._write(buf, wall)
+
+    def _write(self, buf: npt.NDArray[np.float32], wall: F64) -> bool:
+        """One chunk to disk (caller holds the lock); False when the history is now disabled."""
+        path = self.dir / f"{self.digest}-{int(wall[0] * 1000):015d}.npz"
         try:
-            _write_npz(path, wall=self._wall[:n].copy(), x=self._buf[:n].copy())
+            _write_npz(path, wall=wall, x=buf)
         except OSError as exc:
             self._disable(exc)
-            return
-        self._n = 0
-        self.rows_on_disk += n
-        self.prune(float(self._wall[n - 1]))
+            return False
+        self.rows_on_disk += int(wall.shape[0])
+        self.prune(float(wall[-1]))
+        return True
 
     def prune(self, now_wall: float | None = None) -> None:
         now = time.time() if now_wall is None else now_wall

@@ -97,6 +97,7 @@ class FeatureWindow:
         self._members: list[list[str]] = [[] if s.wildcard else [s.key] for s in schema.inputs]
         self._raw_keys: list[str] = [s.key for s in schema.inputs if not s.wildcard]
         self._labels: set[tuple[str, int]] = set()
+        self._seen: set[str] = set()  # the keys of the sample last scanned
         self._wild: dict[str, list[int]] = {}  # family -> wildcard inputs
         for gi, spec in enumerate(schema.inputs):
             if spec.wildcard:
@@ -113,8 +114,15 @@ class FeatureWindow:
         f = self._feat
         # State, allocated once (reset refills it).
         w = self._w
+        self._kern: Kernels | None = None if native is False else kernels()
+        if native and self._kern is None:
+            raise ModelError("native kernels requested but not available (see the log)")
         self._tring: F64 = np.full(w, np.nan)
-        self._cring: F64 = np.zeros((w, _NS, g))
+        # numpy path: each slot's contribution to the 16 sum rows; the kernel keeps its own
+        # compact ring of relative values and six sums instead (see kernels.c).
+        self._cring: F64 = np.zeros((w if self._kern is None else 1, _NS, g))
+        self._nring: F64 = np.full((w if self._kern is not None else 1, g), np.nan)
+        self._nsums: F64 = np.zeros((6, g))
         self._slots = list(self._cring)  # per-slot views
         self._sums: F64 = np.zeros((_NS, g))
         self._xref: F64 = np.zeros(g)
@@ -145,9 +153,6 @@ class FeatureWindow:
             f[_T_DELTA], f[_T_RATE], f[_T_EWMA], f[_T_STD:_T_SLOPE + 1], f[_T_STD],
         )
         self._base_coef = coef.copy()
-        self._kern: Kernels | None = None if native is False else kernels()
-        if native and self._kern is None:
-            raise ModelError("native kernels requested but not available (see the log)")
         self._ctx = FwCtx()
         self._ctx_ref: Any = None
         if self._kern is not None:
@@ -156,8 +161,9 @@ class FeatureWindow:
             c.is_sum = ptr(self._sum_in, np.bool_)
             c.tsel = ptr(self._t_sel, np.intp)
             c.x = ptr(x, np.float64)
-            c.sums = ptr(self._sums, np.float64)
-            c.cring = ptr(self._cring, np.float64)
+            c.sums = ptr(self._nsums, np.float64)
+            c.ring = ptr(self._nring, np.float64)
+            c.tring = ptr(self._tring, np.float64)
             for name in ("xref", "last", "tlast", "ewma"):
                 setattr(c, name, ptr(getattr(self, f"_{name}"), np.float64))
             c.out = ptr(self._out, np.float64)
@@ -170,6 +176,11 @@ class FeatureWindow:
     def native(self) -> bool:
         """Whether pushes run in the C kernel."""
         return self._kern is not None
+
+    @property
+    def output(self) -> F64:
+        """The feature vector buffer every push returns (fixed for the window's lifetime)."""
+        return self._out
 
     # ------------------------------------------------------------------ gather plan
     def _scan(self, metrics: Metrics) -> None:
@@ -185,6 +196,7 @@ class FeatureWindow:
                         self._members[gi].append(k)
                         self._raw_keys.append(k)
         self._plan(metrics)
+        self._seen = set(metrics)
 
     def _plan(self, metrics: Metrics) -> None:
         """Resolve the gather for the keys present in ``metrics``.
@@ -226,7 +238,9 @@ class FeatureWindow:
         self._vbuf_nul = self._vbuf[len(num): n]
         self._perm = np.asarray([slot[k] for k in keys] + [pad], dtype=np.intp)
         self._nkeys = n
-        self._starts = np.minimum(np.asarray(starts, dtype=np.intp), max(n - 1, 0))
+        # v has n + 1 entries (the NaN pad last): an input with no key present at the end starts
+        # at the pad, so the inputs before it keep their whole range.
+        self._starts = np.minimum(np.asarray(starts, dtype=np.intp), n)
         self._scale = np.asarray([*scale, 1.0], dtype=np.float64)
         self._sign = sign
         sum_rows = [gi for gi in range(self._g) if self._is_sum[gi]]
@@ -250,18 +264,19 @@ class FeatureWindow:
             st = np.asarray(starts, dtype=np.intp)
             self._lo = st
             self._hi = np.append(st[1:], n).astype(np.intp)
-            c = self._ctx
-            c.vbuf = ptr(self._vbuf, np.float64)
-            c.perm = ptr(self._perm, np.intp)
-            c.scale = ptr(self._scale, np.float64)
-            c.lo = ptr(self._lo, np.intp)
-            c.hi = ptr(self._hi, np.intp)
-            c.sign = ptr(self._sign, np.float64)
+            ctx = self._ctx
+            ctx.vbuf = ptr(self._vbuf, np.float64)
+            ctx.perm = ptr(self._perm, np.intp)
+            ctx.scale = ptr(self._scale, np.float64)
+            ctx.lo = ptr(self._lo, np.intp)
+            ctx.hi = ptr(self._hi, np.intp)
+            ctx.sign = ptr(self._sign, np.float64)
 
     def _load(self, metrics: Metrics) -> bool:
         """Read the planned keys of ``metrics`` into the value buffer (re-planning when the keys
         changed); False when no key the schema reads is present."""
-        if len(metrics) != self._last_len or (self._wild and self._pushes % self._rescan_every == 0):
+        if len(metrics) != self._last_len or (
+                self._wild and self._pushes % self._rescan_every == 0 and metrics.keys() != self._seen):
             self._scan(metrics)
         elif self._absent:
             for k in self._absent:
@@ -317,6 +332,8 @@ class FeatureWindow:
     def _reset_state(self) -> None:
         self._tring.fill(np.nan)  # times relative to _t0
         self._cring.fill(0.0)  # each slot's contribution to the sums
+        self._nring.fill(np.nan)  # (kernel) each slot's value relative to the reference
+        self._nsums.fill(0.0)
         self._sums.fill(0.0)
         self._sums[_ROW_NM1] = -1.0
         self._xref.fill(0.0)  # exact references are set at the first rebase
@@ -384,6 +401,10 @@ class FeatureWindow:
         self._prev_mono = mono
         if self._kern is not None:
             return self._push_native(metrics, mono)
+        with np.errstate(all="ignore"):  # inf inputs: the same NaN results as the kernel, silently
+            return self._push_numpy(metrics, mono)
+
+    def _push_numpy(self, metrics: Metrics, mono: float) -> F64:
         (x, fin, nfin, unset, tmp, u, u_f, u_v, u_vv, coef, sums, s_a, s_b, s_c, s_d, s_n2, d4, d4b,
          d4_den, d4_num, few, c15, xref, last, tlast, e, alpha, mono0, zero, nan0, tiny,
          f_delta, f_rate, f_ewma, f_q, f_std) = self._bufs
@@ -447,16 +468,18 @@ class FeatureWindow:
         if not self._load(metrics):
             self._vbuf.fill(np.nan)  # no key present: every input NaN this sample
         pushes = self._pushes
+        kern = self._kern
+        if kern is None:
+            raise ModelError("native kernel path taken without the kernels")
         if pushes == 0:
             self._t0 = mono
         elif pushes % self._w == 0:
-            self._rebase(mono)
+            kern.fw_rebase(self._ctx_ref, self._t0, mono)
+            self._t0 = mono
         t = mono - self._t0
         pos = self._pos
-        assert self._kern is not None
-        if self._kern.fw_push(self._ctx_ref, pos, t, mono) != 0:
+        if kern.fw_push(self._ctx_ref, pos, t, mono) != 0:
             raise ModelError(f"native feature kernel refused slot {pos}")
-        self._tring[pos] = t
         self._pos = pos + 1 if pos + 1 < self._w else 0
         self._pushes = pushes + 1
         return self._out

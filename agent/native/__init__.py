@@ -1,8 +1,10 @@
 """heald's native scoring kernels (``kernels.c``), loaded with ctypes.
 
-Two hot paths of the score stage have a C twin here: the feature window's per-sample update
-(:class:`agent.features.window.FeatureWindow`) and the forecaster's periodic trend fit
-(:class:`agent.score.forecast.Forecaster`). The numpy code they port stays the reference: the
+Every per-sample step of the score stage has a C twin here: the feature window's update
+(:class:`agent.features.window.FeatureWindow`), the forecaster's periodic trend fit
+(:class:`agent.score.forecast.Forecaster`), the anomaly detector's score and explanation
+(:class:`agent.score.detector.StreamingDetector`) and the failure classifier
+(:class:`agent.score.classifier.Scorer`). The numpy code they port stays the reference: the
 tests run both on the same inputs and require the same results, and it is what runs when the
 library is missing (a build without a C compiler), stale (ABI mismatch), or switched off with
 ``HEALD_KERNELS=0`` in the daemon's environment. :func:`kernels` says which, once, in the log.
@@ -23,7 +25,7 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
-ABI = 1  # must equal HEALD_KERNELS_ABI in kernels.c
+ABI = 5  # must equal HEALD_KERNELS_ABI in kernels.c
 LIB_PATH = Path(__file__).with_name("libheald_kernels.so")
 ENV = "HEALD_KERNELS"
 
@@ -35,13 +37,36 @@ _I64, _F64, _PTR = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p
 class FwCtx(ctypes.Structure):
     """``fw_ctx`` in kernels.c: the feature window's buffers, bound by the window."""
 
-    _fields_ = [  # noqa: RUF012 - ctypes reads this class attribute by name
+    _fields_ = [
         ("g", _I64), ("ntrans", _I64), ("window", _I64),
         ("vbuf", _PTR), ("perm", _PTR), ("scale", _PTR), ("lo", _PTR), ("hi", _PTR),
         ("is_sum", _PTR), ("sign", _PTR), ("tsel", _PTR),
-        ("x", _PTR), ("sums", _PTR), ("cring", _PTR), ("xref", _PTR), ("last", _PTR),
+        ("x", _PTR), ("sums", _PTR), ("ring", _PTR), ("tring", _PTR), ("xref", _PTR), ("last", _PTR),
         ("tlast", _PTR), ("ewma", _PTR), ("out", _PTR),
         ("alpha", _F64), ("tiny", _F64),
+    ]
+
+
+class DetCtx(ctypes.Structure):
+    """``det_ctx`` in kernels.c: a streaming anomaly detector's model and state buffers."""
+
+    _fields_ = [
+        ("d", _I64), ("nc", _I64), ("npca", _I64), ("top_k", _I64),
+        ("vec", _PTR), ("idx", _PTR), ("med", _PTR), ("inv_scale", _PTR), ("centroids", _PTR),
+        ("c2", _PTR), ("pca_mean", _PTR), ("pca_w", _PTR), ("fac", _PTR), ("use", _PTR),
+        ("x", _PTR), ("missing", _PTR), ("prev", _PTR), ("last_ref", _PTR), ("z", _PTR),
+        ("km", _PTR), ("pc", _PTR), ("contrib", _PTR),
+        ("has_prev", _I64), ("any_missing", _I64),
+    ]
+
+
+class TrendCtx(ctypes.Structure):
+    """``trend_ctx`` in kernels.c: a forecaster's ring and per-window results."""
+
+    _fields_ = [
+        ("k", _I64), ("cap", _I64), ("pos", _I64), ("n", _I64), ("nspans", _I64), ("max_points", _I64),
+        ("ring", _PTR), ("tring", _PTR), ("spans", _PTR), ("due", _PTR), ("sign", _PTR), ("limit", _PTR),
+        ("min_points", _F64), ("max_eta", _F64), ("now", _F64), ("res", _PTR), ("best", _PTR),
     ]
 
 
@@ -53,10 +78,21 @@ class Kernels:
         self.fw_push = lib.heald_fw_push
         self.fw_push.argtypes = [ctypes.POINTER(FwCtx), _I64, _F64, _F64]
         self.fw_push.restype = ctypes.c_int
-        self.trend_fit = lib.heald_trend_fit
-        self.trend_fit.argtypes = [_PTR, _PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _F64, _F64,
-                                   _PTR, _PTR, _PTR]
-        self.trend_fit.restype = ctypes.c_int
+        self.trend_update = lib.heald_trend_update
+        self.trend_update.argtypes = [ctypes.POINTER(TrendCtx)]
+        self.trend_update.restype = ctypes.c_int
+        self.fw_rebase = lib.heald_fw_rebase
+        self.fw_rebase.argtypes = [ctypes.POINTER(FwCtx), _F64, _F64]
+        self.fw_rebase.restype = ctypes.c_int
+        self.det_score = lib.heald_det_score
+        self.det_score.argtypes = [ctypes.POINTER(DetCtx)]
+        self.det_score.restype = _F64
+        self.det_explain = lib.heald_det_explain
+        self.det_explain.argtypes = [ctypes.POINTER(DetCtx), _I64, _PTR]
+        self.det_explain.restype = _I64
+        self.clf_score = lib.heald_clf_score
+        self.clf_score.argtypes = [_PTR, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR]
+        self.clf_score.restype = ctypes.c_int
 
 
 def ptr(arr: npt.NDArray[Any], dtype: type[np.generic]) -> int:

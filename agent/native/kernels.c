@@ -14,7 +14,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 
-#define HEALD_KERNELS_ABI 1
+#define HEALD_KERNELS_ABI 5
 
 int heald_kernels_abi(void) { return HEALD_KERNELS_ABI; }
 
@@ -22,11 +22,11 @@ int heald_kernels_abi(void) { return HEALD_KERNELS_ABI; }
 static double npmax(double a, double b) { return (isnan(a) || isnan(b)) ? NAN : (a > b ? a : b); }
 
 /* ------------------------------------------------------------------------------------------ */
-/* Feature window. Layout of the running sums (rows of `sums`, each `g` long; see window.py):  */
-/*   0-3: n            4: Sxx   5: Stx   6: n-1   7: Stt                                       */
-/*   8: Sx   9: St   10: 0   11: St   12: Sx   13: Sx   14: 0   15: St                        */
-/* and `cring` holds each of the `w` slots' contribution to them, (w, 16, g).                   */
-#define FW_NS 16
+/* Feature window (window.py). The numpy path keeps every slot's contribution to 16 sum rows;
+ * here the ring keeps only each slot's value relative to its input's reference (NaN = no
+ * valid value) and the slot times, and the contributions are recomputed from them bit for bit
+ * when a slot is evicted: 8x less memory touched per sample. Sums, (6, g):                    */
+enum { S_N, S_T, S_TT, S_X, S_XX, S_TX, FW_NSUM };
 
 typedef struct {
     int64_t g;             /* inputs */
@@ -41,9 +41,10 @@ typedef struct {
     const double *sign;    /* per input: 1, -1 (min = -max(-x)) or NaN (no key present) */
     const int64_t *tsel;   /* ntrans transform indices: value delta rate ewma std slope */
     double *x;             /* g: the gathered inputs (written) */
-    double *sums;          /* (16, g) */
-    double *cring;         /* (window, 16, g) */
-    double *xref;          /* g: per-input reference the sums are relative to */
+    double *sums;          /* (6, g) running sums over the window's valid entries */
+    double *ring;          /* (window, g): value - reference, NaN where not valid */
+    double *tring;         /* window: slot time relative to the window's t0, NaN = unused */
+    double *xref;          /* g: per-input reference the values are relative to */
     double *last;          /* g: last finite value */
     double *tlast;         /* g: its time */
     double *ewma;          /* g */
@@ -51,6 +52,20 @@ typedef struct {
     double alpha;
     double tiny;
 } fw_ctx;
+
+/* A slot's contribution to the six sums, from its relative value v (NaN = none) and time t. */
+static void fw_contrib(double v, double t, double k[FW_NSUM]) {
+    const int valid = isfinite(v) && isfinite(t);
+    const double vf = valid ? 1.0 : 0.0;
+    const double vv = valid ? v : 0.0;
+    const double tz = isfinite(t) ? t : 0.0;
+    k[S_N] = vf;
+    k[S_T] = tz * vf;
+    k[S_TT] = (tz * tz) * vf;
+    k[S_X] = vv;
+    k[S_XX] = vv * vv;
+    k[S_TX] = tz * vv;
+}
 
 /* Reduce the gathered values into ctx->x (wildcards: max/min/sum over their labels). */
 static void fw_gather(const fw_ctx *c) {
@@ -77,38 +92,26 @@ static void fw_gather(const fw_ctx *c) {
     }
 }
 
-/* One push: `pos` is the ring slot to overwrite, `t` the time relative to the window's t0. */
+/* One push into slot `pos`; `t` is the time relative to the window's t0. */
 int heald_fw_push(const fw_ctx *c, int64_t pos, double t, double mono) {
     const int64_t g = c->g;
     if (pos < 0 || pos >= c->window) return -1;
     fw_gather(c);
-    double *slot = c->cring + pos * FW_NS * g;
+    double *slot = c->ring + pos * g;
     double *s = c->sums;
+    const double told = c->tring[pos];
+    c->tring[pos] = t;
     for (int64_t i = 0; i < g; i++) {
         const double xi = c->x[i];
         const int fin = isfinite(xi);
-        const double vf = fin ? 1.0 : 0.0;
-        const double v = fin ? xi - c->xref[i] : 0.0;
-        double k[FW_NS];
-        k[0] = k[1] = k[2] = k[3] = vf;
-        k[4] = v * v;
-        k[5] = t * v;
-        k[6] = vf;
-        k[7] = (t * t) * vf;
-        k[8] = v;
-        k[9] = t * vf;
-        k[10] = 0.0;
-        k[11] = t * vf;
-        k[12] = v;
-        k[13] = v;
-        k[14] = 0.0;
-        k[15] = t * vf;
-        for (int r = 0; r < FW_NS; r++) {
+        double kold[FW_NSUM], knew[FW_NSUM];
+        fw_contrib(slot[i], told, kold);
+        const double v = fin ? xi - c->xref[i] : NAN;
+        fw_contrib(v, t, knew);
+        slot[i] = v;
+        for (int r = 0; r < FW_NSUM; r++) {
             double *sr = s + r * g + i;
-            double *cr = slot + r * g + i;
-            *sr = *sr - *cr;
-            *cr = k[r];
-            *sr = *sr + k[r];
+            *sr = (*sr - kold[r]) + knew[r];
         }
         /* value, delta, rate, ewma */
         double f[6];
@@ -122,15 +125,14 @@ int heald_fw_push(const fw_ctx *c, int64_t pos, double t, double mono) {
         c->ewma[i] = e;
         f[3] = e;
         /* std and slope: [n Sxx - Sx Sx, n Stx - St Sx] / [n (n-1), n Stt - St St] */
-        const double *S = s + i;
-        const double num_var = S[0 * g] * S[4 * g] - S[8 * g] * S[12 * g];
-        const double num_slope = S[1 * g] * S[5 * g] - S[9 * g] * S[13 * g];
-        double den_var = S[2 * g] * S[6 * g] - S[10 * g] * S[14 * g];
-        double den_slope = S[3 * g] * S[7 * g] - S[11 * g] * S[15 * g];
+        const double n = s[S_N * g + i], st = s[S_T * g + i], sx = s[S_X * g + i];
+        const double num_var = n * s[S_XX * g + i] - sx * sx;
+        const double num_slope = n * s[S_TX * g + i] - st * sx;
+        double den_var = n * (n - 1.0) - 0.0 * 0.0;
+        double den_slope = n * s[S_TT * g + i] - st * st;
         den_var = npmax(den_var, c->tiny);
         den_slope = npmax(den_slope, c->tiny);
-        if (S[0 * g] < 1.5) den_var = NAN; /* fewer than 2 valid values: no std, no slope */
-        if (S[1 * g] < 1.5) den_slope = NAN;
+        if (n < 1.5) den_var = den_slope = NAN; /* fewer than 2 valid values: no std, no slope */
         f[4] = sqrt(npmax(num_var / den_var, 0.0));
         f[5] = num_slope / den_slope;
         if (fin) {
@@ -139,6 +141,31 @@ int heald_fw_push(const fw_ctx *c, int64_t pos, double t, double mono) {
         }
         double *o = c->out + i * c->ntrans;
         for (int64_t j = 0; j < c->ntrans; j++) o[j] = f[c->tsel[j]];
+    }
+    return 0;
+}
+
+/* Rebase (window.py: FeatureWindow._rebase): re-express every slot relative to the new time
+ * origin `t` (old origin `t0`) and to fresh per-input references (each input's last finite
+ * value), and recompute the sums exactly from the ring. */
+int heald_fw_rebase(const fw_ctx *c, double t0, double t) {
+    const int64_t g = c->g, w = c->window;
+    for (int64_t q = 0; q < w; q++) c->tring[q] = (c->tring[q] + t0) - t;
+    for (int64_t i = 0; i < g; i++) {
+        const double old = c->xref[i];
+        const double ref = isfinite(c->last[i]) ? c->last[i] : 0.0;
+        double acc[FW_NSUM] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+        for (int64_t q = 0; q < w; q++) {
+            double *v = c->ring + q * g + i;
+            const double xr = (*v + old) - ref; /* NaN stays NaN */
+            const double keep = isfinite(xr) && isfinite(c->tring[q]) ? xr : NAN;
+            *v = keep;
+            double k[FW_NSUM];
+            fw_contrib(keep, c->tring[q], k);
+            for (int r = 0; r < FW_NSUM; r++) acc[r] = q == 0 ? k[r] : acc[r] + k[r];
+        }
+        for (int r = 0; r < FW_NSUM; r++) c->sums[r * g + i] = acc[r];
+        c->xref[i] = ref;
     }
     return 0;
 }
@@ -192,93 +219,369 @@ static double nanmedian(const double *v, int64_t n, double *scratch, int64_t *co
 
 static double sgn(double v) { return v > 0.0 ? 1.0 : (v < 0.0 ? -1.0 : (v == 0.0 ? 0.0 : NAN)); }
 
-/* Fit every (window w, resource r) row. ring: (cap + 1, k) values, tring: (cap + 1) times,
- * idx: (nw, m) ring rows per window (padding rows read NaN). Writes eta, confidence and rate
- * (nw, k) for the rows with a usable forecast only; the caller prefills NaN, 0, 0.
- * Returns 0, or -1 when scratch memory cannot be had. */
-int heald_trend_fit(const double *ring, const double *tring, const int64_t *idx, int64_t nw,
-                    int64_t m, int64_t k, const double *sign, const double *limit,
-                    double min_points, double max_eta, double *out_eta, double *out_conf,
-                    double *out_rate) {
-    if (m <= 0 || k <= 0 || nw <= 0) return 0;
+/* Fit one resource's series y over times t (m points, NaN = missing; t[m-1] is the latest):
+ * least-squares pre-filter, then Theil-Sen, confidence and ETA. Returns 1 and sets *eta,
+ * *conf, *rate when the forecast is usable, else 0. sl (m (m-1) / 2), resid, dev, scratch
+ * (>= the pair count) are scratch space. */
+static int fit_row(const double *t, const double *y, int64_t m, double sign, double limit,
+                   double min_points, double max_eta, double *sl, double *resid, double *dev,
+                   double *scratch, double *eta_out, double *conf_out, double *rate_out) {
+    const double tend = t[m - 1];
+    /* least-squares pre-filter: moving towards the limit, plausibly within max_eta? */
+    double cnt = 0.0, st = 0.0, sy = 0.0;
+    for (int64_t j = 0; j < m; j++)
+        if (isfinite(y[j])) {
+            cnt += 1.0;
+            st += t[j] - tend;
+            sy += y[j];
+        }
+    if (!(cnt >= min_points)) return 0;
+    const double tm = st / cnt, ym = sy / cnt;
+    double stt = 0.0, sty = 0.0, syy = 0.0;
+    for (int64_t j = 0; j < m; j++)
+        if (isfinite(y[j])) {
+            const double tc = (t[j] - tend) - tm, yc = y[j] - ym;
+            stt += tc * tc;
+            sty += tc * yc;
+            syy += yc * yc;
+        }
+    const double ols = sty / stt;
+    const double rvar = npmax(syy - ols * sty, 0.0) / npmax(cnt - 2.0, 1.0);
+    const double change2 = ols * ols * 12.0 * stt / cnt;
+    const double level_ls = ym - ols * tm;
+    const double toward = -ols * sign;
+    const double room = (level_ls - limit) * sign;
+    /* a trend that does not stand out of its own noise cannot reach confidence 0.5 */
+    if (!(toward > 0.0 && change2 >= rvar && (room < max_eta * toward || room <= 0.0))) return 0;
+    /* Theil-Sen: the median of all pairwise slopes */
     const int64_t npairs = m * (m - 1) / 2;
-    double *buf = malloc(sizeof(double) * (size_t)(4 * m + 2 * npairs + 1));
-    if (buf == NULL) return -1;
-    double *t = buf, *y = buf + m, *resid = buf + 2 * m, *dev = buf + 3 * m;
-    double *sl = buf + 4 * m, *scratch = buf + 4 * m + npairs;
-    for (int64_t w = 0; w < nw; w++) {
-        const int64_t *row = idx + w * m;
-        for (int64_t j = 0; j < m; j++) t[j] = tring[row[j]];
-        const double tend = t[m - 1];
+    int64_t p = 0;
+    for (int64_t i = 0; i < m; i++)
+        for (int64_t j = i + 1; j < m; j++) {
+            const double dt = t[j] - t[i];
+            sl[p++] = (y[j] - y[i]) / (dt > 0.0 ? dt : NAN);
+        }
+    int64_t nv = 0, unused = 0;
+    double slope = nanmedian(sl, npairs, scratch, &nv);
+    const int ok = nv >= 3;
+    if (!ok) slope = NAN;
+    for (int64_t j = 0; j < m; j++) resid[j] = y[j] - slope * (t[j] - tend);
+    const double level = nanmedian(resid, m, scratch, &unused);
+    for (int64_t j = 0; j < m; j++) dev[j] = fabs(resid[j] - level);
+    const double mad = nanmedian(dev, m, scratch, &unused);
+    int64_t first = 0, last = m - 1;
+    while (first < m && !isfinite(y[first])) first++;
+    while (last > 0 && !isfinite(y[last])) last--;
+    if (first == m) first = 0;
+    const double span = t[last] - t[first];
+    const double scale = npmax(1.4826 * mad, 1e-9 * npmax(fabs(level), 1.0));
+    const double signal = 1.0 - exp(-fabs(slope) * span / (3.0 * scale));
+    const double ss = sgn(slope);
+    int64_t same = 0;
+    for (int64_t q = 0; q < npairs; q++)
+        if (sgn(sl[q]) == ss) same++;
+    double c = 2.0 * ((double)same / (double)(nv > 1 ? nv : 1)) - 1.0;
+    if (c < 0.0) c = 0.0;
+    if (c > 1.0) c = 1.0;
+    double conf = c * signal;
+    if (!(ok && slope != 0.0 && isfinite(conf))) conf = 0.0;
+    conf *= (cnt / min_points < 1.0 ? cnt / min_points : 1.0);
+    const double tw = -slope * sign;
+    const double rm = (level - limit) * sign;
+    const double eta = rm <= 0.0 ? 0.0 : rm / (tw > 0.0 ? tw : NAN);
+    if (!(isfinite(eta) && eta <= max_eta)) return 0;
+    *eta_out = eta;
+    *conf_out = conf;
+    *rate_out = slope;
+    return 1;
+}
+
+typedef struct {
+    int64_t k;               /* resources (ring columns) */
+    int64_t cap;             /* ring rows in use (the ring has cap + 1 rows; the last stays NaN) */
+    int64_t pos;             /* next ring row to write */
+    int64_t n;               /* samples in the ring (<= cap) */
+    int64_t nspans;
+    int64_t max_points;      /* a window is subsampled evenly to at most this many points */
+    const double *ring;      /* (cap + 1, k) */
+    const double *tring;     /* cap + 1 */
+    const double *spans;     /* nspans window lengths, seconds */
+    const int8_t *due;       /* nspans: refit this window now */
+    const double *sign;      /* k: 1 = falls to its limit, -1 = rises to it */
+    const double *limit;     /* k */
+    double min_points;
+    double max_eta;
+    double now;
+    double *res;             /* (nspans, 3, k): each window's last eta, confidence, rate */
+    double *best;            /* (3, k): the most confident window's, per resource */
+} trend_ctx;
+
+/* Forecaster._compute + _fit + the choice in _publish: refit the due windows (the last `span`
+ * seconds of the ring, subsampled like np.linspace(0, size - 1, max_points).round()), then pick
+ * per resource the window with the highest confidence (the first on ties; none when all are 0).
+ * Returns 0, or -1 when scratch memory cannot be had. */
+int heald_trend_update(const trend_ctx *c) {
+    const int64_t k = c->k, mp = c->max_points;
+    if (c->n <= 0 || k <= 0 || mp < 2) return 0;
+    const int64_t npairs = mp * (mp - 1) / 2;
+    double *buf = malloc(sizeof(double) * (size_t)(5 * mp + 2 * npairs + 1));
+    int64_t *rows = malloc(sizeof(int64_t) * (size_t)(c->n + 1));
+    if (buf == NULL || rows == NULL) {
+        free(buf);
+        free(rows);
+        return -1;
+    }
+    double *t = buf, *y = buf + mp, *resid = buf + 2 * mp, *dev = buf + 3 * mp;
+    double *sl = buf + 5 * mp, *scratch = buf + 5 * mp + npairs;
+    int64_t *pick = (int64_t *)(void *)(buf + 4 * mp); /* mp int64s share a double's size */
+    for (int64_t si = 0; si < c->nspans; si++) {
+        if (!c->due[si]) continue;
+        double *eta = c->res + (si * 3 + 0) * k, *conf = c->res + (si * 3 + 1) * k;
+        double *rate = c->res + (si * 3 + 2) * k;
         for (int64_t r = 0; r < k; r++) {
-            for (int64_t j = 0; j < m; j++) y[j] = ring[row[j] * k + r];
-            /* least-squares pre-filter */
-            double cnt = 0.0, st = 0.0, sy = 0.0;
-            for (int64_t j = 0; j < m; j++)
-                if (isfinite(y[j])) {
-                    cnt += 1.0;
-                    st += t[j] - tend;
-                    sy += y[j];
-                }
-            if (!(cnt >= min_points)) continue;
-            const double tm = st / cnt, ym = sy / cnt;
-            double stt = 0.0, sty = 0.0, syy = 0.0;
-            for (int64_t j = 0; j < m; j++)
-                if (isfinite(y[j])) {
-                    const double tc = (t[j] - tend) - tm, yc = y[j] - ym;
-                    stt += tc * tc;
-                    sty += tc * yc;
-                    syy += yc * yc;
-                }
-            const double ols = sty / stt;
-            const double rvar = npmax(syy - ols * sty, 0.0) / npmax(cnt - 2.0, 1.0);
-            const double change2 = ols * ols * 12.0 * stt / cnt;
-            const double level_ls = ym - ols * tm;
-            const double toward = -ols * sign[r];
-            const double room = (level_ls - limit[r]) * sign[r];
-            if (!(toward > 0.0 && change2 >= rvar && (room < max_eta * toward || room <= 0.0))) continue;
-            /* Theil-Sen: the median of all pairwise slopes */
-            int64_t p = 0;
-            for (int64_t i = 0; i < m; i++)
-                for (int64_t j = i + 1; j < m; j++) {
-                    const double dt = t[j] - t[i];
-                    sl[p++] = (y[j] - y[i]) / (dt > 0.0 ? dt : NAN);
-                }
-            int64_t nv = 0, unused = 0;
-            double slope = nanmedian(sl, npairs, scratch, &nv);
-            const int ok = nv >= 3;
-            if (!ok) slope = NAN;
-            for (int64_t j = 0; j < m; j++) resid[j] = y[j] - slope * (t[j] - tend);
-            const double level = nanmedian(resid, m, scratch, &unused);
-            for (int64_t j = 0; j < m; j++) dev[j] = fabs(resid[j] - level);
-            const double mad = nanmedian(dev, m, scratch, &unused);
-            int64_t first = 0, last = m - 1;
-            while (first < m && !isfinite(y[first])) first++;
-            while (last > 0 && !isfinite(y[last])) last--;
-            if (first == m) first = 0;
-            const double span = t[last] - t[first];
-            const double scale = npmax(1.4826 * mad, 1e-9 * npmax(fabs(level), 1.0));
-            const double signal = 1.0 - exp(-fabs(slope) * span / (3.0 * scale));
-            const double ss = sgn(slope);
-            int64_t same = 0;
-            for (int64_t q = 0; q < npairs; q++)
-                if (sgn(sl[q]) == ss) same++;
-            double c = 2.0 * ((double)same / (double)(nv > 1 ? nv : 1)) - 1.0;
-            if (c < 0.0) c = 0.0;
-            if (c > 1.0) c = 1.0;
-            double conf = c * signal;
-            if (!(ok && slope != 0.0 && isfinite(conf))) conf = 0.0;
-            conf *= (cnt / min_points < 1.0 ? cnt / min_points : 1.0);
-            const double tw = -slope * sign[r];
-            const double rm = (level - limit[r]) * sign[r];
-            const double eta = rm <= 0.0 ? 0.0 : rm / (tw > 0.0 ? tw : NAN);
-            if (isfinite(eta) && eta <= max_eta) {
-                out_eta[w * k + r] = eta;
-                out_conf[w * k + r] = conf;
-                out_rate[w * k + r] = slope;
+            eta[r] = NAN;
+            conf[r] = 0.0;
+            rate[r] = 0.0;
+        }
+        /* the ring rows inside the window, oldest first */
+        int64_t size = 0;
+        for (int64_t i = 0; i < c->n; i++) {
+            const int64_t row = ((c->pos - c->n + i) % c->cap + c->cap) % c->cap;
+            if (c->tring[row] >= c->now - c->spans[si]) rows[size++] = row;
+        }
+        if ((double)size < c->min_points || size < 1) continue;
+        int64_t m = size;
+        if (size > mp) {
+            const double step = (double)(size - 1) / (double)(mp - 1);
+            for (int64_t i = 0; i < mp; i++) {
+                const double v = i == mp - 1 ? (double)(size - 1) : (double)i * step + 0.0;
+                pick[i] = rows[(int64_t)rint(v)];
             }
+            m = mp;
+        } else {
+            for (int64_t i = 0; i < size; i++) pick[i] = rows[i];
+        }
+        for (int64_t j = 0; j < m; j++) t[j] = c->tring[pick[j]];
+        for (int64_t r = 0; r < k; r++) {
+            for (int64_t j = 0; j < m; j++) y[j] = c->ring[pick[j] * k + r];
+            fit_row(t, y, m, c->sign[r], c->limit[r], c->min_points, c->max_eta, sl, resid, dev,
+                    scratch, eta + r, conf + r, rate + r);
         }
     }
+    for (int64_t r = 0; r < k; r++) {
+        double be = NAN, bc = 0.0, br = 0.0;
+        for (int64_t si = 0; si < c->nspans; si++) {
+            const double cf = c->res[(si * 3 + 1) * k + r];
+            if (cf > bc) {
+                be = c->res[(si * 3 + 0) * k + r];
+                bc = cf;
+                br = c->res[(si * 3 + 2) * k + r];
+            }
+        }
+        c->best[0 * k + r] = be;
+        c->best[1 * k + r] = bc;
+        c->best[2 * k + r] = br;
+    }
+    free(rows);
     free(buf);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Anomaly detector (detector.py: StreamingDetector.score / explain).                           */
+
+typedef struct {
+    int64_t d;                 /* features */
+    int64_t nc;                /* k-means centroids */
+    int64_t npca;              /* PCA components (0 = off) */
+    int64_t top_k;             /* robust-z: mean of the top_k largest */
+    const double *vec;         /* the feature window's output vector */
+    const int64_t *idx;        /* d: the model's features in it */
+    const double *med;         /* d: training median (imputes missing values) */
+    const double *inv_scale;   /* d */
+    const double *centroids;   /* (nc, d) */
+    const double *c2;          /* nc: squared centroid norms */
+    const double *pca_mean;    /* d */
+    const double *pca_w;       /* (npca, d) */
+    const double *fac;         /* 4: weight / divisor per component (rz, km, delta, pca) */
+    const int8_t *use;         /* 4 */
+    double *x;                 /* d: the current sample, imputed */
+    int8_t *missing;           /* d */
+    double *prev;              /* d: previous sample (missing entries keep older values) */
+    double *last_ref;          /* d: what delta was measured against, for explain */
+    double *z;                 /* d scratch */
+    double *km;                /* nc scratch */
+    double *pc;                /* npca scratch */
+    double *contrib;           /* d: explain output */
+    int64_t has_prev;
+    int64_t any_missing;
+} det_ctx;
+
+/* Gather the sample from vec into x, missing values imputed with the training median. */
+static void det_load(det_ctx *c) {
+    int64_t any_missing = 0;
+    for (int64_t j = 0; j < c->d; j++) {
+        const double v = c->vec[c->idx[j]];
+        const int bad = !isfinite(v);
+        c->missing[j] = (int8_t)bad;
+        c->x[j] = bad ? c->med[j] : v;
+        any_missing |= bad;
+    }
+    c->any_missing = any_missing;
+}
+
+/* Raw (unsmoothed) score of the sample in vec; advances prev / last_ref like score(). */
+double heald_det_score(det_ctx *c) {
+    const int64_t d = c->d;
+    det_load(c);
+    const double *x = c->x;
+    double raw = 0.0;
+    if (c->use[0] && c->top_k > 0 && c->top_k <= d) {
+        for (int64_t j = 0; j < d; j++) c->z[j] = fabs(x[j] - c->med[j]) * c->inv_scale[j];
+        kth_smallest(c->z, d, d - c->top_k);
+        double s = 0.0;
+        for (int64_t j = d - c->top_k; j < d; j++) s += c->z[j];
+        raw += c->fac[0] * s / (double)c->top_k;
+    }
+    if (c->use[1] && c->nc > 0) {
+        double best = INFINITY, xx = 0.0;
+        for (int64_t q = 0; q < c->nc; q++) {
+            const double *cq = c->centroids + q * d;
+            double dot = 0.0;
+            for (int64_t j = 0; j < d; j++) dot += cq[j] * x[j];
+            const double dist = dot * -2.0 + c->c2[q];
+            c->km[q] = dist;
+            if (dist < best) best = dist;
+        }
+        for (int64_t j = 0; j < d; j++) xx += x[j] * x[j];
+        const double b = best + xx;
+        raw += c->fac[1] * sqrt(b > 0.0 ? b : 0.0);
+    }
+    if (c->has_prev && c->use[2]) {
+        double s = 0.0;
+        for (int64_t j = 0; j < d; j++) {
+            const double df = c->missing[j] ? 0.0 : x[j] - c->prev[j];
+            s += df * df;
+        }
+        raw += c->fac[2] * s;
+    }
+    if (c->use[3] && c->npca > 0) {
+        double s = 0.0;
+        for (int64_t p = 0; p < c->npca; p++) {
+            const double *w = c->pca_w + p * d;
+            double dot = 0.0;
+            for (int64_t j = 0; j < d; j++) dot += w[j] * (x[j] - c->pca_mean[j]);
+            c->pc[p] = dot;
+        }
+        for (int64_t j = 0; j < d; j++) {
+            double r = x[j] - c->pca_mean[j];
+            for (int64_t p = 0; p < c->npca; p++) r -= c->pc[p] * c->pca_w[p * d + j];
+            s += r * r;
+        }
+        raw += c->fac[3] * s;
+    }
+    for (int64_t j = 0; j < d; j++) {
+        c->last_ref[j] = c->has_prev ? c->prev[j] : x[j];
+        if (!c->has_prev || !c->missing[j]) c->prev[j] = x[j];
+    }
+    c->has_prev = 1;
+    return raw;
+}
+
+/* Per-feature contributions to the raw score of the last scored sample (into contrib), and the
+ * indices of the `top` largest positive ones, largest first, lowest index first among equals
+ * (a stable sort's order), into order; returns their number. */
+int64_t heald_det_explain(det_ctx *c, int64_t top, int64_t *order) {
+    const int64_t d = c->d;
+    det_load(c);
+    const double *x = c->x;
+    double *ct = c->contrib;
+    for (int64_t j = 0; j < d; j++) ct[j] = 0.0;
+    if (c->use[0] && c->top_k > 0 && c->top_k <= d) {
+        for (int64_t j = 0; j < d; j++) c->z[j] = fabs(x[j] - c->med[j]) * c->inv_scale[j];
+        /* the top_k largest: threshold at the (d - top_k)-th smallest, ties by lowest index */
+        for (int64_t j = 0; j < d; j++) c->contrib[j] = c->z[j]; /* scratch copy */
+        const double cut = kth_smallest(c->contrib, d, d - c->top_k);
+        int64_t above = 0;
+        for (int64_t j = 0; j < d; j++) above += c->z[j] > cut;
+        int64_t ties = c->top_k - above;
+        for (int64_t j = 0; j < d; j++) ct[j] = 0.0;
+        for (int64_t j = 0; j < d; j++) {
+            const double zj = c->z[j];
+            if (zj > cut || (zj == cut && ties-- > 0)) ct[j] += c->fac[0] * zj / (double)c->top_k;
+        }
+    }
+    if (c->use[1] && c->nc > 0) {
+        int64_t jbest = 0;
+        double best = INFINITY;
+        for (int64_t q = 0; q < c->nc; q++) {
+            const double *cq = c->centroids + q * d;
+            double dot = 0.0;
+            for (int64_t j = 0; j < d; j++) dot += cq[j] * x[j];
+            const double dist = c->c2[q] - 2.0 * dot;
+            if (dist < best) {
+                best = dist;
+                jbest = q;
+            }
+        }
+        const double *cq = c->centroids + jbest * d;
+        double ss = 0.0;
+        for (int64_t j = 0; j < d; j++) ss += (x[j] - cq[j]) * (x[j] - cq[j]);
+        if (ss > 0.0) {
+            const double f = c->fac[1] * sqrt(ss) / ss;
+            for (int64_t j = 0; j < d; j++) ct[j] += f * (x[j] - cq[j]) * (x[j] - cq[j]);
+        }
+    }
+    if (c->use[2] && c->has_prev) {
+        for (int64_t j = 0; j < d; j++) {
+            const double df = c->missing[j] ? 0.0 : x[j] - c->last_ref[j];
+            ct[j] += c->fac[2] * df * df;
+        }
+    }
+    if (c->use[3] && c->npca > 0) {
+        for (int64_t p = 0; p < c->npca; p++) {
+            const double *w = c->pca_w + p * d;
+            double dot = 0.0;
+            for (int64_t j = 0; j < d; j++) dot += w[j] * (x[j] - c->pca_mean[j]);
+            c->pc[p] = dot;
+        }
+        for (int64_t j = 0; j < d; j++) {
+            double r = x[j] - c->pca_mean[j];
+            for (int64_t p = 0; p < c->npca; p++) r -= c->pc[p] * c->pca_w[p * d + j];
+            ct[j] += c->fac[3] * r * r;
+        }
+    }
+    int64_t n = 0;
+    for (; n < top; n++) {
+        int64_t best = -1;
+        for (int64_t j = 0; j < d; j++) {
+            if (!(ct[j] > 0.0)) continue;
+            int taken = 0;
+            for (int64_t q = 0; q < n; q++) taken |= order[q] == j;
+            if (taken) continue;
+            if (best < 0 || ct[j] > ct[best]) best = j;
+        }
+        if (best < 0) break;
+        order[n] = best;
+    }
+    return n;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Failure classifier (classifier.py: Scorer.failure): p = 1 / (1 + exp(a (W x + bias) + b)). */
+int heald_clf_score(const double *vec, const int64_t *idx, int64_t d, const double *med,
+                    const double *w, const double *bias, const double *a, const double *b,
+                    int64_t nclass, double *xbuf, double *p) {
+    for (int64_t j = 0; j < d; j++) {
+        const double v = vec[idx[j]];
+        xbuf[j] = isnan(v) ? med[j] : v;
+    }
+    for (int64_t q = 0; q < nclass; q++) {
+        const double *wq = w + q * d;
+        double z = 0.0;
+        for (int64_t j = 0; j < d; j++) z += wq[j] * xbuf[j];
+        z = a[q] * (z + bias[q]) + b[q];
+        p[q] = 1.0 / (1.0 + exp(z));
+    }
     return 0;
 }

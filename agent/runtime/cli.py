@@ -135,7 +135,7 @@ def cmd_once(args: argparse.Namespace) -> int:
     from agent.runtime.render import render_sample, sample_json  # noqa: PLC0415
 
     loaded = load_config(args.config)
-    configure("warning", "console")
+    configure("warning", "console", stream=sys.stderr)
     sample = take_sample(loaded.settings, window=args.window)
     if args.json:
         sys.stdout.write(sample_json(sample) + "\n")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Literal
+from typing import Literal, TextIO
 
 import structlog
 
@@ -12,7 +12,9 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
 
 
 def configure(level: Literal["debug", "info", "warning", "error"] = "info",
-              fmt: Literal["json", "console"] = "json") -> None:
+              fmt: Literal["json", "console"] = "json", stream: TextIO | None = None) -> None:
+    """The daemon logs to stdout; one-shot commands whose stdout is their output (``--json``)
+    pass ``stream=sys.stderr``."""
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
     )
@@ -26,7 +28,7 @@ def configure(level: Literal["debug", "info", "warning", "error"] = "info",
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stdout),
+        logger_factory=structlog.PrintLoggerFactory(file=stream or sys.stdout),
         cache_logger_on_first_use=False,
     )
     # Libraries that use stdlib logging (paho, aiomqtt) go to stderr at warning and above.

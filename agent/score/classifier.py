@@ -43,6 +43,7 @@ import numpy.typing as npt
 from agent.errors import ModelError
 from agent.features.schema import FeatureSchema
 from agent.fsutil import atomic_write
+from agent.native import Kernels, kernels, ptr
 from agent.score.compiled import _READ_ERRORS, F64, FeatureSpec, TrainingWindow, content_hash
 
 FAILURE_CLASSES: tuple[str, ...] = (
@@ -121,11 +122,15 @@ class Scorer:
     Per call: one gather, the median imputation, one matrix-vector product and five elementwise
     operations into preallocated buffers (no Python-scalar operands, no reductions); the
     normalisation sums the few class probabilities in Python, in the order numpy would.
+    ``native``: the same in one C call (:mod:`agent.native`) — None = when it is available,
+    False = always numpy (the reference), True = require it.
     """
 
-    __slots__ = ("_a", "_b", "_bias", "_classes", "_idx", "_med", "_miss", "_one", "_w", "_z", "model")
+    __slots__ = ("_a", "_args", "_b", "_bias", "_classes", "_idx", "_kern", "_med", "_miss", "_one",
+                 "_vec", "_vec_addr", "_w", "_xbuf", "_z", "model")
 
-    def __init__(self, model: CompiledClassifier, window_names: Sequence[str]) -> None:
+    def __init__(self, model: CompiledClassifier, window_names: Sequence[str], *,
+                 native: bool | None = None) -> None:
         pos = {n: i for i, n in enumerate(window_names)}
         missing = [n for n in model.meta.feature_names if n not in pos]
         if missing:
@@ -140,9 +145,37 @@ class Scorer:
         self._miss = np.empty(self._idx.size, dtype=np.bool_)
         self._z = np.empty(len(model.meta.classes))
         self._one = np.ones(len(model.meta.classes))
+        self._kern: Kernels | None = None if native is False else kernels()
+        if native and self._kern is None:
+            raise ModelError("native kernels requested but not available (see the log)")
+        self._vec: F64 | None = None
+        self._vec_addr = -1
+        self._xbuf = np.empty(self._idx.size)
+        self._args: tuple[int, ...] = ()
+        if self._kern is not None:
+            self._med, self._w = np.ascontiguousarray(self._med), np.ascontiguousarray(self._w)
+            self._bias, self._a = np.ascontiguousarray(self._bias), np.ascontiguousarray(self._a)
+            self._b = np.ascontiguousarray(self._b)
+            f = np.float64
+            self._args = (ptr(self._idx, np.intp), self._idx.size, ptr(self._med, f), ptr(self._w, f),
+                          ptr(self._bias, f), ptr(self._a, f), ptr(self._b, f), self._z.size,
+                          ptr(self._xbuf, f), ptr(self._z, f))
 
     def failure(self, window_vec: F64) -> dict[str, float]:
         """Failure class -> probability (the ``none`` class left out)."""
+        if self._kern is not None:
+            if window_vec is not self._vec:  # a new buffer: check what the kernel will read
+                if (window_vec.ndim != 1 or window_vec.dtype != np.float64
+                        or window_vec.size <= int(self._idx.max(initial=-1))):
+                    raise ModelError(f"feature vector of shape {window_vec.shape} and dtype "
+                                     f"{window_vec.dtype} cannot be scored")
+                self._vec_addr = ptr(np.ascontiguousarray(window_vec), np.float64) \
+                    if window_vec.flags.c_contiguous else -1
+                self._vec = window_vec
+            if self._vec_addr < 0:  # a strided view: score a contiguous copy
+                return self.failure(np.ascontiguousarray(window_vec))
+            self._kern.clf_score(self._vec_addr, *self._args)
+            return self._normalise(self._z.tolist())
         x = window_vec[self._idx]
         np.isnan(x, self._miss)
         np.putmask(x, self._miss, self._med)  # median imputation
@@ -151,10 +184,13 @@ class Scorer:
         np.add(z, self._bias, z)
         np.multiply(self._a, z, z)
         np.add(z, self._b, z)
-        np.exp(z, z)
+        with np.errstate(over="ignore"):  # exp overflow: p = 1 / inf = 0, as intended
+            np.exp(z, z)
         np.add(one, z, z)
         np.divide(one, z, z)  # p = 1 / (1 + exp(a (W x + bias) + b))
-        pl = z.tolist()
+        return self._normalise(z.tolist())
+
+    def _normalise(self, pl: list[float]) -> dict[str, float]:
         s = 0.0
         for p in pl:  # numpy's own order for a handful of values: sequential
             s += p

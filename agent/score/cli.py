@@ -69,8 +69,17 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _quiet_logs() -> None:
+    """Warnings and errors only, on stderr: stdout is the command's output (tables or --json)."""
+    from agent.runtime.logging import configure  # noqa: PLC0415
+
+    configure("warning", "console", stream=sys.stderr)
+
+
 def evaluate_cmd(args: argparse.Namespace) -> int:
     from agent.score.evaluate import DETECTORS, evaluate_dir  # noqa: PLC0415
+
+    _quiet_logs()
 
     if args.max_rows is not None and args.max_rows < 1:
         raise InputError([Problem("--max-rows", "", "must be >= 1")])
@@ -138,6 +147,8 @@ def info_cmd(args: argparse.Namespace) -> int:
     from agent.score import classifier  # noqa: PLC0415
     from agent.score.compiled import load  # noqa: PLC0415
 
+    _quiet_logs()
+
     try:
         detector = load(args.path)
     except ModelError as first:
@@ -180,6 +191,8 @@ def train_cmd(args: argparse.Namespace) -> int:
     import msgspec  # noqa: PLC0415
 
     from agent.score.fit import fit_file  # noqa: PLC0415
+
+    _quiet_logs()
 
     try:
         opts = msgspec.json.decode(args.options, type=dict[str, Any])

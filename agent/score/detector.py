@@ -18,13 +18,16 @@ and contribute no change to ``delta``. Nothing here imports scikit-learn.
 
 from __future__ import annotations
 
+import ctypes
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from agent.errors import ModelError
+from agent.native import DetCtx, Kernels, kernels, ptr
 from agent.score.compiled import COMPONENTS, F64, CompiledDetector
 from agent.score.types import Contribution
 
@@ -87,15 +90,50 @@ class StreamingDetector:
     the model's threshold (1.0 = threshold) and ``alert`` is ``score >= 1``. ``explain(x)`` names the
     features that contribute most to the raw score of ``x`` given the state before ``x`` was
     scored (call it right after ``score(x)``).
+
+    ``native``: score in the C kernel (:mod:`agent.native`) — None = when it is available,
+    False = always numpy (the reference), True = require it. :meth:`bind` lets a caller have
+    the kernel read the sample straight out of a larger vector (the feature window's output).
     """
 
     __slots__ = (
-        "_alpha", "_c", "_c2", "_d", "_diff", "_fac", "_finite", "_has_prev", "_inv_scale", "_k", "_km_dist",
-        "_last_ref", "_med", "_model", "_n", "_names", "_pca_m", "_pca_w", "_prev", "_s",
-        "_threshold", "_use", "_x", "_z",
+        "_alpha",
+        "_bound",
+        "_bound_keep",
+        "_c",
+        "_c2",
+        "_ctb",
+        "_ctx",
+        "_ctx_ref",
+        "_d",
+        "_diff",
+        "_fac",
+        "_finite",
+        "_has_prev",
+        "_inv_scale",
+        "_k",
+        "_keep",
+        "_kern",
+        "_km_dist",
+        "_last_ref",
+        "_med",
+        "_model",
+        "_n",
+        "_names",
+        "_order",
+        "_pca_m",
+        "_pca_w",
+        "_prev",
+        "_s",
+        "_src",
+        "_src_idx",
+        "_threshold",
+        "_use",
+        "_x",
+        "_z",
     )
 
-    def __init__(self, model: CompiledDetector) -> None:
+    def __init__(self, model: CompiledDetector, *, native: bool | None = None) -> None:
         a = model.arrays
         self._model = model
         self._names = model.meta.feature_names
@@ -122,7 +160,74 @@ class StreamingDetector:
         self._km_dist = np.empty(self._c.shape[0], dtype=np.float64)
         self._prev = np.empty(self._d, dtype=np.float64)
         self._last_ref = np.empty(self._d, dtype=np.float64)
+        self._kern: Kernels | None = None if native is False else kernels()
+        if native and self._kern is None:
+            raise ModelError("native kernels requested but not available (see the log)")
+        self._ctx = DetCtx()
+        self._ctx_ref: Any = None
+        self._src = np.zeros(self._d, dtype=np.float64)
+        self._src_idx = np.arange(self._d, dtype=np.intp)
+        self._bound: tuple[int, int] = (0, 0)
+        self._order = np.zeros(8, dtype=np.intp)
+        self._keep: list[Any] = []  # arrays the kernel reads, alive as long as this detector
+        self._bound_keep: Any = None
+        self._ctb = np.zeros(self._d, dtype=np.float64)  # explain's per-feature contributions
+        if self._kern is not None:
+            self._bind_native()
         self.reset()
+
+    def _bind_native(self) -> None:
+        c, d = self._ctx, self._d
+        keep = self._keep
+        def own(arr: npt.NDArray[Any], dtype: type[np.generic]) -> int:
+            a = np.ascontiguousarray(arr, dtype=dtype)
+            keep.append(a)
+            return ptr(a, dtype)
+        c.d, c.nc, c.npca, c.top_k = d, self._c.shape[0], self._pca_w.shape[0], self._k
+        c.med, c.inv_scale = own(self._med, np.float64), own(self._inv_scale, np.float64)
+        c.centroids, c.c2 = own(self._c, np.float64), own(self._c2, np.float64)
+        c.pca_mean = own(self._pca_m, np.float64)
+        c.pca_w = own(self._pca_w.reshape(-1, d) if self._pca_w.size else np.zeros((0, d)), np.float64)
+        c.fac = own(np.array(self._fac, dtype=np.float64), np.float64)
+        c.use = own(np.array(self._use, dtype=np.int8), np.int8)
+        c.x, c.prev, c.last_ref = ptr(self._x, np.float64), ptr(self._prev, np.float64), \
+            ptr(self._last_ref, np.float64)
+        c.missing = own(np.zeros(d, dtype=np.int8), np.int8)
+        c.z = ptr(self._z, np.float64)
+        c.km = ptr(self._km_dist, np.float64)
+        c.pc = own(np.zeros(max(1, self._pca_w.shape[0])), np.float64)
+        c.contrib = ptr(self._ctb, np.float64)
+        self._bound = (ptr(self._src, np.float64), ptr(self._src_idx, np.intp))
+        c.vec, c.idx = self._bound
+        self._ctx_ref = ctypes.byref(c)
+
+    @property
+    def native(self) -> bool:
+        """Whether scoring runs in the C kernel."""
+        return self._kern is not None
+
+    def bind(self, vec: npt.NDArray[np.float64], idx: npt.NDArray[np.intp]) -> None:
+        """Have :meth:`score_bound` / :meth:`explain_bound` read the sample as ``vec[idx]``. The
+        caller keeps both arrays alive (and their length fixed) while bound."""
+        if idx.shape != (self._d,) or (idx.size and (int(idx.min()) < 0 or int(idx.max()) >= vec.size)):
+            raise ModelError(f"bind: index of shape {idx.shape} does not select {self._d} features "
+                             f"of a vector of {vec.size}")
+        self._bound = (ptr(vec, np.float64), ptr(idx, np.intp))
+        self._bound_keep = (vec, idx)
+
+    def _copy_in(self, x: SampleLike) -> None:
+        """Validate ``x`` into the kernel's own source buffer and point the kernel at it."""
+        if isinstance(x, np.ndarray) and x.shape == self._src.shape and x.dtype.kind in "fiu":
+            self._src[:] = x
+        else:
+            try:
+                arr = np.array(x, dtype=np.float64)  # None -> NaN
+            except (ValueError, TypeError) as exc:
+                raise ModelError(f"sample is not a sequence of numbers: {exc}") from None
+            if arr.shape != self._src.shape:
+                raise ModelError(f"sample has shape {arr.shape}, the model expects {self._d} features")
+            self._src[:] = arr
+        self._ctx.vec, self._ctx.idx = ptr(self._src, np.float64), ptr(self._src_idx, np.intp)
 
     @property
     def model(self) -> CompiledDetector:
@@ -141,6 +246,7 @@ class StreamingDetector:
         self._s = 0.0
         self._n = 0
         self._has_prev = False
+        self._ctx.has_prev = 0
 
     def _load(self, x: SampleLike) -> npt.NDArray[np.bool_] | None:
         """Copy ``x`` into the work buffer, impute missing values; return the missing mask or None."""
@@ -194,8 +300,51 @@ class StreamingDetector:
             raw += self._fac[PCA] * float(r @ r)
         return raw
 
+    def _smooth(self, raw: float) -> tuple[float, bool]:
+        s = raw if self._n == 0 else self._alpha * raw + (1.0 - self._alpha) * self._s
+        self._s = s
+        self._n += 1
+        self._has_prev = True
+        norm = s / self._threshold
+        return norm, norm >= 1.0
+
+    def score_bound(self, vec: npt.NDArray[np.float64], idx: npt.NDArray[np.intp]) -> tuple[float, bool]:
+        """:meth:`score` of ``vec[idx]``; with the kernel, read in place from the arrays given to
+        :meth:`bind` (which must be ``vec`` and ``idx``)."""
+        if self._kern is None:
+            return self.score(vec[idx])
+        c = self._ctx
+        c.vec, c.idx = self._bound
+        return self._smooth(self._kern.det_score(self._ctx_ref))
+
+    def explain_bound(self, vec: npt.NDArray[np.float64], idx: npt.NDArray[np.intp],
+                      top_k: int = 3) -> list[Contribution]:
+        """:meth:`explain` of ``vec[idx]`` (see :meth:`score_bound`)."""
+        if self._kern is None:
+            return self.explain(vec[idx], top_k)
+        c = self._ctx
+        c.vec, c.idx = self._bound
+        return self._explain_native(top_k)
+
+    def _explain_native(self, top_k: int) -> list[Contribution]:
+        kern = self._kern
+        if kern is None:
+            raise ModelError("native kernel path taken without the kernels")
+        if top_k > self._order.size:
+            self._order = np.zeros(top_k, dtype=np.intp)
+        n = int(kern.det_explain(self._ctx_ref, max(0, top_k), ptr(self._order, np.intp)))
+        ct = self._ctb
+        total = float(ct.sum())
+        if not total > 0.0:
+            return []
+        return [Contribution(feature=self._names[i], share=float(ct[i] / total))
+                for i in self._order[:n].tolist()]
+
     def score(self, x: SampleLike) -> tuple[float, bool]:
         """Score one sample (in the model's feature order); update the causal state."""
+        if self._kern is not None:
+            self._copy_in(x)
+            return self._smooth(self._kern.det_score(self._ctx_ref))
         missing = self._load(x)
         raw = self._raw(missing)
         s = raw if self._n == 0 else self._alpha * raw + (1.0 - self._alpha) * self._s
@@ -219,6 +368,9 @@ class StreamingDetector:
         Each component's value is split over features: robust z over its top-k features, the
         k-means distance and PCA error by squared per-feature residual, delta by squared change.
         """
+        if self._kern is not None:
+            self._copy_in(x)
+            return self._explain_native(top_k)
         missing = self._load(x)
         x_ = self._x
         contrib = np.zeros(self._d, dtype=np.float64)

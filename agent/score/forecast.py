@@ -33,6 +33,7 @@ Nothing here imports scikit-learn.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import operator
 from collections.abc import Callable, Sequence
@@ -44,7 +45,7 @@ import numpy.typing as npt
 
 from agent.collect.sample import split_key
 from agent.errors import ModelError
-from agent.native import Kernels, kernels, ptr
+from agent.native import Kernels, TrendCtx, kernels, ptr
 from agent.score.types import Forecast
 
 F64 = npt.NDArray[np.float64]
@@ -167,6 +168,25 @@ class Forecaster:
         self._subsample: dict[int, npt.NDArray[np.intp]] = {}
         self._shown: list[Forecast] = []
         self._shown_arr = (np.empty(0), np.empty(0), np.empty(0))
+        # Native path state (kernels.c trend_ctx): per-window results and the chosen window's.
+        self._res = np.zeros((0, 3, 0))
+        self._best = np.zeros((3, 0))
+        self._spans_arr = np.array(self.spans, dtype=np.float64)
+        self._due_arr = np.ones(len(self.spans), dtype=np.int8)
+        self._tctx = TrendCtx()
+        self._tctx_ref: Any = None
+        if self._kern is not None:
+            c = self._tctx
+            c.cap, c.nspans, c.max_points = capacity, len(self.spans), max_points
+            c.tring, c.spans = ptr(self._t, np.float64), ptr(self._spans_arr, np.float64)
+            c.due = ptr(self._due_arr, np.int8)
+            c.min_points, c.max_eta = float(min_points), float(max_eta_s)
+            self._tctx_ref = ctypes.byref(c)
+
+    @property
+    def native(self) -> bool:
+        """Whether refits run in the C kernel."""
+        return self._kern is not None
 
     @property
     def keys(self) -> list[str]:
@@ -205,10 +225,15 @@ class Forecaster:
             self._scan(metrics)
         row = self._ring[self._pos]
         try:
-            row[:] = self._get(metrics)  # None -> NaN
+            vals = self._get(metrics)
         except KeyError:  # a tracked key is absent from this sample
             get = metrics.get
             row[:] = [math.nan if (v := get(k)) is None else v for k in self._keys]
+        else:
+            if vals.count(None):
+                row[:] = vals  # None -> NaN
+            else:
+                row[:] = np.fromiter(vals, np.float64, len(vals))
         self._t[self._pos] = mono
         self._pos = (self._pos + 1) % self._cap
         self._n += 1
@@ -229,6 +254,9 @@ class Forecaster:
 
     def _compute(self, now: float) -> None:
         """Refit the due windows — all of them in one vectorised pass — and publish forecasts."""
+        if self._kern is not None:
+            self._compute_native(now)
+            return
         k = len(self._keys)
         n = min(self._n, self._cap)
         order = (self._pos - n + self._ages[:n]) % self._cap
@@ -256,9 +284,6 @@ class Forecaster:
         idx = np.full((nw, m), self._cap, dtype=np.intp)  # the NaN row pads shorter windows (front)
         for w, (_, sel) in enumerate(fits):
             idx[w, m - sel.size:] = sel
-        if self._kern is not None:
-            self._fit_native(fits, idx, k)
-            return
         tw = self._t[idx]  # (windows, points)
         yk = self._ring[idx].transpose(0, 2, 1).reshape(nw * k, m)  # (windows * keys, points)
         t = np.repeat(tw, k, axis=0)
@@ -306,22 +331,31 @@ class Forecaster:
             eta_s, conf_s, rate_s = self._results[si]
             eta_s[r], conf_s[r], rate_s[r] = eta[lo:hi][g], conf[lo:hi][g], slope[lo:hi][g]
 
-    def _fit_native(self, fits: list[tuple[int, npt.NDArray[np.intp]]], idx: npt.NDArray[np.intp],
-                    k: int) -> None:
-        """The same fit as :meth:`_fit` (pre-filter, Theil-Sen, ETA), in one C call."""
-        nw, m = idx.shape
-        eta = np.full((nw, k), np.nan)
-        conf = np.zeros((nw, k))
-        rate = np.zeros((nw, k))
-        assert self._kern is not None
-        rc = self._kern.trend_fit(
-            ptr(self._ring, np.float64), ptr(self._t, np.float64), ptr(idx, np.intp), nw, m, k,
-            ptr(self._sign, np.float64), ptr(self._limit, np.float64), float(self.min_points),
-            float(self.max_eta_s), ptr(eta, np.float64), ptr(conf, np.float64), ptr(rate, np.float64))
-        if rc != 0:
+    def _compute_native(self, now: float) -> None:
+        """:meth:`_compute` (window choice, subsampling, fits, the most confident window) in one
+        C call; the per-window results live in ``_res`` (windows, eta/conf/rate, resources)."""
+        k, ns = len(self._keys), len(self.spans)
+        kern = self._kern
+        if kern is None:
+            raise ModelError("native kernel path taken without the kernels")
+        c = self._tctx
+        if self._res.shape != (ns, 3, k):
+            self._res = np.zeros((ns, 3, k))
+            self._res[:, 0] = np.nan
+            self._best = np.zeros((3, k))
+            self._due_arr.fill(1)
+            c.ring, c.sign, c.limit = ptr(self._ring, np.float64), ptr(self._sign, np.float64), \
+                ptr(self._limit, np.float64)
+            c.res, c.best = ptr(self._res, np.float64), ptr(self._best, np.float64)
+            c.k = k
+        else:
+            for si, span in enumerate(self.spans):
+                self._due_arr[si] = self._due(span)
+        c.pos, c.n, c.now = self._pos, min(self._n, self._cap), now
+        if kern.trend_update(self._tctx_ref) != 0:
             raise MemoryError("native trend fit: no scratch memory")
-        for w, (si, _) in enumerate(fits):
-            self._results[si] = (eta[w], conf[w], rate[w])
+        b = self._best
+        self._show(b[0], b[1], b[2], k)
 
     def _publish(self, k: int) -> None:
         """The window with the highest confidence wins, per resource; only changed forecasts are
@@ -334,6 +368,10 @@ class Forecaster:
             best_eta[better] = eta_s[better]
             best_conf[better] = conf_s[better]
             best_rate[better] = rate_s[better]
+        self._show(best_eta, best_conf, best_rate, k)
+
+    def _show(self, best_eta: F64, best_conf: F64, best_rate: F64, k: int) -> None:
+        """Publish the chosen forecasts, rebuilding only the changed ones."""
         shown = self._shown
         if len(shown) != k:
             shown[:] = [Forecast(resource=key, eta_s=None, confidence=0.0, rate_per_s=0.0)
@@ -347,7 +385,7 @@ class Forecaster:
                 e, c, rt = float(best_eta[i]), float(best_conf[i]), float(best_rate[i])
                 shown[i] = Forecast(resource=self._keys[i], eta_s=e if e == e else None,  # noqa: PLR0124
                                     confidence=round(c, 4), rate_per_s=rt)
-            self._shown_arr = (best_eta, best_conf, best_rate)
+            self._shown_arr = (best_eta.copy(), best_conf.copy(), best_rate.copy())
             self.forecasts = tuple(shown)
 
 

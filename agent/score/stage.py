@@ -143,6 +143,7 @@ class RiskStage:
                              f"are not produced by this node's schema")
         self._det_idx = np.array([pos[n] for n in model.meta.feature_names], dtype=np.intp)
         self.detector = StreamingDetector(model)
+        self.detector.bind(self.window.output, self._det_idx)  # read in place from the window
         self._update_version()
 
     def _update_version(self) -> None:
@@ -179,10 +180,9 @@ class RiskStage:
         explanation: tuple[Contribution, ...] = ()
         det = self.detector
         if det is not None and self._det_idx is not None:
-            x = vec[self._det_idx]
-            anomaly, alert = det.score(x)
+            anomaly, alert = det.score_bound(vec, self._det_idx)
             if anomaly >= self.explain_above:
-                explanation = tuple(det.explain(x))
+                explanation = tuple(det.explain_bound(vec, self._det_idx))
         return Risk(seq=sample.seq, wall=sample.wall, anomaly=anomaly, alert=alert, cold=det is None,
                     model_version=self._version, explanation=explanation, failure=failure,
                     forecasts=self.forecaster.forecasts)
@@ -252,9 +252,12 @@ class RiskStage:
         return True
 
     async def refit_loop(self, check_every_s: float = 30.0) -> None:
-        """Daemon task: fit once the cold-start history exists, then every ``refit_interval_s``."""
+        """Daemon task: fit once the cold-start history exists, then every ``refit_interval_s``;
+        also writes the feature history's full chunks (in a worker thread)."""
         while True:
             await asyncio.sleep(check_every_s)
+            if self.history is not None and self.history.pending:
+                await asyncio.to_thread(self.history.write_pending)
             if self.refit_due():
                 await self.refit()
 
