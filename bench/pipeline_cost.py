@@ -145,12 +145,31 @@ def main() -> int:
             timed("RiskStage.on_sample (all + history)", stage.on_sample, samples)  # type: ignore[arg-type]
             vecs = timed("features (FeatureWindow.push)", lambda s, fw=fw: fw.push(s).copy(), samples)  # type: ignore[arg-type]
             timed("forecast (Forecaster.push)", lambda s, fc=fc: fc.push(s.metrics, s.mono), samples)  # type: ignore[attr-defined]
-            timed("classifier (compiled)", scorer.failure, vecs)  # type: ignore[arg-type]
-            xs = [v[didx] for v in vecs]  # type: ignore[index]
-            scores = timed("detector (StreamingDetector.score)", sd.score, xs)  # type: ignore[arg-type]
-            hot = [x for x, (a, _) in zip(xs, scores, strict=True) if a >= stage.explain_above]  # type: ignore[misc]
-            timed("detector explain (when score >= 1)", sd.explain, hot)
-            share = len(hot) / max(1, len(xs))
+            # As in the stage: each vector arrives in the window's one output buffer, which the
+            # classifier and the (bound) detector read in place; the copy in is timed too.
+            buf = np.empty(schema.dim)
+            sd.bind(buf, didx)
+
+            def clf_one(v: np.ndarray, buf: np.ndarray = buf, scorer: clf.Scorer = scorer) -> object:
+                np.copyto(buf, v)
+                return scorer.failure(buf)
+
+            def det_one(v: np.ndarray, buf: np.ndarray = buf, sd: StreamingDetector = sd,
+                        didx: np.ndarray = didx) -> object:
+                np.copyto(buf, v)
+                return sd.score_bound(buf, didx)
+
+            def explain_one(v: np.ndarray, buf: np.ndarray = buf, sd: StreamingDetector = sd,
+                            didx: np.ndarray = didx) -> object:
+                np.copyto(buf, v)
+                return sd.explain_bound(buf, didx)
+
+            timed("classifier (compiled)", clf_one, vecs)
+            scores = timed("detector (StreamingDetector.score)", det_one, vecs)
+            hot = [v for v, (a, _) in zip(vecs, scores, strict=True) if a >= stage.explain_above]  # type: ignore[misc]
+            timed("detector explain (when score >= 1)", explain_one, hot)
+
+            share = len(hot) / max(1, len(vecs))
             timed("sklearn predict_proba, 1 row", cal.predict_proba, [xk[i : i + 1] for i in range(m1)])
             timed("sklearn KMeans.transform, 1 row", km.transform, [xd[i : i + 1] for i in range(m1)])
             stage.close()
