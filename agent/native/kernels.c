@@ -1,11 +1,12 @@
-/* heald's native scoring kernels: the per-sample feature window and the periodic trend fit.
+/* heald's native scoring kernels: every per-sample step of the score stage.
  *
  * Plain C99 with no Python API: loaded with ctypes (agent/native/__init__.py) and called on
  * numpy buffers that the Python objects own and keep alive. Each function is a line-by-line
- * scalar port of the numpy reference path it replaces (agent/features/window.py and
- * agent/score/forecast.py), which stays in the tree as the fallback and as the oracle the tests
- * compare against. Nothing here allocates per sample; the trend fit allocates one scratch buffer
- * per call and returns -1 if it cannot.
+ * scalar port of the numpy reference path it replaces (agent/features/window.py,
+ * agent/score/forecast.py, detector.py, classifier.py), which stays in the tree as the fallback
+ * and as the oracle tests/test_native_kernels.py compares against. Nothing here allocates per
+ * sample; the trend refit (every 10 samples) allocates its scratch per call and returns -1 if
+ * it cannot. Index arrays are validated by the Python side when they are bound.
  *
  * Bump HEALD_KERNELS_ABI whenever a struct layout or a signature changes: the loader refuses a
  * library whose ABI differs (a stale build) and the numpy path runs instead.
