@@ -99,6 +99,8 @@ class RiskStage:
         self.detector: StreamingDetector | None = None
         self._det_idx: np.ndarray[Any, np.dtype[np.intp]] | None = None
         if settings.enabled:
+            log.info("score stage ready", kernels="native" if self.window.native else "numpy",
+                     features=self.schema.dim)
             self._load_classifier()
             self._load_detector(self.model_dir / DETECTOR_FILE, at_start=True)
         self._version = ""
