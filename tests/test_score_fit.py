@@ -217,3 +217,25 @@ def test_child_entry_raises_real_oom_score_adj(tmp_path: Path) -> None:
 
 def _meta_fields(m: art.CompiledDetector) -> dict[str, object]:
     return {f: getattr(m.meta, f) for f in m.meta.__struct_fields__}
+
+
+def test_exclude_leaves_workload_levels_out_of_the_model() -> None:
+    """The stage's default fit leaves workload levels out; what is left still scores."""
+    from agent.features.schema import FeatureSchema  # noqa: PLC0415
+    from agent.score.stage import DEFAULT_FIT_OPTIONS  # noqa: PLC0415
+
+    names = list(FeatureSchema().names)
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 1, (300, len(names)))
+    model = fit_detector(x, names, **DEFAULT_FIT_OPTIONS)
+    kept = set(model.meta.feature_names)
+    assert "cpu.util_pct:value" not in kept
+    assert "proc.top_cpu_pct:ewma" not in kept
+    assert "sum(disk.write_bytes_per_s[*]):slope" not in kept
+    assert "psi.some_avg10_pct[memory]:value" in kept
+    assert "max(disk.write_await_ms[*]):std" in kept
+    assert len(kept) == len(names) - 6 * 7  # seven inputs x six transforms
+    d = StreamingDetector(model)
+    assert np.isfinite(d.score(x[0, [names.index(n) for n in model.meta.feature_names]])[0])
+    with pytest.raises(InputError, match="every feature is excluded"):
+        fit_detector(x[:, :3], names[:3], exclude=["cpu.util_pct"])  # its first three features

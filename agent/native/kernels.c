@@ -431,6 +431,23 @@ static void det_load(det_ctx *c) {
     c->any_missing = any_missing;
 }
 
+/* The sample's PCA coordinates, pc = W (x - mean). */
+static void pca_project(det_ctx *c) {
+    for (int64_t p = 0; p < c->npca; p++) {
+        const double *w = c->pca_w + p * c->d;
+        double dot = 0.0;
+        for (int64_t j = 0; j < c->d; j++) dot += w[j] * (c->x[j] - c->pca_mean[j]);
+        c->pc[p] = dot;
+    }
+}
+
+/* Feature j of the reconstruction residual (x - mean) - pc W, after pca_project. */
+static double pca_residual(const det_ctx *c, int64_t j) {
+    double r = c->x[j] - c->pca_mean[j];
+    for (int64_t p = 0; p < c->npca; p++) r -= c->pc[p] * c->pca_w[p * c->d + j];
+    return r;
+}
+
 /* Raw (unsmoothed) score of the sample in vec; advances prev / last_ref like score(). */
 double heald_det_score(det_ctx *c) {
     const int64_t d = c->d;
@@ -468,15 +485,9 @@ double heald_det_score(det_ctx *c) {
     }
     if (c->use[3] && c->npca > 0) {
         double s = 0.0;
-        for (int64_t p = 0; p < c->npca; p++) {
-            const double *w = c->pca_w + p * d;
-            double dot = 0.0;
-            for (int64_t j = 0; j < d; j++) dot += w[j] * (x[j] - c->pca_mean[j]);
-            c->pc[p] = dot;
-        }
+        pca_project(c);
         for (int64_t j = 0; j < d; j++) {
-            double r = x[j] - c->pca_mean[j];
-            for (int64_t p = 0; p < c->npca; p++) r -= c->pc[p] * c->pca_w[p * d + j];
+            const double r = pca_residual(c, j);
             s += r * r;
         }
         raw += c->fac[3] * s;
@@ -540,15 +551,9 @@ int64_t heald_det_explain(det_ctx *c, int64_t top, int64_t *order) {
         }
     }
     if (c->use[3] && c->npca > 0) {
-        for (int64_t p = 0; p < c->npca; p++) {
-            const double *w = c->pca_w + p * d;
-            double dot = 0.0;
-            for (int64_t j = 0; j < d; j++) dot += w[j] * (x[j] - c->pca_mean[j]);
-            c->pc[p] = dot;
-        }
+        pca_project(c);
         for (int64_t j = 0; j < d; j++) {
-            double r = x[j] - c->pca_mean[j];
-            for (int64_t p = 0; p < c->npca; p++) r -= c->pc[p] * c->pca_w[p * d + j];
+            const double r = pca_residual(c, j);
             ct[j] += c->fac[3] * r * r;
         }
     }

@@ -215,18 +215,22 @@ class StreamingDetector:
         self._bound = (ptr(vec, np.float64), ptr(idx, np.intp))
         self._bound_keep = (vec, idx)
 
+    def _take(self, x: SampleLike, out: F64) -> None:
+        """Validate ``x`` (a sample in the model's feature order) and copy it into ``out``."""
+        if isinstance(x, np.ndarray) and x.shape == out.shape and x.dtype.kind in "fiu":
+            out[:] = x
+            return
+        try:
+            arr = np.array(x, dtype=np.float64)  # None -> NaN
+        except (ValueError, TypeError) as exc:
+            raise ModelError(f"sample is not a sequence of numbers: {exc}") from None
+        if arr.shape != out.shape:
+            raise ModelError(f"sample has shape {arr.shape}, the model expects {self._d} features")
+        out[:] = arr
+
     def _copy_in(self, x: SampleLike) -> None:
         """Validate ``x`` into the kernel's own source buffer and point the kernel at it."""
-        if isinstance(x, np.ndarray) and x.shape == self._src.shape and x.dtype.kind in "fiu":
-            self._src[:] = x
-        else:
-            try:
-                arr = np.array(x, dtype=np.float64)  # None -> NaN
-            except (ValueError, TypeError) as exc:
-                raise ModelError(f"sample is not a sequence of numbers: {exc}") from None
-            if arr.shape != self._src.shape:
-                raise ModelError(f"sample has shape {arr.shape}, the model expects {self._d} features")
-            self._src[:] = arr
+        self._take(x, self._src)
         self._ctx.vec, self._ctx.idx = ptr(self._src, np.float64), ptr(self._src_idx, np.intp)
 
     @property
@@ -250,18 +254,7 @@ class StreamingDetector:
 
     def _load(self, x: SampleLike) -> npt.NDArray[np.bool_] | None:
         """Copy ``x`` into the work buffer, impute missing values; return the missing mask or None."""
-        if isinstance(x, np.ndarray) and x.shape == self._x.shape and x.dtype.kind in "fiu":
-            self._x[:] = x
-        else:
-            try:
-                arr = np.array(x, dtype=np.float64)  # None -> NaN
-            except (ValueError, TypeError) as exc:
-                raise ModelError(f"sample is not a sequence of numbers: {exc}") from None
-            if arr.shape != self._x.shape:
-                raise ModelError(
-                    f"sample has shape {arr.shape}, the model expects {self._d} features"
-                )
-            self._x[:] = arr
+        self._take(x, self._x)
         finite = self._finite
         np.isfinite(self._x, out=finite)
         if finite.all():

@@ -51,6 +51,10 @@ class FitOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
     pca_variance: float = 0.95
     max_fit_rows: int = 50_000  # k-means/PCA fit on at most this many rows (evenly strided)
     random_state: int = 0
+    # Left out of the model: feature names ("cpu.util_pct:ewma") or whole inputs ("cpu.util_pct",
+    # "max(disk.util_pct[*])": all six transforms), e.g. workload levels that a healthy node
+    # changes at will (see agent.score.stage.DEFAULT_FIT_OPTIONS).
+    exclude: tuple[str, ...] = ()
 
 
 def _problem(message: str, key: str = "") -> InputError:
@@ -153,6 +157,13 @@ def fit_detector(
     if len(unit_list) != d:
         raise _problem(f"{len(unit_list)} units for {d} columns", "units")
     check_options(options)
+    if options.exclude:
+        out = set(options.exclude)
+        keep = [j for j, nm in enumerate(names) if nm not in out and nm.rpartition(":")[0] not in out]
+        if not keep:
+            raise _problem("every feature is excluded", "exclude")
+        x, names, unit_list = x[:, keep], [names[j] for j in keep], [unit_list[j] for j in keep]
+        n, d = x.shape
 
     median = np.median(x, axis=0)
     mad = np.median(np.abs(x - median), axis=0) * 1.4826

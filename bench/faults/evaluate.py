@@ -83,9 +83,10 @@ def replay(path: Path, args: argparse.Namespace) -> dict[str, object]:
             why_first[i] = why
             for w in why:
                 fired[w.split("[", 1)[0]][i] = True
-            if fitted_at is None and stage.refit_due():
+            if stage.refit_due():  # the daemon's schedule: cold start, then each doubling
                 ok = asyncio.run(stage.refit())
-                fitted_at = i if ok else -1
+                if fitted_at is None:
+                    fitted_at = i if ok else -1
                 print(f"  detector fitted after {i + 1} samples: {ok} ({stage.model_version})")
         stage.close()
     anyf = fired["anomaly"] | fired["failure"] | fired["forecast"]
