@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -153,3 +154,30 @@ def test_risk_alert_sources(tmp_path: Path) -> None:
         r = st.on_sample(s)
     assert r is not None
     assert st.risk_alert(r) == ["forecast[disk.free_bytes[/]]"]
+
+
+@pytest.mark.slow
+def test_early_refits_each_time_the_history_doubles(tmp_path: Path) -> None:
+    """Cold start at 120 rows, then at 2x the rows of the last fit, until the interval is shorter."""
+    st = RiskStage(settings(classifier_path=str(tmp_path / "none.npz"), refit_interval_s=300), tmp_path)
+    stream = samples(300)
+    fits = []
+    for i, s in enumerate(stream):
+        st.on_sample(s)
+        if st.refit_due():
+            assert asyncio.run(st.refit())
+            fits.append(i + 1)
+    # 120 rows (cold start), 240 (doubled); the next would be at 480 rows, past this stream.
+    assert fits == [120, 240]
+    st.close()
+    # Once the last fit's history spans the interval, only the (wall-clock) interval refits.
+    for interval, due in ((300, True), (120, False)):
+        again = RiskStage(settings(classifier_path=str(tmp_path / "none.npz"), refit_interval_s=interval),
+                          tmp_path)  # reloads the artifact and sees the 300 rows of history
+        assert again.detector is not None
+        assert again.history_rows() == 300
+        again._fit_rows, again._last_fit_mono = 150, time.monotonic()
+        assert again.refit_due() is due, interval
+    # The detector is left without the workload levels (DEFAULT_FIT_OPTIONS["exclude"]).
+    assert st.detector is not None
+    assert not any(n.startswith(("cpu.util_pct:", "proc.running:")) for n in st.detector.feature_names)
