@@ -13,15 +13,16 @@ Writing stays off the per-sample path: :meth:`HistoryWriter.append` only copies 
 the buffer; a full buffer is queued and a fresh one takes its place, and the daemon writes the
 queue from a worker thread (:meth:`HistoryWriter.write_pending`, called by the score stage's
 refit task every 30 s). If nobody drains the queue (``MAX_PENDING`` chunks waiting), append
-writes them itself rather than hold more memory. A lock serialises the writers.
+writes them itself rather than hold more memory. Only the appending thread touches the current
+buffer (:meth:`HistoryWriter.seal` queues a partial one); a lock serialises the writers.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -32,6 +33,7 @@ import numpy.typing as npt
 import structlog
 
 from agent.features.schema import FeatureSchema, decode_schema
+from agent.fsutil import atomic_write
 
 log = structlog.get_logger("heald.history")
 F64 = npt.NDArray[np.float64]
@@ -39,16 +41,9 @@ MAX_PENDING = 2  # full chunks queued for the worker before append writes them i
 
 
 def _write_npz(path: Path, **arrays: npt.NDArray[np.generic]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)  # type: ignore[arg-type]
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)  # type: ignore[arg-type]
+    atomic_write(path, buf.getbuffer(), mode=0o644)
 
 
 class HistoryWriter:
@@ -124,17 +119,18 @@ class HistoryWriter:
                     return
                 self._pending.pop(0)
 
+    def seal(self) -> None:
+        """Queue the buffered rows as a chunk of their own (on the thread that appends)."""
+        n = self._n
+        if n and not self._disabled:
+            with self._lock:
+                self._pending.append((self._buf[:n].copy(), self._wall[:n].copy()))
+                self._n = 0
+
     def flush(self) -> None:
-        """Write the queued chunks and the buffered rows; prune chunks older than the window."""
+        """Write every buffered row; prune chunks older than the window."""
+        self.seal()
         self.write_pending()
-        with self._lock:
-            if self._n == 0 or self._disabled:
-                return
-            n = self._n
-            buf, wall = self._buf[:n].copy(), self._wall[:n].copy()
-            self._n = 0
-        with self._lock:
-            self._write(buf, wall)
 
     def _write(self, buf: npt.NDArray[np.float32], wall: F64) -> bool:
         """One chunk to disk (caller holds the lock); False when the history is now disabled."""

@@ -465,8 +465,7 @@ class FeatureWindow:
 
     def _push_native(self, metrics: Metrics, mono: float) -> F64:
         """The same update as the numpy path, in one C call (gather reduction included)."""
-        if not self._load(metrics):
-            self._vbuf.fill(np.nan)  # no key present: every input NaN this sample
+        self._load(metrics)  # no key present: the kernel reads only the NaN pad, every input NaN
         pushes = self._pushes
         kern = self._kern
         if kern is None:

@@ -169,8 +169,7 @@ class Scorer:
                         or window_vec.size <= int(self._idx.max(initial=-1))):
                     raise ModelError(f"feature vector of shape {window_vec.shape} and dtype "
                                      f"{window_vec.dtype} cannot be scored")
-                self._vec_addr = ptr(np.ascontiguousarray(window_vec), np.float64) \
-                    if window_vec.flags.c_contiguous else -1
+                self._vec_addr = ptr(window_vec, np.float64) if window_vec.flags.c_contiguous else -1
                 self._vec = window_vec
             if self._vec_addr < 0:  # a strided view: score a contiguous copy
                 return self.failure(np.ascontiguousarray(window_vec))

@@ -163,11 +163,7 @@ def info_cmd(args: argparse.Namespace) -> int:
 
 
 def _print_classifier(model: Any, as_json: bool) -> None:
-    import msgspec  # noqa: PLC0415
-
-    meta: dict[str, Any] = msgspec.to_builtins(model.meta)
-    info = {"sha256": model.sha256, "version": model.version, **meta,
-            "arrays": {k: list(v.shape) for k, v in model.arrays.items()}}
+    info = _meta_dict(model)
     if as_json:
         _write(json.dumps(info))
         return

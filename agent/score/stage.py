@@ -238,7 +238,8 @@ class RiskStage:
         work = self.model_dir / "work"
         try:
             work.mkdir(parents=True, exist_ok=True)
-            await asyncio.to_thread(self.history.flush)
+            self.history.seal()  # here, on the thread that appends; written by the worker
+            await asyncio.to_thread(self.history.write_pending)
             train = work / "train.npz"
             last = self.history.last_wall if self.history.last_wall is not None else time.time()
             since = last - self.settings.window_s
