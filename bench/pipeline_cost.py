@@ -73,7 +73,7 @@ def main() -> int:
     names = list(schema.names)
     keep = clf.usable_features(feats, names)
     y = np.asarray(rec.label)
-    cal = clf.fit_sklearn(feats[:, keep], y, rec.groups(), c_reg=0.1)
+    cal = clf.fit_sklearn(feats[:, keep], y, rec.groups(), c_reg=0.1, feature_names=[names[j] for j in keep])
     cmodel = clf.compile_calibrated(cal, [names[j] for j in keep], [schema.units[j] for j in keep], schema,
                                     horizon_s=300.0, training=TrainingWindow(rows=len(y)), options={})
     train = feats[:600]

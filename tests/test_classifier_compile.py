@@ -16,8 +16,13 @@ from agent.score import classifier as clf
 from agent.score.compiled import TrainingWindow
 
 SCHEMA = FeatureSchema()
-NAMES = list(SCHEMA.names[:12])
-UNITS = list(SCHEMA.units[:12])
+# three inputs (cpu.util_pct, mem.used_pct, max(disk.used_pct[*])), all six transforms each
+COLS = [j for j, n in enumerate(SCHEMA.names)
+        if n.split(":")[0] in ("cpu.util_pct", "mem.used_pct", "max(disk.used_pct[*])")]
+NAMES = [SCHEMA.names[j] for j in COLS]
+UNITS = [SCHEMA.units[j] for j in COLS]
+# the column each synthetic class moves: its own subsystem's (none: a CPU column too)
+SHIFT = {"none": 1, "cpu_runaway": 0, "memory_exhaustion": 6, "disk_full": 12}
 
 
 def synthetic(n_per: int = 120, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -27,7 +32,7 @@ def synthetic(n_per: int = 120, seed: int = 0) -> tuple[np.ndarray, np.ndarray, 
     for ci, c in enumerate(classes):
         for ep in range(4):
             x = rng.normal(0, 1, (n_per // 4, len(NAMES)))
-            x[:, ci] += 2.5
+            x[:, SHIFT[c]] += 2.5
             xs.append(x)
             ys += [c] * x.shape[0]
             gs += [f"{c}/{ep}"] * x.shape[0]
@@ -39,7 +44,7 @@ def synthetic(n_per: int = 120, seed: int = 0) -> tuple[np.ndarray, np.ndarray, 
 @pytest.fixture(scope="module")
 def fitted() -> tuple[object, clf.CompiledClassifier, np.ndarray]:
     x, y, g = synthetic()
-    cal = clf.fit_sklearn(x, y, g, c_reg=1.0, n_splits=3)
+    cal = clf.fit_sklearn(x, y, g, c_reg=1.0, n_splits=3, feature_names=NAMES)
     model = clf.compile_calibrated(cal, NAMES, UNITS, SCHEMA, horizon_s=300.0,
                                    training=TrainingWindow(rows=x.shape[0]), options={"c": 1.0})
     return cal, model, x
@@ -66,7 +71,7 @@ def test_scorer_per_sample_equals_sklearn(fitted: tuple[object, clf.CompiledClas
     classes = list(model.meta.classes)
     for i in range(50):
         vec = np.full(SCHEMA.dim, np.nan)
-        vec[:12] = x[i]
+        vec[COLS] = x[i]
         got = scorer.failure(vec)
         assert "none" not in got
         for c, p in got.items():
@@ -115,7 +120,7 @@ def test_wrong_kind_refused(tmp_path: Path) -> None:
 def test_train_in_child_process(tmp_path: Path) -> None:
     x, y, g = synthetic(seed=3)
     full = np.full((x.shape[0], SCHEMA.dim), np.nan)
-    full[:, :12] = x
+    full[:, COLS] = x
     data = tmp_path / "d.npz"
     np.savez(data, X=full, y=y, groups=g, feature_names=np.asarray(SCHEMA.names),
              units=np.asarray(SCHEMA.units),
@@ -133,6 +138,25 @@ def test_train_in_child_process(tmp_path: Path) -> None:
     assert "Traceback" not in bad.stderr
 
 
+def test_each_class_reads_only_its_evidence(fitted: Fitted) -> None:
+    _, model, _ = fitted
+    w = model.arrays["weight"]
+    for ci, c in enumerate(model.meta.classes):
+        allowed = clf.evidence_masks(NAMES)[c]
+        assert allowed, c
+        off = [j for j in range(len(NAMES)) if j not in allowed]
+        assert np.all(w[ci, off] == 0.0), (c, [NAMES[j] for j in off if w[ci, j] != 0.0])
+        assert np.any(w[ci, allowed] != 0.0), c
+    assert clf.evidence_key("max(disk.used_pct[*]):slope") == "disk.used_pct[*]"
+    assert clf.evidence_key("psi.some_avg10_pct[memory]:ewma") == "psi.some_avg10_pct[memory]"
+
+
+def test_a_class_without_evidence_is_refused() -> None:
+    x, y, g = synthetic()
+    with pytest.raises(ModelError, match=r"no feature may argue for class\(es\) \['disk_full'\]"):
+        clf.fit_sklearn(x[:, :12], y, g, feature_names=NAMES[:12])
+
+
 def test_shipped_default_classifier_loads() -> None:
     if not clf.DEFAULT_PATH.exists():
         pytest.skip("no shipped classifier artifact in this checkout")
@@ -141,3 +165,12 @@ def test_shipped_default_classifier_loads() -> None:
     clf.Scorer(model, SCHEMA.names)
     assert model.meta.schema == SCHEMA
     assert clf.DEFAULT_PATH.stat().st_size < 200_000
+    # the shipped model's classes read only their own subsystems (no CPU steal for disk_full)
+    w = model.arrays["weight"]
+    names = model.meta.feature_names
+    for ci, c in enumerate(model.meta.classes):
+        if c == "none":
+            continue
+        used = {clf.evidence_key(names[j]) for j in np.flatnonzero(w[ci])}
+        assert used, c
+        assert all(k.startswith(clf.CLASS_EVIDENCE[c]) for k in used), (c, sorted(used))

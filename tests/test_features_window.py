@@ -37,11 +37,21 @@ def brute(times: list[float], values: list[float | None], w: int) -> tuple[float
     return sd, slope
 
 
+def despiked(values: list[float | None], k: int) -> list[float | None]:
+    """The schema's despike, by brute force: the median of the last k values when all are finite."""
+    out: list[float | None] = []
+    for i, v in enumerate(values):
+        last = values[max(0, i - k + 1): i + 1]
+        ok = k > 1 and len(last) == k and all(x is not None and math.isfinite(x) for x in last)
+        out.append(float(np.median(np.array(last, dtype=float))) + 0.0 if ok else v)
+    return out
+
+
 def schema_a(window: int = 10) -> FeatureSchema:
     return FeatureSchema(inputs=(InputSpec(key="a"), InputSpec(key="big", scale=1e-9, unit="GB"),
                                  InputSpec(key="d.used[*]", agg="max"),
                                  InputSpec(key="d.used[*]", agg="sum")),
-                         window=window)
+                         window=window, despike=1)  # exact values in, exact values out
 
 
 def test_names_units_and_order() -> None:
@@ -57,16 +67,18 @@ def test_names_units_and_order() -> None:
 
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.one_of(st.none(), st.floats(-1e6, 1e6)), min_size=1, max_size=80),
-       st.integers(3, 12), st.floats(0.5, 2.0))
-def test_incremental_equals_brute_force(values: list[float | None], w: int, dt: float) -> None:
-    fw = FeatureWindow(FeatureSchema(inputs=(InputSpec(key="a"),), window=w))
+       st.integers(3, 12), st.floats(0.5, 2.0), st.sampled_from([1, 3, 5]))
+def test_incremental_equals_brute_force(values: list[float | None], w: int, dt: float, k: int) -> None:
+    fw = FeatureWindow(FeatureSchema(inputs=(InputSpec(key="a"),), window=w, despike=k))
     times: list[float] = []
-    seen: list[float | None] = []
-    for i, v in enumerate(values):
+    raw: list[float | None] = []
+    for i, r in enumerate(values):
         t = 1000.0 + i * dt
-        f = fw.push_metrics({"a": v}, t)
+        f = fw.push_metrics({"a": r}, t)
         times.append(t)
-        seen.append(v)
+        raw.append(r)
+        seen = despiked(raw, k)
+        v = seen[-1]
         sd, slope = brute(times, seen, w)
         got = dict(zip(fw.names, f.tolist(), strict=True))
         # Running sums are exact up to rounding relative to the largest magnitude seen since the
@@ -88,8 +100,32 @@ def test_large_values_keep_precision_over_many_windows() -> None:
     assert 0 < got["b:std"] < 1e7
 
 
+def test_despike_removes_a_blip_and_passes_a_step_one_sample_late() -> None:
+    fw = FeatureWindow(FeatureSchema(inputs=(InputSpec(key="a"),), window=10))
+    assert fw.schema.despike == 3  # the default
+    got = []
+    for i, r in enumerate([0.0, 0.0, 0.0, 332.0, 0.0, 0.0, 0.0, 5.0, 5.0, 5.0, 5.0]):
+        f = dict(zip(fw.names, fw.push_metrics({"a": r}, float(i)).tolist(), strict=True))
+        got.append(f["a:value"])
+        if i == 5:  # the blip left no trace in the window's spread
+            assert f["a:std"] == 0.0
+            assert f["a:ewma"] == 0.0
+    assert got == [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 5.0, 5.0, 5.0]
+    # the first samples after a reset, or after a missing value, pass as they are
+    fw.reset()
+    assert fw.push_metrics({"a": 7.0}, 20.0)[0] == 7.0
+    fw.push_metrics({"a": None}, 21.0)
+    fw.push_metrics({"a": 1.0}, 22.0)
+    assert fw.push_metrics({"a": 9.0}, 23.0)[0] == 9.0
+
+
+def test_despike_must_be_odd() -> None:
+    with pytest.raises(ModelError, match="despike must be odd"):
+        FeatureWindow(FeatureSchema(inputs=(InputSpec(key="a"),), despike=2))
+
+
 def test_delta_rate_ewma_and_missing() -> None:
-    fw = FeatureWindow(FeatureSchema(inputs=(InputSpec(key="a"),), window=5, ewma_alpha=0.5))
+    fw = FeatureWindow(FeatureSchema(inputs=(InputSpec(key="a"),), window=5, ewma_alpha=0.5, despike=1))
     fw.push_metrics({"a": 10.0}, 0.0)
     f = dict(zip(fw.names, fw.push_metrics({"a": 14.0}, 2.0).tolist(), strict=True))
     assert f["a:delta"] == 4.0

@@ -69,10 +69,10 @@ sample_st = st.fixed_dictionaries(
 @needs_kernels
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(sample_st, st.floats(0.0, 30.0)), min_size=1, max_size=60),
-       st.sampled_from([3, 7, 12]), st.booleans())
+       st.sampled_from([3, 7, 12]), st.booleans(), st.sampled_from([1, 3, 5, 9]))
 def test_feature_window_native_equals_numpy(pushes: list[tuple[dict[str, float | None], float]],
-                                            window: int, subset: bool) -> None:
-    schema = FeatureSchema(inputs=WILD_SCHEMA.inputs, window=window,
+                                            window: int, subset: bool, despike: int) -> None:
+    schema = FeatureSchema(inputs=WILD_SCHEMA.inputs, window=window, despike=despike,
                            transforms=("slope", "value", "std") if subset else WILD_SCHEMA.transforms)
     ref, fast = FeatureWindow(schema, native=False), FeatureWindow(schema, native=True)
     assert fast.native

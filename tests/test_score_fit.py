@@ -220,7 +220,7 @@ def _meta_fields(m: art.CompiledDetector) -> dict[str, object]:
 
 
 def test_exclude_leaves_workload_levels_out_of_the_model() -> None:
-    """The stage's default fit leaves workload levels out; what is left still scores."""
+    """The stage's default fit leaves workload levels and CPU contention out; the rest scores."""
     from agent.features.schema import FeatureSchema  # noqa: PLC0415
     from agent.score.stage import DEFAULT_FIT_OPTIONS  # noqa: PLC0415
 
@@ -234,7 +234,10 @@ def test_exclude_leaves_workload_levels_out_of_the_model() -> None:
     assert "sum(disk.write_bytes_per_s[*]):slope" not in kept
     assert "psi.some_avg10_pct[memory]:value" in kept
     assert "max(disk.write_await_ms[*]):std" in kept
-    assert len(kept) == len(names) - 6 * 7  # seven inputs x six transforms
+    assert "cpu.steal_pct:ewma" not in kept
+    assert "psi.some_avg10_pct[cpu]:value" not in kept
+    assert "psi.some_avg10_pct[io]:value" in kept
+    assert len(kept) == len(names) - 6 * 9  # nine inputs x six transforms
     d = StreamingDetector(model)
     assert np.isfinite(d.score(x[0, [names.index(n) for n in model.meta.feature_names]])[0])
     with pytest.raises(InputError, match="every feature is excluded"):

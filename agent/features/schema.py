@@ -29,7 +29,7 @@ import msgspec
 from agent.collect.sample import split_key
 from agent.errors import Problem
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: inputs are despiked (``despike``) before the transforms
 TRANSFORMS: tuple[str, ...] = ("value", "delta", "rate", "ewma", "std", "slope")
 _PER_SECOND = frozenset({"rate", "slope"})
 Agg = Literal["max", "min", "sum", "each"]
@@ -110,6 +110,10 @@ class FeatureSchema(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
     transforms: tuple[str, ...] = TRANSFORMS
     window: Annotated[int, msgspec.Meta(ge=3, le=3600)] = 60  # samples
     ewma_alpha: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.1
+    # Each input is replaced by the median of its last ``despike`` values (odd; 1 = off) before
+    # any transform: a one-second blip (one slow write, one burst of page faults) would otherwise
+    # live on for a whole window in the input's std, ewma and slope.
+    despike: Annotated[int, msgspec.Meta(ge=1, le=9)] = 3
     version: int = SCHEMA_VERSION
 
     @property
@@ -167,6 +171,9 @@ class FeatureSchema(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
             Problem(where, "inputs", f"{i.key}: agg 'each' must be resolved before use")
             for i in self.inputs if i.agg == "each" and i.wildcard
         )
+        if self.despike % 2 == 0:
+            probs.append(Problem(where, "despike", f"despike must be odd (a median of 1, 3, 5 ... values), "
+                                                   f"not {self.despike}"))
         if self.version != SCHEMA_VERSION:
             probs.append(Problem(where, "version", f"schema version {self.version}, this heald uses "
                                                    f"{SCHEMA_VERSION}"))

@@ -21,6 +21,12 @@ over every label present in this sample, NaN-aware: ``np.fmax.reduceat`` over al
 once, min as the negated max of negated values, sums with ``np.add.reduceat``), then windowed:
 ``max(disk.used_pct[*]):slope`` is the trend of the fullest mount's fill level. (Which mount runs
 out first, and when, is the forecaster's job, per mount.)
+
+Despiking: before any transform, each input is replaced by the median of its last
+``schema.despike`` (3) gathered values when all of them are finite. A single-sample blip (one
+slow write of 332 ms on an otherwise idle disk, one burst of major faults) would otherwise stay
+in the input's ``std``, ``ewma`` and ``slope`` for a whole window and read as a minute-long
+anomaly; a real change (a step, a ramp) passes one sample late.
 """
 
 from __future__ import annotations
@@ -132,6 +138,11 @@ class FeatureWindow:
         # Scratch: the gathered input values (the "value" row of the output when it has one).
         self._xs: F64 = np.empty(g)
         self._tmp: F64 = np.empty(g)
+        # Despike: the last k gathered values per input (row = pushes % k), raw.
+        self._k = schema.despike
+        self._dring: F64 = np.full((self._k, g), np.nan)
+        self._dfin = np.empty((self._k, g), dtype=np.bool_)
+        self._dok = np.empty(g, dtype=np.bool_)
         x = f[_T_VALUE]
         u = np.zeros((3, g))  # [valid, v, v*v], v = value - reference (0 when missing)
         # contribution = coef @ u; the t-dependent entries are set per push
@@ -168,6 +179,8 @@ class FeatureWindow:
                 setattr(c, name, ptr(getattr(self, f"_{name}"), np.float64))
             c.out = ptr(self._out, np.float64)
             c.alpha, c.tiny = self._alpha, _TINY
+            c.despike = self._k
+            c.dring = ptr(self._dring, np.float64)
             self._ctx_ref = ctypes.byref(c)
         self._reset_state()
         self._plan({})
@@ -340,6 +353,7 @@ class FeatureWindow:
         self._last.fill(np.nan)
         self._tlast.fill(np.nan)
         self._ewma.fill(np.nan)
+        self._dring.fill(np.nan)
         self._pos = 0
         self._pushes = 0
         self._t0 = 0.0
@@ -410,6 +424,8 @@ class FeatureWindow:
          f_delta, f_rate, f_ewma, f_q, f_std) = self._bufs
         self._gather_into(metrics, x)
         pushes = self._pushes
+        if self._k > 1:
+            self._despike(x, pushes % self._k)
         if pushes == 0:
             self._t0 = mono
         elif pushes % self._w == 0:
@@ -463,6 +479,18 @@ class FeatureWindow:
             self._out2[:] = self._feat[self._t_sel].T
         return self._out
 
+    def _despike(self, x: F64, row: int) -> None:
+        """Replace each input by the median of its last ``k`` gathered values where all of them
+        are finite (a one-sample blip disappears; a step passes ``k // 2`` samples late). The
+        median gets ``+ 0.0``: one canonical zero whichever signed zero the partition picked."""
+        d, k = self._dring, self._k
+        d[row] = x
+        np.isfinite(d, self._dfin)
+        np.logical_and.reduce(self._dfin, 0, out=self._dok)
+        med = np.partition(d, k // 2, axis=0)[k // 2]
+        np.add(med, 0.0, med)
+        np.copyto(x, med, where=self._dok)
+
     def _push_native(self, metrics: Metrics, mono: float) -> F64:
         """The same update as the numpy path, in one C call (gather reduction included)."""
         self._load(metrics)  # no key present: the kernel reads only the NaN pad, every input NaN
@@ -477,7 +505,7 @@ class FeatureWindow:
             self._t0 = mono
         t = mono - self._t0
         pos = self._pos
-        if kern.fw_push(self._ctx_ref, pos, t, mono) != 0:
+        if kern.fw_push(self._ctx_ref, pos, t, mono, pushes % self._k) != 0:
             raise ModelError(f"native feature kernel refused slot {pos}")
         self._pos = pos + 1 if pos + 1 < self._w else 0
         self._pushes = pushes + 1

@@ -25,7 +25,7 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
-ABI = 5  # must equal HEALD_KERNELS_ABI in kernels.c
+ABI = 6  # must equal HEALD_KERNELS_ABI in kernels.c
 LIB_PATH = Path(__file__).with_name("libheald_kernels.so")
 ENV = "HEALD_KERNELS"
 
@@ -43,7 +43,7 @@ class FwCtx(ctypes.Structure):
         ("is_sum", _PTR), ("sign", _PTR), ("tsel", _PTR),
         ("x", _PTR), ("sums", _PTR), ("ring", _PTR), ("tring", _PTR), ("xref", _PTR), ("last", _PTR),
         ("tlast", _PTR), ("ewma", _PTR), ("out", _PTR),
-        ("alpha", _F64), ("tiny", _F64),
+        ("alpha", _F64), ("tiny", _F64), ("despike", _I64), ("dring", _PTR),
     ]
 
 
@@ -76,7 +76,7 @@ class Kernels:
     def __init__(self, lib: ctypes.CDLL) -> None:
         self.path = str(getattr(lib, "_name", LIB_PATH))
         self.fw_push = lib.heald_fw_push
-        self.fw_push.argtypes = [ctypes.POINTER(FwCtx), _I64, _F64, _F64]
+        self.fw_push.argtypes = [ctypes.POINTER(FwCtx), _I64, _F64, _F64, _I64]
         self.fw_push.restype = ctypes.c_int
         self.trend_update = lib.heald_trend_update
         self.trend_update.argtypes = [ctypes.POINTER(TrendCtx)]

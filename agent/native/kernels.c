@@ -15,7 +15,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 
-#define HEALD_KERNELS_ABI 5
+#define HEALD_KERNELS_ABI 6
 
 int heald_kernels_abi(void) { return HEALD_KERNELS_ABI; }
 
@@ -52,6 +52,8 @@ typedef struct {
     double *out;           /* g * ntrans, input-major */
     double alpha;
     double tiny;
+    int64_t despike;       /* median of this many last values (odd; 1 = off) */
+    double *dring;         /* (despike, g): the last gathered values, raw */
 } fw_ctx;
 
 /* A slot's contribution to the six sums, from its relative value v (NaN = none) and time t. */
@@ -93,11 +95,41 @@ static void fw_gather(const fw_ctx *c) {
     }
 }
 
-/* One push into slot `pos`; `t` is the time relative to the window's t0. */
-int heald_fw_push(const fw_ctx *c, int64_t pos, double t, double mono) {
+/* Despike (window.py: FeatureWindow._despike): the gathered value goes into row `dpos` of the
+ * ring of the last `despike` values; where all of them are finite the input becomes their
+ * median (+ 0.0, so that a median of signed zeros is +0 whichever zero the sort picked). */
+static void fw_despike(const fw_ctx *c, int64_t dpos) {
+    const int64_t g = c->g, k = c->despike;
+    for (int64_t i = 0; i < g; i++) {
+        c->dring[dpos * g + i] = c->x[i];
+        double v[9];
+        int ok = 1;
+        for (int64_t r = 0; r < k; r++) {
+            const double a = c->dring[r * g + i];
+            if (!isfinite(a)) {
+                ok = 0;
+                break;
+            }
+            int64_t j = r; /* insertion sort */
+            while (j > 0 && v[j - 1] > a) {
+                v[j] = v[j - 1];
+                j--;
+            }
+            v[j] = a;
+        }
+        if (ok) c->x[i] = v[k / 2] + 0.0;
+    }
+}
+
+/* One push into slot `pos`; `t` is the time relative to the window's t0; `dpos` the despike
+ * ring's row for this push. */
+int heald_fw_push(const fw_ctx *c, int64_t pos, double t, double mono, int64_t dpos) {
     const int64_t g = c->g;
     if (pos < 0 || pos >= c->window) return -1;
+    if (c->despike < 1 || c->despike > 9 || c->despike % 2 == 0) return -2;
+    if (c->despike > 1 && (dpos < 0 || dpos >= c->despike)) return -3;
     fw_gather(c);
+    if (c->despike > 1) fw_despike(c, dpos);
     double *slot = c->ring + pos * g;
     double *s = c->sums;
     const double told = c->tring[pos];

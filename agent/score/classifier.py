@@ -1,9 +1,10 @@
 """Failure classifier: P(failure class within the horizon | features), compiled to numpy.
 
 Model (fitted in a short-lived child process, ``python -m agent.score.classifier train``): a
-scikit-learn ``Pipeline(SimpleImputer(median), StandardScaler(), LogisticRegression)`` (multinomial,
-balanced class weights) wrapped in ``CalibratedClassifierCV(method="sigmoid", ensemble=False)``
-whose calibration folds are drawn over 20-sample blocks of the episodes (``StratifiedGroupKFold``;
+scikit-learn ``Pipeline(SimpleImputer(median), StandardScaler(), EvidenceLogistic)`` (one binary
+logistic regression per class, balanced class weights, each on its own evidence features:
+:data:`CLASS_EVIDENCE`, :mod:`agent.score._evidence_lr`) wrapped in
+``CalibratedClassifierCV(method="sigmoid", ensemble=False)`` whose calibration folds are drawn over 20-sample blocks of the episodes (``StratifiedGroupKFold``;
 blocks rather than whole episodes so that every class is in every calibration training fold). It
 compiles to a handful of arrays, scored per sample with numpy only:
 
@@ -50,6 +51,18 @@ FAILURE_CLASSES: tuple[str, ...] = (
     "disk_full", "memory_exhaustion", "cpu_runaway", "network_degradation", "gpu_fault", "service_down",
 )
 NONE = "none"
+# Which metrics may argue for which failure class (prefixes of the metric key a feature reads,
+# see :func:`evidence_key`): each class's logistic model sees only these columns. Left out of
+# every class: CPU steal (the hypervisor's business), zombies, blocked tasks.
+CLASS_EVIDENCE: dict[str, tuple[str, ...]] = {
+    "disk_full": ("disk.",),
+    "memory_exhaustion": ("mem.", "psi.some_avg10_pct[memory]", "psi.full_avg10_pct[memory]"),
+    "cpu_runaway": ("cpu.util_pct", "cpu.load1", "proc.running", "proc.top_cpu_pct",
+                    "psi.some_avg10_pct[cpu]"),
+    "network_degradation": ("net.",),
+    "gpu_fault": ("gpu.",),
+    "service_down": ("unit.", "proc.count"),
+}
 FORMAT_VERSION = 1
 KIND = "heald.classifier"
 DEFAULT_PATH = Path(__file__).with_name("data") / "default-classifier.npz"
@@ -310,7 +323,7 @@ def load(path: str | os.PathLike[str] | None = None) -> CompiledClassifier:
 def compile_calibrated(cal: Any, feature_names: Sequence[str], units: Sequence[str], schema: FeatureSchema,
                        *, horizon_s: float, training: TrainingWindow, options: dict[str, Any],
                        metrics: dict[str, Any] | None = None) -> CompiledClassifier:
-    """A fitted ``CalibratedClassifierCV(Pipeline(imputer, scaler, LogisticRegression), "sigmoid",
+    """A fitted ``CalibratedClassifierCV(Pipeline(imputer, scaler, EvidenceLogistic), "sigmoid",
     ensemble=False)`` -> :class:`CompiledClassifier`. Reads fitted attributes only."""
     import sklearn  # noqa: PLC0415 - training side only
 
@@ -360,23 +373,53 @@ def calibration_groups(groups: npt.ArrayLike, chunk: int = 20) -> npt.NDArray[np
     return out.astype(str)
 
 
+def evidence_key(feature: str) -> str:
+    """The metric key a feature reads: ``max(disk.used_pct[*]):slope`` -> ``disk.used_pct[*]``."""
+    inp = feature.rsplit(":", 1)[0]
+    if inp.endswith(")") and "(" in inp:
+        inp = inp[inp.index("(") + 1: -1]
+    return inp
+
+
+def evidence_masks(feature_names: Sequence[str],
+                   evidence: dict[str, tuple[str, ...]] | None = None) -> dict[str, list[int]]:
+    """Class -> the columns of ``feature_names`` that may argue for it (:data:`CLASS_EVIDENCE`);
+    ``none`` gets every column some class may use."""
+    ev = CLASS_EVIDENCE if evidence is None else evidence
+    keys = [evidence_key(n) for n in feature_names]
+    masks = {c: [j for j, k in enumerate(keys) if k.startswith(prefixes)] for c, prefixes in ev.items()}
+    masks[NONE] = sorted({j for cols in masks.values() for j in cols})
+    return masks
+
+
 def fit_sklearn(x: F64, labels: Sequence[str], groups: npt.ArrayLike, *, c_reg: float = 0.1,
-                n_splits: int = 3, random_state: int = 0) -> Any:
+                n_splits: int = 3, random_state: int = 0,
+                feature_names: Sequence[str] | None = None) -> Any:
     """Fit the calibrated scikit-learn model (training side only); calibration folds are drawn
-    over 20-row blocks of the episodes in ``groups`` (see :func:`calibration_groups`)."""
+    over 20-row blocks of the episodes in ``groups`` (see :func:`calibration_groups`). With
+    ``feature_names`` each class sees only its evidence columns (:func:`evidence_masks`);
+    without, every class sees every column."""
     from sklearn.calibration import CalibratedClassifierCV  # noqa: PLC0415
     from sklearn.impute import SimpleImputer  # noqa: PLC0415
-    from sklearn.linear_model import LogisticRegression  # noqa: PLC0415
     from sklearn.model_selection import StratifiedGroupKFold  # noqa: PLC0415
     from sklearn.pipeline import Pipeline  # noqa: PLC0415
     from sklearn.preprocessing import StandardScaler  # noqa: PLC0415
 
+    from agent.score._evidence_lr import EvidenceLogistic  # noqa: PLC0415 - imports scikit-learn
+
     y = np.asarray(labels)
     g = calibration_groups(groups)
+    masks = evidence_masks(feature_names) if feature_names is not None else None
+    if masks is not None:
+        empty = sorted(c for c in set(y.tolist()) if c in masks and not masks[c])
+        if empty:
+            raise ModelError(f"no feature may argue for class(es) {empty}: none of their evidence "
+                             f"prefixes matches a usable feature")
     pipe = Pipeline([
-        ("impute", SimpleImputer(strategy="median")),
+        # keep_empty_features: a column empty in one calibration fold keeps its place (and mask)
+        ("impute", SimpleImputer(strategy="median", keep_empty_features=True)),
         ("scale", StandardScaler()),
-        ("lr", LogisticRegression(C=c_reg, class_weight="balanced", max_iter=5000)),
+        ("lr", EvidenceLogistic(masks=masks, c_reg=c_reg)),
     ])
     splits = list(StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=random_state)
                   .split(x, y, g))
@@ -414,7 +457,8 @@ def train(data_path: str | os.PathLike[str], out_path: str | os.PathLike[str], *
     x[~np.isfinite(x)] = np.nan
     keep = usable_features(x, names)
     xk = x[:, keep]
-    cal = fit_sklearn(xk, labels, groups, c_reg=c_reg, n_splits=n_splits)
+    kept = [names[j] for j in keep]
+    cal = fit_sklearn(xk, labels, groups, c_reg=c_reg, n_splits=n_splits, feature_names=kept)
     training = TrainingWindow(rows=int(xk.shape[0]),
                               start=float(np.nanmin(wall)) if wall is not None else None,
                               end=float(np.nanmax(wall)) if wall is not None else None,
@@ -422,7 +466,9 @@ def train(data_path: str | os.PathLike[str], out_path: str | os.PathLike[str], *
     model = compile_calibrated(cal, [names[j] for j in keep], [units[j] for j in keep], schema,
                                horizon_s=horizon, training=training,
                                options={"c_reg": c_reg, "n_splits": n_splits,
-                                        "model": "calibrated(sigmoid) logistic regression"},
+                                        "model": "calibrated(sigmoid) one-vs-rest logistic regression, "
+                                                 "each class on its evidence features",
+                                        "evidence": {c: list(p) for c, p in CLASS_EVIDENCE.items()}},
                                metrics=metrics)
     got = model.predict_proba(xk)
     want = cal.predict_proba(xk)

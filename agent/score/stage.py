@@ -63,7 +63,13 @@ WORKLOAD_LEVELS: tuple[str, ...] = (
     "cpu.util_pct", "cpu.load1", "proc.running", "proc.top_cpu_pct", "max(disk.util_pct[*])",
     "sum(disk.write_bytes_per_s[*])", "mem.page_faults_per_s",
 )
-DEFAULT_FIT_OPTIONS: dict[str, Any] = {"threshold_margin": 1.5, "exclude": list(WORKLOAD_LEVELS)}
+# CPU contention follows the CPU demand as closely as the levels do: runnable tasks waiting for a
+# core (PSI cpu "some") and, on a VM, the hypervisor running other guests on our cores (steal).
+# On the quiet recording they were the whole of the detector's alerts once blips were despiked.
+# CPU saturation is the failure classifier's cpu_runaway; memory and I/O pressure stay in.
+CPU_CONTENTION: tuple[str, ...] = ("cpu.steal_pct", "psi.some_avg10_pct[cpu]")
+DEFAULT_FIT_OPTIONS: dict[str, Any] = {"threshold_margin": 1.5,
+                                       "exclude": [*WORKLOAD_LEVELS, *CPU_CONTENTION]}
 
 
 class RiskStage:
@@ -309,12 +315,15 @@ async def _run_child(argv: list[str], timeout_s: float) -> int:
 
 def check_schema_compatible(model_schema: FeatureSchema, node_schema: FeatureSchema) -> None:
     """A model's features mean the same on this node only with the same window parameters."""
-    if (model_schema.window, model_schema.ewma_alpha, model_schema.version) != (
-            node_schema.window, node_schema.ewma_alpha, node_schema.version):
+    def params(s: FeatureSchema) -> tuple[int, float, int, int]:
+        return s.window, s.ewma_alpha, s.despike, s.version
+
+    if params(model_schema) != params(node_schema):
         raise ModelError(
             f"feature schema mismatch: the model was trained with window={model_schema.window}, "
-            f"ewma_alpha={model_schema.ewma_alpha}, schema v{model_schema.version}; this node uses "
-            f"window={node_schema.window}, ewma_alpha={node_schema.ewma_alpha}, v{node_schema.version}")
+            f"ewma_alpha={model_schema.ewma_alpha}, despike={model_schema.despike}, schema "
+            f"v{model_schema.version}; this node uses window={node_schema.window}, "
+            f"ewma_alpha={node_schema.ewma_alpha}, despike={node_schema.despike}, v{node_schema.version}")
     node_inputs = {i.name: i for i in node_schema.inputs}
     bad = [i.name for i in model_schema.inputs if i.name in node_inputs and node_inputs[i.name] != i]
     if bad:

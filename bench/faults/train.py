@@ -72,7 +72,8 @@ def main() -> int:
     oof = np.full((x.shape[0], len(classes)), np.nan)
     outer = StratifiedGroupKFold(n_splits=args.folds, shuffle=True, random_state=1)
     for k, (tr, te) in enumerate(outer.split(xk, y, g)):
-        cal = clf.fit_sklearn(xk[tr], y[tr], g[tr], c_reg=args.c, n_splits=2, random_state=k)
+        cal = clf.fit_sklearn(xk[tr], y[tr], g[tr], c_reg=args.c, n_splits=2, random_state=k,
+                              feature_names=names)
         model = clf.compile_calibrated(cal, names, units, schema, horizon_s=args.horizon,
                                        training=TrainingWindow(rows=len(tr)), options={})
         p = model.predict_proba(xk[te])
