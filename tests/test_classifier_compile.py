@@ -29,7 +29,7 @@ def synthetic(n_per: int = 120, seed: int = 0) -> tuple[np.ndarray, np.ndarray, 
     rng = np.random.default_rng(seed)
     classes = ["none", "disk_full", "memory_exhaustion", "cpu_runaway"]
     xs, ys, gs = [], [], []
-    for ci, c in enumerate(classes):
+    for c in classes:
         for ep in range(4):
             x = rng.normal(0, 1, (n_per // 4, len(NAMES)))
             x[:, SHIFT[c]] += 2.5

@@ -181,3 +181,20 @@ def test_early_refits_each_time_the_history_doubles(tmp_path: Path) -> None:
     # The detector is left without the workload levels (DEFAULT_FIT_OPTIONS["exclude"]).
     assert st.detector is not None
     assert not any(n.startswith(("cpu.util_pct:", "proc.running:")) for n in st.detector.feature_names)
+
+
+def test_a_model_trained_without_despiking_is_refused() -> None:
+    """Schema v1 models (no despike) and models of another despike width do not match."""
+    import msgspec  # noqa: PLC0415
+
+    from agent.errors import ModelError  # noqa: PLC0415
+    from agent.features.schema import FeatureSchema  # noqa: PLC0415
+    from agent.score.stage import check_schema_compatible  # noqa: PLC0415
+
+    node = FeatureSchema()
+    check_schema_compatible(node, node)
+    with pytest.raises(ModelError, match=r"despike=1, schema v2; this node uses .*despike=3"):
+        check_schema_compatible(msgspec.structs.replace(node, despike=1), node)
+    v1 = msgspec.json.decode(node.to_json().replace(b'"version":2', b'"version":1'), type=FeatureSchema)
+    with pytest.raises(ModelError, match=r"schema v1; this node uses"):
+        check_schema_compatible(v1, node)

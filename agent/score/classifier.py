@@ -4,9 +4,10 @@ Model (fitted in a short-lived child process, ``python -m agent.score.classifier
 scikit-learn ``Pipeline(SimpleImputer(median), StandardScaler(), EvidenceLogistic)`` (one binary
 logistic regression per class, balanced class weights, each on its own evidence features:
 :data:`CLASS_EVIDENCE`, :mod:`agent.score._evidence_lr`) wrapped in
-``CalibratedClassifierCV(method="sigmoid", ensemble=False)`` whose calibration folds are drawn over 20-sample blocks of the episodes (``StratifiedGroupKFold``;
-blocks rather than whole episodes so that every class is in every calibration training fold). It
-compiles to a handful of arrays, scored per sample with numpy only:
+``CalibratedClassifierCV(method="sigmoid", ensemble=False)`` whose calibration folds are drawn
+over 20-sample blocks of the episodes (``StratifiedGroupKFold``; blocks rather than whole
+episodes so that every class is in every calibration training fold). It compiles
+to a handful of arrays, scored per sample with numpy only:
 
     x_i <- median_i where x_i is missing;  z = W x + b   (W = coef / scale, b folds the centring)
     p_c = 1 / (1 + exp(a_c z_c + b_c))  (Platt maps);  p <- p / sum(p)   (uniform when the sum is 0)
