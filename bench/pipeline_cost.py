@@ -73,8 +73,9 @@ def main() -> int:
     names = list(schema.names)
     keep = clf.usable_features(feats, names)
     y = np.asarray(rec.label)
-    cal = clf.fit_sklearn(feats[:, keep], y, rec.groups(), c_reg=0.1, feature_names=[names[j] for j in keep])
-    cmodel = clf.compile_calibrated(cal, [names[j] for j in keep], [schema.units[j] for j in keep], schema,
+    kept = [names[j] for j in keep]
+    cal = clf.fit_sklearn(feats[:, keep], y, rec.groups(), c_reg=0.1, feature_names=kept)
+    cmodel = clf.compile_calibrated(cal, kept, [schema.units[j] for j in keep], schema,
                                     horizon_s=300.0, training=TrainingWindow(rows=len(y)), options={})
     train = feats[:600]
     cols = [j for j in range(train.shape[1]) if np.isfinite(train[:, j]).sum() >= len(train) // 2

@@ -382,13 +382,12 @@ def evidence_key(feature: str) -> str:
     return inp
 
 
-def evidence_masks(feature_names: Sequence[str],
-                   evidence: dict[str, tuple[str, ...]] | None = None) -> dict[str, list[int]]:
+def evidence_masks(feature_names: Sequence[str]) -> dict[str, list[int]]:
     """Class -> the columns of ``feature_names`` that may argue for it (:data:`CLASS_EVIDENCE`);
     ``none`` gets every column some class may use."""
-    ev = CLASS_EVIDENCE if evidence is None else evidence
     keys = [evidence_key(n) for n in feature_names]
-    masks = {c: [j for j, k in enumerate(keys) if k.startswith(prefixes)] for c, prefixes in ev.items()}
+    masks = {c: [j for j, k in enumerate(keys) if k.startswith(prefixes)]
+             for c, prefixes in CLASS_EVIDENCE.items()}
     masks[NONE] = sorted({j for cols in masks.values() for j in cols})
     return masks
 
@@ -464,7 +463,7 @@ def train(data_path: str | os.PathLike[str], out_path: str | os.PathLike[str], *
                               start=float(np.nanmin(wall)) if wall is not None else None,
                               end=float(np.nanmax(wall)) if wall is not None else None,
                               source=Path(data_path).name)
-    model = compile_calibrated(cal, [names[j] for j in keep], [units[j] for j in keep], schema,
+    model = compile_calibrated(cal, kept, [units[j] for j in keep], schema,
                                horizon_s=horizon, training=training,
                                options={"c_reg": c_reg, "n_splits": n_splits,
                                         "model": "calibrated(sigmoid) one-vs-rest logistic regression, "
