@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from agent.score import compiled as art
 from agent.score.evaluate import DETECTORS, METRICS, metrics, segments
 
 SMD = Path(__file__).resolve().parents[2] / "shared" / "data" / "smd"
@@ -106,7 +107,8 @@ def test_train_and_info(tmp_path: Path) -> None:
     info = json.loads(proc.stdout)
     assert [f["name"] for f in info["features"]] == ["cpu", "mem", "disk"]
     assert info["training"]["rows"] == 400
-    assert info["format_version"] == 1
+    assert info["format_version"] == art.FORMAT_VERSION == 2
+    assert info["threshold_geo"] > 0
     assert len(info["sha256"]) == 64
     proc = heald("model", "info", str(out))
     assert proc.returncode == 0

@@ -11,7 +11,7 @@ import pytest
 
 from agent.errors import ModelError
 from agent.score.compiled import CompiledDetector
-from agent.score.detector import StreamingDetector, combine, component_scores, ewma
+from agent.score.detector import GEO_EPS, StreamingDetector, combine, component_scores, ewma, smoothed_scores
 from agent.score.fit import fit_detector
 from agent.score.types import Contribution
 
@@ -38,8 +38,14 @@ def test_streaming_equals_batch(model: CompiledDetector) -> None:
     x[200:220, 3] += 2.0
     det = StreamingDetector(model)
     streamed = det.score_many(x)
-    batch = ewma(combine(model, component_scores(model, x)), model.meta.ewma_alpha) / model.meta.threshold
+    raw = combine(model, component_scores(model, x))
+    batch = smoothed_scores(model, raw)
     np.testing.assert_allclose(streamed, batch, rtol=1e-9, atol=1e-12)
+    # The score is the smaller of the two smoothers over their thresholds.
+    alpha = model.meta.ewma_alpha
+    arith = ewma(raw, alpha) / model.meta.threshold
+    geo = np.exp(ewma(np.log(raw + GEO_EPS), alpha)) / model.meta.threshold_geo
+    np.testing.assert_allclose(batch, np.minimum(arith, geo), rtol=1e-12)
     assert det.samples_seen == 500
 
 
@@ -54,6 +60,31 @@ def test_anomaly_alerts_and_normal_mostly_quiet(model: CompiledDetector) -> None
     assert alerts[:700].mean() < 0.05
     assert all(a == (s >= 1.0) for s, a in results)
     assert scores[800:860].max() > scores[:700].max()
+
+
+def test_a_short_burst_does_not_alert_a_sustained_shift_does() -> None:
+    """A program starting on a quiet node: one sample about nine times the threshold, then back
+    to normal. The arithmetic EWMA alone alerts on it for seconds; the geometric one needs the
+    deviation to last. A smaller shift that lasts alerts within seconds."""
+    model = fit_detector(synthetic(3000), NAMES, n_clusters=8, top_k=2, threshold_margin=1.5)
+    x = synthetic(400, seed=7)
+    burst = x.copy()
+    burst[300:302, 2] += 1.5
+    raw = combine(model, component_scores(model, burst))
+    assert raw[300] / model.meta.threshold > 5.0
+    arith = ewma(raw, model.meta.ewma_alpha) / model.meta.threshold
+    assert (arith[300:320] >= 1.0).sum() >= 5  # the arithmetic smoother alone: an alert
+    det = StreamingDetector(model)
+    results = [det.score(row) for row in burst]
+    assert not any(a for _, a in results)  # the detector: none
+    assert max(s for s, _ in results) < 0.9
+    shifted = x.copy()
+    shifted[300:360, 2] += 2.0  # the first sample is the burst above, then a lasting shift
+    det = StreamingDetector(model)
+    alerts = np.array([det.score(row)[1] for row in shifted])
+    assert not alerts[:300].any()
+    assert alerts[300:360].any()
+    assert int(np.argmax(alerts[300:360])) <= 15  # within 15 s of the shift
 
 
 def test_missing_values_are_imputed(model: CompiledDetector) -> None:

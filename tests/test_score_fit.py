@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
 from sklearn.cluster import KMeans
@@ -16,7 +17,7 @@ from sklearn.decomposition import PCA
 from agent.errors import InputError, ModelError
 from agent.score import compiled as art
 from agent.score import fit
-from agent.score.detector import KM, RZ, StreamingDetector, component_scores
+from agent.score.detector import KM, RZ, StreamingDetector, combine, component_scores, ewma, geo_ewma
 from agent.score.detector import PCA as PCA_COMPONENT
 from agent.score.fit import compile_kmeans, compile_pca, fit_detector, fit_in_child, load_training
 
@@ -44,7 +45,9 @@ def test_kmeans_distance_equals_sklearn(seed: int) -> None:
     # And one row at a time through the streaming detector (only the k-means component on).
     arrays["weights"] = np.array([0.0, 1.0, 0.0, 0.0])
     arrays["divisors"] = np.ones(4)
-    meta = art.ArtifactMeta(**{**_meta_fields(m), "threshold": 1.0, "ewma_alpha": 1.0})
+    # alpha 1: no smoothing; a tiny geometric threshold keeps that smoother out of the minimum.
+    meta = art.ArtifactMeta(**{**_meta_fields(m), "threshold": 1.0, "threshold_geo": 1e-12,
+                               "ewma_alpha": 1.0})
     det = StreamingDetector(art.build(meta, arrays))
     streamed = np.array([det.score(row)[0] for row in probe])
     np.testing.assert_allclose(streamed, km.transform(probe).min(axis=1), rtol=0, atol=1e-6)
@@ -62,7 +65,7 @@ def test_pca_reconstruction_equals_sklearn(variance: float) -> None:
     probe = np.random.default_rng(5).normal(size=(300, 7)) * 2
     expected = ((probe - pca.inverse_transform(pca.transform(probe))) ** 2).sum(axis=1)
     np.testing.assert_allclose(component_scores(model, probe)[:, PCA_COMPONENT], expected, atol=1e-6)
-    det = StreamingDetector(model)
+    det = StreamingDetector(art.build(msgspec.structs.replace(model.meta, threshold_geo=1e-12), model.arrays))
     div, thr = model.arrays["divisors"][PCA_COMPONENT], model.meta.threshold
     streamed = np.array([det.score(row)[0] for row in probe]) * thr * div
     np.testing.assert_allclose(streamed, expected, rtol=1e-9, atol=1e-6)
@@ -82,10 +85,19 @@ def test_robust_z_matches_definition() -> None:
 def test_threshold_is_label_free_train_quantile() -> None:
     x = _data(3000)
     model = fit_detector(x, NAMES, n_clusters=4)
+    raw = combine(model, component_scores(model, x))
+    alpha = model.meta.ewma_alpha
+    # Default: each smoother's threshold is the 99.5th percentile of its value on the training data.
+    for smoothed, threshold in ((ewma(raw, alpha), model.meta.threshold),
+                                (geo_ewma(raw, alpha), model.meta.threshold_geo)):
+        assert 0.004 <= float(np.mean(smoothed >= threshold)) <= 0.006
     det = StreamingDetector(model)
     alerts = np.array([det.score(row)[1] for row in x])
-    # Default: the 99.5th percentile of the smoothed training score.
-    assert 0.002 <= alerts.mean() <= 0.008
+    # An alert needs both, so it is no more frequent than either.
+    assert alerts.mean() <= 0.006
+    margin = fit_detector(x, NAMES, n_clusters=4, threshold_margin=1.5)
+    assert margin.meta.threshold == pytest.approx(1.5 * model.meta.threshold)
+    assert margin.meta.threshold_geo == pytest.approx(1.5 * model.meta.threshold_geo)
 
 
 def test_missing_values_in_training_are_imputed() -> None:

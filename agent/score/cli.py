@@ -130,7 +130,8 @@ def _print_meta(info: dict[str, Any], as_json: bool) -> None:
          + (" ..." if len(info["features"]) > 8 else "")],
         ["training", f"{tr['rows']} rows" + (f" from {tr['source']}" if tr["source"] else "")
          + (f", {tr['start']} .. {tr['end']}" if tr["start"] is not None else "")],
-        ["threshold", f"{info['threshold']:.6g} (smoothed score; reported score 1.0 = threshold)"],
+        ["threshold", (f"{info['threshold']:.6g} (arithmetic EWMA), {info['threshold_geo']:.6g} "
+                       "(geometric EWMA); reported score 1.0 = both reached")],
         ["ewma_alpha", str(info["ewma_alpha"])],
         ["top_k", str(info["top_k"])],
         ["options", json.dumps(info["options"], sort_keys=True)],
@@ -200,5 +201,6 @@ def train_cmd(args: argparse.Namespace) -> int:
         _print_meta(info, True)
     else:
         _write(f"wrote {args.output}: model {info['version']}, {len(info['features'])} features, "
-               f"{info['training']['rows']} training rows, threshold {info['threshold']:.6g}")
+               f"{info['training']['rows']} training rows, thresholds {info['threshold']:.6g} / "
+               f"{info['threshold_geo']:.6g}")
     return 0

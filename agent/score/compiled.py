@@ -36,7 +36,7 @@ import numpy.typing as npt
 from agent.errors import ModelError
 from agent.fsutil import atomic_write
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: threshold_geo (the geometric smoother's threshold)
 KIND = "heald.anomaly"
 
 F64 = npt.NDArray[np.float64]
@@ -74,8 +74,11 @@ class ArtifactMeta(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     kind: str
     features: tuple[FeatureSpec, ...]
     training: TrainingWindow
-    # Alert threshold on the smoothed raw score; the detector reports score / threshold.
+    # Alert thresholds of the two smoothers of the raw score (see agent.score.detector): the
+    # arithmetic EWMA's and the geometric EWMA's. The detector reports the smaller of the two
+    # ratios smoothed / threshold, so 1.0 is the alert threshold.
     threshold: float
+    threshold_geo: float
     ewma_alpha: float
     top_k: int
     options: dict[str, Any]
@@ -129,7 +132,9 @@ def meta_json(meta: ArtifactMeta) -> bytes:
 
 def content_hash(arrays: dict[str, F64], meta: bytes) -> str:
     h = hashlib.sha256()
-    h.update(f"heald-artifact-v{FORMAT_VERSION}\0".encode())
+    # The hash's domain tag, fixed: the format version is in the metadata it covers, and the
+    # classifier's artifacts (agent.score.classifier) share this hash.
+    h.update(b"heald-artifact-v1\0")
     for name in sorted(arrays):
         a = np.ascontiguousarray(arrays[name])
         h.update(f"{name}\0{a.dtype.str}\0{a.shape}\0".encode())
@@ -180,8 +185,10 @@ def validate(meta: ArtifactMeta, arrays: dict[str, F64], where: str) -> None:
                          f"expected {d}")
     if np.any(arrays["scale"] <= 0) or np.any(arrays["divisors"] <= 0):
         raise ModelError(f"{where}: scales and divisors must be positive")
-    if not (np.isfinite(meta.threshold) and meta.threshold > 0):
-        raise ModelError(f"{where}: threshold must be a positive number, got {meta.threshold}")
+    for name in ("threshold", "threshold_geo"):
+        value = getattr(meta, name)
+        if not (np.isfinite(value) and value > 0):
+            raise ModelError(f"{where}: {name} must be a positive number, got {value}")
     if not 0 < meta.ewma_alpha <= 1:
         raise ModelError(f"{where}: ewma_alpha must be in (0, 1], got {meta.ewma_alpha}")
     if not 1 <= meta.top_k <= d:

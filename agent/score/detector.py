@@ -8,9 +8,19 @@ own value on the training data (so they are comparable), weighted, summed and sm
 * ``delta``:    squared norm of the first difference x_t - x_{t-1} (sudden changes);
 * ``pca``:      PCA reconstruction error (weight 0, i.e. off, in the default model).
 
-``raw_t = sum_c w_c * component_c(x_t) / divisor_c`` and ``s_t = alpha * raw_t + (1 - alpha) * s_{t-1}``
-(EWMA; ``s_0 = raw_0``). :meth:`StreamingDetector.score` returns ``s_t / threshold`` so that 1.0 is the
-alert threshold, which was chosen from the training data only (see :mod:`agent.score.fit`).
+``raw_t = sum_c w_c * component_c(x_t) / divisor_c`` is smoothed twice, causally, with the same
+``alpha``:
+
+* arithmetic EWMA ``s_t = alpha * raw_t + (1 - alpha) * s_{t-1}`` (``s_0 = raw_0``): reacts to the
+  size of the deviation;
+* geometric EWMA ``g_t = exp(alpha * log(raw_t + eps) + (1 - alpha) * log(g_{t-1}))``: the same
+  recursion on the log scale. One sample ``k`` times the usual size moves it by a factor of only
+  ``k ** alpha``, so it needs the deviation to *last*: a burst of a few seconds (a program
+  starting: a handful of major faults and zombies) stays under it, a sustained drift does not.
+
+:meth:`StreamingDetector.score` returns ``min(s_t / threshold, g_t / threshold_geo)``: 1.0 is the
+alert threshold, and an alert needs both. Both thresholds are chosen from the training data only
+(see :mod:`agent.score.fit`).
 
 Missing metrics (NaN, None, +-inf) are imputed with the training median for the level components
 and contribute no change to ``delta``. Nothing here imports scikit-learn.
@@ -83,13 +93,32 @@ def ewma(raw: F64, alpha: float) -> F64:
     return out
 
 
+# Added to the raw score before its log (raw scores are about 1 at the 99th training percentile
+# of each component, so this only keeps log() finite for a score of exactly 0).
+GEO_EPS = 1e-3
+
+
+def geo_ewma(raw: F64, alpha: float) -> F64:
+    """Causal geometric EWMA: ``exp(ewma(log(raw + GEO_EPS)))``, the streaming detector's ``g_t``."""
+    result: F64 = np.exp(ewma(np.log(np.maximum(raw, 0.0) + GEO_EPS), alpha))
+    return result
+
+
+def smoothed_scores(model: CompiledDetector, raw: F64) -> F64:
+    """The detector's reported scores for consecutive raw scores (1.0 = alert threshold)."""
+    alpha = model.meta.ewma_alpha
+    result: F64 = np.minimum(ewma(raw, alpha) / model.meta.threshold,
+                             geo_ewma(raw, alpha) / model.meta.threshold_geo)
+    return result
+
+
 class StreamingDetector:
     """Score one sample at a time with internal causal state (EWMA and previous sample).
 
-    ``score(x)`` returns ``(score, alert)`` where ``score`` is the smoothed anomaly score divided by
-    the model's threshold (1.0 = threshold) and ``alert`` is ``score >= 1``. ``explain(x)`` names the
-    features that contribute most to the raw score of ``x`` given the state before ``x`` was
-    scored (call it right after ``score(x)``).
+    ``score(x)`` returns ``(score, alert)`` where ``score`` is the smaller of the two smoothed
+    anomaly scores, each divided by its threshold (1.0 = threshold), and ``alert`` is
+    ``score >= 1``. ``explain(x)`` names the features that contribute most to the raw score of
+    ``x`` given the state before ``x`` was scored (call it right after ``score(x)``).
 
     ``native``: score in the C kernel (:mod:`agent.native`) — None = when it is available,
     False = always numpy (the reference), True = require it. :meth:`bind` lets a caller have
@@ -109,6 +138,7 @@ class StreamingDetector:
         "_diff",
         "_fac",
         "_finite",
+        "_g",
         "_has_prev",
         "_inv_scale",
         "_k",
@@ -128,6 +158,7 @@ class StreamingDetector:
         "_src",
         "_src_idx",
         "_threshold",
+        "_threshold_geo",
         "_use",
         "_x",
         "_z",
@@ -141,6 +172,7 @@ class StreamingDetector:
         self._k = model.meta.top_k
         self._alpha = float(model.meta.ewma_alpha)
         self._threshold = float(model.meta.threshold)
+        self._threshold_geo = float(model.meta.threshold_geo)
         self._med = a["median"]
         self._inv_scale = 1.0 / a["scale"]
         self._c = a["centroids"]
@@ -248,6 +280,7 @@ class StreamingDetector:
     def reset(self) -> None:
         """Forget the stream (EWMA and previous sample), e.g. after a gap in sampling."""
         self._s = 0.0
+        self._g = 0.0  # the geometric smoother, on the log scale
         self._n = 0
         self._has_prev = False
         self._ctx.has_prev = 0
@@ -294,11 +327,17 @@ class StreamingDetector:
         return raw
 
     def _smooth(self, raw: float) -> tuple[float, bool]:
-        s = raw if self._n == 0 else self._alpha * raw + (1.0 - self._alpha) * self._s
-        self._s = s
+        lg = math.log(max(raw, 0.0) + GEO_EPS)
+        if self._n == 0:
+            s, g = raw, lg
+        else:
+            a = self._alpha
+            s = a * raw + (1.0 - a) * self._s
+            g = a * lg + (1.0 - a) * self._g
+        self._s, self._g = s, g
         self._n += 1
         self._has_prev = True
-        norm = s / self._threshold
+        norm = min(s / self._threshold, math.exp(g) / self._threshold_geo)
         return norm, norm >= 1.0
 
     def score_bound(self, vec: npt.NDArray[np.float64], idx: npt.NDArray[np.intp]) -> tuple[float, bool]:
@@ -340,9 +379,6 @@ class StreamingDetector:
             return self._smooth(self._kern.det_score(self._ctx_ref))
         missing = self._load(x)
         raw = self._raw(missing)
-        s = raw if self._n == 0 else self._alpha * raw + (1.0 - self._alpha) * self._s
-        self._s = s
-        self._n += 1
         # Remember what delta was measured against (for explain), then advance the state.
         self._last_ref[:] = self._prev if self._has_prev else self._x
         if missing is None:
@@ -351,9 +387,7 @@ class StreamingDetector:
             np.copyto(self._prev, self._x, where=~missing)
         else:
             self._prev[:] = self._x
-        self._has_prev = True
-        norm = s / self._threshold
-        return norm, norm >= 1.0
+        return self._smooth(raw)
 
     def explain(self, x: SampleLike, top_k: int = 3) -> list[Contribution]:
         """The ``top_k`` features contributing most to the raw score of ``x`` (shares sum to <= 1).

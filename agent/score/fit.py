@@ -9,8 +9,8 @@ loads the artifact with :func:`agent.score.compiled.load` and never pays for sci
 The method (chosen by measurement on SMD, see ``docs/model.md``): per-feature robust z-scores
 (median/MAD, top-5 mean), distance to the nearest of 16 k-means centroids, and the squared norm
 of the first difference, each normalised by its 99th training percentile, summed and smoothed
-by an EWMA (alpha 0.1). The alert threshold is a high quantile of the smoothed score over the
-training data times a margin: no labels are involved.
+by an arithmetic and a geometric EWMA (alpha 0.1). Each smoother's alert threshold is a high
+quantile of its value over the training data times a margin: no labels are involved.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import numpy.typing as npt
 from agent.errors import InputError, ModelError, Problem
 from agent.score import compiled as art
 from agent.score.compiled import COMPONENTS, F64, ArtifactMeta, CompiledDetector, FeatureSpec, TrainingWindow
-from agent.score.detector import combine, component_scores, ewma
+from agent.score.detector import combine, component_scores, ewma, geo_ewma
 
 
 class FitOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -189,13 +189,14 @@ def fit_detector(
         "divisors": np.ones(n_comp), "weights": np.asarray(options.weights, dtype=np.float64),
     }
 
-    def meta(threshold: float) -> ArtifactMeta:
+    def meta(threshold: float, threshold_geo: float = 1.0) -> ArtifactMeta:
         return ArtifactMeta(
             format_version=art.FORMAT_VERSION,
             kind=art.KIND,
             features=tuple(FeatureSpec(name=nm, unit=u) for nm, u in zip(names, unit_list, strict=True)),
             training=TrainingWindow(rows=n, start=train_start, end=train_end, source=source),
             threshold=threshold,
+            threshold_geo=threshold_geo,
             ewma_alpha=options.ewma_alpha,
             top_k=min(options.top_k, d),  # robust z averages the top_k largest (at most d)
             options=msgspec.json.decode(msgspec.json.encode(options)),
@@ -210,11 +211,14 @@ def fit_detector(
     divisors = np.where(divisors > 1e-12, divisors, 1.0)
     arrays["divisors"] = divisors
     provisional = art.build(meta(1.0), arrays)
-    smoothed = ewma(combine(provisional, comps), options.ewma_alpha)
-    threshold = float(np.quantile(smoothed, options.threshold_quantile)) * options.threshold_margin
-    if not threshold > 0:
-        threshold = 1.0
-    return art.build(meta(threshold), arrays)
+    raw = combine(provisional, comps)
+
+    def limit(smoothed: F64) -> float:
+        t = float(np.quantile(smoothed, options.threshold_quantile)) * options.threshold_margin
+        return t if t > 0 and np.isfinite(t) else 1.0
+
+    return art.build(meta(limit(ewma(raw, options.ewma_alpha)), limit(geo_ewma(raw, options.ewma_alpha))),
+                     arrays)
 
 
 def load_training(path: str | os.PathLike[str]) -> tuple[F64, list[str], list[str] | None]:
