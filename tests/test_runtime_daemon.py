@@ -167,7 +167,14 @@ def test_ready_watchdog_reload_and_clean_stop(daemon: Daemon, tmp_path: Path) ->
 def test_sigint_stops_too(daemon: Daemon) -> None:
     daemon.notify.wait_for("READY=1")
     daemon.proc.send_signal(signal.SIGINT)
-    assert daemon.proc.wait(timeout=10) == 0
+    # The contract is the unit's TimeoutStopSec=30s (systemd SIGKILLs after it). On the loaded
+    # CI machine one exit took over 10 s once (signal -> "heald stopped" is ~40 ms here; the rest
+    # is interpreter exit), so the test allows 25 s and shows the daemon's log when it fails.
+    try:
+        code = daemon.proc.wait(timeout=25)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"no exit 25 s after SIGINT; log: {daemon.lines()!r}")
+    assert code == 0
 
 
 def test_no_notify_socket_is_a_no_op(monkeypatch: pytest.MonkeyPatch) -> None:
