@@ -17,6 +17,8 @@ from typing import Annotated, Final, Literal
 
 import msgspec
 
+from agent.wire.control import AckStatus
+
 PROTOCOL_VERSION: Final = 1
 #: Versions this build can decode.
 SUPPORTED_VERSIONS: Final = frozenset({PROTOCOL_VERSION})
@@ -159,7 +161,7 @@ class CommandAck(Envelope, tag="command_ack", kw_only=True, frozen=True, omit_de
     """A node's answer to a command. QoS 1."""
 
     command_id: Name
-    status: Literal["accepted", "rejected", "done", "failed", "expired"]
+    status: AckStatus
     message: Text = ""
     result: Args = msgspec.field(default_factory=dict)
 
