@@ -8,10 +8,10 @@ from pathlib import Path
 import pynvml
 import pytest
 
-from agent.collect.fake_nvml import FakeNVML
 from agent.collect.gpu import GpuCollector
 from agent.collect.settings import GpuSettings
 from agent.errors import CollectorUnavailable
+from devtools.fake_nvml import FakeNVML
 
 
 def _started(fake: FakeNVML, **kw: object) -> GpuCollector:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import msgspec
 
 from agent.collect.base import Collector
-from agent.collect.fake_nvml import FakeNVML
 from agent.collect.registry import build
 from agent.collect.settings import CollectSettings, CpuSettings, GpuSettings
+from devtools.fake_nvml import FakeNVML
 
 
 def test_build_all_enabled_with_fake_gpu() -> None:

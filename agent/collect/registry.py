@@ -21,8 +21,8 @@ __all__ = ["build"]
 
 def build(settings: CollectSettings, *, root: str = "/", nvml: object | None = None) -> list[Collector]:
     """The enabled collectors. ``root`` prefixes /proc, /sys and /dev paths (tests use fixture
-    trees); ``nvml`` replaces the ``pynvml`` module (a :class:`agent.collect.fake_nvml.FakeNVML`),
-    ``None`` meaning the real pynvml, imported when the GPU collector starts."""
+    trees); ``nvml`` replaces the ``pynvml`` module (tests pass ``devtools.fake_nvml.FakeNVML``,
+    which is not shipped), ``None`` meaning the real pynvml, imported when the GPU collector starts."""
     out: list[Collector] = []
     if settings.cpu.enabled:
         out.append(CpuCollector(settings.cpu, root=root))

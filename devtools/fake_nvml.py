@@ -1,5 +1,9 @@
 """FakeNVML: a stand-in for the ``pynvml`` module, for hosts (and tests) without an NVIDIA GPU.
 
+A test double, so it lives in ``devtools/`` and is not shipped: the agent always uses the real
+``pynvml`` unless a caller hands it another module object (``GpuCollector(nvml=FakeNVML())`` or
+``agent.collect.registry.build(..., nvml=FakeNVML())``).
+
 An instance behaves like the module object the GPU collector uses: the same function names and
 signatures (``nvmlInit``, ``nvmlDeviceGetHandleByIndex``, ``nvmlDeviceGetTotalEccErrors``,
 ``nvmlEventSetWait``, ...), the same constants (``NVML_*``, ``nvmlClocksThrottleReason*``,
