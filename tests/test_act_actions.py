@@ -17,9 +17,10 @@ from typing import Any
 import psutil
 import pytest
 
-from agent.act.actions import REGISTRY, cgroup_v2_root, systemd_unit_of, unit_cgroup_path, unit_properties
+from agent.act.actions import REGISTRY
+from agent.act.actions.cgroups import cgroup_v2_root, systemd_unit_of, unit_cgroup_path, unit_properties
 from agent.act.base import ActionContext, ActionResult
-from agent.act.engine import substitute
+from agent.act.runner import substitute
 from agent.act.supervisor import Supervisor
 from agent.decide.loader import action_names
 from agent.decide.settings import PlaybookSettings

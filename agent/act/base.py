@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 import structlog
+from structlog.typing import FilteringBoundLogger
 
 from agent.decide.settings import PlaybookSettings
 
@@ -46,7 +47,7 @@ class ActionContext:
     bindings: Mapping[str, str] = field(default_factory=dict)
     # the latest sample's detail (per collector), e.g. detail["gpu"]["devices"]["0"]["pci"]
     detail: Mapping[str, Any] = field(default_factory=dict)
-    log: Any = field(default_factory=lambda: structlog.get_logger("heald.act"))
+    log: FilteringBoundLogger = field(default_factory=lambda: structlog.get_logger("heald.act"))
 
     def env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         """The environment for a child: the allowlisted variables of ours plus explicit ones."""
@@ -55,13 +56,5 @@ class ActionContext:
         return env
 
 
+# The implementations, by name, are listed in agent.act.actions.REGISTRY.
 ActionFn = Callable[[Mapping[str, Any], ActionContext], Awaitable[ActionResult]]
-REGISTRY: dict[str, ActionFn] = {}
-
-
-def action(name: str) -> Callable[[ActionFn], ActionFn]:
-    def deco(fn: ActionFn) -> ActionFn:
-        REGISTRY[name] = fn
-        return fn
-
-    return deco

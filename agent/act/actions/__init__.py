@@ -1,0 +1,51 @@
+"""The action implementations, one module per family, and the table naming each of them.
+
+:data:`REGISTRY` is written out rather than filled by decorators at import time, so every
+action a playbook can name is listed here, in one place. It must equal the schema's action
+vocabulary (:func:`agent.decide.loader.action_names`): :func:`check_registry` runs at import,
+so a missing or an extra implementation stops heald at start rather than at the first run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+
+from agent.act.actions import cgroups, commands, files, gpu, notify, processes, systemd
+from agent.act.base import ActionFn
+from agent.decide.loader import action_names
+
+REGISTRY: Mapping[str, ActionFn] = MappingProxyType({
+    # systemd
+    "restart_unit": systemd.restart_unit,
+    # processes
+    "stop_process": processes.stop_process,
+    "signal_process": processes.signal_process,
+    "renice": processes.renice,
+    "restart_process": processes.restart_process,
+    # cgroups
+    "cgroup_limit": cgroups.cgroup_limit,
+    # files, journal, caches
+    "clean_paths": files.clean_paths,
+    "vacuum_journal": files.vacuum_journal,
+    "rotate_logs": files.rotate_logs,
+    "drop_caches": files.drop_caches,
+    # GPUs
+    "gpu_reset": gpu.gpu_reset,
+    "gpu_drain": gpu.gpu_drain,
+    # commands and messages
+    "run_command": commands.run_command,
+    "cordon": commands.cordon,
+    "notify": notify.notify,
+})
+
+
+def check_registry() -> None:
+    """The implementations match the schema's action vocabulary exactly."""
+    if set(REGISTRY) != set(action_names()):
+        missing = set(action_names()) - set(REGISTRY)
+        extra = set(REGISTRY) - set(action_names())
+        raise RuntimeError(f"action registry mismatch: missing {sorted(missing)}, extra {sorted(extra)}")
+
+
+check_registry()

@@ -1,0 +1,403 @@
+"""One playbook run: the escalation ladder, journaled before and after every step, and verified.
+
+A run walks the playbook's steps in order. Before each step an ``intent`` is fsync'd to the
+journal, after it the ``result``. A successful step is verified: after ``verify.settle`` the
+run waits for a fresh sample and checks that the trigger no longer holds for the run's
+bindings (or that ``verify.expect`` holds). Verified: the run succeeded. Not verified, or the
+step failed: the next step. Past the last step: an escalation event for humans, and the
+failure counts towards backoff and the circuit breaker.
+
+A run resumed from the journal after a crash never re-runs a step that has a result, and
+never blindly re-runs the step that was interrupted: it verifies what that step achieved and
+goes on with the ladder (see :mod:`agent.act.journal`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from structlog.typing import FilteringBoundLogger
+
+from agent.act.actions import REGISTRY
+from agent.act.base import ActionContext, ActionResult
+from agent.act.journal import Journal, RunJournal, Unfinished
+from agent.act.latest import Latest
+from agent.act.lease import DISRUPTIVE_ACTIONS, LeaseGate, LeaseHeld
+from agent.act.records import Recorder
+from agent.act.supervisor import Supervisor
+from agent.decide.guards import StateStore, record_end
+from agent.decide.model import PLACEHOLDER, Playbook, Step
+from agent.decide.settings import PlaybookSettings
+from agent.decide.triggers import EvalContext, Match, TriggerEvaluator, holds_for
+from agent.errors import HealdError
+
+# How long verification waits for a sample newer than the step (samples come every second).
+FRESH_SAMPLE_TIMEOUT_S = 10.0
+
+
+def substitute(value: Any, values: Mapping[str, str], *, argv: bool = False) -> Any:
+    """Fill ``{name}`` placeholders. In argv lists only whole elements are replaced (one element
+    stays one element: nothing is split or interpreted); elsewhere inside strings too."""
+    if isinstance(value, str):
+        if argv:
+            whole = PLACEHOLDER.fullmatch(value)
+            if whole is None:
+                return value
+            if whole.group(1) not in values:
+                raise HealdError(f"'{value}' is not bound for this run")
+            return values[whole.group(1)]
+
+        def replace(placeholder: re.Match[str]) -> str:
+            if placeholder.group(1) not in values:
+                raise HealdError(f"'{{{placeholder.group(1)}}}' is not bound for this run")
+            return values[placeholder.group(1)]
+
+        return PLACEHOLDER.sub(replace, value)
+    if isinstance(value, Mapping):
+        return {k: substitute(v, values, argv=argv or k == "argv") for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [substitute(v, values, argv=argv) for v in value]
+    return value
+
+
+@dataclass
+class Run:
+    playbook: Playbook
+    run_id: str
+    match: Match
+    dry_run: bool
+    trigger: str  # auto | manual | approved | recovered
+    approved_by: str = ""
+    resume: Unfinished | None = None
+    # events before this wall time were handled by the run (not counted again by the trigger)
+    watermark: float = 0.0
+
+
+class RunHost(Protocol):
+    """What a run reads from the engine when it needs it: the daemon replaces ``settings`` on
+    reload and sets ``lease_gate`` after building the engine, so neither is copied at start."""
+
+    settings: PlaybookSettings
+    lease_gate: LeaseGate | None
+    node: str
+    journal: Journal
+    store: StateStore
+    supervisor: Supervisor
+    log: FilteringBoundLogger
+
+
+class Runner:
+    """Executes runs for the engine. ``running`` is the engine's table of runs in progress: a run
+    removes itself from it when it ends or is cancelled."""
+
+    def __init__(self, host: RunHost, recorder: Recorder, latest: Latest, running: dict[str, Run]) -> None:
+        self._host = host
+        self._recorder = recorder
+        self._latest = latest
+        self._running = running
+
+    async def run(self, run: Run) -> None:
+        playbook = run.playbook
+        log = self._host.log.bind(playbook=playbook.name, run_id=run.run_id)
+        values = {
+            "node": self._host.node, "playbook": playbook.name, "run_id": run.run_id, **run.match.bindings
+        }
+        outcome = "failed"
+        run_journal: RunJournal | None = None
+        try:
+            start = 0
+            last_unverified: int | None = None
+            if run.resume is not None:
+                run_journal = self._host.journal.reopen(run.resume)
+                start, last_unverified = self._resume_point(run, run_journal, log)
+            else:
+                header = {
+                    "playbook": playbook.name,
+                    "bindings": dict(run.match.bindings),
+                    "inputs": dict(run.match.inputs),
+                    "dry_run": run.dry_run,
+                    "trigger": run.trigger,
+                    "approved_by": run.approved_by,
+                }
+                run_journal = self._host.journal.open_run(run.run_id, header)
+                self._recorder.record(
+                    {
+                        "type": "run.start",
+                        "playbook": playbook.name,
+                        "run_id": run.run_id,
+                        "trigger": run.trigger,
+                        "approved_by": run.approved_by,
+                        "dry_run": run.dry_run,
+                        "bindings": dict(run.match.bindings),
+                        "inputs": dict(run.match.inputs),
+                        **self._latest.model(),
+                    }
+                )
+                log.info(
+                    "playbook run started",
+                    trigger=run.trigger,
+                    dry_run=run.dry_run,
+                    bindings=dict(run.match.bindings),
+                    inputs=dict(run.match.inputs),
+                )
+            verified = False
+            if last_unverified is not None:
+                verified = await self._verify_step(run, run_journal, last_unverified, log)
+                last_unverified = None
+            next_index = start
+            while not verified and next_index < len(playbook.steps):
+                step = playbook.steps[next_index]
+                next_index += 1
+                if run.dry_run:
+                    result = await self._execute(run, step, values, dry_run=True)
+                    self._step_record(run, step, result, "dry-run")
+                    continue
+                run_journal.intent(step.index, step.action)
+                result = await self._execute(run, step, values, dry_run=False)
+                status = "done" if result.ok else "failed"
+                run_journal.result(step.index, status, result.as_dict())
+                run.watermark = time.time()
+                self._step_record(run, step, result, status)
+                log.info(
+                    "step finished",
+                    step=step.name,
+                    action=step.action,
+                    ok=result.ok,
+                    changed=result.changed,
+                    detail=result.detail,
+                    duration_s=round(result.duration_s, 3),
+                )
+                if not result.ok:
+                    last_unverified = None
+                    continue
+                if step.verify or next_index == len(playbook.steps):
+                    verified = await self._verify_step(run, run_journal, step.index, log)
+            if run.dry_run:
+                outcome = "dry-run"
+            elif verified:
+                outcome = "succeeded"
+            else:
+                outcome = "escalated"
+                self._escalate(run, values, log)
+        except LeaseHeld as exc:
+            outcome = "held"
+            self._recorder.record(
+                {"type": "run.held", "playbook": playbook.name, "run_id": run.run_id, "reason": str(exc)}
+            )
+            log.warning("playbook run held by the fleet budget", reason=str(exc))
+        except asyncio.CancelledError:
+            # Shutdown: the journal keeps the run unfinished; the next start resumes it.
+            if run_journal is not None:
+                run_journal.close()
+            self._running.pop(playbook.name, None)
+            raise
+        except Exception as exc:  # a bug must not take the engine down; the run counts as failed
+            log.exception("playbook run crashed")
+            outcome = "error"
+            self._recorder.record(
+                {"type": "run.error", "playbook": playbook.name, "run_id": run.run_id, "error": repr(exc)}
+            )
+        self._finish(run, outcome, run_journal, log)
+
+    def _finish(
+        self, run: Run, outcome: str, run_journal: RunJournal | None, log: FilteringBoundLogger
+    ) -> None:
+        playbook = run.playbook
+        state = self._host.store.get(playbook.name)
+        now = time.time()
+        opened = record_end(playbook, state, now, outcome, counts=not run.dry_run and outcome != "held")
+        self._host.store.save()
+        self._recorder.record(
+            {
+                "type": "run.end",
+                "playbook": playbook.name,
+                "run_id": run.run_id,
+                "outcome": outcome,
+                "dry_run": run.dry_run,
+                "consecutive_failures": state.consecutive_failures,
+                "duration_s": round(now - (state.last_start or now), 3) if run.resume is None else None,
+            }
+        )
+        log.info("playbook run finished", outcome=outcome, consecutive_failures=state.consecutive_failures)
+        if opened:
+            self._recorder.record(
+                {
+                    "type": "breaker.open",
+                    "playbook": playbook.name,
+                    "run_id": run.run_id,
+                    "consecutive_failures": state.consecutive_failures,
+                }
+            )
+            self._recorder.emit(
+                {
+                    "kind": "playbook.suspended",
+                    "severity": "critical",
+                    "playbook": playbook.name,
+                    "message": f"{playbook.name} suspended after {state.consecutive_failures} consecutive "
+                    "failed runs (circuit breaker); `heald` operator action needed",
+                    "labels": {},
+                }
+            )
+            log.error(
+                "circuit breaker open: playbook suspended", consecutive_failures=state.consecutive_failures
+            )
+        if run_journal is not None:
+            run_journal.end(outcome)
+        self._running.pop(playbook.name, None)
+
+    def _resume_point(
+        self, run: Run, run_journal: RunJournal, log: FilteringBoundLogger
+    ) -> tuple[int, int | None]:
+        """Where a recovered run goes on: (the next step to execute, the step to verify first)."""
+        unfinished = run.resume
+        if unfinished is None:
+            return 0, None
+        self._recorder.record(
+            {
+                "type": "run.recovered",
+                "playbook": run.playbook.name,
+                "run_id": run.run_id,
+                "completed_steps": sorted(unfinished.done),
+                "interrupted_step": unfinished.interrupted,
+            }
+        )
+        log.warning(
+            "resuming unfinished run from the journal",
+            completed=sorted(unfinished.done),
+            interrupted=unfinished.interrupted,
+        )
+        interrupted = unfinished.interrupted
+        if interrupted is not None:
+            result = ActionResult(ok=False, detail="interrupted by a crash or restart; not re-run")
+            run_journal.result(interrupted, "interrupted", result.as_dict())
+            step = run.playbook.steps[interrupted] if interrupted < len(run.playbook.steps) else None
+            if step is not None:
+                self._step_record(run, step, result, "interrupted")
+        last = unfinished.last_step
+        if last >= 0 and last not in unfinished.verified:
+            return last + 1, last  # verify what the last step (finished or interrupted) achieved
+        return last + 1, None
+
+    async def _execute(
+        self, run: Run, step: Step, values: Mapping[str, str], *, dry_run: bool
+    ) -> ActionResult:
+        host = self._host
+        ctx = ActionContext(
+            settings=host.settings,
+            node=host.node,
+            playbook=run.playbook.name,
+            run_id=run.run_id,
+            dry_run=dry_run,
+            supervisor=host.supervisor,
+            emit=self._recorder.emit,
+            bindings=dict(run.match.bindings),
+            detail=self._latest.detail,
+            log=host.log.bind(playbook=run.playbook.name, run_id=run.run_id, step=step.name),
+        )
+        release: Callable[[], None] | None = None
+        if not dry_run and host.lease_gate is not None and step.action in DISRUPTIVE_ACTIONS:
+            release = await host.lease_gate.acquire(run.playbook, run.run_id, step.action)  # or LeaseHeld
+        started = time.monotonic()
+        try:
+            params = substitute(step.params, values)
+            async with asyncio.timeout(step.timeout_s):
+                result = await REGISTRY[step.action](params, ctx)
+        except TimeoutError:
+            result = ActionResult(ok=False, detail=f"timed out after {step.timeout_s:g}s (cancelled)")
+        except HealdError as exc:
+            result = ActionResult(ok=False, detail=str(exc))
+        except Exception as exc:
+            ctx.log.exception("action raised")
+            result = ActionResult(ok=False, detail=f"{type(exc).__name__}: {exc}")
+        finally:
+            if release is not None:
+                release()
+        result.duration_s = time.monotonic() - started
+        return result
+
+    async def _verify_step(
+        self, run: Run, run_journal: RunJournal, step_index: int, log: FilteringBoundLogger
+    ) -> bool:
+        playbook = run.playbook
+        latest = self._latest
+        await asyncio.sleep(playbook.verify.settle_s)
+        fresh = await latest.fresh_since(latest.seq, FRESH_SAMPLE_TIMEOUT_S)
+        if not fresh:
+            ok, why = False, "no fresh sample to verify with"
+        elif playbook.verify.expect is not None:
+            ctx = EvalContext(
+                latest.index,
+                latest.risk,
+                latest.events,
+                time.time(),
+                time.monotonic(),
+                watermark=run.watermark,
+                stateless=True,
+                bindings=dict(run.match.bindings),
+            )
+            ok = bool(TriggerEvaluator(playbook.verify.expect).evaluate(ctx))
+            why = "verify.expect holds" if ok else "verify.expect does not hold"
+        else:
+            still = holds_for(latest.matches.get(playbook.name, []), run.match.bindings)
+            ok = not still
+            why = "trigger no longer holds" if ok else "trigger still holds"
+        run_journal.verify(step_index, ok)
+        self._recorder.record(
+            {
+                "type": "verify",
+                "playbook": playbook.name,
+                "run_id": run.run_id,
+                "step": step_index,
+                "ok": ok,
+                "reason": why,
+                "inputs": latest.current_inputs(playbook.name),
+            }
+        )
+        log.info("verification", step=step_index, ok=ok, reason=why)
+        return ok
+
+    def _step_record(self, run: Run, step: Step, result: ActionResult, status: str) -> None:
+        self._recorder.record(
+            {
+                "type": "step",
+                "playbook": run.playbook.name,
+                "run_id": run.run_id,
+                "step": step.index,
+                "step_name": step.name,
+                "action": step.action,
+                "status": status,
+                "dry_run": run.dry_run,
+                "ok": result.ok,
+                "changed": result.changed,
+                "detail": result.detail,
+                "duration_s": round(result.duration_s, 4),
+                "data": result.data,
+            }
+        )
+
+    def _escalate(self, run: Run, values: Mapping[str, str], log: FilteringBoundLogger) -> None:
+        playbook = run.playbook
+        try:
+            message = substitute(playbook.escalate.message, values) if playbook.escalate.message else ""
+        except HealdError:
+            message = playbook.escalate.message
+        message = message or (
+            f"{playbook.name}: every step ran and the problem persists ({playbook.description})"
+        )
+        event = {
+            "kind": playbook.escalate.event,
+            "severity": playbook.escalate.severity,
+            "playbook": playbook.name,
+            "run_id": run.run_id,
+            "message": message,
+            "labels": dict(run.match.bindings),
+            "inputs": self._latest.current_inputs(playbook.name),
+        }
+        self._recorder.record({"type": "escalate", **event})
+        self._recorder.emit(event)
+        log.error("escalated to humans", message=message)
