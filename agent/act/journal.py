@@ -91,30 +91,31 @@ class Journal:
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     def open_run(self, run_id: str, header: dict[str, Any]) -> RunJournal:
-        rj = RunJournal(self.dir / f"{run_id}.jsonl")
-        rj.write({"t": "run", "run_id": run_id, **header})
-        fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+        run_journal = RunJournal(self.dir / f"{run_id}.jsonl")
+        run_journal.write({"t": "run", "run_id": run_id, **header})
+        # the new file's directory entry must survive a crash too, or recovery would not find it
+        dir_fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            os.fsync(fd)
+            os.fsync(dir_fd)
         finally:
-            os.close(fd)
-        return rj
+            os.close(dir_fd)
+        return run_journal
 
-    def reopen(self, u: Unfinished) -> RunJournal:
-        if u.path is None:
-            raise ValueError(f"run {u.run_id} has no journal file")
-        return RunJournal(u.path)
+    def reopen(self, unfinished: Unfinished) -> RunJournal:
+        if unfinished.path is None:
+            raise ValueError(f"run {unfinished.run_id} has no journal file")
+        return RunJournal(unfinished.path)
 
     def unfinished(self) -> list[Unfinished]:
         out: list[Unfinished] = []
         for path in sorted(self.dir.glob("*.jsonl")):
-            u = self._read(path)
-            if u is not None:
-                out.append(u)
+            unfinished = self._read(path)
+            if unfinished is not None:
+                out.append(unfinished)
         return out
 
     def _read(self, path: Path) -> Unfinished | None:
-        u: Unfinished | None = None
+        run: Unfinished | None = None
         intents: set[int] = set()
         try:
             lines = path.read_bytes().splitlines()
@@ -123,31 +124,31 @@ class Journal:
             return None
         for raw in lines:
             try:
-                rec = json.loads(raw)
+                record = json.loads(raw)
             except ValueError:
                 log.warning("torn journal line ignored (crash while writing)", path=str(path))
                 continue
-            t = rec.get("t")
-            if t == "run":
-                u = Unfinished(str(rec.get("run_id", path.stem)), rec, path=path)
-            elif u is None:
+            kind = record.get("t")
+            if kind == "run":
+                run = Unfinished(str(record.get("run_id", path.stem)), record, path=path)
+            elif run is None:
                 continue
-            elif t == "intent":
-                intents.add(int(rec["step"]))
-                u.last_step = max(u.last_step, int(rec["step"]))
-            elif t == "result":
-                u.done[int(rec["step"])] = str(rec.get("status", "done"))
-            elif t == "verify":
-                u.verified[int(rec["step"])] = bool(rec.get("ok"))
-            elif t == "end":
+            elif kind == "intent":
+                intents.add(int(record["step"]))
+                run.last_step = max(run.last_step, int(record["step"]))
+            elif kind == "result":
+                run.done[int(record["step"])] = str(record.get("status", "done"))
+            elif kind == "verify":
+                run.verified[int(record["step"])] = bool(record.get("ok"))
+            elif kind == "end":
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
                 return None
-        if u is None:
+        if run is None:
             log.warning("journal file without a run header removed", path=str(path))
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
             return None
-        pending = sorted(intents - set(u.done))
-        u.interrupted = pending[-1] if pending else None
-        return u
+        pending = sorted(intents - set(run.done))
+        run.interrupted = pending[-1] if pending else None
+        return run
