@@ -7,6 +7,7 @@ and exits 2 instead of showing a traceback.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 
@@ -27,6 +28,32 @@ class Problem:
         where = f"{self.file}:{self.line}" if self.line is not None else self.file
         key = f" [{self.key}]" if self.key else ""
         return f"{where}:{key} {self.message}"
+
+
+_TOML_HEADER = re.compile(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
+_TOML_ASSIGN = re.compile(r"""^\s*("[^"]*"|'[^']*'|[A-Za-z0-9_.\-" ]+?)\s*=""")
+
+
+def toml_key_lines(text: str) -> dict[str, int]:
+    """Best-effort map of dotted key -> line number in a TOML document, for :attr:`Problem.line`.
+
+    tomllib does not expose positions, so this scans table headers and ``key =`` lines; every
+    prefix of a table header gets the header's line. It only feeds error messages: a key it
+    cannot place is reported without a line. Shared by the agent's and the coordinator's config
+    loaders.
+    """
+    lines: dict[str, int] = {}
+    table: list[str] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if m := _TOML_HEADER.match(line):
+            table = [part.strip().strip("\"'") for part in m.group(1).split(".")]
+            for i in range(1, len(table) + 1):
+                lines.setdefault(".".join(table[:i]), number)
+            continue
+        if m := _TOML_ASSIGN.match(line):
+            parts = [part.strip().strip("\"'") for part in m.group(1).split(".")]
+            lines.setdefault(".".join([*table, *parts]), number)
+    return lines
 
 
 class InputError(HealdError):

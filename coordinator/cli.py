@@ -1,6 +1,7 @@
 """``heald-coordinator``: run the coordinator, check its config, print its command-signing key.
 
-Exit codes: 0 ok, 1 failure, 2 bad input (config, arguments), 130 interrupted.
+Exit codes, error lines and logging are ``heald``'s own (:mod:`agent.cli.base`): 0 ok,
+1 failure, 2 bad input (config, arguments), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -13,20 +14,16 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from agent.errors import HealdError, InputError
+from agent.cli.base import EXIT_CODES_EPILOG, block_optional_imports, configure_logging, out, run_handler
 from coordinator import __version__
 from coordinator.config import DEFAULT_CONFIG, CoordinatorSettings, load
-
-
-def _out(text: str) -> None:
-    sys.stdout.write(text + "\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="heald-coordinator",
         description="heald coordinator: fleet state, live dashboard, JSON API and fleet-wide safety.",
-        epilog="Exit codes: 0 ok, 1 failure, 2 bad input.",
+        epilog=EXIT_CODES_EPILOG,
     )
     parser.add_argument("--version", action="version", version=f"heald-coordinator {__version__}")
     parser.add_argument(
@@ -65,9 +62,9 @@ async def _serve_until_signal(settings: CoordinatorSettings) -> None:
 
 def _run(settings: CoordinatorSettings) -> int:
     from coordinator.broker import INSTALL_HINT, amqtt_available  # noqa: PLC0415
-    from coordinator.logs import configure  # noqa: PLC0415
 
-    configure(settings.log.level, settings.log.format, replica=settings.replica_id)
+    replica = {"replica": settings.replica_id} if settings.replica_id else None
+    configure_logging(settings.log.level, settings.log.format, bind=replica, cache_loggers=True)
     try:
         import aiohttp  # noqa: F401, PLC0415 - the web server; part of the coordinator extra
     except ImportError:
@@ -80,32 +77,27 @@ def _run(settings: CoordinatorSettings) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        settings = _settings(args)
-        if args.command == "check":
-            mqtt = settings.mqtt.host or f"embedded {settings.mqtt.embedded_listen}"
-            web = settings.web.listen if settings.web.enabled else "off"
-            _out(f"ok: store {settings.store_url.split('@')[-1]}, mqtt {mqtt}, web {web}")
-            return 0
-        if args.command == "pubkey":
-            from agent.wire.signing import key_id, load_or_create_private_key, public_key_text  # noqa: PLC0415
+def _handle(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if args.command == "check":
+        mqtt = settings.mqtt.host or f"embedded {settings.mqtt.embedded_listen}"
+        web = settings.web.listen if settings.web.enabled else "off"
+        out(f"ok: store {settings.store_url.split('@')[-1]}, mqtt {mqtt}, web {web}")
+        return 0
+    if args.command == "pubkey":
+        from agent.wire.signing import key_id, load_or_create_private_key, public_key_text  # noqa: PLC0415
 
-            key = load_or_create_private_key(settings.key_path)
-            _out(public_key_text(key.public_key()))
-            sys.stderr.write(f"# key id {key_id(key.public_key())}, private key {settings.key_path}\n")
-            return 0
-        return _run(settings)
-    except InputError as exc:
-        for problem in exc.problems:
-            sys.stderr.write(f"heald-coordinator: {problem}\n")
-        return 2
-    except HealdError as exc:
-        sys.stderr.write(f"heald-coordinator: {exc}\n")
-        return 1
-    except KeyboardInterrupt:
-        return 130
+        key = load_or_create_private_key(settings.key_path)
+        out(public_key_text(key.public_key()))
+        sys.stderr.write(f"# key id {key_id(key.public_key())}, private key {settings.key_path}\n")
+        return 0
+    return _run(settings)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    block_optional_imports()
+    args = build_parser().parse_args(argv)
+    return run_handler("heald-coordinator", lambda: _handle(args))
 
 
 if __name__ == "__main__":  # pragma: no cover

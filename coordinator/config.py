@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from agent.errors import Problem
+from agent.errors import Problem, toml_key_lines
 from coordinator.errors import CoordinatorConfigError
 
 DEFAULT_CONFIG = Path("/etc/heald/coordinator.toml")
@@ -143,21 +143,6 @@ class CoordinatorSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=Tru
         return not self.mqtt.host
 
 
-def _key_lines(text: str) -> dict[str, int]:
-    """dotted key -> line, from table headers and ``key =`` lines (only feeds error messages)."""
-    lines: dict[str, int] = {}
-    table: list[str] = []
-    header = re.compile(r"^\s*\[\s*([^\]]+?)\s*\]\s*(#.*)?$")
-    assign = re.compile(r"""^\s*([A-Za-z0-9_\-"]+)\s*=""")
-    for number, line in enumerate(text.splitlines(), start=1):
-        if m := header.match(line):
-            table = [p.strip().strip('"') for p in m.group(1).split(".")]
-            lines.setdefault(".".join(table), number)
-        elif m := assign.match(line):
-            lines.setdefault(".".join([*table, m.group(1).strip('"')]), number)
-    return lines
-
-
 def _host_port(value: str) -> tuple[str, int] | None:
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -201,7 +186,7 @@ def _semantic_problems(settings: CoordinatorSettings) -> list[tuple[str, str]]:
 
 
 def loads(text: str, origin: str = "<config>") -> CoordinatorSettings:
-    lines = _key_lines(text)
+    lines = toml_key_lines(text)
 
     def problem(key: str, message: str) -> Problem:
         look = key

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.act.audit import AuditLog, verify
-from agent.cli import main
+from agent.cli.main import main
 
 
 def write_log(path: Path, n: int = 6) -> None:

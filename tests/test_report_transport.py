@@ -26,6 +26,7 @@ from broker import Broker, BrokerFactory, Subscriber, TlsCerts, default_config, 
 
 from agent import wire
 from agent.collect.sample import Sample
+from agent.control.receiver import CommandReceiver
 from agent.report import build
 from agent.report.settings import MqttSettings, SpoolSettings, TlsSettings
 from agent.report.spool import MAGIC, Spool
@@ -123,8 +124,9 @@ async def test_seq_and_bdseq_survive_restarts(mosquitto: Broker, tmp_path: Path)
 @pytest.mark.asyncio
 async def test_commands_in_and_malformed_payloads_counted(mosquitto: Broker, tmp_path: Path) -> None:
     got: list[wire.Command] = []
+    receiver = CommandReceiver(node="n1", site=SITE, max_payload_bytes=4096, handler=got.append)
     reporter = Reporter(settings_for(mosquitto, max_payload_bytes=4096), node="n1", site=SITE,
-                        state_dir=tmp_path, command_handler=got.append)
+                        state_dir=tmp_path, inbound=receiver)
 
     def command(cid: str, *, node: str = "n1", site: str = SITE) -> bytes:
         now = time.time()
@@ -149,15 +151,15 @@ async def test_commands_in_and_malformed_payloads_counted(mosquitto: Broker, tmp
         future_version = msgspec.msgpack.encode({"v": 9, "kind": "command"})
         await coordinator.publish(f"{base}/n1/cmd", future_version, qos=1)
         deadline = time.monotonic() + 10
-        while reporter.counters.commands + reporter.counters.commands_rejected < 9:
-            assert time.monotonic() < deadline, reporter.counters
+        while receiver.counters.commands + receiver.counters.commands_rejected < 9:
+            assert time.monotonic() < deadline, receiver.counters
             await asyncio.sleep(0.02)
         assert reporter.connected  # nothing above crashed the connection
     assert [c.id for c in got] == ["direct", "site-wide", "fleet"]
     assert got[0].args == {"unit": "nginx"}
     assert got[0].signature == b"sig"
-    assert reporter.counters.commands == 3
-    assert reporter.counters.commands_rejected == 6
+    assert receiver.counters.commands == 3
+    assert receiver.counters.commands_rejected == 6
 
 
 @pytest.mark.asyncio

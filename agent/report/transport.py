@@ -1,4 +1,4 @@
-"""MQTT transport: publish reports, replay the spool, receive commands.
+"""MQTT transport: publish reports, replay the spool; carry the session's inbound subscriptions.
 
 Data path (one direction, one order)::
 
@@ -20,6 +20,11 @@ Connection: MQTT v5, TLS/mTLS from ``[mqtt.tls]``, password from ``password_file
 every connect), last will = retained ``offline`` status; on connect the retained ``online``
 status and the birth (``bdseq`` +1, persisted) are published before the replay. Reconnects use
 capped full-jitter exponential backoff. :meth:`Reporter.run` never raises because of the broker.
+
+The same session carries what the coordinator sends back (signed commands, lease answers): an
+:class:`Inbound` (the control stage's :class:`agent.control.receiver.CommandReceiver`) names
+the topics to subscribe on every connect and takes every message that arrives on them. The
+transport knows nothing of what those messages mean.
 """
 
 from __future__ import annotations
@@ -31,10 +36,10 @@ import socket
 import ssl
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Final, Literal
+from typing import Final, Literal, Protocol
 
 import aiomqtt
 import msgspec
@@ -43,7 +48,6 @@ import structlog
 from agent import __version__, wire
 from agent.collect.sample import Event as SampleEvent
 from agent.collect.sample import Sample
-from agent.errors import WireError
 from agent.report import build
 from agent.report.settings import MqttSettings
 from agent.report.spool import Spool, SpoolRecord
@@ -55,7 +59,18 @@ log = structlog.get_logger()
 #: Kinds the reporter publishes itself (on connect); submit() refuses them.
 _OWN_KINDS: Final = frozenset({"birth", "status", "command"})
 
-CommandHandler = Callable[[wire.Command], None]
+
+
+class Inbound(Protocol):
+    """Takes the messages of the subscriptions it names (the coordinator -> node direction)."""
+
+    def topics(self) -> list[str]:
+        """Topic filters to subscribe to (QoS 1) on every connect."""
+        ...
+
+    def on_message(self, topic: str, payload: object) -> None:
+        """One message from the broker. Must not raise: hostile input is the receiver's to count."""
+        ...
 
 
 @dataclass
@@ -67,8 +82,6 @@ class ReporterCounters:
     dropped_oversize: int = 0  # messages over max_payload_bytes even alone (non-metrics included)
     connects: int = 0
     connect_failures: int = 0
-    commands: int = 0  # commands handed to the handler
-    commands_rejected: int = 0  # malformed, oversized or mis-targeted command payloads
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -149,7 +162,7 @@ class Reporter:
     def __init__(self, settings: MqttSettings, *, node: str, site: str, state_dir: Path | str,
                  labels: dict[str, str] | None = None, model_version: str = "",
                  collectors: Iterable[str] = (), capabilities: Iterable[str] = (),
-                 command_handler: CommandHandler | None = None) -> None:
+                 inbound: Inbound | None = None) -> None:
         self.settings = settings
         self.node = node
         self.site = site
@@ -157,7 +170,7 @@ class Reporter:
         self.model_version = model_version
         self.collectors = list(collectors)
         self.capabilities = list(capabilities)
-        self.command_handler = command_handler
+        self.inbound = inbound
         self.counters = ReporterCounters()
         self.state_dir = Path(state_dir)
         self._log = log.bind(node=node, site=site)
@@ -440,8 +453,8 @@ class Reporter:
                                      timeout=s.ack_timeout_s)
                 await client.publish(self._topics["birth"], self._birth(bdseq), qos=1, retain=True,
                                      timeout=s.ack_timeout_s)
-                await client.subscribe([(t, 1) for t in wire.command_topics(self.site, self.node)],
-                                       timeout=s.ack_timeout_s)
+                if self.inbound is not None:
+                    await client.subscribe([(t, 1) for t in self.inbound.topics()], timeout=s.ack_timeout_s)
                 self._write_queue()
                 self._report_drops()
                 self._replay_until = self.spool.last_seq
@@ -449,7 +462,8 @@ class Reporter:
                                replay=self.spool.pending)
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(self._publisher(client, tg), name="report-mqtt-publisher")
-                    tg.create_task(self._receiver(client), name="report-mqtt-commands")
+                    if self.inbound is not None:
+                        tg.create_task(self._receiver(client, self.inbound), name="report-mqtt-inbound")
             except asyncio.CancelledError:
                 # Shutting down: a clean DISCONNECT suppresses the will, so say offline ourselves.
                 with contextlib.suppress(aiomqtt.MqttError):
@@ -505,34 +519,6 @@ class Reporter:
         if not window and not self._queue and self.spool.pending == 0:
             self._drained.set()
 
-    async def _receiver(self, client: aiomqtt.Client) -> None:
+    async def _receiver(self, client: aiomqtt.Client, inbound: Inbound) -> None:
         async for message in client.messages:
-            self.handle_command_payload(message.topic.value, message.payload)
-
-    def handle_command_payload(self, topic: str, payload: object) -> wire.Command | None:
-        """Decode a command from the broker and hand it to the handler. Never raises for bad input."""
-        try:
-            if not isinstance(payload, bytes | bytearray):
-                raise wire.WireDecodeError(f"command payload must be bytes, got {type(payload).__name__}")
-            command = wire.decode_command(payload, max_bytes=self.settings.max_payload_bytes)
-            where = wire.parse_topic(topic)
-            if not wire.command_matches(command, self.site, self.node):
-                raise wire.WireDecodeError(f"command {command.id} targets {command.site}/{command.node}, "
-                                           f"not this node")
-            if wire.topic_for(command.site, command.node, "command") != topic:
-                raise wire.WireDecodeError(f"command {command.id} for {command.site}/{command.node} "
-                                           f"arrived on {where.site}/{where.node}")
-        except WireError as exc:
-            self.counters.commands_rejected += 1
-            size = len(payload) if isinstance(payload, bytes | bytearray) else None
-            self._log.warning("mqtt.command_rejected", topic=topic, error=str(exc),
-                              error_type=type(exc).__name__, bytes=size)
-            return None
-        self.counters.commands += 1
-        self._log.info("mqtt.command_received", command_id=command.id, name=command.name, topic=topic)
-        if self.command_handler is not None:
-            try:
-                self.command_handler(command)
-            except Exception:  # noqa: BLE001  (the handler is another stage's code: contain, log, go on)
-                self._log.exception("mqtt.command_handler_failed", command_id=command.id, name=command.name)
-        return command
+            inbound.on_message(message.topic.value, message.payload)

@@ -25,8 +25,9 @@ from typing import Annotated, Any, Literal, get_args, get_origin
 import msgspec
 
 from agent.collect.settings import CollectSettings
+from agent.control.settings import CoordinatorSettings
 from agent.decide.settings import PlaybookSettings
-from agent.errors import ConfigError, Problem
+from agent.errors import ConfigError, Problem, toml_key_lines
 from agent.report.settings import MqttSettings
 from agent.score.settings import ModelSettings
 
@@ -65,16 +66,6 @@ class PrometheusSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True
     listen: str = "127.0.0.1:9108"
 
 
-class CoordinatorSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    # Ed25519 public keys of the coordinator (base64, as `heald-coordinator` prints them). Commands
-    # signed by none of them are rejected; with no key at all, every command is rejected.
-    public_keys: tuple[str, ...] = ()
-    # Files holding such keys (PEM or base64), e.g. /etc/heald/coordinator.pub.
-    public_key_files: tuple[str, ...] = ()
-    # Tolerated difference between the coordinator's clock and this node's, for command windows.
-    max_clock_skew_s: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 30.0
-
-
 class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     node: NodeSettings = NodeSettings()
     paths: PathSettings = PathSettings()
@@ -110,28 +101,6 @@ def config_files(main: Path) -> list[Path]:
     if dropin.is_dir():
         files.extend(sorted(p for p in dropin.glob("*.toml") if p.is_file() or p.is_symlink()))
     return files
-
-
-def _key_lines(text: str) -> dict[str, int]:
-    """Best-effort map of dotted key -> line number in a TOML document.
-
-    tomllib does not expose positions, so this scans table headers and ``key =`` lines. It
-    only feeds error messages; a key it cannot place is reported without a line.
-    """
-    lines: dict[str, int] = {}
-    table: list[str] = []
-    header = re.compile(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
-    assign = re.compile(r"""^\s*("[^"]*"|'[^']*'|[A-Za-z0-9_.\-" ]+?)\s*=""")
-    for number, line in enumerate(text.splitlines(), start=1):
-        if m := header.match(line):
-            table = [part.strip().strip("\"'") for part in m.group(1).split(".")]
-            for i in range(1, len(table) + 1):
-                lines.setdefault(".".join(table[:i]), number)
-            continue
-        if m := assign.match(line):
-            parts = [part.strip().strip("\"'") for part in m.group(1).split(".")]
-            lines.setdefault(".".join([*table, *parts]), number)
-    return lines
 
 
 def _merge(into: dict[str, Any], new: Mapping[str, Any], src: _Source, origin: str,
@@ -267,7 +236,7 @@ def load_config(path: Path | None = None, env: Mapping[str, str] | None = None,
             problems.append(Problem(file=str(file), key="", message=f"invalid TOML: {exc}",
                                     line=int(m.group(1)) if m else None))
             continue
-        _merge(merged, doc, src, str(file), _key_lines(text))
+        _merge(merged, doc, src, str(file), toml_key_lines(text))
 
     for name, keypath, value in _env_overrides(env):
         node = merged

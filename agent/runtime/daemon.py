@@ -7,8 +7,8 @@ Tasks (all named, all children of the root TaskGroup):
   watchdog        WATCHDOG=1 to systemd only while ``sample`` is alive
   reload          applies SIGHUP reloads (an invalid config keeps the old one, logged)
   stop            waits for SIGTERM/SIGINT and ends the group
-Stages that need their own long-running task (reporter, playbook engine, /metrics) add it
-through :meth:`Daemon.add_task`.
+Stages that need their own long-running task (reporter, playbook engine, commands, /metrics, the
+model refit) add it through :meth:`Daemon.add_task`; :func:`build_daemon` composes them.
 """
 
 from __future__ import annotations
@@ -20,22 +20,24 @@ import signal
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
 from agent import __version__
-from agent.collect import registry
 from agent.collect.sample import Sample
-from agent.errors import ConfigError
+from agent.errors import ConfigError, InputError
 from agent.runtime.config import LoadedConfig, Settings, load_config
 from agent.runtime.paths import resolve_state_dir
 from agent.runtime.pipeline import Pipeline
-from agent.runtime.sampler import Sampler
+from agent.runtime.sampler import Sampler, build_sampler
 from agent.runtime.sdnotify import Notifier
 
+if TYPE_CHECKING:
+    from agent.act.engine import Engine
+    from agent.report.transport import Reporter
+
 log = structlog.get_logger("heald.daemon")
-COLLECTOR_NAMES = ("cpu", "memory", "disk", "network", "processes", "gpu")
 
 
 class _Stop(Exception):
@@ -70,10 +72,7 @@ class Daemon:
 
     # --- construction -------------------------------------------------------------------------
     def _build_sampler(self, s: Settings) -> Sampler:
-        collectors = registry.build(s.collect, nvml=self._nvml)
-        enabled = {c.name for c in collectors}
-        absent = {name: "disabled in config" for name in COLLECTOR_NAMES if name not in enabled}
-        return Sampler(s.node.id, collectors, stale_after=s.sample.stale_after, absent=absent)
+        return build_sampler(s.node.id, s.collect, stale_after=s.sample.stale_after, nvml=self._nvml)
 
     def add_task(self, name: str, factory: Callable[[], Coroutine[Any, Any, None]]) -> None:
         """Register a long-running coroutine to run in the root group (before run())."""
@@ -199,7 +198,7 @@ class Daemon:
                 tg.create_task(self._watchdog_loop(), name="watchdog")
                 tg.create_task(self._status_loop(), name="status")
                 tg.create_task(self._reload_loop(), name="reload")
-                for name, factory in [*self._extra, *self.pipeline.tasks()]:
+                for name, factory in self._extra:
                     tg.create_task(factory(), name=name)
                 tg.create_task(self._stop_waiter(), name="stop")
                 # READY once loaded: we do not wait for the network or the broker.
@@ -216,66 +215,105 @@ class Daemon:
         return 0
 
 
+class PlaybookReloader:
+    """On SIGHUP: load the playbooks again; an invalid set is refused and the running one kept."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def reload(self, settings: Settings) -> None:
+        from agent.decide.loader import load_playbooks  # noqa: PLC0415 - YAML + jsonschema, lazily
+
+        try:
+            playbooks = load_playbooks(settings.playbooks)
+        except InputError as exc:
+            log.error("playbook reload refused, keeping the running set",
+                      problems=[str(p) for p in exc.problems])
+            return
+        self.engine.settings = settings.playbooks
+        self.engine.reload(playbooks)
+        log.info("playbooks reloaded", count=len(playbooks))
+
+
 def build_daemon(loaded: LoadedConfig, config_path: Path | None = None,
                  *, nvml: object | None = None) -> Daemon:
     """The daemon with every pipeline stage the config enables, wired in flow order.
 
-    Heavy modules (numpy models, aiomqtt, prometheus_client, cryptography) are imported only
-    when their stage is enabled. Invalid playbooks at start are an InputError (exit 2).
+    This is the composition root: the one place that knows every stage. Heavy modules (numpy
+    models, aiomqtt, prometheus_client, cryptography) are imported only when their stage is
+    enabled. Invalid playbooks at start are an InputError (exit 2).
     """
     # Imports are local so that a disabled stage costs nothing at start-up or in RSS.
-    from agent.runtime import wiring  # noqa: PLC0415
+    from agent.act.engine import Engine  # noqa: PLC0415
+    from agent.decide.loader import load_playbooks  # noqa: PLC0415
+    from agent.report import build  # noqa: PLC0415
 
     daemon = Daemon(loaded, config_path, nvml=nvml)
     s = daemon.settings
     pipe = daemon.pipeline
+    model_version = ""
     if s.model.enabled:
         from agent.score.stage import RiskStage  # noqa: PLC0415
 
         stage = RiskStage(s.model, daemon.state_dir, sample_interval_s=s.sample.interval_s)
         pipe.scorer = stage
-        pipe.add_task("score-refit", stage.refit_loop)
+        model_version = stage.model_version
+        daemon.add_task("score-refit", stage.refit_loop)
+    exposition = None
     if s.prometheus.enabled:
         from agent.runtime import prometheus  # noqa: PLC0415
 
         exposition = prometheus.Exposition(s.node.id)
         pipe.exposition = exposition
-        pipe.add_task("prometheus", lambda: prometheus.serve(exposition, s.prometheus.listen))
+        listen = s.prometheus.listen
+        daemon.add_task("prometheus", lambda: prometheus.serve(exposition, listen))
     reporter = None
     if s.mqtt.enabled:
         from agent.report.transport import Reporter  # noqa: PLC0415
 
         reporter = Reporter(s.mqtt, node=s.node.id, site=s.node.site, state_dir=daemon.state_dir,
                             labels=s.node.labels, collectors=daemon.sampler.names,
-                            model_version=pipe.scorer.model_version if pipe.scorer is not None else "",
+                            model_version=model_version,
                             capabilities=["playbooks", "spool", "signed-commands"])
         pipe.reporter = reporter
-        pipe.add_task("report", reporter.run)
-
-    from agent.act.engine import Engine  # noqa: PLC0415
-    from agent.decide.loader import load_playbooks  # noqa: PLC0415
+        daemon.add_task("report", reporter.run)
 
     def on_action(record: dict[str, Any]) -> None:
-        if pipe.exposition is not None and record.get("type") in ("run.end", "run.finished"):
-            pipe.exposition.record_run(str(record.get("playbook")), str(record.get("outcome", "")))
+        if exposition is not None and record.get("type") in ("run.end", "run.finished"):
+            exposition.record_run(str(record.get("playbook")), str(record.get("outcome", "")))
         if reporter is not None:
-            reporter.submit(wiring.action_message(record))
+            reporter.submit(build.playbook_record(record))
 
     def on_event(event: dict[str, Any]) -> None:
         log.warning("playbook event", **{k: v for k, v in event.items() if k != "event"})
         if reporter is not None:
-            reporter.submit(wiring.event_message(event))
+            reporter.submit(build.playbook_event(event))
 
     engine = Engine(s.playbooks, daemon.state_dir, s.node.id, load_playbooks(s.playbooks),
                     on_action=on_action, on_event=on_event)
     pipe.decider = engine
-    pipe.add_task("playbooks", engine.run)
-    daemon.reloadables.append(wiring.PlaybookReloader(engine))
+    daemon.add_task("playbooks", engine.run)
+    daemon.reloadables.append(PlaybookReloader(engine))
     if reporter is not None:
-        dispatcher = wiring.CommandDispatcher(wiring.build_verifier(s, daemon.state_dir), engine, reporter)
-        reporter.command_handler = dispatcher
-        pipe.hold_until = lambda: dispatcher.silenced_until
-        dispatcher.leases = wiring.CoordinatorLeases(reporter)
-        engine.lease_gate = dispatcher.leases
-        pipe.add_task("commands", dispatcher.run)
+        _wire_control(daemon, engine, reporter)
     return daemon
+
+
+def _wire_control(daemon: Daemon, engine: Engine, reporter: Reporter) -> None:
+    """The coordinator -> node direction on the reporter's MQTT session (see :mod:`agent.control`)."""
+    from agent.control.dispatcher import CommandDispatcher  # noqa: PLC0415
+    from agent.control.keys import build_verifier  # noqa: PLC0415
+    from agent.control.leases import CoordinatorLeases  # noqa: PLC0415
+    from agent.control.receiver import CommandReceiver  # noqa: PLC0415
+    from agent.control.silence import Silence  # noqa: PLC0415
+
+    s = daemon.settings
+    silence = Silence()
+    leases = CoordinatorLeases(reporter)
+    verifier = build_verifier(s.coordinator, node=s.node.id, site=s.node.site, state_dir=daemon.state_dir)
+    dispatcher = CommandDispatcher(verifier, engine, reporter, leases=leases, silence=silence)
+    reporter.inbound = CommandReceiver(node=s.node.id, site=s.node.site,
+                                       max_payload_bytes=s.mqtt.max_payload_bytes, handler=dispatcher)
+    engine.lease_gate = leases
+    daemon.pipeline.hold = silence
+    daemon.add_task("commands", dispatcher.run)

@@ -2,24 +2,27 @@
 
 The daemon calls :meth:`Pipeline.process` once per sample on the event loop. Every stage here is
 optional (a build or config without MQTT has no reporter) and every stage call is cheap: the
-expensive work (fitting, actions, network) runs in the stages' own tasks, which the daemon
-starts in its root TaskGroup through :meth:`Pipeline.tasks`.
+expensive work (fitting, actions, network) runs in the stages' own tasks, which the daemon runs
+in its root TaskGroup. The stages are seen through the Protocols below, so the composition root
+(:func:`agent.runtime.daemon.build_daemon`) can plug in each stage's class without this module
+importing them (and their dependencies: numpy, aiomqtt, prometheus_client).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine
-from typing import Any, Protocol
+from typing import Protocol
 
 import structlog
 
-from agent.collect.sample import Sample
+from agent.collect.sample import Event, Sample
 from agent.score.types import Risk
 
 log = structlog.get_logger("heald.pipeline")
 
 
 class RiskScorer(Protocol):
+    """The score stage (:class:`agent.score.stage.RiskStage`)."""
+
     @property
     def model_version(self) -> str: ...
 
@@ -27,26 +30,65 @@ class RiskScorer(Protocol):
 
 
 class Decider(Protocol):
+    """The decide/act stages (:class:`agent.act.engine.Engine`)."""
+
+    def set_connected(self, connected: bool) -> None:
+        """Whether the coordinator is reachable (playbooks' ``guards.disconnected`` policy)."""
+        ...
+
     async def evaluate(self, sample: Sample, risk: Risk | None) -> None: ...
+
+
+class SpoolState(Protocol):
+    @property
+    def used_bytes(self) -> int: ...
+
+    @property
+    def pending(self) -> int: ...
+
+
+class ReportSink(Protocol):
+    """The report stage (:class:`agent.report.transport.Reporter`)."""
+
+    @property
+    def connected(self) -> bool: ...
+
+    @property
+    def spool(self) -> SpoolState: ...
+
+    def submit_sample(self, sample: Sample) -> None: ...
+
+    def submit_event(self, event: Event) -> None: ...
+
+    def submit_risk(self, risk: Risk) -> bool: ...
+
+
+class Exposition(Protocol):
+    """The ``/metrics`` endpoint's state (:class:`agent.runtime.prometheus.Exposition`)."""
+
+    def update_sample(self, sample: Sample) -> None: ...
+
+    def update_risk(self, risk: Risk) -> None: ...
+
+    def set_report_state(self, connected: bool, spool_bytes: int, spool_records: int) -> None: ...
+
+
+class Hold(Protocol):
+    """Holds automatic playbook runs (a coordinator's ``silence``: :class:`agent.control.silence.Silence`)."""
+
+    def holds(self, wall: float) -> bool: ...
 
 
 class Pipeline:
     def __init__(self, *, scorer: RiskScorer | None = None, decider: Decider | None = None,
-                 reporter: Any | None = None, exposition: Any | None = None) -> None:
+                 reporter: ReportSink | None = None, exposition: Exposition | None = None,
+                 hold: Hold | None = None) -> None:
         self.scorer = scorer
         self.decider = decider
-        self.reporter = reporter  # agent.report.transport.Reporter (imported lazily by the daemon)
-        self.exposition = exposition  # agent.runtime.prometheus.Exposition
+        self.reporter = reporter
+        self.exposition = exposition
+        self.hold = hold
         self.last_risk: Risk | None = None
-        # Wall time until which automatic playbook runs are held (a coordinator `silence`).
-        self.hold_until: Callable[[], float] = lambda: 0.0
-        self._tasks: list[tuple[str, Callable[[], Coroutine[Any, Any, None]]]] = []
-
-    def add_task(self, name: str, factory: Callable[[], Coroutine[Any, Any, None]]) -> None:
-        self._tasks.append((name, factory))
-
-    def tasks(self) -> list[tuple[str, Callable[[], Coroutine[Any, Any, None]]]]:
-        return list(self._tasks)
 
     async def process(self, sample: Sample) -> None:
         risk = None
@@ -60,8 +102,8 @@ class Pipeline:
             self.exposition.update_sample(sample)
             if risk is not None:
                 self.exposition.update_risk(risk)
-        if self.decider is not None and sample.wall >= self.hold_until():
-            if self.reporter is not None and hasattr(self.decider, "set_connected"):
+        if self.decider is not None and not (self.hold is not None and self.hold.holds(sample.wall)):
+            if self.reporter is not None:
                 self.decider.set_connected(self.reporter.connected)
             try:
                 await self.decider.evaluate(sample, risk)

@@ -17,11 +17,15 @@ from typing import TypeVar
 
 import structlog
 
+from agent.collect import registry
 from agent.collect.base import Collector
 from agent.collect.sample import CollectorState, Event, Reading, Sample
+from agent.collect.settings import CollectSettings
 from agent.errors import CollectorUnavailable
 
 log = structlog.get_logger("heald.sampler")
+#: Every collector a node can run; those a config disables show as absent in each Sample.
+COLLECTOR_NAMES = ("cpu", "memory", "disk", "network", "processes", "gpu")
 T = TypeVar("T")
 
 
@@ -208,3 +212,32 @@ class Sampler:
             except Exception as exc:  # noqa: BLE001 - closing must go on for the others
                 log.warning("collector close failed", collector=slot.collector.name, error=str(exc))
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def build_sampler(node: str, collect: CollectSettings, *, stale_after: float,
+                  nvml: object | None = None) -> Sampler:
+    """A Sampler over the collectors ``collect`` enables; the others are reported as absent."""
+    collectors = registry.build(collect, nvml=nvml)
+    enabled = {c.name for c in collectors}
+    absent = {name: "disabled in config" for name in COLLECTOR_NAMES if name not in enabled}
+    return Sampler(node, collectors, stale_after=stale_after, absent=absent)
+
+
+def take_sample(node: str, collect: CollectSettings, *, window: float = 1.0,
+                nvml: object | None = None) -> Sample:
+    """Start every collector, run two passes ``window`` seconds apart, return one Sample
+    (``heald once``). Blocking: it runs its own event loop."""
+    sampler = build_sampler(node, collect, stale_after=1e9, nvml=nvml)
+
+    async def go() -> Sample:
+        started = [n for n in sampler.names if await sampler.start_collector(n)]
+        for n in started:
+            await sampler.collect_once(n)
+        await asyncio.sleep(window)
+        await asyncio.gather(*(sampler.collect_once(n) for n in started))
+        return sampler.assemble()
+
+    try:
+        return asyncio.run(go())
+    finally:
+        sampler.close()

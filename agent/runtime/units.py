@@ -1,4 +1,5 @@
-"""``heald install-units``: install the systemd units for a pip/pipx installation.
+"""Installing the systemd units for a pip/pipx installation (``heald install-units``, whose flags
+and output are in :mod:`agent.cli.units`).
 
 The Debian package installs the units itself. After ``pipx install --global heald`` (or a pip
 install into any system-wide virtualenv) this command copies the same files, shipped inside
@@ -17,8 +18,6 @@ run with consent. ``--root`` stages everything below another directory (packagin
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import re
 import shutil
@@ -44,30 +43,23 @@ HIDDEN_ROOTS = ("/home", "/root", "/run/user")
 
 
 @dataclass(frozen=True)
+class InstallOptions:
+    """What ``heald install-units`` was asked to do (see :mod:`agent.cli.units` for the flags)."""
+
+    prefix: str = DEFAULT_PREFIX
+    libexec_dir: str = DEFAULT_LIBEXEC
+    executable: str | None = None  # None: this installation's heald
+    coordinator: bool | None = None  # None: when heald-coordinator is installed beside heald
+    root: str = "/"
+
+
+@dataclass(frozen=True)
 class Planned:
     source: str  # name inside the shipped unit directory
     dest: Path  # final path (below --root)
     content: bytes
     mode: int
     status: str = ""  # "new" | "updated" | "unchanged" | "kept" (existing config, never replaced)
-
-
-def add_install_units(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prefix", default=DEFAULT_PREFIX, metavar="DIR",
-                   help=f"where the .service files go (default {DEFAULT_PREFIX})")
-    p.add_argument("--libexec-dir", default=DEFAULT_LIBEXEC, metavar="DIR",
-                   help=f"where the root-only heald-action helper goes (default {DEFAULT_LIBEXEC})")
-    p.add_argument("--executable", default=None, metavar="PATH",
-                   help="the heald executable ExecStart= should run (default: this installation's); "
-                        "with --root it is looked up below that directory")
-    p.add_argument("--coordinator", action=argparse.BooleanOptionalAction, default=None,
-                   help="also install heald-coordinator.service (default: when heald-coordinator "
-                        "is installed beside heald)")
-    p.add_argument("--root", default="/", metavar="DIR",
-                   help="install below this directory instead of / (staging, tests)")
-    p.add_argument("--dry-run", action="store_true", help="show what would be written; write nothing")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.set_defaults(handler="agent.runtime.units:run_install_units")
 
 
 def shipped_dir() -> Traversable:
@@ -136,7 +128,8 @@ def _below(root: Path, path: str) -> Path:
     return root / path.lstrip("/")
 
 
-def plan(args: argparse.Namespace) -> list[Planned]:
+def plan(args: InstallOptions) -> list[Planned]:
+    """Every file to install, with its content, mode and whether it is new, changed or kept."""
     problems: list[Problem] = []
     root = Path(args.root)
     if args.executable is not None:
@@ -206,9 +199,15 @@ def _with_status(p: Planned) -> Planned:
     return Planned(p.source, p.dest, p.content, p.mode, status)
 
 
-def _write(p: Planned) -> None:
-    """Atomically replace ``p.dest``."""
-    atomic_write(p.dest, p.content, mode=p.mode)
+def write(planned: list[Planned]) -> None:
+    """Atomically write every planned file that is new or changed."""
+    for p in planned:
+        if p.status in ("new", "updated"):
+            try:
+                atomic_write(p.dest, p.content, mode=p.mode)
+            except OSError as exc:
+                raise HealdError(f"cannot write {p.dest}: {exc.strerror or exc}"
+                                 " (run as root, or use --root/--dry-run)") from None
 
 
 NEXT_STEPS = (
@@ -218,42 +217,3 @@ NEXT_STEPS = (
     "heald check --config /etc/heald/agent.toml",
     "systemctl enable --now heald",
 )
-
-
-def _out(text: str = "") -> None:
-    sys.stdout.write(text + "\n")
-
-
-def run_install_units(args: argparse.Namespace) -> int:
-    planned = plan(args)
-    if not args.dry_run:
-        for p in planned:
-            if p.status in ("new", "updated"):
-                try:
-                    _write(p)
-                except OSError as exc:
-                    raise HealdError(f"cannot write {p.dest}: {exc.strerror or exc}"
-                                     " (run as root, or use --root/--dry-run)") from None
-    if args.json:
-        _out(json.dumps({
-            "dry_run": args.dry_run,
-            "files": [{"source": p.source, "dest": str(p.dest), "mode": f"{p.mode:04o}", "status": p.status}
-                      for p in planned],
-            "next": list(NEXT_STEPS),
-        }, indent=2))
-        return 0
-    verb = "would write" if args.dry_run else "wrote"
-    width = max(len(str(p.dest)) for p in planned)
-    for p in planned:
-        status = f"{verb} ({p.status})" if p.status in ("new", "updated") else p.status
-        _out(f"{p.dest!s:<{width}}  {p.mode:04o}  {status}")
-    if args.dry_run:
-        for p in planned:
-            if p.source.endswith(".service"):
-                for line in p.content.decode().splitlines():
-                    if line.startswith("Exec"):
-                        _out(f"  {p.source}: {line}")
-    _out("\nNothing was started or enabled. When you are ready, as root:")
-    for step in NEXT_STEPS:
-        _out(f"  {step}")
-    return 0

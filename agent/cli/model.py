@@ -1,7 +1,7 @@
 """``heald model``: train, inspect and evaluate the anomaly model.
 
-Registered lazily from :mod:`agent.cli`; this module imports nothing heavy at import time
-(numpy, scikit-learn and the model code are imported inside the handlers).
+This module imports nothing heavy at import time: numpy, scikit-learn and the model code are
+imported inside the handlers.
 """
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ import sys
 import time
 from typing import Any
 
+from agent.cli.base import out, quiet_logging, table
 from agent.errors import InputError, Problem
 
 
-def add_model(parser: argparse.ArgumentParser) -> None:
+def add(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="model_command", metavar="SUBCOMMAND", required=True)
 
     p = sub.add_parser("evaluate", help="fit and score heald's detector and baselines on labelled datasets",
@@ -28,14 +29,14 @@ def add_model(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--max-rows", type=int, default=None, metavar="N",
                    help="score only the first N test rows of each file")
     p.add_argument("--seed", type=int, default=0, help="seed of the random and IsolationForest baselines")
-    p.set_defaults(handler="agent.score.cli:evaluate_cmd")
+    p.set_defaults(handler=evaluate_cmd)
 
     p = sub.add_parser("info", help="print a model artifact's metadata",
                        description="Load and verify a model artifact (content hash, format version) "
                                    "and print its metadata.")
     p.add_argument("path", metavar="PATH", help="model artifact")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(handler="agent.score.cli:info_cmd")
+    p.set_defaults(handler=info_cmd)
 
     p = sub.add_parser("train", help="fit the anomaly model on training rows and write an artifact",
                        description="Fit heald's anomaly detector on FILE (.npz with a 'train' array and "
@@ -46,11 +47,7 @@ def add_model(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--options", default="{}", metavar="JSON",
                    help='fit options as a JSON object, e.g. \'{"n_clusters": 16}\'')
     p.add_argument("--json", action="store_true", help="print the new artifact's metadata as JSON")
-    p.set_defaults(handler="agent.score.cli:train_cmd")
-
-
-def _write(text: str) -> None:
-    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    p.set_defaults(handler=train_cmd)
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
@@ -61,25 +58,10 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return str(v)
 
 
-def _table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines.extend("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
-    return "\n".join(lines)
-
-
-def _quiet_logs() -> None:
-    """Warnings and errors only, on stderr: stdout is the command's output (tables or --json)."""
-    from agent.runtime.logging import configure  # noqa: PLC0415
-
-    configure("warning", "console", stream=sys.stderr)
-
-
 def evaluate_cmd(args: argparse.Namespace) -> int:
     from agent.score.evaluate import DETECTORS, evaluate_dir  # noqa: PLC0415
 
-    _quiet_logs()
+    quiet_logging()
 
     if args.max_rows is not None and args.max_rows < 1:
         raise InputError([Problem("--max-rows", "", "must be >= 1")])
@@ -94,7 +76,7 @@ def evaluate_cmd(args: argparse.Namespace) -> int:
     if progress is not None:
         sys.stderr.write("\r\033[K")
     if args.json:
-        _write(json.dumps(result))
+        out(json.dumps(result))
         return 0
     headers = ["file", "detector", "AUC-PR", "F1", "event recall", "delay", "µs/sample"]
     rows = []
@@ -103,8 +85,8 @@ def evaluate_cmd(args: argparse.Namespace) -> int:
             m = per[det]
             rows.append([name, det, _fmt(m["auc_pr"]), _fmt(m["f1"]), _fmt(m["event_recall"]),
                          _fmt(m["delay_mean"], 1), _fmt(m["us_per_sample"], 1)])
-    _write(_table(headers, rows))
-    _write(f"{len(result['files'])} files in {wall:.1f} s. heald is scored one row at a time; "
+    out(table(headers, rows, rule=True))
+    out(f"{len(result['files'])} files in {wall:.1f} s. heald is scored one row at a time; "
            "baseline µs/sample is sklearn single-row latency.")
     return 0
 
@@ -119,7 +101,7 @@ def _meta_dict(model: Any) -> dict[str, Any]:
 
 def _print_meta(info: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        _write(json.dumps(info))
+        out(json.dumps(info))
         return
     tr = info["training"]
     rows = [
@@ -139,7 +121,7 @@ def _print_meta(info: dict[str, Any], as_json: bool) -> None:
         ["numpy", info["numpy_version"]],
         ["created", info["created"]],
     ]
-    _write(_table(["field", "value"], rows))
+    out(table(["field", "value"], rows, rule=True))
 
 
 def info_cmd(args: argparse.Namespace) -> int:
@@ -148,7 +130,7 @@ def info_cmd(args: argparse.Namespace) -> int:
     from agent.score import classifier  # noqa: PLC0415
     from agent.score.compiled import load  # noqa: PLC0415
 
-    _quiet_logs()
+    quiet_logging()
 
     try:
         detector = load(args.path)
@@ -166,7 +148,7 @@ def info_cmd(args: argparse.Namespace) -> int:
 def _print_classifier(model: Any, as_json: bool) -> None:
     info = _meta_dict(model)
     if as_json:
-        _write(json.dumps(info))
+        out(json.dumps(info))
         return
     tr = info["training"]
     rows = [
@@ -181,7 +163,7 @@ def _print_classifier(model: Any, as_json: bool) -> None:
         ["sklearn", info["sklearn_version"]],
         ["created", info["created"]],
     ]
-    _write(_table(["field", "value"], rows))
+    out(table(["field", "value"], rows, rule=True))
 
 
 def train_cmd(args: argparse.Namespace) -> int:
@@ -189,7 +171,7 @@ def train_cmd(args: argparse.Namespace) -> int:
 
     from agent.score.fit import fit_file  # noqa: PLC0415
 
-    _quiet_logs()
+    quiet_logging()
 
     try:
         opts = msgspec.json.decode(args.options, type=dict[str, Any])
@@ -200,7 +182,7 @@ def train_cmd(args: argparse.Namespace) -> int:
     if args.json:
         _print_meta(info, True)
     else:
-        _write(f"wrote {args.output}: model {info['version']}, {len(info['features'])} features, "
+        out(f"wrote {args.output}: model {info['version']}, {len(info['features'])} features, "
                f"{info['training']['rows']} training rows, thresholds {info['threshold']:.6g} / "
                f"{info['threshold_geo']:.6g}")
     return 0

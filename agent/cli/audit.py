@@ -16,7 +16,7 @@ from agent.errors import InputError, Problem
 DEFAULT_AUDIT = Path("/var/lib/heald/audit.jsonl")
 
 
-def add_audit(p: argparse.ArgumentParser) -> None:
+def add(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="audit_command", metavar="ACTION", required=True)
     v = sub.add_parser(
         "verify",
@@ -31,11 +31,11 @@ def add_audit(p: argparse.ArgumentParser) -> None:
         help=f"audit log (default {DEFAULT_AUDIT}; <state_dir>/audit.jsonl)",
     )
     v.add_argument("--json", action="store_true", help="print the result as JSON")
-    v.set_defaults(handler="agent.act.cli:cmd_verify")
+    v.set_defaults(handler=cmd_verify)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from agent.act.audit import verify  # noqa: PLC0415 - keep `heald --help` light
+    from agent.act.audit import verify  # noqa: PLC0415 - `heald --help` stays light
 
     path: Path = args.path
     try:

@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import re
-import sys
 import time
 import tomllib
 import urllib.error
@@ -30,12 +29,13 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from agent.cli.base import out, table
+from agent.decide.units import parse_duration
 from agent.errors import HealdError, InputError, Problem
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 DEFAULT_CONFIG = Path("/etc/heald/fleet.toml")
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd]?)$")
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_NUMBER = re.compile(r"^\d+(\.\d+)?$")
 
 
 class FleetError(HealdError):
@@ -46,21 +46,20 @@ def _bad(key: str, message: str) -> InputError:
     return InputError([Problem(file="heald fleet", key=key, message=message)])
 
 
-def _out(text: str) -> None:
-    sys.stdout.write(text + "\n")
-
-
-def parse_duration(text: str) -> float:
-    m = _DURATION.match(text.strip().lower())
-    if not m:
-        raise _bad("DURATION", f"{text!r} is not a duration (e.g. 90s, 15m, 2h, 1d)")
-    seconds = float(m.group(1)) * _UNITS[m.group(2)]
+def silence_seconds(text: str) -> float:
+    """``heald fleet silence``'s DURATION: the playbooks' duration grammar (90s, 15m, 2h, 1d), or
+    a bare number of seconds; positive."""
+    text = text.strip().lower()
+    try:
+        seconds = parse_duration(float(text) if _NUMBER.match(text) else text)
+    except (TypeError, ValueError):
+        raise _bad("DURATION", f"{text!r} is not a duration (e.g. 90s, 15m, 2h, 1d)") from None
     if seconds <= 0:
         raise _bad("DURATION", "duration must be positive")
     return seconds
 
 
-def add_fleet(parser: argparse.ArgumentParser) -> None:
+def add(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--url", help=f"coordinator base URL (env HEALD_COORDINATOR_URL; default {DEFAULT_URL})"
     )
@@ -101,7 +100,7 @@ def add_fleet(parser: argparse.ArgumentParser) -> None:
         *[a for a in sub.choices.values() if a.prog.endswith(("approve", "deny"))],
     ):
         p.add_argument("--json", action="store_true", dest="json_sub", help=argparse.SUPPRESS)
-    parser.set_defaults(handler="agent.fleet_cli:handle")
+    parser.set_defaults(handler=handle)
 
 
 class Client:
@@ -185,13 +184,6 @@ def _ago(ts: float | None) -> str:
     return f"{s:.0f}s ago"
 
 
-def table(rows: list[list[str]], headers: list[str]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    return "\n".join(lines)
-
-
 def _risk(n: dict[str, Any]) -> str:
     if n.get("anomaly") is None:
         return "cold" if n.get("cold") else "-"
@@ -212,9 +204,9 @@ def _print_ls(data: dict[str, Any]) -> None:
         ]
         for n in data["items"]
     ]
-    _out(table(rows, ["NODE", "SITE", "STATE", "RISK", "INCIDENTS", "LAST ACTION", "AGENT", "LAST SEEN"]))
+    out(table(["NODE", "SITE", "STATE", "RISK", "INCIDENTS", "LAST ACTION", "AGENT", "LAST SEEN"], rows))
     fleet = data["fleet"]
-    _out(
+    out(
         f"\n{len(data['items'])} of {data['total']} shown; "
         f"fleet: {fleet['nodes']} nodes, {fleet['online']} online, {fleet['alert']} at risk"
     )
@@ -238,34 +230,17 @@ def _print_show(n: dict[str, Any]) -> None:
     ]
     width = max(len(k) for k, _ in pairs)
     for k, v in pairs:
-        _out(f"{k.ljust(width)}  {v}")
+        out(f"{k.ljust(width)}  {v}")
     pending = [a for a in n.get("approvals", []) if a["state"] == "pending"]
     if pending:
-        _out("\npending approvals:")
-        _out(
-            table(
-                [[a["id"], a["playbook"], a["action"], a["message"]] for a in pending],
-                ["ID", "PLAYBOOK", "ACTION", "WHY"],
-            )
-        )
+        out("\npending approvals:")
+        out(table(["ID", "PLAYBOOK", "ACTION", "WHY"],
+                  [[a["id"], a["playbook"], a["action"], a["message"]] for a in pending]))
     if n.get("actions"):
-        _out("\nrecent actions:")
-        _out(
-            table(
-                [
-                    [
-                        _ago(a["ts"]),
-                        a["playbook"],
-                        a["action"],
-                        a["phase"],
-                        a.get("outcome") or "",
-                        a.get("error") or "",
-                    ]
-                    for a in n["actions"][:15]
-                ],
-                ["WHEN", "PLAYBOOK", "ACTION", "PHASE", "OUTCOME", "ERROR"],
-            )
-        )
+        out("\nrecent actions:")
+        out(table(["WHEN", "PLAYBOOK", "ACTION", "PHASE", "OUTCOME", "ERROR"],
+                  [[_ago(a["ts"]), a["playbook"], a["action"], a["phase"], a.get("outcome") or "",
+                    a.get("error") or ""] for a in n["actions"][:15]]))
 
 
 def handle(args: argparse.Namespace) -> int:
@@ -293,16 +268,16 @@ def handle(args: argparse.Namespace) -> int:
             if v
         }
         data = client.request("GET", "/api/nodes?" + urllib.parse.urlencode(query))
-        _out(json.dumps(data, indent=2)) if as_json else _print_ls(data)
+        out(json.dumps(data, indent=2)) if as_json else _print_ls(data)
         return 0
     if cmd == "show":
         data = client.request("GET", f"/api/nodes/{quote(args.node, safe='')}")
-        _out(json.dumps(data, indent=2)) if as_json else _print_show(data)
+        out(json.dumps(data, indent=2)) if as_json else _print_show(data)
         return 0
     if cmd in ("approve", "deny"):
         data = client.request("POST", f"/api/approvals/{quote(args.id, safe='')}/{cmd}", {})
         done = "approved" if cmd == "approve" else "denied"
-        _out(
+        out(
             json.dumps(data, indent=2)
             if as_json
             else f"{done} {args.id}: signed command {data['command_id']} sent to {data['node']}"
@@ -312,18 +287,18 @@ def handle(args: argparse.Namespace) -> int:
         data = client.request(
             "POST", f"/api/nodes/{quote(args.node, safe='')}/run", {"playbook": args.playbook}
         )
-        _out(
+        out(
             json.dumps(data, indent=2)
             if as_json
             else f"asked {args.node} to run {args.playbook}: signed command {data['command_id']}"
         )
         return 0
     if cmd == "silence":
-        seconds = parse_duration(args.duration)
+        seconds = silence_seconds(args.duration)
         data = client.request(
             "POST", f"/api/nodes/{quote(args.node, safe='')}/silence", {"duration_s": seconds}
         )
         until = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(data["until"]))
-        _out(json.dumps(data, indent=2) if as_json else f"silenced {args.node} until {until}")
+        out(json.dumps(data, indent=2) if as_json else f"silenced {args.node} until {until}")
         return 0
     raise _bad("SUBCOMMAND", f"unknown fleet command {cmd!r}")  # pragma: no cover - argparse rejects it

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from agent import wire
-from agent.runtime.wiring import action_message, event_message
+from agent.report.build import playbook_event, playbook_record
 
 RECORDS = [
     {"type": "run.start", "node": "n1", "playbook": "disk-nearly-full", "run_id": "r1", "trigger": "auto",
@@ -30,7 +30,7 @@ def _roundtrip(m: wire.Envelope) -> wire.Message:
 
 
 def test_every_engine_record_decodes_as_a_wire_message() -> None:
-    out = [_roundtrip(action_message(r)) for r in RECORDS]
+    out = [_roundtrip(playbook_record(r)) for r in RECORDS]
     start, step_ok, step_failed, end, held, esc = out
     assert isinstance(start, wire.Action)
     assert start.phase == "started"
@@ -50,7 +50,7 @@ def test_every_engine_record_decodes_as_a_wire_message() -> None:
 
 
 def test_approval_request_event_has_what_the_coordinator_queues() -> None:
-    ev = _roundtrip(event_message({"kind": "playbook.approval_requested", "node": "n1", "wall": 1000.5,
+    ev = _roundtrip(playbook_event({"kind": "playbook.approval_requested", "node": "n1", "wall": 1000.5,
                                    "playbook": "runaway-cpu", "severity": "warning", "message": "approve?",
                                    "labels": {"pid": 42}}))
     assert isinstance(ev, wire.Event)

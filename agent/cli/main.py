@@ -1,0 +1,55 @@
+"""The ``heald`` command: the argument parser and the dispatch to one module per command group.
+
+Each command group's module has ``add(parser)``, which declares its arguments and sets
+``handler`` to the function that runs it; the handler takes the parsed arguments and returns
+the exit code. Handlers import what they need when they run, so ``heald --version`` or
+``heald check`` never pay for numpy, aiomqtt or the model code.
+
+Exit codes: 0 ok, 1 failure, 2 bad input (config, playbook, arguments), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import Final
+
+from agent import __version__
+from agent.cli import audit, check, fleet, model, once, run, units
+from agent.cli.base import EXIT_CODES_EPILOG, block_optional_imports, run_handler
+
+# (command, one-line help, the module's add(parser))
+COMMANDS: Final[tuple[tuple[str, str, Callable[[argparse.ArgumentParser], None]], ...]] = (
+    ("run", "run the daemon in the foreground (for systemd)", run.add),
+    ("check", "validate config, playbooks and model; exit 2 listing every problem", check.add),
+    ("once", "take one full sample of this host and print it", once.add),
+    ("model", "train, inspect and evaluate the anomaly model", model.add),
+    ("install-units", "install the systemd units for a pip/pipx install", units.add),
+    ("audit", "verify the hash-chained audit log", audit.add),
+    ("fleet", "talk to the coordinator: ls, show, approve, deny, run, silence", fleet.add),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="heald",
+        description="heald: self-healing infrastructure agent.",
+        epilog=EXIT_CODES_EPILOG,
+    )
+    parser.add_argument("--version", action="version", version=f"heald {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, help_text, add in COMMANDS:
+        add(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    block_optional_imports()
+    args = build_parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    return run_handler("heald", lambda: handler(args))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

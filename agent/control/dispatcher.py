@@ -1,0 +1,137 @@
+"""Signed commands from the coordinator: verify, acknowledge, act through the playbook engine.
+
+:meth:`CommandDispatcher.__call__` runs on the event loop for every command the
+:class:`~agent.control.receiver.CommandReceiver` lets through. It verifies the signature, the
+target, the time window and the nonce (:class:`agent.wire.signing.CommandVerifier`) and answers
+at once: a lease answer goes straight to the waiting request, anything else is queued and
+acknowledged ``accepted``. :meth:`CommandDispatcher.run` (a task in the daemon's root group)
+executes the queue one command at a time and acknowledges each ``done`` or ``failed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any, Protocol
+
+import structlog
+
+from agent import wire
+from agent.control.leases import CoordinatorLeases
+from agent.control.outbox import Outbox
+from agent.control.silence import Silence
+from agent.errors import HealdError
+from agent.report.build import command_ack, flat_args
+
+if TYPE_CHECKING:
+    from agent.wire.signing import CommandVerifier
+
+log = structlog.get_logger("heald.control")
+
+
+class PlaybookControl(Protocol):
+    """What commands may ask of the playbook engine (:class:`agent.act.engine.Engine`)."""
+
+    async def trigger_manual(self, name: str, approved_by: str) -> str:
+        """Start a run of playbook ``name`` now; its run id."""
+        ...
+
+    def status(self) -> list[dict[str, Any]]:
+        """Each playbook's state (mode, cooldown, breaker, last run)."""
+        ...
+
+    def pending_approvals(self) -> list[dict[str, Any]]:
+        """The runs waiting for an operator's approval."""
+        ...
+
+
+Result = tuple[wire.AckStatus, str, dict[str, Any]]
+
+
+class CommandDispatcher:
+    """Verify a coordinator command, act on it through the engine, acknowledge it."""
+
+    def __init__(self, verifier: CommandVerifier | None, engine: PlaybookControl | None, outbox: Outbox,
+                 *, leases: CoordinatorLeases | None = None, silence: Silence | None = None) -> None:
+        self.verifier = verifier
+        self.engine = engine
+        self.outbox = outbox
+        self.leases = leases
+        self.silence = silence if silence is not None else Silence()
+        self.rejected: dict[str, int] = {}  # why commands were refused (no key, bad signature, ...)
+        self._queue: asyncio.Queue[wire.Command] = asyncio.Queue(maxsize=100)
+
+    def _ack(self, command: wire.Command, status: wire.AckStatus, message: str = "",
+             result: dict[str, Any] | None = None) -> None:
+        ack = command_ack(command.id, status, message=message[:4096], result=flat_args(result or {}))
+        self.outbox.submit(ack)
+
+    def __call__(self, command: wire.Command) -> None:
+        from agent.wire.signing import CommandExpired, CommandRejected  # noqa: PLC0415 - cryptography, lazily
+
+        if self.verifier is None:
+            self.rejected["no_key"] = self.rejected.get("no_key", 0) + 1
+            log.warning("command rejected: no coordinator public key configured", command_id=command.id,
+                        name=command.name)
+            self._ack(command, "rejected", "this node has no coordinator public key configured")
+            return
+        try:
+            self.verifier.verify(command)
+        except CommandRejected as exc:
+            reason = exc.reason
+            self.rejected[reason] = self.rejected.get(reason, 0) + 1
+            log.warning("command rejected", command_id=command.id, name=command.name, reason=reason,
+                        error=str(exc), rejected_total=sum(self.rejected.values()))
+            self._ack(command, "expired" if isinstance(exc, CommandExpired) else "rejected", str(exc))
+            return
+        if command.name in wire.LEASE_ANSWERS:
+            answered = self.leases is not None and self.leases.resolve(command)
+            self._ack(command, "done", "lease answer taken" if answered else "no request waiting")
+            return
+        try:
+            self._queue.put_nowait(command)
+        except asyncio.QueueFull:
+            self._ack(command, "rejected", "too many commands queued on this node")
+            return
+        self._ack(command, "accepted")
+
+    async def run(self) -> None:
+        """The command task (in the daemon's root group): one verified command at a time."""
+        while True:
+            command = await self._queue.get()
+            try:
+                status, message, result = await self._execute(command)
+            except HealdError as exc:
+                log.warning("command failed", command_id=command.id, name=command.name, error=str(exc))
+                status, message, result = "failed", str(exc), {}
+            self._ack(command, status, message, result)
+
+    async def _execute(self, command: wire.Command) -> Result:
+        engine = self.engine
+        if engine is None:
+            return "failed", "playbooks are not loaded on this node", {}
+        playbook = str(command.args.get("playbook", ""))
+        by = command.issuer or "coordinator"
+        name = command.name
+        if name in wire.RUN_COMMANDS:
+            run_id = await engine.trigger_manual(playbook, approved_by=by)
+            return "done", f"{name}: run {run_id} started", {"run_id": run_id}
+        if name == wire.CommandName.DENY:
+            # The engine has no way to deny yet (issue 17): the ack says so with denied=False.
+            deny = getattr(engine, "deny", None)
+            denied = bool(deny(playbook, by)) if deny is not None else False
+            return "done", f"approval for {playbook} denied", {"denied": denied}
+        if name == wire.CommandName.SILENCE:
+            return self._silence(command, by)
+        if name == wire.CommandName.STATUS:
+            return "done", "", {"playbooks": engine.status(), "approvals": engine.pending_approvals()}
+        return "failed", f"unknown command '{name}'", {}
+
+    def _silence(self, command: wire.Command, by: str) -> Result:
+        given = command.args.get("until") or command.args.get("duration_s") or 0
+        if not isinstance(given, int | float):
+            return "failed", "silence needs a numeric until or duration_s", {}
+        until = float(given) if command.args.get("until") else time.time() + float(given)
+        self.silence.until = until
+        log.warning("node silenced: automatic playbook runs held", until=until, by=by)
+        return "done", f"automatic playbook runs held until {until:.0f}", {"until": until}
