@@ -314,7 +314,7 @@ async def test_username_and_password_file(mosquitto_factory: BrokerFactory, tmp_
 def emit(broker: Broker, state: Path, node: str, *extra: str) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.Popen(
-        [sys.executable, "-m", "agent.report.emit", "--host", broker.host, "--port", str(broker.port),
+        [sys.executable, "-m", "devtools.emit", "--host", broker.host, "--port", str(broker.port),
          "--state-dir", str(state), "--node", node, "--site", SITE, *extra],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
 

@@ -1,9 +1,9 @@
-"""``python -m agent.report.emit``: run a Reporter that emits synthetic reports.
+"""``python -m devtools.emit``: run a Reporter that emits synthetic reports.
 
 For tests (a real process to ``kill -9``), the spool-replay benchmark and checking a broker
 setup by hand::
 
-    python -m agent.report.emit --host 127.0.0.1 --port 1883 --state-dir /tmp/h --node n1 \\
+    python -m devtools.emit --host 127.0.0.1 --port 1883 --state-dir /tmp/h --node n1 \\
         --interval 1 --count 0 --kinds event,action,metrics
 
 It prints one JSON line per submitted message (``{"seq": ..., "kind": ...}``) and logs as JSON.
@@ -32,7 +32,7 @@ KINDS = ("event", "action", "metrics")
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m agent.report.emit", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m devtools.emit", description=__doc__.splitlines()[0])
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=1883)
     p.add_argument("--state-dir", type=Path, required=True)
