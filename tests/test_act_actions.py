@@ -22,7 +22,7 @@ from agent.act.actions.cgroups import cgroup_v2_root, systemd_unit_of, unit_cgro
 from agent.act.base import ActionContext, ActionResult
 from agent.act.runner import substitute
 from agent.act.supervisor import Supervisor
-from agent.decide.loader import action_names
+from agent.decide.schema import action_names
 from agent.decide.settings import PlaybookSettings
 
 PY = sys.executable

@@ -8,7 +8,8 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.decide.loader import parse_playbook, schema
+from agent.decide.loader import parse_playbook
+from agent.decide.schema import schema
 from agent.decide.units import format_duration, parse_duration, parse_size
 
 scalars = st.one_of(

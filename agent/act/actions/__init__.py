@@ -2,7 +2,7 @@
 
 :data:`REGISTRY` is written out rather than filled by decorators at import time, so every
 action a playbook can name is listed here, in one place. It must equal the schema's action
-vocabulary (:func:`agent.decide.loader.action_names`): :func:`check_registry` runs at import,
+vocabulary (:func:`agent.decide.schema.action_names`): :func:`check_registry` runs at import,
 so a missing or an extra implementation stops heald at start rather than at the first run.
 """
 
@@ -13,7 +13,7 @@ from types import MappingProxyType
 
 from agent.act.actions import cgroups, commands, files, gpu, notify, processes, systemd
 from agent.act.base import ActionFn
-from agent.decide.loader import action_names
+from agent.decide.schema import action_names
 
 REGISTRY: Mapping[str, ActionFn] = MappingProxyType({
     # systemd
