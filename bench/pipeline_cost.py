@@ -39,8 +39,9 @@ from agent.collect.sample import Sample
 from agent.features.schema import FeatureSchema
 from agent.features.window import FeatureWindow
 from agent.score import classifier as clf
+from agent.score import classifier_train as clf_train
 from agent.score import compiled as art
-from agent.score.compiled import TrainingWindow
+from agent.score.artifact import TrainingWindow
 from agent.score.detector import StreamingDetector
 from agent.score.fit import fit_detector
 from agent.score.forecast import Forecaster
@@ -71,12 +72,12 @@ def main() -> int:
     feats = dataset.features(rec, schema)
     feats[~np.isfinite(feats)] = np.nan
     names = list(schema.names)
-    keep = clf.usable_features(feats, names)
+    keep = clf_train.usable_features(feats, names)
     y = np.asarray(rec.label)
     kept = [names[j] for j in keep]
-    cal = clf.fit_sklearn(feats[:, keep], y, rec.groups(), c_reg=0.1, feature_names=kept)
-    cmodel = clf.compile_calibrated(cal, kept, [schema.units[j] for j in keep], schema,
-                                    horizon_s=300.0, training=TrainingWindow(rows=len(y)), options={})
+    cal = clf_train.fit_sklearn(feats[:, keep], y, rec.groups(), c_reg=0.1, feature_names=kept)
+    cmodel = clf_train.compile_calibrated(cal, kept, [schema.units[j] for j in keep], schema,
+                                          horizon_s=300.0, training=TrainingWindow(rows=len(y)), options={})
     train = feats[:600]
     cols = [j for j in range(train.shape[1]) if np.isfinite(train[:, j]).sum() >= len(train) // 2
             and np.nanmax(train[:, j]) > np.nanmin(train[:, j])]

@@ -13,7 +13,8 @@ import pytest
 from agent.errors import ModelError
 from agent.features.schema import FeatureSchema
 from agent.score import classifier as clf
-from agent.score.compiled import TrainingWindow
+from agent.score import classifier_train as clf_train
+from agent.score.artifact import TrainingWindow
 
 SCHEMA = FeatureSchema()
 # three inputs (cpu.util_pct, mem.used_pct, max(disk.used_pct[*])), all six transforms each
@@ -44,9 +45,9 @@ def synthetic(n_per: int = 120, seed: int = 0) -> tuple[np.ndarray, np.ndarray, 
 @pytest.fixture(scope="module")
 def fitted() -> tuple[object, clf.CompiledClassifier, np.ndarray]:
     x, y, g = synthetic()
-    cal = clf.fit_sklearn(x, y, g, c_reg=1.0, n_splits=3, feature_names=NAMES)
-    model = clf.compile_calibrated(cal, NAMES, UNITS, SCHEMA, horizon_s=300.0,
-                                   training=TrainingWindow(rows=x.shape[0]), options={"c": 1.0})
+    cal = clf_train.fit_sklearn(x, y, g, c_reg=1.0, n_splits=3, feature_names=NAMES)
+    model = clf_train.compile_calibrated(cal, NAMES, UNITS, SCHEMA, horizon_s=300.0,
+                                         training=TrainingWindow(rows=x.shape[0]), options={"c": 1.0})
     return cal, model, x
 
 
@@ -126,12 +127,12 @@ def test_train_in_child_process(tmp_path: Path) -> None:
              units=np.asarray(SCHEMA.units),
              schema_json=np.frombuffer(SCHEMA.to_json(), dtype=np.uint8), horizon_s=np.float64(300))
     out = tmp_path / "m.npz"
-    model = clf.train_in_child(data, out, timeout_s=300)
+    model = clf_train.train_in_child(data, out, timeout_s=300)
     assert model.meta.feature_names == tuple(NAMES)  # empty columns dropped
-    info = subprocess.run([sys.executable, "-m", "agent.score.classifier", "info", str(out)],
+    info = subprocess.run([sys.executable, "-m", "agent.score.classifier_train", "info", str(out)],
                           capture_output=True, text=True, check=True, timeout=60)
     assert model.version in info.stdout
-    bad = subprocess.run([sys.executable, "-m", "agent.score.classifier", "train", "--data",
+    bad = subprocess.run([sys.executable, "-m", "agent.score.classifier_train", "train", "--data",
                           str(tmp_path / "none.npz"), "--out", str(out)], capture_output=True, text=True,
                          timeout=60, check=False)
     assert bad.returncode == 2
@@ -142,19 +143,19 @@ def test_each_class_reads_only_its_evidence(fitted: Fitted) -> None:
     _, model, _ = fitted
     w = model.arrays["weight"]
     for ci, c in enumerate(model.meta.classes):
-        allowed = clf.evidence_masks(NAMES)[c]
+        allowed = clf_train.evidence_masks(NAMES)[c]
         assert allowed, c
         off = [j for j in range(len(NAMES)) if j not in allowed]
         assert np.all(w[ci, off] == 0.0), (c, [NAMES[j] for j in off if w[ci, j] != 0.0])
         assert np.any(w[ci, allowed] != 0.0), c
-    assert clf.evidence_key("max(disk.used_pct[*]):slope") == "disk.used_pct[*]"
-    assert clf.evidence_key("psi.some_avg10_pct[memory]:ewma") == "psi.some_avg10_pct[memory]"
+    assert clf_train.evidence_key("max(disk.used_pct[*]):slope") == "disk.used_pct[*]"
+    assert clf_train.evidence_key("psi.some_avg10_pct[memory]:ewma") == "psi.some_avg10_pct[memory]"
 
 
 def test_a_class_without_evidence_is_refused() -> None:
     x, y, g = synthetic()
     with pytest.raises(ModelError, match=r"no feature may argue for class\(es\) \['disk_full'\]"):
-        clf.fit_sklearn(x[:, :12], y, g, feature_names=NAMES[:12])
+        clf_train.fit_sklearn(x[:, :12], y, g, feature_names=NAMES[:12])
 
 
 def test_shipped_default_classifier_loads() -> None:
@@ -171,6 +172,6 @@ def test_shipped_default_classifier_loads() -> None:
     for ci, c in enumerate(model.meta.classes):
         if c == "none":
             continue
-        used = {clf.evidence_key(names[j]) for j in np.flatnonzero(w[ci])}
+        used = {clf_train.evidence_key(names[j]) for j in np.flatnonzero(w[ci])}
         assert used, c
-        assert all(k.startswith(clf.CLASS_EVIDENCE[c]) for k in used), (c, sorted(used))
+        assert all(k.startswith(clf_train.CLASS_EVIDENCE[c]) for k in used), (c, sorted(used))

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from agent.errors import ModelError
 from agent.score import compiled as art
+from agent.score.artifact import FeatureSpec, meta_json
 from agent.score.compiled import CompiledDetector
 from agent.score.detector import StreamingDetector
 from agent.score.fit import fit_detector
@@ -36,7 +37,7 @@ def test_round_trip(model: CompiledDetector, tmp_path: Path) -> None:
     assert loaded.sha256 == model.sha256
     for k, v in model.arrays.items():
         np.testing.assert_array_equal(loaded.arrays[k], v)
-    assert loaded.meta.features[2] == art.FeatureSpec(name="disk.io", unit="B/s")
+    assert loaded.meta.features[2] == FeatureSpec(name="disk.io", unit="B/s")
     assert loaded.meta.training.rows == 800
     assert loaded.meta.training.start == 1.7e9
     assert loaded.meta.sklearn_version
@@ -78,7 +79,7 @@ def test_tampered_array_is_refused(model: CompiledDetector) -> None:
 
 
 def test_tampered_metadata_is_refused(model: CompiledDetector) -> None:
-    meta = msgspec.json.decode(art.meta_json(model.meta))
+    meta = msgspec.json.decode(meta_json(model.meta))
     meta["threshold"] = 1e9
     bad = _rewrite(art.to_bytes(model), {"__meta__": np.frombuffer(msgspec.json.encode(meta), np.uint8)})
     with pytest.raises(ModelError, match="content hash mismatch"):
@@ -86,7 +87,7 @@ def test_tampered_metadata_is_refused(model: CompiledDetector) -> None:
 
 
 def test_wrong_format_version_is_refused(model: CompiledDetector) -> None:
-    meta = msgspec.json.decode(art.meta_json(model.meta))
+    meta = msgspec.json.decode(meta_json(model.meta))
     meta["format_version"] = 99
     bad = _rewrite(art.to_bytes(model), {"__meta__": np.frombuffer(msgspec.json.encode(meta), np.uint8)})
     with pytest.raises(ModelError, match="format version 99 is not supported"):

@@ -19,7 +19,6 @@ from __future__ import annotations
 import ctypes
 import os
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -95,7 +94,7 @@ class Kernels:
         self.clf_score.restype = ctypes.c_int
 
 
-def ptr(arr: npt.NDArray[Any], dtype: type[np.generic]) -> int:
+def ptr(arr: npt.NDArray[np.generic], dtype: type[np.generic]) -> int:
     """The address of ``arr``'s data, after checking what the C side will assume of it."""
     if arr.dtype != np.dtype(dtype) or not arr.flags.c_contiguous:
         raise TypeError(f"native kernels need a C-contiguous {np.dtype(dtype)} array, got "

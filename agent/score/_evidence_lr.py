@@ -17,7 +17,6 @@ subsystem whose failure it names.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -58,8 +57,10 @@ class EvidenceLogistic(ClassifierMixin, BaseEstimator):  # type: ignore[misc]  #
         self.n_features_in_ = d
         return self
 
-    def decision_function(self, x: npt.ArrayLike) -> Any:
-        return np.asarray(x, dtype=np.float64) @ self.coef_.T + self.intercept_
+    def decision_function(self, x: npt.ArrayLike) -> npt.NDArray[np.float64]:
+        z: npt.NDArray[np.float64] = np.asarray(x, dtype=np.float64) @ self.coef_.T + self.intercept_
+        return z
 
-    def predict(self, x: npt.ArrayLike) -> Any:
-        return self.classes_[np.argmax(self.decision_function(x), axis=1)]
+    def predict(self, x: npt.ArrayLike) -> npt.NDArray[np.generic]:
+        labels: npt.NDArray[np.generic] = self.classes_[np.argmax(self.decision_function(x), axis=1)]
+        return labels

@@ -1,13 +1,10 @@
-"""Failure classifier: P(failure class within the horizon | features), compiled to numpy.
+"""Failure classifier: P(failure class within the horizon | features), scored from numpy arrays.
 
-Model (fitted in a short-lived child process, ``python -m agent.score.classifier train``): a
-scikit-learn ``Pipeline(SimpleImputer(median), StandardScaler(), EvidenceLogistic)`` (one binary
-logistic regression per class, balanced class weights, each on its own evidence features:
-:data:`CLASS_EVIDENCE`, :mod:`agent.score._evidence_lr`) wrapped in
-``CalibratedClassifierCV(method="sigmoid", ensemble=False)`` whose calibration folds are drawn
-over 20-sample blocks of the episodes (``StratifiedGroupKFold``; blocks rather than whole
-episodes so that every class is in every calibration training fold). It compiles
-to a handful of arrays, scored per sample with numpy only:
+This is what the daemon loads: the artifact format and the per-sample :class:`Scorer` (numpy,
+or one C call of :mod:`agent.native`). Nothing here imports scikit-learn; the model is fitted
+and compiled in a short-lived child process by :mod:`agent.score.classifier_train`.
+
+The compiled model is a handful of arrays, scored per sample as
 
     x_i <- median_i where x_i is missing;  z = W x + b   (W = coef / scale, b folds the centring)
     p_c = 1 / (1 + exp(a_c z_c + b_c))  (Platt maps);  p <- p / sum(p)   (uniform when the sum is 0)
@@ -15,28 +12,18 @@ to a handful of arrays, scored per sample with numpy only:
 which equals ``predict_proba`` of the fitted scikit-learn object (tested to 1e-6). Classes are
 ``"none"`` plus the failure classes seen in training; :data:`FAILURE_CLASSES` lists all known ones.
 
-Artifact (``.npz``, ``allow_pickle=False``, same container conventions as
-:mod:`agent.score.compiled`): the arrays of :data:`ARRAY_SPECS`, ``__meta__`` (JSON of
-:class:`ClassifierMeta`: classes, feature names/units, the full feature schema, horizon, training
-window, scikit-learn/numpy versions, options and held-out metrics) and ``__sha256__`` (content
-hash over arrays and metadata, verified on load). Written atomically.
-
-Only :func:`train` and :func:`compile_calibrated`'s caller import scikit-learn; the daemon imports
-this module for :func:`load` and :class:`CompiledClassifier` only.
+Artifact: the container of :mod:`agent.score.artifact` (``.npz``, ``allow_pickle=False``, content
+hash verified on load, written atomically) holding the arrays of :data:`ARRAY_SPECS` and the JSON
+of :class:`ClassifierMeta` (classes, feature names/units, the full feature schema, horizon,
+training window, scikit-learn/numpy versions, options and held-out metrics).
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime as dt
-import io
 import os
-import subprocess
-import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import msgspec
 import numpy as np
@@ -44,26 +31,14 @@ import numpy.typing as npt
 
 from agent.errors import ModelError
 from agent.features.schema import FeatureSchema
-from agent.fsutil import atomic_write
 from agent.native import Kernels, kernels, ptr
-from agent.score.compiled import _READ_ERRORS, F64, FeatureSpec, TrainingWindow, content_hash
+from agent.score import artifact
+from agent.score.artifact import F64, Compiled, Container, FeatureSpec, TrainingWindow, frozen_arrays
 
 FAILURE_CLASSES: tuple[str, ...] = (
     "disk_full", "memory_exhaustion", "cpu_runaway", "network_degradation", "gpu_fault", "service_down",
 )
 NONE = "none"
-# Which metrics may argue for which failure class (prefixes of the metric key a feature reads,
-# see :func:`evidence_key`): each class's logistic model sees only these columns. Left out of
-# every class: CPU steal (the hypervisor's business), zombies, blocked tasks.
-CLASS_EVIDENCE: dict[str, tuple[str, ...]] = {
-    "disk_full": ("disk.",),
-    "memory_exhaustion": ("mem.", "psi.some_avg10_pct[memory]", "psi.full_avg10_pct[memory]"),
-    "cpu_runaway": ("cpu.util_pct", "cpu.load1", "proc.running", "proc.top_cpu_pct",
-                    "psi.some_avg10_pct[cpu]"),
-    "network_degradation": ("net.",),
-    "gpu_fault": ("gpu.",),
-    "service_down": ("unit.", "proc.count"),
-}
 FORMAT_VERSION = 1
 KIND = "heald.classifier"
 DEFAULT_PATH = Path(__file__).with_name("data") / "default-classifier.npz"
@@ -88,30 +63,17 @@ class ClassifierMeta(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw
     sklearn_version: str
     numpy_version: str
     created: str
-    options: dict[str, Any] = msgspec.field(default_factory=dict)
-    metrics: dict[str, Any] = msgspec.field(default_factory=dict)
+    options: dict[str, object] = msgspec.field(default_factory=dict)  # training options, as JSON
+    metrics: dict[str, object] = msgspec.field(default_factory=dict)  # held-out metrics, as JSON
 
     @property
     def feature_names(self) -> tuple[str, ...]:
         return tuple(f.name for f in self.features)
 
 
-def _meta_json(meta: ClassifierMeta) -> bytes:
-    return msgspec.json.encode(meta, order="sorted")
-
-
 @dataclass(frozen=True, slots=True)
-class CompiledClassifier:
-    meta: ClassifierMeta
-    arrays: dict[str, F64]
-
-    @property
-    def sha256(self) -> str:
-        return content_hash(self.arrays, _meta_json(self.meta))
-
-    @property
-    def version(self) -> str:
-        return self.sha256[:12]
+class CompiledClassifier(Compiled[ClassifierMeta]):
+    """A fitted failure classifier as plain arrays + metadata; scored by :class:`Scorer`."""
 
     def predict_proba(self, x: npt.ArrayLike) -> F64:
         """Probabilities (n, c) for rows of features in :attr:`ClassifierMeta.feature_names` order."""
@@ -213,12 +175,13 @@ class Scorer:
 
 
 # ------------------------------------------------------------------------------- artifact I/O
+FORMAT = Container(kind=KIND, version=FORMAT_VERSION, meta_type=ClassifierMeta, noun="classifier",
+                   bare_array="not an .npz archive", kind_first=True)
+
+
 def validate(meta: ClassifierMeta, arrays: dict[str, F64], where: str) -> None:
-    if meta.format_version != FORMAT_VERSION:
-        raise ModelError(f"{where}: classifier format version {meta.format_version} is not supported "
-                         f"(this heald reads version {FORMAT_VERSION}); retrain with this heald")
-    if meta.kind != KIND:
-        raise ModelError(f"{where}: artifact kind {meta.kind!r} is not {KIND!r}")
+    """Check the arrays against the metadata; raise :class:`ModelError` naming ``where``."""
+    FORMAT.check_head(meta, where)
     d, c = len(meta.features), len(meta.classes)
     if d == 0 or c < 2:
         raise ModelError(f"{where}: classifier needs >= 1 feature and >= 2 classes")
@@ -243,69 +206,20 @@ def validate(meta: ClassifierMeta, arrays: dict[str, F64], where: str) -> None:
         raise ModelError(f"{where}: features {foreign[:5]} are not in the model's own schema")
 
 
-def build(meta: ClassifierMeta, arrays: dict[str, Any]) -> CompiledClassifier:
-    clean: dict[str, F64] = {}
-    for name, a in arrays.items():
-        arr = np.array(a, dtype=np.float64, copy=True)
-        arr.setflags(write=False)
-        clean[name] = arr
+def build(meta: ClassifierMeta, arrays: Mapping[str, npt.ArrayLike]) -> CompiledClassifier:
+    """Make a validated :class:`CompiledClassifier` (arrays are copied to read-only float64)."""
+    clean = frozen_arrays(arrays)
     validate(meta, clean, "classifier")
     return CompiledClassifier(meta=meta, arrays=clean)
 
 
-def to_bytes(model: CompiledClassifier) -> bytes:
-    mj = _meta_json(model.meta)
-    payload: dict[str, Any] = dict(model.arrays)
-    payload["__meta__"] = np.frombuffer(mj, dtype=np.uint8)
-    payload["__sha256__"] = np.frombuffer(content_hash(model.arrays, mj).encode("ascii"), dtype=np.uint8)
-    buf = io.BytesIO()
-    np.savez(buf, **payload)
-    return buf.getvalue()
-
-
-def save(model: CompiledClassifier, path: str | os.PathLike[str]) -> Path:
-    """Write atomically: temporary file beside ``path``, fsync, rename, fsync the directory."""
-    return atomic_write(path, to_bytes(model), mode=0o644)
+to_bytes = artifact.to_bytes
+save = artifact.save
 
 
 def from_bytes(data: bytes, where: str = "classifier") -> CompiledClassifier:
-    try:
-        loaded = np.load(io.BytesIO(data), allow_pickle=False)
-        if not isinstance(loaded, np.lib.npyio.NpzFile):
-            raise ModelError(f"{where}: not a heald classifier artifact (not an .npz archive)")
-        with loaded as z:
-            entries = {name: z[name] for name in z.files}
-    except _READ_ERRORS as exc:  # the detector's fuzz-found list: damaged zips raise odd types
-        raise ModelError(f"{where}: not a readable heald classifier artifact ({exc})") from None
-    raw_meta, raw_hash = entries.pop("__meta__", None), entries.pop("__sha256__", None)
-    if raw_meta is None or raw_hash is None:
-        raise ModelError(f"{where}: not a heald classifier artifact (no metadata or content hash)")
-    mj = raw_meta.astype(np.uint8).tobytes()
-    try:
-        head = msgspec.json.decode(mj, type=dict[str, Any])
-    except msgspec.DecodeError as exc:
-        raise ModelError(f"{where}: unreadable classifier metadata ({exc})") from None
-    if head.get("kind") != KIND:
-        raise ModelError(f"{where}: artifact kind {head.get('kind')!r} is not {KIND!r}")
-    if head.get("format_version") != FORMAT_VERSION:
-        raise ModelError(f"{where}: classifier format version {head.get('format_version')} is not supported "
-                         f"(this heald reads version {FORMAT_VERSION}); retrain with this heald")
-    try:
-        meta = msgspec.json.decode(mj, type=ClassifierMeta)
-    except msgspec.ValidationError as exc:
-        raise ModelError(f"{where}: invalid classifier metadata: {exc}") from None
-    arrays: dict[str, F64] = {}
-    for name, a in entries.items():
-        if a.dtype != np.float64:
-            raise ModelError(f"{where}: array {name!r} has dtype {a.dtype}, expected float64")
-        arr = np.ascontiguousarray(a)
-        arr.setflags(write=False)
-        arrays[name] = arr
-    expected = raw_hash.astype(np.uint8).tobytes().decode("ascii", errors="replace")
-    actual = content_hash(arrays, mj)
-    if actual != expected:
-        raise ModelError(f"{where}: content hash mismatch (file corrupt or edited): "
-                         f"recorded {expected[:12]}, computed {actual[:12]}")
+    """Decode and verify an artifact; every failure is a :class:`ModelError` naming ``where``."""
+    meta, arrays = FORMAT.decode(data, where)
     validate(meta, arrays, where)
     return CompiledClassifier(meta=meta, arrays=arrays)
 
@@ -313,219 +227,4 @@ def from_bytes(data: bytes, where: str = "classifier") -> CompiledClassifier:
 def load(path: str | os.PathLike[str] | None = None) -> CompiledClassifier:
     """Load and verify a classifier artifact (the shipped default when ``path`` is empty)."""
     p = Path(path) if path else DEFAULT_PATH
-    try:
-        data = p.read_bytes()
-    except OSError as exc:
-        raise ModelError(f"{p}: cannot read classifier artifact: {exc.strerror or exc}") from None
-    return from_bytes(data, str(p))
-
-
-# ------------------------------------------------------------------------------- compile / train
-def compile_calibrated(cal: Any, feature_names: Sequence[str], units: Sequence[str], schema: FeatureSchema,
-                       *, horizon_s: float, training: TrainingWindow, options: dict[str, Any],
-                       metrics: dict[str, Any] | None = None) -> CompiledClassifier:
-    """A fitted ``CalibratedClassifierCV(Pipeline(imputer, scaler, EvidenceLogistic), "sigmoid",
-    ensemble=False)`` -> :class:`CompiledClassifier`. Reads fitted attributes only."""
-    import sklearn  # noqa: PLC0415 - training side only
-
-    if len(cal.calibrated_classifiers_) != 1:
-        raise ModelError("compile needs ensemble=False (one calibrated classifier)")
-    cc = cal.calibrated_classifiers_[0]
-    if cc.method != "sigmoid":
-        raise ModelError(f"calibration method {cc.method!r} cannot be compiled (use sigmoid)")
-    pipe = cc.estimator
-    imp, sc, lr = pipe.named_steps["impute"], pipe.named_steps["scale"], pipe.named_steps["lr"]
-    classes = [str(c) for c in cal.classes_]
-    est_classes = [str(c) for c in lr.classes_]
-    if est_classes != classes or len(classes) < 3:
-        raise ModelError("compile needs >= 3 classes, all seen by the base estimator")
-    coef = np.asarray(lr.coef_, dtype=np.float64)
-    scale = np.asarray(sc.scale_, dtype=np.float64)
-    mean = np.asarray(sc.mean_, dtype=np.float64)
-    weight = coef / scale[None, :]
-    bias = np.asarray(lr.intercept_, dtype=np.float64) - weight @ mean
-    cal_a = np.array([c.a_ for c in cc.calibrators], dtype=np.float64)
-    cal_b = np.array([c.b_ for c in cc.calibrators], dtype=np.float64)
-    meta = ClassifierMeta(
-        format_version=FORMAT_VERSION, kind=KIND, classes=tuple(classes),
-        features=tuple(FeatureSpec(name=n, unit=u) for n, u in zip(feature_names, units, strict=True)),
-        schema=schema, horizon_s=horizon_s, training=training,
-        sklearn_version=sklearn.__version__, numpy_version=np.__version__,
-        created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        options=options, metrics=metrics or {},
-    )
-    return build(meta, {"median": np.asarray(imp.statistics_, dtype=np.float64), "weight": weight,
-                        "bias": bias, "cal_a": cal_a, "cal_b": cal_b})
-
-
-def calibration_groups(groups: npt.ArrayLike, chunk: int = 20) -> npt.NDArray[np.str_]:
-    """Split each episode (consecutive rows of one group) into blocks of ``chunk`` rows.
-
-    Calibration folds are drawn over these blocks so that every class, even one with only two
-    recorded episodes, is present in every training fold of the calibration.
-    """
-    g = np.asarray(groups).astype(str)
-    out = np.empty(g.size, dtype=object)
-    seen: dict[str, int] = {}
-    for i, gi in enumerate(g.tolist()):
-        n = seen.get(gi, 0)
-        seen[gi] = n + 1
-        out[i] = f"{gi}#{n // chunk}"
-    return out.astype(str)
-
-
-def evidence_key(feature: str) -> str:
-    """The metric key a feature reads: ``max(disk.used_pct[*]):slope`` -> ``disk.used_pct[*]``."""
-    inp = feature.rsplit(":", 1)[0]
-    if inp.endswith(")") and "(" in inp:
-        inp = inp[inp.index("(") + 1: -1]
-    return inp
-
-
-def evidence_masks(feature_names: Sequence[str]) -> dict[str, list[int]]:
-    """Class -> the columns of ``feature_names`` that may argue for it (:data:`CLASS_EVIDENCE`);
-    ``none`` gets every column some class may use."""
-    keys = [evidence_key(n) for n in feature_names]
-    masks = {c: [j for j, k in enumerate(keys) if k.startswith(prefixes)]
-             for c, prefixes in CLASS_EVIDENCE.items()}
-    masks[NONE] = sorted({j for cols in masks.values() for j in cols})
-    return masks
-
-
-def fit_sklearn(x: F64, labels: Sequence[str], groups: npt.ArrayLike, *, c_reg: float = 0.1,
-                n_splits: int = 3, random_state: int = 0,
-                feature_names: Sequence[str] | None = None) -> Any:
-    """Fit the calibrated scikit-learn model (training side only); calibration folds are drawn
-    over 20-row blocks of the episodes in ``groups`` (see :func:`calibration_groups`). With
-    ``feature_names`` each class sees only its evidence columns (:func:`evidence_masks`);
-    without, every class sees every column."""
-    from sklearn.calibration import CalibratedClassifierCV  # noqa: PLC0415
-    from sklearn.impute import SimpleImputer  # noqa: PLC0415
-    from sklearn.model_selection import StratifiedGroupKFold  # noqa: PLC0415
-    from sklearn.pipeline import Pipeline  # noqa: PLC0415
-    from sklearn.preprocessing import StandardScaler  # noqa: PLC0415
-
-    from agent.score._evidence_lr import EvidenceLogistic  # noqa: PLC0415 - imports scikit-learn
-
-    y = np.asarray(labels)
-    g = calibration_groups(groups)
-    masks = evidence_masks(feature_names) if feature_names is not None else None
-    if masks is not None:
-        empty = sorted(c for c in set(y.tolist()) if c in masks and not masks[c])
-        if empty:
-            raise ModelError(f"no feature may argue for class(es) {empty}: none of their evidence "
-                             f"prefixes matches a usable feature")
-    pipe = Pipeline([
-        # keep_empty_features: a column empty in one calibration fold keeps its place (and mask)
-        ("impute", SimpleImputer(strategy="median", keep_empty_features=True)),
-        ("scale", StandardScaler()),
-        ("lr", EvidenceLogistic(masks=masks, c_reg=c_reg)),
-    ])
-    splits = list(StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=random_state)
-                  .split(x, y, g))
-    cal = CalibratedClassifierCV(pipe, method="sigmoid", cv=splits, ensemble=False)
-    return cal.fit(x, y)
-
-
-def usable_features(x: F64, names: Sequence[str]) -> list[int]:
-    """Columns with at least one finite value and some variation in the training data."""
-    keep = []
-    for j in range(x.shape[1]):
-        col = x[:, j]
-        fin = col[np.isfinite(col)]
-        if fin.size and float(fin.max() - fin.min()) > 0:
-            keep.append(j)
-    if not keep:
-        raise ModelError(f"no usable feature among {len(names)}: every column is empty or constant")
-    return keep
-
-
-def train(data_path: str | os.PathLike[str], out_path: str | os.PathLike[str], *, c_reg: float = 0.1,
-          n_splits: int = 3) -> CompiledClassifier:
-    """Train from a dataset file (see :func:`main`) and write the compiled artifact."""
-    with np.load(data_path, allow_pickle=False) as z:
-        x = np.asarray(z["X"], dtype=np.float64)
-        labels = [str(s) for s in z["y"]]
-        groups = np.asarray(z["groups"])
-        names = [str(s) for s in z["feature_names"]]
-        units = [str(s) for s in z["units"]]
-        schema = msgspec.json.decode(bytes(z["schema_json"].astype(np.uint8)), type=FeatureSchema)
-        horizon = float(z["horizon_s"]) if "horizon_s" in z.files else 300.0
-        wall = np.asarray(z["wall"], dtype=np.float64) if "wall" in z.files else None
-        metrics = (msgspec.json.decode(bytes(z["metrics_json"].astype(np.uint8)))
-                   if "metrics_json" in z.files else {})
-    x[~np.isfinite(x)] = np.nan
-    keep = usable_features(x, names)
-    xk = x[:, keep]
-    kept = [names[j] for j in keep]
-    cal = fit_sklearn(xk, labels, groups, c_reg=c_reg, n_splits=n_splits, feature_names=kept)
-    training = TrainingWindow(rows=int(xk.shape[0]),
-                              start=float(np.nanmin(wall)) if wall is not None else None,
-                              end=float(np.nanmax(wall)) if wall is not None else None,
-                              source=Path(data_path).name)
-    model = compile_calibrated(cal, kept, [units[j] for j in keep], schema,
-                               horizon_s=horizon, training=training,
-                               options={"c_reg": c_reg, "n_splits": n_splits,
-                                        "model": "calibrated(sigmoid) one-vs-rest logistic regression, "
-                                                 "each class on its evidence features",
-                                        "evidence": {c: list(p) for c, p in CLASS_EVIDENCE.items()}},
-                               metrics=metrics)
-    got = model.predict_proba(xk)
-    want = cal.predict_proba(xk)
-    err = float(np.max(np.abs(got - want)))
-    if err > 1e-6:
-        raise ModelError(f"compiled classifier differs from scikit-learn by {err:.2e}")
-    save(model, out_path)
-    return model
-
-
-def train_in_child(data_path: str | os.PathLike[str], out_path: str | os.PathLike[str], *,
-                   timeout_s: float = 600.0, c_reg: float = 0.1) -> CompiledClassifier:
-    """Run :func:`train` in a short-lived ``python -m agent.score.classifier train`` child."""
-    argv = [sys.executable, "-m", "agent.score.classifier", "train", "--data", os.fspath(data_path),
-            "--out", os.fspath(out_path), "--c", str(c_reg)]
-    try:
-        proc = subprocess.run(argv, capture_output=True, timeout=timeout_s, check=False,
-                              stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        raise ModelError(f"classifier training timed out after {timeout_s:g} s") from None
-    if proc.returncode != 0:
-        tail = proc.stderr.decode("utf-8", errors="replace").strip().splitlines()[-5:]
-        raise ModelError(f"classifier training failed (exit {proc.returncode}): " + " | ".join(tail))
-    return load(out_path)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m agent.score.classifier",
-                                 description="Train or inspect heald's failure classifier.")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    tr = sub.add_parser("train", help="fit on a dataset .npz (X, y, groups, feature_names, units, "
-                                      "schema_json) and write the compiled artifact")
-    tr.add_argument("--data", required=True)
-    tr.add_argument("--out", required=True)
-    tr.add_argument("--c", type=float, default=0.1, help="inverse L2 regularisation strength")
-    tr.add_argument("--splits", type=int, default=3, help="calibration folds (grouped by episode)")
-    info = sub.add_parser("info", help="print an artifact's metadata")
-    info.add_argument("path", nargs="?", default="")
-    args = ap.parse_args(argv)
-    try:
-        if args.cmd == "train":
-            model = train(args.data, args.out, c_reg=args.c, n_splits=args.splits)
-        else:
-            model = load(args.path or None)
-    except ModelError as exc:
-        sys.stderr.write(f"heald classifier: {exc}\n")
-        return 1
-    except (OSError, KeyError, ValueError) as exc:
-        sys.stderr.write(f"heald classifier: bad dataset: {exc}\n")
-        return 2
-    meta = msgspec.json.decode(_meta_json(model.meta))
-    meta.pop("schema", None)
-    meta["features"] = len(model.meta.features)
-    meta["version"] = model.version
-    sys.stdout.write(msgspec.json.encode(meta).decode() + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return from_bytes(FORMAT.read(p), str(p))

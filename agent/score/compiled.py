@@ -4,42 +4,30 @@ A model is fitted with scikit-learn in a short-lived child process (:mod:`agent.
 *compiled* into the arrays below; the daemon only ever loads those arrays and scores them with
 numpy (:mod:`agent.score.detector`). Nothing here imports scikit-learn.
 
-File format (version :data:`FORMAT_VERSION`): an uncompressed ``.npz`` (zip of ``.npy``, loaded
-with ``allow_pickle=False``) holding
-
-* one entry per array of :data:`ARRAY_SPECS` (float64),
-* ``__meta__``: the UTF-8 JSON of :class:`ArtifactMeta`, as a uint8 array,
-* ``__sha256__``: the hex sha256 of the content (:func:`content_hash`), as a uint8 array.
-
-The hash covers every array (name, dtype, shape and bytes, in name order) and the metadata
-JSON, and is verified on load: a truncated, edited or half-written file is refused with a
-:class:`~agent.errors.ModelError` naming the file, never a traceback.
-Files are written atomically (temporary file in the same directory, fsync, rename, fsync dir).
+File format (version :data:`FORMAT_VERSION`, kind :data:`KIND`): the container of
+:mod:`agent.score.artifact` (an ``.npz`` of float64 arrays with the ``__meta__`` JSON and the
+``__sha256__`` content hash, verified on load, written atomically) holding the arrays of
+:data:`ARRAY_SPECS` and the JSON of :class:`ArtifactMeta`. This module adds the detector's own
+checks: the arrays against the metadata (:func:`validate`) and the feature schema (:func:`load`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
 import os
-import struct
-import zipfile
-import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import msgspec
 import numpy as np
 import numpy.typing as npt
 
 from agent.errors import ModelError
-from agent.fsutil import atomic_write
+from agent.score import artifact
+from agent.score.artifact import F64, Compiled, Container, FeatureSpec, TrainingWindow, frozen_arrays
 
 FORMAT_VERSION = 2  # 2: threshold_geo (the geometric smoother's threshold)
 KIND = "heald.anomaly"
-
-F64 = npt.NDArray[np.float64]
 
 # Component names, in the order of ``divisors`` and ``weights``.
 COMPONENTS: tuple[str, ...] = ("robust_z", "kmeans", "delta", "pca")
@@ -57,18 +45,6 @@ ARRAY_SPECS: dict[str, int] = {
 }
 
 
-class FeatureSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    name: str
-    unit: str = ""
-
-
-class TrainingWindow(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    rows: int
-    start: float | None = None  # wall-clock seconds of the first training sample, when known
-    end: float | None = None
-    source: str = ""
-
-
 class ArtifactMeta(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     format_version: int
     kind: str
@@ -81,7 +57,7 @@ class ArtifactMeta(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     threshold_geo: float
     ewma_alpha: float
     top_k: int
-    options: dict[str, Any]
+    options: dict[str, object]  # the fit options (agent.score.fit.FitOptions) as JSON
     sklearn_version: str
     numpy_version: str
     created: str  # ISO 8601, UTC
@@ -91,21 +67,13 @@ class ArtifactMeta(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
         return tuple(f.name for f in self.features)
 
 
+FORMAT = Container(kind=KIND, version=FORMAT_VERSION, meta_type=ArtifactMeta, noun="model",
+                   bare_array="a bare array, not an .npz archive", kind_first=False)
+
+
 @dataclass(frozen=True, slots=True)
-class CompiledDetector:
+class CompiledDetector(Compiled[ArtifactMeta]):
     """A fitted anomaly detector as plain arrays + metadata; scored by ``StreamingDetector``."""
-
-    meta: ArtifactMeta
-    arrays: dict[str, F64]
-
-    @property
-    def sha256(self) -> str:
-        return content_hash(self.arrays, meta_json(self.meta))
-
-    @property
-    def version(self) -> str:
-        """Short model version for reports: the first 12 hex digits of the content hash."""
-        return self.sha256[:12]
 
     def check_features(self, names: list[str] | tuple[str, ...]) -> None:
         """Raise :class:`ModelError` unless ``names`` is exactly this model's feature schema."""
@@ -126,33 +94,9 @@ class CompiledDetector:
             )
 
 
-def meta_json(meta: ArtifactMeta) -> bytes:
-    return msgspec.json.encode(meta, order="sorted")
-
-
-def content_hash(arrays: dict[str, F64], meta: bytes) -> str:
-    h = hashlib.sha256()
-    # The hash's domain tag, fixed: the format version is in the metadata it covers, and the
-    # classifier's artifacts (agent.score.classifier) share this hash.
-    h.update(b"heald-artifact-v1\0")
-    for name in sorted(arrays):
-        a = np.ascontiguousarray(arrays[name])
-        h.update(f"{name}\0{a.dtype.str}\0{a.shape}\0".encode())
-        h.update(a.tobytes())
-    h.update(b"meta\0")
-    h.update(meta)
-    return h.hexdigest()
-
-
 def validate(meta: ArtifactMeta, arrays: dict[str, F64], where: str) -> None:
     """Check the arrays against the metadata; raise :class:`ModelError` naming ``where``."""
-    if meta.format_version != FORMAT_VERSION:
-        raise ModelError(
-            f"{where}: model format version {meta.format_version} is not supported "
-            f"(this heald reads version {FORMAT_VERSION}); retrain with this heald"
-        )
-    if meta.kind != KIND:
-        raise ModelError(f"{where}: artifact kind {meta.kind!r} is not {KIND!r}")
+    FORMAT.check_head(meta, where)
     d = len(meta.features)
     if d == 0:
         raise ModelError(f"{where}: the model has no features")
@@ -195,79 +139,20 @@ def validate(meta: ArtifactMeta, arrays: dict[str, F64], where: str) -> None:
         raise ModelError(f"{where}: top_k must be in [1, {d}], got {meta.top_k}")
 
 
-def build(meta: ArtifactMeta, arrays: dict[str, Any]) -> CompiledDetector:
+def build(meta: ArtifactMeta, arrays: Mapping[str, npt.ArrayLike]) -> CompiledDetector:
     """Make a validated :class:`CompiledDetector` (arrays are copied to read-only float64)."""
-    clean: dict[str, F64] = {}
-    for name, a in arrays.items():
-        arr = np.array(a, dtype=np.float64, copy=True)
-        arr.setflags(write=False)
-        clean[name] = arr
+    clean = frozen_arrays(arrays)
     validate(meta, clean, "model")
     return CompiledDetector(meta=meta, arrays=clean)
 
 
-def to_bytes(model: CompiledDetector) -> bytes:
-    mj = meta_json(model.meta)
-    digest = content_hash(model.arrays, mj)
-    buf = io.BytesIO()
-    payload: dict[str, Any] = dict(model.arrays)
-    payload["__meta__"] = np.frombuffer(mj, dtype=np.uint8)
-    payload["__sha256__"] = np.frombuffer(digest.encode("ascii"), dtype=np.uint8)
-    np.savez(buf, **payload)
-    return buf.getvalue()
-
-
-def save(model: CompiledDetector, path: str | os.PathLike[str]) -> Path:
-    """Write the artifact atomically: temporary file beside ``path``, fsync, rename, fsync dir."""
-    return atomic_write(path, to_bytes(model), mode=0o644)
-
-
-# What zipfile/numpy raise on damaged archives (found by fuzzing single-byte flips): zipfile raises
-# NotImplementedError/RuntimeError for flipped flag bits ("encrypted", "compressed patched data").
-_READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError, IndexError, TypeError,
-                RuntimeError, ArithmeticError, zlib.error, struct.error)
+to_bytes = artifact.to_bytes
+save = artifact.save
 
 
 def from_bytes(data: bytes, where: str = "model") -> CompiledDetector:
     """Decode and verify an artifact; every failure is a :class:`ModelError` naming ``where``."""
-    try:
-        loaded = np.load(io.BytesIO(data), allow_pickle=False)
-        if not isinstance(loaded, np.lib.npyio.NpzFile):
-            raise ModelError(f"{where}: not a heald model artifact (a bare array, not an .npz archive)")
-        with loaded as z:
-            entries = {name: z[name] for name in z.files}
-    except _READ_ERRORS as exc:
-        raise ModelError(f"{where}: not a readable heald model artifact ({exc})") from None
-    raw_meta = entries.pop("__meta__", None)
-    raw_hash = entries.pop("__sha256__", None)
-    if raw_meta is None or raw_hash is None:
-        raise ModelError(f"{where}: not a heald model artifact (no metadata or content hash)")
-    mj = raw_meta.astype(np.uint8).tobytes()
-    try:
-        version = msgspec.json.decode(mj, type=dict[str, Any]).get("format_version")
-    except msgspec.DecodeError as exc:
-        raise ModelError(f"{where}: unreadable model metadata ({exc})") from None
-    if version != FORMAT_VERSION:
-        raise ModelError(
-            f"{where}: model format version {version} is not supported "
-            f"(this heald reads version {FORMAT_VERSION}); retrain with this heald"
-        )
-    try:
-        meta = msgspec.json.decode(mj, type=ArtifactMeta)
-    except msgspec.ValidationError as exc:
-        raise ModelError(f"{where}: invalid model metadata: {exc}") from None
-    arrays: dict[str, F64] = {}
-    for name, a in entries.items():
-        if a.dtype != np.float64:
-            raise ModelError(f"{where}: array {name!r} has dtype {a.dtype}, expected float64")
-        arr = np.ascontiguousarray(a, dtype=np.float64)
-        arr.setflags(write=False)
-        arrays[name] = arr
-    expected = raw_hash.astype(np.uint8).tobytes().decode("ascii", errors="replace")
-    actual = content_hash(arrays, mj)
-    if actual != expected:
-        raise ModelError(f"{where}: content hash mismatch (file corrupt or edited): "
-                         f"recorded {expected[:12]}, computed {actual[:12]}")
+    meta, arrays = FORMAT.decode(data, where)
     validate(meta, arrays, where)
     return CompiledDetector(meta=meta, arrays=arrays)
 
@@ -276,11 +161,7 @@ def load(path: str | os.PathLike[str], feature_names: list[str] | tuple[str, ...
          ) -> CompiledDetector:
     """Load and verify an artifact; with ``feature_names``, also check the feature schema."""
     p = Path(path)
-    try:
-        data = p.read_bytes()
-    except OSError as exc:
-        raise ModelError(f"{p}: cannot read model artifact: {exc.strerror or exc}") from None
-    model = from_bytes(data, str(p))
+    model = from_bytes(FORMAT.read(p), str(p))
     if feature_names is not None:
         try:
             model.check_features(feature_names)

@@ -31,14 +31,14 @@ from __future__ import annotations
 import ctypes
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from agent.errors import ModelError
 from agent.native import DetCtx, Kernels, kernels, ptr
-from agent.score.compiled import COMPONENTS, F64, CompiledDetector
+from agent.score.artifact import F64
+from agent.score.compiled import COMPONENTS, CompiledDetector
 from agent.score.types import Contribution
 
 RZ, KM, DELTA, PCA = range(len(COMPONENTS))
@@ -196,13 +196,14 @@ class StreamingDetector:
         if native and self._kern is None:
             raise ModelError("native kernels requested but not available (see the log)")
         self._ctx = DetCtx()
-        self._ctx_ref: Any = None
+        self._ctx_ref: object = None  # ctypes.byref(self._ctx), opaque to Python
         self._src = np.zeros(self._d, dtype=np.float64)
         self._src_idx = np.arange(self._d, dtype=np.intp)
         self._bound: tuple[int, int] = (0, 0)
         self._order = np.zeros(8, dtype=np.intp)
-        self._keep: list[Any] = []  # arrays the kernel reads, alive as long as this detector
-        self._bound_keep: Any = None
+        # Arrays the kernel reads, kept alive as long as this detector.
+        self._keep: list[npt.NDArray[np.generic]] = []
+        self._bound_keep: tuple[F64, npt.NDArray[np.intp]] | None = None
         self._ctb = np.zeros(self._d, dtype=np.float64)  # explain's per-feature contributions
         if self._kern is not None:
             self._bind_native()
@@ -211,7 +212,7 @@ class StreamingDetector:
     def _bind_native(self) -> None:
         c, d = self._ctx, self._d
         keep = self._keep
-        def own(arr: npt.NDArray[Any], dtype: type[np.generic]) -> int:
+        def own(arr: npt.NDArray[np.generic], dtype: type[np.generic]) -> int:
             a = np.ascontiguousarray(arr, dtype=dtype)
             keep.append(a)
             return ptr(a, dtype)

@@ -24,13 +24,13 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import numpy.typing as npt
 
 from agent.errors import InputError, Problem
-from agent.score.compiled import F64
+from agent.score.artifact import F64
 from agent.score.detector import StreamingDetector
 
 DETECTORS: tuple[str, ...] = ("heald", "pca", "iforest", "random")
@@ -38,6 +38,15 @@ METRICS: tuple[str, ...] = ("auc_pr", "f1", "event_recall", "delay_mean", "us_pe
 TIMED_ROWS = {"pca": 500, "iforest": 100, "random": 2000}
 
 Progress = Callable[[str], None]
+# Metric name -> value (None where it is undefined, e.g. AUC-PR without a labelled anomaly).
+Metrics = dict[str, float | None]
+
+
+class Evaluation(TypedDict):
+    """The ``heald model evaluate --json`` object."""
+
+    files: dict[str, dict[str, Metrics]]  # file stem -> detector -> metrics
+    mean: dict[str, Metrics]  # detector -> metric means over the files
 
 
 def segments(labels: npt.ArrayLike) -> list[tuple[int, int]]:
@@ -48,12 +57,12 @@ def segments(labels: npt.ArrayLike) -> list[tuple[int, int]]:
     return [(int(s), int(e)) for s, e in zip(edges[::2], edges[1::2], strict=True)]
 
 
-def metrics(scores: F64, alerts: npt.NDArray[np.bool_], labels: npt.ArrayLike) -> dict[str, float | None]:
+def metrics(scores: F64, alerts: npt.NDArray[np.bool_], labels: npt.ArrayLike) -> Metrics:
     """AUC-PR, point-F1 of ``alerts``, event recall and mean detection delay (samples)."""
     from sklearn.metrics import average_precision_score  # noqa: PLC0415
 
     y = np.asarray(labels).astype(bool).ravel()
-    out: dict[str, float | None] = {}
+    out: Metrics = {}
     out["auc_pr"] = float(average_precision_score(y, scores)) if y.any() else None
     tp = int(np.sum(alerts & y))
     precision = tp / max(int(alerts.sum()), 1)
@@ -99,7 +108,7 @@ def load_dataset(path: Path, max_rows: int | None = None) -> tuple[F64, F64, npt
 
 
 def evaluate_file(path: Path, *, max_rows: int | None = None, seed: int = 0,
-                  progress: Progress | None = None, **fit_opts: Any) -> dict[str, dict[str, Any]]:
+                  progress: Progress | None = None, **fit_opts: Any) -> dict[str, Metrics]:
     """All detectors on one dataset file."""
     from sklearn.decomposition import PCA  # noqa: PLC0415
     from sklearn.ensemble import IsolationForest  # noqa: PLC0415
@@ -113,7 +122,7 @@ def evaluate_file(path: Path, *, max_rows: int | None = None, seed: int = 0,
     train, test, label = load_dataset(path, max_rows)
     names = [f"f{i}" for i in range(train.shape[1])]
     q = fit_opts.get("threshold_quantile", FitOptions().threshold_quantile)
-    results: dict[str, dict[str, Any]] = {}
+    results: dict[str, Metrics] = {}
 
     note("fitting heald")
     t0 = time.perf_counter()
@@ -172,7 +181,7 @@ def _mean(values: list[float | None]) -> float | None:
 
 
 def evaluate_dir(directory: str | Path, *, max_rows: int | None = None, seed: int = 0,
-                 progress: Progress | None = None, **fit_opts: Any) -> dict[str, Any]:
+                 progress: Progress | None = None, **fit_opts: Any) -> Evaluation:
     """Evaluate every ``*.npz`` in ``directory``; the ``heald model evaluate --json`` object."""
     d = Path(directory)
     if not d.is_dir():
@@ -180,7 +189,7 @@ def evaluate_dir(directory: str | Path, *, max_rows: int | None = None, seed: in
     paths = sorted(d.glob("*.npz"))
     if not paths:
         raise InputError([Problem(str(d), "", "no *.npz datasets in this directory")])
-    files: dict[str, dict[str, dict[str, Any]]] = {}
+    files: dict[str, dict[str, Metrics]] = {}
     for i, path in enumerate(paths):
         prefix = f"[{i + 1}/{len(paths)}] "
 

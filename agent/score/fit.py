@@ -21,7 +21,7 @@ import datetime as dt
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,8 @@ import numpy.typing as npt
 
 from agent.errors import InputError, ModelError, Problem
 from agent.score import compiled as art
-from agent.score.compiled import COMPONENTS, F64, ArtifactMeta, CompiledDetector, FeatureSpec, TrainingWindow
+from agent.score.artifact import F64, FeatureSpec, TrainingWindow
+from agent.score.compiled import COMPONENTS, ArtifactMeta, CompiledDetector
 from agent.score.detector import combine, component_scores, ewma, geo_ewma
 
 
@@ -131,7 +132,7 @@ def fit_detector(
     train_start: float | None = None,
     train_end: float | None = None,
     source: str = "",
-    **opts: Any,
+    **opts: object,
 ) -> CompiledDetector:
     """Fit on ``train`` (rows in time order, columns = ``feature_names``) and compile.
 
@@ -183,7 +184,7 @@ def fit_detector(
         pca_mean, pca_components = np.zeros(d), np.zeros((0, d))
 
     n_comp = len(COMPONENTS)
-    arrays: dict[str, Any] = {
+    arrays: dict[str, npt.ArrayLike] = {
         "median": median, "scale": scale, "centroids": centroids, "centroid_sq": centroid_sq,
         "pca_mean": pca_mean, "pca_components": pca_components,
         "divisors": np.ones(n_comp), "weights": np.asarray(options.weights, dtype=np.float64),
@@ -273,7 +274,8 @@ def load_training(path: str | os.PathLike[str]) -> tuple[F64, list[str], list[st
 
 def fit_file(input_path: str | os.PathLike[str], output_path: str | os.PathLike[str],
              **opts: Any) -> CompiledDetector:
-    """Fit on a training file and write the artifact atomically."""
+    """Fit on a training file and write the artifact atomically. ``opts``: :class:`FitOptions`
+    fields (Any: they are passed on next to fit_detector's own keywords, so object would not do)."""
     data, names, units = load_training(input_path)
     model = fit_detector(data, names, units=units, source=Path(input_path).name, **opts)
     art.save(model, output_path)
@@ -284,7 +286,7 @@ def fit_in_child(
     train_path: str | os.PathLike[str],
     out_path: str | os.PathLike[str],
     *,
-    options: dict[str, Any] | None = None,
+    options: Mapping[str, object] | None = None,
     timeout_s: float = 600.0,
     feature_names: Sequence[str] | None = None,
 ) -> CompiledDetector:
@@ -343,7 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         try:
-            opts = msgspec.json.decode(args.options, type=dict[str, Any])
+            opts = msgspec.json.decode(args.options, type=dict[str, object])
         except msgspec.DecodeError as exc:
             raise InputError([Problem("--options", "", f"not a JSON object: {exc}")]) from None
         fit_file(args.input, args.output, **opts)

@@ -37,7 +37,7 @@ import ctypes
 import math
 import operator
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import msgspec
 import numpy as np
@@ -155,7 +155,7 @@ class Forecaster:
         self._wild = {split_key(r.key)[0]: r for r in self.resources if r.key.endswith("[*]")}
         self._keys: list[str] = []
         self._spec: list[Resource] = []
-        self._get: Callable[[dict[str, float | None]], tuple[Any, ...]] = lambda _m: ()
+        self._get: Callable[[dict[str, float | None]], tuple[float | None, ...]] = lambda _m: ()
         # One extra ring row stays NaN: padding for windows with fewer points than others.
         self._ring = np.full((capacity + 1, 0), np.nan)
         self._t = np.full(capacity + 1, np.nan)
@@ -174,7 +174,7 @@ class Forecaster:
         self._spans_arr = np.array(self.spans, dtype=np.float64)
         self._due_arr = np.ones(len(self.spans), dtype=np.int8)
         self._tctx = TrendCtx()
-        self._tctx_ref: Any = None
+        self._tctx_ref: object = None  # ctypes.byref(self._tctx), opaque to Python
         if self._kern is not None:
             c = self._tctx
             c.cap, c.nspans, c.max_points = capacity, len(self.spans), max_points

@@ -33,10 +33,11 @@ import math
 import os
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import structlog
 
 from agent.collect.sample import Sample
@@ -68,7 +69,7 @@ WORKLOAD_LEVELS: tuple[str, ...] = (
 # On the quiet recording they were the whole of the detector's alerts once blips were despiked.
 # CPU saturation is the failure classifier's cpu_runaway; memory and I/O pressure stay in.
 CPU_CONTENTION: tuple[str, ...] = ("cpu.steal_pct", "psi.some_avg10_pct[cpu]")
-DEFAULT_FIT_OPTIONS: dict[str, Any] = {"threshold_margin": 1.5,
+DEFAULT_FIT_OPTIONS: dict[str, object] = {"threshold_margin": 1.5,
                                        "exclude": [*WORKLOAD_LEVELS, *CPU_CONTENTION]}
 
 
@@ -84,7 +85,7 @@ class RiskStage:
         forecast_min_confidence: float = 0.5,
         failure_threshold: float = 0.5,
         explain_above: float = 1.0,
-        fit_options: dict[str, Any] | None = None,
+        fit_options: Mapping[str, object] | None = None,
         fit_timeout_s: float = 600.0,
         gap_reset_s: float = 30.0,
         history: bool = True,
@@ -111,7 +112,7 @@ class RiskStage:
         self._fitting = False
         self.scorer: clf.Scorer | None = None
         self.detector: StreamingDetector | None = None
-        self._det_idx: np.ndarray[Any, np.dtype[np.intp]] | None = None
+        self._det_idx: npt.NDArray[np.intp] | None = None
         if settings.enabled:
             log.info("score stage ready", kernels="native" if self.window.native else "numpy",
                      features=self.schema.dim)

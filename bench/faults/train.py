@@ -9,7 +9,7 @@
    the held-out faults. Prints per-class precision/recall/F1 (sample level, argmax) and, per
    fault episode, whether its class reached p >= 0.5 before the failure and how early.
 3. Trains the shipped model on everything, in a child process
-   (``python -m agent.score.classifier train``), and checks it loads.
+   (``python -m agent.score.classifier_train train``), and checks it loads.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ import dataset
 
 from agent.features.schema import FeatureSchema
 from agent.score import classifier as clf
-from agent.score.compiled import TrainingWindow
+from agent.score import classifier_train as clf_train
+from agent.score.artifact import TrainingWindow
 
 THRESHOLD = 0.5
 
@@ -60,7 +61,7 @@ def main() -> int:
     g = np.asarray(gs)
     wall = np.concatenate(walls)
     x[~np.isfinite(x)] = np.nan
-    keep = clf.usable_features(x, schema.names)
+    keep = clf_train.usable_features(x, schema.names)
     names = [schema.names[j] for j in keep]
     units = [schema.units[j] for j in keep]
     xk = x[:, keep]
@@ -72,10 +73,10 @@ def main() -> int:
     oof = np.full((x.shape[0], len(classes)), np.nan)
     outer = StratifiedGroupKFold(n_splits=args.folds, shuffle=True, random_state=1)
     for k, (tr, te) in enumerate(outer.split(xk, y, g)):
-        cal = clf.fit_sklearn(xk[tr], y[tr], g[tr], c_reg=args.c, n_splits=2, random_state=k,
+        cal = clf_train.fit_sklearn(xk[tr], y[tr], g[tr], c_reg=args.c, n_splits=2, random_state=k,
                               feature_names=names)
-        model = clf.compile_calibrated(cal, names, units, schema, horizon_s=args.horizon,
-                                       training=TrainingWindow(rows=len(tr)), options={})
+        model = clf_train.compile_calibrated(cal, names, units, schema, horizon_s=args.horizon,
+                                             training=TrainingWindow(rows=len(tr)), options={})
         p = model.predict_proba(xk[te])
         for ci, c in enumerate(model.meta.classes):
             oof[te, classes.index(c)] = p[:, ci]
@@ -129,7 +130,7 @@ def main() -> int:
                         schema_json=np.frombuffer(schema.to_json(), dtype=np.uint8),
                         metrics_json=np.frombuffer(msgspec.json.encode(metrics), dtype=np.uint8))
     try:
-        model = clf.train_in_child(tmp, args.out, c_reg=args.c)
+        model = clf_train.train_in_child(tmp, args.out, c_reg=args.c)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     print(f"\nwrote {args.out} ({args.out.stat().st_size} bytes), version {model.version}, "
