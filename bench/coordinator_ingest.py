@@ -38,7 +38,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from coordinator.testing import CoordinatorProcess, free_port, write_config  # noqa: E402
+from devtools.coordinator_proc import CoordinatorProcess, free_port, write_config  # noqa: E402
 
 MOSQUITTO = os.environ.get("HEALD_TEST_MOSQUITTO", "/usr/sbin/mosquitto")
 PG_ADMIN = os.environ.get("HEALD_BENCH_PG", "postgresql://postgres@127.0.0.1/postgres")

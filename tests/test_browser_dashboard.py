@@ -18,8 +18,8 @@ import pytest
 from broker import Broker
 
 from agent.wire.signing import load_private_key
-from coordinator.sim import SimAgent, SimNode
-from coordinator.testing import PASSWORD, REPO_ROOT, CoordinatorProcess, free_port, write_config
+from devtools.coordinator_proc import PASSWORD, REPO_ROOT, CoordinatorProcess, free_port, write_config
+from devtools.fleet_sim import SimAgent, SimNode
 
 pytestmark = pytest.mark.slow
 

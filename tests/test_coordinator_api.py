@@ -19,8 +19,8 @@ import pytest
 from broker import Broker
 
 from agent.wire.signing import CommandVerifier, load_private_key
-from coordinator.sim import SimNode, publish
-from coordinator.testing import PASSWORD, REPO_ROOT, TOKEN, CoordinatorProcess, free_port, write_config
+from devtools.coordinator_proc import PASSWORD, REPO_ROOT, TOKEN, CoordinatorProcess, free_port, write_config
+from devtools.fleet_sim import SimNode, publish
 
 pytestmark = pytest.mark.slow
 

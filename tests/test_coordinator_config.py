@@ -13,8 +13,8 @@ from agent.wire.signing import load_private_key, parse_public_key
 from coordinator.broker import amqtt_available, check_loopback
 from coordinator.config import loads
 from coordinator.errors import BrokerUnavailable, CoordinatorConfigError
-from coordinator.sim import SimAgent, SimNode
-from coordinator.testing import REPO_ROOT, CoordinatorProcess, free_port, write_config
+from devtools.coordinator_proc import REPO_ROOT, CoordinatorProcess, free_port, write_config
+from devtools.fleet_sim import SimAgent, SimNode
 
 GOOD = '[web]\npassword = "x"\n'
 

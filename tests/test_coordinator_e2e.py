@@ -27,8 +27,8 @@ import aiomqtt
 import pytest
 from broker import Broker
 
-from coordinator.sim import SimNode, publish
-from coordinator.testing import PASSWORD, REPO_ROOT, CoordinatorProcess, free_port, write_config
+from devtools.coordinator_proc import PASSWORD, REPO_ROOT, CoordinatorProcess, free_port, write_config
+from devtools.fleet_sim import SimNode, publish
 
 pytestmark = pytest.mark.slow
 

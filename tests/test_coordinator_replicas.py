@@ -13,8 +13,8 @@ import aiomqtt
 import pytest
 from broker import Broker
 
-from coordinator.sim import SimNode, publish
-from coordinator.testing import CoordinatorProcess, free_port, write_config
+from devtools.coordinator_proc import CoordinatorProcess, free_port, write_config
+from devtools.fleet_sim import SimNode, publish
 
 pytestmark = pytest.mark.slow
 

@@ -19,8 +19,8 @@ from agent.wire import encode
 from coordinator.config import BudgetSection, StoreSection
 from coordinator.ingest import classify, subscription_qos, subscriptions
 from coordinator.model import Incoming
-from coordinator.sim import SimNode
 from coordinator.store import NodeQuery, Store, open_store
+from devtools.fleet_sim import SimNode
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1/postgres"
 

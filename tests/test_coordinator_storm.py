@@ -14,8 +14,8 @@ from broker import Broker
 
 from agent.wire import Command, decode_command
 from agent.wire.signing import CommandVerifier, load_private_key
-from coordinator.sim import SimNode, publish
-from coordinator.testing import CoordinatorProcess, free_port, write_config
+from devtools.coordinator_proc import CoordinatorProcess, free_port, write_config
+from devtools.fleet_sim import SimNode, publish
 
 pytestmark = pytest.mark.slow
 

@@ -20,16 +20,19 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from agent.errors import WireError
 from agent.wire import (
     PROTOCOL_VERSION,
+    AckStatus,
     Action,
     Birth,
     Command,
     CommandAck,
+    CommandName,
     Contribution,
     Event,
     Forecast,
     Message,
     Metrics,
     MetricSample,
+    RequestEvent,
     Risk,
     Status,
     command_topics,
@@ -39,7 +42,6 @@ from agent.wire import (
     topic_of,
 )
 from agent.wire.signing import CommandRejected, CommandVerifier
-from coordinator.model import APPROVAL_REQUEST, APPROVE, LEASE_GRANT, LEASE_REQUEST
 
 
 @dataclass
@@ -72,8 +74,8 @@ class SimNode:
             collectors=["cpu", "memory"],
         )
 
-    def status(self, state: str = "online", reason: str = "") -> Status:
-        return Status(**self._env(), state=state, bdseq=self.bdseq, reason=reason)  # type: ignore[arg-type]
+    def status(self, state: Literal["online", "offline"] = "online", reason: str = "") -> Status:
+        return Status(**self._env(), state=state, bdseq=self.bdseq, reason=reason)
 
     def metrics(self, n: int = 1, cpu: float | None = None) -> Metrics:
         now = time.time()
@@ -141,8 +143,8 @@ class SimNode:
             duration_s=0.4 if phase == "finished" else None,
         )
 
-    def ack(self, command_id: str, status: str, message: str = "") -> CommandAck:
-        return CommandAck(**self._env(), command_id=command_id, status=status, message=message)  # type: ignore[arg-type]
+    def ack(self, command_id: str, status: AckStatus, message: str = "") -> CommandAck:
+        return CommandAck(**self._env(), command_id=command_id, status=status, message=message)
 
 
 async def publish(client: aiomqtt.Client, message: Message) -> None:
@@ -206,7 +208,7 @@ class SimAgent:
             return
         self.accepted.append(cmd)
         await self.send(self.node.ack(cmd.id, "accepted"))
-        if cmd.name in (APPROVE, LEASE_GRANT):
+        if cmd.name in (CommandName.APPROVE, CommandName.LEASE_GRANT):
             run_id = str(cmd.args.get("run_id") or cmd.id)
             playbook = str(cmd.args.get("playbook", "?"))
             await self.send(self.node.action(run_id, playbook, "started"))
@@ -217,7 +219,7 @@ class SimAgent:
     async def request_approval(self, request_id: str, playbook: str, action: str = "restart_service") -> None:
         await self.send(
             self.node.event(
-                APPROVAL_REQUEST,
+                RequestEvent.APPROVAL_REQUEST,
                 {"request_id": request_id, "run_id": request_id, "playbook": playbook, "action": action},
                 message=f"{playbook} wants to {action}",
             )
@@ -226,7 +228,7 @@ class SimAgent:
     async def request_lease(self, request_id: str, playbook: str) -> None:
         await self.send(
             self.node.event(
-                LEASE_REQUEST,
+                RequestEvent.LEASE_REQUEST,
                 {"request_id": request_id, "run_id": request_id, "playbook": playbook},
                 value=300.0,
             )

@@ -2,6 +2,10 @@
 
 :class:`CoordinatorProcess` starts ``python -m coordinator`` as a child, waits until its API
 answers and its MQTT connection is up, and always stops *and reaps* it.
+
+The dashboard password and API token in the configs :func:`write_config` writes are made fresh
+for each run (each interpreter), so no secret is written down in the repository; tests that log
+in import :data:`PASSWORD` and :data:`TOKEN` from here.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -17,13 +22,14 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
-import coordinator
-
-REPO_ROOT = Path(coordinator.__file__).resolve().parent.parent
-TOKEN = "test-token-0123456789"  # noqa: S105 - test fixture secret
-PASSWORD = "test-password"  # noqa: S105 - test fixture secret
+#: The repository root: the child coordinator runs from here, with it on PYTHONPATH.
+REPO_ROOT: Final = Path(__file__).resolve().parent.parent
+#: The API token and dashboard password of every config written by this process (URL-safe
+#: characters only, so they go into TOML strings and HTTP headers as they are).
+TOKEN: Final = secrets.token_urlsafe(24)
+PASSWORD: Final = secrets.token_urlsafe(18)
 
 
 def free_port() -> int:
