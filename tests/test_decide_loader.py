@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -74,6 +75,16 @@ def test_arbitrary_text_never_raises(text: str) -> None:
 @given(st.integers(0, 10**7))
 def test_duration_roundtrip(seconds: int) -> None:
     assert parse_duration(format_duration(float(seconds))) == seconds
+
+
+def test_duration_grammar_includes_the_fleet_clis() -> None:
+    """`heald fleet silence DURATION` parses with this one grammar (then requires > 0 itself)."""
+    for text, seconds in [("90s", 90), ("15m", 900), ("2h", 7200), ("1d", 86400), ("1.5h", 5400),
+                          ("90", 90), ("2.5", 2.5), (" 30 s ", 30), ("250ms", 0.25), ("0", 0)]:
+        assert parse_duration(text) == seconds, text
+    for bad in ["", "s", "-5", "-5s", "5 x", "1e3", "90sec", "15M"]:
+        with pytest.raises(ValueError, match="not a duration"):
+            parse_duration(bad)
 
 
 @given(st.integers(0, 2**40))
