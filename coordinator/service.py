@@ -165,7 +165,7 @@ class Coordinator:
         return {
             "replica": self.replica,
             "started_at": self.started_at,
-            "store": self.store.dialect.name,
+            "store": self.store.db.dialect.name,
             "share_group": self.settings.mqtt.share_group or None,
             "signing_key_id": self.signer.issuer,
             "public_key": public_key_text(self.signer.public_key),
@@ -216,7 +216,7 @@ async def serve(settings: CoordinatorSettings) -> None:
             log.info(
                 "coordinator starting",
                 replica=coord.replica,
-                store=store.dialect.name,
+                store=store.db.dialect.name,
                 mqtt=f"{host}:{port}",
                 embedded_broker=settings.embedded_broker,
                 signing_key_id=signer.issuer,

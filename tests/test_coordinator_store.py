@@ -210,7 +210,8 @@ async def test_lease_budget_and_expiry(store: Store) -> None:
     assert not d.granted
     assert d.reason.startswith("budget:")
     # leases expire -> budget returns
-    await store._write(lambda cur: store._x(cur, "UPDATE leases SET expires_at = ?", (time.time() - 1,)))
+    expired = time.time() - 1
+    await store.db.write(lambda cur: store.db.execute(cur, "UPDATE leases SET expires_at = ?", (expired,)))
     again = await _request(store, nodes[3], "pb-c")
     assert again.decisions[0].granted  # type: ignore[attr-defined]
     # releasing returns budget too
@@ -241,7 +242,7 @@ async def test_storm_holds_group_and_raises_one_escalation(store: Store) -> None
     assert (await _request(store, other_site[0])).decisions[0].granted  # type: ignore[attr-defined]
     # resolving the escalation lifts the hold (the budget applies again)
     await store.resolve_escalation(int(escalations[0]["id"]), "op")
-    await store._write(lambda cur: store._x(cur, "DELETE FROM lease_requests"))
+    await store.db.write(lambda cur: store.db.execute(cur, "DELETE FROM lease_requests"))
     assert (await _request(store, nodes[0])).decisions[0].granted  # type: ignore[attr-defined]
 
 

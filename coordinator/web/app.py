@@ -34,6 +34,7 @@ from coordinator.config import login_secrets, parse_listen
 from coordinator.errors import BadRequest, Conflict, NotFound
 from coordinator.service import Coordinator
 from coordinator.store import NodeQuery, dumps
+from coordinator.store.rows import TableName
 
 log = structlog.get_logger("coordinator.web")
 
@@ -310,7 +311,7 @@ async def node_risk(request: web.Request) -> web.Response:
 
 
 def _table(
-    name: str, where_from: Callable[[web.Request], tuple[str, list[Any]]], order: str = "id DESC"
+    name: TableName, where_from: Callable[[web.Request], tuple[str, list[Any]]], order: str = "id DESC"
 ) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def handler(request: web.Request) -> web.Response:
         where, params = where_from(request)

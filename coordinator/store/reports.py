@@ -1,0 +1,402 @@
+"""Applying report batches: history rows, each node's current state, and the events' side effects.
+
+Exactly-once: every report kind has a history table keyed ``(node, seq)``; a batch inserts each
+message with ``ON CONFLICT DO NOTHING`` and applies the side effects (node state, incidents,
+approvals, escalations, lease requests) only for the rows it actually inserted, in the same
+transaction. Two replicas that both receive a message (a retained status, a QoS 1 redelivery,
+a spool replay) therefore process it once. Node rows are locked in node order (``FOR UPDATE`` in
+PostgreSQL) before they are merged, so replicas never interleave on one node.
+
+Ordering: inside a batch messages are applied in ``(node, seq)`` order, and the current-state
+columns only move forward — risk by ``seq``, presence by ``(bdseq, offline, seq)`` — so late
+replays land in the history without rolling the current state back.
+
+Lease requests are only collected here (:attr:`BatchResult.lease_requests`); they are decided
+after the batch commits, by :mod:`coordinator.store.leases`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from typing import Any, Final, cast
+
+from agent.wire import Action, Birth, CommandAck, Event, Metrics, RequestEvent, Risk, Status
+from coordinator.config import BudgetSection
+from coordinator.model import BatchResult, Incoming, LeaseRequest, is_escalation
+from coordinator.store.database import Cursor, Database, DbRow, iter_chunks
+from coordinator.store.leases import group_of
+from coordinator.store.rows import dumps
+from coordinator.store.schema import NODE_COLUMNS
+
+#: Kinds the broker retains: their ``ts`` is when the node sent them, not a measure of ingest lag.
+_RETAINED: Final = frozenset({"birth", "status"})
+
+
+class Reports:
+    """Writes report batches into the history tables and the ``nodes`` rows."""
+
+    def __init__(self, db: Database, budget: BudgetSection) -> None:
+        self.db = db
+        self.budget = budget
+
+    async def apply(self, batch: Sequence[Incoming]) -> BatchResult:
+        """Store one batch in one transaction; count new and duplicate messages, collect lease requests."""
+        return await self.db.write(lambda cur: self._apply(cur, batch))
+
+    def _apply(self, cur: Cursor, batch: Sequence[Incoming]) -> BatchResult:
+        result = BatchResult()
+        ordered = sorted(batch, key=lambda i: (i.message.node, i.message.seq))
+        by_kind: dict[str, list[Incoming]] = {}
+        for item in ordered:
+            by_kind.setdefault(item.kind, []).append(item)
+        new: list[Incoming] = []
+        for kind, items in by_kind.items():
+            inserted = self._insert_history(cur, kind, items)
+            for item, ok in zip(items, inserted, strict=True):
+                if ok is None:
+                    result.duplicates += 1
+                else:
+                    new.append(item)
+        if not new:
+            return result
+        new.sort(key=lambda i: (i.message.node, i.message.seq))
+        now = time.time()
+        self._apply_state(cur, new, now, result)
+        result.new = len(new)
+        done = time.time()
+        result.lags = [
+            max(0.0, done - i.message.ts) for i in new if i.kind not in _RETAINED
+        ]  # retained: old ts
+        return result
+
+    def _insert_history(self, cur: Cursor, kind: str, items: list[Incoming]) -> list[Any]:
+        """Insert into ``kind``'s history table; per item, its key if new or None if a duplicate."""
+        if kind in ("birth", "status"):
+            rows: list[tuple[Any, ...]] = []
+            for i in items:
+                m = i.message
+                if isinstance(m, Birth):
+                    rows.append((m.node, m.seq, m.ts, "birth", "online", m.bdseq, m.agent_version))
+                elif isinstance(m, Status):
+                    rows.append((m.node, m.seq, m.ts, "status", m.state, m.bdseq, m.reason))
+            return self.db.insert_new(
+                cur,
+                "INSERT INTO presence (node, seq, ts, kind, state, bdseq, reason) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING seq",
+                rows,
+            )
+        if kind == "metrics":
+            rows = []
+            for i in items:
+                m = cast(Metrics, i.message)
+                samples = [[s.wall, s.metrics] for s in m.samples]
+                first = m.samples[0].wall if m.samples else m.ts
+                last = m.samples[-1].wall if m.samples else m.ts
+                rows.append((m.node, m.seq, m.ts, first, last, dumps(samples)))
+            return self.db.insert_new(
+                cur,
+                "INSERT INTO metrics (node, seq, ts, first_wall, last_wall, samples) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING seq",
+                rows,
+            )
+        if kind == "risk":
+            rows = []
+            for i in items:
+                m = cast(Risk, i.message)
+                rows.append(
+                    (
+                        m.node,
+                        m.seq,
+                        m.ts,
+                        m.sample_seq,
+                        m.anomaly,
+                        int(m.alert),
+                        int(m.cold),
+                        m.model_version,
+                        dumps(m.explanation),
+                        dumps(m.failure),
+                        dumps(m.forecasts),
+                    )
+                )
+            return self.db.insert_new(
+                cur,
+                "INSERT INTO risk (node, seq, ts, sample_seq, anomaly, alert, cold, model_version, "
+                "explanation, failure, forecasts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT DO NOTHING RETURNING seq",
+                rows,
+            )
+        if kind == "event":
+            rows = []
+            for i in items:
+                m = cast(Event, i.message)
+                rows.append(
+                    (
+                        m.node,
+                        m.site,
+                        m.seq,
+                        m.ts,
+                        m.wall,
+                        m.name,
+                        m.source,
+                        dumps(m.labels),
+                        m.value,
+                        m.message,
+                    )
+                )
+            return self.db.insert_new(
+                cur,
+                "INSERT INTO events (node, site, seq, ts, wall, name, source, labels, value, message) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING id",
+                rows,
+            )
+        if kind == "action":
+            rows = []
+            for i in items:
+                m = cast(Action, i.message)
+                rows.append(
+                    (
+                        m.node,
+                        m.site,
+                        m.seq,
+                        m.ts,
+                        m.run_id,
+                        m.playbook,
+                        m.step,
+                        m.action,
+                        m.phase,
+                        int(m.dry_run),
+                        m.outcome,
+                        dumps(m.result),
+                        m.error,
+                        m.duration_s,
+                    )
+                )
+            return self.db.insert_new(
+                cur,
+                "INSERT INTO actions (node, site, seq, ts, run_id, playbook, step, action, phase, dry_run, "
+                "outcome, result, error, duration_s) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT DO NOTHING RETURNING id",
+                rows,
+            )
+        if kind == "command_ack":
+            rows = []
+            for i in items:
+                m = cast(CommandAck, i.message)
+                rows.append((m.node, m.seq, m.ts, m.command_id, m.status, m.message, dumps(m.result)))
+            return self.db.insert_new(
+                cur,
+                "INSERT INTO acks (node, seq, ts, command_id, status, message, result) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING seq",
+                rows,
+            )
+        return [None] * len(items)  # commands are not reports: never stored from the bus
+
+    def _lock_nodes(self, cur: Cursor, items: list[Incoming], now: float) -> dict[str, DbRow]:
+        """The ``nodes`` rows of the batch's nodes, created if new and locked in node order."""
+        first: dict[str, Incoming] = {}
+        for i in items:
+            first.setdefault(i.message.node, i)
+        names = sorted(first)
+        self.db.insert_new(  # make sure every row exists, so FOR UPDATE can lock it
+            cur,
+            "INSERT INTO nodes (node, site, first_seen, last_seen, updated_at) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT DO NOTHING RETURNING node",
+            [(n, first[n].message.site, first[n].received_at, first[n].received_at, now) for n in names],
+        )
+        out: dict[str, DbRow] = {}
+        for chunk in iter_chunks(names, 500):
+            marks = ", ".join("?" * len(chunk))
+            for row in self.db.rows(
+                cur,
+                f"SELECT * FROM nodes WHERE node IN ({marks}) ORDER BY node"  # noqa: S608
+                f"{self.db.dialect.for_update}",
+                chunk,
+            ):
+                out[row["node"]] = row
+        return out
+
+    def _apply_state(self, cur: Cursor, items: list[Incoming], now: float, result: BatchResult) -> None:
+        """Merge the new messages into their nodes' rows and write what they cause, in batches."""
+        nodes = self._lock_nodes(cur, items, now)
+        labels_changed: dict[str, dict[str, str]] = {}
+        incidents_open: list[tuple[Any, ...]] = []
+        incidents_close: list[tuple[Any, ...]] = []
+        approvals: list[tuple[Any, ...]] = []
+        escalations: list[tuple[Any, ...]] = []
+        releases: list[tuple[Any, ...]] = []
+        acks: list[tuple[Any, ...]] = []
+        for item in items:
+            m = item.message
+            n = nodes[m.node]
+            n["site"] = m.site
+            n["last_seen"] = max(n["last_seen"], item.received_at)
+            if isinstance(m, Birth):
+                if m.bdseq >= n["bdseq"]:
+                    n.update(
+                        hostname=m.hostname,
+                        agent_version=m.agent_version,
+                        model_version=m.model_version,
+                        labels=dumps(m.labels),
+                        capabilities=dumps(m.capabilities),
+                        collectors=dumps(m.collectors),
+                        bdseq=m.bdseq,
+                    )
+                    labels_changed[m.node] = dict(m.labels)
+                    key = (m.bdseq, 0, m.seq)
+                    if key > (n["status_bdseq"], n["status_off"], n["status_seq"]):
+                        n.update(
+                            online=1, status_bdseq=m.bdseq, status_off=0, status_seq=m.seq, status_reason=""
+                        )
+            elif isinstance(m, Status):
+                key = (m.bdseq, int(m.state == "offline"), m.seq)
+                if key > (n["status_bdseq"], n["status_off"], n["status_seq"]):
+                    n.update(
+                        online=int(m.state == "online"),
+                        status_bdseq=key[0],
+                        status_off=key[1],
+                        status_seq=key[2],
+                        status_reason=m.reason,
+                        spool_pending=m.spool_pending,
+                        dropped_metrics=m.dropped_metrics,
+                    )
+            elif isinstance(m, Risk):
+                if m.seq > n["risk_seq"]:
+                    was_alert = bool(n["alert"])
+                    n.update(
+                        risk_seq=m.seq,
+                        risk_ts=m.ts,
+                        anomaly=m.anomaly,
+                        alert=int(m.alert),
+                        cold=int(m.cold),
+                        explanation=dumps(m.explanation),
+                        failure=dumps(m.failure),
+                        forecasts=dumps(m.forecasts),
+                        model_version=m.model_version or n["model_version"],
+                    )
+                    if m.alert and not was_alert:
+                        top = ", ".join(f"{c.feature} {c.share:.0%}" for c in m.explanation[:3])
+                        incidents_open.append((m.node, m.ts, f"risk alert (anomaly {m.anomaly}): {top}"))
+                        n["open_incidents"] = int(n["open_incidents"]) + 1
+                    elif not m.alert and was_alert:
+                        incidents_close.append((m.ts, m.node))
+                        n["open_incidents"] = 0
+            elif isinstance(m, Action):
+                if m.seq > n["action_seq"]:
+                    what = m.outcome if m.phase == "finished" and m.outcome else m.phase
+                    dry = " (dry-run)" if m.dry_run else ""
+                    n.update(action_seq=m.seq, last_action=f"{m.playbook}/{m.action}: {what}{dry}")
+            elif isinstance(m, Event):
+                self._event_side_effects(
+                    m, n, now, approvals=approvals, escalations=escalations, releases=releases, result=result
+                )
+            elif isinstance(m, CommandAck):
+                acks.append((m.status, m.message, now, m.command_id))
+            n["updated_at"] = now
+        sets = ", ".join(f"{c} = ?" for c in NODE_COLUMNS if c != "node")
+        self.db.execute_many(
+            cur,
+            f"UPDATE nodes SET {sets} WHERE node = ?",  # noqa: S608 - column names from NODE_COLUMNS
+            [[n[c] for c in NODE_COLUMNS if c != "node"] + [n["node"]] for _, n in sorted(nodes.items())],
+        )
+        for node, labels in sorted(labels_changed.items()):
+            self.db.execute(cur, "DELETE FROM node_labels WHERE node = ?", (node,))
+            if labels:
+                self.db.execute_many(
+                    cur,
+                    "INSERT INTO node_labels (node, key, value) VALUES (?, ?, ?)",
+                    [(node, k, v) for k, v in sorted(labels.items())],
+                )
+        if incidents_open:
+            self.db.execute_many(
+                cur, "INSERT INTO incidents (node, opened_at, reason) VALUES (?, ?, ?)", incidents_open
+            )
+        if incidents_close:
+            self.db.execute_many(
+                cur,
+                "UPDATE incidents SET closed_at = ? WHERE node = ? AND closed_at IS NULL",
+                incidents_close,
+            )
+        if approvals:
+            self.db.insert_new(
+                cur,
+                "INSERT INTO approvals (id, node, site, seq, run_id, playbook, action, message, "
+                "requested_at, state, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?) "
+                "ON CONFLICT DO NOTHING RETURNING id",
+                approvals,
+            )
+        if escalations:
+            self.db.execute_many(
+                cur,
+                "INSERT INTO escalations (scope, node, grp, playbook, reason, ts, state, updated_at) "
+                "VALUES ('node', ?, ?, ?, ?, ?, 'open', ?)",
+                escalations,
+            )
+        if releases:
+            self.db.execute_many(
+                cur,
+                "UPDATE leases SET released_at = ?, release_reason = 'released by node' "
+                "WHERE id = ? AND node = ? AND released_at IS NULL",
+                releases,
+            )
+        if acks:
+            self.db.execute_many(
+                cur, "UPDATE commands SET status = ?, status_message = ?, updated_at = ? WHERE id = ?", acks
+            )
+
+    def _event_side_effects(
+        self,
+        m: Event,
+        n: DbRow,
+        now: float,
+        *,
+        approvals: list[tuple[Any, ...]],
+        escalations: list[tuple[Any, ...]],
+        releases: list[tuple[Any, ...]],
+        result: BatchResult,
+    ) -> None:
+        """What a request or escalation event asks for: collected into the lists the caller writes."""
+        labels = m.labels
+        if m.name == RequestEvent.LEASE_REQUEST:
+            result.lease_requests.append(
+                LeaseRequest(
+                    node=m.node,
+                    site=m.site,
+                    seq=m.seq,
+                    request_id=labels.get("request_id", f"{m.node}-{m.seq}"),
+                    playbook=labels.get("playbook", m.source or "?"),
+                    run_id=labels.get("run_id", ""),
+                    ttl_s=m.value,
+                    ts=m.ts,
+                )
+            )
+        elif m.name == RequestEvent.LEASE_RELEASE:
+            releases.append((now, labels.get("lease_id", ""), m.node))
+        elif m.name == RequestEvent.APPROVAL_REQUEST:
+            approvals.append(
+                (
+                    labels.get("request_id") or f"{m.node}-{m.seq}",
+                    m.node,
+                    m.site,
+                    m.seq,
+                    labels.get("run_id", ""),
+                    labels.get("playbook", ""),
+                    labels.get("action", ""),
+                    m.message,
+                    m.wall,
+                    now,
+                )
+            )
+        elif is_escalation(m.name):
+            labels_of_node = json.loads(n["labels"])
+            escalations.append(
+                (
+                    m.node,
+                    group_of(self.budget, m.site, labels_of_node),
+                    labels.get("playbook", ""),
+                    m.message or m.name,
+                    m.wall,
+                    now,
+                )
+            )
