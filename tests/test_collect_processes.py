@@ -19,9 +19,9 @@ from agent.collect.processes import (
     parse_cmdline,
     parse_pid_stat,
     parse_procs_counts,
-    parse_systemctl_show,
 )
 from agent.collect.settings import ProcessSettings
+from agent.collect.units import parse_systemctl_show
 
 
 def _wait_state(pid: int, state: str, timeout: float = 5.0) -> None:

@@ -1,4 +1,4 @@
-"""The collector contract.
+"""The collector contract, and the base class every collector builds on.
 
 A collector is a small synchronous object: ``start()`` once (raise CollectorUnavailable when the
 host lacks what it needs — it is then disabled and logged once), then ``collect()`` every
@@ -7,14 +7,26 @@ worker thread under ``timeout_s``. It must not raise for a metric it cannot read
 reported as ``None``. An unexpected exception is logged and the pass counts as failed; the
 collector keeps running.
 
+:class:`Collector` is the contract the sampler relies on (anything with these members will do,
+test doubles included). :class:`BaseCollector` is what the shipped collectors share: settings,
+schedule and root taken from ``[collect.<name>]``, paths below ``root``, the start-time check
+that a required file is readable, events stamped with the collector's name, and no-op
+``start``/``close``. It adds nothing to a pass: ``collect()`` is the subclass's alone.
+
 Rates are computed from deltas with monotonic time (see :mod:`agent.collect.counters`).
 """
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+import abc
+import os
+import time
+from typing import Generic, Protocol, TypeVar, runtime_checkable
 
-from agent.collect.sample import Reading
+from agent.collect.procfs import read_bytes
+from agent.collect.sample import Event, Reading
+from agent.collect.settings import CollectorSettings
+from agent.errors import CollectorUnavailable
 
 
 @runtime_checkable
@@ -31,3 +43,61 @@ class Collector(Protocol):
 
     def close(self) -> None:
         """Release handles (NVML shutdown, open files)."""
+
+
+S = TypeVar("S", bound=CollectorSettings)
+
+
+class BaseCollector(abc.ABC, Generic[S]):
+    """A :class:`Collector` configured by settings of type ``S``; see the module docstring.
+
+    A subclass sets ``name``, calls ``super().__init__(settings or ItsSettings(), root=root)``
+    and implements ``collect()``; it overrides ``start``/``close`` when it has something to
+    probe or release.
+    """
+
+    #: The collector's name: its ``[collect.<name>]`` section and its key in a Sample.
+    name: str
+
+    def __init__(self, settings: S, *, root: str = "/") -> None:
+        self.settings = settings
+        # Copied, not properties: the sampler reads them as plain attributes (the protocol).
+        self.interval_s = settings.interval_s
+        self.timeout_s = settings.timeout_s
+        # Prefix of every /proc, /sys and /dev path; tests point it at fixture trees.
+        self.root = root
+
+    def _p(self, rel: str) -> str:
+        """``rel`` (``proc/stat``) below ``root``."""
+        return os.path.join(self.root, rel)
+
+    def _require(self, rel: str) -> bytes:
+        """The file ``rel`` below ``root``; CollectorUnavailable when it cannot be read."""
+        path = self._p(rel)
+        data = read_bytes(path)
+        if data is None:
+            raise CollectorUnavailable(f"cannot read {path}")
+        return data
+
+    def _event(
+        self, kind: str, message: str, *, value: float | None = None, labels: dict[str, str] | None = None
+    ) -> Event:
+        """An event of this collector, stamped now (events are rare: this is off the hot path)."""
+        return Event(
+            kind=kind,
+            source=self.name,
+            wall=time.time(),
+            labels={} if labels is None else labels,
+            value=value,
+            message=message,
+        )
+
+    def start(self) -> None:
+        """Nothing to probe by default: the first pass finds out what the host has."""
+
+    @abc.abstractmethod
+    def collect(self) -> Reading:
+        """One pass. Blocking; never raises for a missing metric."""
+
+    def close(self) -> None:
+        """Nothing to release by default."""

@@ -7,7 +7,7 @@ and the temperature sensors ``psutil.sensors_temperatures()`` exposes, named as 
 (``/sys/class/hwmon/hwmon*/temp*_input``, else ``/sys/class/thermal/thermal_zone*/temp``). The
 sensors are found, and their names and labels read, at start and once a minute; a pass reads only
 each sensor's current value (psutil reads five files per sensor and globs sysfs on every call).
-Every file is read with ``os.open``/``os.read``: no file object per read.
+Every file is read with ``os.open``/``os.read`` (:mod:`agent.collect.procfs`): no file object per read.
 
 Metrics (``None`` on the first pass for anything computed from deltas):
 
@@ -43,47 +43,20 @@ import os
 import time
 from dataclasses import dataclass
 
+from agent.collect.base import BaseCollector
 from agent.collect.counters import RateTracker
+from agent.collect.procfs import read_bytes, read_text
 from agent.collect.sample import Metrics, Reading, key
 from agent.collect.settings import CpuSettings
-from agent.errors import CollectorUnavailable
 
 # /proc/stat cpu line fields, in order (guest and guest_nice are already counted in user/nice).
 _USER, _NICE, _SYSTEM, _IDLE, _IOWAIT, _IRQ, _SOFTIRQ, _STEAL = range(8)
 _N_TIMES = 8
 
-
-_O_FILE = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
-_CHUNK = 65536
 SENSOR_RESCAN_S = 60.0  # sensors (hwmon drivers) can come and go: look for them again this often
-
-
-def read_bytes(path: str) -> bytes | None:
-    """The whole file, or None when it cannot be read. os.open/os.read: no file object per read.
-
-    A short read ends it: procfs and sysfs files return everything that fits in one read.
-    """
-    try:
-        fd = os.open(path, _O_FILE)
-    except OSError:
-        return None
-    try:
-        data = os.read(fd, _CHUNK)
-        if len(data) < _CHUNK:
-            return data
-        chunks = [data]
-        while chunk := os.read(fd, _CHUNK):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-
-
-def _read(path: str) -> str | None:
-    data = read_bytes(path)
-    return None if data is None else data.decode("ascii", "replace")
+# Throttle counters: (metric key of the sum, metric key of its rate, RateTracker key) by kind.
+_CORE_THROTTLE = ("cpu.core_throttle_count", "cpu.core_throttle_per_s", "core_throttle")
+_PACKAGE_THROTTLE = ("cpu.package_throttle_count", "cpu.package_throttle_per_s", "package_throttle")
 
 
 def _line_value(data: bytes, name: bytes) -> int | None:
@@ -147,8 +120,20 @@ def read_proc_stat(root: str = "/") -> ProcStat | None:
 
 
 def _strip_read(path: str) -> str | None:
+    text = read_text(path, "utf-8")
+    return None if text is None else text.strip()
+
+
+def _has_value(path: str) -> bool:
+    """Whether ``path`` reads as a number now (psutil skips a sensor whose value does not)."""
     data = read_bytes(path)
-    return None if data is None else data.decode("utf-8", "replace").strip()
+    if data is None:
+        return False
+    try:
+        float(data)
+    except ValueError:
+        return False
+    return True
 
 
 def discover_temp_sensors(root: str = "/") -> list[tuple[str, str]]:
@@ -168,12 +153,7 @@ def discover_temp_sensors(root: str = "/") -> list[tuple[str, str]]:
     for base in bases:
         path = base + "_input"
         chip = _strip_read(os.path.join(os.path.dirname(base), "name"))
-        value = read_bytes(path)
-        if chip is None or value is None:
-            continue
-        try:
-            float(value)
-        except ValueError:
+        if chip is None or not _has_value(path):
             continue
         i = per_chip.get(chip, 0)
         per_chip[chip] = i + 1
@@ -183,12 +163,7 @@ def discover_temp_sensors(root: str = "/") -> list[tuple[str, str]]:
     for base in sorted(glob.glob(os.path.join(root, "sys/class/thermal/thermal_zone*"))):
         path = os.path.join(base, "temp")
         chip = _strip_read(os.path.join(base, "type"))
-        value = read_bytes(path)
-        if chip is None or value is None:
-            continue
-        try:
-            float(value)
-        except ValueError:
+        if chip is None or not _has_value(path):
             continue
         i = per_chip.get(chip, 0)
         per_chip[chip] = i + 1
@@ -196,44 +171,42 @@ def discover_temp_sensors(root: str = "/") -> list[tuple[str, str]]:
     return sensors
 
 
-class CpuCollector:
+class CpuCollector(BaseCollector[CpuSettings]):
     """See the module docstring for the metrics."""
 
     name = "cpu"
 
     def __init__(self, settings: CpuSettings | None = None, *, root: str = "/") -> None:
-        self.settings = settings or CpuSettings()
-        self.interval_s = self.settings.interval_s
-        self.timeout_s = self.settings.timeout_s
-        self.root = root
+        super().__init__(settings or CpuSettings(), root=root)
         self._rates = RateTracker()
         self._prev_times: dict[str, tuple[int, ...]] = {}
         self._freq_files: list[str] = []
-        self._core_throttle_files: list[str] = []
-        self._pkg_throttle_files: list[str] = []  # one per physical package
+        # (count key, rate key, RateTracker key, files) of each throttle kind this host has;
+        # the package files are one per physical package.
+        self._throttle_counters: list[tuple[str, str, str, list[str]]] = []
         self._sensors: list[tuple[str, str]] = []  # (metric key, *_input file)
         self._sensors_at: float | None = None  # monotonic time of the last discovery
         # "cpu" / "cpuN" -> its cpu.util_pct key (built once, not per pass)
         self._util_keys: dict[str, str] = {}
 
-    def _p(self, rel: str) -> str:
-        return os.path.join(self.root, rel)
-
     def start(self) -> None:
-        if read_proc_stat(self.root) is None:
-            raise CollectorUnavailable(f"cannot read {self._p('proc/stat')}")
+        self._require("proc/stat")
         cpu_dir = self._p("sys/devices/system/cpu")
         self._freq_files = sorted(glob.glob(os.path.join(cpu_dir, "cpu[0-9]*/cpufreq/scaling_cur_freq")))
-        self._core_throttle_files = sorted(
-            glob.glob(os.path.join(cpu_dir, "cpu[0-9]*/thermal_throttle/core_throttle_count"))
-        )
+        core_glob = os.path.join(cpu_dir, "cpu[0-9]*/thermal_throttle/core_throttle_count")
+        core_files = sorted(glob.glob(core_glob))
         packages: dict[str, str] = {}
         pkg_glob = os.path.join(cpu_dir, "cpu[0-9]*/thermal_throttle/package_throttle_count")
         for path in sorted(glob.glob(pkg_glob)):
             cpu = os.path.dirname(os.path.dirname(path))
-            pkg = (_read(os.path.join(cpu, "topology/physical_package_id")) or cpu).strip()
+            pkg = (read_text(os.path.join(cpu, "topology/physical_package_id")) or cpu).strip()
             packages.setdefault(pkg, path)
-        self._pkg_throttle_files = list(packages.values())
+        # Kinds without files are left out: their metrics are absent on this host.
+        self._throttle_counters = [
+            (*keys, files)
+            for keys, files in ((_CORE_THROTTLE, core_files), (_PACKAGE_THROTTLE, list(packages.values())))
+            if files
+        ]
         self._discover_sensors(time.monotonic())
 
     def _discover_sensors(self, now: float) -> None:
@@ -334,9 +307,7 @@ class CpuCollector:
             m["cpu.freq_mhz"] = m["cpu.freq_max_mhz"] = None
 
     def _throttle(self, m: Metrics, now: float) -> None:
-        for fam, files in (("core", self._core_throttle_files), ("package", self._pkg_throttle_files)):
-            if not files:
-                continue
+        for count_key, rate_key, rate_id, files in self._throttle_counters:
             total: float | None = 0.0
             for path in files:
                 data = read_bytes(path)
@@ -344,8 +315,8 @@ class CpuCollector:
                     total = None if data is None or total is None else total + int(data)
                 except ValueError:
                     total = None
-            m[f"cpu.{fam}_throttle_count"] = total
-            m[f"cpu.{fam}_throttle_per_s"] = self._rates.rate(f"{fam}_throttle", total, now)
+            m[count_key] = total
+            m[rate_key] = self._rates.rate(rate_id, total, now)
 
     def _temperatures(self, m: Metrics, now: float) -> None:
         if self._sensors_at is None or now - self._sensors_at >= SENSOR_RESCAN_S:

@@ -36,7 +36,8 @@ read-write becomes read-only (typically ext4 ``errors=remount-ro`` after an I/O 
 Note: ``statvfs`` on a hung network filesystem blocks; the daemon's per-pass timeout covers it.
 
 Cost: the mount table is parsed again only when ``/proc/self/mounts`` changed since the last pass;
-metric keys are built once per mount and device; files are read with os.open/os.read.
+metric keys are built once per mount and device; files are read with os.open/os.read
+(:mod:`agent.collect.procfs`).
 """
 
 from __future__ import annotations
@@ -45,18 +46,13 @@ import os
 import time
 from dataclasses import dataclass
 
+from agent.collect.base import BaseCollector
 from agent.collect.counters import RateTracker
-from agent.collect.cpu import read_bytes
+from agent.collect.procfs import read_bytes
 from agent.collect.sample import Event, Metrics, Reading, key
 from agent.collect.settings import DiskSettings
-from agent.errors import CollectorUnavailable
 
 SECTOR_BYTES = 512
-
-
-def _read(path: str) -> str | None:
-    data = read_bytes(path)
-    return None if data is None else data.decode("utf-8", "surrogateescape")
 
 
 def unescape_mount(field: str) -> str:
@@ -161,16 +157,13 @@ _DEV_FAMILIES = ("read_iops", "write_iops", "read_bytes_per_s", "write_bytes_per
                  "write_await_ms", "util_pct")
 
 
-class DiskCollector:
+class DiskCollector(BaseCollector[DiskSettings]):
     """See the module docstring for the metrics and events."""
 
     name = "disk"
 
     def __init__(self, settings: DiskSettings | None = None, *, root: str = "/") -> None:
-        self.settings = settings or DiskSettings()
-        self.interval_s = self.settings.interval_s
-        self.timeout_s = self.settings.timeout_s
-        self.root = root
+        super().__init__(settings or DiskSettings(), root=root)
         self._rates = RateTracker()
         self._ro: dict[str, bool] = {}
         self._prev_ms: dict[str, tuple[int, int, int, int, int, float]] = {}
@@ -182,12 +175,8 @@ class DiskCollector:
         self._fs_keys: dict[str, tuple[str, ...]] = {}  # mount point -> its disk.* keys
         self._dev_keys: dict[str, tuple[str, ...]] = {}  # device -> its disk.* keys, then rate keys
 
-    def _p(self, rel: str) -> str:
-        return os.path.join(self.root, rel)
-
     def start(self) -> None:
-        if _read(self._p("proc/self/mounts")) is None:
-            raise CollectorUnavailable(f"cannot read {self._p('proc/self/mounts')}")
+        self._require("proc/self/mounts")
 
     def close(self) -> None:
         self._ro.clear()
@@ -246,13 +235,11 @@ class DiskCollector:
             self._ro[point] = ro
             if ro and was is False:
                 events.append(
-                    Event(
-                        kind="disk.readonly",
-                        source=self.name,
-                        wall=time.time(),
-                        labels={"mount": point, "device": mt.device, "fstype": mt.fstype},
+                    self._event(
+                        "disk.readonly",
+                        f"{point} ({mt.device}) became read-only",
                         value=1.0,
-                        message=f"{point} ({mt.device}) became read-only",
+                        labels={"mount": point, "device": mt.device, "fstype": mt.fstype},
                     )
                 )
         for gone in [p for p in self._ro if p not in seen]:

@@ -58,19 +58,35 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import enum
 import errno
 import os
 import re
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final, SupportsFloat, TypeAlias
 
-from agent.collect.sample import Event, Metrics, Reading, key
+from agent.collect.base import BaseCollector
+from agent.collect.sample import Detail, Event, Metrics, Reading, key
 from agent.collect.settings import GpuSettings
 from agent.errors import CollectorUnavailable
 
-_ABSENT: Any = object()  # "this device does not have it"
+# pynvml ships no type information (and tests hand in a stand-in module), so what NVML returns
+# (structs, ints, handles) is Any below; _Absent is what the collector adds to it.
+
+
+class _Absent(enum.Enum):
+    """Marks "this device does not have it": the query is not supported here (None, by contrast,
+    is "it could not be read this time")."""
+
+    ABSENT = enum.auto()
+
+
+_ABSENT: Final = _Absent.ABSENT
+# What one NVML query gives: NVML's value, None (unreadable now) or _ABSENT.
+_Queried: TypeAlias = Any | _Absent
+# A value put into a metric: a number, None or _ABSENT (the metric is left out).
+_Value: TypeAlias = SupportsFloat | _Absent | None
 _MAX_EVENTS_PER_PASS = 256
 _KMSG_READ = 8192
 _KMSG_MAX_READS = 1024
@@ -101,7 +117,7 @@ def _text(value: object) -> str:
 class _Device:
     index: int
     label: str
-    handle: Any = None
+    handle: Any = None  # NVML's opaque device handle (a ctypes pointer), None until looked up
     uuid: str = ""
     name: str = ""
     pci: tuple[int, int, int] | None = None  # (domain, bus, device)
@@ -113,20 +129,19 @@ class _Device:
     xids: int = 0
 
 
-class GpuCollector:
+class GpuCollector(BaseCollector[GpuSettings]):
     """See the module docstring for the metrics and events."""
 
     name = "gpu"
 
-    def __init__(self, settings: GpuSettings | None = None, *, root: str = "/", nvml: Any = None) -> None:
-        self.settings = settings or GpuSettings()
-        self.interval_s = self.settings.interval_s
-        self.timeout_s = self.settings.timeout_s
-        self.root = root
-        self._nvml_arg = nvml
-        self._nv: Any = None
+    def __init__(
+        self, settings: GpuSettings | None = None, *, root: str = "/", nvml: object | None = None
+    ) -> None:
+        super().__init__(settings or GpuSettings(), root=root)
+        self._nvml_arg = nvml  # a stand-in for the pynvml module; None: the real one, in start()
+        self._nv: Any = None  # the module in use, untyped (see above)
         self._devs: list[_Device] = []
-        self._event_set: Any = None
+        self._event_set: Any = None  # NVML's event set handle, None when XIDs do not come from NVML
         self._kmsg_fd: int | None = None
         self._kmsg_buf = b""
         self._xid_mask = 0
@@ -135,7 +150,7 @@ class GpuCollector:
     # -- lifecycle -------------------------------------------------------------------------------
 
     def start(self) -> None:
-        nv = self._nvml_arg
+        nv: Any = self._nvml_arg
         if nv is None:
             try:
                 import pynvml  # noqa: PLC0415 - lazy: only nodes with the GPU collector need it
@@ -214,7 +229,7 @@ class GpuCollector:
             self._open_kmsg()
 
     def _open_kmsg(self) -> None:
-        path = os.path.join(self.root, "dev/kmsg")
+        path = self._p("dev/kmsg")
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
@@ -256,13 +271,11 @@ class GpuCollector:
             m[key("gpu.lost", dev.label)] = 1.0 if dev.lost else 0.0
             if dev.lost and not dev.lost_reported:
                 events.append(
-                    Event(
-                        kind="gpu.lost",
-                        source=self.name,
-                        wall=time.time(),
-                        labels={"gpu": dev.label, "uuid": dev.uuid},
+                    self._event(
+                        "gpu.lost",
+                        f"GPU {dev.label} ({dev.uuid}) has fallen off the bus",
                         value=1.0,
-                        message=f"GPU {dev.label} ({dev.uuid}) has fallen off the bus",
+                        labels={"gpu": dev.label, "uuid": dev.uuid},
                     )
                 )
             dev.lost_reported = dev.lost
@@ -272,7 +285,7 @@ class GpuCollector:
             m[key("gpu.xid_count", dev.label)] = float(dev.xids)
         return Reading(metrics=m, events=events, detail=self._detail())
 
-    def _detail(self) -> dict[str, object]:
+    def _detail(self) -> Detail:
         nvml_ok = any(d.events for d in self._devs)
         source = "+".join(s for s, on in (("nvml", nvml_ok), ("kmsg", self._kmsg_fd is not None)) if on)
         return {
@@ -299,7 +312,7 @@ class GpuCollector:
             dev.lost = False
             self._open_device(dev)
 
-    def _q(self, dev: _Device, fn_name: str, *args: Any) -> Any:
+    def _q(self, dev: _Device, fn_name: str, *args: object) -> _Queried:
         """One NVML query: its value, _ABSENT (not supported here) or None (unreadable now)."""
         query_key = (fn_name, *args[1:])
         if query_key in dev.unsupported:
@@ -325,7 +338,7 @@ class GpuCollector:
     def _device(self, dev: _Device, m: Metrics) -> None:
         nv, h, lbl = self._nv, dev.handle, dev.label
 
-        def put(family: str, value: Any, scale: float = 1.0) -> None:
+        def put(family: str, value: _Value, scale: float = 1.0) -> None:
             if value is _ABSENT:
                 return
             m[key(family, lbl)] = None if value is None else float(value) * scale
@@ -376,7 +389,7 @@ class GpuCollector:
         if dev.nvlinks:
             self._nvlink(dev, put)
 
-    def _nvlink(self, dev: _Device, put: Callable[..., None]) -> None:
+    def _nvlink(self, dev: _Device, put: Callable[[str, _Value], None]) -> None:
         nv = self._nv
         groups = (
             ("gpu.nvlink_crc_errors", (nv.NVML_NVLINK_ERROR_DL_CRC_FLIT, nv.NVML_NVLINK_ERROR_DL_CRC_DATA)),
@@ -384,7 +397,7 @@ class GpuCollector:
             ("gpu.nvlink_recovery_errors", (nv.NVML_NVLINK_ERROR_DL_RECOVERY,)),
         )
         for family, counters in groups:
-            total: Any = _ABSENT
+            total: int | _Absent | None = _ABSENT
             for link in dev.nvlinks:
                 for counter in counters:
                     v = self._q(dev, "nvmlDeviceGetNvLinkErrorCounter", dev.handle, link, counter)
@@ -411,13 +424,11 @@ class GpuCollector:
         if dev is not None:
             dev.xids += 1
         label = dev.label if dev is not None else "unknown"
-        return Event(
-            kind="gpu.xid",
-            source=self.name,
-            wall=time.time(),
-            labels={"gpu": label, "uuid": dev.uuid if dev is not None else "", "source": source},
+        return self._event(
+            "gpu.xid",
+            f"XID {xid} on GPU {label}{extra}",
             value=float(xid),
-            message=f"XID {xid} on GPU {label}{extra}",
+            labels={"gpu": label, "uuid": dev.uuid if dev is not None else "", "source": source},
         )
 
     def _nvml_events(self, events: list[Event]) -> None:
@@ -435,7 +446,7 @@ class GpuCollector:
                 continue
             events.append(self._xid_event(self._device_of(data.device), int(data.eventData), "nvml"))
 
-    def _device_of(self, handle: Any) -> _Device | None:
+    def _device_of(self, handle: object) -> _Device | None:
         nv = self._nv
         try:
             idx = int(nv.nvmlDeviceGetIndex(handle))
@@ -484,7 +495,8 @@ class GpuCollector:
             events.append(self._xid_event(dev, int(match.group(4)), "kmsg", where))
 
 
-def _attr(obj: Any, name: str) -> Any:
+def _attr(obj: _Queried, name: str) -> _Queried:
+    """A field of an NVML struct that was queried, passing None and _ABSENT through."""
     if obj is None or obj is _ABSENT:
         return obj
     return getattr(obj, name)
@@ -494,7 +506,7 @@ def _pci_str(pci: tuple[int, int, int] | None) -> str:
     return "" if pci is None else f"{pci[0]:04x}:{pci[1]:02x}:{pci[2]:02x}"
 
 
-def _same_handle(a: Any, b: Any) -> bool:
+def _same_handle(a: Any, b: Any) -> bool:  # Any: ctypes.cast is typed for ctypes objects only
     if a is None or b is None:
         return False
     if a == b:

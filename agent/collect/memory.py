@@ -1,7 +1,8 @@
 """Memory collector: capacity, swap, page faults, pressure stall information, OOM kills.
 
 Sources: ``/proc/meminfo``, ``/proc/vmstat`` and ``/proc/pressure/{memory,cpu,io}``. A pass looks
-up only the fields it reports (vmstat has ~180 lines, meminfo ~55), with os.open/os.read.
+up only the fields it reports (vmstat has ~180 lines, meminfo ~55), with os.open/os.read
+(:mod:`agent.collect.procfs`).
 
 Metrics:
 
@@ -28,21 +29,17 @@ Events: ``mem.oom_kill`` when the oom_kill counter increases; ``value`` is the n
 
 from __future__ import annotations
 
-import os
 import time
 
+from agent.collect.base import BaseCollector
 from agent.collect.counters import RateTracker
-from agent.collect.cpu import read_bytes
+from agent.collect.procfs import read_bytes
 from agent.collect.sample import Event, Metrics, Reading, key
 from agent.collect.settings import MemorySettings
-from agent.errors import CollectorUnavailable
 
 PSI_RESOURCES = ("memory", "cpu", "io")
 _VMSTAT_KEYS = frozenset({b"pgfault", b"pgmajfault", b"oom_kill"})
-
-
 _MEMINFO_KEYS = (b"MemTotal", b"MemAvailable", b"MemFree", b"Buffers", b"Cached", b"SwapTotal", b"SwapFree")
-_read_bytes = read_bytes
 
 
 def _find_line(data: bytes, name: bytes) -> bytes | None:
@@ -66,6 +63,7 @@ def meminfo_fields(data: bytes, names: tuple[bytes, ...] = _MEMINFO_KEYS) -> dic
         rest = _find_line(data, name + b":")
         if rest is None:
             continue
+        # The value parsing of parse_meminfo, inlined on purpose: this runs every pass.
         parts = rest.split()
         if not parts:
             continue
@@ -125,40 +123,30 @@ def parse_psi(data: bytes) -> dict[str, float]:
     return out
 
 
-class MemoryCollector:
+class MemoryCollector(BaseCollector[MemorySettings]):
     """See the module docstring for the metrics and events."""
 
     name = "memory"
 
     def __init__(self, settings: MemorySettings | None = None, *, root: str = "/") -> None:
-        self.settings = settings or MemorySettings()
-        self.interval_s = self.settings.interval_s
-        self.timeout_s = self.settings.timeout_s
-        self.root = root
+        super().__init__(settings or MemorySettings(), root=root)
         self._rates = RateTracker()
         self._psi: dict[str, str] = {}  # resource -> path, only those readable at start
         # resource -> (field, metric key) of the fields it had at start
         self._psi_keys: dict[str, list[tuple[str, str]]] = {}
         self._last_oom: int | None = None
 
-    def _p(self, rel: str) -> str:
-        return os.path.join(self.root, rel)
-
     def start(self) -> None:
-        if _read_bytes(self._p("proc/meminfo")) is None:
-            raise CollectorUnavailable(f"cannot read {self._p('proc/meminfo')}")
+        self._require("proc/meminfo")
         self._psi.clear()
         for res in PSI_RESOURCES:
             path = self._p(f"proc/pressure/{res}")
-            data = _read_bytes(path)  # psi=0 kernels have the files but reading fails (EOPNOTSUPP)
+            data = read_bytes(path)  # psi=0 kernels have the files but reading fails (EOPNOTSUPP)
             if data is not None and (fields := parse_psi(data)):
                 self._psi[res] = path
                 self._psi_keys[res] = [(f, key(f"psi.{f}_pct", res)) for f in sorted(fields)]
-        vm = _read_bytes(self._p("proc/vmstat"))
+        vm = read_bytes(self._p("proc/vmstat"))
         self._last_oom = parse_vmstat(vm).get("oom_kill") if vm is not None else None
-
-    def close(self) -> None:
-        pass
 
     def collect(self) -> Reading:
         now = time.monotonic()
@@ -167,7 +155,7 @@ class MemoryCollector:
         self._meminfo(m)
         self._vmstat(m, events, now)
         for res, path in self._psi.items():
-            data = _read_bytes(path)
+            data = read_bytes(path)
             vals = parse_psi(data) if data is not None else {}
             for field, metric_key in self._psi_keys[res]:
                 m[metric_key] = vals.get(field)
@@ -175,7 +163,7 @@ class MemoryCollector:
         return Reading(metrics=m, events=events)
 
     def _meminfo(self, m: Metrics) -> None:
-        data = _read_bytes(self._p("proc/meminfo"))
+        data = read_bytes(self._p("proc/meminfo"))
         info = meminfo_fields(data) if data is not None else {}
         total = info.get("MemTotal")
         avail = info.get("MemAvailable")
@@ -195,7 +183,7 @@ class MemoryCollector:
             m["mem.swap_used_pct"] = 100.0 * (swap_total - swap_free) / swap_total
 
     def _vmstat(self, m: Metrics, events: list[Event], now: float) -> None:
-        data = _read_bytes(self._p("proc/vmstat"))
+        data = read_bytes(self._p("proc/vmstat"))
         vm = parse_vmstat(data) if data is not None else {}
         m["mem.page_faults_per_s"] = self._rates.rate("pgfault", vm.get("pgfault"), now)
         m["mem.major_faults_per_s"] = self._rates.rate("pgmajfault", vm.get("pgmajfault"), now)
@@ -208,12 +196,6 @@ class MemoryCollector:
         if self._last_oom is not None and oom > self._last_oom:
             n = oom - self._last_oom
             events.append(
-                Event(
-                    kind="mem.oom_kill",
-                    source=self.name,
-                    wall=time.time(),
-                    value=float(n),
-                    message=f"the kernel OOM killer killed {n} process(es)",
-                )
+                self._event("mem.oom_kill", f"the kernel OOM killer killed {n} process(es)", value=float(n))
             )
         self._last_oom = oom

@@ -1,7 +1,7 @@
 """Network collector: per-interface traffic and errors, link state, TCP health, reachability probes.
 
-Sources: ``/proc/net/dev``, ``/sys/class/net/IF/{operstate,carrier,flags}``, ``/proc/net/snmp``,
-and TCP connects for the configured probes.
+Sources: ``/proc/net/dev``, ``/sys/class/net/IF/{operstate,carrier,flags}``, ``/proc/net/snmp``
+(read with os.open/os.read, :mod:`agent.collect.procfs`), and TCP connects for the configured probes.
 
 Metrics per interface ``IF`` (all but those in ``exclude_interfaces``):
 
@@ -44,17 +44,16 @@ Events: ``net.link_down`` (label ``interface``) when an interface whose link was
 
 from __future__ import annotations
 
-import os
 import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from agent.collect.base import BaseCollector
 from agent.collect.counters import RateTracker
-from agent.collect.cpu import read_bytes
+from agent.collect.procfs import read_text
 from agent.collect.sample import Event, Metrics, Reading, key
 from agent.collect.settings import NetworkSettings, Probe
-from agent.errors import CollectorUnavailable
 
 # /proc/net/dev columns after "IF:": rx bytes packets errs drop fifo frame compressed multicast,
 # tx bytes packets errs drop fifo colls carrier compressed.
@@ -74,12 +73,6 @@ _TCP_RATES = (
     ("OutRsts", "net.tcp_out_rsts_per_s"),
     ("AttemptFails", "net.tcp_attempt_fails_per_s"),
 )
-
-
-def _read(path: str) -> str | None:
-    data = read_bytes(path)  # os.open/os.read: no file object per read
-    return None if data is None else data.decode("ascii", "replace")
-
 
 class _IfKeys:
     """The metric and rate keys of one interface, built once instead of per pass."""
@@ -166,28 +159,25 @@ class _Prober:
             self._stop.wait(max(0.0, self.interval_s - (time.monotonic() - t0)))
 
 
-class NetworkCollector:
+class NetworkCollector(BaseCollector[NetworkSettings]):
     """See the module docstring for the metrics and events."""
 
     name = "network"
 
     def __init__(self, settings: NetworkSettings | None = None, *, root: str = "/") -> None:
-        self.settings = settings or NetworkSettings()
-        self.interval_s = self.settings.interval_s
-        self.timeout_s = self.settings.timeout_s
-        self.root = root
+        super().__init__(settings or NetworkSettings(), root=root)
         self._rates = RateTracker()
         self._link: dict[str, bool] = {}
         self._exclude = frozenset(self.settings.exclude_interfaces)
         self._prober: _Prober | None = None
         self._if_keys: dict[str, _IfKeys] = {}
-
-    def _p(self, rel: str) -> str:
-        return os.path.join(self.root, rel)
+        # (name, net.probe_ok key, net.probe_ms key) of each configured probe, built once.
+        self._probe_keys = tuple(
+            (p.name, key("net.probe_ok", p.name), key("net.probe_ms", p.name)) for p in self.settings.probes
+        )
 
     def start(self) -> None:
-        if _read(self._p("proc/net/dev")) is None:
-            raise CollectorUnavailable(f"cannot read {self._p('proc/net/dev')}")
+        self._require("proc/net/dev")
         if self.settings.probes and self._prober is None:
             self._prober = _Prober(self.settings.probes, self.settings.probe_interval_s)
             self._prober.start()
@@ -208,7 +198,7 @@ class NetworkCollector:
         return Reading(metrics=m, events=events)
 
     def _interfaces(self, m: Metrics, events: list[Event], now: float) -> None:
-        text = _read(self._p("proc/net/dev"))
+        text = read_text(self._p("proc/net/dev"))
         if text is None:
             return
         devs = parse_net_dev(text)
@@ -230,14 +220,8 @@ class NetworkCollector:
                 self._link[ifname] = up
             if was and up is False:
                 events.append(
-                    Event(
-                        kind="net.link_down",
-                        source=self.name,
-                        wall=time.time(),
-                        labels={"interface": ifname},
-                        value=0.0,
-                        message=f"link of {ifname} went down",
-                    )
+                    self._event("net.link_down", f"link of {ifname} went down",
+                                value=0.0, labels={"interface": ifname})
                 )
         for gone in [i for i in self._link if i not in devs]:
             del self._link[gone]
@@ -248,7 +232,7 @@ class NetworkCollector:
     @staticmethod
     def _link_up(base: str) -> bool | None:
         """From /sys/class/net/IF (``base``): operstate, else carrier, else the IFF_UP flag."""
-        state = _read(f"{base}/operstate")
+        state = read_text(f"{base}/operstate")
         if state is None:
             return None
         state = state.strip()
@@ -256,17 +240,17 @@ class NetworkCollector:
             return True
         if state != "unknown":  # down, lowerlayerdown, dormant, notpresent, testing
             return False
-        carrier = _read(f"{base}/carrier")  # reading fails with EINVAL when admin-down
+        carrier = read_text(f"{base}/carrier")  # reading fails with EINVAL when admin-down
         if carrier is not None and carrier.strip() in ("0", "1"):
             return carrier.strip() == "1"
-        flags = _read(f"{base}/flags")
+        flags = read_text(f"{base}/flags")
         try:
             return flags is not None and bool(int(flags.strip(), 16) & _IFF_UP)
         except ValueError:
             return None
 
     def _tcp(self, m: Metrics, now: float) -> None:
-        text = _read(self._p("proc/net/snmp"))
+        text = read_text(self._p("proc/net/snmp"))
         tcp = parse_snmp(text) if text is not None else {}
         if not tcp and text is not None:
             return  # no TCP section: no TCP metrics
@@ -281,7 +265,7 @@ class NetworkCollector:
         if not self.settings.probes:
             return
         results = self._prober.snapshot() if self._prober is not None else {}
-        for probe in self.settings.probes:
-            ok, ms = results.get(probe.name, (None, None))
-            m[key("net.probe_ok", probe.name)] = None if ok is None else float(ok)
-            m[key("net.probe_ms", probe.name)] = ms
+        for name, ok_key, ms_key in self._probe_keys:
+            ok, ms = results.get(name, (None, None))
+            m[ok_key] = None if ok is None else float(ok)
+            m[ms_key] = ms

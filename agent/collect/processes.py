@@ -1,4 +1,4 @@
-"""Processes collector: process table summary, top consumers, watched names, systemd units.
+"""Processes collector: process table summary, top consumers, watched names (and systemd units).
 
 Sources: ``/proc/PID/stat``, read once per process and pass: comm, state, utime + stime,
 num_threads, starttime and rss (the kernel's approximate count: it only picks the candidates for
@@ -9,9 +9,11 @@ its process (ESRCH once it is reaped, even if the pid is reused) and is closed t
 opened, read and closed each pass; a stat file identical to the last pass's is not parsed again.
 ``/proc/PID/cmdline`` is read only for a process whose comm is truncated (15 characters) and that
 is reported in a top list or could match a watched name. Also ``/proc/stat`` (procs_running,
-procs_blocked) and ``systemctl show UNIT... --property=ActiveState,SubState,NRestarts,MainPID``
-(argv list, timeout, no shell; the executable is ``settings.systemctl``). Where ``/proc`` is not
-usable (not Linux, not mounted) the table comes from psutil instead, with the same metrics.
+procs_blocked). Where ``/proc`` is not usable (not Linux, not mounted) the table comes from psutil
+instead, with the same metrics.
+
+The collector also reports the state of the systemd units in ``units`` (``unit.*`` metrics and
+the ``units`` detail, through ``systemctl show``): see :mod:`agent.collect.units`.
 
 CPU use of a process is the increase of its utime + stime between two passes over the monotonic
 time between them, % of one CPU rounded to 0.1 (as ``psutil.Process.cpu_percent``); a process seen
@@ -29,17 +31,10 @@ Metrics:
 ``proc.top_cpu_pct``         CPU use of the busiest process over the last interval, % of one CPU
 ``proc.top_rss_bytes``       resident memory of the largest process, bytes
 ``proc.count[NAME]``         processes named NAME, for each NAME in ``watch`` (0 when none)
-``unit.active[UNIT]``        1 when ActiveState is active/reloading, else 0
-``unit.failed[UNIT]``        1 when ActiveState is failed, else 0
-``unit.restarts[UNIT]``      NRestarts: automatic restarts since the unit was started
 ============================ ========================================================================
 
-The ``unit.*`` metrics are absent when systemctl is not installed and None when it is but cannot
-answer (systemd is not PID 1, no D-Bus, timeout).
-
 Detail: ``top_cpu`` and ``top_mem``: lists of ``{pid, name, cpu_pct, rss_bytes}`` (``top_n`` each);
-``watch``: ``{NAME: [pids]}``; ``zombie_pids`` (at most 100); ``units``: ``{UNIT: {ActiveState,
-SubState, NRestarts, MainPID}}``.
+``watch``: ``{NAME: [pids]}``; ``zombie_pids`` (at most 100).
 """
 
 from __future__ import annotations
@@ -47,20 +42,20 @@ from __future__ import annotations
 import contextlib
 import heapq
 import os
-import shutil
-import subprocess
 import sys
 import threading
 import time
 import weakref
 from dataclasses import dataclass
+from typing import TypedDict
 
 import psutil
 
-from agent.collect.sample import Metrics, Reading, key
+from agent.collect.base import BaseCollector
+from agent.collect.sample import Detail, Metrics, Reading, key
 from agent.collect.settings import ProcessSettings
+from agent.collect.units import UnitStates
 
-UNIT_PROPERTIES = ("ActiveState", "SubState", "NRestarts", "MainPID")
 _MAX_ZOMBIE_PIDS = 100
 _TABLE_KEYS = ("proc.count", "proc.threads", "proc.zombies", "proc.top_cpu_pct", "proc.top_rss_bytes")
 
@@ -96,6 +91,15 @@ def _fd_budget() -> int:
     return _MAX_HELD_FDS if soft == resource.RLIM_INFINITY else max(0, min(_MAX_HELD_FDS, soft // 4))
 
 
+class ProcRow(TypedDict):
+    """One process of the ``top_cpu`` and ``top_mem`` detail lists."""
+
+    pid: int
+    name: str
+    cpu_pct: float
+    rss_bytes: int
+
+
 @dataclass(slots=True)
 class _Row:
     pid: int
@@ -103,7 +107,7 @@ class _Row:
     cpu_pct: float
     rss_bytes: int
 
-    def as_dict(self) -> dict[str, object]:
+    def as_dict(self) -> ProcRow:
         return {"pid": self.pid, "name": self.name, "cpu_pct": self.cpu_pct, "rss_bytes": self.rss_bytes}
 
 
@@ -206,31 +210,13 @@ def parse_procs_counts(data: bytes) -> tuple[int | None, int | None]:
     return out[0], out[1]
 
 
-def parse_systemctl_show(text: str, units: tuple[str, ...]) -> dict[str, dict[str, str]]:
-    """``systemctl show A B`` prints one ``Key=Value`` block per unit, in order, blank-line separated."""
-    blocks: list[dict[str, str]] = [{}]
-    for line in text.splitlines():
-        if not line.strip():
-            if blocks[-1]:
-                blocks.append({})
-            continue
-        name, sep, value = line.partition("=")
-        if sep:
-            blocks[-1][name] = value
-    blocks = [b for b in blocks if b]
-    return dict(zip(units, blocks, strict=False))
-
-
-class ProcessCollector:
+class ProcessCollector(BaseCollector[ProcessSettings]):
     """See the module docstring for the metrics and detail."""
 
     name = "processes"
 
     def __init__(self, settings: ProcessSettings | None = None, *, root: str = "/") -> None:
-        self.settings = settings or ProcessSettings()
-        self.interval_s = self.settings.interval_s
-        self.timeout_s = self.settings.timeout_s
-        self.root = root
+        super().__init__(settings or ProcessSettings(), root=root)
         self._proc_dir = os.path.join(root, "proc")
         self._fast: bool | None = None  # /proc/PID/stat usable; None until probed
         # pid (as its /proc entry name) -> its stat file at the previous pass, and that parsed
@@ -245,8 +231,10 @@ class ProcessCollector:
         self._lock = threading.Lock()  # a pass and close() never touch the fds at once
         self._close_pending = False
         self._procs: dict[int, psutil.Process] = {}  # the psutil fallback's cache
-        self._systemctl: str | None = None
+        self._units = UnitStates(self.settings)
         self._watch = frozenset(self.settings.watch)
+        # Watched name -> its proc.count key, built once (in settings order: the metrics' order).
+        self._watch_keys = {name: key("proc.count", name) for name in self.settings.watch}
         self._watch_b = {os.fsencode(n): n for n in self.settings.watch}
         # Watched names a truncated comm can be the start of.
         self._watch_long = tuple(w for w in self._watch_b if len(w) >= _COMM_LEN)
@@ -254,9 +242,7 @@ class ProcessCollector:
     def start(self) -> None:
         self._fast = self._probe()
         self._max_fds = _fd_budget() if self._fast else 0
-        if self.settings.units:
-            # Absent (not None) when systemctl is not installed at all.
-            self._systemctl = shutil.which(self.settings.systemctl)
+        self._units.start()
 
     def _probe(self) -> bool:
         """Whether the process table can be read from /proc here (else psutil, on the real root)."""
@@ -287,7 +273,7 @@ class ProcessCollector:
 
     def collect(self) -> Reading:
         m: Metrics = {}
-        detail: dict[str, object] = {}
+        detail: Detail = {}
         if self._fast is None:
             self._fast = self._probe()
         if self._fast:
@@ -301,17 +287,41 @@ class ProcessCollector:
         running, blocked = parse_procs_counts(stat) if stat is not None else (None, None)
         m["proc.running"] = None if running is None else float(running)
         m["proc.blocked"] = None if blocked is None else float(blocked)
-        if self._systemctl is not None:
-            self._units(self._systemctl, m, detail)
+        units = self._units
+        if units.systemctl is not None:  # checked here: most nodes watch no unit
+            units.read(m, detail)
         return Reading(metrics=m, detail=detail)
 
     def _unreadable(self, m: Metrics) -> None:
         for k in _TABLE_KEYS:
             m[k] = None
-        for name in self.settings.watch:
-            m[key("proc.count", name)] = None
+        for watch_key in self._watch_keys.values():
+            m[watch_key] = None
 
-    def _table(self, m: Metrics, detail: dict[str, object]) -> None:
+    def _summary(
+        self, m: Metrics, detail: Detail, *, count: int, threads: int, zombies: list[int],
+        watched: dict[str, list[int]],
+    ) -> None:
+        """The table's counts, zombies and watched names into ``m`` and ``detail`` (both readers)."""
+        m["proc.count"] = float(count)
+        m["proc.threads"] = float(threads)
+        m["proc.zombies"] = float(len(zombies))
+        detail["zombie_pids"] = zombies[:_MAX_ZOMBIE_PIDS]
+        watch_keys = self._watch_keys
+        for name, found in watched.items():
+            m[watch_keys[name]] = float(len(found))
+        if watched:
+            detail["watch"] = watched
+
+    @staticmethod
+    def _tops(m: Metrics, detail: Detail, cpu_rows: list[_Row], mem_rows: list[_Row]) -> None:
+        """The top lists (busiest first, largest first) into ``m`` and ``detail`` (both readers)."""
+        m["proc.top_cpu_pct"] = cpu_rows[0].cpu_pct if cpu_rows else None
+        m["proc.top_rss_bytes"] = float(mem_rows[0].rss_bytes) if mem_rows else None
+        detail["top_cpu"] = [r.as_dict() for r in cpu_rows]
+        detail["top_mem"] = [r.as_dict() for r in mem_rows]
+
+    def _table(self, m: Metrics, detail: Detail) -> None:
         """The process table from /proc/PID/stat: one open/read/close per process."""
         now = time.monotonic()
         try:
@@ -333,7 +343,7 @@ class ProcessCollector:
         finally:
             os.close(dfd)
 
-    def _scan(self, dfd: int, entries: list[str], now: float, m: Metrics, detail: dict[str, object]) -> None:
+    def _scan(self, dfd: int, entries: list[str], now: float, m: Metrics, detail: Detail) -> None:
         """Read ``entries`` (the pid directories of ``dfd``, by pid) and fill ``m`` and ``detail``."""
         prev = self._prev
         cur: dict[str, tuple[bytes, _Stat]] = {}
@@ -416,14 +426,7 @@ class ProcessCollector:
         self._prev_t = now
         scale = 100.0 / (_CLK_TCK * dt) if dt > 0 else 0.0
 
-        m["proc.count"] = float(len(pids))
-        m["proc.threads"] = float(threads)
-        m["proc.zombies"] = float(len(zombies))
-        detail["zombie_pids"] = zombies[:_MAX_ZOMBIE_PIDS]
-        for name, found in watched.items():
-            m[key("proc.count", name)] = float(len(found))
-        if watched:
-            detail["watch"] = watched
+        self._summary(m, detail, count=len(pids), threads=threads, zombies=zombies, watched=watched)
         n = self.settings.top_n
         idx = range(len(pids))
         # Ordering by ticks is ordering by % (one dt for all); ties keep pid order, as before.
@@ -448,12 +451,7 @@ class ProcessCollector:
                 name = names[i] = self._name(dfd, pids[i], comms[i])
             return _Row(int(pids[i]), name, round(dticks[i] * scale, 1), rss_of(i))
 
-        cpu_rows = [row(i) for i in top_cpu]
-        mem_rows = [row(i) for i in top_mem]
-        m["proc.top_cpu_pct"] = cpu_rows[0].cpu_pct if cpu_rows else None
-        m["proc.top_rss_bytes"] = float(mem_rows[0].rss_bytes) if mem_rows else None
-        detail["top_cpu"] = [r.as_dict() for r in cpu_rows]
-        detail["top_mem"] = [r.as_dict() for r in mem_rows]
+        self._tops(m, detail, [row(i) for i in top_cpu], [row(i) for i in top_mem])
 
     @staticmethod
     def _name(dfd: int, entry: str, comm: bytes) -> str:
@@ -464,7 +462,7 @@ class ProcessCollector:
         data = _read_all(entry + "/cmdline", dir_fd=dfd)
         return extended_name(name, parse_cmdline(data)) if data else name
 
-    def _table_psutil(self, m: Metrics, detail: dict[str, object]) -> None:
+    def _table_psutil(self, m: Metrics, detail: Detail) -> None:
         """The process table through psutil, where /proc is not usable (three reads per process)."""
         try:
             pids = psutil.pids()
@@ -504,43 +502,8 @@ class ProcessCollector:
             if name in self._watch:
                 watched[name].append(pid)
         self._procs = live
-        m["proc.count"] = float(len(rows))
-        m["proc.threads"] = float(threads)
-        m["proc.zombies"] = float(len(zombies))
-        detail["zombie_pids"] = zombies[:_MAX_ZOMBIE_PIDS]
-        for name, found in watched.items():
-            m[key("proc.count", name)] = float(len(found))
-        if watched:
-            detail["watch"] = watched
+        self._summary(m, detail, count=len(rows), threads=threads, zombies=zombies, watched=watched)
         n = self.settings.top_n
         top_cpu = heapq.nlargest(n, rows, key=lambda r: r.cpu_pct) if n else []
         top_mem = heapq.nlargest(n, rows, key=lambda r: r.rss_bytes) if n else []
-        m["proc.top_cpu_pct"] = top_cpu[0].cpu_pct if top_cpu else None
-        m["proc.top_rss_bytes"] = float(top_mem[0].rss_bytes) if top_mem else None
-        detail["top_cpu"] = [r.as_dict() for r in top_cpu]
-        detail["top_mem"] = [r.as_dict() for r in top_mem]
-
-    def _units(self, systemctl: str, m: Metrics, detail: dict[str, object]) -> None:
-        units = self.settings.units
-        argv = [systemctl, "show", *units, f"--property={','.join(UNIT_PROPERTIES)}"]
-        try:
-            done = subprocess.run(
-                argv,
-                capture_output=True,
-                text=True,
-                timeout=self.settings.systemctl_timeout_s,
-                check=False,
-                stdin=subprocess.DEVNULL,
-            )
-            states = parse_systemctl_show(done.stdout, units) if done.returncode == 0 else {}
-        except (OSError, subprocess.SubprocessError, UnicodeDecodeError):
-            states = {}
-        for unit in units:
-            st = states.get(unit)
-            active = st.get("ActiveState") if st is not None else None
-            m[key("unit.active", unit)] = None if active is None else float(active in ("active", "reloading"))
-            m[key("unit.failed", unit)] = None if active is None else float(active == "failed")
-            restarts = st.get("NRestarts", "") if st is not None else ""
-            m[key("unit.restarts", unit)] = float(restarts) if restarts.isdigit() else None
-        detail["units"] = states
-
+        self._tops(m, detail, top_cpu, top_mem)

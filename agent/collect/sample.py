@@ -10,6 +10,8 @@ from __future__ import annotations
 import msgspec
 
 Metrics = dict[str, float | None]
+# Extra structured detail of one reading (top processes, unit states, devices): shown, not scored.
+Detail = dict[str, object]
 
 
 def key(family: str, label: str | None = None) -> str:
@@ -41,8 +43,7 @@ class Reading(msgspec.Struct, kw_only=True):
 
     metrics: Metrics = msgspec.field(default_factory=dict)
     events: list[Event] = msgspec.field(default_factory=list)
-    # Extra structured detail (top processes, ...) that is shown, not scored.
-    detail: dict[str, object] = msgspec.field(default_factory=dict)
+    detail: Detail = msgspec.field(default_factory=dict)
 
 
 class CollectorState(msgspec.Struct, frozen=True, kw_only=True):
@@ -64,7 +65,7 @@ class Sample(msgspec.Struct, frozen=True, kw_only=True):
     metrics: Metrics
     events: tuple[Event, ...] = ()
     collectors: dict[str, CollectorState] = msgspec.field(default_factory=dict)
-    detail: dict[str, dict[str, object]] = msgspec.field(default_factory=dict)
+    detail: dict[str, Detail] = msgspec.field(default_factory=dict)  # by collector name
 
     def get(self, metric_key: str) -> float | None:
         return self.metrics.get(metric_key)
