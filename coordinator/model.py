@@ -1,25 +1,15 @@
-"""Plain data passed between the ingest loop, the store and the web layer."""
+"""Plain data passed between the ingest loop, the store and the service.
+
+Command and request-event names are :class:`agent.wire.CommandName` and
+:class:`agent.wire.RequestEvent`, shared with the agent; rows the store returns are typed in
+:mod:`coordinator.store.rows`.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from agent.wire import Message
-from agent.wire.messages import Command
-
-#: Event names agents use for requests to the coordinator (see docs/coordinator.md).
-LEASE_REQUEST = "lease_request"
-LEASE_RELEASE = "lease_release"
-APPROVAL_REQUEST = "approval_request"
-#: Commands the coordinator sends.
-LEASE_GRANT = "lease_grant"
-LEASE_DENY = "lease_deny"
-LEASE_REVOKE = "lease_revoke"
-APPROVE = "approve"
-DENY = "deny"
-RUN_PLAYBOOK = "run_playbook"
-SILENCE = "silence"
 
 
 def is_escalation(event_name: str) -> bool:
@@ -85,14 +75,3 @@ class LeaseOutcome:
     decisions: list[LeaseDecision] = field(default_factory=list)
     revocations: list[Revocation] = field(default_factory=list)
     escalations_raised: list[int] = field(default_factory=list)
-
-
-@dataclass(frozen=True, slots=True)
-class IssuedCommand:
-    """A signed command recorded in the store, to publish."""
-
-    command: Command
-    actor: str
-
-
-Row = dict[str, Any]

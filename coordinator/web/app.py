@@ -32,7 +32,7 @@ from aiohttp import web
 
 from coordinator.config import login_secrets, parse_listen
 from coordinator.errors import BadRequest, Conflict, NotFound
-from coordinator.service import Coordinator
+from coordinator.replica import Coordinator
 from coordinator.store import NodeQuery, dumps
 from coordinator.store.rows import TableName
 
