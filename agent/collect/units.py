@@ -2,7 +2,7 @@
 
 For the units in ``[collect.processes] units``, one ``systemctl show UNIT... --property=
 ActiveState,SubState,NRestarts,MainPID`` per pass (argv list, no shell, ``systemctl_timeout_s``;
-the executable is ``systemctl``, found through PATH at start).
+the executable is the ``systemctl`` setting, a path or a name looked up in PATH at start).
 
 Metrics:
 
