@@ -42,8 +42,8 @@ from agent.decide.triggers import EvalContext, Match, TriggerEvaluator, worst
 from agent.errors import HealdError
 from agent.score.types import Risk
 
-# LeaseGate and LeaseHeld are the engine's interface to the daemon's fleet leases
-# (agent.runtime.wiring imports them from here).
+# LeaseGate and LeaseHeld are the engine's interface to the fleet leases (agent/act/lease.py,
+# implemented by agent.control.leases); importable from here too.
 __all__ = ["Callback", "Engine", "LeaseGate", "LeaseHeld"]
 
 

@@ -2,8 +2,8 @@
 
 In enforce mode a connected agent asks the coordinator for a lease before each disruptive
 step, so that a fleet-wide problem does not restart every node's workloads at once. The
-daemon plugs its MQTT side in as ``engine.lease_gate`` (agent.runtime.wiring); without one,
-steps run without asking.
+daemon plugs the coordinator's side in as ``engine.lease_gate``
+(:class:`agent.control.leases.CoordinatorLeases`); without one, steps run without asking.
 """
 
 from __future__ import annotations

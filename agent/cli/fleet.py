@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import time
 import tomllib
 import urllib.error
@@ -35,7 +34,6 @@ from agent.errors import HealdError, InputError, Problem
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 DEFAULT_CONFIG = Path("/etc/heald/fleet.toml")
-_NUMBER = re.compile(r"^\d+(\.\d+)?$")
 
 
 class FleetError(HealdError):
@@ -51,8 +49,8 @@ def silence_seconds(text: str) -> float:
     a bare number of seconds; positive."""
     text = text.strip().lower()
     try:
-        seconds = parse_duration(float(text) if _NUMBER.match(text) else text)
-    except (TypeError, ValueError):
+        seconds = parse_duration(text)
+    except ValueError:
         raise _bad("DURATION", f"{text!r} is not a duration (e.g. 90s, 15m, 2h, 1d)") from None
     if seconds <= 0:
         raise _bad("DURATION", "duration must be positive")
