@@ -284,7 +284,8 @@ def test_build_hook_compiles_the_kernels(tmp_path: Path) -> None:
     if shutil.which(os.environ.get("CC", "cc")) is None and shutil.which("gcc") is None:
         pytest.skip("no C compiler")
     (tmp_path / "agent" / "native").mkdir(parents=True)
-    shutil.copy(ROOT / "agent" / "native" / "kernels.c", tmp_path / "agent" / "native" / "kernels.c")
+    for src in (ROOT / "agent" / "native").glob("*.[ch]"):  # the kernels' C files and their header
+        shutil.copy(src, tmp_path / "agent" / "native" / src.name)
     code = ("import sys, types; sys.modules['hatchling.builders.hooks.plugin.interface'] = "
             "types.SimpleNamespace(BuildHookInterface=object); import runpy, pathlib; "
             f"ns = runpy.run_path({str(ROOT / 'hatch_build.py')!r}); "

@@ -125,7 +125,7 @@ class FeatureWindow:
             raise ModelError("native kernels requested but not available (see the log)")
         self._tring: F64 = np.full(w, np.nan)
         # numpy path: each slot's contribution to the 16 sum rows; the kernel keeps its own
-        # compact ring of relative values and six sums instead (see kernels.c).
+        # compact ring of relative values and six sums instead (see agent/native/window.c).
         self._cring: F64 = np.zeros((w if self._kern is None else 1, _NS, g))
         self._nring: F64 = np.full((w if self._kern is not None else 1, g), np.nan)
         self._nsums: F64 = np.zeros((6, g))

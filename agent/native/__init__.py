@@ -1,10 +1,12 @@
-"""heald's native scoring kernels (``kernels.c``), loaded with ctypes.
+"""heald's native scoring kernels (the C files beside this one), loaded with ctypes.
 
 Every per-sample step of the score stage has a C twin here: the feature window's update
-(:class:`agent.features.window.FeatureWindow`), the forecaster's periodic trend fit
-(:class:`agent.score.forecast.Forecaster`), the anomaly detector's score and explanation
-(:class:`agent.score.detector.StreamingDetector`) and the failure classifier
-(:class:`agent.score.classifier.Scorer`). The numpy code they port stays the reference: the
+(``window.c``, :class:`agent.features.window.FeatureWindow`), the forecaster's periodic trend fit
+(``trend.c``, :class:`agent.score.forecast.Forecaster`), the anomaly detector's score and
+explanation (``detector.c``, :class:`agent.score.detector.StreamingDetector`) and the failure
+classifier (``classifier.c``, :class:`agent.score.classifier.Scorer`); ``kernels.h`` declares the
+structs mirrored below and the ABI version, and ``hatch_build.py`` links the files into the one
+library :data:`LIB_PATH`. The numpy code they port stays the reference: the
 tests run both on the same inputs and require the same results, and it is what runs when the
 library is missing (a build without a C compiler), stale (ABI mismatch), or switched off with
 ``HEALD_KERNELS=0`` in the daemon's environment. :func:`kernels` says which, once, in the log.
@@ -24,7 +26,7 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
-ABI = 6  # must equal HEALD_KERNELS_ABI in kernels.c
+ABI = 6  # must equal HEALD_KERNELS_ABI in kernels.h
 LIB_PATH = Path(__file__).with_name("libheald_kernels.so")
 ENV = "HEALD_KERNELS"
 
@@ -34,7 +36,7 @@ _I64, _F64, _PTR = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p
 
 
 class FwCtx(ctypes.Structure):
-    """``fw_ctx`` in kernels.c: the feature window's buffers, bound by the window."""
+    """``fw_ctx`` in kernels.h: the feature window's buffers, bound by the window."""
 
     _fields_ = [
         ("g", _I64), ("ntrans", _I64), ("window", _I64),
@@ -47,7 +49,7 @@ class FwCtx(ctypes.Structure):
 
 
 class DetCtx(ctypes.Structure):
-    """``det_ctx`` in kernels.c: a streaming anomaly detector's model and state buffers."""
+    """``det_ctx`` in kernels.h: a streaming anomaly detector's model and state buffers."""
 
     _fields_ = [
         ("d", _I64), ("nc", _I64), ("npca", _I64), ("top_k", _I64),
@@ -60,7 +62,7 @@ class DetCtx(ctypes.Structure):
 
 
 class TrendCtx(ctypes.Structure):
-    """``trend_ctx`` in kernels.c: a forecaster's ring and per-window results."""
+    """``trend_ctx`` in kernels.h: a forecaster's ring and per-window results."""
 
     _fields_ = [
         ("k", _I64), ("cap", _I64), ("pos", _I64), ("n", _I64), ("nspans", _I64), ("max_points", _I64),

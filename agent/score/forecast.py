@@ -168,7 +168,7 @@ class Forecaster:
         self._subsample: dict[int, npt.NDArray[np.intp]] = {}
         self._shown: list[Forecast] = []
         self._shown_arr = (np.empty(0), np.empty(0), np.empty(0))
-        # Native path state (kernels.c trend_ctx): per-window results and the chosen window's.
+        # Native path state (trend_ctx, agent/native/kernels.h): per-window results and the chosen window's.
         self._res = np.zeros((0, 3, 0))
         self._best = np.zeros((3, 0))
         self._spans_arr = np.array(self.spans, dtype=np.float64)
