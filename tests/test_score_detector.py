@@ -159,7 +159,7 @@ def test_reset_forgets_state(model: CompiledDetector) -> None:
 def test_detector_and_compiled_do_not_import_sklearn() -> None:
     code = (
         "import sys\n"
-        "import agent.score.detector, agent.score.compiled, agent.score.cli\n"
+        "import agent.score.detector, agent.score.compiled, agent.cli.model\n"
         "bad = sorted(m for m in sys.modules if m == 'sklearn' or m.startswith('sklearn.'))\n"
         "assert not bad, bad\n"
         "assert 'scipy' not in sys.modules\n"
@@ -172,7 +172,7 @@ def test_detector_and_compiled_do_not_import_sklearn() -> None:
 def test_cli_module_import_is_lazy() -> None:
     code = (
         "import sys\n"
-        "import agent.score.cli\n"
+        "import agent.cli.model\n"
         "assert 'numpy' not in sys.modules, 'numpy imported'\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
