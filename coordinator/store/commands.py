@@ -57,6 +57,7 @@ class Commands:
         await self.db.write(run)
 
     async def get_approval(self, approval_id: str) -> ApprovalRow:
+        """An approval in any state (the service reads the request it answers from it)."""
         row = await self.db.read(
             lambda cur: self.db.one(cur, "SELECT * FROM approvals WHERE id = ?", (approval_id,))
         )

@@ -20,9 +20,9 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from typing import Any, Final, cast
+from typing import Any, Final
 
-from agent.wire import Action, Birth, CommandAck, Event, Metrics, RequestEvent, Risk, Status
+from agent.wire import Action, Birth, CommandAck, Event, Message, Metrics, RequestEvent, Risk, Status
 from coordinator.config import BudgetSection
 from coordinator.model import BatchResult, Incoming, LeaseRequest, is_escalation
 from coordinator.store.database import Cursor, Database, DbRow, iter_chunks
@@ -32,6 +32,90 @@ from coordinator.store.schema import NODE_COLUMNS
 
 #: Kinds the broker retains: their ``ts`` is when the node sent them, not a measure of ingest lag.
 _RETAINED: Final = frozenset({"birth", "status"})
+
+_PRESENCE_INSERT: Final = (
+    "INSERT INTO presence (node, seq, ts, kind, state, bdseq, reason) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING seq"
+)
+#: Per report kind, the statement adding it to its history table: a duplicate ``(node, seq)``
+#: inserts nothing and returns no row. The values come from :func:`_history_row`.
+_HISTORY_INSERTS: Final = {
+    "birth": _PRESENCE_INSERT,
+    "status": _PRESENCE_INSERT,
+    "metrics": "INSERT INTO metrics (node, seq, ts, first_wall, last_wall, samples) "
+    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING seq",
+    "risk": "INSERT INTO risk (node, seq, ts, sample_seq, anomaly, alert, cold, model_version, "
+    "explanation, failure, forecasts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT DO NOTHING RETURNING seq",
+    "event": "INSERT INTO events (node, site, seq, ts, wall, name, source, labels, value, message) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING id",
+    "action": "INSERT INTO actions (node, site, seq, ts, run_id, playbook, step, action, phase, dry_run, "
+    "outcome, result, error, duration_s) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT DO NOTHING RETURNING id",
+    "command_ack": "INSERT INTO acks (node, seq, ts, command_id, status, message, result) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING seq",
+}
+
+
+def _history_row(m: Message) -> tuple[Any, ...]:
+    """One report's values for its :data:`_HISTORY_INSERTS` statement."""
+    match m:
+        case Birth():
+            return (m.node, m.seq, m.ts, "birth", "online", m.bdseq, m.agent_version)
+        case Status():
+            return (m.node, m.seq, m.ts, "status", m.state, m.bdseq, m.reason)
+        case Metrics():
+            samples = [[s.wall, s.metrics] for s in m.samples]
+            first = m.samples[0].wall if m.samples else m.ts
+            last = m.samples[-1].wall if m.samples else m.ts
+            return (m.node, m.seq, m.ts, first, last, dumps(samples))
+        case Risk():
+            return (
+                m.node,
+                m.seq,
+                m.ts,
+                m.sample_seq,
+                m.anomaly,
+                int(m.alert),
+                int(m.cold),
+                m.model_version,
+                dumps(m.explanation),
+                dumps(m.failure),
+                dumps(m.forecasts),
+            )
+        case Event():
+            return (
+                m.node,
+                m.site,
+                m.seq,
+                m.ts,
+                m.wall,
+                m.name,
+                m.source,
+                dumps(m.labels),
+                m.value,
+                m.message,
+            )
+        case Action():
+            return (
+                m.node,
+                m.site,
+                m.seq,
+                m.ts,
+                m.run_id,
+                m.playbook,
+                m.step,
+                m.action,
+                m.phase,
+                int(m.dry_run),
+                m.outcome,
+                dumps(m.result),
+                m.error,
+                m.duration_s,
+            )
+        case CommandAck():
+            return (m.node, m.seq, m.ts, m.command_id, m.status, m.message, dumps(m.result))
+    raise TypeError(f"no history table for {type(m).__name__}")  # pragma: no cover - see _HISTORY_INSERTS
 
 
 class Reports:
@@ -73,125 +157,10 @@ class Reports:
 
     def _insert_history(self, cur: Cursor, kind: str, items: list[Incoming]) -> list[Any]:
         """Insert into ``kind``'s history table; per item, its key if new or None if a duplicate."""
-        if kind in ("birth", "status"):
-            rows: list[tuple[Any, ...]] = []
-            for i in items:
-                m = i.message
-                if isinstance(m, Birth):
-                    rows.append((m.node, m.seq, m.ts, "birth", "online", m.bdseq, m.agent_version))
-                elif isinstance(m, Status):
-                    rows.append((m.node, m.seq, m.ts, "status", m.state, m.bdseq, m.reason))
-            return self.db.insert_new(
-                cur,
-                "INSERT INTO presence (node, seq, ts, kind, state, bdseq, reason) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING seq",
-                rows,
-            )
-        if kind == "metrics":
-            rows = []
-            for i in items:
-                m = cast(Metrics, i.message)
-                samples = [[s.wall, s.metrics] for s in m.samples]
-                first = m.samples[0].wall if m.samples else m.ts
-                last = m.samples[-1].wall if m.samples else m.ts
-                rows.append((m.node, m.seq, m.ts, first, last, dumps(samples)))
-            return self.db.insert_new(
-                cur,
-                "INSERT INTO metrics (node, seq, ts, first_wall, last_wall, samples) "
-                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING seq",
-                rows,
-            )
-        if kind == "risk":
-            rows = []
-            for i in items:
-                m = cast(Risk, i.message)
-                rows.append(
-                    (
-                        m.node,
-                        m.seq,
-                        m.ts,
-                        m.sample_seq,
-                        m.anomaly,
-                        int(m.alert),
-                        int(m.cold),
-                        m.model_version,
-                        dumps(m.explanation),
-                        dumps(m.failure),
-                        dumps(m.forecasts),
-                    )
-                )
-            return self.db.insert_new(
-                cur,
-                "INSERT INTO risk (node, seq, ts, sample_seq, anomaly, alert, cold, model_version, "
-                "explanation, failure, forecasts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT DO NOTHING RETURNING seq",
-                rows,
-            )
-        if kind == "event":
-            rows = []
-            for i in items:
-                m = cast(Event, i.message)
-                rows.append(
-                    (
-                        m.node,
-                        m.site,
-                        m.seq,
-                        m.ts,
-                        m.wall,
-                        m.name,
-                        m.source,
-                        dumps(m.labels),
-                        m.value,
-                        m.message,
-                    )
-                )
-            return self.db.insert_new(
-                cur,
-                "INSERT INTO events (node, site, seq, ts, wall, name, source, labels, value, message) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING id",
-                rows,
-            )
-        if kind == "action":
-            rows = []
-            for i in items:
-                m = cast(Action, i.message)
-                rows.append(
-                    (
-                        m.node,
-                        m.site,
-                        m.seq,
-                        m.ts,
-                        m.run_id,
-                        m.playbook,
-                        m.step,
-                        m.action,
-                        m.phase,
-                        int(m.dry_run),
-                        m.outcome,
-                        dumps(m.result),
-                        m.error,
-                        m.duration_s,
-                    )
-                )
-            return self.db.insert_new(
-                cur,
-                "INSERT INTO actions (node, site, seq, ts, run_id, playbook, step, action, phase, dry_run, "
-                "outcome, result, error, duration_s) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT DO NOTHING RETURNING id",
-                rows,
-            )
-        if kind == "command_ack":
-            rows = []
-            for i in items:
-                m = cast(CommandAck, i.message)
-                rows.append((m.node, m.seq, m.ts, m.command_id, m.status, m.message, dumps(m.result)))
-            return self.db.insert_new(
-                cur,
-                "INSERT INTO acks (node, seq, ts, command_id, status, message, result) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING seq",
-                rows,
-            )
-        return [None] * len(items)  # commands are not reports: never stored from the bus
+        sql = _HISTORY_INSERTS.get(kind)
+        if sql is None:
+            return [None] * len(items)  # commands are not reports: never stored from the bus
+        return self.db.insert_new(cur, sql, [_history_row(i.message) for i in items])
 
     def _lock_nodes(self, cur: Cursor, items: list[Incoming], now: float) -> dict[str, DbRow]:
         """The ``nodes`` rows of the batch's nodes, created if new and locked in node order."""
