@@ -3,6 +3,12 @@
     python3 bench/faults/evaluate.py bench/faults/data/host1.npz [--cold-start 600]
         [--classifier agent/score/data/default-classifier.npz] [--json out.json]
 
+Writes ``bench/results/faults/<recording>.eval.json`` per recording, or
+``<recording>.noclf.eval.json`` when no classifier was loaded (``--classifier /nonexistent``),
+``<recording>.<classifier file stem>.eval.json`` for a classifier other than the shipped one;
+``--json PATH`` writes one file with the results of all recordings instead. These files are
+regenerated with the command above, not kept per commit: each records the options it was made with.
+
 Each recording is replayed sample by sample through a fresh :class:`agent.score.stage.RiskStage`
 (temporary state dir). Once ``--cold-start`` seconds of samples have been seen, the anomaly
 detector is fitted exactly as the daemon does it (history export + ``python -m agent.score.fit``
@@ -41,6 +47,8 @@ from agent.collect.sample import Sample
 from agent.score.settings import ModelSettings
 from agent.score.stage import RiskStage
 
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "bench" / "results" / "faults"
 SOURCES = ("anomaly", "failure", "forecast")
 FAULT_FREE = ("idle", "stress", "idle_post", "stress_post")
 # Other engineers' test fixtures on the shared recording host mount and fill small tmpfs here.
@@ -73,6 +81,7 @@ def replay(path: Path, args: argparse.Namespace) -> dict[str, object]:
     with tempfile.TemporaryDirectory(prefix="heald-eval-") as state:
         settings = ModelSettings(cold_start_s=args.cold_start, classifier_path=args.classifier or "")
         stage = RiskStage(settings, state, forecast_alert_s=args.eta, failure_threshold=args.p)
+        classifier = stage.scorer.model.version if stage.scorer is not None else None
         fitted_at = None
         for i, m in enumerate(rec.metrics()):
             s = Sample(node="replay", seq=int(rec.seq[i]), wall=float(rec.wall[i]), mono=float(rec.mono[i]),
@@ -154,7 +163,28 @@ def replay(path: Path, args: argparse.Namespace) -> dict[str, object]:
         free.append(row)
         print(f"{ph:12s} {dur:9.0f}s {warm_s:5d}s {int(a.sum()):14d} {episodes:9d}  "
               + " ".join(f"{row[s]:9d}" for s in SOURCES) + f"  {int(own.sum()):24d}  {', '.join(res)[:80]}")
-    return {"recording": rec.name, "faults": faults, "fault_free": free}
+    options = {"cold_start_s": args.cold_start, "classifier": args.classifier or None,
+               "classifier_loaded": classifier, "eta_s": args.eta, "p": args.p}
+    return {"recording": rec.name, "options": options, "faults": faults, "fault_free": free}
+
+
+def default_output(result: dict[str, object]) -> Path:
+    """``bench/results/faults/<recording>[.noclf|.<classifier stem>].eval.json``."""
+    options = result["options"]
+    assert isinstance(options, dict)
+    if options["classifier_loaded"] is None:
+        variant = ".noclf"
+    elif options["classifier"]:
+        variant = f".{Path(str(options['classifier'])).stem}"
+    else:
+        variant = ""  # the shipped classifier
+    return RESULTS / f"{result['recording']}{variant}.eval.json"
+
+
+def write_json(path: Path, results: list[dict[str, object]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"wrote {path}")
 
 
 def main() -> int:
@@ -164,11 +194,16 @@ def main() -> int:
     ap.add_argument("--classifier", default="")
     ap.add_argument("--eta", type=float, default=1800.0, help="forecast alert: ETA at most this (s)")
     ap.add_argument("--p", type=float, default=0.5, help="classifier alert: probability at least this")
-    ap.add_argument("--json", type=Path)
+    ap.add_argument("--json", type=Path, metavar="PATH",
+                    help="write all results to this one file (default: one file per recording in "
+                         "bench/results/faults/)")
     args = ap.parse_args()
     results = [replay(p, args) for p in args.recordings]
     if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
+        write_json(args.json, results)
+    else:
+        for result in results:
+            write_json(default_output(result), [result])
     return 0
 
 
