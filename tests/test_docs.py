@@ -1,9 +1,10 @@
-"""docs/configuration.md and packaging/agent.toml are generated from the config model and stay so."""
+"""The docs: generated files (docs/configuration.md, packaging/agent.toml) stay up to date; links resolve."""
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -79,3 +80,33 @@ def test_heald_check_accepts_the_example() -> None:
     result = subprocess.run([sys.executable, "-m", "agent", "check", "--config", str(EXAMPLE)],
                             capture_output=True, text=True, timeout=120, cwd=TOP, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+FENCED = re.compile(r"^```.*?^```", re.DOTALL | re.MULTILINE)  # code blocks: no links, no headings
+HEADING = re.compile(r"^#+\s+(.+)$", re.MULTILINE)
+
+
+def _anchors(markdown: str) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    return {re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-")
+            for m in HEADING.finditer(FENCED.sub("", markdown))}
+
+
+def test_relative_links_resolve() -> None:
+    """Every relative link in the repository's Markdown names a file that exists (and a heading
+    that exists, when it has an #anchor into a Markdown file)."""
+    pages = [*TOP.glob("*.md"), *TOP.glob("docs/**/*.md"), *TOP.glob("bench/**/*.md"),
+             *TOP.glob("remediations/**/*.md")]
+    broken = []
+    for page in pages:
+        text = FENCED.sub("", page.read_text(encoding="utf-8"))
+        for target in re.findall(r"\[[^\]]*\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z][a-z0-9+.-]*:", target):
+                continue  # http:, https:, mailto:
+            path, _, anchor = target.partition("#")
+            dest = (page.parent / path) if path else page
+            if not dest.exists():
+                broken.append(f"{page.relative_to(TOP)}: {target} (no such file)")
+            elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest.read_text(encoding="utf-8")):
+                broken.append(f"{page.relative_to(TOP)}: {target} (no such heading)")
+    assert not broken, "\n".join(broken)
