@@ -90,7 +90,7 @@ class Store:
     # ------------------------------------------------------------------ operator actions
 
     async def audit(
-        self, actor: str, action: str, node: str = "", detail: dict[str, Any] | None = None
+        self, actor: str, action: str, node: str = "", detail: dict[str, object] | None = None
     ) -> None:
         await self.audit_trail.record(actor, action, node, detail)
 

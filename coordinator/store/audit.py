@@ -8,7 +8,6 @@ change they record, so the trail never claims a change that was rolled back.
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from coordinator.store.database import Cursor, Database
 from coordinator.store.rows import dumps
@@ -21,7 +20,7 @@ class AuditTrail:
         self.db = db
         self.replica = replica
 
-    def add(self, cur: Cursor, actor: str, action: str, node: str, detail: dict[str, Any]) -> None:
+    def add(self, cur: Cursor, actor: str, action: str, node: str, detail: dict[str, object]) -> None:
         """One audit row, inside the caller's transaction."""
         self.db.execute(
             cur,
@@ -30,7 +29,7 @@ class AuditTrail:
         )
 
     async def record(
-        self, actor: str, action: str, node: str = "", detail: dict[str, Any] | None = None
+        self, actor: str, action: str, node: str = "", detail: dict[str, object] | None = None
     ) -> None:
         """One audit row in a transaction of its own (an action that changes nothing else: a login)."""
         await self.db.write(lambda cur: self.add(cur, actor, action, node, detail or {}))
