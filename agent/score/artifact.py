@@ -26,7 +26,7 @@ import os
 import struct
 import zipfile
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
@@ -75,6 +75,7 @@ class ArtifactHead(Protocol):
 
 
 M = TypeVar("M", bound=ArtifactHead)
+C = TypeVar("C")  # a format's compiled-model class
 
 
 def meta_json(meta: ArtifactHead) -> bytes:
@@ -143,8 +144,10 @@ def save(model: Compiled[M], path: str | os.PathLike[str]) -> Path:
 
 
 @dataclass(frozen=True, slots=True)
-class Container(Generic[M]):
-    """One artifact format in this container, and how its error messages name it.
+class Container(Generic[M, C]):
+    """One artifact format in this container: its kind, version and metadata type, the class of
+    its compiled models, its own checks of the arrays against the metadata, and how its error
+    messages name it.
 
     The two formats keep the messages they had before they shared this code: ``noun`` names the
     artifact ("model", "classifier"), ``bare_array`` says why a bare ``.npy`` array is refused,
@@ -155,9 +158,29 @@ class Container(Generic[M]):
     kind: str
     version: int
     meta_type: type[M]
+    compiled: Callable[[M, dict[str, F64]], C]
+    validate: Callable[[M, dict[str, F64], str], None]  # raises ModelError naming the str
     noun: str
     bare_array: str
     kind_first: bool
+
+    def build(self, meta: M, arrays: Mapping[str, npt.ArrayLike]) -> C:
+        """A validated compiled model (arrays are copied to read-only float64)."""
+        clean = frozen_arrays(arrays)
+        self.validate(meta, clean, self.noun)
+        return self.compiled(meta, clean)
+
+    def from_bytes(self, data: bytes, where: str | None = None) -> C:
+        """Decode and verify an artifact; every failure is a :class:`ModelError` naming ``where``
+        (by default the format's noun)."""
+        where = self.noun if where is None else where
+        meta, arrays = self.decode(data, where)
+        self.validate(meta, arrays, where)
+        return self.compiled(meta, arrays)
+
+    def load(self, path: Path) -> C:
+        """Read, decode and verify the artifact at ``path``."""
+        return self.from_bytes(self.read(path), str(path))
 
     def check_head(self, meta: ArtifactHead, where: str) -> None:
         """Refuse metadata of another format version or kind (version first)."""

@@ -21,7 +21,7 @@ training window, scikit-learn/numpy versions, options and held-out metrics).
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +33,7 @@ from agent.errors import ModelError
 from agent.features.schema import FeatureSchema
 from agent.native import Kernels, kernels, ptr
 from agent.score import artifact
-from agent.score.artifact import F64, Compiled, Container, FeatureSpec, TrainingWindow, frozen_arrays
+from agent.score.artifact import F64, Compiled, Container, FeatureSpec, TrainingWindow
 
 FAILURE_CLASSES: tuple[str, ...] = (
     "disk_full", "memory_exhaustion", "cpu_runaway", "network_degradation", "gpu_fault", "service_down",
@@ -175,10 +175,6 @@ class Scorer:
 
 
 # ------------------------------------------------------------------------------- artifact I/O
-FORMAT = Container(kind=KIND, version=FORMAT_VERSION, meta_type=ClassifierMeta, noun="classifier",
-                   bare_array="not an .npz archive", kind_first=True)
-
-
 def validate(meta: ClassifierMeta, arrays: dict[str, F64], where: str) -> None:
     """Check the arrays against the metadata; raise :class:`ModelError` naming ``where``."""
     FORMAT.check_head(meta, where)
@@ -206,25 +202,15 @@ def validate(meta: ClassifierMeta, arrays: dict[str, F64], where: str) -> None:
         raise ModelError(f"{where}: features {foreign[:5]} are not in the model's own schema")
 
 
-def build(meta: ClassifierMeta, arrays: Mapping[str, npt.ArrayLike]) -> CompiledClassifier:
-    """Make a validated :class:`CompiledClassifier` (arrays are copied to read-only float64)."""
-    clean = frozen_arrays(arrays)
-    validate(meta, clean, "classifier")
-    return CompiledClassifier(meta=meta, arrays=clean)
-
-
+FORMAT = Container(kind=KIND, version=FORMAT_VERSION, meta_type=ClassifierMeta, compiled=CompiledClassifier,
+                   validate=validate, noun="classifier", bare_array="not an .npz archive", kind_first=True)
+# The format's operations, under the names the stage, the training side and the CLI use.
+build = FORMAT.build
+from_bytes = FORMAT.from_bytes
 to_bytes = artifact.to_bytes
 save = artifact.save
 
 
-def from_bytes(data: bytes, where: str = "classifier") -> CompiledClassifier:
-    """Decode and verify an artifact; every failure is a :class:`ModelError` naming ``where``."""
-    meta, arrays = FORMAT.decode(data, where)
-    validate(meta, arrays, where)
-    return CompiledClassifier(meta=meta, arrays=arrays)
-
-
 def load(path: str | os.PathLike[str] | None = None) -> CompiledClassifier:
     """Load and verify a classifier artifact (the shipped default when ``path`` is empty)."""
-    p = Path(path) if path else DEFAULT_PATH
-    return from_bytes(FORMAT.read(p), str(p))
+    return FORMAT.load(Path(path) if path else DEFAULT_PATH)

@@ -14,17 +14,15 @@ checks: the arrays against the metadata (:func:`validate`) and the feature schem
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
 import numpy as np
-import numpy.typing as npt
 
 from agent.errors import ModelError
 from agent.score import artifact
-from agent.score.artifact import F64, Compiled, Container, FeatureSpec, TrainingWindow, frozen_arrays
+from agent.score.artifact import F64, Compiled, Container, FeatureSpec, TrainingWindow
 
 FORMAT_VERSION = 2  # 2: threshold_geo (the geometric smoother's threshold)
 KIND = "heald.anomaly"
@@ -65,10 +63,6 @@ class ArtifactMeta(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     @property
     def feature_names(self) -> tuple[str, ...]:
         return tuple(f.name for f in self.features)
-
-
-FORMAT = Container(kind=KIND, version=FORMAT_VERSION, meta_type=ArtifactMeta, noun="model",
-                   bare_array="a bare array, not an .npz archive", kind_first=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,29 +133,21 @@ def validate(meta: ArtifactMeta, arrays: dict[str, F64], where: str) -> None:
         raise ModelError(f"{where}: top_k must be in [1, {d}], got {meta.top_k}")
 
 
-def build(meta: ArtifactMeta, arrays: Mapping[str, npt.ArrayLike]) -> CompiledDetector:
-    """Make a validated :class:`CompiledDetector` (arrays are copied to read-only float64)."""
-    clean = frozen_arrays(arrays)
-    validate(meta, clean, "model")
-    return CompiledDetector(meta=meta, arrays=clean)
-
-
+FORMAT = Container(kind=KIND, version=FORMAT_VERSION, meta_type=ArtifactMeta, compiled=CompiledDetector,
+                   validate=validate, noun="model", bare_array="a bare array, not an .npz archive",
+                   kind_first=False)
+# The format's operations, under the names fit.py, the stage and the CLI use.
+build = FORMAT.build
+from_bytes = FORMAT.from_bytes
 to_bytes = artifact.to_bytes
 save = artifact.save
-
-
-def from_bytes(data: bytes, where: str = "model") -> CompiledDetector:
-    """Decode and verify an artifact; every failure is a :class:`ModelError` naming ``where``."""
-    meta, arrays = FORMAT.decode(data, where)
-    validate(meta, arrays, where)
-    return CompiledDetector(meta=meta, arrays=arrays)
 
 
 def load(path: str | os.PathLike[str], feature_names: list[str] | tuple[str, ...] | None = None,
          ) -> CompiledDetector:
     """Load and verify an artifact; with ``feature_names``, also check the feature schema."""
     p = Path(path)
-    model = from_bytes(FORMAT.read(p), str(p))
+    model = FORMAT.load(p)
     if feature_names is not None:
         try:
             model.check_features(feature_names)
