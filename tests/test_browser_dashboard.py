@@ -18,13 +18,12 @@ import pytest
 from broker import Broker
 
 from agent.wire.signing import load_private_key
-from devtools.coordinator_proc import PASSWORD, REPO_ROOT, CoordinatorProcess, free_port, write_config
+from devtools.coordinator_proc import PASSWORD, CoordinatorProcess, free_port, write_config
 from devtools.fleet_sim import SimAgent, SimNode
 
 pytestmark = pytest.mark.slow
 
 CHROMIUM = os.environ.get("HEALD_TEST_CHROMIUM", "/usr/bin/chromium")
-ARTIFACTS = REPO_ROOT / "test-artifacts"
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
@@ -59,11 +58,20 @@ def coord(mosquitto: Broker, tmp_path: Path) -> Iterator[CoordinatorProcess]:
     proc.stop()
 
 
+@pytest.fixture
+def artifacts(tmp_path: Path) -> Path:
+    """Where the screenshots go: HEALD_TEST_ARTIFACTS when set (to keep them), else the test's own
+    temporary directory; never into the checkout."""
+    path = Path(os.environ.get("HEALD_TEST_ARTIFACTS") or tmp_path / "screenshots")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 @pytest.mark.asyncio
-async def test_dashboard_login_nodes_approve_live(coord: CoordinatorProcess, mosquitto: Broker) -> None:
+async def test_dashboard_login_nodes_approve_live(coord: CoordinatorProcess, mosquitto: Broker,
+                                                  artifacts: Path) -> None:
     from playwright.async_api import async_playwright, expect  # noqa: PLC0415
 
-    ARTIFACTS.mkdir(exist_ok=True)
     key = load_private_key(coord.config.parent / "state" / "command-key.pem").public_key()
     agents = [
         SimAgent(SimNode("web-1", site="lab", labels={"role": "web"}), "127.0.0.1", mosquitto.port, key),
@@ -92,7 +100,7 @@ async def test_dashboard_login_nodes_approve_live(coord: CoordinatorProcess, mos
                     await expect(page.locator("#node-web-1")).to_be_visible()
                     await expect(page.locator("#node-db-1")).to_be_visible()
                     await expect(page.locator("#node-web-1 .risk")).to_contain_text("ALERT")
-                    await page.screenshot(path=str(ARTIFACTS / "dashboard-fleet.png"), full_page=True)
+                    await page.screenshot(path=str(artifacts / "dashboard-fleet.png"), full_page=True)
 
                     # sorting and filtering go through the server
                     await page.fill("#filter-label", "role=db")
@@ -106,7 +114,7 @@ async def test_dashboard_login_nodes_approve_live(coord: CoordinatorProcess, mos
                     await expect(page.locator("#node-name")).to_have_text("web-1")
                     await expect(page.locator("#charts svg").first).to_be_visible()
                     await expect(page.locator("#node-approvals button.approve")).to_be_visible()
-                    await page.screenshot(path=str(ARTIFACTS / "dashboard-node-pending.png"), full_page=True)
+                    await page.screenshot(path=str(artifacts / "dashboard-node-pending.png"), full_page=True)
 
                     await page.click("#node-approvals button.approve")
                     # the agent verifies the signed approval, runs the action and reports: the page
@@ -115,11 +123,11 @@ async def test_dashboard_login_nodes_approve_live(coord: CoordinatorProcess, mos
                     await expect(outcome).to_have_count(1, timeout=15_000)
                     await expect(page.locator("#node-last-action")).to_contain_text("restart-nginx")
                     await expect(page.locator("#live")).to_have_class("live on")
-                    await page.screenshot(path=str(ARTIFACTS / "dashboard-node-approved.png"), full_page=True)
+                    await page.screenshot(path=str(artifacts / "dashboard-node-approved.png"), full_page=True)
 
                     await page.click("#nav-escalations")
                     await expect(page.locator("#no-approvals")).to_be_visible()
-                    await page.screenshot(path=str(ARTIFACTS / "dashboard-escalations.png"), full_page=True)
+                    await page.screenshot(path=str(artifacts / "dashboard-escalations.png"), full_page=True)
                 finally:
                     await browser.close()
             assert [c.name for c in web.accepted] == ["approve"]

@@ -129,10 +129,10 @@ def test_train_in_child_process(tmp_path: Path) -> None:
     out = tmp_path / "m.npz"
     model = clf_train.train_in_child(data, out, timeout_s=300)
     assert model.meta.feature_names == tuple(NAMES)  # empty columns dropped
-    info = subprocess.run([sys.executable, "-m", "agent.score.classifier_train", "info", str(out)],
+    info = subprocess.run([sys.executable, "-m", "agent", "model", "info", str(out)],
                           capture_output=True, text=True, check=True, timeout=60)
     assert model.version in info.stdout
-    bad = subprocess.run([sys.executable, "-m", "agent.score.classifier_train", "train", "--data",
+    bad = subprocess.run([sys.executable, "-m", "agent", "model", "train-classifier", "--data",
                           str(tmp_path / "none.npz"), "--out", str(out)], capture_output=True, text=True,
                          timeout=60, check=False)
     assert bad.returncode == 2

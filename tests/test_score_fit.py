@@ -14,6 +14,7 @@ import pytest
 from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
 
+from agent.cli.main import main
 from agent.errors import InputError, ModelError
 from agent.score import compiled as art
 from agent.score import fit
@@ -200,7 +201,8 @@ def test_child_main_gives_up_oom_protection_first(tmp_path: Path, monkeypatch: p
     adj = tmp_path / "oom_score_adj"
     adj.write_text("-900\n")  # what heald.service's OOMScoreAdjust=-900 leaves to the child
     monkeypatch.setattr(fit, "OOM_SCORE_ADJ", str(adj))
-    assert fit.main(["--input", str(tmp_path / "missing.npz"), "--output", str(tmp_path / "m.npz")]) == 2
+    assert main(["model", "train", "--input", str(tmp_path / "missing.npz"),
+                 "--output", str(tmp_path / "m.npz")]) == 2
     assert adj.read_text() == "0\n"
 
 
@@ -212,8 +214,8 @@ def _protect() -> None:
 def test_child_entry_raises_real_oom_score_adj(tmp_path: Path) -> None:
     # The real thing: a process started with oom_score_adj -900 (as the daemon's children are)
     # runs the child's main and reads its own value back. Lowering needs CAP_SYS_RESOURCE.
-    code = ("import sys; from agent.score.fit import main; "
-            "rc = main(['--input', sys.argv[1], '--output', sys.argv[2]]); "
+    code = ("import sys; from agent.cli.main import main; "
+            "rc = main(['model', 'train', '--input', sys.argv[1], '--output', sys.argv[2]]); "
             "print(rc, open('/proc/self/oom_score_adj').read().strip())")
     argv = [sys.executable, "-c", code, str(tmp_path / "missing.npz"), str(tmp_path / "m.npz")]
     try:

@@ -49,6 +49,33 @@ def add(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the new artifact's metadata as JSON")
     p.set_defaults(handler=train_cmd)
 
+    p = sub.add_parser("train-classifier", help="fit the failure classifier on a labelled dataset",
+                       description="Fit heald's failure classifier on DATA (.npz with X, y, groups, "
+                                   "feature_names, units and schema_json, as bench/faults/dataset.py "
+                                   "writes it), check the compiled form against scikit-learn and write "
+                                   "the artifact atomically.")
+    p.add_argument("--data", required=True, metavar="FILE", help="labelled dataset (.npz)")
+    p.add_argument("--out", required=True, metavar="PATH", help="artifact to write")
+    p.add_argument("--c", type=float, default=0.1, metavar="C", help="inverse L2 regularisation strength")
+    p.add_argument("--splits", type=int, default=3, metavar="N",
+                   help="calibration folds (grouped by episode)")
+    p.add_argument("--json", action="store_true", help="print the new artifact's metadata as JSON")
+    p.set_defaults(handler=train_classifier_cmd)
+
+    p = sub.add_parser("export-history", help="write a training file from a node's feature history",
+                       description="Write the rows of the feature history in DIR (<state_dir>/model/history) "
+                                   "that the anomaly model would be fitted on, as an .npz with 'train', "
+                                   "'feature_names', 'units' and 'wall' (the input of `heald model train`). "
+                                   "The daemon's refit runs this in a child process. Prints the row count; "
+                                   "exit 1 when there is nothing usable.")
+    p.add_argument("--dir", required=True, metavar="DIR", help="the history directory")
+    p.add_argument("--out", required=True, metavar="FILE", help="training file to write (.npz)")
+    p.add_argument("--schema", default=None, metavar="JSON",
+                   help="the feature schema as JSON (default: heald's default schema)")
+    p.add_argument("--since", type=float, default=None, metavar="WALL",
+                   help="only rows from this wall-clock time (seconds since the epoch) on")
+    p.set_defaults(handler=export_history_cmd)
+
 
 def _fmt(v: Any, digits: int = 3) -> str:
     if v is None:
@@ -167,9 +194,12 @@ def _print_classifier(model: Any, as_json: bool) -> None:
 
 
 def train_cmd(args: argparse.Namespace) -> int:
-    import msgspec  # noqa: PLC0415
+    """Also the daemon's fitting child (:func:`agent.score.fit.fit_in_child`)."""
+    from agent.score.fit import fit_file, leave_oom_protection  # noqa: PLC0415
 
-    from agent.score.fit import fit_file  # noqa: PLC0415
+    # First: under memory pressure the kernel must kill the fit, not the healer that started it.
+    leave_oom_protection()
+    import msgspec  # noqa: PLC0415
 
     quiet_logging()
 
@@ -186,3 +216,39 @@ def train_cmd(args: argparse.Namespace) -> int:
                f"{info['training']['rows']} training rows, thresholds {info['threshold']:.6g} / "
                f"{info['threshold_geo']:.6g}")
     return 0
+
+
+def train_classifier_cmd(args: argparse.Namespace) -> int:
+    """Also the daemon's classifier child (:func:`agent.score.classifier_train.train_in_child`)."""
+    from agent.score.fit import leave_oom_protection  # noqa: PLC0415
+
+    leave_oom_protection()
+    from agent.score.classifier_train import train  # noqa: PLC0415
+
+    quiet_logging()
+    try:
+        model = train(args.data, args.out, c_reg=args.c, n_splits=args.splits)
+    except (OSError, KeyError, ValueError) as exc:
+        raise InputError([Problem(args.data, "--data", f"bad dataset: {exc}")]) from None
+    info = _meta_dict(model)
+    if args.json:
+        out(json.dumps(info))
+    else:
+        out(f"wrote {args.out}: classifier {info['version']}, classes {', '.join(info['classes'])}, "
+            f"{len(info['features'])} features, {info['training']['rows']} training rows")
+    return 0
+
+
+def export_history_cmd(args: argparse.Namespace) -> int:
+    """Also the daemon's history-export child (:class:`agent.score.stage.RiskStage`)."""
+    from agent.features.history import export  # noqa: PLC0415
+    from agent.features.schema import decode_schema, default_schema  # noqa: PLC0415
+
+    quiet_logging()
+    try:
+        schema = default_schema() if args.schema is None else decode_schema(args.schema)
+    except ValueError as exc:
+        raise InputError([Problem("--schema", "", f"not a feature schema: {exc}")]) from None
+    rows = export(args.dir, schema, args.out, args.since)
+    out(str(rows))
+    return 0 if rows else 1

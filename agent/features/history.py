@@ -6,7 +6,7 @@ temporary file, fsync, rename). Chunks older than ``window_s`` are deleted, so t
 a rolling window (24 h at 1 Hz with ~250 features is ~90 MB of float32; shorten ``window_s`` or
 narrow the schema on small nodes). Chunks written under another schema are ignored (and pruned).
 
-The refit reads the history in a child process (``python -m agent.features.history export``),
+The refit reads the history in a child process (``python -m agent model export-history``),
 so the daemon never holds a day of rows in memory.
 
 Writing stays off the per-sample path: :meth:`HistoryWriter.append` only copies the row into
@@ -19,20 +19,17 @@ buffer (:meth:`HistoryWriter.seal` queues a partial one); a lock serialises the 
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
-import sys
 import threading
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 import structlog
 
-from agent.features.schema import FeatureSchema, decode_schema
+from agent.features.schema import FeatureSchema
 from agent.fsutil import atomic_write
 
 log = structlog.get_logger("heald.history")
@@ -213,26 +210,3 @@ def export(directory: str | os.PathLike[str], schema: FeatureSchema, out: str | 
     _write_npz(Path(out), train=x[:, keep], feature_names=np.asarray([names[j] for j in keep]),
                units=np.asarray([units[j] for j in keep]), wall=wall)
     return int(wall.size)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m agent.features.history")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    ex = sub.add_parser("export", help="write a detector training file from the history")
-    ex.add_argument("--dir", required=True)
-    ex.add_argument("--schema", required=True, help="JSON of the FeatureSchema")
-    ex.add_argument("--out", required=True)
-    ex.add_argument("--since", type=float, default=None, help="wall-clock start of the window")
-    args = ap.parse_args(argv)
-    try:
-        schema = decode_schema(args.schema)
-    except ValueError as exc:
-        sys.stderr.write(f"heald history: bad --schema: {exc}\n")
-        return 2
-    rows = export(args.dir, schema, args.out, args.since)
-    sys.stdout.write(f"{rows}\n")
-    return 0 if rows else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """Failure classifier, training side: fit with scikit-learn and compile to the scorer's arrays.
 
-Runs only in a short-lived child process (``python -m agent.score.classifier_train train``,
+Runs only in a short-lived child process (``python -m agent model train-classifier``,
 started by :func:`train_in_child`) or in offline tools (``bench/faults/train.py``); the daemon
 never imports this module. scikit-learn is imported inside the functions that need it.
 
@@ -16,7 +16,6 @@ turns the fitted object into a :class:`~agent.score.classifier.CompiledClassifie
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import os
 import subprocess
@@ -31,7 +30,7 @@ import numpy.typing as npt
 
 from agent.errors import ModelError
 from agent.features.schema import FeatureSchema
-from agent.score.artifact import F64, FeatureSpec, TrainingWindow, meta_json
+from agent.score.artifact import F64, FeatureSpec, TrainingWindow
 from agent.score.classifier import (
     FORMAT_VERSION,
     KIND,
@@ -222,8 +221,8 @@ def train(data_path: str | os.PathLike[str], out_path: str | os.PathLike[str], *
 
 def train_in_child(data_path: str | os.PathLike[str], out_path: str | os.PathLike[str], *,
                    timeout_s: float = 600.0, c_reg: float = 0.1) -> CompiledClassifier:
-    """Run :func:`train` in a short-lived ``python -m agent.score.classifier_train train`` child."""
-    argv = [sys.executable, "-m", "agent.score.classifier_train", "train", "--data", os.fspath(data_path),
+    """Run :func:`train` in a short-lived ``python -m agent model train-classifier`` child."""
+    argv = [sys.executable, "-m", "agent", "model", "train-classifier", "--data", os.fspath(data_path),
             "--out", os.fspath(out_path), "--c", str(c_reg)]
     try:
         proc = subprocess.run(argv, capture_output=True, timeout=timeout_s, check=False,
@@ -234,39 +233,3 @@ def train_in_child(data_path: str | os.PathLike[str], out_path: str | os.PathLik
         tail = proc.stderr.decode("utf-8", errors="replace").strip().splitlines()[-5:]
         raise ModelError(f"classifier training failed (exit {proc.returncode}): " + " | ".join(tail))
     return load(out_path)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m agent.score.classifier_train",
-                                 description="Train or inspect heald's failure classifier.")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    tr = sub.add_parser("train", help="fit on a dataset .npz (X, y, groups, feature_names, units, "
-                                      "schema_json) and write the compiled artifact")
-    tr.add_argument("--data", required=True)
-    tr.add_argument("--out", required=True)
-    tr.add_argument("--c", type=float, default=0.1, help="inverse L2 regularisation strength")
-    tr.add_argument("--splits", type=int, default=3, help="calibration folds (grouped by episode)")
-    info = sub.add_parser("info", help="print an artifact's metadata")
-    info.add_argument("path", nargs="?", default="")
-    args = ap.parse_args(argv)
-    try:
-        if args.cmd == "train":
-            model = train(args.data, args.out, c_reg=args.c, n_splits=args.splits)
-        else:
-            model = load(args.path or None)
-    except ModelError as exc:
-        sys.stderr.write(f"heald classifier: {exc}\n")
-        return 1
-    except (OSError, KeyError, ValueError) as exc:
-        sys.stderr.write(f"heald classifier: bad dataset: {exc}\n")
-        return 2
-    meta = msgspec.json.decode(meta_json(model.meta), type=dict[str, object])
-    meta.pop("schema", None)
-    meta["features"] = len(model.meta.features)
-    meta["version"] = model.version
-    sys.stdout.write(msgspec.json.encode(meta).decode() + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

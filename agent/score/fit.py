@@ -2,7 +2,7 @@
 
 This module (with :mod:`agent.score.evaluate`) is the only place heald imports scikit-learn, and
 only inside functions: the daemon calls :func:`fit_in_child`, which runs
-``python -m agent.score.fit --input TRAIN --output ARTIFACT`` as a short-lived child process
+``python -m agent model train --input TRAIN --output ARTIFACT`` as a short-lived child process
 (argv list, timeout, reaped) that writes the compiled artifact atomically. The daemon then
 loads the artifact with :func:`agent.score.compiled.load` and never pays for scikit-learn.
 
@@ -15,7 +15,6 @@ quantile of its value over the training data times a margin: no labels are invol
 
 from __future__ import annotations
 
-import argparse
 import csv
 import datetime as dt
 import os
@@ -290,12 +289,12 @@ def fit_in_child(
     timeout_s: float = 600.0,
     feature_names: Sequence[str] | None = None,
 ) -> CompiledDetector:
-    """Fit in a short-lived ``python -m agent.score.fit`` child and load its verified artifact.
+    """Fit in a short-lived ``python -m agent model train`` child and load its verified artifact.
 
     Blocking (the daemon wraps it in ``asyncio.to_thread``). The child is killed and reaped on
     timeout. Raises :class:`~agent.errors.ModelError` if the child fails or times out.
     """
-    argv = [sys.executable, "-m", "agent.score.fit", "--input", os.fspath(train_path),
+    argv = [sys.executable, "-m", "agent", "model", "train", "--input", os.fspath(train_path),
             "--output", os.fspath(out_path)]
     if options:
         argv += ["--options", msgspec.json.encode(options).decode()]
@@ -333,31 +332,3 @@ def leave_oom_protection(path: str | None = None) -> None:
                 fh.write("0\n")
     except (OSError, ValueError):
         pass
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    leave_oom_protection()
-    parser = argparse.ArgumentParser(prog="python -m agent.score.fit",
-                                     description="Fit heald's anomaly detector (child process).")
-    parser.add_argument("--input", required=True, help="training rows: .npz, .npy or .csv")
-    parser.add_argument("--output", required=True, help="artifact path (written atomically)")
-    parser.add_argument("--options", default="{}", help="JSON object of FitOptions fields")
-    args = parser.parse_args(argv)
-    try:
-        try:
-            opts = msgspec.json.decode(args.options, type=dict[str, object])
-        except msgspec.DecodeError as exc:
-            raise InputError([Problem("--options", "", f"not a JSON object: {exc}")]) from None
-        fit_file(args.input, args.output, **opts)
-    except InputError as exc:
-        for problem in exc.problems:
-            sys.stderr.write(f"heald fit: {problem}\n")
-        return 2
-    except ModelError as exc:
-        sys.stderr.write(f"heald fit: {exc}\n")
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -12,8 +12,8 @@
 Cold start: until ``cold_start_s`` of history exists and a detector is fitted, ``anomaly`` is
 None and ``cold`` is True (forecasts and the shipped classifier still run: they need no
 node-specific fit). :meth:`RiskStage.refit_loop` (an asyncio task of the daemon) fits the detector
-in child processes — the history export (``python -m agent.features.history export``) and the fit
-(``python -m agent.score.fit`` via :func:`agent.score.fit.fit_in_child`, in a worker thread) —
+in child processes — the history export (``python -m agent model export-history``) and the fit
+(``python -m agent model train`` via :func:`agent.score.fit.fit_in_child`, in a worker thread) —
 with timeouts, on the last ``window_s`` of history, first once the cold-start history exists,
 then every ``refit_interval_s``. The artifact lives in ``<state_dir>/models/detector.npz`` and is
 reloaded at start. A model that cannot be loaded or does not match the feature schema is refused
@@ -250,7 +250,7 @@ class RiskStage:
             train = work / "train.npz"
             last = self.history.last_wall if self.history.last_wall is not None else time.time()
             since = last - self.settings.window_s
-            rc = await _run_child([sys.executable, "-m", "agent.features.history", "export",
+            rc = await _run_child([sys.executable, "-m", "agent", "model", "export-history",
                                    "--dir", str(self.history.dir), "--schema", self.schema.to_json().decode(),
                                    "--out", str(train), "--since", f"{since:.3f}"], self.fit_timeout_s)
             if rc != 0:
