@@ -11,8 +11,9 @@ regenerated with the command above, not kept per commit: each records the option
 
 Each recording is replayed sample by sample through a fresh :class:`agent.score.stage.RiskStage`
 (temporary state dir). Once ``--cold-start`` seconds of samples have been seen, the anomaly
-detector is fitted exactly as the daemon does it (history export + ``python -m agent.score.fit``
-child processes), synchronously in the replay. A sample is a *risk alert* when any source fires:
+detector is fitted exactly as the daemon does it (``python -m agent model export-history`` and
+``python -m agent model train`` child processes), synchronously in the replay. A sample is a
+*risk alert* when any source fires:
 
 * ``anomaly``:  the detector's alert (normalised score >= 1);
 * ``failure``:  a failure-class probability >= ``--p`` (0.5);

@@ -9,7 +9,7 @@
    the held-out faults. Prints per-class precision/recall/F1 (sample level, argmax) and, per
    fault episode, whether its class reached p >= 0.5 before the failure and how early.
 3. Trains the shipped model on everything, in a child process
-   (``python -m agent.score.classifier_train train``), and checks it loads.
+   (``python -m agent model train-classifier``), and checks it loads.
 """
 
 from __future__ import annotations
