@@ -2,8 +2,8 @@
 
 :class:`Coordinator` ties the store, the MQTT bus and the command signer together. After each
 committed batch it decides the batch's lease requests and publishes the signed answers. The web
-layer calls its operator methods: approving, denying, running a playbook and silencing each record
-a signed command in the store before publishing it; resolving an escalation changes the store
+layer calls its operator methods: approving, denying, running a playbook, silencing and unsilencing
+each record a signed command in the store before publishing it; resolving an escalation changes the store
 only. Starting it (and the web server beside it) is :func:`coordinator.service.serve`'s job.
 """
 
@@ -156,6 +156,18 @@ class Coordinator:
             args={"duration_s": duration_s, "until": until, "by": actor},
         )
         await self.store.issue_command(cmd, actor, "silence", silence_until=until)
+        await self.bus.publish(cmd)
+        return cmd
+
+    async def unsilence(self, node: str, actor: str) -> Command:
+        """Lift a node's silence: ``silenced_until`` back to 0 and a signed ``unsilence`` command.
+
+        Sent whether or not the store has the node silenced: a silence the node holds is lifted
+        either way, and the node's ack says whether one was active.
+        """
+        site = await self.store.node_site(node)
+        cmd = self.signer.make(node=node, site=site, name=CommandName.UNSILENCE, args={"by": actor})
+        await self.store.issue_command(cmd, actor, "unsilence", silence_until=0.0)
         await self.bus.publish(cmd)
         return cmd
 

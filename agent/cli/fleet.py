@@ -5,6 +5,7 @@
     heald fleet approve ID | deny ID
     heald fleet run NODE PLAYBOOK
     heald fleet silence NODE DURATION        (90s, 15m, 2h, 1d)
+    heald fleet unsilence NODE
 
 The coordinator URL and token come from ``--url``/``--token``, else ``HEALD_COORDINATOR_URL`` /
 ``HEALD_COORDINATOR_TOKEN``, else ``/etc/heald/fleet.toml`` (``url = ...``, ``token = ...`` or
@@ -86,15 +87,20 @@ def add(parser: argparse.ArgumentParser) -> None:
     run = sub.add_parser("run", help="ask a node to run a playbook (signed command)")
     run.add_argument("node")
     run.add_argument("playbook")
-    silence = sub.add_parser("silence", help="silence a node's escalations for DURATION (90s, 15m, 2h, 1d)")
+    what = "hold a node's automatic playbook runs for DURATION (90s, 15m, 2h, 1d)"
+    silence = sub.add_parser("silence", help=what, description=what + " (signed command)")
     silence.add_argument("node")
     silence.add_argument("duration")
+    what = "lift a node's silence: its automatic playbook runs resume (signed command)"
+    unsilence = sub.add_parser("unsilence", help=what, description=what)
+    unsilence.add_argument("node")
     # every subparser repeats the output flags so `heald fleet ls --json` works too
     for p in (
         ls,
         show,
         run,
         silence,
+        unsilence,
         *[a for a in sub.choices.values() if a.prog.endswith(("approve", "deny"))],
     ):
         p.add_argument("--json", action="store_true", dest="json_sub", help=argparse.SUPPRESS)
@@ -210,7 +216,12 @@ def _print_ls(data: dict[str, Any]) -> None:
     )
 
 
+def _when(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
 def _print_show(n: dict[str, Any]) -> None:
+    silenced_until = float(n.get("silenced_until") or 0)
     labels = ", ".join(f"{k}={v}" for k, v in (n.get("labels") or {}).items()) or "-"
     top = ", ".join(f"{c['feature']} {c['share']:.0%}" for c in (n.get("explanation") or [])[:3]) or "-"
     pairs = [
@@ -225,6 +236,7 @@ def _print_show(n: dict[str, Any]) -> None:
         ("top contributors", top),
         ("open incidents", str(n.get("open_incidents") or 0)),
         ("last action", n.get("last_action") or "-"),
+        ("silenced until", _when(silenced_until) if silenced_until > time.time() else "-"),
     ]
     width = max(len(k) for k, _ in pairs)
     for k, v in pairs:
@@ -296,7 +308,14 @@ def handle(args: argparse.Namespace) -> int:
         data = client.request(
             "POST", f"/api/nodes/{quote(args.node, safe='')}/silence", {"duration_s": seconds}
         )
-        until = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(data["until"]))
-        out(json.dumps(data, indent=2) if as_json else f"silenced {args.node} until {until}")
+        out(json.dumps(data, indent=2) if as_json else f"silenced {args.node} until {_when(data['until'])}")
+        return 0
+    if cmd == "unsilence":
+        data = client.request("POST", f"/api/nodes/{quote(args.node, safe='')}/unsilence", {})
+        out(
+            json.dumps(data, indent=2)
+            if as_json
+            else f"lifted the silence on {args.node}: signed command {data['command_id']}"
+        )
         return 0
     raise _bad("SUBCOMMAND", f"unknown fleet command {cmd!r}")  # pragma: no cover - argparse rejects it

@@ -27,7 +27,7 @@ COMMANDS: Final[tuple[tuple[str, str, Callable[[argparse.ArgumentParser], None]]
     ("model", "train, inspect and evaluate the anomaly model", model.add),
     ("install-units", "install the systemd units for a pip/pipx install", units.add),
     ("audit", "verify the hash-chained audit log", audit.add),
-    ("fleet", "talk to the coordinator: ls, show, approve, deny, run, silence", fleet.add),
+    ("fleet", "talk to the coordinator: ls, show, approve, deny, run, silence, unsilence", fleet.add),
 )
 
 

@@ -8,7 +8,7 @@ coordinator sends back arrives on the report stage's MQTT session and is handled
 - :mod:`agent.control.dispatcher` verifies each command's signature (:mod:`agent.wire.signing`,
   keys from :mod:`agent.control.keys`), acknowledges it, and acts through the playbook engine:
   ``run``/``approve`` start a run, ``deny`` refuses an approval, ``status`` reports, ``silence``
-  holds automatic runs (:mod:`agent.control.silence`);
+  holds automatic runs and ``unsilence`` lifts that hold (:mod:`agent.control.silence`);
 - :mod:`agent.control.leases` is the engine's lease gate: before a disruptive step it asks the
   coordinator for a share of the fleet's blast-radius budget and waits for the signed answer.
 

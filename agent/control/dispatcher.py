@@ -5,7 +5,9 @@
 target, the time window and the nonce (:class:`agent.wire.signing.CommandVerifier`) and answers
 at once: a lease answer goes straight to the waiting request, anything else is queued and
 acknowledged ``accepted``. :meth:`CommandDispatcher.run` (a task in the daemon's root group)
-executes the queue one command at a time and acknowledges each ``done`` or ``failed``.
+executes the queue one command at a time and acknowledges each ``done`` or ``failed``: runs,
+approvals and status through the engine, ``silence``/``unsilence`` on the node's
+:class:`~agent.control.silence.Silence`.
 """
 
 from __future__ import annotations
@@ -123,6 +125,8 @@ class CommandDispatcher:
             return "done", f"approval for {playbook} denied", {"denied": denied}
         if name == wire.CommandName.SILENCE:
             return self._silence(command, by)
+        if name == wire.CommandName.UNSILENCE:
+            return self._unsilence(by)
         if name == wire.CommandName.STATUS:
             return "done", "", {"playbooks": engine.status(), "approvals": engine.pending_approvals()}
         return "failed", f"unknown command '{name}'", {}
@@ -135,3 +139,15 @@ class CommandDispatcher:
         self.silence.until = until
         log.warning("node silenced: automatic playbook runs held", until=until, by=by)
         return "done", f"automatic playbook runs held until {until:.0f}", {"until": until}
+
+    def _unsilence(self, by: str) -> Result:
+        """Lift a silence; ``done`` either way, the message and ``was_silenced`` say whether one held."""
+        was = self.silence.until
+        active = self.silence.holds(time.time())
+        self.silence.until = 0.0
+        if not active:
+            log.info("unsilence: the node was not silenced", by=by)
+            return "done", "the node was not silenced: nothing to lift", {"was_silenced": False}
+        log.warning("node unsilenced: automatic playbook runs resume", was_until=was, by=by)
+        message = f"silence lifted (it held until {was:.0f}): automatic playbook runs resume"
+        return "done", message, {"was_silenced": True, "was_until": was}

@@ -1,4 +1,5 @@
-"""``heald fleet silence NODE DURATION``: hold the node's automatic playbook runs for a while.
+"""``heald fleet silence NODE DURATION``: hold the node's automatic playbook runs for a while;
+``heald fleet unsilence NODE`` lifts the hold before its time.
 
 Sampling, scoring and reporting go on, and manual runs and approvals still work; only the
 playbooks' own triggers are not evaluated until the silence ends. The pipeline asks

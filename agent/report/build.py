@@ -90,6 +90,9 @@ _OUTCOMES: dict[str, Outcome] = {
     "failed": "failed", "escalated": "failed", "interrupted": "failed", "abandoned": "skipped",
     "skipped": "skipped", "held": "refused", "refused": "refused", "timeout": "timeout",
 }
+#: Records that end a playbook's pending business with a decision, not a run: an operator's "no"
+#: to an approval is finished, refused (never a failure: nothing ran).
+_DECIDED: dict[str, Outcome] = {"approval.denied": "refused"}
 
 
 def flat_args(value: Mapping[str, Any], prefix: str = "", out: dict[str, Any] | None = None) -> Args:
@@ -123,11 +126,11 @@ def playbook_record(record: Mapping[str, Any]) -> wire.Action | wire.Event:
                           wall=time.time(), labels=labels, message=str(record.get("message", ""))[:4096])
     status = str(record.get("status") or record.get("outcome") or "")
     finished = kind == "step" and status not in ("intent", "started", "")
-    finished = finished or kind in ("run.end", "run.finished", "run.abandoned")
+    finished = finished or kind in ("run.end", "run.finished", "run.abandoned") or kind in _DECIDED
     outcome: Outcome | None = None
     if finished:
         ok = record.get("ok")
-        outcome = _OUTCOMES.get(status, "ok" if ok is True else "failed")
+        outcome = _DECIDED.get(kind) or _OUTCOMES.get(status, "ok" if ok is True else "failed")
     result = {k: v for k, v in record.items()
               if k not in ("node", "playbook", "run_id", "action", "dry_run", "duration_s", "type")}
     duration = record.get("duration_s")

@@ -21,6 +21,7 @@ class CommandName(StrEnum):
     APPROVE = "approve"  # approve a pending approval: the playbook runs; ``args.playbook``
     DENY = "deny"  # deny a pending approval; ``args.playbook``
     SILENCE = "silence"  # hold automatic playbook runs; ``args.until`` or ``args.duration_s``
+    UNSILENCE = "unsilence"  # lift a silence: automatic playbook runs resume at once
     STATUS = "status"  # report playbook state and pending approvals in the ack's result
     LEASE_GRANT = "lease_grant"  # fleet blast-radius lease granted; ``args.request_id``, ``lease_id``
     LEASE_DENY = "lease_deny"  # lease refused; ``args.request_id``, ``reason``

@@ -96,7 +96,8 @@ class Commands:
     async def issue_command(
         self, command: Command, actor: str, audit_action: str, silence_until: float | None = None
     ) -> None:
-        """Record an operator's command to a known node (and its silence, if one), audited."""
+        """Record an operator's command to a known node, audited; ``silence_until`` (if given) is the
+        node's new ``silenced_until``: a silence's end, or 0 when the silence is lifted."""
 
         def run(cur: Cursor) -> None:
             if self.db.one(cur, "SELECT node FROM nodes WHERE node = ?", (command.node,)) is None:
@@ -119,14 +120,20 @@ class Commands:
         await self.db.write(run)
 
     async def resolve_escalation(self, escalation_id: int, actor: str) -> None:
-        """Close an open escalation (a fleet one lifts its storm hold), audited; once, across replicas."""
+        """Close an open escalation (a fleet one lifts its storm hold), audited; once, across replicas.
+
+        A fleet escalation's key is freed (a new storm may open another); a node escalation keeps
+        its run's key, so a late repeat of the same run's escalation does not open it again
+        (:func:`coordinator.store.reports.node_escalation_key`).
+        """
 
         def run(cur: Cursor) -> None:
             now = time.time()
             self.db.execute(
                 cur,
                 "UPDATE escalations SET state = 'resolved', resolved_by = ?, resolved_at = ?, "
-                "open_key = NULL, updated_at = ? WHERE id = ? AND state = 'open'",
+                "open_key = CASE WHEN scope = 'fleet' THEN NULL ELSE open_key END, updated_at = ? "
+                "WHERE id = ? AND state = 'open'",
                 (actor, now, now, escalation_id),
             )
             if cur.rowcount != 1:

@@ -118,6 +118,20 @@ def _history_row(m: Message) -> tuple[Any, ...]:
     raise TypeError(f"no history table for {type(m).__name__}")  # pragma: no cover - see _HISTORY_INSERTS
 
 
+def node_escalation_key(node: str, playbook: str, run_id: str) -> str | None:
+    """The ``escalations.open_key`` of a node's escalation: one row per (node, playbook, run).
+
+    A node may send one run's escalation more than once under different ``seq``s (agents up to
+    0.1.0 publish it both as an audit record and as an event; a resend after a restart), so the
+    ``(node, seq)`` dedupe alone does not make it one row. Unlike a fleet escalation's key, this
+    one is kept when the escalation is resolved: the run stays escalated once. An escalation
+    without a run id (``""`` or the ``"-"`` placeholder) has no key and is always stored.
+    """
+    if run_id in ("", "-"):
+        return None
+    return "node:" + dumps([node, playbook, run_id])
+
+
 class Reports:
     """Writes report batches into the history tables and the ``nodes`` rows."""
 
@@ -295,11 +309,11 @@ class Reports:
                 "ON CONFLICT DO NOTHING RETURNING id",
                 approvals,
             )
-        if escalations:
+        if escalations:  # one per (node, playbook, run): a repeat for the same run adds nothing
             self.db.execute_many(
                 cur,
-                "INSERT INTO escalations (scope, node, grp, playbook, reason, ts, state, updated_at) "
-                "VALUES ('node', ?, ?, ?, ?, ?, 'open', ?)",
+                "INSERT INTO escalations (scope, node, grp, playbook, reason, ts, state, open_key, "
+                "updated_at) VALUES ('node', ?, ?, ?, ?, ?, 'open', ?, ?) ON CONFLICT DO NOTHING",
                 escalations,
             )
         if releases:
@@ -359,13 +373,15 @@ class Reports:
             )
         elif is_escalation(m.name):
             labels_of_node = json.loads(n["labels"])
+            playbook = labels.get("playbook", "")
             escalations.append(
                 (
                     m.node,
                     group_of(self.budget, m.site, labels_of_node),
-                    labels.get("playbook", ""),
+                    playbook,
                     m.message or m.name,
                     m.wall,
+                    node_escalation_key(m.node, playbook, labels.get("run_id", "")),
                     now,
                 )
             )

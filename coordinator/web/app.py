@@ -379,6 +379,11 @@ async def silence(request: web.Request) -> web.Response:
     return json_response({"ok": True, "command_id": cmd.id, "node": cmd.node, "until": cmd.args["until"]})
 
 
+async def unsilence(request: web.Request) -> web.Response:
+    cmd = await request.app[COORD].unsilence(request.match_info["node"], request["actor"])
+    return json_response({"ok": True, "command_id": cmd.id, "node": cmd.node})
+
+
 async def resolve(request: web.Request) -> web.Response:
     try:
         esc_id = int(request.match_info["id"])
@@ -447,6 +452,7 @@ def build_app(coord: Coordinator) -> web.Application:
     r.add_get("/api/nodes/{node}/commands", _table("commands", _by_node, "issued_at DESC"))
     r.add_post("/api/nodes/{node}/run", run_playbook)
     r.add_post("/api/nodes/{node}/silence", silence)
+    r.add_post("/api/nodes/{node}/unsilence", unsilence)
     r.add_get("/api/approvals", _table("approvals", _by_state("pending"), "requested_at DESC"))
     r.add_post("/api/approvals/{id}/approve", approve)
     r.add_post("/api/approvals/{id}/deny", deny)

@@ -176,7 +176,8 @@ function actionsTable(actions) {
     el("thead", {}, el("tr", {}, ["When", "Playbook", "Step", "Action", "Phase", "Outcome", "Duration", "Error"].map((h) => el("th", {}, h)))),
     el("tbody", {}, actions.map((a) => el("tr", { "data-run": a.run_id, "data-phase": a.phase },
       el("td", { title: when(a.ts) }, ago(a.ts)), el("td", {}, a.playbook), el("td", {}, a.step),
-      el("td", {}, a.action, a.dry_run ? el("span", { class: "muted" }, " (dry-run)") : null), el("td", {}, a.phase),
+      el("td", {}, a.action, a.dry_run ? el("span", { class: "muted" }, " (dry-run)") : null,
+        a.result && a.result.by ? el("span", { class: "muted" }, ` by ${a.result.by}`) : null), el("td", {}, a.phase),
       el("td", { class: `outcome ${a.outcome || ""}` }, a.outcome || ""),
       el("td", {}, a.duration_s === null || a.duration_s === undefined ? "" : `${fmt(a.duration_s, 1)}s`),
       el("td", {}, a.error)))));
@@ -202,6 +203,11 @@ async function renderNode(view, node) {
     const minutes = Number(e.target.elements.minutes.value);
     try { await api(`/api/nodes/${encodeURIComponent(node)}/silence`, { method: "POST", body: JSON.stringify({ duration_s: minutes * 60 }) }); await render(); } catch (err) { flash(err.message); }
   } }, el("input", { name: "minutes", type: "number", min: 1, value: 60, size: 5 }), el("button", { type: "submit" }, "Silence (min)"));
+  const silenced = n.silenced_until > Date.now() / 1000;
+  // lifts the silence at once (the node's automatic playbook runs resume); only while one holds
+  const unsilenceButton = silenced ? el("button", { type: "button", id: "unsilence", class: "unsilence", onclick: async () => {
+    try { await api(`/api/nodes/${encodeURIComponent(node)}/unsilence`, { method: "POST", body: "{}" }); await render(); flash(`Lifted the silence on ${node}; signed command sent.`); } catch (err) { flash(err.message); }
+  } }, "Unsilence") : null;
   view.replaceChildren(
     el("h1", {}, el("a", { href: "#/" }, "Fleet"), " / ", el("span", { id: "node-name" }, n.node), " ", presence(n.online)),
     el("dl", { class: "kv", id: "node-info" },
@@ -216,8 +222,8 @@ async function renderNode(view, node) {
       el("dt", {}, "Failure classes"), el("dd", {}, Object.entries(n.failure || {}).map(([k, v]) => el("span", { class: "pill" }, `${k} ${Math.round(v * 100)}%`))),
       el("dt", {}, "Open incidents"), el("dd", {}, n.open_incidents || 0),
       el("dt", {}, "Last action"), el("dd", { id: "node-last-action" }, n.last_action || "–"),
-      el("dt", {}, "Silenced until"), el("dd", {}, n.silenced_until > Date.now() / 1000 ? when(n.silenced_until) : "–")),
-    el("div", { style: null }, el("h2", {}, "Operate"), runForm, silenceForm),
+      el("dt", {}, "Silenced until"), el("dd", { id: "node-silenced" }, silenced ? when(n.silenced_until) : "–")),
+    el("div", { style: null }, el("h2", {}, "Operate"), runForm, silenceForm, unsilenceButton),
     el("h2", {}, "Pending approvals"),
     pending.length ? el("table", { id: "node-approvals" }, el("tbody", {}, approvalRows(pending, false))) : el("p", { class: "muted" }, "none"),
     el("h2", {}, "Risk and metrics"), charts,
