@@ -85,7 +85,9 @@ async def test_ladder_escalates_backs_off_and_trips_breaker_without_looping(tmp_
     assert len(starts) == 3
     esc = [e for e in rec.events if e["kind"] == "app.unfixed"]
     assert len(esc) == 3
-    assert esc[0]["message"] == "app still bad on n1"
+    # the playbook's message, then what each step did
+    assert esc[0]["message"].startswith("app still bad on n1. Tried: 1-run_command (run_command): ")
+    assert "step1 exited 0" in esc[0]["message"]
     assert [e["kind"] for e in rec.events].count("playbook.suspended") == 1
     held = [r["reason"] for r in rec.of("held")]
     assert "cooldown" in held
@@ -235,7 +237,8 @@ async def test_state_survives_reload_and_restart(tmp_path: Path) -> None:
         await eng.evaluate(sample({"app.bad": 1.0}), None)
         assert eng.status()[0]["breaker_open"] is True
     saved = json.loads((tmp_path / "state" / "playbooks.json").read_text())
-    assert saved["playbooks"]["fix"]["breaker_open_since"] is not None
+    assert saved["version"] == 2
+    assert saved["targets"]["fix"]["breaker_open_since"] is not None
     eng2, rec2 = make_engine(tmp_path, [pb])
     async with running(eng2):
         for _ in range(10):

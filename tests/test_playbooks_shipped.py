@@ -76,6 +76,7 @@ def test_shipped_library_loads() -> None:
     names = {pb.name for pb in load_playbooks(PlaybookSettings(dirs=()))}
     assert names == {
         "disk-nearly-full",
+        "disk-nearly-full-unmanaged",
         "disk-full-predicted",
         "memory-exhaustion",
         "runaway-cpu",
@@ -182,6 +183,8 @@ async def test_disk_nearly_full_cleans_a_filling_tmpfs_before_it_is_full(
     assert filler.returncode == 0, "the filler hit ENOSPC: the disk filled up before heald cleaned it"
     assert peak < 100
     assert crossed is not None
+    # only this test's mount: other mounts of a shared host are not cleanable here (no clean root)
+    assert {r["target"] for r in rec.actions if "target" in r} == {f"disk-nearly-full[mount={tmpfs}]"}
     steps = rec.of("step")
     assert steps[0]["action"] == "clean_paths"
     assert steps[0]["data"]["deleted"] > 0

@@ -44,9 +44,11 @@ def test_every_engine_record_decodes_as_a_wire_message() -> None:
     assert isinstance(end, wire.Action)
     assert end.outcome == "failed"
     assert isinstance(held, wire.Action)
-    assert isinstance(esc, wire.Event)
-    assert esc.name == "playbook.escalated"
-    assert esc.labels["unit"] == "a.service"
+    # The escalation record is an action like every record; the escalation *event* goes out once,
+    # through playbook_event (test_escalation_is_published_once).
+    assert isinstance(esc, wire.Action)
+    assert esc.result["type"] == "escalate"
+    assert esc.result["labels.unit"] == "a.service"
 
 
 def test_approval_request_event_has_what_the_coordinator_queues() -> None:
@@ -58,3 +60,14 @@ def test_approval_request_event_has_what_the_coordinator_queues() -> None:
     assert ev.labels["playbook"] == "runaway-cpu"
     assert ev.labels["request_id"] == "n1-runaway-cpu-1000"
     assert ev.labels["pid"] == "42"
+
+
+def test_escalation_is_published_once() -> None:
+    """An escalation is one event for the coordinator (it was two: the audit record and the event)."""
+    record = RECORDS[-1]
+    event = {"kind": "playbook.escalated", "node": "n1", "wall": 1000.0, "severity": "critical",
+             "playbook": "p", "run_id": "r2", "message": "still failing", "labels": {"unit": "a.service"}}
+    messages = [playbook_record(record), playbook_event(event)]
+    events = [m for m in messages if isinstance(m, wire.Event)]
+    assert [e.name for e in events] == ["playbook.escalated"]
+    assert events[0].labels["unit"] == "a.service"

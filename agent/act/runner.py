@@ -2,10 +2,13 @@
 
 A run walks the playbook's steps in order. Before each step an ``intent`` is fsync'd to the
 journal, after it the ``result``. A successful step is verified: after ``verify.settle`` the
-run waits for a fresh sample and checks that the trigger no longer holds for the run's
-bindings (or that ``verify.expect`` holds). Verified: the run succeeded. Not verified, or the
-step failed: the next step. Past the last step: an escalation event for humans, and the
-failure counts towards backoff and the circuit breaker.
+run waits for a fresh sample and checks that the problem is over for the run's target (or that
+``verify.expect`` holds). The check reads the condition's current values with no timers (a
+restart that restarted a ``for:`` timer must not turn into a success) and past its hysteresis
+line (``clear_below``/``clear_above``): "no longer holds" means the value really came back.
+Verified: the run succeeded. Not verified, or the step failed: the next step. Past the last
+step: an escalation event for humans that says what each step did, and the failure counts
+towards the target's backoff and circuit breaker.
 
 A run resumed from the journal after a crash never re-runs a step that has a result, and
 never blindly re-runs the step that was interrupted: it verifies what that step achieved and
@@ -18,22 +21,25 @@ import asyncio
 import re
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from structlog.typing import FilteringBoundLogger
 
-from agent.act.actions import REGISTRY
+from agent.act import records
+from agent.act.actions import REGISTRY, REPEATABLE
 from agent.act.base import ActionContext, ActionResult
 from agent.act.journal import Journal, RunJournal, Unfinished
-from agent.act.latest import Latest
 from agent.act.lease import DISRUPTIVE_ACTIONS, LeaseGate, LeaseHeld
 from agent.act.records import Recorder
 from agent.act.supervisor import Supervisor
+from agent.decide.decider import Decider
 from agent.decide.guards import StateStore, record_end
+from agent.decide.latest import Latest
 from agent.decide.model import PLACEHOLDER, Playbook, Step
 from agent.decide.settings import PlaybookSettings
-from agent.decide.triggers import EvalContext, Match, TriggerEvaluator, holds_for
+from agent.decide.targets import Target
+from agent.decide.triggers import Match, TriggerEvaluator
 from agent.errors import HealdError
 
 # How long verification waits for a sample newer than the step (samples come every second).
@@ -72,10 +78,18 @@ class Run:
     match: Match
     dry_run: bool
     trigger: str  # auto | manual | approved | recovered
+    target: Target = field(default_factory=lambda: Target(""))
     approved_by: str = ""
     resume: Unfinished | None = None
     # events before this wall time were handled by the run (not counted again by the trigger)
     watermark: float = 0.0
+    # what each step did ("name (action): detail"), for the escalation
+    tried: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.target.key:
+            self.target = Target(self.playbook.name, tuple(sorted(self.match.bindings.items())),
+                                 self.playbook.name)
 
 
 class RunHost(Protocol):
@@ -87,6 +101,7 @@ class RunHost(Protocol):
     node: str
     journal: Journal
     store: StateStore
+    decider: Decider
     supervisor: Supervisor
     log: FilteringBoundLogger
 
@@ -102,8 +117,8 @@ class Runner:
         self._running = running
 
     async def run(self, run: Run) -> None:
-        playbook = run.playbook
-        log = self._host.log.bind(playbook=playbook.name, run_id=run.run_id)
+        playbook, tgt = run.playbook, run.target
+        log = self._host.log.bind(playbook=playbook.name, run_id=run.run_id, target=tgt.key)
         values = {
             "node": self._host.node, "playbook": playbook.name, "run_id": run.run_id, **run.match.bindings
         }
@@ -118,6 +133,7 @@ class Runner:
             else:
                 header = {
                     "playbook": playbook.name,
+                    "target": tgt.key,
                     "bindings": dict(run.match.bindings),
                     "inputs": dict(run.match.inputs),
                     "dry_run": run.dry_run,
@@ -125,19 +141,10 @@ class Runner:
                     "approved_by": run.approved_by,
                 }
                 run_journal = self._host.journal.open_run(run.run_id, header)
-                self._recorder.record(
-                    {
-                        "type": "run.start",
-                        "playbook": playbook.name,
-                        "run_id": run.run_id,
-                        "trigger": run.trigger,
-                        "approved_by": run.approved_by,
-                        "dry_run": run.dry_run,
-                        "bindings": dict(run.match.bindings),
-                        "inputs": dict(run.match.inputs),
-                        **self._latest.model(),
-                    }
-                )
+                self._recorder.record(records.RunStart(
+                    playbook=playbook.name, run_id=run.run_id, target=tgt.key, trigger=run.trigger,
+                    approved_by=run.approved_by, dry_run=run.dry_run, bindings=dict(run.match.bindings),
+                    inputs=dict(run.match.inputs), **self._latest.model()))
                 log.info(
                     "playbook run started",
                     trigger=run.trigger,
@@ -186,69 +193,56 @@ class Runner:
                 self._escalate(run, values, log)
         except LeaseHeld as exc:
             outcome = "held"
-            self._recorder.record(
-                {"type": "run.held", "playbook": playbook.name, "run_id": run.run_id, "reason": str(exc)}
-            )
+            self._recorder.record(records.RunHeld(playbook=playbook.name, run_id=run.run_id, target=tgt.key,
+                                                  reason=str(exc)))
             log.warning("playbook run held by the fleet budget", reason=str(exc))
         except asyncio.CancelledError:
             # Shutdown: the journal keeps the run unfinished; the next start resumes it.
             if run_journal is not None:
                 run_journal.close()
-            self._running.pop(playbook.name, None)
+            self._running.pop(tgt.key, None)
             raise
         except Exception as exc:  # a bug must not take the engine down; the run counts as failed
             log.exception("playbook run crashed")
             outcome = "error"
-            self._recorder.record(
-                {"type": "run.error", "playbook": playbook.name, "run_id": run.run_id, "error": repr(exc)}
-            )
+            self._recorder.record(records.RunError(playbook=playbook.name, run_id=run.run_id, target=tgt.key,
+                                                   error=repr(exc)))
         self._finish(run, outcome, run_journal, log)
 
     def _finish(
         self, run: Run, outcome: str, run_journal: RunJournal | None, log: FilteringBoundLogger
     ) -> None:
-        playbook = run.playbook
-        state = self._host.store.get(playbook.name)
+        playbook, tgt = run.playbook, run.target
+        state = self._host.store.get(tgt.key, playbook.name, tgt.labels)
         now = time.time()
         opened = record_end(playbook, state, now, outcome, counts=not run.dry_run and outcome != "held")
         self._host.store.save()
-        self._recorder.record(
-            {
-                "type": "run.end",
-                "playbook": playbook.name,
-                "run_id": run.run_id,
-                "outcome": outcome,
-                "dry_run": run.dry_run,
-                "consecutive_failures": state.consecutive_failures,
-                "duration_s": round(now - (state.last_start or now), 3) if run.resume is None else None,
-            }
-        )
+        self._recorder.record(records.RunEnd(
+            playbook=playbook.name, run_id=run.run_id, target=tgt.key, outcome=outcome, dry_run=run.dry_run,
+            consecutive_failures=state.consecutive_failures,
+            duration_s=round(now - (state.last_start or now), 3) if run.resume is None else None))
         log.info("playbook run finished", outcome=outcome, consecutive_failures=state.consecutive_failures)
         if opened:
-            self._recorder.record(
-                {
-                    "type": "breaker.open",
-                    "playbook": playbook.name,
-                    "run_id": run.run_id,
-                    "consecutive_failures": state.consecutive_failures,
-                }
-            )
+            self._recorder.record(records.BreakerOpen(
+                playbook=playbook.name, run_id=run.run_id, target=tgt.key,
+                consecutive_failures=state.consecutive_failures))
             self._recorder.emit(
                 {
                     "kind": "playbook.suspended",
                     "severity": "critical",
                     "playbook": playbook.name,
-                    "message": f"{playbook.name} suspended after {state.consecutive_failures} consecutive "
-                    "failed runs (circuit breaker); `heald` operator action needed",
-                    "labels": {},
+                    "message": f"{playbook.name} suspended for {tgt.key} after {state.consecutive_failures} "
+                    "consecutive failed runs (circuit breaker); `heald` operator action needed",
+                    "labels": {**tgt.labels, "target": tgt.key},
                 }
             )
             log.error(
-                "circuit breaker open: playbook suspended", consecutive_failures=state.consecutive_failures
+                "circuit breaker open: playbook suspended for this target",
+                consecutive_failures=state.consecutive_failures,
             )
         if run_journal is not None:
             run_journal.end(outcome)
-        self._running.pop(playbook.name, None)
+        self._running.pop(tgt.key, None)
 
     def _resume_point(
         self, run: Run, run_journal: RunJournal, log: FilteringBoundLogger
@@ -257,30 +251,37 @@ class Runner:
         unfinished = run.resume
         if unfinished is None:
             return 0, None
-        self._recorder.record(
-            {
-                "type": "run.recovered",
-                "playbook": run.playbook.name,
-                "run_id": run.run_id,
-                "completed_steps": sorted(unfinished.done),
-                "interrupted_step": unfinished.interrupted,
-            }
-        )
+        self._recorder.record(records.RunRecovered(
+            playbook=run.playbook.name, run_id=run.run_id, target=run.target.key,
+            completed_steps=sorted(unfinished.done), interrupted_step=unfinished.interrupted))
         log.warning(
             "resuming unfinished run from the journal",
             completed=sorted(unfinished.done),
             interrupted=unfinished.interrupted,
         )
+        for index in sorted(unfinished.done):
+            if index < len(run.playbook.steps):
+                done = run.playbook.steps[index]
+                detail = unfinished.details.get(index, unfinished.done[index])
+                run.tried.append(f"{done.name} ({done.action}): {detail}")
+        steps = run.playbook.steps
         interrupted = unfinished.interrupted
-        if interrupted is not None:
-            result = ActionResult(ok=False, detail="interrupted by a crash or restart; not re-run")
+        if interrupted is not None and interrupted < len(steps):
+            step = steps[interrupted]
+            again = step.action in REPEATABLE
+            detail = ("interrupted by a crash or restart; run again (repeatable)" if again
+                      else "interrupted by a crash or restart; not run again")
+            result = ActionResult(ok=False, detail=detail)
             run_journal.result(interrupted, "interrupted", result.as_dict())
-            step = run.playbook.steps[interrupted] if interrupted < len(run.playbook.steps) else None
-            if step is not None:
-                self._step_record(run, step, result, "interrupted")
+            self._step_record(run, step, result, "interrupted")
+            check = interrupted if step.verify or interrupted == len(steps) - 1 else None
+            # A repeatable step goes again, unless the check finds it did its work before the kill;
+            # any other goes on with the ladder: what it did (or not) is for the checks to see.
+            return (interrupted if again else interrupted + 1), check
         last = unfinished.last_step
-        if last >= 0 and last not in unfinished.verified:
-            return last + 1, last  # verify what the last step (finished or interrupted) achieved
+        if last >= 0 and last not in unfinished.verified and last < len(steps) \
+                and (steps[last].verify or last == len(steps) - 1):
+            return last + 1, last  # verify what the last finished step achieved
         return last + 1, None
 
     async def _execute(
@@ -327,60 +328,38 @@ class Runner:
         latest = self._latest
         await asyncio.sleep(playbook.verify.settle_s)
         fresh = await latest.fresh_since(latest.seq, FRESH_SAMPLE_TIMEOUT_S)
+        decider = self._host.decider
         if not fresh:
             ok, why = False, "no fresh sample to verify with"
         elif playbook.verify.expect is not None:
-            ctx = EvalContext(
-                latest.index,
-                latest.risk,
-                latest.events,
-                time.time(),
-                time.monotonic(),
-                watermark=run.watermark,
-                stateless=True,
-                bindings=dict(run.match.bindings),
-            )
+            ctx = decider.context(time.time(), time.monotonic(), watermark=run.watermark, stateless=True,
+                                  bindings=dict(run.match.bindings))
             ok = bool(TriggerEvaluator(playbook.verify.expect).evaluate(ctx))
             why = "verify.expect holds" if ok else "verify.expect does not hold"
         else:
-            still = holds_for(latest.matches.get(playbook.name, []), run.match.bindings)
+            # The problem's current state, with no timers: a fresh evaluator, the run's bindings.
+            ctx = decider.context(time.time(), time.monotonic(), watermark=run.watermark, verify=True,
+                                  bindings=dict(run.match.bindings))
+            still = bool(TriggerEvaluator(playbook.trigger).evaluate(ctx))
             ok = not still
-            why = "trigger no longer holds" if ok else "trigger still holds"
+            why = "the trigger's condition is over" if ok else "the trigger's condition still holds"
         run_journal.verify(step_index, ok)
-        self._recorder.record(
-            {
-                "type": "verify",
-                "playbook": playbook.name,
-                "run_id": run.run_id,
-                "step": step_index,
-                "ok": ok,
-                "reason": why,
-                "inputs": latest.current_inputs(playbook.name),
-            }
-        )
+        self._recorder.record(records.Verify(
+            playbook=playbook.name, run_id=run.run_id, target=run.target.key, step=step_index, ok=ok,
+            reason=why, inputs=latest.current_inputs(playbook.name, run.match.bindings)))
         log.info("verification", step=step_index, ok=ok, reason=why)
         return ok
 
     def _step_record(self, run: Run, step: Step, result: ActionResult, status: str) -> None:
-        self._recorder.record(
-            {
-                "type": "step",
-                "playbook": run.playbook.name,
-                "run_id": run.run_id,
-                "step": step.index,
-                "step_name": step.name,
-                "action": step.action,
-                "status": status,
-                "dry_run": run.dry_run,
-                "ok": result.ok,
-                "changed": result.changed,
-                "detail": result.detail,
-                "duration_s": round(result.duration_s, 4),
-                "data": result.data,
-            }
-        )
+        run.tried.append(f"{step.name} ({step.action}): {result.detail or status}")
+        self._recorder.record(records.Step(
+            playbook=run.playbook.name, run_id=run.run_id, target=run.target.key, step=step.index,
+            step_name=step.name, action=step.action, status=status, dry_run=run.dry_run, ok=result.ok,
+            changed=result.changed, detail=result.detail, duration_s=round(result.duration_s, 4),
+            data=result.data))
 
     def _escalate(self, run: Run, values: Mapping[str, str], log: FilteringBoundLogger) -> None:
+        """One escalation, saying what was tried: the playbook's message, then each step's result."""
         playbook = run.playbook
         try:
             message = substitute(playbook.escalate.message, values) if playbook.escalate.message else ""
@@ -389,15 +368,21 @@ class Runner:
         message = message or (
             f"{playbook.name}: every step ran and the problem persists ({playbook.description})"
         )
-        event = {
+        tried = list(run.tried)
+        if tried:
+            message = f"{message}. Tried: " + "; ".join(tried)
+        inputs = self._latest.current_inputs(playbook.name, run.match.bindings)
+        self._recorder.record(records.Escalate(
+            playbook=playbook.name, run_id=run.run_id, target=run.target.key, kind=playbook.escalate.event,
+            severity=playbook.escalate.severity, message=message, labels=dict(run.match.bindings),
+            inputs=inputs, tried=tried))
+        self._recorder.emit({
             "kind": playbook.escalate.event,
             "severity": playbook.escalate.severity,
             "playbook": playbook.name,
             "run_id": run.run_id,
             "message": message,
-            "labels": dict(run.match.bindings),
-            "inputs": self._latest.current_inputs(playbook.name),
-        }
-        self._recorder.record({"type": "escalate", **event})
-        self._recorder.emit(event)
+            "labels": {**run.match.bindings, "target": run.target.key},
+            "inputs": inputs,
+        })
         log.error("escalated to humans", message=message)

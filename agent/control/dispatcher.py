@@ -34,8 +34,12 @@ log = structlog.get_logger("heald.control")
 class PlaybookControl(Protocol):
     """What commands may ask of the playbook engine (:class:`agent.act.engine.Engine`)."""
 
-    async def trigger_manual(self, name: str, approved_by: str) -> str:
-        """Start a run of playbook ``name`` now; its run id."""
+    async def trigger_manual(self, name: str, approved_by: str, *, request_id: str = "") -> str:
+        """Start a run of playbook ``name`` now (for approval ``request_id`` when given); its run id."""
+        ...
+
+    def deny(self, name: str, by: str, *, request_id: str = "") -> bool:
+        """Refuse a pending approval (``request_id``, or all of the playbook's); False if none."""
         ...
 
     def status(self) -> list[dict[str, Any]]:
@@ -113,16 +117,18 @@ class CommandDispatcher:
         if engine is None:
             return "failed", "playbooks are not loaded on this node", {}
         playbook = str(command.args.get("playbook", ""))
-        by = command.issuer or "coordinator"
+        # the operator, as the coordinator names them in the signed args; else the signing key
+        by = str(command.args.get("by") or command.issuer or "coordinator")
         name = command.name
+        # An approval names its request (one playbook may wait on several targets at once).
+        request_id = str(command.args.get("request_id") or "") if name != wire.CommandName.RUN else ""
         if name in wire.RUN_COMMANDS:
-            run_id = await engine.trigger_manual(playbook, approved_by=by)
+            run_id = await engine.trigger_manual(playbook, approved_by=by, request_id=request_id)
             return "done", f"{name}: run {run_id} started", {"run_id": run_id}
         if name == wire.CommandName.DENY:
-            # The engine has no way to deny yet (issue 17): the ack says so with denied=False.
-            deny = getattr(engine, "deny", None)
-            denied = bool(deny(playbook, by)) if deny is not None else False
-            return "done", f"approval for {playbook} denied", {"denied": denied}
+            if not engine.deny(playbook, by, request_id=request_id):
+                return "failed", f"no pending approval of {playbook} to deny", {"denied": False}
+            return "done", f"approval for {playbook} denied", {"denied": True}
         if name == wire.CommandName.SILENCE:
             return self._silence(command, by)
         if name == wire.CommandName.UNSILENCE:

@@ -63,6 +63,15 @@ class PlaybookBuilder:
     def err(self, path: FieldPath, message: str, *, key: bool = False) -> None:
         self.problems.append(Problem(self.file, dotted(path), message, self.smap.line(path, key=key)))
 
+    def mounts(self, d: Mapping[str, Any], kind: str, path: FieldPath) -> Any:
+        """``mounts: cleanable|uncleanable``, only on a disk.* key whose label is a variable."""
+        mounts = d.get("mounts")
+        key = str(d[kind])
+        if mounts is not None and not (key.startswith("disk.") and "[{" in key):
+            self.err((*path, "mounts"), f"mounts applies to a disk.* {kind} whose label is a {{variable}}, "
+                     "e.g. disk.used_pct[{mount}]", key=True)
+        return mounts
+
     def duration(self, value: Any, path: FieldPath, default: float) -> float:
         if value is None:
             return default
@@ -111,6 +120,7 @@ class PlaybookBuilder:
                 self.err((*path, "clear_below"), f"clear_below ({cb}) must not exceed value ({d['value']})")
             if ca is not None and ca < d["value"]:
                 self.err((*path, "clear_above"), f"clear_above ({ca}) must not be below value ({d['value']})")
+            mounts = self.mounts(d, "metric", path)
             return MetricCond(
                 cid,
                 self.key_pattern(d["metric"], (*path, "metric")),
@@ -119,6 +129,7 @@ class PlaybookBuilder:
                 self.duration(d.get("for"), (*path, "for"), 0.0),
                 None if cb is None else float(cb),
                 None if ca is None else float(ca),
+                mounts,
             )
         if kind == "forecast":
             return ForecastCond(
@@ -126,6 +137,7 @@ class PlaybookBuilder:
                 self.key_pattern(d["forecast"], (*path, "forecast")),
                 self.duration(d["eta_below"], (*path, "eta_below"), 0.0),
                 float(d.get("min_confidence", 0.5)),
+                self.mounts(d, "forecast", path),
             )
         if kind == "risk":
             return RiskCond(
@@ -302,6 +314,7 @@ class PlaybookBuilder:
                 if br.get("reset_after") is None
                 else self.duration(br["reset_after"], ("guards", "breaker", "reset_after"), 0.0)
             ),
+            max_parallel=None if g.get("max_parallel") is None else int(g["max_parallel"]),
             cold_start=g.get("cold_start", "hold"),
             disconnected=g.get("disconnected", "act"),
         )

@@ -47,6 +47,8 @@ class MetricCond:
     for_s: float = 0.0
     clear_below: float | None = None
     clear_above: float | None = None
+    # disk.* with a variable label: only mounts that hold a clean root, or only the others
+    mounts: Literal["cleanable", "uncleanable"] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +57,7 @@ class ForecastCond:
     key: KeyPattern
     eta_below_s: float
     min_confidence: float = 0.5
+    mounts: Literal["cleanable", "uncleanable"] | None = None  # as for MetricCond
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +157,7 @@ class Guards:
     window_s: float = 3600.0
     breaker_failures: int = 3
     breaker_reset_s: float | None = None
+    max_parallel: int | None = None  # runs of the playbook at once over all its targets
     cold_start: Literal["hold", "act"] = "hold"
     disconnected: Literal["act", "hold"] = "act"
 

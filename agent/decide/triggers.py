@@ -84,6 +84,18 @@ class SampleIndex:
         return [(lab, v) for lab, v in entries if lab == lp.literal]
 
 
+def cleanable_mounts(mounts: Iterable[str], clean_roots: Iterable[str]) -> frozenset[str]:
+    """The mounts that hold one of ``clean_roots``: for each root, the deepest mount it lies on."""
+    mounts = sorted(set(mounts), key=len, reverse=True)
+    out: set[str] = set()
+    for root in clean_roots:
+        for mount in mounts:
+            if root == mount or root.startswith(mount.rstrip("/") + "/"):
+                out.add(mount)
+                break
+    return frozenset(out)
+
+
 def _event_key(e: Event) -> tuple[Any, ...]:
     return (e.kind, e.source, e.wall, e.value, tuple(sorted(e.labels.items())), e.message)
 
@@ -142,6 +154,15 @@ class EvalContext:
     watermark: float = 0.0  # events at or before this wall time are ignored
     stateless: bool = False  # verify.expect: no for/hysteresis, no state change
     bindings: Mapping[str, str] = field(default_factory=dict)
+    # Verification of a run: does the problem still hold *now*? Stateless (no timers: a restart
+    # must not change the verdict), a metric counts as cleared only past its hysteresis line
+    # (clear_below/clear_above), and a value that cannot be read is not evidence that it cleared.
+    verify: bool = False
+    # Mounts that hold one of [playbooks] clean_roots (for ``mounts: cleanable|uncleanable``).
+    cleanable_mounts: frozenset[str] = frozenset()
+    # Per target: events at or before the wall time this returns for a match's bindings were
+    # handled by a run of that target (one GPU's run does not hide another GPU's XIDs).
+    watermark_of: Callable[[Mapping[str, str]], float] | None = None
 
 
 class TriggerEvaluator:
@@ -190,7 +211,14 @@ class TriggerEvaluator:
         seen: set[str | None] = set()
         var = c.key.label.var
         for label, value in ctx.index.lookup(c.key, ctx.bindings):
+            if c.mounts is not None and (label in ctx.cleanable_mounts) != (c.mounts == "cleanable"):
+                continue
             seen.add(label)
+            if ctx.verify:
+                if _still_holds(c, value):
+                    out.append(_metric_match(c, label, value) if value is not None
+                               else Match({var: label} if var and label is not None else {}, {}, 0.0))
+                continue
             if ctx.stateless:
                 if value is not None and cmp(value, c.value):
                     out.append(_metric_match(c, label, value))
@@ -218,7 +246,7 @@ class TriggerEvaluator:
                     st.since = None
             if st.active:
                 out.append(_metric_match(c, label, value))
-        if not ctx.stateless and not ctx.bindings:
+        if not (ctx.stateless or ctx.verify) and not ctx.bindings:
             for k in [k for k in self._metric if k[0] == c.cid and k[1] not in seen]:
                 del self._metric[k]
         return out
@@ -230,7 +258,7 @@ class TriggerEvaluator:
         else:
             score = r.anomaly if r is not None and r.anomaly is not None else 0.0
             ok = r is not None and r.anomaly is not None and r.anomaly >= c.above
-        if ctx.stateless:
+        if ctx.stateless or ctx.verify:
             return [Match({}, {f"risk.{c.risk}": score}, score)] if ok else []
         if not ok:
             self._risk_since[c.cid] = None
@@ -241,6 +269,17 @@ class TriggerEvaluator:
         if ctx.now_mono - since < c.for_s:
             return []
         return [Match({}, {f"risk.{c.risk}": score, "model_version": r.model_version if r else ""}, score)]
+
+
+def _still_holds(c: MetricCond, value: float | None) -> bool:
+    """Verification: the problem is over only once the value is past the hysteresis line."""
+    if value is None:
+        return True  # unreadable: no evidence that it cleared
+    if c.clear_below is not None:
+        return value >= c.clear_below
+    if c.clear_above is not None:
+        return value <= c.clear_above
+    return _OPS[c.op](value, c.value)
 
 
 def _metric_match(c: MetricCond, label: str | None, value: float) -> Match:
@@ -259,6 +298,8 @@ def _eval_forecast(c: ForecastCond, ctx: EvalContext) -> list[Match]:
     for f in ctx.risk.forecasts:
         fam, label = split_key(f.resource)
         if fam != c.key.family or f.eta_s is None or f.confidence < c.min_confidence:
+            continue
+        if c.mounts is not None and (label in ctx.cleanable_mounts) != (c.mounts == "cleanable"):
             continue
         if lp.var is not None:
             if label is None or (lp.var in ctx.bindings and ctx.bindings[lp.var] != label):
@@ -299,7 +340,11 @@ def _eval_event(c: EventCond, ctx: EvalContext) -> list[Match]:
         if ok:
             groups.setdefault(tuple(bound), []).append(e)
     out: list[Match] = []
-    for bound_t, evs in groups.items():
+    for bound_t, found in groups.items():
+        evs = found
+        if ctx.watermark_of is not None:
+            handled = ctx.watermark_of(dict(bound_t))
+            evs = [e for e in found if e.wall > handled]
         if len(evs) >= c.count:
             values = sorted({_norm(e.value) for e in evs})
             inputs = {f"event[{c.kind}].count": len(evs), f"event[{c.kind}].values": values}

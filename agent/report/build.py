@@ -14,6 +14,7 @@ from typing import Any, Literal, TypedDict
 import msgspec
 
 from agent import wire
+from agent.act.records import ENDS_A_RUN
 from agent.collect.sample import Event as SampleEvent
 from agent.collect.sample import Sample
 from agent.score.types import Risk as ScoreRisk
@@ -113,20 +114,19 @@ def flat_args(value: Mapping[str, Any], prefix: str = "", out: dict[str, Any] | 
     return out
 
 
-def playbook_record(record: Mapping[str, Any]) -> wire.Action | wire.Event:
-    """One engine audit record as a wire message (decisions are published as actions)."""
+def playbook_record(record: Mapping[str, Any]) -> wire.Action:
+    """One engine audit record (:mod:`agent.act.records`) as a wire ``action`` message.
+
+    Every record is an action, escalations included: the escalation's *event* for humans goes
+    out once, through :func:`playbook_event` (so the coordinator opens one escalation, not two).
+    """
     kind = str(record.get("type", "decision"))
     env = envelope()  # same envelope rules as every other report
     playbook = str(record.get("playbook") or "-")
     run_id = str(record.get("run_id") or "-")
-    if kind == "escalate":
-        labels = {str(k): str(v) for k, v in dict(record.get("labels") or {}).items()}
-        labels.update(playbook=playbook, run_id=run_id, severity=str(record.get("severity", "")))
-        return wire.Event(**env, name=str(record.get("kind") or "playbook.escalated"), source="playbooks",
-                          wall=time.time(), labels=labels, message=str(record.get("message", ""))[:4096])
     status = str(record.get("status") or record.get("outcome") or "")
     finished = kind == "step" and status not in ("intent", "started", "")
-    finished = finished or kind in ("run.end", "run.finished", "run.abandoned") or kind in _DECIDED
+    finished = finished or kind in ENDS_A_RUN or kind in _DECIDED
     outcome: Outcome | None = None
     if finished:
         ok = record.get("ok")
@@ -157,7 +157,9 @@ def playbook_event(event: Mapping[str, Any]) -> wire.Event:
     labels.update({k: str(event[k]) for k in ("playbook", "run_id", "severity") if event.get(k)})
     if kind == "playbook.approval_requested":
         kind = wire.RequestEvent.APPROVAL_REQUEST
-        labels["request_id"] = f"{event.get('node', '')}-{playbook}-{int(float(event.get('wall', 0)))}"
+        # the engine names each request (one playbook may wait on several targets at once)
+        labels.setdefault("request_id",
+                          f"{event.get('node', '')}-{playbook}-{int(float(event.get('wall', 0)))}")
         labels.setdefault("action", str(event.get("action") or "playbook"))
     wall = float(event.get("wall") or time.time())
     return wire.Event(**env, name=kind[:128], source="playbooks", wall=wall, labels=labels,

@@ -279,7 +279,7 @@ def build_daemon(loaded: LoadedConfig, config_path: Path | None = None,
         daemon.add_task("report", reporter.run)
 
     def on_action(record: dict[str, Any]) -> None:
-        if exposition is not None and record.get("type") in ("run.end", "run.finished"):
+        if exposition is not None and record.get("type") == "run.end":
             exposition.record_run(str(record.get("playbook")), str(record.get("outcome", "")))
         if reporter is not None:
             reporter.submit(build.playbook_record(record))

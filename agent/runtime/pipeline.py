@@ -36,6 +36,10 @@ class Decider(Protocol):
         """Whether the coordinator is reachable (playbooks' ``guards.disconnected`` policy)."""
         ...
 
+    def set_auto_hold(self, held: bool) -> None:
+        """Whether automatic runs are held (a coordinator's silence); triggers are still evaluated."""
+        ...
+
     async def evaluate(self, sample: Sample, risk: Risk | None) -> None: ...
 
 
@@ -102,7 +106,10 @@ class Pipeline:
             self.exposition.update_sample(sample)
             if risk is not None:
                 self.exposition.update_risk(risk)
-        if self.decider is not None and not (self.hold is not None and self.hold.holds(sample.wall)):
+        if self.decider is not None:
+            # A silence holds automatic runs only: the decider still sees every sample, so manual
+            # and approved runs verify against fresh data.
+            self.decider.set_auto_hold(self.hold is not None and self.hold.holds(sample.wall))
             if self.reporter is not None:
                 self.decider.set_connected(self.reporter.connected)
             try:

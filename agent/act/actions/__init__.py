@@ -40,12 +40,24 @@ REGISTRY: Mapping[str, ActionFn] = MappingProxyType({
 })
 
 
+#: Actions that may run again when a crash or ``kill -9`` cut them off (their intent is in the
+#: journal, their result is not): doing them twice leaves the host as doing them once, and not
+#: doing them again could lose the step's effect altogether (the kill may have come before the
+#: action did anything). Every other action is never started twice: a second restart, signal or
+#: reset, a re-picked process, a second page or an arbitrary command may do harm of its own.
+REPEATABLE: frozenset[str] = frozenset({
+    "clean_paths", "vacuum_journal", "drop_caches", "cgroup_limit", "renice", "gpu_drain", "cordon",
+})
+
+
 def check_registry() -> None:
     """The implementations match the schema's action vocabulary exactly."""
     if set(REGISTRY) != set(action_names()):
         missing = set(action_names()) - set(REGISTRY)
         extra = set(REGISTRY) - set(action_names())
         raise RuntimeError(f"action registry mismatch: missing {sorted(missing)}, extra {sorted(extra)}")
+    if not set(REGISTRY) >= REPEATABLE:
+        raise RuntimeError(f"REPEATABLE names unknown actions: {sorted(REPEATABLE - set(REGISTRY))}")
 
 
 check_registry()

@@ -172,13 +172,38 @@ async def clean_paths(params: Mapping[str, Any], ctx: ActionContext) -> ActionRe
     return await asyncio.to_thread(_clean_sync, params, ctx)
 
 
+JOURNAL_DIRS = ("/var/log/journal", "/run/log/journal")
+
+
+def _journal_free(dirs: tuple[str, ...] = JOURNAL_DIRS) -> dict[str, int]:
+    """Free bytes on the filesystem of each journal directory that exists."""
+    free: dict[str, int] = {}
+    for d in dirs:
+        try:
+            st = os.statvfs(d)
+        except OSError:
+            continue
+        free[d] = st.f_bavail * st.f_frsize
+    return free
+
+
 async def vacuum_journal(params: Mapping[str, Any], ctx: ActionContext) -> ActionResult:
     argv = [*ctx.settings.journalctl]
     if "max_size" in params:
         argv.append(f"--vacuum-size={parse_size(params['max_size'])}")
     if "max_age" in params:
         argv.append(f"--vacuum-time={int(parse_duration(params['max_age']))}s")
-    return await run_tool(ctx, argv)
+    before = _journal_free()
+    result = await run_tool(ctx, argv)
+    if ctx.dry_run or not before:
+        return result
+    # What it freed, as the journal's filesystems saw it (others may write meanwhile: "about").
+    after = _journal_free(tuple(before))
+    freed = {d: after.get(d, 0) - b for d, b in before.items()}
+    result.data["freed_bytes"] = max(0, sum(freed.values()))
+    where = ", ".join(f"{max(0, f)} bytes on {d}" for d, f in freed.items())
+    result.detail = f"{result.detail}; freed about {where}"
+    return result
 
 
 def _copytruncate(path: str) -> str:

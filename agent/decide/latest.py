@@ -1,4 +1,4 @@
-"""What the engine saw last: the sample, the model's risk, the events and every trigger's matches.
+"""What the decider saw last: the sample, the model's risk, the events and every trigger's matches.
 
 Evaluation (once a sample, or on the supervisor's fast path) writes it; a run reads it to verify
 a step, and waits on it for a *new* sample first, so that a step is never judged on data from
@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from agent.collect.sample import Sample
-from agent.decide.triggers import EventLog, Match, SampleIndex, worst
+from agent.decide.triggers import EventLog, Match, SampleIndex, consistent, worst
 from agent.score.types import Risk
 
 
@@ -73,7 +73,10 @@ class Latest:
             return {"model_version": None, "anomaly": None, "cold": None}
         return {"model_version": risk.model_version, "anomaly": risk.anomaly, "cold": risk.cold}
 
-    def current_inputs(self, playbook: str) -> dict[str, Any]:
-        """The worst current match's inputs (the metric values that made the trigger hold)."""
+    def current_inputs(self, playbook: str, bindings: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """The worst current match's inputs (the metric values that made the trigger hold), of the
+        matches consistent with ``bindings`` when given (one target's)."""
         matches = self.matches.get(playbook) or []
+        if bindings:
+            matches = [m for m in matches if consistent(bindings, m.bindings)]
         return dict(worst(matches).inputs) if matches else {}
