@@ -1,4 +1,5 @@
-"""``heald-coordinator``: run the coordinator, check its config, print its command-signing key.
+"""``heald-coordinator``: run the coordinator, check its config, print its command-signing key
+or a new dashboard password.
 
 Exit codes, error lines and logging are ``heald``'s own (:mod:`agent.cli.base`): 0 ok,
 1 failure, 2 bad input (config, arguments), 130 interrupted.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import secrets
 import signal
 import sys
 from collections.abc import Sequence
@@ -16,7 +18,7 @@ from pathlib import Path
 
 from agent.cli.base import EXIT_CODES_EPILOG, block_optional_imports, configure_logging, out, run_handler
 from coordinator import __version__
-from coordinator.config import DEFAULT_CONFIG, CoordinatorSettings, load
+from coordinator.config import DEFAULT_CONFIG, CoordinatorSettings, load, login_secrets
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         "pubkey",
         help="print the command-signing public key (base64) for agents' config; creates the key on first use",
     )
+    sub.add_parser("password", help="print a new random dashboard password (the config line on stderr)")
     return parser
 
 
@@ -78,7 +81,14 @@ def _run(settings: CoordinatorSettings) -> int:
 
 
 def _handle(args: argparse.Namespace) -> int:
+    if args.command == "password":  # needs no config: it is how the first one gets its password
+        password = secrets.token_urlsafe(24)
+        out(password)
+        sys.stderr.write(f'# coordinator.toml: [web] password = "{password}" (or alone in password_file)\n')
+        return 0
     settings = _settings(args)
+    if settings.web.enabled and args.command in ("check", "run", None):
+        login_secrets(settings)  # the secret files are readable and strong enough (exit 2 otherwise)
     if args.command == "check":
         mqtt = settings.mqtt.host or f"embedded {settings.mqtt.embedded_listen}"
         web = settings.web.listen if settings.web.enabled else "off"

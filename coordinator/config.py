@@ -9,6 +9,7 @@ Errors name the file, the line and the dotted key (``coordinator.toml:12: [web.l
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import socket
@@ -84,6 +85,21 @@ class WebSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
     # How often the live stream polls the store for changes made by other replicas.
     stream_poll_s: Annotated[float, msgspec.Meta(ge=0.05, le=30)] = 0.5
     page_max: Annotated[int, msgspec.Meta(ge=10, le=10_000)] = 500
+    # Login throttling, per client address (an IPv6 client by its /64), per replica: this many
+    # wrong secrets (login form or bearer token) in a row lock the client out for
+    # login_lockout_s, doubling with each further failure up to login_lockout_max_s. A right
+    # secret, or login_window_s without a failure (after the last one or the lockout's end),
+    # forgets the client's failures.
+    login_max_failures: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 5
+    login_window_s: Annotated[float, msgspec.Meta(ge=1)] = 900.0
+    login_lockout_s: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 30.0
+    login_lockout_max_s: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 900.0
+    # Clients tracked at most (least recently seen forgotten first): bounds the memory a flood
+    # of distinct addresses can take.
+    login_tracked_max: Annotated[int, msgspec.Meta(ge=10, le=10_000_000)] = 10_000
+    # Proxies (addresses or CIDR networks) whose X-Forwarded-For names the client. Empty (the
+    # default): the header is ignored and the TCP peer is the client.
+    trusted_proxies: list[str] = msgspec.field(default_factory=list)
 
 
 class SigningSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -157,6 +173,44 @@ def parse_listen(value: str) -> tuple[str, int]:
     return parsed
 
 
+#: The shortest login secret accepted (password or token: either logs in).
+MIN_SECRET_LENGTH = 12
+#: ... and the fewest distinct characters in it ("aaaaaaaaaaaa" is 12 characters long).
+MIN_SECRET_DISTINCT = 5
+GENERATE_HINT = "`heald-coordinator password` prints a random one"
+
+
+def secret_problem(secret: str) -> str | None:
+    """Why a login secret is too weak to accept, or None. Never quotes the secret."""
+    if len(secret) < MIN_SECRET_LENGTH:
+        return f"is {len(secret)} characters long; use at least {MIN_SECRET_LENGTH} ({GENERATE_HINT})"
+    if len(set(secret)) < MIN_SECRET_DISTINCT:
+        return f"repeats {len(set(secret))} characters; use a random secret ({GENERATE_HINT})"
+    return None
+
+
+def _secret_problems(web: WebSection) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    if web.password and (why := secret_problem(web.password)):
+        out.append(("web.password", f"the dashboard password {why}"))
+    for i, token in enumerate(web.tokens, 1):
+        if token and (why := secret_problem(token)):
+            out.append(("web.tokens", f"token {i} of {len(web.tokens)} {why}"))
+    return out
+
+
+def _web_problems(web: WebSection) -> list[tuple[str, str]]:
+    out = _secret_problems(web)
+    if web.login_lockout_max_s < web.login_lockout_s:
+        out.append(("web.login_lockout_max_s", "must be at least login_lockout_s"))
+    for value in web.trusted_proxies:
+        try:
+            ipaddress.ip_network(value.strip(), strict=False)
+        except ValueError:
+            out.append(("web.trusted_proxies", f"{value!r} is not an IP address or network"))
+    return out
+
+
 def _semantic_problems(settings: CoordinatorSettings) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     for key, value in (
@@ -178,10 +232,11 @@ def _semantic_problems(settings: CoordinatorSettings) -> list[tuple[str, str]]:
                 "web",
                 (
                     "the dashboard needs a login secret: set password, password_file, tokens or "
-                    "token_file (there is no anonymous mode)"
+                    f"token_file (there is no anonymous mode; {GENERATE_HINT})"
                 ),
             )
         )
+    out += _web_problems(settings.web)
     return out
 
 
@@ -236,16 +291,29 @@ def read_secret_file(path: str, what: str) -> str:
 
 
 def login_secrets(settings: CoordinatorSettings) -> tuple[list[str], list[str]]:
-    """(passwords, tokens) from the config and the files it names."""
+    """(passwords, tokens) from the config and the files it names.
+
+    Raises :class:`CoordinatorConfigError` for a file that cannot be read or holds a secret
+    too weak to accept (``heald-coordinator check`` and ``run`` call this before anything else).
+    """
     web = settings.web
+    problems: list[Problem] = []
     passwords = [p for p in (web.password,) if p]
     if web.password_file:
-        passwords.append(read_secret_file(web.password_file, "web.password_file"))
+        password = read_secret_file(web.password_file, "web.password_file")
+        if why := secret_problem(password):
+            problems.append(Problem(web.password_file, "web.password_file", f"the dashboard password {why}"))
+        passwords.append(password)
     tokens = [t for t in web.tokens if t]
     if web.token_file:
-        tokens.extend(
-            line.strip()
-            for line in read_secret_file(web.token_file, "web.token_file").splitlines()
-            if line.strip() and not line.lstrip().startswith("#")
-        )
+        lines = read_secret_file(web.token_file, "web.token_file").splitlines()
+        for n, line in enumerate(lines, 1):
+            token = line.strip()
+            if not token or token.startswith("#"):
+                continue
+            if why := secret_problem(token):
+                problems.append(Problem(web.token_file, "web.token_file", f"the token {why}", n))
+            tokens.append(token)
+    if problems:
+        raise CoordinatorConfigError(problems)
     return passwords, tokens

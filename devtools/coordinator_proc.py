@@ -50,6 +50,7 @@ def write_config(
     budget: dict[str, Any] | None = None,
     store: dict[str, Any] | None = None,
     embedded_port: int | None = None,
+    web: dict[str, Any] | None = None,
 ) -> Path:
     """A coordinator.toml for tests; ``mqtt_port=None`` means the embedded broker."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -74,6 +75,7 @@ def write_config(
         f'tokens = ["{TOKEN}"]',
         "stream_poll_s = 0.2",
     ]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in (web or {}).items()]
     if budget:
         lines.append("[budget]")
         lines += [f"{k} = {json.dumps(v)}" for k, v in budget.items()]

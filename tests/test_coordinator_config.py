@@ -16,7 +16,9 @@ from coordinator.errors import BrokerUnavailable, CoordinatorConfigError
 from devtools.coordinator_proc import REPO_ROOT, CoordinatorProcess, free_port, write_config
 from devtools.fleet_sim import SimAgent, SimNode
 
-GOOD = '[web]\npassword = "x"\n'
+#: A dashboard password long and varied enough for the config check (a fixed one: it shows in test ids).
+STRONG = "kV3f-q9Lz-wP2m-Xa7e"
+GOOD = f'[web]\npassword = "{STRONG}"\n'
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -41,13 +43,13 @@ def test_defaults_are_safe() -> None:
 @pytest.mark.parametrize(
     ("text", "key", "line"),
     [
-        ("[web]\npassword = 'x'\nlisten = 'nope'\n", "web.listen", 3),
-        ("[web]\npassword = 'x'\n[budget]\nmax_percent = 300\n", "budget.max_percent", 4),
-        ("[web]\npassword = 'x'\n[store]\nurl = 'mysql://x'\n", "store.url", 4),
-        ("[web]\npassword = 'x'\n[mqtt]\nshare_group = 'g'\n", "mqtt.share_group", 4),
-        ("[web]\npassword = 'x'\ncolour = 1\n", "web.colour", 3),
+        (f"[web]\npassword = '{STRONG}'\nlisten = 'nope'\n", "web.listen", 3),
+        (f"[web]\npassword = '{STRONG}'\n[budget]\nmax_percent = 300\n", "budget.max_percent", 4),
+        (f"[web]\npassword = '{STRONG}'\n[store]\nurl = 'mysql://x'\n", "store.url", 4),
+        (f"[web]\npassword = '{STRONG}'\n[mqtt]\nshare_group = 'g'\n", "mqtt.share_group", 4),
+        (f"[web]\npassword = '{STRONG}'\ncolour = 1\n", "web.colour", 3),
         ("[web]\nlisten = '127.0.0.1:1'\n", "web", 1),
-        ("[budget]\ngroup_by = 'rack'\n[web]\npassword='x'\n", "budget.group_by", 2),
+        (f"[budget]\ngroup_by = 'rack'\n[web]\npassword='{STRONG}'\n", "budget.group_by", 2),
     ],
 )
 def test_config_errors_name_key_and_line(text: str, key: str, line: int) -> None:

@@ -9,6 +9,14 @@ Authentication: every route except ``/login``, ``/static/*`` and ``/api/health``
   session also need the session's CSRF token in ``X-CSRF-Token`` (or a ``csrf`` form field), and
   a cross-origin ``Origin`` header is refused.
 
+Wrong secrets, on either path, are throttled per client address (:mod:`coordinator.web.throttle`):
+after ``[web] login_max_failures`` the client is refused with 429 and ``Retry-After`` for an
+exponentially growing time, whatever it sends; every lockout is logged and audited.
+
+Security headers (:data:`SECURITY_HEADERS`) are set by the ``on_response_prepare`` signal, so
+every response the app prepares carries them: pages, the API, redirects, errors (4xx and 5xx,
+the router's own 404/405 included) and the event stream, which its handler prepares itself.
+
 Live updates: ``GET /api/stream`` is a Server-Sent Events stream. It polls the store's change
 cursors (so changes made by any replica show up) and wakes early when this replica commits a
 batch; the page re-fetches what changed.
@@ -35,6 +43,15 @@ from coordinator.errors import BadRequest, Conflict, NotFound
 from coordinator.replica import Coordinator
 from coordinator.store import NodeQuery, dumps
 from coordinator.store.rows import TableName
+from coordinator.web.throttle import (
+    IPNetwork,
+    LoginThrottle,
+    client_address,
+    client_key,
+    parse_networks,
+    retry_after_header,
+    throttle_from,
+)
 
 log = structlog.get_logger("coordinator.web")
 
@@ -43,6 +60,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 COORD: web.AppKey[Coordinator] = web.AppKey("coordinator", Coordinator)
 SECRETS: web.AppKey[tuple[list[str], list[str]]] = web.AppKey("secrets", tuple)
+THROTTLE: web.AppKey[LoginThrottle] = web.AppKey("throttle", LoginThrottle)
+PROXIES: web.AppKey[tuple[IPNetwork, ...]] = web.AppKey("trusted_proxies", tuple)
 PUBLIC_PATHS: Final = frozenset({"/login", "/api/health"})
 SECURITY_HEADERS: Final = {
     "Content-Security-Policy": (
@@ -52,6 +71,8 @@ SECURITY_HEADERS: Final = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "same-origin",
     "X-Frame-Options": "DENY",
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Cross-Origin-Resource-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
 
@@ -83,18 +104,45 @@ def _wants_html(request: web.Request) -> bool:
     return not request.path.startswith("/api/")
 
 
-@web.middleware
-async def security_headers(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        response = await handler(request)
-    except web.HTTPException as exc:  # redirects and HTTP errors are raised, not returned
-        for k, v in SECURITY_HEADERS.items():
-            exc.headers.setdefault(k, v)
-        raise
-    if not response.prepared:
-        for k, v in SECURITY_HEADERS.items():
-            response.headers.setdefault(k, v)
+async def security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: runs for every response, however it was made or prepared."""
+    response.headers.update(SECURITY_HEADERS)
+
+
+def client(request: web.Request) -> str:
+    """The client's address: the TCP peer, or what a trusted proxy says (``[web] trusted_proxies``)."""
+    return client_address(request.remote, request.headers.getall("X-Forwarded-For", ()), request.app[PROXIES])
+
+
+def too_many(request: web.Request, retry_after: float, *, html: bool) -> web.Response:
+    """The lockout refusal: the same whatever the client sent (the secret is not looked at)."""
+    seconds = retry_after_header(retry_after)
+    headers = {"Retry-After": seconds}
+    if html:
+        message = f'<p class="error">Too many failed attempts: try again in {seconds} s.</p>'
+        return web.Response(
+            text=LOGIN_PAGE.format(message=message), content_type="text/html", status=429, headers=headers
+        )
+    response = error(429, f"too many wrong secrets from this address: try again in {seconds} s")
+    response.headers.update(headers)
     return response
+
+
+async def failed(request: web.Request, key: str, via: str) -> None:
+    """Record a wrong secret from ``key`` (before the first await: right after the comparison),
+    then log it, and log and audit the lockout it may start."""
+    outcome = request.app[THROTTLE].failure(key)
+    if outcome.lockout_s:
+        log.warning(
+            "login lockout", client=key, via=via, failures=outcome.failures, lockout_s=outcome.lockout_s
+        )
+        await request.app[COORD].store.audit(
+            f"client@{key}",
+            "login.lockout",
+            detail={"via": via, "failures": outcome.failures, "lockout_s": outcome.lockout_s},
+        )
+    else:
+        log.warning("login failed", client=key, via=via, failures=outcome.failures)
 
 
 @web.middleware
@@ -104,11 +152,17 @@ async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     passwords, tokens = request.app[SECRETS]
     header = request.headers.get("Authorization", "")
     if header:
+        throttle, key = request.app[THROTTLE], client_key(client(request))
+        # check, compare and record with no await in between (see coordinator.web.throttle)
+        if wait := throttle.retry_after(key):
+            return too_many(request, wait, html=False)
         scheme, _, token = header.partition(" ")
         if scheme.lower() == "bearer" and token and _matches(token.strip(), tokens + passwords):
+            throttle.success(key)
             request["actor"] = "token:" + hashlib.sha256(token.strip().encode()).hexdigest()[:8]
             request["csrf_ok"] = True
             return await handler(request)
+        await failed(request, key, "bearer")
         await asyncio.sleep(0.2)
         return error(401, "invalid bearer token")
     session_id = request.cookies.get(COOKIE, "")
@@ -165,17 +219,23 @@ async def login(request: web.Request) -> web.Response:
     form = await request.post()
     secret = str(form.get("secret", ""))
     passwords, tokens = request.app[SECRETS]
+    throttle, address = request.app[THROTTLE], client(request)
+    key = client_key(address)
+    # check, compare and record with no await in between (see coordinator.web.throttle)
+    if wait := throttle.retry_after(key):
+        return too_many(request, wait, html=True)
     if not secret or not _matches(secret, passwords + tokens):
+        await failed(request, key, "login")
         await asyncio.sleep(0.5)  # slow down guessing
-        log.warning("login failed", remote=request.remote)
         return web.Response(
             text=LOGIN_PAGE.format(message='<p class="error">Wrong password or token.</p>'),
             content_type="text/html",
             status=401,
         )
+    throttle.success(key)
     coord = request.app[COORD]
     session_id = secrets.token_urlsafe(32)
-    actor = "operator@" + (request.remote or "?")
+    actor = "operator@" + address
     await coord.store.create_session(
         _hash(session_id), secrets.token_urlsafe(24), actor, coord.settings.web.session_ttl_s
     )
@@ -260,7 +320,9 @@ async def session_info(request: web.Request) -> web.Response:
 
 async def info(request: web.Request) -> web.Response:
     coord = request.app[COORD]
-    return json_response(coord.info() | {"counts": await coord.store.counts()})
+    return json_response(
+        coord.info() | {"counts": await coord.store.counts(), "login": request.app[THROTTLE].info()}
+    )
 
 
 async def nodes(request: web.Request) -> web.Response:
@@ -430,9 +492,12 @@ async def stream(request: web.Request) -> web.StreamResponse:
 
 
 def build_app(coord: Coordinator) -> web.Application:
-    app = web.Application(middlewares=[security_headers, errors_to_json, auth], client_max_size=64 * 1024)
+    app = web.Application(middlewares=[errors_to_json, auth], client_max_size=64 * 1024)
+    app.on_response_prepare.append(security_headers)
     app[COORD] = coord
     app[SECRETS] = login_secrets(coord.settings)
+    app[THROTTLE] = throttle_from(coord.settings.web)
+    app[PROXIES] = parse_networks(coord.settings.web.trusted_proxies)
     r = app.router
     r.add_get("/login", login_page)
     r.add_post("/login", login)
