@@ -1,17 +1,38 @@
-"""Crash-safe file replacement, shared by every stage that persists state.
+"""Crash-safe file replacement, shared by every stage that persists state, and what the stages
+do when the state directory cannot take a write.
 
 After :func:`atomic_write` returns, ``path`` holds the new bytes durably; a crash at any point
 before that leaves the old content (or no file), never a torn one. The temporary file is
 created beside ``path`` (same filesystem, so the rename is atomic), fsync'd, renamed over
 ``path``, and the directory is fsync'd so the rename itself survives a power cut.
+
+Degraded storage (a full or read-only state dir, issue 17): the agent must go on healing when
+its own disk is full, so no write under the state dir may stop a stage. Two helpers:
+
+* :func:`write_small_state` is :func:`atomic_write` for the few small state files (counters,
+  cursors, the audit head): on a full filesystem (ENOSPC/EDQUOT), where the temporary file cannot
+  get a block, it overwrites the existing file's bytes in place instead, which needs no new
+  block. A crash cannot tear that one ``pwrite`` (the process dies between system calls), and
+  the content is well under one disk sector, which devices write whole; that is weaker than the
+  rename only against a device that tears a sector on power loss.
+* :class:`FailureStreak` logs a failing write once per streak of failures (an error line), and
+  the first success after it once, instead of one line a sample.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
+import time
 from pathlib import Path
+from typing import Any, Final
+
+import structlog
+
+#: errno values of "the filesystem has no room for this write" (full, or over the user's quota).
+NO_SPACE: Final = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 def fsync_dir(path: Path) -> None:
@@ -45,3 +66,78 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | bytearray | memoryv
         raise
     fsync_dir(dest.parent)
     return dest
+
+
+def write_small_state(path: str | os.PathLike[str], data: bytes) -> None:
+    """Replace a small state file with ``data``: :func:`atomic_write`, or on a full filesystem an
+    in-place overwrite of the existing file (see the module docstring).
+
+    ``data`` must be read back by a parser that ignores trailing ASCII whitespace (a number, JSON):
+    an in-place overwrite shorter than the old content blanks the rest with spaces instead of
+    truncating. Raises ``OSError`` when neither works (a read-only filesystem, no file yet).
+    """
+    dest = Path(path)
+    try:
+        atomic_write(dest, data)
+    except OSError as exc:
+        if exc.errno not in NO_SPACE:
+            raise
+        fd = os.open(dest, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)  # FileNotFoundError: no file to reuse
+        try:
+            old = os.fstat(fd).st_size
+            body = data + b" " * (old - len(data)) if old > len(data) else data
+            if os.pwrite(fd, body, 0) != len(body):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dest)) from exc
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def describe(exc: BaseException) -> dict[str, Any]:
+    """Log fields of an error: its text, and its errno name when it has one (``ENOSPC``, ``EROFS``)."""
+    fields: dict[str, Any] = {"error": str(exc) or type(exc).__name__}
+    code = getattr(exc, "errno", None)
+    if isinstance(code, int):
+        fields["errno"] = errno.errorcode.get(code, str(code))
+    return fields
+
+
+class FailureStreak:
+    """One error line per streak of failures of one kind of write, and one line when it recovers.
+
+    A write that fails on every sample (a full disk) logged on every sample buries everything else
+    (issue 17: 610 identical errors). :meth:`failed` logs the first failure of a streak at error
+    level with ``event`` and the given fields; the failures after it are only counted (and logged
+    at debug level); :meth:`succeeded` ends the streak with one info line saying how many
+    failures it had and for how long.
+    """
+
+    def __init__(self, event: str, logger: Any = None, **fields: Any) -> None:
+        self.event = event
+        self._log = logger if logger is not None else structlog.get_logger("heald.storage")
+        self._fields = fields
+        self.failures = 0  # in the current streak
+        self.total = 0  # since this object was made
+        self._since = 0.0
+
+    @property
+    def failing(self) -> bool:
+        return self.failures > 0
+
+    def failed(self, exc: BaseException, **fields: Any) -> bool:
+        """Count a failure; True when it started a streak (and was logged as an error)."""
+        self.failures += 1
+        self.total += 1
+        if self.failures == 1:
+            self._since = time.monotonic()
+            self._log.error(self.event, **self._fields, **describe(exc), **fields)
+            return True
+        self._log.debug(self.event, **self._fields, **describe(exc), streak=self.failures, **fields)
+        return False
+
+    def succeeded(self, **fields: Any) -> None:
+        if self.failures:
+            context = {k: v for k, v in self._fields.items() if k != "consequence"}
+            self._log.info("state write recovered", what=self.event, **context, failures=self.failures,
+                           for_s=round(time.monotonic() - self._since, 1), **fields)
+            self.failures = 0

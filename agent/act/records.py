@@ -8,7 +8,8 @@ lists every one the engine writes, and nothing else may be expected.
 
 Both callbacks must be quick and must not raise; if one does anyway, the failure is logged and
 the engine goes on, because a broken consumer must not stop remediation. An audit append that
-fails (disk full) is logged and the record is still handed on, unchained.
+fails (disk full) is logged (once per streak, by :class:`agent.act.audit.AuditLog`) and the record
+is still handed on, unchained (``audit_seq``/``audit_hash`` None); the chain on disk stays valid.
 """
 
 from __future__ import annotations
@@ -178,8 +179,7 @@ class Recorder:
         built: dict[str, Any] = {"node": self.node, **msgspec.to_builtins(record, enc_hook=str)}
         try:
             entry = self.audit.append(built)
-        except OSError:
-            self.log.exception("audit append failed", record=built)
+        except OSError:  # logged by the audit log, once per streak of failures (a full disk)
             entry = {"record": built, "hash": None, "seq": None}
         try:
             self._on_action({**built, "audit_seq": entry["seq"], "audit_hash": entry["hash"]})

@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from agent.cli.base import out, quiet_logging, table
-from agent.errors import InputError, Problem
+from agent.errors import HealdError, InputError, Problem
 
 
 def add(parser: argparse.ArgumentParser) -> None:
@@ -249,6 +249,9 @@ def export_history_cmd(args: argparse.Namespace) -> int:
         schema = default_schema() if args.schema is None else decode_schema(args.schema)
     except ValueError as exc:
         raise InputError([Problem("--schema", "", f"not a feature schema: {exc}")]) from None
-    rows = export(args.dir, schema, args.out, args.since)
+    try:
+        rows = export(args.dir, schema, args.out, args.since)
+    except OSError as exc:  # a full state dir: one line on stderr, which the daemon logs as the reason
+        raise HealdError(f"cannot write the training file {args.out}: {exc}") from None
     out(str(rows))
     return 0 if rows else 1

@@ -5,10 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import structlog
+
 from agent.control.settings import CoordinatorSettings
+from agent.fsutil import FailureStreak, describe
 
 if TYPE_CHECKING:
     from agent.wire.signing import CommandVerifier
+
+log = structlog.get_logger("heald.control")
 
 
 def build_verifier(settings: CoordinatorSettings, *, node: str, site: str,
@@ -20,7 +25,21 @@ def build_verifier(settings: CoordinatorSettings, *, node: str, site: str,
     keys += [signing.load_public_key(Path(p)) for p in settings.public_key_files]
     if not keys:
         return None
-    (state_dir / "report").mkdir(parents=True, exist_ok=True)
+    path = state_dir / "report" / "nonces.msgpack"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # the cache works from memory; its saves say so (below)
+        log.error("nonce cache directory unusable", dir=str(path.parent), **describe(exc))
+    failures = FailureStreak(
+        "command nonce cache not saved; replay protection goes on in memory", log, file=str(path),
+        consequence="a restart before the next good save refuses every command issued before it")
+
+    def on_persist(error: OSError | None) -> None:
+        if error is None:
+            failures.succeeded()
+        else:
+            failures.failed(error)
+
     return signing.CommandVerifier(keys, node=node, site=site,
-                                   nonces=signing.NonceCache(state_dir / "report" / "nonces.msgpack"),
+                                   nonces=signing.NonceCache(path, on_persist=on_persist),
                                    max_skew_s=settings.max_clock_skew_s)

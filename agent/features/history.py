@@ -15,6 +15,12 @@ queue from a worker thread (:meth:`HistoryWriter.write_pending`, called by the s
 refit task every 30 s). If nobody drains the queue (``MAX_PENDING`` chunks waiting), append
 writes them itself rather than hold more memory. Only the appending thread touches the current
 buffer (:meth:`HistoryWriter.seal` queues a partial one); a lock serialises the writers.
+
+A full or read-only state dir (issue 17) never stops scoring: a chunk that cannot be written
+stays queued and is tried again at the next :meth:`HistoryWriter.write_pending` (every 30 s in
+the daemon), the failure logged once per streak. While writes fail, append never writes on the
+sample path: past ``MAX_PENDING`` queued chunks the oldest is dropped (counted in
+``rows_dropped``), so memory stays bounded and the history that survives is the newest.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import numpy.typing as npt
 import structlog
 
 from agent.features.schema import FeatureSchema
-from agent.fsutil import atomic_write
+from agent.fsutil import FailureStreak, atomic_write
 
 log = structlog.get_logger("heald.history")
 F64 = npt.NDArray[np.float64]
@@ -56,19 +62,17 @@ class HistoryWriter:
         self._n = 0
         self._pending: list[tuple[npt.NDArray[np.float32], F64]] = []  # full chunks to write
         self._lock = threading.Lock()  # one writer at a time; guards the buffer swap
-        self._disabled = False
+        self._failures = FailureStreak(
+            "feature history not written; rows stay queued and are retried", log, dir=str(self.dir),
+            consequence="scoring goes on; the oldest queued rows are dropped past the memory bound")
         self.last_wall: float | None = None
         self.rows_on_disk = 0
+        self.rows_dropped = 0  # rows never written: the state dir would not take them in time
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             self.rows_on_disk = sum(r for _, r in self._chunks())
-        except OSError as exc:
-            self._disable(exc)
-
-    def _disable(self, exc: OSError) -> None:
-        if not self._disabled:
-            log.error("feature history disabled: cannot write", dir=str(self.dir), error=str(exc))
-        self._disabled = True
+        except OSError as exc:  # tried again with every write
+            self._failures.failed(exc)
 
     def _chunks(self) -> list[tuple[Path, int]]:
         out = []
@@ -91,8 +95,6 @@ class HistoryWriter:
         return len(self._pending)
 
     def append(self, wall: float, vec: F64) -> None:
-        if self._disabled:
-            return
         n = self._n
         self._buf[n] = vec
         self._wall[n] = wall
@@ -105,12 +107,26 @@ class HistoryWriter:
                 self._wall = np.empty_like(self._wall)
                 self._n = 0
             if len(self._pending) > MAX_PENDING:
-                self.write_pending()
+                if self._failures.failing:  # no disk writes on the sample path while they fail
+                    self._drop_oldest()
+                else:
+                    self.write_pending()
+
+    def _drop_oldest(self) -> None:
+        if not self._lock.acquire(blocking=False):  # a worker is writing: never wait on the sample path
+            return
+        try:
+            while len(self._pending) > MAX_PENDING:
+                _, wall = self._pending.pop(0)
+                self.rows_dropped += int(wall.shape[0])
+        finally:
+            self._lock.release()
 
     def write_pending(self) -> None:
-        """Write the queued full chunks (from a worker thread in the daemon)."""
+        """Write the queued full chunks (from a worker thread in the daemon); a chunk that cannot be
+        written stays queued for the next call."""
         with self._lock:
-            while self._pending and not self._disabled:
+            while self._pending:
                 buf, wall = self._pending[0]
                 if not self._write(buf, wall):
                     return
@@ -119,7 +135,7 @@ class HistoryWriter:
     def seal(self) -> None:
         """Queue the buffered rows as a chunk of their own (on the thread that appends)."""
         n = self._n
-        if n and not self._disabled:
+        if n:
             with self._lock:
                 self._pending.append((self._buf[:n].copy(), self._wall[:n].copy()))
                 self._n = 0
@@ -130,13 +146,14 @@ class HistoryWriter:
         self.write_pending()
 
     def _write(self, buf: npt.NDArray[np.float32], wall: F64) -> bool:
-        """One chunk to disk (caller holds the lock); False when the history is now disabled."""
+        """One chunk to disk (caller holds the lock); False when the state dir would not take it."""
         path = self.dir / f"{self.digest}-{int(wall[0] * 1000):015d}.npz"
         try:
-            _write_npz(path, wall=wall, x=buf)
+            _write_npz(path, wall=wall, x=buf)  # makes the directory too, should it be gone
         except OSError as exc:
-            self._disable(exc)
+            self._failures.failed(exc, pending_chunks=len(self._pending), rows_dropped=self.rows_dropped)
             return False
+        self._failures.succeeded(rows_dropped=self.rows_dropped)
         self.rows_on_disk += int(wall.shape[0])
         self.prune(float(wall[-1]))
         return True
@@ -144,7 +161,10 @@ class HistoryWriter:
     def prune(self, now_wall: float | None = None) -> None:
         now = time.time() if now_wall is None else now_wall
         cutoff_ms = (now - self.window_s) * 1000.0
-        chunks = sorted(self.dir.glob("*.npz"))
+        try:
+            chunks = sorted(self.dir.glob("*.npz"))
+        except OSError:
+            return
         for i, p in enumerate(chunks):
             digest, _, start = p.stem.partition("-")
             # A chunk is wholly old when the next chunk of the same schema started before the cutoff.

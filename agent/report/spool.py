@@ -4,27 +4,42 @@ Layout under ``<state_dir>/spool/``::
 
     0000000000000001.seg   segment files, append-only, replayed in id order
     0000000000000002.seg
-    cursor                 {"acked_seq": N, "dropped_unreported": M}  (tmp + fsync + rename)
+    cursor                 {"acked_seq": N, "dropped_unreported": M[, "dropped_other_unreported": K]}
+                           (tmp + fsync + rename; on a full disk rewritten in place)
     quarantine/            corrupt segments, moved aside with a timestamp suffix
 
-A segment starts with the 8-byte magic ``HSPOOL1\\n`` followed by records::
-
-    u32 length | u32 crc32 | u64 seq | u8 kind | payload (length bytes)      little-endian
-
-``crc32`` covers ``seq``, ``kind`` and the payload. ``seq`` is the message's wire sequence number;
-records are appended in strictly increasing ``seq`` order, so "acknowledged up to seq N" is the
-whole cursor: it survives compaction (which rewrites segments and moves offsets) unchanged.
+Segments hold CRC-checked records in strictly increasing ``seq`` order (the format:
+:mod:`agent.report.segment`), so "acknowledged up to seq N" is the whole cursor: it survives
+compaction (which rewrites segments and moves offsets) unchanged.
 
 Recovery on open: a torn last record of the newest segment (``kill -9``/power loss mid-write) is
 truncated away. Any other damage (bad magic, bad CRC followed by more data, seq going backwards)
 moves the segment to ``quarantine/``, keeps its valid prefix as the segment, and is logged; it is
-never fatal.
+never fatal. Where the state dir cannot take that repair (full or read-only), the file is left as
+it is and only its valid prefix is read.
 
 Quota: when appending would exceed ``quota_bytes``, fully acknowledged segments are deleted, then
 the oldest segment that holds metrics is compacted (its metrics and acknowledged records removed,
 everything else kept in order). Dropped metrics are counted (``dropped_unreported`` is persisted
 until the reporter has told the coordinator). Events, actions and other non-metrics records are
 never dropped while the disk has room: they may push the spool past its quota.
+
+Full or read-only state dir (issue 17): :meth:`Spool.append` never raises for the disk.
+
+* On a full disk (ENOSPC/EDQUOT) the spool sheds its own records, oldest first, until the new one
+  fits: acknowledged segments, then the oldest segment whole, whatever it holds (compacting it
+  would need room the disk does not have). Every unacknowledged record shed is counted in
+  ``dropped_metrics`` / ``dropped_other`` (non-metrics) and their ``*_unreported`` halves, which
+  the reporter sends in its ``report.spool_dropped`` event and its ``status``.
+* What the disk cannot take even so (nothing left to shed, a read-only filesystem, EIO) is held
+  in a memory tail, after every record on disk, and read and acknowledged like the rest (the
+  reporter still publishes while the broker is up). It is bounded by ``memory_bytes``: past it
+  its oldest metrics record goes (its oldest record, when it holds no metrics), counted the same
+  way. The disk is tried again at most every ``retry_s``, the tail written out first, so the order
+  on disk stays the order of ``seq``.
+* A crash loses the memory tail, uncounted, and the unreported drop counts unless the cursor
+  could be written (on a full disk it is, in place: :func:`agent.fsutil.write_small_state`).
+  Failing writes are logged once per streak (:class:`agent.fsutil.FailureStreak`).
 
 Durability: records are written with ``os.write`` (in the page cache at once, so they survive
 ``kill -9``); :meth:`Spool.prepare_sync` / :class:`SyncJob` fsync the active segment and persist the
@@ -41,9 +56,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import struct
 import time
-import zlib
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,20 +64,28 @@ from typing import Final
 
 import structlog
 
-from agent.fsutil import atomic_write, fsync_dir
+from agent.fsutil import NO_SPACE, FailureStreak, atomic_write, describe, fsync_dir
+from agent.report.segment import (
+    CODE_KINDS,
+    DROPPABLE,
+    HEADER_BYTES,
+    KIND_CODES,
+    MAGIC,
+    Segment,
+    SyncJob,
+    crc,
+    encode_record,
+    quarantine,
+    recover,
+    scan,
+    unpack_header,
+    write_all,
+)
 
-MAGIC: Final = b"HSPOOL1\n"
-_HDR: Final = struct.Struct("<IIQB")
-HEADER_BYTES: Final = _HDR.size
-MAX_RECORD_BYTES: Final = 256 * 1024 * 1024
+__all__ = ["DEFAULT_MEMORY_BYTES", "KIND_CODES", "MAGIC", "Spool", "SpoolRecord", "SyncJob", "encode_record"]
 
-#: Stable on-disk codes of message kinds (never renumber: old spools must stay readable).
-KIND_CODES: Final[dict[str, int]] = {
-    "birth": 1, "status": 2, "metrics": 3, "risk": 4, "event": 5, "action": 6, "command": 7,
-    "command_ack": 8,
-}
-_CODE_KINDS: Final[dict[int, str]] = {code: kind for kind, code in KIND_CODES.items()}
-DROPPABLE: Final = frozenset({"metrics"})
+#: Default bound of the memory tail (records the disk could not take), capped by the quota.
+DEFAULT_MEMORY_BYTES: Final = 16 * 1024 * 1024
 
 log = structlog.get_logger()
 
@@ -76,159 +97,69 @@ class SpoolRecord:
     payload: bytes
 
 
-@dataclass(slots=True)
-class _Segment:
-    id: int
-    path: Path
-    size: int
-    records: int = 0
-    metrics: int = 0
-    first_seq: int | None = None
-    last_seq: int | None = None
+@dataclass(frozen=True, slots=True, eq=False)  # compared by identity: deque.remove() of one record
+class _Held:
+    """A record of the memory tail: encoded as it will go to disk."""
 
-    def add(self, seq: int, kind: str, size: int) -> None:
-        self.size += size
-        self.records += 1
-        self.metrics += kind in DROPPABLE
-        if self.first_seq is None:
-            self.first_seq = seq
-        self.last_seq = seq
-
-
-@dataclass(slots=True)
-class _Scan:
-    records: list[tuple[int, int, str, int]]  # (offset, seq, kind, total size)
-    good_bytes: int  # end of the valid prefix
-    error: str | None  # None: the whole file is valid
-    torn: bool  # the error is a tail that a crash mid-append can leave
-
-
-def _crc(seq_kind: bytes | memoryview, payload: bytes | memoryview) -> int:
-    return zlib.crc32(payload, zlib.crc32(seq_kind))
-
-
-def encode_record(seq: int, kind: str, payload: bytes) -> bytes:
-    code = KIND_CODES[kind]
-    seq_kind = _HDR.pack(0, 0, seq, code)[8:]
-    return _HDR.pack(len(payload), _crc(seq_kind, payload), seq, code) + payload
-
-
-def _scan(data: bytes, *, min_seq: int = -1) -> _Scan:
-    """Parse a whole segment file."""
-    if not data.startswith(MAGIC):
-        torn = MAGIC.startswith(data)  # an empty or half-written header
-        return _Scan([], 0, "bad magic (not a spool segment)", torn)
-    view = memoryview(data)
-    off = len(MAGIC)
-    out: list[tuple[int, int, str, int]] = []
-    prev = min_seq
-    while off < len(data):
-        if len(data) - off < HEADER_BYTES:
-            return _Scan(out, off, f"truncated record header at byte {off}", True)
-        length, crc, seq, code = _HDR.unpack_from(data, off)
-        end = off + HEADER_BYTES + length
-        if length > MAX_RECORD_BYTES or end > len(data):
-            return _Scan(out, off, f"record at byte {off} runs past the end of the file", True)
-        if _crc(view[off + 8:off + HEADER_BYTES], view[off + HEADER_BYTES:end]) != crc:
-            return _Scan(out, off, f"CRC mismatch in record at byte {off}", end == len(data))
-        kind = _CODE_KINDS.get(code)
-        if kind is None:
-            return _Scan(out, off, f"unknown kind code {code} at byte {off}", False)
-        if seq <= prev:
-            return _Scan(out, off, f"sequence goes backwards at byte {off} ({seq} after {prev})", False)
-        prev = seq
-        out.append((off, seq, kind, end - off))
-        off = end
-    return _Scan(out, off, None, False)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
-
-
-@dataclass(slots=True)
-class SyncJob:
-    """Blocking half of a sync: safe to run in a worker thread."""
-
-    fd: int | None  # a dup of the active segment's fd, closed by run()
-    cursor_path: Path
-    cursor: bytes | None  # new cursor contents, or None when unchanged
-
-    def run(self) -> None:
-        try:
-            if self.fd is not None:
-                os.fsync(self.fd)
-        finally:
-            if self.fd is not None:
-                os.close(self.fd)
-                self.fd = None
-        if self.cursor is not None:
-            atomic_write(self.cursor_path, self.cursor)
+    seq: int
+    kind: str
+    record: bytes
 
 
 class Spool:
     """See the module docstring. Construction scans and repairs the directory (blocking)."""
 
-    def __init__(self, directory: Path | str, *, quota_bytes: int, segment_bytes: int) -> None:
+    def __init__(self, directory: Path | str, *, quota_bytes: int, segment_bytes: int,
+                 memory_bytes: int | None = None, retry_s: float = 5.0) -> None:
         self.dir = Path(directory)
         self.quarantine_dir = self.dir / "quarantine"
         self.quota_bytes = quota_bytes
         # Quota enforcement works a segment at a time: keep segments small relative to the quota.
         self.segment_bytes = max(4096, min(segment_bytes, quota_bytes // 8))
+        self.memory_bytes = min(quota_bytes, DEFAULT_MEMORY_BYTES) if memory_bytes is None else memory_bytes
+        self.retry_s = retry_s
         self._cursor_path = self.dir / "cursor"
-        self._segments: list[_Segment] = []
+        self._segments: list[Segment] = []
+        self._next_id = 1
         self._fd: int | None = None  # append fd of the active (last) segment
         self.acked_seq = -1
         self.dropped_unreported = 0
+        self.dropped_other_unreported = 0
         self.dropped_metrics = 0  # since open
+        self.dropped_other = 0  # non-metrics records shed (full or unwritable disk) since open
         self.quarantined = 0  # segments moved aside since open
+        self.sheds = 0  # segments deleted whole (with unacknowledged records) for a full disk since open
         self.pending = 0  # records not yet acknowledged
         self._read_seg = 0
         self._read_off = len(MAGIC)
         self._read_seq = -1
         self._inflight: deque[int] = deque()  # read but not yet acknowledged, in order
+        self._held: deque[_Held] = deque()  # the memory tail: after every record on disk
+        self._held_bytes = 0
+        self._retry_at = 0.0
+        self._shed_log_at = 0.0
         self._saved_cursor: bytes | None = None
         self._last_seq = -1
         self._dirty = False
+        self._append_failures = FailureStreak(
+            "spool.disk_write_failed", log, dir=str(self.dir),
+            consequence="records are kept in memory (bounded, oldest dropped and counted) and published "
+                        "from there; the disk is retried")
+        self._sync_failures = FailureStreak("spool.sync_failed", log, dir=str(self.dir))
+        self._delete_failures = FailureStreak("spool.delete_failed", log, dir=str(self.dir))
         self._open()
 
     # ------------------------------------------------------------------ open / recovery
     def _open(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:  # appends will find out and keep records in memory
+            log.error("spool.dir_unusable", dir=str(self.dir), **describe(exc))
         self._load_cursor()
-        prev_last = -1
-        paths = sorted(self.dir.glob("*.seg"))
-        for path in paths:
-            try:
-                seg_id = int(path.stem, 16)
-            except ValueError:
-                self._quarantine(path, "unexpected segment file name", keep=b"")
-                continue
-            data = path.read_bytes()
-            scan = _scan(data, min_seq=prev_last)
-            if scan.error is not None:
-                if path == paths[-1] and scan.torn:
-                    log.warning("spool.torn_tail_truncated", segment=str(path), at_byte=scan.good_bytes,
-                                lost_bytes=len(data) - scan.good_bytes, reason=scan.error)
-                    if not scan.records:
-                        path.unlink()
-                        continue
-                    os.truncate(path, scan.good_bytes)
-                else:
-                    self._quarantine(path, scan.error, keep=data[:scan.good_bytes] if scan.records else b"")
-                    if not scan.records:
-                        continue
-            seg = _Segment(seg_id, path, len(MAGIC))
-            for _off, seq, kind, size in scan.records:
-                seg.add(seq, kind, size)
-                self.pending += seq > self.acked_seq
-            if seg.last_seq is not None:
-                prev_last = seg.last_seq
-            self._segments.append(seg)
-        self._last_seq = max(prev_last, self.acked_seq)
+        found = recover(self.dir, self.quarantine_dir, self.acked_seq)
+        self._segments, self._next_id, self.pending = found.segments, found.next_id, found.pending
+        self.quarantined += found.quarantined
+        self._last_seq = max(found.last_seq, self.acked_seq)
         self.rewind()
         if self.pending:
             log.info("spool.opened", dir=str(self.dir), segments=len(self._segments), pending=self.pending,
@@ -237,34 +168,32 @@ class Spool:
     def _load_cursor(self) -> None:
         try:
             raw = self._cursor_path.read_bytes()
-        except FileNotFoundError:
-            return
-        try:
             doc = json.loads(raw)
             self.acked_seq = int(doc["acked_seq"])
             self.dropped_unreported = int(doc.get("dropped_unreported", 0))
+            self.dropped_other_unreported = int(doc.get("dropped_other_unreported", 0))
             self._saved_cursor = raw
-        except (ValueError, KeyError, TypeError) as exc:
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, TypeError) as exc:
             # Replaying everything is safe (receivers dedupe); losing records is not.
-            log.warning("spool.cursor_unreadable", file=str(self._cursor_path), error=str(exc),
+            log.warning("spool.cursor_unreadable", file=str(self._cursor_path), **describe(exc),
                         consequence="replaying every spooled record")
-
-    def _quarantine(self, path: Path, reason: str, *, keep: bytes) -> None:
-        self.quarantine_dir.mkdir(exist_ok=True, mode=0o700)
-        target = self.quarantine_dir / f"{path.name}.{time.time_ns()}"
-        path.replace(target)
-        self.quarantined += 1
-        log.error("spool.segment_quarantined", segment=str(path), moved_to=str(target), reason=reason,
-                  kept_valid_prefix_bytes=len(keep))
-        if keep:
-            atomic_write(path, keep)
-        else:
-            fsync_dir(self.dir)
 
     # ------------------------------------------------------------------ properties
     @property
     def used_bytes(self) -> int:
         return sum(s.size for s in self._segments)
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the memory tail (records the disk could not take)."""
+        return self._held_bytes
+
+    @property
+    def degraded(self) -> bool:
+        """Whether the disk is failing the spool (records kept in memory, or the last write failed)."""
+        return bool(self._held) or self._append_failures.failing
 
     @property
     def last_seq(self) -> int:
@@ -276,23 +205,118 @@ class Spool:
         return len(self._segments)
 
     # ------------------------------------------------------------------ append
-    def _active(self, need: int) -> tuple[_Segment, int]:
+    def append(self, seq: int, kind: str, payload: bytes) -> bool:
+        """Append one encoded message. False when it was a metrics record dropped for the quota.
+
+        Never raises for the disk: what the disk cannot take is kept in memory (module docstring).
+        """
+        if seq <= self.last_seq:
+            raise ValueError(f"spool sequence must increase: {seq} after {self.last_seq}")
+        record = encode_record(seq, kind, payload)
+        if self._disk_usable():
+            try:
+                stored = self._store(seq, kind, record)
+            except OSError as exc:
+                self._disk_failed(exc)
+            else:
+                self._append_failures.succeeded(pending=self.pending)
+                self._last_seq = seq
+                self.pending += stored
+                return stored
+        self._hold(_Held(seq, kind, record))
+        return True
+
+    def _disk_usable(self) -> bool:
+        """Whether to write to disk now: always while it works; while it fails, once per ``retry_s``,
+        and only after the memory tail (older than anything new) has gone to disk first."""
+        if not self._held and not self._append_failures.failing:
+            return True
+        if time.monotonic() < self._retry_at:
+            return False
+        while self._held:
+            held = self._held[0]
+            try:
+                stored = self._store(held.seq, held.kind, held.record)
+            except OSError as exc:
+                self._disk_failed(exc)
+                return False
+            self._held.popleft()
+            self._held_bytes -= len(held.record)
+            if not stored:  # a metrics record the quota dropped (counted)
+                self._forget(held.seq)
+        return True
+
+    def _disk_failed(self, exc: OSError) -> None:
+        self._retry_at = time.monotonic() + self.retry_s
+        self._append_failures.failed(exc, held=len(self._held), pending=self.pending)
+
+    def _hold(self, held: _Held) -> None:
+        self._held.append(held)
+        self._held_bytes += len(held.record)
+        self._last_seq = held.seq
+        self.pending += 1
+        while self._held_bytes > self.memory_bytes and len(self._held) > 1:
+            victim = next((h for h in self._held if h.kind in DROPPABLE), self._held[0])
+            self._held.remove(victim)
+            self._held_bytes -= len(victim.record)
+            self._forget(victim.seq)
+            self._count_dropped(int(victim.kind in DROPPABLE), int(victim.kind not in DROPPABLE))
+
+    def _forget(self, seq: int) -> None:
+        """A pending record is gone without being acknowledged."""
+        self.pending -= 1
+        if seq in self._inflight:
+            self._inflight.remove(seq)
+
+    def _store(self, seq: int, kind: str, record: bytes) -> bool:
+        """Write one record to disk (quota rules first); on a full disk shed the oldest segments
+        until it fits. False: a metrics record dropped for the quota. Raises OSError otherwise."""
+        while True:
+            try:
+                return self._store_once(seq, kind, record)
+            except OSError as exc:
+                if exc.errno not in NO_SPACE or not self._shed_oldest():
+                    raise
+
+    def _store_once(self, seq: int, kind: str, record: bytes) -> bool:
+        self._make_room(len(record))
+        if self.used_bytes + len(record) > self.quota_bytes and kind in DROPPABLE:
+            self._count_dropped(1)
+            return False
         seg = self._segments[-1] if self._segments else None
-        if seg is None or self._fd is None or (seg.size + need > self.segment_bytes and seg.records):
+        if seg is None or self._fd is None or (seg.size + len(record) > self.segment_bytes and seg.records):
             seg = self._roll()
         if self._fd is None:
             raise RuntimeError("spool has no active segment after a roll")
-        return seg, self._fd
+        try:
+            write_all(self._fd, record)
+        except OSError:
+            # A torn record would hide every later record of the segment from readers: cut it off.
+            try:
+                os.ftruncate(self._fd, seg.size)
+            except OSError:
+                self._close_fd(fsync=False)  # never append after it; the reader stops at seg.size
+            raise
+        seg.add(seq, kind, len(record))
+        self._dirty = True
+        return True
 
-    def _roll(self) -> _Segment:
+    def _roll(self) -> Segment:
         self._close_fd(fsync=True)
-        new_id = self._segments[-1].id + 1 if self._segments else 1
+        new_id = self._next_id
+        self._next_id += 1  # even when this fails: an id is never tried twice
         path = self.dir / f"{new_id:016x}.seg"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
-        _write_all(fd, MAGIC)
+        try:
+            write_all(fd, MAGIC)
+            fsync_dir(self.dir)
+        except OSError:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise
         self._fd = fd
-        fsync_dir(self.dir)
-        seg = _Segment(new_id, path, len(MAGIC))
+        seg = Segment(new_id, path, len(MAGIC))
         self._segments.append(seg)
         return seg
 
@@ -302,37 +326,27 @@ class Spool:
                 if fsync:
                     os.fsync(self._fd)
             finally:
-                os.close(self._fd)
+                with contextlib.suppress(OSError):
+                    os.close(self._fd)
                 self._fd = None
 
-    def append(self, seq: int, kind: str, payload: bytes) -> bool:
-        """Append one encoded message. False when it was a metrics record dropped for the quota."""
-        if seq <= self.last_seq:
-            raise ValueError(f"spool sequence must increase: {seq} after {self.last_seq}")
-        record = encode_record(seq, kind, payload)
-        self._make_room(len(record))
-        if self.used_bytes + len(record) > self.quota_bytes and kind in DROPPABLE:
-            self._count_dropped(1)
-            return False
-        seg, fd = self._active(len(record))
-        _write_all(fd, record)
-        seg.add(seq, kind, len(record))
-        self._last_seq = seq
-        self.pending += 1
-        self._dirty = True
-        return True
-
-    def _count_dropped(self, n: int) -> None:
-        if n:
-            self.dropped_metrics += n
-            self.dropped_unreported += n
+    def _count_dropped(self, metrics: int, other: int = 0) -> None:
+        self.dropped_metrics += metrics
+        self.dropped_unreported += metrics
+        self.dropped_other += other
+        self.dropped_other_unreported += other
 
     def take_dropped_unreported(self) -> int:
         """The count of dropped metrics not yet reported; resets it (persisted at the next sync)."""
         n, self.dropped_unreported = self.dropped_unreported, 0
         return n
 
-    # ------------------------------------------------------------------ quota
+    def take_unreported(self) -> tuple[int, int]:
+        """(metrics, other records) dropped and not yet reported; resets both."""
+        other, self.dropped_other_unreported = self.dropped_other_unreported, 0
+        return self.take_dropped_unreported(), other
+
+    # ------------------------------------------------------------------ quota, shedding
     def _make_room(self, need: int) -> None:
         while self.used_bytes + need > self.quota_bytes:
             if self._delete_acked():
@@ -349,18 +363,22 @@ class Spool:
         deleted = False
         for seg in list(self._segments[:-1]):
             if seg.last_seq is None or seg.last_seq <= self.acked_seq:
-                seg.path.unlink(missing_ok=True)
+                try:
+                    seg.path.unlink(missing_ok=True)
+                except OSError as exc:  # read-only: it stays, acknowledged; tried again at the next sync
+                    self._delete_failures.failed(exc, segment=str(seg.path))
+                    continue
+                self._delete_failures.succeeded()
                 self._segments.remove(seg)
                 deleted = True
         return deleted
 
-    def _compact(self, seg: _Segment) -> None:
+    def _compact(self, seg: Segment) -> None:
         data = seg.path.read_bytes()
-        scan = _scan(data)
         keep = bytearray(MAGIC)
-        new = _Segment(seg.id, seg.path, len(MAGIC))
+        new = Segment(seg.id, seg.path, len(MAGIC))
         dropped: set[int] = set()
-        for off, seq, kind, size in scan.records:
+        for off, seq, kind, size in scan(data).records:
             if seq <= self.acked_seq:
                 continue
             if kind in DROPPABLE:
@@ -368,22 +386,58 @@ class Spool:
                 continue
             keep += data[off:off + size]
             new.add(seq, kind, size)
+        idx = self._segments.index(seg)
+        if new.records:
+            atomic_write(seg.path, bytes(keep))  # may fail on a full disk: nothing has changed yet
+            self._segments[idx] = new
+        else:
+            seg.path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                fsync_dir(self.dir)
+            del self._segments[idx]
         self._count_dropped(len(dropped))
         self.pending -= len(dropped)
         if dropped and self._inflight:
             self._inflight = deque(s for s in self._inflight if s not in dropped)
-        idx = self._segments.index(seg)
-        if new.records:
-            atomic_write(seg.path, bytes(keep))
-            self._segments[idx] = new
-        else:
-            seg.path.unlink(missing_ok=True)
-            fsync_dir(self.dir)
-            del self._segments[idx]
         if self._read_seg == seg.id:
             self._read_off = len(MAGIC)  # offsets moved: re-read, skipping what was already read
         log.warning("spool.quota_dropped_metrics", segment=str(seg.path), dropped=len(dropped),
                     kept=new.records, quota_bytes=self.quota_bytes)
+
+    def _shed_oldest(self) -> bool:
+        """Free disk space on a full disk: acknowledged segments, else the oldest segment whole
+        (each unacknowledged record counted as dropped). False when there is nothing to delete."""
+        if self._delete_acked():
+            return True
+        if not self._segments or not self._segments[0].records:
+            return False  # nothing, or only the empty segment just rolled for this very record
+        seg = self._segments[0]
+        try:
+            data = seg.path.read_bytes()[:seg.size]
+        except OSError:
+            data = b""
+        unacked = [(seq, kind) for _off, seq, kind, _size in scan(data).records if seq > self.acked_seq]
+        if seg is self._segments[-1]:
+            self._close_fd(fsync=False)
+        seg.path.unlink(missing_ok=True)  # on a full disk an unlink still works; if not, nothing changed
+        self._segments.remove(seg)
+        metrics = sum(kind in DROPPABLE for _seq, kind in unacked)
+        self._count_dropped(metrics, len(unacked) - metrics)
+        gone = {seq for seq, _kind in unacked}
+        self.pending -= len(gone)
+        if gone and self._inflight:
+            self._inflight = deque(s for s in self._inflight if s not in gone)
+        self.sheds += 1
+        self._log_shed()
+        return True
+
+    def _log_shed(self) -> None:
+        """A disk that stays full sheds again and again: one line, then at most one a minute."""
+        now = time.monotonic()
+        if now >= self._shed_log_at:
+            self._shed_log_at = now + 60.0
+            log.warning("spool.disk_full_shed", dir=str(self.dir), dropped_metrics=self.dropped_metrics,
+                        dropped_other=self.dropped_other, remaining_segments=len(self._segments))
 
     # ------------------------------------------------------------------ read / ack
     def rewind(self) -> None:
@@ -408,18 +462,26 @@ class Spool:
                 self._read_seg, self._read_off = seg.id + 1, len(MAGIC)
                 continue
             self._read_from(seg, max_records, out)
+        for held in self._held:  # the memory tail comes after every record on disk
+            if len(out) >= max_records:
+                break
+            if held.seq > self._read_seq:
+                self._read_seq = held.seq
+                self._inflight.append(held.seq)
+                out.append(SpoolRecord(held.seq, held.kind, held.record[HEADER_BYTES:]))
         return out
 
-    def _read_from(self, seg: _Segment, max_records: int, out: list[SpoolRecord]) -> None:
+    def _read_from(self, seg: Segment, max_records: int, out: list[SpoolRecord]) -> None:
         with seg.path.open("rb") as f:
             f.seek(self._read_off)
             data = f.read(seg.size - self._read_off)
         view = memoryview(data)
         off = 0
         while off < len(data) and len(out) < max_records:
-            length, crc, seq, code = _HDR.unpack_from(data, off)
+            length, checksum, seq, code = unpack_header(data, off)
             end = off + HEADER_BYTES + length
-            if end > len(data) or _crc(view[off + 8:off + HEADER_BYTES], view[off + HEADER_BYTES:end]) != crc:
+            if end > len(data) or checksum != crc(view[off + 8:off + HEADER_BYTES],
+                                                  view[off + HEADER_BYTES:end]):
                 self._quarantine_at_runtime(seg, f"CRC mismatch at byte {self._read_off + off} while reading")
                 return
             off = end
@@ -427,13 +489,14 @@ class Spool:
                 continue
             self._read_seq = seq
             self._inflight.append(seq)
-            out.append(SpoolRecord(seq, _CODE_KINDS.get(code, "event"), bytes(view[end - length:end])))
+            out.append(SpoolRecord(seq, CODE_KINDS.get(code, "event"), bytes(view[end - length:end])))
         self._read_off += off
 
-    def _quarantine_at_runtime(self, seg: _Segment, reason: str) -> None:
+    def _quarantine_at_runtime(self, seg: Segment, reason: str) -> None:
         if seg is self._segments[-1]:
             self._close_fd(fsync=False)
-        self._quarantine(seg.path, reason, keep=b"")
+        # Unreadable either way: if it cannot be moved aside now, the next open finds it again.
+        self.quarantined += quarantine(self.dir, self.quarantine_dir, seg.path, reason, keep=b"")
         self._segments.remove(seg)
         self.pending = max(0, self.pending - seg.records)
         self._read_seg, self._read_off = seg.id + 1, len(MAGIC)
@@ -443,33 +506,54 @@ class Spool:
         while self._inflight and self._inflight[0] <= seq:
             self._inflight.popleft()
             self.pending -= 1
+        while self._held and self._held[0].seq <= seq:
+            self._held_bytes -= len(self._held.popleft().record)
         self.acked_seq = max(self.acked_seq, seq)
 
     # ------------------------------------------------------------------ durability
     def _cursor_bytes(self) -> bytes:
         doc = {"acked_seq": self.acked_seq, "dropped_unreported": self.dropped_unreported}
+        if self.dropped_other_unreported:
+            doc["dropped_other_unreported"] = self.dropped_other_unreported
         return json.dumps(doc, sort_keys=True).encode()
 
     def prepare_sync(self) -> SyncJob | None:
-        """Collect what needs to reach the disk; run the returned job (maybe in a thread)."""
+        """Collect what needs to reach the disk; run the returned job (maybe in a thread), then
+        hand it to :meth:`finish_sync` on this thread."""
         self._delete_acked()
         cursor = self._cursor_bytes()
         changed = cursor != self._saved_cursor
         if not self._dirty and not changed:
             return None
-        fd = os.dup(self._fd) if (self._fd is not None and self._dirty) else None
+        fd = None
+        if self._fd is not None and self._dirty:
+            try:
+                fd = os.dup(self._fd)
+            except OSError as exc:
+                self._sync_failures.failed(exc)
         self._dirty = False
         if changed:
             self._saved_cursor = cursor
         return SyncJob(fd, self._cursor_path, cursor if changed else None)
+
+    def finish_sync(self, job: SyncJob) -> None:
+        """Log how a job went (once per failure streak); a cursor not written is written next time."""
+        if job.cursor_failed:
+            self._saved_cursor = None
+        if job.error is not None:
+            self._sync_failures.failed(job.error, cursor=str(self._cursor_path))
+        else:
+            self._sync_failures.succeeded()
 
     def sync(self) -> None:
         """Blocking sync in the calling thread."""
         job = self.prepare_sync()
         if job is not None:
             job.run()
+            self.finish_sync(job)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.sync()
-        self._close_fd(fsync=False)
+        with contextlib.suppress(OSError):
+            self._close_fd(fsync=False)

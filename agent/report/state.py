@@ -5,22 +5,47 @@
            any number of the block is used. After a crash the next process starts at the end of
            the last reserved block, so numbers skip forward but never go backwards or repeat.
 ``bdseq``  the birth/death sequence, +1 on every connect, written before it is used.
+
+A full or read-only state dir (issue 17) never stops either counter: a write that fails is
+logged once per failure streak and retried (``seq``: at the next number past the durable block,
+at most once per :data:`RETRY_S`; ``bdseq``: at the next connect), and the numbers go on from
+memory. What remains guaranteed:
+
+* within one process, ``seq`` never repeats and never goes backwards, whatever the disk does;
+* on a *full* disk the files are still written, in place (:func:`agent.fsutil.write_small_state`:
+  no new block needed), so the crash guarantee above holds unchanged once the files exist;
+* only where even that fails (a read-only filesystem, a first start on a full disk before the
+  files exist) can a crash lose the high-water mark. The next process then starts at the last
+  durable block end or above the spool's last record, whichever is higher; numbers handed out
+  after the last durable write whose messages never reached the spool on disk (published
+  straight from memory) may be handed out again, and the coordinator, which dedupes by
+  ``(node, seq)``, then drops the newer message as a duplicate. A repeated ``bdseq`` makes a
+  stale ``offline`` status look current until the next connect.
 """
 
 from __future__ import annotations
 
-import os
+import time
 from pathlib import Path
+from typing import Final
 
 import structlog
 
+from agent.fsutil import FailureStreak, describe, write_small_state
+
 log = structlog.get_logger()
+
+#: While the seq file cannot be written, try again at most this often (seconds).
+RETRY_S: Final = 1.0
 
 
 def _read_int(path: Path) -> int | None:
     try:
         text = path.read_text().strip()
     except FileNotFoundError:
+        return None
+    except OSError as exc:  # unreadable: start from what else we know (the spool), never refuse to run
+        log.warning("report.state_unreadable", file=str(path), **describe(exc))
         return None
     try:
         return int(text)
@@ -29,20 +54,11 @@ def _read_int(path: Path) -> int | None:
         return None
 
 
-def _write_int(path: Path, value: int) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+def _make_parent(path: Path) -> None:
     try:
-        os.write(fd, f"{value}\n".encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    tmp.replace(path)
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:  # the writes will fail and say so; the counter still works from memory
+        log.warning("report.state_dir_unusable", dir=str(path.parent), **describe(exc))
 
 
 class SeqStore:
@@ -50,11 +66,16 @@ class SeqStore:
 
     def __init__(self, path: Path | str, *, block: int = 1000, at_least: int = 0) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _make_parent(self.path)
         self.block = block
         stored = _read_int(self.path)
         self._next = max(stored if stored is not None else 0, at_least)
-        self._reserved = self._next  # nothing of a new block is reserved yet
+        self._durable = self._next  # numbers below this are covered by the file: nothing yet
+        self._retry_at = 0.0
+        self._failures = FailureStreak(
+            "report.seq_persist_failed", log, file=str(self.path),
+            consequence="sequence numbers go on from memory; a crash before the file is written "
+                        "again may reuse some (see agent/report/state.py)")
 
     def bump(self, at_least: int) -> None:
         """Never hand out a number below ``at_least`` (e.g. above what the spool already holds)."""
@@ -62,15 +83,32 @@ class SeqStore:
 
     def next(self) -> int:
         seq = self._next
-        if seq >= self._reserved:
-            self._reserved = seq + self.block
-            _write_int(self.path, self._reserved)
+        if seq >= self._durable:
+            self._reserve(seq + self.block)
         self._next = seq + 1
         return seq
+
+    def _reserve(self, end: int) -> None:
+        now = time.monotonic()
+        if now < self._retry_at:
+            return
+        try:
+            write_small_state(self.path, f"{end}\n".encode())
+        except OSError as exc:
+            self._retry_at = now + RETRY_S
+            self._failures.failed(exc, next_seq=self._next)
+            return
+        self._durable = end
+        self._failures.succeeded(next_seq=self._next)
 
     @property
     def peek(self) -> int:
         return self._next
+
+    @property
+    def durable(self) -> bool:
+        """Whether every number handed out so far is covered by the file (the crash guarantee)."""
+        return self._next <= self._durable
 
 
 class PersistentCounter:
@@ -78,11 +116,21 @@ class PersistentCounter:
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _make_parent(self.path)
         stored = _read_int(self.path)
         self.value = stored if stored is not None else 0
+        self._failures = FailureStreak(
+            "report.counter_persist_failed", log, file=str(self.path),
+            consequence="the counter goes on from memory; a restart before it is written again may "
+                        "reuse a value")
 
     def next(self) -> int:
+        """The next value. Never raises: a value that cannot be written is used anyway (logged)."""
         self.value += 1
-        _write_int(self.path, self.value)
+        try:
+            write_small_state(self.path, f"{self.value}\n".encode())
+        except OSError as exc:
+            self._failures.failed(exc, value=self.value)
+        else:
+            self._failures.succeeded(value=self.value)
         return self.value

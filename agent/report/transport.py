@@ -21,6 +21,15 @@ every connect), last will = retained ``offline`` status; on connect the retained
 status and the birth (``bdseq`` +1, persisted) are published before the replay. Reconnects use
 capped full-jitter exponential backoff. :meth:`Reporter.run` never raises because of the broker.
 
+Nor because of the state dir (issue 17): on a full or read-only disk the spool sheds its oldest
+records and keeps what the disk cannot take in a bounded memory tail, published from there when
+the broker is up (:mod:`agent.report.spool`); the sequence and ``bdseq`` counters go on from
+memory (:mod:`agent.report.state`). What was dropped is counted and reported once connected: the
+``report.spool_dropped`` event (``value``: records dropped; labels ``metrics`` and ``other``:
+how many of each) and the ``status`` message's ``dropped_metrics`` / ``dropped_other``. While
+the disk is in trouble, drops are also reported while connected, at most every
+:data:`DROP_REPORT_INTERVAL_S` (with a healthy disk, only quota drops exist, reported on connect).
+
 The same session carries what the coordinator sends back (signed commands, lease answers): an
 :class:`Inbound` (the control stage's :class:`agent.control.receiver.CommandReceiver`) names
 the topics to subscribe on every connect and takes every message that arrives on them. The
@@ -48,6 +57,7 @@ import structlog
 from agent import __version__, wire
 from agent.collect.sample import Event as SampleEvent
 from agent.collect.sample import Sample
+from agent.fsutil import FailureStreak
 from agent.report import build
 from agent.report.settings import MqttSettings
 from agent.report.spool import Spool, SpoolRecord
@@ -58,6 +68,8 @@ log = structlog.get_logger()
 
 #: Kinds the reporter publishes itself (on connect); submit() refuses them.
 _OWN_KINDS: Final = frozenset({"birth", "status", "command"})
+#: While connected and the disk is in trouble, drops since the last report go out at most this often.
+DROP_REPORT_INTERVAL_S: Final = 60.0
 
 
 
@@ -80,6 +92,7 @@ class ReporterCounters:
     replayed: int = 0  # records published after a (re)connect that were submitted before it
     dropped_metrics: int = 0  # metrics records dropped: spool quota, full memory queue, oversize
     dropped_oversize: int = 0  # messages over max_payload_bytes even alone (non-metrics included)
+    dropped_other: int = 0  # non-metrics records the spool shed: state dir full or unwritable
     connects: int = 0
     connect_failures: int = 0
 
@@ -196,6 +209,11 @@ class Reporter:
         self._last_risk: wire.Risk | None = None
         self._last_risk_mono = 0.0
         self._boot_ts = time.time()
+        self._drops_reported_mono = time.monotonic()
+        self._disk_trouble = False  # the spool was degraded or shed since drops were last reported
+        self._sheds_seen = 0
+        self._writer_failures = FailureStreak("report.spool_write_failed", self._log, dir=str(self.spool.dir))
+        self._sync_failures = FailureStreak("report.spool_sync_failed", self._log, dir=str(self.spool.dir))
 
     # ------------------------------------------------------------------ public state
     @property
@@ -312,15 +330,17 @@ class Reporter:
             self._queue_event.clear()
             try:
                 self._write_queue()
-            except OSError as exc:  # disk full, state dir gone: keep the records in memory, retry
-                self._log.error("report.spool_write_failed", dir=str(self.spool.dir), error=str(exc),
-                                queued=len(self._queue))
+            except OSError as exc:  # the spool keeps what the disk cannot take; this is a last resort
+                self._writer_failures.failed(exc, queued=len(self._queue))
                 await asyncio.sleep(1.0)
                 self._queue_event.set()
+            else:
+                self._writer_failures.succeeded()
 
     def _write_queue(self) -> None:
         wrote = False
         dropped_before = self.spool.dropped_metrics
+        other_before = self.spool.dropped_other
         try:
             while self._queue:
                 item = self._queue[0]
@@ -329,8 +349,10 @@ class Reporter:
                 wrote = True
                 self.counters.spooled += stored and item.while_offline
         finally:
-            # the spool counts both kinds of quota drops: new records refused and old ones compacted away
+            # The spool counts every drop: new records refused for the quota, old ones compacted
+            # away, and (full or unwritable disk) records shed or pushed out of its memory tail.
             self.counters.dropped_metrics += self.spool.dropped_metrics - dropped_before
+            self.counters.dropped_other += self.spool.dropped_other - other_before
             if wrote:
                 self._spool_event.set()
 
@@ -340,9 +362,17 @@ class Reporter:
             try:
                 job = self.spool.prepare_sync()
                 if job is not None:
-                    await asyncio.to_thread(job.run)
+                    await asyncio.to_thread(job.run)  # never raises OSError: the spool logs how it went
+                    self.spool.finish_sync(job)
             except OSError as exc:
-                self._log.error("report.spool_sync_failed", dir=str(self.spool.dir), error=str(exc))
+                self._sync_failures.failed(exc)
+            else:
+                self._sync_failures.succeeded()
+            self._disk_trouble |= self.spool.degraded or self.spool.sheds != self._sheds_seen
+            self._sheds_seen = self.spool.sheds
+            if self._connected and self._disk_trouble \
+                    and time.monotonic() - self._drops_reported_mono >= DROP_REPORT_INTERVAL_S:
+                self._report_drops()
 
     async def _connection_loop(self) -> None:
         attempt = 0
@@ -412,7 +442,8 @@ class Reporter:
         msg = wire.Status(v=wire.PROTOCOL_VERSION, node=self.node, site=self.site, seq=self._seq.next(),
                           ts=time.time(), mono=time.monotonic(), state=state,
                           bdseq=bdseq, reason=reason, spool_pending=self.backlog,
-                          dropped_metrics=self.counters.dropped_metrics)
+                          dropped_metrics=self.counters.dropped_metrics,
+                          dropped_other=self.counters.dropped_other)
         return wire.encode(msg)
 
     def _birth(self, bdseq: int) -> bytes:
@@ -473,14 +504,24 @@ class Reporter:
         return True
 
     def _report_drops(self) -> None:
-        dropped = self.spool.take_dropped_unreported()
-        if dropped:
-            self._log.warning("report.metrics_dropped_reported", dropped=dropped)
-            self.submit(build.report_event(
-                "report.spool_dropped", value=float(dropped),
-                message=f"{dropped} metrics records were dropped while offline: spool quota "
-                        f"{self.settings.spool.quota_bytes} bytes reached"))
-            self._write_queue()
+        """Tell the coordinator what was dropped since the last report (see the module docstring)."""
+        self._drops_reported_mono = time.monotonic()
+        disk_trouble, self._disk_trouble = self._disk_trouble | self.spool.degraded, self.spool.degraded
+        metrics, other = self.spool.take_unreported()
+        if not (metrics or other):
+            return
+        self._log.warning("report.metrics_dropped_reported", dropped=metrics + other, metrics=metrics,
+                          other=other)
+        if other or disk_trouble:
+            message = (f"{metrics + other} records were dropped ({metrics} metrics, {other} other): spool "
+                       f"quota {self.settings.spool.quota_bytes} bytes reached or the state dir full or "
+                       f"unwritable")
+        else:
+            message = (f"{metrics} metrics records were dropped while offline: spool quota "
+                       f"{self.settings.spool.quota_bytes} bytes reached")
+        self.submit(build.report_event("report.spool_dropped", value=float(metrics + other), message=message,
+                                       labels={"metrics": str(metrics), "other": str(other)}))
+        self._write_queue()
 
     async def _publisher(self, client: aiomqtt.Client, tg: asyncio.TaskGroup) -> None:
         window: deque[_Slot] = deque()

@@ -20,6 +20,11 @@ reloaded at start. A model that cannot be loaded or does not match the feature s
 with one clear log line; the stage then runs rules-only. Nothing here raises on bad models, and
 nothing imports scikit-learn.
 
+A full or read-only state dir (issue 17) only costs refits: a refit that fails (the export or the
+fit cannot write under ``<state_dir>/models/work``, the artifact cannot be installed) keeps the
+previous model, is logged once per streak of failed refits, and leaves no training file behind
+to take space; the history keeps its rows queued (:mod:`agent.features.history`); scoring goes on.
+
 ``Risk.alert`` is the anomaly alert (score >= 1). The other two alert sources are in
 ``Risk.failure`` and ``Risk.forecasts``; :meth:`RiskStage.risk_alert` combines all three with the
 stage's thresholds (used by ``bench/faults/evaluate.py`` and documented in ``docs/risk.md``).
@@ -45,6 +50,7 @@ from agent.errors import ModelError, Problem
 from agent.features.history import HistoryWriter
 from agent.features.schema import FeatureSchema
 from agent.features.window import FeatureWindow
+from agent.fsutil import FailureStreak
 from agent.score import classifier as clf
 from agent.score import compiled as art
 from agent.score.detector import StreamingDetector
@@ -110,6 +116,7 @@ class RiskStage:
         self._last_fit_mono: float | None = None
         self._fit_rows = 0  # history rows when the current model's fit started
         self._fitting = False
+        self._refit_failures = FailureStreak("anomaly refit failed; keeping the previous model", log)
         self.scorer: clf.Scorer | None = None
         self.detector: StreamingDetector | None = None
         self._det_idx: npt.NDArray[np.intp] | None = None
@@ -243,38 +250,52 @@ class RiskStage:
         self._last_fit_mono = time.monotonic()
         self._fit_rows = self.history_rows()
         work = self.model_dir / "work"
+        train, tmp = work / "train.npz", work / "detector.npz"
         try:
             work.mkdir(parents=True, exist_ok=True)
             self.history.seal()  # here, on the thread that appends; written by the worker
             await asyncio.to_thread(self.history.write_pending)
-            train = work / "train.npz"
             last = self.history.last_wall if self.history.last_wall is not None else time.time()
             since = last - self.settings.window_s
-            rc = await _run_child([sys.executable, "-m", "agent", "model", "export-history",
-                                   "--dir", str(self.history.dir), "--schema", self.schema.to_json().decode(),
-                                   "--out", str(train), "--since", f"{since:.3f}"], self.fit_timeout_s)
+            rc, err = await _run_child([sys.executable, "-m", "agent", "model", "export-history",
+                                        "--dir", str(self.history.dir),
+                                        "--schema", self.schema.to_json().decode(),
+                                        "--out", str(train), "--since", f"{since:.3f}"], self.fit_timeout_s)
             if rc != 0:
-                log.warning("anomaly refit skipped: no usable history", exit=rc)
+                if rc == 1 and not err:
+                    log.warning("anomaly refit skipped: no usable history", exit=rc)
+                else:  # e.g. it could not write the training file: the state dir is full
+                    self._refit_failures.failed(ModelError(f"history export failed (exit {rc}): {err}"))
                 return False
             from agent.score.fit import fit_in_child  # noqa: PLC0415 - numpy-only module, lazy
 
-            tmp = work / "detector.npz"
             model = await asyncio.to_thread(fit_in_child, train, tmp, options=self.fit_options,
                                             timeout_s=self.fit_timeout_s)
             self._install_detector(model)
-            os.replace(tmp, self.model_dir / DETECTOR_FILE)
-            train.unlink(missing_ok=True)
-        except ModelError as exc:
-            log.error("anomaly refit failed; keeping the previous model", error=str(exc),
-                      previous=self.detector.model.version if self.detector else None)
-            return False
-        except OSError as exc:
-            log.error("anomaly refit failed (state dir)", error=str(exc))
+            saved = self._save_detector(tmp)
+        except (ModelError, OSError) as exc:
+            self._refit_failures.failed(exc, previous=self.detector.model.version if self.detector else None)
             return False
         finally:
             self._fitting = False
+            for leftover in (train, tmp):  # on a full disk, a failed fit's files must not keep the space
+                with contextlib.suppress(OSError):
+                    leftover.unlink(missing_ok=True)
+        if saved:
+            self._refit_failures.succeeded()
         log.info("anomaly model refitted", version=model.version, rows=model.meta.training.rows,
-                 features=len(model.meta.features))
+                 features=len(model.meta.features), saved=saved)
+        return True
+
+    def _save_detector(self, fitted: Path) -> bool:
+        """Put the fitted artifact where the next start loads it; False when the state dir would not
+        take it (the new model is in use all the same, until a restart)."""
+        try:
+            os.replace(fitted, self.model_dir / DETECTOR_FILE)
+        except OSError as exc:
+            self._refit_failures.failed(exc, consequence="the new model is in use but not saved: a restart "
+                                                         "goes back to the previous one")
+            return False
         return True
 
     async def refit_loop(self, check_every_s: float = 30.0) -> None:
@@ -296,8 +317,9 @@ def _forecast_alert(f: Forecast, eta_s: float, min_conf: float) -> bool:
     return f.eta_s is not None and f.eta_s <= eta_s and f.confidence >= min_conf
 
 
-async def _run_child(argv: list[str], timeout_s: float) -> int:
-    """Run a child process with a timeout; kill and reap it on timeout or cancellation."""
+async def _run_child(argv: list[str], timeout_s: float) -> tuple[int, str]:
+    """Run a child process with a timeout; kill and reap it on timeout or cancellation.
+    Its exit status and the tail of its stderr."""
     proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
                                                 stdout=asyncio.subprocess.DEVNULL,
                                                 stderr=asyncio.subprocess.PIPE)
@@ -308,10 +330,10 @@ async def _run_child(argv: list[str], timeout_s: float) -> int:
             proc.kill()
         await asyncio.shield(proc.wait())
         raise
+    tail = err.decode("utf-8", "replace").strip()[-300:]
     if proc.returncode not in (0, 1):
-        log.warning("child process failed", argv=argv[:4], exit=proc.returncode,
-                    stderr=err.decode("utf-8", "replace")[-300:])
-    return proc.returncode if proc.returncode is not None else -1
+        log.warning("child process failed", argv=argv[:4], exit=proc.returncode, stderr=tail)
+    return (proc.returncode if proc.returncode is not None else -1), tail
 
 
 def check_schema_compatible(model_schema: FeatureSchema, node_schema: FeatureSchema) -> None:

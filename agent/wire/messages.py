@@ -72,7 +72,8 @@ class Status(Envelope, tag="status", kw_only=True, frozen=True, omit_defaults=Tr
     bdseq: Count
     reason: Text = ""
     spool_pending: Count = 0  # records waiting in the node's spool when this was sent
-    dropped_metrics: Count = 0  # metrics records dropped by the spool quota, since agent start
+    dropped_metrics: Count = 0  # metrics records dropped by the spool (quota, full disk), since agent start
+    dropped_other: Count = 0  # non-metrics records dropped (state dir full or unwritable), since agent start
 
 
 class MetricSample(msgspec.Struct, frozen=True, kw_only=True):

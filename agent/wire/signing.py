@@ -25,12 +25,23 @@ replayed. The cache is persisted atomically (write, fsync, rename) in a file the
 unreadable file is replaced by a floor at "now", which refuses every command issued before the
 agent started — safe, never permissive.
 
+When the file cannot be written (a full or read-only state dir, issue 17), nothing is refused and
+nothing raises: the cache goes on in memory, so replay protection within the running process is
+whole, and the save is tried again with the next accepted command. What a crash would lose is
+the nonces accepted since the last good save; so the stale file is emptied (an ``O_TRUNC`` needs
+no free space), and an empty file reads as unreadable: a restart puts the floor at "now" and
+refuses every command issued before it, replays included. Only where even emptying fails (a
+read-only filesystem) does a restart trust the stale file: a command accepted since its last
+save could then be replayed after a restart until it expires (``expires_at`` + skew, at most
+:data:`DEFAULT_MAX_LIFETIME_S` + :data:`DEFAULT_MAX_SKEW_S`).
+
 This module imports only the stdlib, msgspec, cryptography and :mod:`agent.wire`.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import os
 import secrets
@@ -300,6 +311,8 @@ class NonceCache:
     """Bounded set of seen nonces, optionally persisted in ``path``.
 
     ``floor``: commands issued at or before it are refused (see the module docstring).
+    ``on_persist``: called after every save with the error that stopped it, or None (the caller
+    logs: this module has no logger).
     """
 
     def __init__(
@@ -308,14 +321,18 @@ class NonceCache:
         *,
         capacity: int = DEFAULT_NONCE_CAPACITY,
         clock: Callable[[], float] = time.time,
+        on_persist: Callable[[OSError | None], None] | None = None,
     ) -> None:
         if capacity < 1:
             raise ValueError("nonce cache capacity must be at least 1")
         self.path = path
         self.capacity = capacity
         self.clock = clock
+        self.on_persist = on_persist
         self.floor = float("-inf")
         self.recovered_from_corruption = False
+        self.persist_error: OSError | None = None  # why the last save failed; None once one succeeds
+        self.file_emptied = False  # the last failed save emptied the stale file (see the module docstring)
         self._entries: dict[bytes, tuple[float, float]] = {}  # nonce -> (issued_at, forget_after)
         if path is not None:
             self._load(path)
@@ -361,21 +378,54 @@ class NonceCache:
             self._prune()
         self.save()
 
-    def save(self) -> None:
+    def save(self) -> bool:
+        """Persist the cache; False when the file could not be written (never raises for it: see
+        the module docstring)."""
         if self.path is None:
-            return
+            return True
         body = _nonce_encoder.encode(
             _NonceFile(floor=self.floor, entries=[(n, i, f) for n, (i, f) in self._entries.items()])
         )
         tmp = self.path.with_name(f".{self.path.name}.tmp")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            os.write(fd, body)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        tmp.replace(self.path)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                view = memoryview(body)
+                while view:  # a short write on a nearly full disk must not leave a torn file
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            tmp.replace(self.path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            self.file_emptied = self._empty_file(self.path)
+            self.persist_error = exc
+        else:
+            self.persist_error = None
+        if self.on_persist is not None:
+            self.on_persist(self.persist_error)
+        return self.persist_error is None
+
+    @staticmethod
+    def _empty_file(path: Path) -> bool:
+        """Leave an empty file at ``path``, which a restart reads as "history unknown"."""
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError:
+            return False
+        return True
 
 
 # --------------------------------------------------------------------------- verification
