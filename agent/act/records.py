@@ -136,6 +136,7 @@ class RunEnd(AuditRecord, tag="run.end", kw_only=True):
     dry_run: bool
     consecutive_failures: int
     duration_s: float | None
+    journal_complete: bool = True  # False: some journal records were only in memory (full disk)
 
 
 class RunAbandoned(AuditRecord, tag="run.abandoned", kw_only=True):

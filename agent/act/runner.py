@@ -220,7 +220,8 @@ class Runner:
         self._recorder.record(records.RunEnd(
             playbook=playbook.name, run_id=run.run_id, target=tgt.key, outcome=outcome, dry_run=run.dry_run,
             consecutive_failures=state.consecutive_failures,
-            duration_s=round(now - (state.last_start or now), 3) if run.resume is None else None))
+            duration_s=round(now - (state.last_start or now), 3) if run.resume is None else None,
+            journal_complete=run_journal.complete if run_journal is not None else True))
         log.info("playbook run finished", outcome=outcome, consecutive_failures=state.consecutive_failures)
         if opened:
             self._recorder.record(records.BreakerOpen(
