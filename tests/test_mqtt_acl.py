@@ -58,6 +58,23 @@ def _free_port() -> int:
         return port
 
 
+def documented_listener(port: int, passwd: Path, acl: Path) -> list[str]:
+    """The broker config of docs/mqtt-tls-acl.md (`/etc/mosquitto/conf.d/heald.conf`) as written,
+    on a loopback port, with the test's password and ACL files and without TLS (the TLS settings
+    are tested elsewhere: tests/test_report_transport.py)."""
+    text = DOC.read_text()
+    block = text.split("`/etc/mosquitto/conf.d/heald.conf`:", 1)[1].split("```", 2)[1]
+    out = []
+    for line in block.strip().splitlines():
+        key = line.split(" ", 1)[0]
+        if key in ("cafile", "certfile", "keyfile", "tls_version"):
+            continue
+        out.append({"listener": f"listener {port} 127.0.0.1", "password_file": f"password_file {passwd}",
+                    "acl_file": f"acl_file {acl}"}.get(key, line))
+    assert "use_username_as_clientid true" in out, "the documented listener binds client ids to users"
+    return out
+
+
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[Broker]:
     assert MOSQUITTO is not None
@@ -74,15 +91,11 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
     log = tmp_path / "mosquitto.log"
     conf = tmp_path / "mosquitto.conf"
     conf.write_text("\n".join([
-        "per_listener_settings true",
         *(["user root"] if os.geteuid() == 0 else []),  # else it drops to `mosquitto`, who cannot read tmp
         "persistence false",
         f"log_dest file {log}",
         "log_type all",
-        f"listener {port} 127.0.0.1",
-        "allow_anonymous false",
-        f"password_file {passwd}",
-        f"acl_file {acl}",
+        *documented_listener(port, passwd, acl),
         "",
     ]))
     proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL,
@@ -115,15 +128,20 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
 class Client:
     """A blocking MQTT v5 client for tests: connect, subscribe, publish QoS 1, collect messages."""
 
-    def __init__(self, port: int, user: str, password: str) -> None:
+    def __init__(self, port: int, user: str, password: str, *, client_id: str = "",
+                 will: tuple[str, bytes] | None = None) -> None:
         self.messages: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self._acks: dict[int, queue.Queue[ReasonCode]] = {}
         self._subacks: queue.Queue[list[ReasonCode]] = queue.Queue()
         self._connected: queue.Queue[ReasonCode] = queue.Queue()
-        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{user}-{uuid.uuid4().hex[:8]}",
-                             protocol=mqtt.MQTTv5)
+        self.disconnects: queue.Queue[ReasonCode] = queue.Queue()
+        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
+                             client_id=client_id or f"{user}-{uuid.uuid4().hex[:8]}", protocol=mqtt.MQTTv5)
         self.c.username_pw_set(user, password)
+        if will is not None:
+            self.c.will_set(will[0], will[1], qos=1)
         self.c.on_connect = lambda _c, _u, _f, rc, _p: self._connected.put(rc)
+        self.c.on_disconnect = lambda _c, _u, _f, rc, _p: self.disconnects.put(rc)
         self.c.on_message = lambda _c, _u, msg: self.messages.put((msg.topic, msg.payload))
         self.c.on_publish = lambda _c, _u, mid, rc, _p: self._acks.setdefault(mid, queue.Queue()).put(rc)
         self.c.on_subscribe = lambda _c, _u, _mid, rcs, _p: self._subacks.put(list(rcs))
@@ -271,3 +289,27 @@ def test_wrong_password_is_refused(broker: Broker) -> None:
 
 def test_doc_contains_the_acl_verbatim() -> None:
     assert ACL.read_text().strip() in DOC.read_text()
+
+
+def test_a_node_cannot_take_over_another_nodes_client_id(broker: Broker) -> None:
+    """With the documented listener, node A connecting with node B's client id (an agent's default
+    is heald-<site>-<node>) neither knocks B off nor makes the broker publish B's last will."""
+    coord = Client(broker.port, "heald-coordinator", USERS["heald-coordinator"])
+    victim_id = "heald-site1-node-b"
+    b = Client(broker.port, "node-b", USERS["node-b"], client_id=victim_id,
+               will=("heald/v1/site1/node-b/status", b"node-b offline"))
+    try:
+        assert not coord.subscribe("heald/v1/#").is_failure
+        assert not b.connect_rc.is_failure
+        for _ in range(3):
+            a = Client(broker.port, "node-a", USERS["node-a"], client_id=victim_id)
+            assert not a.connect_rc.is_failure  # the broker takes its username as its id instead
+            a.close()
+        end = _sentinel()
+        assert not b.publish("heald/v1/site1/node-b/status", end).is_failure  # b is still connected
+        got = coord.received(until=end)
+        assert all(payload != b"node-b offline" for _, payload in got), "b's will was published"
+        assert b.disconnects.empty(), f"node-b was disconnected: {b.disconnects.get_nowait()}"
+    finally:
+        b.close()
+        coord.close()
