@@ -418,3 +418,30 @@ async def test_two_mounts_fill_at_once_one_cleanable_one_not(tmp_path: Path) -> 
         assert "holds nothing heald may delete" in escalations[0]["message"]
         assert "Tried: tell (notify)" in escalations[0]["message"]
         assert len(list((theirs / "keep").iterdir())) > 30, "nothing deleted where there is no clean root"
+
+
+@pytest.mark.asyncio
+async def test_a_flood_of_forged_commands_is_not_answered_one_for_one(tmp_path: Path) -> None:
+    """Issue 18, item 9: 15,000 forged commands were answered with 15,000 acks, queued ahead of the
+    node's real reports. Rejections are now answered at a bounded rate, and counted all the same."""
+    key, forger = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    verifier = signing.CommandVerifier([key.public_key()], node="n1", site="lab",
+                                       nonces=signing.NonceCache(tmp_path / "nonces"))
+    outbox = Outbox()
+    eng, _rec = make_engine(tmp_path, [playbook(FIXABLE.format(marker=tmp_path / "none"))])
+    dispatcher = CommandDispatcher(verifier, eng, outbox)
+    forged = signing.CommandSigner(forger, issuer="mallory")
+    t0 = time.monotonic()
+    for _ in range(2000):
+        dispatcher(forged.make(node="n1", site="lab", name=wire.CommandName.STATUS))
+    elapsed = time.monotonic() - t0
+    acks = [m for m in outbox.sent if isinstance(m, wire.CommandAck)]
+    assert dispatcher.rejected == {"bad_signature": 2000}
+    assert len(acks) <= 20 + 5 * elapsed + 1, (len(acks), elapsed)
+    assert dispatcher.rejections_unanswered == 2000 - len(acks)
+    # a real command right after the flood is still answered
+    real = signing.CommandSigner(key, issuer="coordinator").make(node="n1", site="lab",
+                                                                 name=wire.CommandName.STATUS)
+    dispatcher(real)
+    assert isinstance(outbox.sent[-1], wire.CommandAck)
+    assert (outbox.sent[-1].command_id, outbox.sent[-1].status) == (real.id, "accepted")

@@ -53,6 +53,28 @@ class PlaybookControl(Protocol):
 
 Result = tuple[wire.AckStatus, str, dict[str, Any]]
 
+#: Rejections answered per second (burst: 4 s' worth). A flood of forged or replayed commands
+#: must not turn into a flood of acks queued ahead of the node's real reports: past the rate,
+#: rejections are counted (``rejected``, ``rejections_unanswered``) and logged once a minute.
+REJECTION_ACKS_PER_S = 5.0
+
+
+class _Budget:
+    """A token bucket without waiting: ``take()`` says whether one more is allowed now."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate, self.burst = rate, burst
+        self._tokens, self._stamp = burst, time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
+
 
 class CommandDispatcher:
     """Verify a coordinator command, act on it through the engine, acknowledge it."""
@@ -65,6 +87,9 @@ class CommandDispatcher:
         self.leases = leases
         self.silence = silence if silence is not None else Silence()
         self.rejected: dict[str, int] = {}  # why commands were refused (no key, bad signature, ...)
+        self.rejections_unanswered = 0  # refused without an ack: past REJECTION_ACKS_PER_S
+        self._reject_budget = _Budget(REJECTION_ACKS_PER_S, 4 * REJECTION_ACKS_PER_S)
+        self._reject_log_at = 0.0
         self._queue: asyncio.Queue[wire.Command] = asyncio.Queue(maxsize=100)
 
     def _ack(self, command: wire.Command, status: wire.AckStatus, message: str = "",
@@ -76,19 +101,13 @@ class CommandDispatcher:
         from agent.wire.signing import CommandExpired, CommandRejected  # noqa: PLC0415 - cryptography, lazily
 
         if self.verifier is None:
-            self.rejected["no_key"] = self.rejected.get("no_key", 0) + 1
-            log.warning("command rejected: no coordinator public key configured", command_id=command.id,
-                        name=command.name)
-            self._ack(command, "rejected", "this node has no coordinator public key configured")
+            self._reject(command, "no_key", "rejected", "this node has no coordinator public key configured")
             return
         try:
             self.verifier.verify(command)
         except CommandRejected as exc:
-            reason = exc.reason
-            self.rejected[reason] = self.rejected.get(reason, 0) + 1
-            log.warning("command rejected", command_id=command.id, name=command.name, reason=reason,
-                        error=str(exc), rejected_total=sum(self.rejected.values()))
-            self._ack(command, "expired" if isinstance(exc, CommandExpired) else "rejected", str(exc))
+            self._reject(command, exc.reason, "expired" if isinstance(exc, CommandExpired) else "rejected",
+                         str(exc))
             return
         if command.name in wire.LEASE_ANSWERS:
             answered = self.leases is not None and self.leases.resolve(command)
@@ -100,6 +119,22 @@ class CommandDispatcher:
             self._ack(command, "rejected", "too many commands queued on this node")
             return
         self._ack(command, "accepted")
+
+    def _reject(self, command: wire.Command, reason: str, status: wire.AckStatus, message: str) -> None:
+        """Count a refused command; answer and log it while within the rejection budget."""
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+        if self._reject_budget.take():
+            log.warning("command rejected", command_id=command.id, name=command.name, reason=reason,
+                        error=message, rejected_total=sum(self.rejected.values()))
+            self._ack(command, status, message)
+            return
+        self.rejections_unanswered += 1
+        now = time.monotonic()
+        if now - self._reject_log_at >= 60.0:
+            self._reject_log_at = now
+            log.warning("commands rejected faster than they are answered; the rest go unanswered",
+                        rejected=dict(self.rejected), unanswered=self.rejections_unanswered,
+                        acks_per_s=REJECTION_ACKS_PER_S)
 
     async def run(self) -> None:
         """The command task (in the daemon's root group): one verified command at a time."""
