@@ -27,6 +27,7 @@ import structlog
 from agent import __version__
 from agent.collect.sample import Sample
 from agent.errors import ConfigError, InputError
+from agent.fsutil import CounterFile
 from agent.runtime.config import LoadedConfig, Settings, load_config
 from agent.runtime.paths import resolve_state_dir
 from agent.runtime.pipeline import Pipeline
@@ -69,6 +70,10 @@ class Daemon:
         self._collector_tasks: dict[str, asyncio.Task[None]] = {}
         self._extra: list[tuple[str, Callable[[], Coroutine[Any, Any, None]]]] = []
         self.sampler = self._build_sampler(self.settings)
+        # Sample numbers go on across restarts (a pwrite a sample, kept through kill -9), so the
+        # coordinator can count every sample that was taken and never arrived as a gap.
+        self._sample_seq = CounterFile(self.state_dir / "report" / "sample.seq")
+        self.sampler.seq = self._sample_seq.value
 
     # --- construction -------------------------------------------------------------------------
     def _build_sampler(self, s: Settings) -> Sampler:
@@ -105,6 +110,7 @@ class Daemon:
                 next_at = time.monotonic() + self.settings.sample.interval_s
             sample = self.sampler.assemble()
             self.last_sample = sample
+            self._sample_seq.value = sample.seq
             await self.pipeline.process(sample)
             self._last_tick = time.monotonic()
 
@@ -210,6 +216,8 @@ class Daemon:
             self.notifier.notify(STOPPING=1)
             self._remove_signals(loop)
             self.sampler.close()
+            self._sample_seq.flush()
+            self._sample_seq.close()
             log.info("heald stopped")
             self.notifier.close()
         return 0
