@@ -25,6 +25,10 @@ from coordinator.errors import CoordinatorConfigError
 DEFAULT_CONFIG = Path("/etc/heald/coordinator.toml")
 
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+#: MQTT protocol choice; 5 also as a number, so that ``protocol = 5`` means what it says.
+MqttProtocol = Literal["auto", "5", "3.1.1", 5]
+#: The largest MQTT 5 session expiry interval: 0xFFFFFFFF means "never expires".
+MAX_SESSION_EXPIRY_S = 0xFFFFFFFF
 
 
 class CoordinatorSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -44,7 +48,18 @@ class MqttSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
+    # "" = "heald-coordinator-<replica_id>" (the host name when replica_id is not set): stable
+    # across restarts, so the broker keeps this replica's session. Replicas need distinct ids.
     client_id: str = ""
+    # "auto": MQTT 5, or 3.1.1 from the first time a broker refuses 5 until the coordinator
+    # restarts (the embedded broker speaks only 3.1.1); "5" or "3.1.1": only that one.
+    protocol: MqttProtocol = "auto"
+    # false: a persistent session. The broker keeps this replica's subscriptions and queues the
+    # QoS 1 reports that arrive while it is away (restarting, or the broker restarting).
+    clean_start: bool = False
+    # How long the broker keeps that session after a disconnect (MQTT 5; a 3.1.1 broker keeps it
+    # until its own limit, mosquitto's persistent_client_expiration).
+    session_expiry_s: Annotated[int, msgspec.Meta(ge=0, le=MAX_SESSION_EXPIRY_S)] = 86400
     keepalive_s: Annotated[int, msgspec.Meta(ge=5, le=3600)] = 30
     # Non-empty: several replicas share the reports via $share/<share_group>/... subscriptions.
     share_group: Annotated[str, msgspec.Meta(pattern=r"^([A-Za-z0-9_.-]{1,64})?$")] = ""
@@ -158,6 +173,12 @@ class CoordinatorSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=Tru
     def embedded_broker(self) -> bool:
         return not self.mqtt.host
 
+    @property
+    def mqtt_client_id(self) -> str:
+        """This replica's MQTT client id: the same after a restart, so its session survives it."""
+        name = self.coordinator.replica_id or socket.gethostname()
+        return self.mqtt.client_id or f"heald-coordinator-{name}"[:64]
+
 
 def _host_port(value: str) -> tuple[str, int] | None:
     host, sep, port = value.rpartition(":")
@@ -171,6 +192,24 @@ def parse_listen(value: str) -> tuple[str, int]:
     if parsed is None:
         raise ValueError(f"{value!r} is not host:port")
     return parsed
+
+
+def loopback_problem(host: str) -> str | None:
+    """Why the embedded broker must not listen on ``host``, or None: it has no authentication and
+    no TLS, so it binds loopback only. The one rule for ``check`` and for start-up
+    (:func:`coordinator.broker.check_loopback`)."""
+    if host == "localhost":
+        return None
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return f"embedded broker address {host!r} must be a loopback IP (127.0.0.1)"
+    if not ip.is_loopback:
+        return (
+            f"the embedded broker has no authentication, so it binds loopback only; "
+            f"{host} is not loopback (run mosquitto for remote agents)"
+        )
+    return None
 
 
 #: The shortest login secret accepted (password or token: either logs in).
@@ -219,11 +258,24 @@ def _semantic_problems(settings: CoordinatorSettings) -> list[tuple[str, str]]:
     ):
         if _host_port(value) is None:
             out.append((key, f"{value!r} is not host:port"))
+    embedded = _host_port(settings.mqtt.embedded_listen)
+    if settings.embedded_broker and embedded and (why := loopback_problem(embedded[0])):
+        out.append(("mqtt.embedded_listen", why))
     url = settings.store.url
     if url and not url.startswith(("sqlite:///", "postgresql://", "postgres://")):
         out.append(("store.url", f"{url!r}: use sqlite:///PATH or postgresql://user@host/db"))
     if settings.embedded_broker and settings.mqtt.share_group:
         out.append(("mqtt.share_group", "shared subscriptions need an external broker (set mqtt.host)"))
+    elif settings.mqtt.share_group and not (settings.mqtt.client_id or settings.coordinator.replica_id):
+        out.append(
+            (
+                "mqtt.share_group",
+                (
+                    "replicas need distinct MQTT client ids (or they take each other's session over): "
+                    "set coordinator.replica_id (or mqtt.client_id) on each"
+                ),
+            )
+        )
     if settings.web.enabled and not (
         settings.web.password or settings.web.password_file or settings.web.tokens or settings.web.token_file
     ):

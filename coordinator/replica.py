@@ -51,7 +51,7 @@ class Coordinator:
             settings.mqtt,
             host=mqtt_host,
             port=mqtt_port,
-            client_id=settings.mqtt.client_id or f"heald-coordinator-{self.replica}"[:64],
+            client_id=settings.mqtt_client_id,
             apply=self._apply,
             after_batch=self._after_batch,
             batch_max=s.batch_max,

@@ -9,7 +9,8 @@ Fixtures (registered for every test by tests/conftest.py):
 ``mosquitto_factory``
     ``mosquitto_factory(config_text, start=True)`` starts a broker from your own config. The text
     may use ``{port}`` and ``{dir}`` (a private directory for persistence, logs, ACL files);
-    :func:`default_config` gives the base text to extend.
+    :func:`default_config` gives the base text to extend (``persistence=True``: the broker
+    persistence docs/mqtt-tls-acl.md tells operators to enable, saved in ``{dir}``).
 ``Subscriber`` (a helper, not a fixture)
     ``async with Subscriber(broker) as sub``: collects decoded heald messages, reconnecting
     across broker restarts; ``client_id=`` for a persistent session.
@@ -34,7 +35,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Final, TypeVar
 
 import aiomqtt
 import pytest
@@ -51,13 +52,23 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def default_config(extra: str = "") -> str:
-    """Base config: one 127.0.0.1 listener on ``{port}``, anonymous, no persistence."""
+#: The broker persistence of docs/mqtt-tls-acl.md, in the broker's private ``{dir}`` (saved every
+#: second here, so that a test's ``kill()`` loses as little as a real broker's crash would).
+PERSISTENCE: Final = (
+    "persistence true\npersistence_location {dir}/\nautosave_interval 1\n"
+    "max_queued_messages 100000\nmax_queued_bytes 268435456\n"
+)
+
+
+def default_config(extra: str = "", *, persistence: bool = False) -> str:
+    """Base config: one 127.0.0.1 listener on ``{port}``, anonymous, no persistence (with
+    ``persistence``, :data:`PERSISTENCE`: sessions and their queues survive a restart)."""
     user = "user root\n" if os.geteuid() == 0 else ""  # do not drop to 'mosquitto': it could not read {dir}
+    persist = PERSISTENCE if persistence else "persistence false\n"
     return (
         f"{user}listener {{port}} 127.0.0.1\n"
         "allow_anonymous true\n"
-        "persistence false\n"
+        f"{persist}"
         "log_dest stderr\n"
         "log_type error\nlog_type warning\nlog_type notice\nlog_type information\n"
         "connection_messages true\n"

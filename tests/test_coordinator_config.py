@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -93,6 +94,46 @@ def test_embedded_broker_is_loopback_only() -> None:
     for host in ("0.0.0.0", "192.168.1.10", "example.com"):
         with pytest.raises(BrokerUnavailable):
             check_loopback(host)
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:1883", "[::]:1883", "192.168.1.10:1883", "example.com:1883"])
+def test_check_refuses_what_start_up_refuses(tmp_path: Path, listen: str) -> None:
+    """`check` and start-up share one loopback rule (coordinator.config.loopback_problem): an
+    address start-up would refuse is refused by `check` too, exit 2, naming the key."""
+    host = listen.rpartition(":")[0].strip("[]")
+    with pytest.raises(BrokerUnavailable):
+        check_loopback(host)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(GOOD + f'[coordinator]\nstate_dir = "{tmp_path}"\n[mqtt]\nembedded_listen = "{listen}"\n')
+    res = run("--config", str(cfg), "check")
+    assert res.returncode == 2
+    assert "c.toml:6: [mqtt.embedded_listen] " in res.stderr
+    assert "loopback" in res.stderr
+    assert "Traceback" not in res.stderr
+    # with an external broker the embedded one's address does not matter
+    cfg.write_text(cfg.read_text() + 'host = "mqtt.example"\n')
+    assert run("--config", str(cfg), "check").returncode == 0
+
+
+def test_mqtt_sessions_default_to_persistent_with_a_stable_client_id() -> None:
+    s = loads(GOOD)
+    assert (s.mqtt.protocol, s.mqtt.clean_start, s.mqtt.session_expiry_s) == ("auto", False, 86400)
+    assert s.mqtt_client_id == f"heald-coordinator-{socket.gethostname()}"[:64]  # not the pid: stable
+    assert loads(GOOD + "[coordinator]\nreplica_id = 'r2'\n").mqtt_client_id == "heald-coordinator-r2"
+    assert loads(GOOD + "[mqtt]\nclient_id = 'c'\n").mqtt_client_id == "c"
+    assert loads(GOOD + "[mqtt]\nprotocol = 5\n").mqtt.protocol == 5
+    with pytest.raises(CoordinatorConfigError) as exc:
+        loads(GOOD + "[mqtt]\nprotocol = '4'\n", "c.toml")
+    assert exc.value.problems[0].key == "mqtt.protocol"
+
+
+def test_replicas_sharing_subscriptions_need_their_own_client_ids() -> None:
+    shared = GOOD + "[mqtt]\nhost = 'mqtt.example'\nshare_group = 'g'\n"
+    with pytest.raises(CoordinatorConfigError) as exc:
+        loads(shared, "c.toml")
+    assert exc.value.problems[0].key == "mqtt.share_group"
+    assert "replica_id" in exc.value.problems[0].message
+    assert loads(shared + "[coordinator]\nreplica_id = 'r1'\n").mqtt_client_id == "heald-coordinator-r1"
 
 
 @pytest.mark.slow

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -42,6 +42,17 @@ class MqttSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     connect_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=600)] = 10.0
     # MQTT client id; default "heald-<site>-<node>".
     client_id: str | None = None
+    # "auto": MQTT 5, or 3.1.1 from the first time a broker refuses 5 (the coordinator's embedded
+    # broker speaks only 3.1.1) until the agent restarts; "5" or "3.1.1": only that one. A broker
+    # that neither speaks 5 nor refuses it (amqtt run on its own) needs "3.1.1".
+    protocol: Literal["auto", "5", "3.1.1", 5] = "auto"
+    # false: a persistent session. The broker keeps the node's command subscriptions and queues the
+    # commands sent while it is away (a restart, a network outage) for its return.
+    clean_start: bool = False
+    # How long the broker keeps that session after a disconnect (MQTT 5; a 3.1.1 broker keeps it
+    # until its own limit). A command expires within an hour (the coordinator's
+    # signing.command_ttl_s), so nothing queued for longer could still run.
+    session_expiry_s: Annotated[int, msgspec.Meta(ge=0, le=0xFFFFFFFF)] = 3600
     # Messages submitted but not yet written to the spool (memory); beyond it new metrics are dropped.
     queue_max: Annotated[int, msgspec.Meta(ge=16)] = 10000
     spool: SpoolSettings = SpoolSettings()
