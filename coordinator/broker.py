@@ -14,6 +14,11 @@ listener): it reads the CONNECT's fixed header, protocol name and level, answers
 3.1.1 at once with CONNACK 0x01 and closes, as MQTT 3.1.1 §3.1.2.2 asks, and hands every other
 connection, those bytes included, to amqtt. Clients in ``protocol = "auto"`` then fall back to
 3.1.1 on the first refusal (see ``agent.report.protocol``).
+
+The front door also holds every client but the coordinator until the coordinator has subscribed
+(``first_client``): after a restart of the coordinator, and so of this broker, agents replay what
+they spooled meanwhile, and a report published before anyone subscribed would be acknowledged
+and dropped.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ INSTALL_HINT = (
 LISTENER: Final = "default"
 #: A client that has not sent its CONNECT's first bytes within this is dropped.
 CONNECT_HEAD_TIMEOUT_S: Final = 10.0
+#: Other clients wait at most this long for the coordinator's subscriptions (then they go in).
+HOLD_S: Final = 30.0
 #: CONNACK, return code 0x01 "unacceptable protocol level" (MQTT 3.1.1 §3.2.2.3).
 REFUSE_PROTOCOL: Final = b"\x20\x02\x00\x01"
 #: How long the embedded broker keeps the session of a client that went away (its queued messages
@@ -78,6 +85,12 @@ class _Replay:
         self._reader.feed_eof()
 
 
+async def read_client_id(reader: asyncio.StreamReader) -> bytes:
+    """The rest of a 3.1.1 CONNECT's variable header (flags, keep alive) and its client id."""
+    head = await reader.readexactly(5)
+    return head + await reader.readexactly(int.from_bytes(head[3:5], "big"))
+
+
 async def read_connect_head(reader: asyncio.StreamReader) -> tuple[bytes, int | None]:
     """The bytes of a CONNECT up to its protocol level, and that level (None when the stream does
     not start with an MQTT 3.1.1/5 CONNECT: amqtt gets it as it is and answers it itself)."""
@@ -99,12 +112,16 @@ async def read_connect_head(reader: asyncio.StreamReader) -> tuple[bytes, int | 
     return bytes(head), head[-1]
 
 
-async def _front_door(broker: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _front_door(broker: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                      *, first_client: bytes | None, opened: asyncio.Event) -> None:
     from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter  # noqa: PLC0415 - optional extra
 
+    hold = first_client is not None and not opened.is_set()
     try:
         async with asyncio.timeout(CONNECT_HEAD_TIMEOUT_S):
             head, level = await read_connect_head(reader)
+            if hold and level == _MQTT_3_1_1:
+                head += await read_client_id(reader)
     except (TimeoutError, asyncio.IncompleteReadError, OSError):
         writer.close()
         return
@@ -115,6 +132,10 @@ async def _front_door(broker: Any, reader: asyncio.StreamReader, writer: asyncio
             await writer.drain()
         writer.close()
         return
+    if hold and first_client is not None and not head.endswith(first_client):
+        with contextlib.suppress(TimeoutError):  # the coordinator first (see the module docstring)
+            async with asyncio.timeout(HOLD_S):
+                await opened.wait()
     try:
         replay = StreamReaderAdapter(_Replay(head, reader))
         await broker.external_connected(replay, StreamWriterAdapter(writer), LISTENER)
@@ -131,8 +152,14 @@ def amqtt_available() -> bool:
 
 
 @contextlib.asynccontextmanager
-async def embedded_broker(host: str, port: int) -> AsyncIterator[None]:
-    """Run an amqtt broker on ``host:port`` for the duration of the context."""
+async def embedded_broker(
+    host: str, port: int, *, first_client: str | None = None
+) -> AsyncIterator[asyncio.Event]:
+    """Run an amqtt broker on ``host:port`` for the duration of the context.
+
+    With ``first_client`` (the coordinator's client id), other clients are let in only once the
+    event this yields is set (the coordinator sets it when it has subscribed), or after
+    :data:`HOLD_S`."""
     check_loopback(host)
     try:
         from amqtt.broker import Broker  # noqa: PLC0415 - optional extra (untyped: see amqtt_available)
@@ -148,13 +175,18 @@ async def embedded_broker(host: str, port: int) -> AsyncIterator[None]:
     }
     broker = Broker(config)
     connections: set[asyncio.Task[None]] = set()
+    opened = asyncio.Event()
+    # the client id as the CONNECT carries it: its length, then its UTF-8 bytes
+    first = None
+    if first_client is not None:
+        first = len(first_client.encode()).to_bytes(2, "big") + first_client.encode()
 
     async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         if task is not None:
             connections.add(task)
             task.add_done_callback(connections.discard)
-        await _front_door(broker, reader, writer)
+        await _front_door(broker, reader, writer, first_client=first, opened=opened)
 
     try:
         await broker.start()
@@ -170,7 +202,7 @@ async def embedded_broker(host: str, port: int) -> AsyncIterator[None]:
         note="loopback only, anonymous; use mosquitto for a real fleet",
     )
     try:
-        yield
+        yield opened
     finally:
         server.close()
         with contextlib.suppress(Exception):

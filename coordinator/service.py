@@ -30,13 +30,22 @@ def make_signer(settings: CoordinatorSettings) -> CommandSigner:
 
 
 @contextlib.asynccontextmanager
-async def _maybe_embedded(settings: CoordinatorSettings) -> AsyncIterator[tuple[str, int]]:
+async def _maybe_embedded(
+    settings: CoordinatorSettings,
+) -> AsyncIterator[tuple[str, int, asyncio.Event | None]]:
+    """The broker to connect to; for the embedded one, also the event that lets the agents in once
+    this replica has subscribed (:func:`coordinator.broker.embedded_broker`)."""
     if settings.embedded_broker:
         host, port = parse_listen(settings.mqtt.embedded_listen)
-        async with embedded_broker(host, port):
-            yield host, port
+        async with embedded_broker(host, port, first_client=settings.mqtt_client_id) as subscribed:
+            yield host, port, subscribed
     else:
-        yield settings.mqtt.host, settings.mqtt.port
+        yield settings.mqtt.host, settings.mqtt.port, None
+
+
+async def _when_subscribed(coord: Coordinator, subscribed: asyncio.Event) -> None:
+    await coord.bus.ready.wait()
+    subscribed.set()
 
 
 async def serve(settings: CoordinatorSettings) -> None:
@@ -44,7 +53,7 @@ async def serve(settings: CoordinatorSettings) -> None:
     signer = make_signer(settings)
     store = await open_store(settings.store_url, settings.store, settings.budget, replica=settings.replica_id)
     try:
-        async with _maybe_embedded(settings) as (host, port):
+        async with _maybe_embedded(settings) as (host, port, subscribed):
             coord = Coordinator(settings, store, signer, mqtt_host=host, mqtt_port=port)
             log.info(
                 "coordinator starting",
@@ -57,6 +66,8 @@ async def serve(settings: CoordinatorSettings) -> None:
             )
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(coord.bus.run(), name="mqtt-bus")
+                if subscribed is not None:
+                    tg.create_task(_when_subscribed(coord, subscribed), name="embedded-broker-open")
                 tg.create_task(coord.prune_loop(), name="store-prune")
                 if settings.web.enabled:
                     tg.create_task(run_web(coord), name="web")
