@@ -8,8 +8,11 @@ plain subscriptions because brokers do not deliver *retained* messages to shared
 and every replica must see the fleet's retained presence at start. The store's ``(node, seq)``
 keys make the resulting double delivery harmless: each message is processed exactly once.
 
-A malformed message (bad topic, bad payload, topic/payload mismatch) is counted by reason and
-dropped; nothing a node sends can stop the loop.
+A malformed message (bad topic, bad payload, a value outside the wire's bounds such as a NaN,
+topic/payload mismatch) is counted by reason and, per node, in :class:`~coordinator.rejects.RejectTable`
+(logged at most once a minute per node), and dropped; so is a report the store refuses
+(:mod:`coordinator.store.reports` leaves it out of its batch). Nothing a node sends can stop the
+loop or cost another node's reports.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Final
 
 import aiomqtt
@@ -39,6 +43,7 @@ from agent.wire import (
 from agent.wire.messages import Command
 from coordinator.config import MqttSection, read_secret_file
 from coordinator.model import BatchResult, Incoming
+from coordinator.rejects import NO_NODE, RejectTable
 
 log = structlog.get_logger("coordinator.ingest")
 
@@ -78,6 +83,17 @@ class IngestStats:
     connects: int = 0
     last_batch_s: float = 0.0
     lags: deque[float] = field(default_factory=lambda: deque(maxlen=20_000))
+    store_rejected: int = 0  # reports the store refused (left out of their batch, which was stored)
+    rejected: RejectTable = field(default_factory=RejectTable)  # malformed and store_rejected, per node
+
+    def reject(self, node: str | None, reason: str, detail: str | Callable[[], str]) -> None:
+        """Count one rejected report for ``node`` (from the topic); log it unless this node, or the
+        log as a whole, had its share of lines lately. ``detail`` is only made when logged."""
+        unlogged = self.rejected.add(node, reason)
+        if unlogged is not None:
+            error = detail if isinstance(detail, str) else detail()
+            log.warning("report rejected", node=node or NO_NODE, reason=reason, error=error[:500],
+                        not_logged_since=unlogged)
 
     def lag_quantiles(self) -> dict[str, float | None]:
         if not self.lags:
@@ -106,6 +122,8 @@ class IngestStats:
             "queue_depth": queue_depth,
             "last_batch_s": self.last_batch_s,
             "lag_s": self.lag_quantiles(),
+            "store_rejected": self.store_rejected,
+            "rejected": self.rejected.as_dict(),
         }
 
 
@@ -131,6 +149,27 @@ def classify(topic: str, payload: bytes, max_bytes: int, received_at: float) -> 
     if kind != t.kind or message.node != t.node or message.site != t.site:
         return "topic_mismatch"  # a node may only speak for itself, on its own topic
     return Incoming(message=message, kind=kind, received_at=received_at)
+
+
+def topic_node(topic: str) -> str | None:
+    """The node a report's topic names, None when the topic names none (the rejects table's key)."""
+    try:
+        return parse_topic(topic).node
+    except WireTopicError:
+        return None
+
+
+def explain(topic: str, payload: bytes, max_bytes: int) -> str:
+    """Why :func:`classify` rejected a message, in words: decoded again, only when it is logged."""
+    try:
+        t = parse_topic(topic)
+        message = decode(payload, max_bytes=max_bytes)
+    except WireError as exc:
+        return str(exc)
+    from agent.wire import kind_of  # noqa: PLC0415 - as in classify
+
+    return (f"a {kind_of(message)} message of node {message.node!r}, site {message.site!r} on the "
+            f"{t.kind} topic of node {t.node!r}, site {t.site!r}")
 
 
 def _tls_context(cfg: MqttSection) -> ssl.SSLContext | None:
@@ -251,6 +290,8 @@ class Bus:
                     stats.ignored += 1
                 else:
                     stats.malformed[got] += 1
+                    topic = msg.topic.value
+                    stats.reject(topic_node(topic), got, partial(explain, topic, msg.payload, max_bytes))
                 continue
             await put(got)
         raise aiomqtt.MqttError("message stream ended")
@@ -312,6 +353,9 @@ class Bus:
             self.stats.processed += result.new
             self.stats.duplicates += result.duplicates
             self.stats.lags.extend(result.lags)
+            for r in result.rejected:  # left out of the batch by the store: the rest was stored
+                self.stats.store_rejected += 1
+                self.stats.reject(r.node, "store", f"{r.kind} seq {r.seq}: {r.error}")
             if result.new:
                 self.changed.set()
             try:

@@ -42,12 +42,32 @@ class LeaseRequest:
     ts: float
 
 
+@dataclass(frozen=True, slots=True)
+class StoreRejected:
+    """A report the database would not take (a constraint, a value out of its range): left out of
+    its batch, which is stored without it (:mod:`coordinator.store.reports`)."""
+
+    node: str
+    kind: str
+    seq: int
+    error: str
+
+
 @dataclass(slots=True)
 class BatchResult:
     new: int = 0
     duplicates: int = 0
     lease_requests: list[LeaseRequest] = field(default_factory=list)
     lags: list[float] = field(default_factory=list)  # commit time - message ts, for new messages
+    rejected: list[StoreRejected] = field(default_factory=list)  # reports the store refused
+
+    def add(self, other: BatchResult) -> None:
+        """Add the result of a part of the batch to this one."""
+        self.new += other.new
+        self.duplicates += other.duplicates
+        self.lease_requests += other.lease_requests
+        self.lags += other.lags
+        self.rejected += other.rejected
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 ids = st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,20}\Z")
 targets = ids | st.just("*")
-floats = st.floats(allow_nan=False, allow_infinity=False)  # JSON has no inf; msgpack would carry it
+floats = st.floats(allow_nan=False, allow_infinity=False)  # every float on the wire is finite
+walls = st.floats(0.0, wire.MAX_WALL)  # timestamps: 0 .. 1e11
 texts = st.text(max_size=40)
 names = st.text(min_size=1, max_size=40)
 probs = st.floats(0.0, 1.0)
@@ -33,7 +34,7 @@ labels = st.dictionaries(texts, texts, max_size=4)
 
 def env(**extra: st.SearchStrategy[object]) -> dict[str, st.SearchStrategy[object]]:
     base: dict[str, st.SearchStrategy[object]] = {
-        "v": st.just(wire.PROTOCOL_VERSION), "node": ids, "site": ids, "seq": seqs, "ts": floats,
+        "v": st.just(wire.PROTOCOL_VERSION), "node": ids, "site": ids, "seq": seqs, "ts": walls,
         "mono": st.none() | floats,
     }
     return base | extra
@@ -43,28 +44,28 @@ MESSAGES: dict[type[wire.Envelope], st.SearchStrategy[wire.Envelope]] = {
     wire.Birth: st.builds(wire.Birth, **env(
         bdseq=st.integers(0, 2**40), agent_version=texts, model_version=texts, labels=labels,
         collectors=st.lists(texts, max_size=5), capabilities=st.lists(texts, max_size=5), hostname=texts,
-        boot_ts=st.none() | floats)),
+        boot_ts=st.none() | walls)),
     wire.Status: st.builds(wire.Status, **env(
         state=st.sampled_from(["online", "offline"]), bdseq=st.integers(0, 2**40), reason=texts,
         spool_pending=st.integers(0, 2**40), dropped_metrics=st.integers(0, 2**40))),
     wire.Metrics: st.builds(wire.Metrics, **env(samples=st.lists(st.builds(
-        wire.MetricSample, seq=seqs, wall=floats, mono=floats,
+        wire.MetricSample, seq=seqs, wall=walls, mono=floats,
         metrics=st.dictionaries(texts, st.none() | floats, max_size=8)), max_size=5))),
     wire.Risk: st.builds(wire.Risk, **env(
         sample_seq=seqs, anomaly=st.none() | floats, alert=st.booleans(), cold=st.booleans(),
-        model_version=texts, explanation=st.lists(st.builds(wire.Contribution, texts, floats), max_size=4),
+        model_version=texts, explanation=st.lists(st.builds(wire.Contribution, texts, probs), max_size=4),
         failure=st.dictionaries(texts, probs, max_size=4),
         forecasts=st.lists(st.builds(wire.Forecast, resource=texts, eta_s=st.none() | floats,
                                      confidence=probs, rate_per_s=floats), max_size=3))),
     wire.Event: st.builds(wire.Event, **env(
-        name=names, source=texts, wall=floats, labels=labels, value=st.none() | floats, message=texts)),
+        name=names, source=texts, wall=walls, labels=labels, value=st.none() | floats, message=texts)),
     wire.Action: st.builds(wire.Action, **env(
         phase=st.sampled_from(["started", "finished"]), run_id=names, playbook=names, step=texts,
         action=texts, dry_run=st.booleans(),
         outcome=st.none() | st.sampled_from(["ok", "failed", "skipped", "timeout", "refused"]),
         result=args, error=texts, duration_s=st.none() | floats)),
     wire.Command: st.builds(wire.Command, **env(
-        node=targets, site=targets, id=names, issuer=texts, issued_at=floats, expires_at=floats,
+        node=targets, site=targets, id=names, issuer=texts, issued_at=walls, expires_at=walls,
         nonce=st.binary(max_size=64), name=names, args=args, signature=st.binary(max_size=128))),
     wire.CommandAck: st.builds(wire.CommandAck, **env(
         command_id=names, status=st.sampled_from(["accepted", "rejected", "done", "failed", "expired"]),

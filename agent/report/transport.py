@@ -59,6 +59,7 @@ from agent.collect.sample import Event as SampleEvent
 from agent.collect.sample import Sample
 from agent.fsutil import FailureStreak
 from agent.report import build
+from agent.report.check import OutboundCheck
 from agent.report.settings import MqttSettings
 from agent.report.spool import Spool, SpoolRecord
 from agent.report.state import PersistentCounter, SeqStore
@@ -92,6 +93,7 @@ class ReporterCounters:
     replayed: int = 0  # records published after a (re)connect that were submitted before it
     dropped_metrics: int = 0  # metrics records dropped: spool quota, full memory queue, oversize
     dropped_oversize: int = 0  # messages over max_payload_bytes even alone (non-metrics included)
+    dropped_invalid: int = 0  # messages the coordinator would reject (agent.report.check), never sent
     dropped_other: int = 0  # non-metrics records the spool shed: state dir full or unwritable
     connects: int = 0
     connect_failures: int = 0
@@ -179,14 +181,15 @@ class Reporter:
         self.settings = settings
         self.node = node
         self.site = site
-        self.labels = dict(labels or {})
-        self.model_version = model_version
-        self.collectors = list(collectors)
-        self.capabilities = list(capabilities)
+        self.labels = build.bounded_labels(labels)  # the birth's, inside the wire's bounds
+        self.model_version = model_version[:wire.MAX_TEXT]
+        self.collectors = build.bounded_names(collectors)
+        self.capabilities = build.bounded_names(capabilities)
         self.inbound = inbound
         self.counters = ReporterCounters()
         self.state_dir = Path(state_dir)
         self._log = log.bind(node=node, site=site)
+        self._check = OutboundCheck(self._log)
         sp = settings.spool
         self.spool = Spool(self.state_dir / "spool", quota_bytes=sp.quota_bytes,
                            segment_bytes=sp.segment_bytes)
@@ -248,7 +251,11 @@ class Reporter:
             raise ValueError(f"the reporter publishes {kind} messages itself")
         stamped = msgspec.structs.replace(message, v=wire.PROTOCOL_VERSION, node=self.node, site=self.site,
                                           seq=self._seq.next())
-        payload = wire.encode(stamped)
+        payload = self._check.encode(stamped)
+        if payload is None:  # the coordinator would reject it: not sent (logged once per streak)
+            self.counters.dropped_invalid += 1
+            self.counters.dropped_metrics += kind == "metrics"
+            return False
         if len(payload) > self.settings.max_payload_bytes:
             return self._oversize(stamped, len(payload))
         if kind == "metrics" and len(self._queue) >= self.settings.queue_max:

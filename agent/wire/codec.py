@@ -7,12 +7,13 @@ failure into a :class:`~agent.errors.WireError` subclass; nothing else escapes i
 
 from __future__ import annotations
 
+import re
 from typing import Any, Final, NamedTuple
 
 import msgspec
 
 from agent.wire.errors import WireDecodeError, WireKindError, WireTooLarge, WireVersionError
-from agent.wire.messages import KINDS, SUPPORTED_VERSIONS, Command, Envelope, Message, kind_of
+from agent.wire.messages import KINDS, MAX_FLOAT, SUPPORTED_VERSIONS, Command, Envelope, Message, kind_of
 
 #: What msgspec may raise on hostile input: its own errors, invalid UTF-8 in a key or tag
 #: (UnicodeDecodeError, a ValueError), and nesting deeper than the interpreter allows.
@@ -72,16 +73,24 @@ def _check_version(v: object) -> None:
         raise WireVersionError(f"protocol version {v} is not supported (this build speaks {supported})")
 
 
+#: msgspec's words for a ``Finite`` field's bound, which is what NaN and the infinities fail.
+_NOT_FINITE: Final = re.compile(r"Expected `float` [<>]= -?" + re.escape(repr(MAX_FLOAT)))
+
+
+def _describe(exc: msgspec.ValidationError) -> str:
+    return _NOT_FINITE.sub("Expected a finite `float` (not NaN or infinite)", str(exc))
+
+
 def _explain(data: bytes | bytearray | memoryview, exc: msgspec.ValidationError) -> WireDecodeError:
     """Turn a validation failure into the most specific error: version first, then kind."""
     try:
         head = _head_decoder.decode(data)
     except _DECODE_FAILURES:
-        return WireDecodeError(f"invalid message: {exc}")
+        return WireDecodeError(f"invalid message: {_describe(exc)}")
     _check_version(head.v)  # raises WireVersionError
     if not isinstance(head.kind, str) or head.kind not in KINDS:
         return WireKindError(f"unknown message kind {head.kind!r} (known: {', '.join(sorted(KINDS))})")
-    return WireDecodeError(f"invalid {head.kind} message: {exc}")
+    return WireDecodeError(f"invalid {head.kind} message: {_describe(exc)}")
 
 
 def decode(data: bytes | bytearray | memoryview, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Message:

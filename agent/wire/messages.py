@@ -8,11 +8,18 @@ Compatibility rules (see docs/wire.md): within ``v == 1`` fields are only ever *
 default; decoders ignore fields they do not know. Removing, renaming or retyping a field, or
 changing what it means, is a new protocol version.
 
+Every field is bounded (docs/wire.md, "Bounds"): every float finite (NaN and infinities are
+rejected by the ``ge``/``le`` constraints) and timestamps within :data:`MAX_WALL`, every string,
+list and map of a bounded size. One sender's garbage is rejected here, by the decoder, and
+never reaches the coordinator's store; the agent checks its own messages with the same decoder
+before sending (:mod:`agent.report.check`).
+
 This module imports only the stdlib and msgspec: the coordinator imports it without the agent.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated, Final, Literal
 
 import msgspec
@@ -29,16 +36,38 @@ ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 TARGET_PATTERN: Final = r"^(\*|[A-Za-z0-9][A-Za-z0-9_.-]{0,62})$"
 ANY_TARGET: Final = "*"
 
+# --- bounds (docs/wire.md, "Bounds"): generous, far above what an agent sends ------------------
+#: The largest finite float: a ``Finite`` field rejects NaN and the infinities, nothing else.
+MAX_FLOAT: Final = sys.float_info.max
+#: Wall-clock timestamps (seconds since the epoch): 0 .. 1e11, the year 5138.
+MAX_WALL: Final = 1e11
+#: Sequence numbers and counters fit a signed 64-bit integer (the store's BIGINT).
+MAX_INT: Final = 2**63 - 1
+MAX_TEXT: Final = 4096  # characters of a free text (messages, errors, label values)
+MAX_NAME: Final = 256  # characters of a name (event name, run id, playbook, command id)
+MAX_KEY: Final = 1024  # characters of a key or list item: metric keys, label keys, features, ...
+MAX_LABELS: Final = 256  # entries of a label map (birth, event)
+MAX_ITEMS: Final = 1024  # items of a list of names, contributions or forecasts; failure classes
+MAX_ARGS: Final = 1024  # entries of an Args map, and items of a list inside it
+MAX_METRICS: Final = 16384  # metrics in one sample
+MAX_SAMPLES: Final = 8192  # samples in one metrics batch (the agent sends at most 3600)
+
 Id = Annotated[str, msgspec.Meta(pattern=ID_PATTERN)]
 Target = Annotated[str, msgspec.Meta(pattern=TARGET_PATTERN)]
-Seq = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
-Count = Annotated[int, msgspec.Meta(ge=0)]
-Text = Annotated[str, msgspec.Meta(max_length=4096)]
-Name = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+Seq = Annotated[int, msgspec.Meta(ge=0, le=MAX_INT)]
+Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_INT)]
+Text = Annotated[str, msgspec.Meta(max_length=MAX_TEXT)]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME)]
+Key = Annotated[str, msgspec.Meta(max_length=MAX_KEY)]
+Finite = Annotated[float, msgspec.Meta(ge=-MAX_FLOAT, le=MAX_FLOAT)]
+Wall = Annotated[float, msgspec.Meta(ge=0.0, le=MAX_WALL)]
 Probability = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
-Scalar = str | int | float | bool | None
+Labels = Annotated[dict[Key, Text], msgspec.Meta(max_length=MAX_LABELS)]
+Names = Annotated[list[Key], msgspec.Meta(max_length=MAX_ITEMS)]
+Scalar = Text | int | Finite | bool | None
 #: Arguments and results: flat maps of scalars or lists of scalars (no free-form nesting).
-Args = dict[str, Scalar | list[Scalar]]
+Args = Annotated[dict[Key, Scalar | Annotated[list[Scalar], msgspec.Meta(max_length=MAX_ARGS)]],
+                 msgspec.Meta(max_length=MAX_ARGS)]
 
 
 class Envelope(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", omit_defaults=True):
@@ -48,8 +77,8 @@ class Envelope(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", omit
     node: Id  # the sending node (for commands: the target, see Command)
     site: Id
     seq: Seq  # per-sender sequence number: strictly increasing, never reused (dedupe key with node)
-    ts: float  # wall clock (time.time()) when the message was created; kept on replay
-    mono: float | None = None  # sender's time.monotonic() at creation, where meaningful
+    ts: Wall  # wall clock (time.time()) when the message was created; kept on replay
+    mono: Finite | None = None  # sender's time.monotonic() at creation, where meaningful
 
 
 class Birth(Envelope, tag="birth", kw_only=True, frozen=True, omit_defaults=True):
@@ -58,11 +87,11 @@ class Birth(Envelope, tag="birth", kw_only=True, frozen=True, omit_defaults=True
     bdseq: Count  # birth/death sequence: +1 per connect; the matching will carries the same value
     agent_version: Text
     model_version: Text = ""
-    labels: dict[str, str] = msgspec.field(default_factory=dict)
-    collectors: list[str] = msgspec.field(default_factory=list)
-    capabilities: list[str] = msgspec.field(default_factory=list)
+    labels: Labels = msgspec.field(default_factory=dict)
+    collectors: Names = msgspec.field(default_factory=list)
+    capabilities: Names = msgspec.field(default_factory=list)
     hostname: Text = ""
-    boot_ts: float | None = None  # when the agent process started (wall clock)
+    boot_ts: Wall | None = None  # when the agent process started (wall clock)
 
 
 class Status(Envelope, tag="status", kw_only=True, frozen=True, omit_defaults=True):
@@ -78,40 +107,43 @@ class Status(Envelope, tag="status", kw_only=True, frozen=True, omit_defaults=Tr
 
 class MetricSample(msgspec.Struct, frozen=True, kw_only=True):
     seq: Seq  # the sample's own sequence number (agent.collect.sample.Sample.seq)
-    wall: float
-    mono: float
-    metrics: dict[str, float | None]
+    wall: Wall
+    mono: Finite
+    metrics: Annotated[dict[Key, Finite | None], msgspec.Meta(max_length=MAX_METRICS)]
 
 
 class Metrics(Envelope, tag="metrics", kw_only=True, frozen=True, omit_defaults=True):
     """A batch of samples' metric dicts (oldest first). QoS 0."""
 
-    samples: list[MetricSample]
+    samples: Annotated[list[MetricSample], msgspec.Meta(max_length=MAX_SAMPLES)]
 
 
 class Contribution(msgspec.Struct, frozen=True):
-    feature: str
-    share: float
+    feature: Key
+    share: Probability  # the share of the anomaly this feature explains
 
 
 class Forecast(msgspec.Struct, frozen=True, kw_only=True):
-    resource: str
-    eta_s: float | None
+    resource: Key
+    eta_s: Finite | None
     confidence: Probability
-    rate_per_s: float
+    rate_per_s: Finite
 
 
 class Risk(Envelope, tag="risk", kw_only=True, frozen=True, omit_defaults=True):
     """Failure risk from the on-device model, sent when it changes. QoS 1."""
 
     sample_seq: Seq
-    anomaly: float | None  # 1.0 is the alert threshold; None while cold
+    anomaly: Finite | None  # 1.0 is the alert threshold; None while cold
     alert: bool
     cold: bool
     model_version: Text
-    explanation: list[Contribution] = msgspec.field(default_factory=list)
-    failure: dict[str, Probability] = msgspec.field(default_factory=dict)
-    forecasts: list[Forecast] = msgspec.field(default_factory=list)
+    explanation: Annotated[list[Contribution], msgspec.Meta(max_length=MAX_ITEMS)] = msgspec.field(
+        default_factory=list)
+    failure: Annotated[dict[Key, Probability], msgspec.Meta(max_length=MAX_ITEMS)] = msgspec.field(
+        default_factory=dict)
+    forecasts: Annotated[list[Forecast], msgspec.Meta(max_length=MAX_ITEMS)] = msgspec.field(
+        default_factory=list)
 
 
 class Event(Envelope, tag="event", kw_only=True, frozen=True, omit_defaults=True):
@@ -119,9 +151,9 @@ class Event(Envelope, tag="event", kw_only=True, frozen=True, omit_defaults=True
 
     name: Name  # event type, e.g. "gpu.xid", "report.spool_dropped"
     source: Text
-    wall: float  # when it happened (ts is when the message was built)
-    labels: dict[str, str] = msgspec.field(default_factory=dict)
-    value: float | None = None
+    wall: Wall  # when it happened (ts is when the message was built)
+    labels: Labels = msgspec.field(default_factory=dict)
+    value: Finite | None = None
     message: Text = ""
 
 
@@ -137,7 +169,7 @@ class Action(Envelope, tag="action", kw_only=True, frozen=True, omit_defaults=Tr
     outcome: Literal["ok", "failed", "skipped", "timeout", "refused"] | None = None  # set when finished
     result: Args = msgspec.field(default_factory=dict)
     error: Text = ""
-    duration_s: float | None = None
+    duration_s: Finite | None = None
 
 
 class Command(Envelope, tag="command", kw_only=True, frozen=True, omit_defaults=True):
@@ -150,8 +182,8 @@ class Command(Envelope, tag="command", kw_only=True, frozen=True, omit_defaults=
     site: Target
     id: Name
     issuer: Text = ""
-    issued_at: float
-    expires_at: float
+    issued_at: Wall
+    expires_at: Wall
     nonce: Annotated[bytes, msgspec.Meta(max_length=64)]
     name: Name
     args: Args = msgspec.field(default_factory=dict)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import logging
 import secrets
 import sqlite3
 import threading
@@ -116,6 +117,7 @@ class Database:
                     "a postgresql:// store needs psycopg 3: pip install 'heald[postgres]'"
                 ) from None
 
+            _quiet_pipeline_aborts(psycopg)
             try:
                 conn: Any = psycopg.connect(self.url, autocommit=not writer, connect_timeout=10)
             except psycopg.Error as exc:
@@ -263,6 +265,43 @@ def is_retryable(exc: BaseException) -> bool:
     except ImportError:  # pragma: no cover
         return False
     return isinstance(exc, psycopg.errors.DeadlockDetected | psycopg.errors.SerializationFailure)
+
+
+def is_data_error(exc: BaseException) -> bool:
+    """An error caused by the values of a statement, not by the state of the database: a
+    constraint (NOT NULL, CHECK, a key), a value out of a column's range or of the wrong type, a
+    string PostgreSQL cannot hold (NUL). The same rows fail again however often they are retried;
+    leaving out the row that carries the value helps (:mod:`coordinator.store.reports`). A lock, a
+    lost connection, a full disk or a deadlock is not one: those are retried as they are."""
+    if isinstance(exc, ValueError | OverflowError | TypeError | sqlite3.IntegrityError | sqlite3.DataError
+                  | sqlite3.InterfaceError):
+        return True
+    try:
+        import psycopg  # noqa: PLC0415 - only PostgreSQL deployments have it
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(exc, psycopg.DataError | psycopg.IntegrityError)
+
+
+class _PipelineAborted(logging.Filter):
+    """Drops psycopg's warning about the "pipeline aborted" that follows a failed statement of an
+    ``executemany``: the statement's own error is raised and handled (a data error isolates its
+    row, :mod:`coordinator.store.reports`), so the warning is one line of noise per attempt."""
+
+    def __init__(self, aborted: type[BaseException]) -> None:
+        super().__init__()
+        self.aborted = aborted
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        return not (str(record.msg).startswith("error ignored terminating")
+                    and any(isinstance(a, self.aborted) for a in args))
+
+
+def _quiet_pipeline_aborts(psycopg: Any) -> None:
+    logger = logging.getLogger("psycopg")
+    if not any(isinstance(f, _PipelineAborted) for f in logger.filters):
+        logger.addFilter(_PipelineAborted(psycopg.errors.PipelineAborted))
 
 
 def redact(url: str) -> str:

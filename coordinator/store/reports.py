@@ -13,6 +13,15 @@ replays land in the history without rolling the current state back.
 
 Lease requests are only collected here (:attr:`BatchResult.lease_requests`); they are decided
 after the batch commits, by :mod:`coordinator.store.leases`.
+
+Isolation: one report the database will not take (a data error, :func:`is_data_error`: a
+constraint, a value out of a column's range, a NUL in a PostgreSQL string) never costs the other
+reports of its batch. The batch is applied under a savepoint; on a data error it is rolled back
+to it and each half is applied the same way, down to the single report, which is left out and
+returned in :attr:`BatchResult.rejected` (the ingest counts it for its node). The others are
+stored in the same transaction, in the same order: k bad reports among n cost about 2k·log2(n)
+extra attempts, the first of them only when the whole batch failed. Other errors (a lock, a lost
+connection) abort the transaction as before and the ingest retries the batch.
 """
 
 from __future__ import annotations
@@ -24,8 +33,8 @@ from typing import Any, Final
 
 from agent.wire import Action, Birth, CommandAck, Event, Message, Metrics, RequestEvent, Risk, Status
 from coordinator.config import BudgetSection
-from coordinator.model import BatchResult, Incoming, LeaseRequest, is_escalation
-from coordinator.store.database import Cursor, Database, DbRow, iter_chunks
+from coordinator.model import BatchResult, Incoming, LeaseRequest, StoreRejected, is_escalation
+from coordinator.store.database import Cursor, Database, DbRow, is_data_error, iter_chunks
 from coordinator.store.leases import group_of
 from coordinator.store.rows import dumps
 from coordinator.store.schema import NODE_COLUMNS
@@ -140,8 +149,37 @@ class Reports:
         self.budget = budget
 
     async def apply(self, batch: Sequence[Incoming]) -> BatchResult:
-        """Store one batch in one transaction; count new and duplicate messages, collect lease requests."""
-        return await self.db.write(lambda cur: self._apply(cur, batch))
+        """Store one batch in one transaction; count new and duplicate messages, collect lease requests.
+        A report the database refuses is left out and listed in the result's ``rejected``."""
+        return await self.db.write(lambda cur: self._apply_isolating(cur, batch))
+
+    def _apply_isolating(self, cur: Cursor, batch: Sequence[Incoming]) -> BatchResult:
+        result = BatchResult()
+        self._apply_part(cur, sorted(batch, key=lambda i: (i.message.node, i.message.seq)), result)
+        return result
+
+    def _apply_part(self, cur: Cursor, items: Sequence[Incoming], result: BatchResult) -> None:
+        """Apply ``items`` under a savepoint; on a data error, roll back to it and apply each half
+        the same way, down to the one report the database refuses (see the module docstring)."""
+        self.db.execute(cur, "SAVEPOINT batch_part")
+        try:
+            part = self._apply(cur, items)
+        except Exception as exc:
+            if not is_data_error(exc):
+                raise
+            self.db.execute(cur, "ROLLBACK TO SAVEPOINT batch_part")
+            self.db.execute(cur, "RELEASE SAVEPOINT batch_part")
+            if len(items) == 1:
+                m = items[0].message
+                error = f"{type(exc).__name__}: {exc}"[:1000]
+                result.rejected.append(StoreRejected(node=m.node, kind=items[0].kind, seq=m.seq, error=error))
+            else:
+                half = len(items) // 2
+                self._apply_part(cur, items[:half], result)
+                self._apply_part(cur, items[half:], result)
+            return
+        self.db.execute(cur, "RELEASE SAVEPOINT batch_part")
+        result.add(part)
 
     def _apply(self, cur: Cursor, batch: Sequence[Incoming]) -> BatchResult:
         result = BatchResult()
