@@ -16,7 +16,9 @@ out in its original order, with its original timestamps, before anything newer; 
 ``kill -9`` at any moment loses nothing that reached ``submit`` more than one writer pass
 earlier. Delivery is at least once: receivers dedupe by ``(node, seq)``.
 
-Connection: MQTT v5, TLS/mTLS from ``[mqtt.tls]``, password from ``password_file`` (re-read on
+Connection: MQTT 5, or 3.1.1 from a broker's first refusal of 5 on (``[mqtt] protocol``,
+:mod:`agent.report.protocol`), a persistent session (``clean_start``, ``session_expiry_s``),
+TLS/mTLS from ``[mqtt.tls]``, password from ``password_file`` (re-read on
 every connect), last will = retained ``offline`` status; on connect the retained ``online``
 status and the birth (``bdseq`` +1, persisted) are published before the replay. Reconnects use
 capped full-jitter exponential backoff. :meth:`Reporter.run` never raises because of the broker.
@@ -60,6 +62,7 @@ from agent.collect.sample import Sample
 from agent.fsutil import FailureStreak
 from agent.report import build
 from agent.report.check import OutboundCheck
+from agent.report.protocol import ProtocolChoice, session_options
 from agent.report.settings import MqttSettings
 from agent.report.spool import Spool, SpoolRecord
 from agent.report.state import PersistentCounter, SeqStore
@@ -206,6 +209,7 @@ class Reporter:
             self._drained.set()
         self._replay_until = -1
         self._rng = random.Random()  # noqa: S311  (backoff jitter, not cryptography)
+        self._protocol = ProtocolChoice(settings.protocol)
         self._bucket = TokenBucket(settings.max_publish_per_s)
         self._batch: list[Sample] = []
         self._batch_started = 0.0
@@ -385,12 +389,17 @@ class Reporter:
         attempt = 0
         s = self.settings
         while True:
-            was_connected = False
+            was_connected = fell_back = False
             try:
                 was_connected = await self._session()
             except* aiomqtt.MqttError as group:
                 was_connected = self._connected
-                self._log_failure(group.exceptions[0], connected=self._connected)
+                fell_back = not was_connected and self._protocol.fall_back(group.exceptions[0])
+                if fell_back:  # once per agent run: retried at once, with 3.1.1
+                    self._log.info("mqtt.protocol_fallback", host=s.host, port=s.port, protocol="3.1.1",
+                                   reason="the broker refused MQTT 5; 3.1.1 until the agent restarts")
+                else:
+                    self._log_failure(group.exceptions[0], connected=self._connected)
             except* OSError as group:  # TLS context (missing CA file, bad key), password file
                 was_connected = self._connected
                 self._log_failure(group.exceptions[0], connected=self._connected)
@@ -398,6 +407,8 @@ class Reporter:
                 self._connected = False
                 self._connected_event.clear()
                 self.spool.rewind()
+            if fell_back:
+                continue
             if was_connected:
                 attempt = 0
             delay = full_jitter(attempt, s.backoff_initial_s, s.backoff_max_s, self._rng)
@@ -468,11 +479,13 @@ class Reporter:
         status_topic = self._topics["status"]
         will = aiomqtt.Will(status_topic, self._status("offline", bdseq, "connection lost"), qos=1,
                             retain=True)
+        version = self._protocol.version
         client = aiomqtt.Client(
             s.host, s.port, username=s.username, password=password,
             identifier=s.client_id or f"heald-{self.site}-{self.node}",
-            protocol=aiomqtt.ProtocolVersion.V5, will=will, keepalive=s.keepalive_s,
+            protocol=version, will=will, keepalive=s.keepalive_s,
             timeout=s.connect_timeout_s, tls_context=tls, max_inflight_messages=s.max_inflight,
+            **session_options(version, clean_start=s.clean_start, session_expiry_s=s.session_expiry_s),
         )
         try:
             return await self._connected_session(client, status_topic, bdseq)
@@ -497,7 +510,7 @@ class Reporter:
                 self._report_drops()
                 self._replay_until = self.spool.last_seq
                 self._log.info("mqtt.connected", host=s.host, port=s.port, bdseq=bdseq, tls=s.tls.enabled,
-                               replay=self.spool.pending)
+                               replay=self.spool.pending, protocol=self._protocol.name)
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(self._publisher(client, tg), name="report-mqtt-publisher")
                     if self.inbound is not None:
