@@ -43,6 +43,7 @@ from agent.wire import (
 from agent.wire.messages import Command
 from coordinator.config import MqttSection, read_secret_file
 from coordinator.model import BatchResult, Incoming
+from coordinator.mqtt_session import ProtocolChoice, command_properties, session_options
 from coordinator.rejects import NO_NODE, RejectTable
 
 log = structlog.get_logger("coordinator.ingest")
@@ -211,6 +212,7 @@ class Bus:
         self.changed = asyncio.Event()  # set after each committed batch (the live stream waits on it)
         self.ready = asyncio.Event()  # set once subscribed
         self._client: aiomqtt.Client | None = None
+        self._protocol = ProtocolChoice(cfg.protocol)  # MQTT 5, or 3.1.1 once a broker refused 5
 
     async def publish(self, command: Command) -> None:
         """Queue a signed command; it is sent as soon as the broker connection is up."""
@@ -228,6 +230,7 @@ class Bus:
         password = (
             read_secret_file(self.cfg.password_file, "mqtt.password_file") if self.cfg.password_file else None
         )
+        version = self._protocol.version
         return aiomqtt.Client(
             self.host,
             self.port,
@@ -236,14 +239,18 @@ class Bus:
             password=password,
             keepalive=self.cfg.keepalive_s,
             tls_context=_tls_context(self.cfg),
-            clean_session=not bool(self.cfg.client_id),
+            protocol=version,
             max_queued_incoming_messages=0,
             timeout=10,
+            **session_options(
+                version, clean_start=self.cfg.clean_start, session_expiry_s=self.cfg.session_expiry_s
+            ),
         )
 
     async def _connection_loop(self) -> None:
         backoff = 0.2
         while True:
+            retry_now = False
             try:
                 async with self._client_for() as client:
                     self._client = client
@@ -258,23 +265,36 @@ class Bus:
                         port=self.port,
                         client_id=self.client_id,
                         share_group=self.cfg.share_group or None,
+                        protocol=self._protocol.name,
                     )
                     backoff = 0.2
                     async with asyncio.TaskGroup() as tg:
                         tg.create_task(self._sender(client), name="mqtt-sender")
                         await self._receive(client)
             except* aiomqtt.MqttError as group:
-                log.warning(
-                    "mqtt connection lost, reconnecting",
-                    error=str(group.exceptions[0]),
-                    retry_in_s=round(backoff, 2),
-                )
+                retry_now = not self.stats.connected and self._protocol.fall_back(group.exceptions[0])
+                if retry_now:  # once per coordinator run
+                    log.info(
+                        "mqtt protocol fallback",
+                        host=self.host,
+                        port=self.port,
+                        protocol="3.1.1",
+                        reason="the broker refused MQTT 5; 3.1.1 until the coordinator restarts",
+                    )
+                else:
+                    log.warning(
+                        "mqtt connection lost, reconnecting",
+                        error=str(group.exceptions[0]),
+                        retry_in_s=round(backoff, 2),
+                    )
             finally:
                 self._client = None
                 self.stats.connected = False
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 raise asyncio.CancelledError  # a disconnect error raised while we were being cancelled
+            if retry_now:
+                continue
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self.cfg.backoff_max_s)
 
@@ -303,7 +323,12 @@ class Bus:
                 log.warning("dropping expired command", command=command.id, node=command.node)
                 continue
             try:
-                await client.publish(topic_of(command), encode(command), qos=1)
+                await client.publish(
+                    topic_of(command),
+                    encode(command),
+                    qos=1,
+                    properties=command_properties(self._protocol.version, command.expires_at),
+                )
             except aiomqtt.MqttError:
                 self.outbox.put_nowait(command)  # put it back: the reconnect resends it
                 raise
@@ -355,7 +380,7 @@ class Bus:
             self.stats.lags.extend(result.lags)
             for r in result.rejected:  # left out of the batch by the store: the rest was stored
                 self.stats.store_rejected += 1
-                self.stats.reject(r.node, "store", f"{r.kind} seq {r.seq}: {r.error}")
+                self.stats.reject(r.node, r.reason, f"{r.kind} seq {r.seq}: {r.error}")
             if result.new:
                 self.changed.set()
             try:

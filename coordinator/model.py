@@ -51,6 +51,7 @@ class StoreRejected:
     kind: str
     seq: int
     error: str
+    reason: str = "store"  # the ingest's reject reason: "store", or "seq_jump" (quarantined)
 
 
 @dataclass(slots=True)

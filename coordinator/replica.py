@@ -14,10 +14,11 @@ import re
 import time
 from typing import Any
 
+import msgspec
 import structlog
 
 from agent.wire import CommandName
-from agent.wire.messages import Args, Command
+from agent.wire.messages import ID_PATTERN, Args, Command
 from agent.wire.signing import CommandSigner, public_key_text
 from coordinator.config import CoordinatorSettings
 from coordinator.errors import BadRequest
@@ -25,6 +26,7 @@ from coordinator.ingest import Bus
 from coordinator.model import BatchResult, Incoming
 from coordinator.store import Store
 
+ID_RE = re.compile(ID_PATTERN)
 log = structlog.get_logger("coordinator")
 
 PLAYBOOK_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -121,7 +123,8 @@ class Coordinator:
             site=approval["site"],
             name=CommandName.APPROVE if approve else CommandName.DENY,
             args={
-                "request_id": approval_id,
+                # the node's own name for the request (the approval's id may be namespaced)
+                "request_id": approval["request_id"] or approval_id,
                 "run_id": approval["run_id"],
                 "playbook": approval["playbook"],
                 "action": approval["action"],
@@ -139,6 +142,10 @@ class Coordinator:
         cmd_args: Args = {"playbook": playbook, "by": actor}
         for k, v in (args or {}).items():
             cmd_args[f"arg.{k}"] = v
+        try:  # the wire's bounds (finite numbers, bounded strings): a node would refuse it otherwise
+            msgspec.convert(cmd_args, type=Args)
+        except msgspec.ValidationError as exc:
+            raise BadRequest(f"args: {exc}") from None
         cmd = self.signer.make(node=node, site=site, name=CommandName.RUN_PLAYBOOK, args=cmd_args)
         await self.store.issue_command(cmd, actor, "run_playbook")
         await self.bus.publish(cmd)
@@ -173,6 +180,12 @@ class Coordinator:
 
     async def resolve_escalation(self, escalation_id: int, actor: str) -> None:
         await self.store.resolve_escalation(escalation_id, actor)
+
+    async def set_site(self, node: str, site: str, actor: str) -> str:
+        """Move a node to another site (and so another blast-radius group): the operator's call."""
+        if not ID_RE.match(site):
+            raise BadRequest(f"invalid site {site!r}")
+        return await self.store.set_site(node, site, actor)
 
     def info(self) -> dict[str, Any]:
         return {

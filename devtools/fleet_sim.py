@@ -1,6 +1,8 @@
 """Simulated nodes speaking the real wire protocol (tests, the ingest benchmark, demos).
 
-A :class:`SimNode` builds real :mod:`agent.wire` messages with its own increasing ``seq``;
+A :class:`SimNode` builds real :mod:`agent.wire` messages with its own increasing ``seq``, as
+one incarnation of its node (a new ``SimNode`` for the same name is a new incarnation, as an agent
+with a fresh state directory would be);
 :class:`SimAgent` also listens on the node's command topics, verifies each command with the real
 :class:`~agent.wire.signing.CommandVerifier`, acknowledges it, and plays the agent's side of
 approvals and leases (an approved or leased remediation runs and reports its outcome).
@@ -50,7 +52,8 @@ class SimNode:
     site: str = "lab"
     labels: dict[str, str] = field(default_factory=dict)
     bdseq: int = 0
-    seq: int = field(default_factory=lambda: int(time.time() * 1e6))
+    seq: int = 0
+    inc: str = field(default_factory=lambda: secrets.token_hex(8))
 
     def _env(self) -> dict[str, Any]:
         self.seq += 1
@@ -60,6 +63,7 @@ class SimNode:
             "site": self.site,
             "seq": self.seq,
             "ts": time.time(),
+            "inc": self.inc,
         }
 
     def birth(self, version: str = "0.1.0") -> Birth:
@@ -178,6 +182,7 @@ class SimAgent:
             site=n.site,
             seq=n.seq + 1,
             ts=time.time(),
+            inc=n.inc,
             state="offline",
             bdseq=n.bdseq + 1,
             reason="connection lost",

@@ -57,7 +57,7 @@ async def seed(port: int) -> None:
                 client,
                 a.event(
                     "approval_request",
-                    {"request_id": f"ap-{i}", "run_id": f"run-{i}", "playbook": "restart-nginx"},
+                    {"request_id": f"api-a-ap-{i}", "run_id": f"run-{i}", "playbook": "restart-nginx"},
                 ),
             )
     await asyncio.sleep(0.1)  # let paho close its socket before asyncio.run() closes the loop
@@ -97,7 +97,7 @@ def test_everything_needs_credentials(coord: CoordinatorProcess) -> None:
         status, body = coord.api("GET", path, token=None)
         assert status == 401, path
         assert "authentication required" in body["error"]
-    for path in ("/api/approvals/ap-0/approve", "/api/nodes/api-a/run", "/api/nodes/api-a/silence"):
+    for path in ("/api/approvals/api-a-ap-0/approve", "/api/nodes/api-a/run", "/api/nodes/api-a/silence"):
         assert coord.api("POST", path, {}, token=None)[0] == 401
     assert coord.api("GET", "/api/nodes", token="wrong")  # noqa: S106 - a wrong token on purpose[0] == 401
     assert coord.api("GET", "/api/health", token=None)[0] == 200  # liveness only, no data
@@ -137,7 +137,7 @@ def test_login_session_cookie_and_csrf(coord: CoordinatorProcess) -> None:
     assert ok.value.headers["Content-Security-Policy"].startswith("default-src 'self'")
 
     opener, csrf = login(coord)
-    url = coord.url + "/api/approvals/ap-0/approve"
+    url = coord.url + "/api/approvals/api-a-ap-0/approve"
     assert post(opener, url, {}) == 403  # no CSRF token
     assert post(opener, url, {"X-CSRF-Token": "forged"}) == 403
     assert post(opener, url, {"X-CSRF-Token": csrf, "Origin": "http://evil.example"}) == 403
@@ -176,7 +176,7 @@ def test_approval_sends_a_signed_command(
         payload = None
         async with aiomqtt.Client("127.0.0.1", module_broker.port) as client:
             await client.subscribe("heald/v1/lab/api-a/cmd", qos=1)
-            status, body = await asyncio.to_thread(coord.api, "POST", "/api/approvals/ap-1/approve", {})
+            status, body = await asyncio.to_thread(coord.api, "POST", "/api/approvals/api-a-ap-1/approve", {})
             assert status == 200, body
             async with asyncio.timeout(10):
                 async for msg in client.messages:
@@ -191,7 +191,7 @@ def test_approval_sends_a_signed_command(
     cmd = decode_command(payload)  # type: ignore[arg-type]
     CommandVerifier([key], node="api-a", site="lab").verify(cmd)
     assert cmd.name == "approve"
-    assert cmd.args["request_id"] == "ap-1"
+    assert cmd.args["request_id"] == "api-a-ap-1"
     assert cmd.args["run_id"] == "run-1"
 
 
@@ -222,8 +222,8 @@ def test_fleet_cli(coord: CoordinatorProcess) -> None:
     assert show.returncode == 0
     assert "1.30 ALERT" in show.stdout
     assert "pending approvals" in show.stdout
-    assert fleet(coord, "approve", "ap-2").returncode == 0
-    again = fleet(coord, "approve", "ap-2")
+    assert fleet(coord, "approve", "api-a-ap-2").returncode == 0
+    again = fleet(coord, "approve", "api-a-ap-2")
     assert again.returncode == 2
     assert "already approved" in again.stderr
     assert fleet(coord, "deny", "nope").returncode == 2

@@ -153,7 +153,8 @@ async def test_embedded_broker_whole_system(tmp_path: Path) -> None:
             await agent.send(agent.node.risk(1.2))
             await agent.request_approval("ap", "restart-x")
             await asyncio.to_thread(proc.wait_for, lambda c: c.api("GET", "/api/approvals")[1]["items"])
-            status, _ = await asyncio.to_thread(proc.api, "POST", "/api/approvals/ap/approve", {})
+            # stored under the node's name (tests/test_fleet_ownership.py): "solo-ap"
+            status, _ = await asyncio.to_thread(proc.api, "POST", "/api/approvals/solo-ap/approve", {})
             assert status == 200
             node = await asyncio.to_thread(
                 proc.wait_for, lambda c: (n := c.api("GET", "/api/nodes/solo")[1])["actions"] and n
@@ -167,3 +168,4 @@ async def test_embedded_broker_whole_system(tmp_path: Path) -> None:
     finally:
         await asyncio.to_thread(proc.stop)
     assert "embedded mqtt broker started" in proc.log_text()
+    assert "mqtt protocol fallback" in proc.log_text()  # MQTT 5 refused at once, then 3.1.1

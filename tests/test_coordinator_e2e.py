@@ -199,12 +199,15 @@ def test_two_real_agents_and_a_fault(
     nodes = json.loads(opener.open(c.url + "/api/nodes").read())
     assert {"e2e-a", "e2e-b"} <= {n["node"] for n in nodes["items"]}
 
-    # inject a fault on one node: risk, an action and its outcome become visible everywhere
-    asyncio.run(inject_fault(mosquitto.port, "e2e-a"))
+    # inject a fault on a simulated third node: risk, an action and its outcome become visible
+    # everywhere. (Not in a real agent's name: a report claiming e2e-a with a seq far ahead of
+    # e2e-a's is quarantined, as a forged one must be: tests/test_fleet_ownership.py.)
+    asyncio.run(inject_fault(mosquitto.port, "e2e-sim"))
 
     def fault_seen(c: CoordinatorProcess) -> object:
-        node = c.api("GET", "/api/nodes/e2e-a")[1]
-        return node["alert"] and node["actions"] and node["actions"][0]["outcome"] == "ok" and node
+        status, node = c.api("GET", "/api/nodes/e2e-sim")
+        return status == 200 and node["alert"] and node["actions"] and node["actions"][0]["outcome"] == "ok" \
+            and node
 
     node = c.wait_for(fault_seen, timeout=20)
     assert node["anomaly"] == 2.4
@@ -214,14 +217,14 @@ def test_two_real_agents_and_a_fault(
     assert not c.api("GET", "/api/nodes/e2e-b")[1]["alert"]
     with sqlite3.connect(db) as conn:
         outcomes = [
-            r[0] for r in conn.execute("SELECT outcome FROM actions WHERE node = 'e2e-a' "
+            r[0] for r in conn.execute("SELECT outcome FROM actions WHERE node = 'e2e-sim' "
                                        "AND run_id = 'fault-run-1' ORDER BY id")
         ]
-        risk = conn.execute("SELECT max(anomaly) FROM risk WHERE node = 'e2e-a'").fetchone()[0]
+        risk = conn.execute("SELECT max(anomaly) FROM risk WHERE node = 'e2e-sim'").fetchone()[0]
     assert outcomes == [None, "ok"]
     assert risk == 2.4
     page_view = json.loads(opener.open(c.url + "/api/nodes?state=alert").read())
-    assert [n["node"] for n in page_view["items"]] == ["e2e-a"]
+    assert [n["node"] for n in page_view["items"]] == ["e2e-sim"]
 
     # a real fault on the real agent: its supervised worker dies; the agent's own playbook restarts
     # it, and the decision and its outcome reach the coordinator as action messages.

@@ -144,7 +144,7 @@ async def test_incidents_approvals_escalations_acks(store: Store) -> None:
     assert node["labels"] == {"rack": "r7"}
     await store.apply(
         [
-            inc(n.event("approval_request", {"request_id": "ap1", "run_id": "run1", "playbook": "pb"})),
+            inc(n.event("approval_request", {"request_id": "n1-ap1", "run_id": "run1", "playbook": "pb"})),
             inc(n.event("playbook.escalated", {"playbook": "pb"}, message="gave up")),
             inc(n.action("run1", "pb", "started")),
             inc(n.action("run1", "pb", "finished", "failed")),
@@ -155,7 +155,7 @@ async def test_incidents_approvals_escalations_acks(store: Store) -> None:
     assert node["open_incidents"] == 0
     assert node["incidents"][0]["closed_at"] is not None
     assert node["last_action"] == "pb/restart_service: failed"
-    assert [a["id"] for a in node["approvals"]] == ["ap1"]
+    assert [a["id"] for a in node["approvals"]] == ["n1-ap1"]
     assert node["escalations"][0]["reason"] == "gave up"
     assert node["escalations"][0]["scope"] == "node"
 

@@ -25,6 +25,8 @@ memory. What remains guaranteed:
 
 from __future__ import annotations
 
+import re
+import secrets
 import time
 from pathlib import Path
 from typing import Final
@@ -134,3 +136,31 @@ class PersistentCounter:
         else:
             self._failures.succeeded(value=self.value)
         return self.value
+
+
+INCARNATION_RE: Final = re.compile(r"^[0-9a-f]{16}$")
+
+
+def load_incarnation(path: Path | str) -> str:
+    """This state directory's incarnation: 16 random hex digits, made (and written) the first time.
+
+    Every report carries it (``Envelope.inc``). A new state directory (a reinstall, a lost
+    ``/var/lib/heald``) means a new incarnation, so the coordinator never takes the new seqs, which
+    start again near 0, for duplicates of the old ones. If it cannot be written (a full or
+    read-only state dir at the very first start), it is used from memory: the next start then has
+    another one, which is right, as its seq counter could not be written either.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        text = ""
+    if INCARNATION_RE.match(text):
+        return text
+    inc = secrets.token_hex(8)
+    try:
+        _make_parent(path)
+        write_small_state(path, f"{inc}\n".encode())
+    except OSError as exc:
+        log.error("report.incarnation_not_saved", file=str(path), **describe(exc))
+    return inc

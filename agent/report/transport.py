@@ -65,7 +65,7 @@ from agent.report.check import OutboundCheck
 from agent.report.protocol import ProtocolChoice, session_options
 from agent.report.settings import MqttSettings
 from agent.report.spool import Spool, SpoolRecord
-from agent.report.state import PersistentCounter, SeqStore
+from agent.report.state import PersistentCounter, SeqStore, load_incarnation
 from agent.score.types import Risk as ScoreRisk
 
 log = structlog.get_logger()
@@ -198,6 +198,7 @@ class Reporter:
                            segment_bytes=sp.segment_bytes)
         self._seq = SeqStore(self.state_dir / "report" / "seq", at_least=self.spool.last_seq + 1)
         self._bdseq = PersistentCounter(self.state_dir / "report" / "bdseq")
+        self.incarnation = load_incarnation(self.state_dir / "report" / "incarnation")
         self._topics = {kind: wire.topic_for(site, node, kind) for kind in wire.KINDS if kind != "command"}
         self._queue: deque[_Pending] = deque()
         self._queue_event = asyncio.Event()
@@ -254,7 +255,7 @@ class Reporter:
         if kind in _OWN_KINDS:
             raise ValueError(f"the reporter publishes {kind} messages itself")
         stamped = msgspec.structs.replace(message, v=wire.PROTOCOL_VERSION, node=self.node, site=self.site,
-                                          seq=self._seq.next())
+                                          seq=self._seq.next(), inc=self.incarnation)
         payload = self._check.encode(stamped)
         if payload is None:  # the coordinator would reject it: not sent (logged once per streak)
             self.counters.dropped_invalid += 1
@@ -458,6 +459,7 @@ class Reporter:
 
     def _status(self, state: Literal["online", "offline"], bdseq: int, reason: str = "") -> bytes:
         msg = wire.Status(v=wire.PROTOCOL_VERSION, node=self.node, site=self.site, seq=self._seq.next(),
+                          inc=self.incarnation,
                           ts=time.time(), mono=time.monotonic(), state=state,
                           bdseq=bdseq, reason=reason, spool_pending=self.backlog,
                           dropped_metrics=self.counters.dropped_metrics,
@@ -466,6 +468,7 @@ class Reporter:
 
     def _birth(self, bdseq: int) -> bytes:
         msg = wire.Birth(v=wire.PROTOCOL_VERSION, node=self.node, site=self.site, seq=self._seq.next(),
+                         inc=self.incarnation,
                          ts=time.time(), mono=time.monotonic(), bdseq=bdseq, agent_version=__version__,
                          model_version=self.model_version, labels=self.labels, collectors=self.collectors,
                          capabilities=self.capabilities, hostname=socket.gethostname(), boot_ts=self._boot_ts)

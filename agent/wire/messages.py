@@ -53,6 +53,9 @@ MAX_METRICS: Final = 16384  # metrics in one sample
 MAX_SAMPLES: Final = 8192  # samples in one metrics batch (the agent sends at most 3600)
 
 Id = Annotated[str, msgspec.Meta(pattern=ID_PATTERN)]
+#: An incarnation id: 8..32 lower-case hex digits, or "" (a sender that predates incarnations).
+INCARNATION_PATTERN: Final = r"^([0-9a-f]{8,32})?$"
+Incarnation = Annotated[str, msgspec.Meta(pattern=INCARNATION_PATTERN)]
 Target = Annotated[str, msgspec.Meta(pattern=TARGET_PATTERN)]
 Seq = Annotated[int, msgspec.Meta(ge=0, le=MAX_INT)]
 Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_INT)]
@@ -79,6 +82,10 @@ class Envelope(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", omit
     seq: Seq  # per-sender sequence number: strictly increasing, never reused (dedupe key with node)
     ts: Wall  # wall clock (time.time()) when the message was created; kept on replay
     mono: Finite | None = None  # sender's time.monotonic() at creation, where meaningful
+    # The sender's incarnation: new whenever its state directory (and with it its seq counter) is
+    # new, e.g. after a reinstall. ``seq`` is strictly increasing within one incarnation; the
+    # dedupe key is (node, inc, seq). "" for agents before it existed (one legacy incarnation).
+    inc: Incarnation = ""
 
 
 class Birth(Envelope, tag="birth", kw_only=True, frozen=True, omit_defaults=True):

@@ -111,6 +111,9 @@ class Store:
     async def resolve_escalation(self, escalation_id: int, actor: str) -> None:
         await self.commands.resolve_escalation(escalation_id, actor)
 
+    async def set_site(self, node: str, site: str, actor: str) -> str:
+        return await self.commands.set_site(node, site, actor)
+
     async def node_site(self, node: str) -> str:
         return await self.commands.node_site(node)
 

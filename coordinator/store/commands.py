@@ -144,6 +144,22 @@ class Commands:
 
         await self.db.write(run)
 
+    async def set_site(self, node: str, site: str, actor: str) -> str:
+        """An operator moves a node to ``site`` (the site it claims, usually): nodes never move
+        themselves (a claim waits in ``pending_site``). Returns the site it was in; audited."""
+
+        def run(cur: Cursor) -> str:
+            row = self.db.one(cur, "SELECT site, pending_site FROM nodes WHERE node = ?", (node,))
+            if row is None:
+                raise NotFound(f"no node {node!r}")
+            self.db.execute(cur, "UPDATE nodes SET site = ?, pending_site = CASE WHEN pending_site = ? "
+                            "THEN '' ELSE pending_site END, updated_at = ? WHERE node = ?",
+                            (site, site, time.time(), node))
+            self.audit.add(cur, actor, "set_site", node, {"from": row["site"], "to": site})
+            return str(row["site"])
+
+        return await self.db.write(run)
+
     async def node_site(self, node: str) -> str:
         """The site of a known node (a command's target needs it)."""
         row = await self.db.read(

@@ -140,7 +140,7 @@ class Queries:
                 cur,
                 "SELECT node, site, hostname, agent_version, model_version, labels, online, status_reason, "  # noqa: S608
                 "last_seen, first_seen, anomaly, alert, cold, explanation, open_incidents, last_action, "
-                "silenced_until, spool_pending, dropped_metrics, "
+                "silenced_until, spool_pending, dropped_metrics, metric_gaps, pending_site, "
                 "CASE WHEN online = 1 AND last_seen >= ? THEN 1 ELSE 0 END AS online_now "
                 f"FROM nodes{where} ORDER BY {col} {direction}{nulls}, node ASC LIMIT ? OFFSET ?",
                 [stale, *params, q.limit, q.offset],
@@ -189,7 +189,8 @@ class Queries:
             now = time.time()
             out = api_row(row)
             out["online"] = bool(row["online"]) and row["last_seen"] >= now - self.settings.stale_after_s
-            for k in ("status_bdseq", "status_off", "status_seq", "risk_seq", "action_seq"):
+            for k in ("status_bdseq", "status_off", "status_seq", "risk_seq", "action_seq",
+                      "last_sample_seq"):
                 out.pop(k, None)
             for table, order, limit in _NODE_HISTORIES:
                 # table and order come from _NODE_HISTORIES; the node is a bound parameter

@@ -34,6 +34,7 @@ from typing import Any, Final
 from agent.wire import Action, Birth, CommandAck, Event, Message, Metrics, RequestEvent, Risk, Status
 from coordinator.config import BudgetSection
 from coordinator.model import BatchResult, Incoming, LeaseRequest, StoreRejected, is_escalation
+from coordinator.store import incarnations
 from coordinator.store.database import Cursor, Database, DbRow, is_data_error, iter_chunks
 from coordinator.store.leases import group_of
 from coordinator.store.rows import dumps
@@ -127,6 +128,13 @@ def _history_row(m: Message) -> tuple[Any, ...]:
     raise TypeError(f"no history table for {type(m).__name__}")  # pragma: no cover - see _HISTORY_INSERTS
 
 
+def approval_id(node: str, request_id: str) -> str:
+    """The id an approval request is stored under: the node's own request id when it is the
+    node's (agents name their requests ``<node>-...``), else that id prefixed with the node, so
+    that no node can claim another node's approval first."""
+    return request_id if request_id.startswith(node + "-") else f"{node}-{request_id}"
+
+
 def node_escalation_key(node: str, playbook: str, run_id: str) -> str | None:
     """The ``escalations.open_key`` of a node's escalation: one row per (node, playbook, run).
 
@@ -183,9 +191,14 @@ class Reports:
 
     def _apply(self, cur: Cursor, batch: Sequence[Incoming]) -> BatchResult:
         result = BatchResult()
+        now = time.time()
         ordered = sorted(batch, key=lambda i: (i.message.node, i.message.seq))
+        nodes, created = self._lock_nodes(cur, ordered, now)
+        # The seqs as stored: (node, incarnation, seq) -> (node, base + seq); seq jumps quarantined.
+        kept = incarnations.Incarnations(self.db, cur).assign(ordered, nodes, result)
+        kept.sort(key=lambda i: (i.message.node, i.message.seq))
         by_kind: dict[str, list[Incoming]] = {}
-        for item in ordered:
+        for item in kept:
             by_kind.setdefault(item.kind, []).append(item)
         new: list[Incoming] = []
         for kind, items in by_kind.items():
@@ -195,11 +208,8 @@ class Reports:
                     result.duplicates += 1
                 else:
                     new.append(item)
-        if not new:
-            return result
         new.sort(key=lambda i: (i.message.node, i.message.seq))
-        now = time.time()
-        self._apply_state(cur, new, now, result)
+        self._apply_state(cur, new, nodes, created=created, now=now, result=result)
         result.new = len(new)
         done = time.time()
         result.lags = [
@@ -214,18 +224,21 @@ class Reports:
             return [None] * len(items)  # commands are not reports: never stored from the bus
         return self.db.insert_new(cur, sql, [_history_row(i.message) for i in items])
 
-    def _lock_nodes(self, cur: Cursor, items: list[Incoming], now: float) -> dict[str, DbRow]:
-        """The ``nodes`` rows of the batch's nodes, created if new and locked in node order."""
+    def _lock_nodes(self, cur: Cursor, items: Sequence[Incoming],
+                    now: float) -> tuple[dict[str, DbRow], set[str]]:
+        """The ``nodes`` rows of the batch's nodes, created if new and locked in node order; and
+        the names of the rows this batch created."""
         first: dict[str, Incoming] = {}
         for i in items:
             first.setdefault(i.message.node, i)
         names = sorted(first)
-        self.db.insert_new(  # make sure every row exists, so FOR UPDATE can lock it
+        inserted = self.db.insert_new(  # make sure every row exists, so FOR UPDATE can lock it
             cur,
             "INSERT INTO nodes (node, site, first_seen, last_seen, updated_at) VALUES (?, ?, ?, ?, ?) "
             "ON CONFLICT DO NOTHING RETURNING node",
             [(n, first[n].message.site, first[n].received_at, first[n].received_at, now) for n in names],
         )
+        created = {name for name, key in zip(names, inserted, strict=True) if key is not None}
         out: dict[str, DbRow] = {}
         for chunk in iter_chunks(names, 500):
             marks = ", ".join("?" * len(chunk))
@@ -236,11 +249,11 @@ class Reports:
                 chunk,
             ):
                 out[row["node"]] = row
-        return out
+        return out, created
 
-    def _apply_state(self, cur: Cursor, items: list[Incoming], now: float, result: BatchResult) -> None:
-        """Merge the new messages into their nodes' rows and write what they cause, in batches."""
-        nodes = self._lock_nodes(cur, items, now)
+    def _apply_state(self, cur: Cursor, items: list[Incoming], nodes: dict[str, DbRow], *,
+                     created: set[str], now: float, result: BatchResult) -> None:
+        """Merge the new messages into their (locked) nodes' rows and write what they cause, in batches."""
         labels_changed: dict[str, dict[str, str]] = {}
         incidents_open: list[tuple[Any, ...]] = []
         incidents_close: list[tuple[Any, ...]] = []
@@ -251,7 +264,12 @@ class Reports:
         for item in items:
             m = item.message
             n = nodes[m.node]
-            n["site"] = m.site
+            if m.site != n["site"] and m.node not in created:
+                # A node does not move itself to another site (and another blast-radius budget
+                # group): the claim waits for an operator (POST /api/nodes/{node}/site).
+                n["pending_site"] = m.site
+            if m.inc != n["inc"]:
+                incarnations.switch(n, m.inc)
             n["last_seen"] = max(n["last_seen"], item.received_at)
             if isinstance(m, Birth):
                 if m.bdseq >= n["bdseq"]:
@@ -303,6 +321,8 @@ class Reports:
                     elif not m.alert and was_alert:
                         incidents_close.append((m.ts, m.node))
                         n["open_incidents"] = 0
+            elif isinstance(m, Metrics):
+                incarnations.count_gaps(n, m.samples)
             elif isinstance(m, Action):
                 if m.seq > n["action_seq"]:
                     what = m.outcome if m.phase == "finished" and m.outcome else m.phase
@@ -313,13 +333,16 @@ class Reports:
                     m, n, now, approvals=approvals, escalations=escalations, releases=releases, result=result
                 )
             elif isinstance(m, CommandAck):
-                acks.append((m.status, m.message, now, m.command_id))
+                # only the node a command went to (or one in its broadcast) may set its status
+                acks.append((m.status, m.message, now, m.command_id, m.node, n["site"]))
             n["updated_at"] = now
         sets = ", ".join(f"{c} = ?" for c in NODE_COLUMNS if c != "node")
+        touched = {i.message.node for i in items} | {r.node for r in result.rejected if r.reason != "store"}
         self.db.execute_many(
             cur,
             f"UPDATE nodes SET {sets} WHERE node = ?",  # noqa: S608 - column names from NODE_COLUMNS
-            [[n[c] for c in NODE_COLUMNS if c != "node"] + [n["node"]] for _, n in sorted(nodes.items())],
+            [[n[c] for c in NODE_COLUMNS if c != "node"] + [n["node"]]
+             for name, n in sorted(nodes.items()) if name in touched],
         )
         for node, labels in sorted(labels_changed.items()):
             self.db.execute(cur, "DELETE FROM node_labels WHERE node = ?", (node,))
@@ -343,7 +366,8 @@ class Reports:
             self.db.insert_new(
                 cur,
                 "INSERT INTO approvals (id, node, site, seq, run_id, playbook, action, message, "
-                "requested_at, state, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?) "
+                "requested_at, state, updated_at, request_id) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?) "
                 "ON CONFLICT DO NOTHING RETURNING id",
                 approvals,
             )
@@ -363,7 +387,10 @@ class Reports:
             )
         if acks:
             self.db.execute_many(
-                cur, "UPDATE commands SET status = ?, status_message = ?, updated_at = ? WHERE id = ?", acks
+                cur,
+                "UPDATE commands SET status = ?, status_message = ?, updated_at = ? WHERE id = ? "
+                "AND (node = ? OR (node = '*' AND (site = '*' OR site = ?)))",
+                acks,
             )
 
     def _event_side_effects(
@@ -383,7 +410,7 @@ class Reports:
             result.lease_requests.append(
                 LeaseRequest(
                     node=m.node,
-                    site=m.site,
+                    site=n["site"],  # the node's site as the coordinator knows it, not as claimed
                     seq=m.seq,
                     request_id=labels.get("request_id", f"{m.node}-{m.seq}"),
                     playbook=labels.get("playbook", m.source or "?"),
@@ -395,11 +422,12 @@ class Reports:
         elif m.name == RequestEvent.LEASE_RELEASE:
             releases.append((now, labels.get("lease_id", ""), m.node))
         elif m.name == RequestEvent.APPROVAL_REQUEST:
+            request_id = labels.get("request_id") or str(m.seq)
             approvals.append(
                 (
-                    labels.get("request_id") or f"{m.node}-{m.seq}",
+                    approval_id(m.node, request_id),
                     m.node,
-                    m.site,
+                    n["site"],
                     m.seq,
                     labels.get("run_id", ""),
                     labels.get("playbook", ""),
@@ -407,6 +435,7 @@ class Reports:
                     m.message,
                     m.wall,
                     now,
+                    request_id,
                 )
             )
         elif is_escalation(m.name):
@@ -415,7 +444,7 @@ class Reports:
             escalations.append(
                 (
                     m.node,
-                    group_of(self.budget, m.site, labels_of_node),
+                    group_of(self.budget, n["site"], labels_of_node),
                     playbook,
                     m.message or m.name,
                     m.wall,

@@ -105,6 +105,8 @@ class NodeSummary(TypedDict):
     silenced_until: float
     spool_pending: int
     dropped_metrics: int
+    metric_gaps: int  # samples the node took that never reached the store (sample seqs skipped)
+    pending_site: str  # a site the node claims and an operator has not accepted ("" none)
 
 
 class NodeState(NodeSummary):
@@ -113,6 +115,8 @@ class NodeState(NodeSummary):
     capabilities: list[str]
     collectors: list[str]
     bdseq: int
+    inc: str  # the incarnation its current state comes from
+    quarantined: int  # reports held back: a seq far ahead of its incarnation's
     risk_ts: float | None
     failure: dict[str, float]
     forecasts: list[ForecastJson]
@@ -235,6 +239,7 @@ class ApprovalRow(TypedDict):
     decided_at: float | None
     command_id: str
     updated_at: float
+    request_id: str  # the node's own id of the request ("" before schema 2: the id itself)
 
 
 class EscalationRow(TypedDict):

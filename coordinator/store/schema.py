@@ -14,7 +14,7 @@ from typing import Final
 from coordinator.errors import StoreError
 from coordinator.store.database import Cursor, Database
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 
 SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -49,7 +49,12 @@ CREATE TABLE IF NOT EXISTS nodes (
   action_seq BIGINT NOT NULL DEFAULT -1,
   last_action TEXT NOT NULL DEFAULT '',
   silenced_until DOUBLE PRECISION NOT NULL DEFAULT 0,
-  updated_at DOUBLE PRECISION NOT NULL
+  updated_at DOUBLE PRECISION NOT NULL,
+  inc TEXT NOT NULL DEFAULT '',
+  last_sample_seq BIGINT NOT NULL DEFAULT -1,
+  metric_gaps BIGINT NOT NULL DEFAULT 0,
+  quarantined BIGINT NOT NULL DEFAULT 0,
+  pending_site TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS nodes_site ON nodes (site, node);
 CREATE INDEX IF NOT EXISTS nodes_updated ON nodes (updated_at);
@@ -102,7 +107,8 @@ CREATE TABLE IF NOT EXISTS approvals (
   id TEXT PRIMARY KEY, node TEXT NOT NULL, site TEXT NOT NULL, seq BIGINT NOT NULL,
   run_id TEXT NOT NULL, playbook TEXT NOT NULL, action TEXT NOT NULL, message TEXT NOT NULL,
   requested_at DOUBLE PRECISION NOT NULL, state TEXT NOT NULL, decided_by TEXT NOT NULL DEFAULT '',
-  decided_at DOUBLE PRECISION, command_id TEXT NOT NULL DEFAULT '', updated_at DOUBLE PRECISION NOT NULL
+  decided_at DOUBLE PRECISION, command_id TEXT NOT NULL DEFAULT '', updated_at DOUBLE PRECISION NOT NULL,
+  request_id TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS approvals_state ON approvals (state, requested_at);
 CREATE INDEX IF NOT EXISTS approvals_updated ON approvals (updated_at);
@@ -136,6 +142,11 @@ CREATE TABLE IF NOT EXISTS audit (
   node TEXT NOT NULL, detail TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS audit_node ON audit (node, id);
+CREATE TABLE IF NOT EXISTS incarnations (
+  node TEXT NOT NULL, inc TEXT NOT NULL, base BIGINT NOT NULL, last_seq BIGINT NOT NULL,
+  first_seen DOUBLE PRECISION NOT NULL, jump_seq BIGINT NOT NULL DEFAULT -1,
+  jump_since DOUBLE PRECISION NOT NULL DEFAULT 0, PRIMARY KEY (node, inc)
+);
 CREATE TABLE IF NOT EXISTS sessions (
   id TEXT PRIMARY KEY, csrf TEXT NOT NULL, actor TEXT NOT NULL, created_at DOUBLE PRECISION NOT NULL,
   expires_at DOUBLE PRECISION NOT NULL
@@ -175,6 +186,24 @@ NODE_COLUMNS: Final = (
     "last_action",
     "silenced_until",
     "updated_at",
+    "inc",
+    "last_sample_seq",
+    "metric_gaps",
+    "quarantined",
+    "pending_site",
+)
+
+#: The history tables, keyed by (node, seq): a node's highest stored seq is the highest of these.
+HISTORY_TABLES: Final = ("presence", "metrics", "risk", "events", "actions", "acks", "lease_requests")
+
+#: Version 1 -> 2: node incarnations (a node's seqs restart after its state dir was lost), metric
+#: gaps, quarantined reports and a site change waiting for the operator.
+_V2_COLUMNS: Final = (
+    "inc TEXT NOT NULL DEFAULT ''",
+    "last_sample_seq BIGINT NOT NULL DEFAULT -1",
+    "metric_gaps BIGINT NOT NULL DEFAULT 0",
+    "quarantined BIGINT NOT NULL DEFAULT 0",
+    "pending_site TEXT NOT NULL DEFAULT ''",
 )
 
 
@@ -187,6 +216,10 @@ def create_schema(db: Database, cur: Cursor) -> None:
         if stmt.strip():
             cur.execute(stmt)
     version = db.scalar(cur, "SELECT value FROM meta WHERE key = 'schema'")
+    if version is not None and int(version) == 1:
+        _migrate_to_2(db, cur)
+        db.execute(cur, "UPDATE meta SET value = ? WHERE key = 'schema'", (str(SCHEMA_VERSION),))
+        return
     if version is None:
         db.execute(
             cur,
@@ -195,3 +228,22 @@ def create_schema(db: Database, cur: Cursor) -> None:
         )
     elif int(version) > SCHEMA_VERSION:
         raise StoreError(f"store schema version {version} is newer than this coordinator ({SCHEMA_VERSION})")
+
+
+def _migrate_to_2(db: Database, cur: Cursor) -> None:
+    """Add version 2's columns, and give every node its legacy incarnation (``""``, base 0, up to
+    its highest stored seq), so its old reports keep their keys and the agents that send no
+    incarnation go on exactly as before."""
+    for column in _V2_COLUMNS:
+        db.execute(cur, f"ALTER TABLE nodes ADD COLUMN {column}")
+    # the node's own id of an approval request (the row's id is namespaced by node when needed)
+    db.execute(cur, "ALTER TABLE approvals ADD COLUMN request_id TEXT NOT NULL DEFAULT ''")
+    top: dict[str, int] = {}
+    for table in HISTORY_TABLES:
+        for row in db.rows(cur, f"SELECT node, MAX(seq) AS seq FROM {table} GROUP BY node"):  # noqa: S608
+            if row["seq"] is not None:
+                top[row["node"]] = max(top.get(row["node"], -1), int(row["seq"]))
+    first = {row["node"]: row["first_seen"] for row in db.rows(cur, "SELECT node, first_seen FROM nodes")}
+    db.execute_many(cur, "INSERT INTO incarnations (node, inc, base, last_seq, first_seen) "
+                    "VALUES (?, '', 0, ?, ?) ON CONFLICT DO NOTHING",
+                    [(node, top.get(node, -1), seen) for node, seen in sorted(first.items())])

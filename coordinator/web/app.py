@@ -446,6 +446,16 @@ async def unsilence(request: web.Request) -> web.Response:
     return json_response({"ok": True, "command_id": cmd.id, "node": cmd.node})
 
 
+async def set_site(request: web.Request) -> web.Response:
+    body = await _json_body(request)
+    site = body.get("site")
+    if not isinstance(site, str):
+        raise BadRequest('body needs "site": <site id>')
+    node = request.match_info["node"]
+    was = await request.app[COORD].set_site(node, site, request["actor"])
+    return json_response({"ok": True, "node": node, "site": site, "was": was})
+
+
 async def resolve(request: web.Request) -> web.Response:
     try:
         esc_id = int(request.match_info["id"])
@@ -518,6 +528,7 @@ def build_app(coord: Coordinator) -> web.Application:
     r.add_post("/api/nodes/{node}/run", run_playbook)
     r.add_post("/api/nodes/{node}/silence", silence)
     r.add_post("/api/nodes/{node}/unsilence", unsilence)
+    r.add_post("/api/nodes/{node}/site", set_site)
     r.add_get("/api/approvals", _table("approvals", _by_state("pending"), "requested_at DESC"))
     r.add_post("/api/approvals/{id}/approve", approve)
     r.add_post("/api/approvals/{id}/deny", deny)

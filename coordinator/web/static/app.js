@@ -211,12 +211,16 @@ async function renderNode(view, node) {
   view.replaceChildren(
     el("h1", {}, el("a", { href: "#/" }, "Fleet"), " / ", el("span", { id: "node-name" }, n.node), " ", presence(n.online)),
     el("dl", { class: "kv", id: "node-info" },
-      el("dt", {}, "Site"), el("dd", {}, n.site),
+      el("dt", {}, "Site"), el("dd", { id: "node-site" }, n.site, n.pending_site ? el("span", { class: "warn" }, ` · claims ${n.pending_site} `,
+        el("button", { type: "button", id: "accept-site", onclick: async () => {
+          try { await api(`/api/nodes/${encodeURIComponent(node)}/site`, { method: "POST", body: JSON.stringify({ site: n.pending_site }) }); await render(); flash(`Moved ${node} to ${n.pending_site}.`); } catch (err) { flash(err.message); }
+        } }, "Move it there")) : ""),
       el("dt", {}, "Host"), el("dd", {}, n.hostname || "–"),
       el("dt", {}, "Agent / model"), el("dd", {}, `${n.agent_version || "?"} / ${n.model_version || "?"}`),
       el("dt", {}, "Labels"), el("dd", {}, labelPills(n.labels)),
       el("dt", {}, "Last seen"), el("dd", {}, `${ago(n.last_seen)} (${when(n.last_seen)})`),
       el("dt", {}, "Status"), el("dd", {}, n.status_reason || (n.online ? "online" : "offline"), n.spool_pending ? ` · ${n.spool_pending} spooled` : ""),
+      el("dt", {}, "Data lost"), el("dd", { id: "node-data-lost" }, `${n.metric_gaps || 0} samples missing · ${n.dropped_metrics || 0} metric batches dropped by the node · ${n.quarantined || 0} reports quarantined`),
       el("dt", {}, "Risk"), el("dd", { id: "node-risk" }, riskCell(n)),
       el("dt", {}, "Top contributors"), el("dd", {}, (n.explanation || []).map((c) => el("div", {}, el("span", { class: "bar", style: null, "data-w": c.share }), `${c.feature} ${Math.round(c.share * 100)}%`))),
       el("dt", {}, "Failure classes"), el("dd", {}, Object.entries(n.failure || {}).map(([k, v]) => el("span", { class: "pill" }, `${k} ${Math.round(v * 100)}%`))),
