@@ -196,7 +196,7 @@ async def test_publish_rate_is_bounded(mosquitto: Broker, tmp_path: Path) -> Non
 async def test_oversize_metrics_are_split_and_oversize_events_dropped(tmp_path: Path) -> None:
     reporter = Reporter(MqttSettings(max_payload_bytes=4096), node="n1", site=SITE, state_dir=tmp_path)
     assert reporter.submit(build.metrics([sample(i, width=30) for i in range(40)]))
-    assert reporter.queued > 1  # split into several messages, each under the limit
+    assert reporter.backlog > 1  # split into several messages, each under the limit
     assert not reporter.submit(build.report_event("big", message="x" * 4000, labels={"k": "v" * 1000}))
     assert reporter.counters.dropped_oversize == 1
     with pytest.raises(ValueError, match="publishes birth"):

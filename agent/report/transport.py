@@ -4,17 +4,19 @@ Data path (one direction, one order)::
 
     submit(msg) -> stamp node/site/seq -> encode -> memory queue -> spool (disk) -> publisher -> broker
 
-``submit`` never blocks: it stamps, encodes and appends to a bounded in-memory queue. A writer
-task moves the queue into the spool (an append-only file: page cache, fsynced once a second) and
-wakes the publisher, which reads the spool in order and publishes with at most ``max_inflight``
+``submit`` never blocks on the network: it stamps, encodes and writes the record into the spool
+(an append-only file: page cache, fsynced once a second) when nothing waits before it, else
+appends it to a bounded in-memory queue that a writer task moves into the spool; either wakes
+the publisher, which reads the spool in order and publishes with at most ``max_inflight``
 unacknowledged publishes and at most ``max_publish_per_s``. A record is acknowledged in the spool
 (its cursor advanced) only when it and every record before it are published (QoS 1: PUBACK;
 QoS 0: written to the socket). When the link breaks (error, disconnect, or a QoS 1 publish not
 acknowledged within ``ack_timeout_s``) the publisher rewinds to the first unacknowledged record,
 and replays from there after the next connect. So everything spooled while disconnected goes
 out in its original order, with its original timestamps, before anything newer; and a
-``kill -9`` at any moment loses nothing that reached ``submit`` more than one writer pass
-earlier. Delivery is at least once: receivers dedupe by ``(node, seq)``.
+``kill -9`` at any moment loses nothing that reached ``submit`` (while the disk takes writes;
+when it does not, see :mod:`agent.report.spool`). Delivery is at least once: receivers dedupe by
+``(node, inc, seq)``.
 
 Connection: MQTT 5, or 3.1.1 from a broker's first refusal of 5 on (``[mqtt] protocol``,
 :mod:`agent.report.protocol`), a persistent session (``clean_start``, ``session_expiry_s``),
@@ -267,8 +269,15 @@ class Reporter:
             self.counters.dropped_metrics += 1
             return False
         self._queue.append(_Pending(stamped.seq, kind, payload, not self._connected))
-        self._queue_event.set()
         self._drained.clear()
+        if len(self._queue) == 1 and not self._writer_failures.failing:
+            # Straight into the spool (a write to the page cache: it survives kill -9) when
+            # nothing is waiting before it, so that no report that reached submit is lost with
+            # the process. The writer task takes over when the disk is in trouble.
+            with contextlib.suppress(OSError):
+                self._write_queue()
+        if self._queue:
+            self._queue_event.set()
         return True
 
     def _oversize(self, message: wire.Envelope, size: int) -> bool:
