@@ -167,7 +167,8 @@ class CoordinatorSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=Tru
 
     @property
     def store_url(self) -> str:
-        return self.store.url or f"sqlite:///{self.state_dir / 'coordinator.db'}"
+        # sqlite:///PATH names the absolute PATH; a relative state_dir is taken from the current directory
+        return self.store.url or f"sqlite://{(self.state_dir / 'coordinator.db').absolute()}"
 
     @property
     def embedded_broker(self) -> bool:
