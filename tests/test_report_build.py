@@ -35,6 +35,12 @@ def test_persistent_counter(tmp_path: Path) -> None:
     assert PersistentCounter(tmp_path / "bdseq").next() == 1
 
 
+def submitted(r: Reporter) -> list[bytes]:
+    """Everything submitted and not yet sent, oldest first: the spool (submit writes straight
+    into it), then what still waits in memory. Reads the spool's cursor forward."""
+    return [rec.payload for rec in r.spool.read(100_000)] + [item.payload for item in r._queue]
+
+
 def sample(seq: int, mono: float) -> Sample:
     return Sample(node="n1", seq=seq, wall=time.time(), mono=mono, metrics={"cpu.util_pct": 1.0})
 
@@ -43,12 +49,12 @@ def test_samples_are_batched_per_metrics_interval(tmp_path: Path) -> None:
     r = Reporter(MqttSettings(metrics_interval_s=10.0), node="n1", site="s1", state_dir=tmp_path)
     for i in range(25):
         r.submit_sample(sample(i, 100.0 + i))
-    assert r.queued == 2  # samples 0..9 and 10..19; 20..24 still batching
-    first = wire.decode(r._queue[0].payload)
+    assert r.backlog == 2  # samples 0..9 and 10..19; 20..24 still batching
+    first = wire.decode(submitted(r)[0])
     assert isinstance(first, wire.Metrics)
     assert [s.seq for s in first.samples] == list(range(10))
     r.flush_samples()
-    assert r.queued == 3
+    assert r.backlog == 3
     r.spool.close()
 
 
@@ -64,7 +70,7 @@ def test_risk_sent_on_change_only(tmp_path: Path) -> None:
     assert not r.submit_risk(risk(0.55))
     assert r.submit_risk(risk(0.7))
     assert r.submit_risk(risk(0.7, alert=True))
-    assert r.queued == 3
+    assert r.backlog == 3
     r.spool.close()
 
 
@@ -80,8 +86,8 @@ def test_builders_produce_valid_messages_once_stamped(tmp_path: Path) -> None:
     for m in msgs:
         assert r.submit(m)
     seqs = []
-    for item in list(r._queue):  # peek at what would be spooled
-        decoded = wire.decode(item.payload)
+    for payload in submitted(r):  # what goes out, in order
+        decoded = wire.decode(payload)
         assert (decoded.node, decoded.site) == ("n1", "s1")
         seqs.append(decoded.seq)
     assert seqs == sorted(seqs)

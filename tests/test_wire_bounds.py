@@ -22,6 +22,7 @@ import pytest
 import structlog
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_report_build import submitted
 from test_wire_codec import MESSAGES
 
 from agent import wire
@@ -445,8 +446,8 @@ def test_reporter_drops_counts_and_logs_once_per_streak_what_would_be_rejected(t
             assert r.submit(bad(300.0))  # a valid one of the kind ends the streak
             assert not r.submit(bad(-math.inf))
         assert r.counters.dropped_invalid == 4
-        assert r.queued == 1  # only the valid one
-        assert wire.decode(r._queue[0].payload).value == 300.0  # type: ignore[union-attr]
+        assert r.backlog == 1  # only the valid one
+        assert wire.decode(submitted(r)[0]).value == 300.0  # type: ignore[union-attr]
         errors = [e for e in logs if e["event"] == "report.message_invalid" and e["log_level"] == "error"]
         assert len(errors) == 2  # the first of each streak
         assert "`$.value`" in errors[0]["error"]
@@ -467,7 +468,7 @@ def test_reporter_metrics_with_nan_go_out_as_null(tmp_path: Path) -> None:
                                metrics={"a": math.nan, "b": math.inf, "c": 1.5, "d": None}))
         r.flush_samples()
         assert r.counters.dropped_invalid == 0
-        out = wire.decode(r._queue[0].payload)
+        out = wire.decode(submitted(r)[0])
         assert isinstance(out, wire.Metrics)
         assert out.samples[0].metrics == {"a": None, "b": None, "c": 1.5, "d": None}
     finally:

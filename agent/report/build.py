@@ -60,7 +60,10 @@ def envelope() -> _Env:
 # --- keeping values inside the wire's bounds ------------------------------------------------------
 
 def finite_or_none(value: float | None) -> float | None:
-    """``value`` if it is a finite number, else None (NaN, the infinities, an int too big for a float)."""
+    """``value`` if it is a finite number, else None (NaN, the infinities, an int too big for a float,
+    a bool: the wire has no bool where it wants a number)."""
+    if isinstance(value, bool):
+        return None
     try:
         return value if value is None or math.isfinite(value) else None
     except (OverflowError, TypeError):
