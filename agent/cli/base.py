@@ -16,8 +16,9 @@ importing it costs nothing and blocks :data:`NEVER_IMPORT` in time.
 from __future__ import annotations
 
 import logging
+import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Final, Literal, TextIO
 
 from agent.errors import HealdError, InputError
@@ -31,9 +32,13 @@ EXIT_CODES_EPILOG: Final = (
 )
 
 LogLevel = Literal["debug", "info", "warning", "error"]
-LogFormat = Literal["json", "console"]
+LogFormat = Literal["auto", "json", "console"]
 _LEVELS: Final[dict[str, int]] = {
     "debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR,
+}
+#: syslog priorities (RFC 5424; what ``journalctl -p`` filters on) of structlog's level names.
+SYSLOG_PRIORITY: Final[dict[str, int]] = {
+    "critical": 2, "exception": 3, "error": 3, "warning": 4, "warn": 4, "info": 6, "debug": 7, "notset": 7,
 }
 
 # structlog imports these opportunistically, for pretty console tracebacks that heald never
@@ -65,33 +70,85 @@ def run_handler(prog: str, handler: Callable[[], int], *, stderr: TextIO | None 
         return EXIT_INTERRUPTED
 
 
-def configure_logging(level: LogLevel = "info", fmt: LogFormat = "json", *, stream: TextIO | None = None,
+def on_journal(stream: TextIO) -> bool:
+    """Is ``stream`` systemd's journal stream? systemd sets ``$JOURNAL_STREAM`` to ``DEV:INODE`` of
+    the stdout/stderr it connects to journald; a pipe or file put in their place does not match."""
+    want = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        st = os.fstat(stream.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return bool(want) and want == f"{st.st_dev}:{st.st_ino}"
+
+
+def resolve_format(fmt: LogFormat, stream: TextIO) -> Literal["json", "console"]:
+    """``auto``: the console renderer for a person at a terminal, JSON lines for anything else."""
+    if fmt != "auto":
+        return fmt
+    try:
+        tty = stream.isatty()
+    except (OSError, ValueError, AttributeError):
+        tty = False
+    return "console" if tty and not on_journal(stream) else "json"
+
+
+def _add_priority(_logger: object, method: str,
+                  event: MutableMapping[str, object]) -> MutableMapping[str, object]:
+    """Every record gets ``priority``: its syslog number (3 error, 4 warning, 6 info, 7 debug)."""
+    level = str(event.get("level", method)).lower()
+    event["priority"] = SYSLOG_PRIORITY.get(level, 6)
+    return event
+
+
+class _JournalJSON:
+    """JSON lines with ``<N>`` in front, for systemd's journal stream: journald reads the prefix as
+    the record's priority and strips it (systemd.exec(5) ``SyslogLevelPrefix=``, on by default,
+    and so in heald.service), so ``journalctl -p err -u heald`` shows heald's errors only."""
+
+    def __init__(self, render: Callable[..., str | bytes]) -> None:
+        self._render = render
+
+    def __call__(self, logger: object, method: str, event: MutableMapping[str, object]) -> str:
+        line = self._render(logger, method, event)
+        text = line.decode() if isinstance(line, bytes) else line
+        return f"<{event.get('priority', 6)}>{text}"
+
+
+def configure_logging(level: LogLevel = "info", fmt: LogFormat = "auto", *, stream: TextIO | None = None,
                       bind: Mapping[str, str] | None = None, cache_loggers: bool = False) -> None:
     """structlog for a heald process: JSON lines (journald stores stdout) or a console renderer.
 
-    Daemons log to stdout; one-shot commands whose stdout is their output (``--json``, tables)
-    pass ``stream=sys.stderr``. ``bind`` adds context to every line (the coordinator's
-    ``replica``). ``cache_loggers`` freezes the configuration into each logger on first use: a
-    little faster, for a process that configures logging exactly once (the coordinator).
-    Libraries that log through the standard library (paho, aiomqtt, aiohttp) go to stderr at
-    warning and above.
+    ``auto`` picks the console renderer when ``stream`` is a terminal and JSON lines otherwise
+    (:func:`resolve_format`). Every record carries ``priority``, its syslog number; JSON lines
+    written to systemd's journal stream start with ``<N>``, the prefix journald takes as the
+    record's priority (``journalctl -p err``). Daemons log to stdout; one-shot commands whose
+    stdout is their output (``--json``, tables) pass ``stream=sys.stderr``. ``bind`` adds context
+    to every line (the coordinator's ``replica``). ``cache_loggers`` freezes the configuration
+    into each logger on first use: a little faster, for a process that configures logging exactly
+    once (the coordinator). Libraries that log through the standard library (paho, aiomqtt,
+    aiohttp) go to stderr at warning and above.
     """
     import structlog  # noqa: PLC0415 - after block_optional_imports(), and only when logging is wanted
 
-    renderer: structlog.typing.Processor = (
-        structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
-    )
+    target = stream or sys.stdout
+    resolved = resolve_format(fmt, target)
+    if resolved == "json":
+        plain = structlog.processors.JSONRenderer()
+        renderer: structlog.typing.Processor = _JournalJSON(plain) if on_journal(target) else plain
+    else:
+        renderer = structlog.dev.ConsoleRenderer(colors=False)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
+            _add_priority,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.StackInfoRenderer(),
             structlog.processors.format_exc_info,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(file=stream or sys.stdout),
+        logger_factory=structlog.PrintLoggerFactory(file=target),
         cache_logger_on_first_use=cache_loggers,
     )
     if bind:

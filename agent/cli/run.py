@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from agent.runtime.daemon import Daemon
 
 
 def config_arg(p: argparse.ArgumentParser) -> None:
@@ -13,8 +18,15 @@ def config_arg(p: argparse.ArgumentParser) -> None:
                         "conf.d/*.toml beside it is merged in name order")
 
 
+#: How ``--dry-run`` forces the mode: the environment override, so a SIGHUP reload keeps it.
+FORCE_MODE_ENV = "HEALD_PLAYBOOKS__FORCE_MODE"
+
+
 def add(p: argparse.ArgumentParser) -> None:
     config_arg(p)
+    p.add_argument("--dry-run", action="store_true",
+                   help="run every playbook in dry-run: decide and log, act on nothing "
+                        "(as [playbooks] force_mode = \"dry-run\"; kept across reloads)")
     p.set_defaults(handler=cmd_run)
 
 
@@ -26,6 +38,31 @@ def cmd_run(args: argparse.Namespace) -> int:
     from agent.runtime.daemon import build_daemon  # noqa: PLC0415
 
     loaded = load_config(args.config)
+    override = ""
+    if args.dry_run and loaded.settings.playbooks.force_mode != "off":  # off stays off: stricter
+        os.environ[FORCE_MODE_ENV] = "dry-run"
+        loaded = load_config(args.config)
+        override = "--dry-run"
+    elif loaded.settings.playbooks.force_mode:
+        override = (f"${FORCE_MODE_ENV}" if os.environ.get(FORCE_MODE_ENV)
+                    else "[playbooks] force_mode")
     configure_logging(loaded.settings.log.level, loaded.settings.log.format)
     daemon = build_daemon(loaded, args.config)
+    log_start_summary(daemon, override)
     return asyncio.run(daemon.run())
+
+
+def log_start_summary(daemon: Daemon, override: str) -> None:
+    """The one start record: each playbook's mode and effects, clean roots, protected processes,
+    the cold start's end, MQTT, /metrics and the state directory (:mod:`agent.runtime.summary`)."""
+    import structlog  # noqa: PLC0415
+
+    from agent.runtime.summary import start_summary  # noqa: PLC0415
+
+    s = daemon.settings
+    engine: Any = daemon.pipeline.decider
+    playbooks = engine.playbooks.values() if engine is not None else ()
+    scorer: Any = daemon.pipeline.scorer
+    history_s = scorer.history_rows() * s.sample.interval_s if hasattr(scorer, "history_rows") else 0.0
+    summary = start_summary(s, playbooks, state_dir=daemon.state_dir, history_s=history_s, override=override)
+    structlog.get_logger("heald.daemon").info("heald start summary", node=s.node.id, **summary)

@@ -51,7 +51,10 @@ class PathSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
 
 class LogSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     level: Literal["debug", "info", "warning", "error"] = "info"
-    format: Literal["json", "console"] = "json"
+    # auto: the console renderer when stdout is a terminal, JSON lines otherwise (journald, files,
+    # pipes). Every record carries `priority` (syslog: 3 error, 4 warning, 6 info, 7 debug); on
+    # systemd's journal stream each JSON line starts with <N>, which journald takes as its priority.
+    format: Literal["auto", "json", "console"] = "auto"
 
 
 class SampleSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -65,6 +65,7 @@ class Daemon:
         self.last_sample: Sample | None = None
         self._last_tick = time.monotonic()
         self._stop = asyncio.Event()
+        self.interrupted = False
         self._reload = asyncio.Event()
         self._tg: asyncio.TaskGroup | None = None
         self._collector_tasks: dict[str, asyncio.Task[None]] = {}
@@ -87,12 +88,17 @@ class Daemon:
     def request_stop(self) -> None:
         self._stop.set()
 
+    def _interrupt(self) -> None:
+        """SIGINT (Ctrl-C): stop as on SIGTERM, but exit 130 (interrupted)."""
+        self.interrupted = True
+        self._stop.set()
+
     def request_reload(self) -> None:
         self._reload.set()
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
         loop.add_signal_handler(signal.SIGTERM, self.request_stop)
-        loop.add_signal_handler(signal.SIGINT, self.request_stop)
+        loop.add_signal_handler(signal.SIGINT, self._interrupt)
         loop.add_signal_handler(signal.SIGHUP, self.request_reload)
 
     def _remove_signals(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -220,7 +226,7 @@ class Daemon:
             self._sample_seq.close()
             log.info("heald stopped")
             self.notifier.close()
-        return 0
+        return 130 if self.interrupted else 0
 
 
 class PlaybookReloader:
