@@ -212,9 +212,9 @@ class Queries:
             )
             samples: list[list[Any]] = []
             for r in reversed(rows):
-                samples.extend(s for s in json.loads(r["samples"]) if s[0] >= since)
+                samples.extend([s[0], s[1]] for s in json.loads(r["samples"]) if s[0] >= since)
             samples.sort(key=lambda s: s[0])
-            names = sorted({k for _, m in samples for k in m})
+            names = sorted({k for s in samples for k in s[1]})
             return {"node": node, "names": names, "samples": samples[-limit:]}
 
         return await self.db.read(run)

@@ -75,7 +75,7 @@ def _history_row(m: Message) -> tuple[Any, ...]:
         case Status():
             return (m.node, m.seq, m.ts, "status", m.state, m.bdseq, m.reason)
         case Metrics():
-            samples = [[s.wall, s.metrics] for s in m.samples]
+            samples = [[s.wall, s.metrics, s.seq] for s in m.samples]  # the seq: gaps can be checked
             first = m.samples[0].wall if m.samples else m.ts
             last = m.samples[-1].wall if m.samples else m.ts
             return (m.node, m.seq, m.ts, first, last, dumps(samples))
