@@ -3,15 +3,16 @@
     heald fleet ls [--site S] [--label k=v] [--state online|offline|alert|silenced] [--sort risk] [--limit N]
     heald fleet show NODE
     heald fleet approve ID | deny ID
-    heald fleet run NODE PLAYBOOK
-    heald fleet silence NODE DURATION        (90s, 15m, 2h, 1d)
+    heald fleet run NODE PLAYBOOK [--wait S]  (waits for the node's answer: exit 2 if it has no such playbook)
+    heald fleet silence NODE DURATION        (90s, 15m, 2h, 1d: pauses ALL automatic remediation)
     heald fleet unsilence NODE
 
 The coordinator URL and token come from ``--url``/``--token``, else ``HEALD_COORDINATOR_URL`` /
 ``HEALD_COORDINATOR_TOKEN``, else ``/etc/heald/fleet.toml`` (``url = ...``, ``token = ...`` or
 ``token_file = ...``). Human tables by default, ``--json`` for scripts. Exit codes: 0 ok,
-1 failure (coordinator unreachable, server error), 2 bad input (arguments, unknown node/approval,
-request refused as invalid).
+1 failure (coordinator unreachable, server error, the node failed the command or did not answer
+within ``--wait``), 2 bad input (arguments, unknown node/approval, request refused as invalid, a
+playbook the node does not have).
 
 Uses only the standard library (urllib): the agent stays free of HTTP client dependencies.
 """
@@ -41,8 +42,13 @@ class FleetError(HealdError):
     """The coordinator could not be reached or answered with a server error (exit 1)."""
 
 
+#: A command's final acknowledgement statuses (``agent.wire.AckStatus`` less ``accepted``).
+FINAL_ACKS = frozenset({"done", "failed", "rejected", "expired"})
+
+
 def _bad(key: str, message: str) -> InputError:
-    return InputError([Problem(file="heald fleet", key=key, message=message)])
+    # "fleet", not "heald fleet": the CLI prefixes every error line with the program name already
+    return InputError([Problem(file="fleet", key=key, message=message)])
 
 
 def silence_seconds(text: str) -> float:
@@ -84,10 +90,22 @@ def add(parser: argparse.ArgumentParser) -> None:
     for verb in ("approve", "deny"):
         p = sub.add_parser(verb, help=f"{verb} a pending approval (signed command to the node)")
         p.add_argument("id")
-    run = sub.add_parser("run", help="ask a node to run a playbook (signed command)")
+    what = "ask a node to run a playbook (signed command) and wait for its answer"
+    run = sub.add_parser("run", help=what, description=what)
     run.add_argument("node")
     run.add_argument("playbook")
-    what = "hold a node's automatic playbook runs for DURATION (90s, 15m, 2h, 1d)"
+    run.add_argument(
+        "--wait",
+        type=float,
+        default=15.0,
+        metavar="S",
+        help="seconds to wait for the node's answer (exit 2 if it has no such playbook, 1 if it "
+        "failed or did not answer); 0: send and return",
+    )
+    what = (
+        "pause ALL automatic remediation on a node for DURATION (90s, 15m, 2h, 1d): no playbook "
+        "starts on its own; operator runs and approvals still go through"
+    )
     silence = sub.add_parser("silence", help=what, description=what + " (signed command)")
     silence.add_argument("node")
     silence.add_argument("duration")
@@ -189,9 +207,20 @@ def _ago(ts: float | None) -> str:
 
 
 def _risk(n: dict[str, Any]) -> str:
+    if not n.get("online", True):  # an offline node's last risk is stale: never a current ALERT
+        last = "" if n.get("anomaly") is None else f" (last {n['anomaly']:.2f})"
+        return f"stale since {_ago(n.get('last_seen'))}{last}"
     if n.get("anomaly") is None:
         return "cold" if n.get("cold") else "-"
     return f"{n['anomaly']:.2f}{' ALERT' if n.get('alert') else ''}"
+
+
+def _escalations(n: dict[str, Any]) -> str:
+    """The fleet list's ESCALATIONS cell: how many are open, and the newest's reason and age."""
+    count = int(n.get("open_escalations") or 0)
+    if not count:
+        return ""
+    return f"{count}: {str(n.get('escalation') or '')[:40]} ({_ago(n.get('escalation_ts'))})"
 
 
 def _print_ls(data: dict[str, Any]) -> None:
@@ -202,17 +231,21 @@ def _print_ls(data: dict[str, Any]) -> None:
             "online" if n["online"] else "offline",
             _risk(n),
             str(n.get("open_incidents") or ""),
+            _escalations(n),
             n.get("last_action") or "",
             n.get("agent_version") or "",
             _ago(n.get("last_seen")),
         ]
         for n in data["items"]
     ]
-    out(table(["NODE", "SITE", "STATE", "RISK", "INCIDENTS", "LAST ACTION", "AGENT", "LAST SEEN"], rows))
+    headers = ["NODE", "SITE", "STATE", "RISK", "INCIDENTS", "ESCALATIONS", "LAST ACTION", "AGENT",
+               "LAST SEEN"]
+    out(table(headers, rows))
     fleet = data["fleet"]
     out(
         f"\n{len(data['items'])} of {data['total']} shown; "
-        f"fleet: {fleet['nodes']} nodes, {fleet['online']} online, {fleet['alert']} at risk"
+        f"fleet: {fleet['nodes']} nodes, {fleet['online']} online, {fleet['alert']} at risk, "
+        f"{fleet.get('escalations', 0)} open escalations"
     )
 
 
@@ -244,8 +277,14 @@ def _print_show(n: dict[str, Any]) -> None:
     pending = [a for a in n.get("approvals", []) if a["state"] == "pending"]
     if pending:
         out("\npending approvals:")
-        out(table(["ID", "PLAYBOOK", "ACTION", "WHY"],
-                  [[a["id"], a["playbook"], a["action"], a["message"]] for a in pending]))
+        out(table(["ID", "PLAYBOOK", "TARGET", "ACTION", "WHY"],
+                  [[a["id"], a["playbook"], a.get("target") or "?", a["action"], a["message"]]
+                   for a in pending]))
+    escalations = [e for e in n.get("escalations", []) if e["state"] == "open"]
+    if escalations:
+        out("\nopen escalations:")
+        out(table(["ID", "PLAYBOOK", "REASON", "RAISED"],
+                  [[str(e["id"]), e["playbook"], e["reason"], _ago(e["ts"])] for e in escalations]))
     if n.get("actions"):
         out("\nrecent actions:")
         out(table(["WHEN", "PLAYBOOK", "ACTION", "PHASE", "OUTCOME", "ERROR"],
@@ -294,15 +333,7 @@ def handle(args: argparse.Namespace) -> int:
         )
         return 0
     if cmd == "run":
-        data = client.request(
-            "POST", f"/api/nodes/{quote(args.node, safe='')}/run", {"playbook": args.playbook}
-        )
-        out(
-            json.dumps(data, indent=2)
-            if as_json
-            else f"asked {args.node} to run {args.playbook}: signed command {data['command_id']}"
-        )
-        return 0
+        return _run(client, args, as_json=as_json)
     if cmd == "silence":
         seconds = silence_seconds(args.duration)
         data = client.request(
@@ -319,3 +350,39 @@ def handle(args: argparse.Namespace) -> int:
         )
         return 0
     raise _bad("SUBCOMMAND", f"unknown fleet command {cmd!r}")  # pragma: no cover - argparse rejects it
+
+
+def _run(client: Client, args: argparse.Namespace, *, as_json: bool) -> int:
+    """``fleet run``: send the signed command, then wait up to ``--wait`` seconds for the node's
+    final answer. The coordinator cannot know a node's playbooks (they live on the node), so the
+    node's ``failed: no playbook named ...`` is what says the name was wrong: exit 2."""
+    if not 0 <= args.wait <= 3600:
+        raise _bad("--wait", "must be 0..3600 seconds")
+    node = urllib.parse.quote(args.node, safe="")
+    data = client.request("POST", f"/api/nodes/{node}/run", {"playbook": args.playbook})
+    command_id = str(data["command_id"])
+    status, message = "sent", ""
+    deadline = time.monotonic() + args.wait
+    while args.wait and status not in FINAL_ACKS:
+        commands = client.request("GET", f"/api/nodes/{node}/commands?limit=50")
+        row = next((c for c in commands.get("items", []) if c.get("id") == command_id), None)
+        if row is not None:
+            status, message = str(row.get("status") or "sent"), str(row.get("status_message") or "")
+        if status in FINAL_ACKS or time.monotonic() >= deadline:
+            break
+        time.sleep(0.3)
+    if as_json:
+        out(json.dumps(data | {"status": status, "message": message}, indent=2))
+    if status in ("failed", "rejected", "expired"):
+        if "no playbook named" in message:
+            raise _bad("PLAYBOOK", f"{args.node} has no playbook {args.playbook!r}: {message}")
+        raise FleetError(f"{args.node} answered {status} to run {args.playbook}: {message or '-'}")
+    if args.wait and status != "done":
+        raise FleetError(
+            f"no answer from {args.node} within {args.wait:g}s (command {command_id}: {status}); "
+            "it runs the playbook if it receives the command before the command expires"
+        )
+    if not as_json:
+        said = "started" if status == "done" else "asked"
+        out(f"{said} {args.playbook} on {args.node}: signed command {command_id} ({status})")
+    return 0

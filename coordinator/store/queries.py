@@ -58,6 +58,15 @@ _NODE_HISTORIES: Final = (
     ("leases", "granted_at DESC", 20),
     ("audit", "id DESC", 50),
 )
+#: A node's open escalations for the fleet list: how many, and the newest's reason and time.
+_OPEN_ESCALATIONS: Final = (
+    "(SELECT count(*) FROM escalations e WHERE e.node = nodes.node AND e.state = 'open') "
+    "AS open_escalations, "
+    "(SELECT e.reason FROM escalations e WHERE e.node = nodes.node AND e.state = 'open' "
+    "ORDER BY e.id DESC LIMIT 1) AS escalation, "
+    "(SELECT max(e.ts) FROM escalations e WHERE e.node = nodes.node AND e.state = 'open') "
+    "AS escalation_ts"
+)
 #: The tables :meth:`Queries.counts` reports, in the order the API sends them.
 _COUNTED: Final = (
     "nodes",
@@ -141,6 +150,7 @@ class Queries:
                 "SELECT node, site, hostname, agent_version, model_version, labels, online, status_reason, "  # noqa: S608
                 "last_seen, first_seen, anomaly, alert, cold, explanation, open_incidents, last_action, "
                 "silenced_until, spool_pending, dropped_metrics, metric_gaps, pending_site, "
+                f"{_OPEN_ESCALATIONS}, "
                 "CASE WHEN online = 1 AND last_seen >= ? THEN 1 ELSE 0 END AS online_now "
                 f"FROM nodes{where} ORDER BY {col} {direction}{nulls}, node ASC LIMIT ? OFFSET ?",
                 [stale, *params, q.limit, q.offset],
@@ -148,6 +158,7 @@ class Queries:
             items: list[NodeSummary] = []
             for r in rows:
                 r["online"] = bool(r.pop("online_now"))
+                r["open_escalations"] = int(r["open_escalations"] or 0)
                 r["explanation"] = (json.loads(r["explanation"]) or [])[:3]
                 items.append(cast(NodeSummary, api_row(r)))
             counts = (
@@ -155,8 +166,10 @@ class Queries:
                     cur,
                     "SELECT count(*) AS total, "
                     "sum(CASE WHEN online = 1 AND last_seen >= ? THEN 1 ELSE 0 END) AS online, "
-                    "sum(alert) AS alert FROM nodes",
-                    (stale,),
+                    # an offline node's last alert is stale: it does not count as at risk now
+                    "sum(CASE WHEN alert = 1 AND online = 1 AND last_seen >= ? THEN 1 ELSE 0 END) AS alert, "
+                    "(SELECT count(*) FROM escalations WHERE state = 'open') AS escalations FROM nodes",
+                    (stale, stale),
                 )
                 or {}
             )
@@ -174,6 +187,7 @@ class Queries:
                     "nodes": int(counts.get("total") or 0),
                     "online": int(counts.get("online") or 0),
                     "alert": int(counts.get("alert") or 0),
+                    "escalations": int(counts.get("escalations") or 0),
                 },
             }
 
@@ -196,6 +210,7 @@ class Queries:
                 # table and order come from _NODE_HISTORIES; the node is a bound parameter
                 sql = f"SELECT * FROM {table} WHERE node = ? ORDER BY {order} LIMIT {limit}"  # noqa: S608
                 out[table] = [api_row(r) for r in self.db.rows(cur, sql, (node,))]
+            self._approval_targets(cur, out["approvals"])
             return cast(NodeDetail, out)
 
         return await self.db.read(run)
@@ -248,8 +263,31 @@ class Queries:
             raise ValueError(name)
         # table, where and order come from code (whitelisted table, fixed clauses), values are bound
         sql = f"SELECT * FROM {name}{' WHERE ' + where if where else ''} ORDER BY {order} LIMIT ? OFFSET ?"  # noqa: S608
-        rows = await self.db.read(lambda cur: self.db.rows(cur, sql, [*params, limit, offset]))
-        return [cast(TableRow, api_row(r)) for r in rows]
+
+        def run(cur: Cursor) -> list[dict[str, Any]]:
+            found = [api_row(r) for r in self.db.rows(cur, sql, [*params, limit, offset])]
+            if name == "approvals":
+                self._approval_targets(cur, found)
+            return found
+
+        return [cast(TableRow, r) for r in await self.db.read(run)]
+
+    def _approval_targets(self, cur: Cursor, approvals: list[dict[str, Any]]) -> None:
+        """Add each approval's ``target``: what the run would act on (the process, mount, unit...),
+        from the labels of the node's ``approval_request`` event (the same node and seq). The
+        engine names it in ``labels.target`` (``playbook[var=value,...]``); older agents sent only
+        the bindings, which are shown instead; "" when the event is gone (retention)."""
+        for a in approvals:
+            labels_json = self.db.scalar(
+                cur, "SELECT labels FROM events WHERE node = ? AND seq = ?", (a["node"], a["seq"])
+            )
+            labels = json.loads(labels_json) if isinstance(labels_json, str) else {}
+            labels = labels if isinstance(labels, dict) else {}
+            target = str(labels.get("target") or "")
+            if not target:
+                skip = {"request_id", "run_id", "playbook", "action", "severity"}
+                target = ", ".join(f"{k}={v}" for k, v in sorted(labels.items()) if k not in skip)
+            a["target"] = target
 
     async def cursor(self) -> ChangeCursor:
         """Change cursors: the live stream compares them to tell clients what to refetch."""

@@ -9,7 +9,7 @@ the query's column order.
 from __future__ import annotations
 
 import json
-from typing import Any, Final, Literal, TypedDict, TypeVar, cast
+from typing import Any, Final, Literal, NotRequired, TypedDict, TypeVar, cast
 
 import msgspec
 
@@ -107,6 +107,11 @@ class NodeSummary(TypedDict):
     dropped_metrics: int
     metric_gaps: int  # samples the node took that never reached the store (sample seqs skipped)
     pending_site: str  # a site the node claims and an operator has not accepted ("" none)
+    # the fleet list only (a node's detail has its escalations): its open escalations, the newest's
+    # reason and time
+    open_escalations: NotRequired[int]
+    escalation: NotRequired[str | None]
+    escalation_ts: NotRequired[float | None]
 
 
 class NodeState(NodeSummary):
@@ -126,7 +131,8 @@ class NodeState(NodeSummary):
 class FleetCounts(TypedDict):
     nodes: int
     online: int
-    alert: int
+    alert: int  # online nodes whose latest risk is an alert (an offline node's is stale)
+    escalations: int  # open escalations, fleet-wide
 
 
 class NodePage(TypedDict):
@@ -240,6 +246,7 @@ class ApprovalRow(TypedDict):
     command_id: str
     updated_at: float
     request_id: str  # the node's own id of the request ("" before schema 2: the id itself)
+    target: NotRequired[str]  # what the run would act on, from the request's labels ("" unknown)
 
 
 class EscalationRow(TypedDict):
