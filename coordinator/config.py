@@ -15,7 +15,7 @@ import re
 import socket
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
@@ -139,6 +139,54 @@ class BudgetSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
     storm_min_nodes: Annotated[int, msgspec.Meta(ge=1)] = 3
 
 
+#: Notification severities, lowest first.
+SEVERITIES: Final = ("info", "warning", "critical")
+Severity = Literal["info", "warning", "critical"]
+NoticeKind = Literal["escalation", "approval", "offline"]
+
+
+class NotifyRoute(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    # Names the route in logs and in the outbox (a route's sends are deduplicated under its name).
+    name: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+    # http:// or https://. Alertmanager: its base URL (the alerts go to <url>/api/v2/alerts).
+    url: str
+    # "webhook": heald's JSON; "slack": {"text": ...} (Slack-compatible incoming webhooks);
+    # "alertmanager": Prometheus Alertmanager's API v2, with resolves.
+    kind: Literal["webhook", "slack", "alertmanager"] = "webhook"
+    # Notices below this severity are not sent on this route ...
+    min_severity: Severity = "info"
+    # ... nor those of other kinds.
+    events: list[NoticeKind] = msgspec.field(default_factory=lambda: ["escalation", "approval", "offline"])
+    # Also send when it is over (escalation resolved, approval decided, node back online).
+    send_resolved: bool = True
+    # A file holding a bearer token sent as "Authorization: Bearer <token>" (never logged).
+    bearer_token_file: str | None = None
+
+
+class NotifySeverity(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    escalation: Severity = "critical"
+    approval: Severity = "warning"
+    offline: Severity = "warning"
+
+
+class NotifySection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    # Where notices go; none (the default): nothing is sent.
+    routes: list[NotifyRoute] = msgspec.field(default_factory=list)
+    # The severity of each kind of notice (routes filter on it).
+    severity: NotifySeverity = NotifySeverity()
+    # How often the store is looked at for new escalations, approvals and offline nodes.
+    poll_interval_s: Annotated[float, msgspec.Meta(ge=0.1, le=60)] = 2.0
+    # A failed send is retried after backoff_s, doubling up to backoff_max_s (with jitter), and
+    # given up (and counted) after max_attempts; a 4xx answer other than 408/429 at once.
+    max_attempts: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 10
+    backoff_s: Annotated[float, msgspec.Meta(ge=0.01, le=3600)] = 1.0
+    backoff_max_s: Annotated[float, msgspec.Meta(ge=0.01, le=86400)] = 300.0
+    timeout_s: Annotated[float, msgspec.Meta(gt=0, le=300)] = 10.0
+    # Alertmanager forgets an alert that is not sent again: firing ones are sent again this often
+    # (their endsAt 4 times this ahead), as Prometheus does.
+    alertmanager_refresh_s: Annotated[float, msgspec.Meta(ge=1, le=86400)] = 60.0
+
+
 class LogSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "console"] = "json"
@@ -152,6 +200,7 @@ class CoordinatorSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=Tru
     signing: SigningSection = SigningSection()
     budget: BudgetSection = BudgetSection()
     log: LogSection = LogSection()
+    notify: NotifySection = NotifySection()
 
     @property
     def state_dir(self) -> Path:
@@ -290,6 +339,21 @@ def _semantic_problems(settings: CoordinatorSettings) -> list[tuple[str, str]]:
             )
         )
     out += _web_problems(settings.web)
+    out += _notify_problems(settings.notify)
+    return out
+
+
+def _notify_problems(notify: NotifySection) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    names: set[str] = set()
+    for route in notify.routes:
+        if route.name in names:
+            out.append(("notify.routes", f"route name {route.name!r} is used twice"))
+        names.add(route.name)
+        if not re.match(r"^https?://[^/\s]+", route.url):
+            out.append(("notify.routes", f"route {route.name!r}: url {route.url!r} is not an http(s) URL"))
+    if notify.backoff_max_s < notify.backoff_s:
+        out.append(("notify.backoff_max_s", "must be at least backoff_s"))
     return out
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -63,6 +64,8 @@ class Coordinator:
         self.started_at = time.time()
         self.leases_granted = 0
         self.leases_denied = 0
+        # more sections of info(), from parts started beside this one (the notifier)
+        self.extra_info: dict[str, Callable[[], Any]] = {}
 
     # ------------------------------------------------------------------ ingest hooks
 
@@ -197,7 +200,7 @@ class Coordinator:
             "public_key": public_key_text(self.signer.public_key),
             "ingest": self.bus.stats.as_dict(self.bus.queue.qsize()),
             "leases": {"granted": self.leases_granted, "denied": self.leases_denied},
-        }
+        } | {name: part() for name, part in self.extra_info.items()}
 
     # ------------------------------------------------------------------ background
 

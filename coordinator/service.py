@@ -16,6 +16,7 @@ import structlog
 from agent.wire.signing import CommandSigner, key_id, load_or_create_private_key, public_key_text
 from coordinator.broker import embedded_broker
 from coordinator.config import CoordinatorSettings, parse_listen
+from coordinator.notify import Notifier
 from coordinator.replica import Coordinator
 from coordinator.store import open_store
 from coordinator.web.app import run_web
@@ -53,6 +54,8 @@ async def serve(settings: CoordinatorSettings) -> None:
     signer = make_signer(settings)
     store = await open_store(settings.store_url, settings.store, settings.budget, replica=settings.replica_id)
     try:
+        notify = settings.notify
+        notifier = Notifier(notify, store.db, replica=settings.replica_id) if notify.routes else None
         async with _maybe_embedded(settings) as (host, port, subscribed):
             coord = Coordinator(settings, store, signer, mqtt_host=host, mqtt_port=port)
             log.info(
@@ -69,6 +72,9 @@ async def serve(settings: CoordinatorSettings) -> None:
                 if subscribed is not None:
                     tg.create_task(_when_subscribed(coord, subscribed), name="embedded-broker-open")
                 tg.create_task(coord.prune_loop(), name="store-prune")
+                if notifier is not None:
+                    coord.extra_info["notify"] = notifier.info
+                    tg.create_task(notifier.run(), name="notify")
                 if settings.web.enabled:
                     tg.create_task(run_web(coord), name="web")
     finally:

@@ -147,6 +147,15 @@ CREATE TABLE IF NOT EXISTS incarnations (
   first_seen DOUBLE PRECISION NOT NULL, jump_seq BIGINT NOT NULL DEFAULT -1,
   jump_since DOUBLE PRECISION NOT NULL DEFAULT 0, PRIMARY KEY (node, inc)
 );
+CREATE TABLE IF NOT EXISTS notify_outbox (
+  id {ID}, route TEXT NOT NULL, dedup_key TEXT NOT NULL, status TEXT NOT NULL, kind TEXT NOT NULL,
+  node TEXT NOT NULL, severity TEXT NOT NULL, notice TEXT NOT NULL, state TEXT NOT NULL,
+  attempts INTEGER NOT NULL DEFAULT 0, next_at DOUBLE PRECISION NOT NULL,
+  claimed_until DOUBLE PRECISION NOT NULL DEFAULT 0, last_error TEXT NOT NULL DEFAULT '',
+  created_at DOUBLE PRECISION NOT NULL, sent_at DOUBLE PRECISION,
+  refreshed_at DOUBLE PRECISION NOT NULL DEFAULT 0, UNIQUE (route, dedup_key, status)
+);
+CREATE INDEX IF NOT EXISTS notify_outbox_due ON notify_outbox (state, next_at);
 CREATE TABLE IF NOT EXISTS sessions (
   id TEXT PRIMARY KEY, csrf TEXT NOT NULL, actor TEXT NOT NULL, created_at DOUBLE PRECISION NOT NULL,
   expires_at DOUBLE PRECISION NOT NULL

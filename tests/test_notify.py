@@ -1,0 +1,301 @@
+"""Notifications from the coordinator reach people (issue 19): a real agent's escalation reaches a
+loopback webhook receiver and a real Alertmanager (Debian's ``prometheus-alertmanager``) once,
+with retries while the receiver is down or answers 503, and no repeat after a coordinator
+restart; a node going offline and coming back fires and resolves an Alertmanager alert.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from broker import Broker
+
+from coordinator.config import loads
+from coordinator.errors import CoordinatorConfigError
+from devtools.coordinator_proc import REPO_ROOT, CoordinatorProcess, free_port, write_config
+
+ALERTMANAGER = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
+WORKER = "heald-notify-wk"
+PLAYBOOK = """
+name: notify-worker
+description: start the test's worker; verify never holds, so the one run escalates
+mode: enforce
+trigger:
+  metric: "proc.count[{worker}]"
+  op: "<"
+  value: 1
+steps:
+  - action: restart_process
+    params: {{name: {worker}, argv: ["{exe}", "300"]}}
+    timeout: 10s
+verify:
+  settle: 0s
+  expect: {{metric: "proc.count[{worker}]", op: "<", value: 0}}
+guards:
+  cooldown: 0s
+  max_runs: {{count: 1, window: 1h}}
+escalate: {{event: notify.worker.escalated, severity: critical, message: "worker needs a human"}}
+"""
+
+
+def wait_until(what: str, check: Callable[[], Any], timeout: float = 60.0, interval: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = check()
+        if got:
+            return got
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+# ------------------------------------------------------------------------------ receivers
+class Receiver:
+    """A loopback HTTP receiver: answers 503 to the first ``fail_first`` requests, then 200; its
+    handler takes a notification once per Idempotency-Key (a repeat is answered 200, not taken)."""
+
+    def __init__(self, port: int, fail_first: int) -> None:
+        self.port = port
+        self.fail_first = fail_first
+        self.requests: list[tuple[str, dict[str, str], Any]] = []
+        self.taken: dict[str, list[Any]] = {}  # "<path> <Idempotency-Key>" -> the body taken
+        self.repeats = 0
+        self.lock = threading.Lock()
+        self.server: ThreadingHTTPServer | None = None
+
+    def start(self) -> None:
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
+                with outer.lock:
+                    outer.requests.append((self.path, dict(self.headers), body))
+                    failing = len(outer.requests) <= outer.fail_first
+                    key = f"{self.path} {self.headers.get('Idempotency-Key', '')}"  # per route
+                    if not failing:
+                        if key in outer.taken:
+                            outer.repeats += 1
+                        else:
+                            outer.taken[key] = [body]
+                self.send_response(503 if failing else 200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *_args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self.server.serve_forever, name="receiver", daemon=True).start()
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+
+
+@pytest.fixture
+def alertmanager(tmp_path: Path) -> Iterator[str]:
+    """A real Alertmanager on a free loopback port, clustering off, its own config and storage."""
+    if ALERTMANAGER is None:
+        pytest.skip("prometheus-alertmanager is not installed (apt-get install prometheus-alertmanager)")
+    d = tmp_path / "alertmanager"
+    d.mkdir()
+    (d / "alertmanager.yml").write_text('route:\n  receiver: "null"\nreceivers:\n  - name: "null"\n')
+    port = free_port()
+    with (d / "log").open("ab") as log:
+        proc = subprocess.Popen(
+            [ALERTMANAGER, f"--config.file={d / 'alertmanager.yml'}", f"--storage.path={d / 'data'}",
+             f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address="],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def ready() -> bool:
+            assert proc.poll() is None, (d / "log").read_text()
+            with contextlib.suppress(OSError), urllib.request.urlopen(  # noqa: S310 - loopback
+                url + "/-/ready", timeout=2
+            ) as resp:
+                return resp.status == 200
+            return False
+
+        wait_until("alertmanager ready", ready, timeout=30)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def am_alerts(url: str, alertname: str, *, active: bool = True) -> list[dict[str, Any]]:
+    query = f"filter=alertname%3D%22{alertname}%22&active={str(active).lower()}&silenced=true&inhibited=true"
+    with urllib.request.urlopen(f"{url}/api/v2/alerts?{query}", timeout=5) as resp:  # noqa: S310 - loopback
+        alerts: list[dict[str, Any]] = json.loads(resp.read())
+    return alerts
+
+
+# ------------------------------------------------------------------------------ agent
+class Agent:
+    """A real `heald run` acting only on the worker the test made (a symlink to /bin/sleep)."""
+
+    def __init__(self, directory: Path, node: str, port: int) -> None:
+        self.dir = directory
+        playbooks = directory / "playbooks.d"
+        playbooks.mkdir(parents=True)
+        exe = directory / WORKER
+        exe.symlink_to("/bin/sleep")
+        self.exe = exe
+        (playbooks / "notify-worker.yaml").write_text(PLAYBOOK.format(worker=WORKER, exe=exe))
+        self.config = directory / "agent.toml"
+        self.config.write_text(
+            f'[node]\nid = "{node}"\nsite = "lab"\n'
+            f'[paths]\nstate_dir = "{directory / "state"}"\nruntime_dir = "{directory / "run"}"\n'
+            f'[collect.gpu]\nenabled = false\n[collect.processes]\ninterval_s = 1.0\nwatch = ["{WORKER}"]\n'
+            f'[mqtt]\nenabled = true\nhost = "127.0.0.1"\nport = {port}\nmetrics_interval_s = 1.0\n'
+            f'[playbooks]\ndirs = ["{playbooks}"]\nload_shipped = false\n[log]\nformat = "json"\n'
+        )
+        self.log = directory / "agent.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "agent", "run", "--config", str(self.config)], cwd=REPO_ROOT,
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        for entry in Path("/proc").iterdir():  # the worker the agent started (only ours: our path)
+            with contextlib.suppress(OSError, UnicodeDecodeError, ValueError):
+                if (entry / "cmdline").read_bytes().split(b"\0")[0].decode() == str(self.exe):
+                    os.kill(int(entry.name), signal.SIGKILL)
+
+
+def coordinator(tmp_path: Path, mosquitto: Broker, notify: str) -> CoordinatorProcess:
+    web_port = free_port()
+    cfg = write_config(tmp_path / "coord", mqtt_port=mosquitto.port, web_port=web_port)
+    cfg.write_text(cfg.read_text() + notify)
+    return CoordinatorProcess(cfg, web_port)
+
+
+def rows_of(proc: CoordinatorProcess, table: str) -> list[dict[str, Any]]:
+    """The rows of a table of the coordinator's SQLite store, read straight from its file."""
+    db = proc.config.parent / "state" / "coordinator.db"
+    with contextlib.closing(sqlite3.connect(db, timeout=10)) as conn:
+        conn.row_factory = sqlite3.Row
+        return [dict(r) for r in conn.execute(f"SELECT * FROM {table} ORDER BY rowid")]  # noqa: S608
+
+
+def outbox(proc: CoordinatorProcess) -> list[dict[str, Any]]:
+    return rows_of(proc, "notify_outbox")
+
+
+# ------------------------------------------------------------------------------ tests
+@pytest.mark.slow
+def test_agent_escalation_reaches_webhook_and_alertmanager_once(
+    tmp_path: Path, mosquitto: Broker, alertmanager: str
+) -> None:
+    """Done when: an escalation raised by a real agent reaches a loopback webhook receiver and a
+    real Alertmanager once, with retries when the receiver is briefly down; a coordinator restart
+    repeats nothing."""
+    hook_port = free_port()
+    receiver = Receiver(hook_port, fail_first=2)  # not listening at first, then 503 twice
+    notify = (
+        "[notify]\npoll_interval_s = 0.2\nbackoff_s = 0.3\nbackoff_max_s = 1.0\nmax_attempts = 50\n"
+        "timeout_s = 5\n"
+        '[[notify.routes]]\nname = "hook"\nkind = "webhook"\n'
+        f'url = "http://127.0.0.1:{hook_port}/hook"\nmin_severity = "critical"\nevents = ["escalation"]\n'
+        '[[notify.routes]]\nname = "chat"\nkind = "slack"\n'
+        f'url = "http://127.0.0.1:{hook_port}/slack"\nevents = ["escalation"]\nsend_resolved = false\n'
+        f'[[notify.routes]]\nname = "am"\nkind = "alertmanager"\nurl = "{alertmanager}"\n'
+        'events = ["escalation"]\n'
+    )
+    coord = coordinator(tmp_path, mosquitto, notify)
+    coord.start()
+    agent = Agent(tmp_path / "agent", "notify-a", mosquitto.port)
+    try:
+        agent.start()
+        fired = wait_until("the escalation at Alertmanager",
+                           lambda: am_alerts(alertmanager, "HealdEscalation"), timeout=90)
+        # the receiver is still down: its rows are being retried, not lost
+        rows = wait_until("two failed tries on the webhook route", lambda: [
+            r for r in outbox(coord)
+            if r["route"] == "hook" and r["attempts"] >= 2 and r["state"] == "pending"])
+        assert "Connect" in rows[0]["last_error"] or "refused" in rows[0]["last_error"].lower(), rows
+        receiver.start()
+        wait_until("delivery to the webhook and the chat route",
+                   lambda: len(receiver.taken) == 2 and all(r["state"] == "sent" for r in outbox(coord)))
+
+        # restart the coordinator: nothing is sent again
+        assert coord.stop() == 0
+        coord.start()
+        time.sleep(3)  # 15 scan rounds
+        _, info = coord.api("GET", "/api/info")
+        assert (info["notify"]["queued"], info["notify"]["sent"]) == (0, 0), info["notify"]
+    finally:
+        agent.stop()
+        coord.stop()
+        receiver.stop()
+
+    assert len(rows_of(coord, "escalations")) == 1, rows_of(coord, "escalations")
+    assert receiver.repeats == 0
+    hook_key = next(k for k in receiver.taken if k.startswith("/hook escalation:notify-a:")).split()[1]
+    assert hook_key.endswith(":firing")
+    (hook_body,) = receiver.taken["/hook " + hook_key]
+    assert hook_body["kind"] == "escalation"
+    assert hook_body["node"] == "notify-a"
+    assert hook_body["site"] == "lab"
+    assert hook_body["severity"] == "critical"
+    assert "worker needs a human" in hook_body["summary"]
+    paths = [p for p, _, _ in receiver.requests]
+    assert paths.count("/hook") + paths.count("/slack") == 4  # 2 answered 503, then one each
+    slack = [b for p, _, b in receiver.requests if p == "/slack"]
+    assert "[CRITICAL] heald escalation: notify-a" in slack[-1]["text"]
+    rows = outbox(coord)
+    assert sorted(r["route"] for r in rows) == ["am", "chat", "hook"], rows  # one notice per route, once
+    assert all(r["state"] == "sent" and r["dedup_key"] == hook_key.rsplit(":", 1)[0] for r in rows), rows
+    (alert,) = fired
+    assert alert["labels"]["node"] == "notify-a"
+    assert alert["labels"]["severity"] == "critical"
+    assert alert["labels"]["heald_key"] == hook_key.rsplit(":", 1)[0]
+    assert len(am_alerts(alertmanager, "HealdEscalation")) == 1  # still one, after the restart
+
+
+def test_notify_config_errors_name_the_key() -> None:
+    good = '[web]\npassword = "correct-horse-battery"\n'
+    with pytest.raises(CoordinatorConfigError) as err:
+        loads(good + '[[notify.routes]]\nname = "a"\nurl = "file:///etc/passwd"\n', "c.toml")
+    assert "notify.routes" in str(err.value)
+    assert "not an http(s) URL" in str(err.value)
+    with pytest.raises(CoordinatorConfigError) as err:
+        loads(good + '[[notify.routes]]\nname = "a"\nurl = "http://x"\n[[notify.routes]]\nname = "a"\n'
+              'url = "http://y"\n', "c.toml")
+    assert "used twice" in str(err.value)
+    with pytest.raises(CoordinatorConfigError) as err:
+        loads(good + '[[notify.routes]]\nname = "a"\nurl = "http://x"\nkind = "email"\n', "c.toml")
+    assert "notify.routes" in str(err.value)
+    ok = loads(good + '[[notify.routes]]\nname = "a"\nurl = "http://x"\nkind = "alertmanager"\n')
+    assert ok.notify.routes[0].events == ["escalation", "approval", "offline"]
