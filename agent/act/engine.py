@@ -184,20 +184,50 @@ class Engine:
             "labels": {**request.target.labels, "request_id": request.request_id, "target": key},
         })
 
-    async def trigger_manual(self, name: str, approved_by: str, *, request_id: str = "") -> str:
+    async def trigger_manual(self, name: str, approved_by: str, *, request_id: str = "",
+                             dry_run: bool = False) -> str:
         """Run a playbook now (operator command or approval): for the target of the approval
         ``request_id`` (or the oldest pending one), else the worst current match, else the
         playbook's unbound target. Bypasses the trigger, cooldown and runs per window; resets an
-        open breaker of that target; respects mode off, one run per target and concurrency."""
+        open breaker of that target (unless ``dry_run``: then every step is only described);
+        respects mode off, one run per target and concurrency."""
         if name not in self.decider.playbooks:
             raise HealdError(f"no playbook named '{name}'")
         if self._task_group is None:
             raise HealdError("the engine is not running")
-        start, reset = self.decider.manual(name, approved_by, self._running, request_id=request_id)
+        start, reset = self.decider.manual(name, approved_by, self._running, request_id=request_id,
+                                           dry_run=dry_run)
         if reset:
             reset_record = records.BreakerReset(playbook=name, target=start.target.key, by=approved_by)
             self._recorder.record(reset_record)
         return self._start(start)
+
+    def reset_breaker(self, name: str, by: str, *, target: str = "") -> list[str]:
+        """Close the open breakers of a playbook's targets (only ``target`` when given), each a
+        ``breaker.reset`` in the audit chain; the targets reset (none: nothing was open)."""
+        if name not in self.decider.playbooks:
+            raise HealdError(f"no playbook named '{name}'")
+        reset = []
+        for key, state in sorted(self.store.of_playbook(name).items()):
+            if state.breaker_open_since is None or (target and key != target):
+                continue
+            state.breaker_open_since = None
+            state.consecutive_failures = 0
+            reset.append(key)
+        if reset:
+            self.store.save()
+        for key in reset:
+            self._recorder.record(records.BreakerReset(playbook=name, target=key, by=by))
+            self.log.warning("breaker reset", playbook=name, target=key, by=by)
+        return reset
+
+    def record_control(self, record: records.Control) -> None:
+        """An operator's command (remote or local) into the audit chain."""
+        self._recorder.record(record)
+
+    def model(self) -> dict[str, Any]:
+        """The model's view at the last sample: version, anomaly, cold (None before the first)."""
+        return self._latest.model()
 
     def deny(self, name: str, by: str, *, request_id: str = "") -> bool:
         """An operator refused the pending approval (``request_id``, or every pending one of the

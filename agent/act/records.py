@@ -65,6 +65,19 @@ class BreakerReset(AuditRecord, tag="breaker.reset", kw_only=True):
     by: str
 
 
+class Control(AuditRecord, tag="control", kw_only=True):
+    """An operator's command, from the coordinator or from ``heald`` on the node itself."""
+
+    command: str  # run, approve, deny, silence, unsilence, breaker_reset, ...
+    origin: str  # coordinator | local
+    by: str  # the operator (coordinator) or the local user
+    uid: int | None  # the local caller's uid (SO_PEERCRED); None from the coordinator
+    command_id: str
+    status: str  # done | failed | rejected
+    message: str
+    args: dict[str, Any]
+
+
 class RunStart(_Model, tag="run.start", kw_only=True):
     run_id: str
     target: str
@@ -151,8 +164,8 @@ class BreakerOpen(AuditRecord, tag="breaker.open", kw_only=True):
 
 
 RECORDS: Final[tuple[type[AuditRecord], ...]] = (
-    Held, ApprovalRequested, ApprovalDenied, BreakerReset, RunStart, RunRecovered, Step, Verify, Escalate,
-    RunHeld, RunError, RunEnd, RunAbandoned, BreakerOpen,
+    Held, ApprovalRequested, ApprovalDenied, BreakerReset, Control, RunStart, RunRecovered, Step, Verify,
+    Escalate, RunHeld, RunError, RunEnd, RunAbandoned, BreakerOpen,
 )
 #: Every ``type`` the engine writes.
 RECORD_TYPES: Final = frozenset(str(cls.__struct_config__.tag) for cls in RECORDS)

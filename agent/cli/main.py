@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Final
 
 from agent import __version__
-from agent.cli import audit, check, fleet, model, once, run, units
+from agent.cli import audit, check, fleet, local, model, once, run, units
 from agent.cli.base import EXIT_CODES_EPILOG, block_optional_imports, run_handler
 
 # (command, one-line help, the module's add(parser))
@@ -28,6 +28,13 @@ COMMANDS: Final[tuple[tuple[str, str, Callable[[argparse.ArgumentParser], None]]
     ("install-units", "install the systemd units for a pip/pipx install", units.add),
     ("audit", "verify the hash-chained audit log", audit.add),
     ("fleet", "talk to the coordinator: ls, show, approve, deny, run, silence, unsilence", fleet.add),
+    ("status", "this node's playbooks, guards, model and links (works with the daemon stopped)",
+     local.add_status),
+    ("breaker", "reset a playbook's open circuit breakers on this node (root)", local.add_breaker),
+    ("silence", "hold this node's automatic playbook runs for a while (root)", local.add_silence),
+    ("unsilence", "lift this node's silence (root)", local.add_unsilence),
+    ("run-playbook", "run a playbook on this node now, as a dry run unless --enforce (root)",
+     local.add_run_playbook),
 )
 
 

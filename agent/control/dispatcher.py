@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import structlog
 
 from agent import wire
+from agent.act.records import Control
 from agent.control.leases import CoordinatorLeases
 from agent.control.outbox import Outbox
 from agent.control.silence import Silence
@@ -34,8 +36,22 @@ log = structlog.get_logger("heald.control")
 class PlaybookControl(Protocol):
     """What commands may ask of the playbook engine (:class:`agent.act.engine.Engine`)."""
 
-    async def trigger_manual(self, name: str, approved_by: str, *, request_id: str = "") -> str:
+    @property
+    def playbooks(self) -> Mapping[str, object]:
+        """The loaded playbooks, by name."""
+        ...
+
+    async def trigger_manual(self, name: str, approved_by: str, *, request_id: str = "",
+                             dry_run: bool = False) -> str:
         """Start a run of playbook ``name`` now (for approval ``request_id`` when given); its run id."""
+        ...
+
+    def reset_breaker(self, name: str, by: str, *, target: str = "") -> list[str]:
+        """Close the playbook's open breakers (of ``target`` only, when given); the targets reset."""
+        ...
+
+    def record_control(self, record: Control) -> None:
+        """An operator's command into the audit chain."""
         ...
 
     def deny(self, name: str, by: str, *, request_id: str = "") -> bool:
@@ -52,6 +68,11 @@ class PlaybookControl(Protocol):
 
 
 Result = tuple[wire.AckStatus, str, dict[str, Any]]
+#: Where a command came from: the coordinator (signed, over MQTT) or ``heald`` on the node itself
+#: (the local control socket, :mod:`agent.control.local`).
+Origin = Literal["coordinator", "local"]
+#: Commands only the local channel takes (not on the wire: the coordinator cannot send them).
+BREAKER_RESET = "breaker_reset"
 
 #: Rejections answered per second (burst: 4 s' worth). A flood of forged or replayed commands
 #: must not turn into a flood of acks queued ahead of the node's real reports: past the rate,
@@ -140,43 +161,65 @@ class CommandDispatcher:
         """The command task (in the daemon's root group): one verified command at a time."""
         while True:
             command = await self._queue.get()
-            try:
-                status, message, result = await self._execute(command)
-            except HealdError as exc:
-                log.warning("command failed", command_id=command.id, name=command.name, error=str(exc))
-                status, message, result = "failed", str(exc), {}
+            # the operator, as the coordinator names them in the signed args; else the signing key
+            by = str(command.args.get("by") or command.issuer or "coordinator")
+            status, message, result = await self.execute(command.name, command.args, by=by,
+                                                          command_id=command.id)
             self._ack(command, status, message, result)
 
-    async def _execute(self, command: wire.Command) -> Result:
+    async def execute(self, name: str, args: Mapping[str, Any], *, by: str, origin: Origin = "coordinator",
+                      uid: int | None = None, command_id: str = "") -> Result:
+        """Carry out one command, from the coordinator or the local socket, the same way; every one
+        but ``status`` goes into the audit chain with its origin, operator, uid and outcome."""
+        try:
+            status, message, result = await self._execute(name, args, by, origin)
+        except HealdError as exc:
+            log.warning("command failed", command_id=command_id, name=name, origin=origin, error=str(exc))
+            status, message, result = "failed", str(exc), {}
+        if self.engine is not None and name != wire.CommandName.STATUS:
+            self.engine.record_control(Control(
+                playbook=str(args.get("playbook") or ""), command=name, origin=origin, by=by, uid=uid,
+                command_id=command_id, status=status, message=message[:4096],
+                args={str(k): v for k, v in args.items() if isinstance(v, str | int | float | bool)}))
+        return status, message, result
+
+    async def _execute(self, name: str, args: Mapping[str, Any], by: str, origin: Origin) -> Result:
         engine = self.engine
         if engine is None:
             return "failed", "playbooks are not loaded on this node", {}
-        playbook = str(command.args.get("playbook", ""))
-        # the operator, as the coordinator names them in the signed args; else the signing key
-        by = str(command.args.get("by") or command.issuer or "coordinator")
-        name = command.name
+        playbook = str(args.get("playbook", ""))
+        names_playbook = {*wire.RUN_COMMANDS, wire.CommandName.DENY, BREAKER_RESET}
+        if name in names_playbook and playbook not in engine.playbooks:
+            return "rejected", f"no playbook named '{playbook}'", {}
         # An approval names its request (one playbook may wait on several targets at once).
-        request_id = str(command.args.get("request_id") or "") if name != wire.CommandName.RUN else ""
+        request_id = str(args.get("request_id") or "") if name != wire.CommandName.RUN else ""
         if name in wire.RUN_COMMANDS:
-            run_id = await engine.trigger_manual(playbook, approved_by=by, request_id=request_id)
-            return "done", f"{name}: run {run_id} started", {"run_id": run_id}
+            dry_run = args.get("dry_run") is True
+            run_id = await engine.trigger_manual(playbook, approved_by=by, request_id=request_id,
+                                                 dry_run=dry_run)
+            return "done", f"{name}: run {run_id} started{' (dry run)' if dry_run else ''}", \
+                {"run_id": run_id, "dry_run": dry_run}
+        if name == BREAKER_RESET and origin == "local":
+            reset = engine.reset_breaker(playbook, by, target=str(args.get("target") or ""))
+            message = f"breaker reset: {', '.join(reset)}" if reset else f"no open breaker of {playbook}"
+            return "done", message, {"reset": reset}
         if name == wire.CommandName.DENY:
             if not engine.deny(playbook, by, request_id=request_id):
                 return "failed", f"no pending approval of {playbook} to deny", {"denied": False}
             return "done", f"approval for {playbook} denied", {"denied": True}
         if name == wire.CommandName.SILENCE:
-            return self._silence(command, by)
+            return self._silence(args, by)
         if name == wire.CommandName.UNSILENCE:
             return self._unsilence(by)
         if name == wire.CommandName.STATUS:
             return "done", "", {"playbooks": engine.status(), "approvals": engine.pending_approvals()}
         return "failed", f"unknown command '{name}'", {}
 
-    def _silence(self, command: wire.Command, by: str) -> Result:
-        given = command.args.get("until") or command.args.get("duration_s") or 0
+    def _silence(self, args: Mapping[str, Any], by: str) -> Result:
+        given = args.get("until") or args.get("duration_s") or 0
         if not isinstance(given, int | float):
             return "failed", "silence needs a numeric until or duration_s", {}
-        until = float(given) if command.args.get("until") else time.time() + float(given)
+        until = float(given) if args.get("until") else time.time() + float(given)
         self.silence.until = until
         log.warning("node silenced: automatic playbook runs held", until=until, by=by)
         return "done", f"automatic playbook runs held until {until:.0f}", {"until": until}

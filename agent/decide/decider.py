@@ -261,10 +261,11 @@ class Decider:
         return sorted(found, key=lambda a: a.requested_wall)
 
     def manual(self, name: str, approved_by: str, running: Mapping[str, Watermarked], *,
-               request_id: str = "") -> tuple[StartRun, bool]:
+               request_id: str = "", dry_run: bool = False) -> tuple[StartRun, bool]:
         """A run an operator asked for (a manual run or an approval) and whether it reset an open
         breaker. Bypasses the trigger, cooldown and runs per window, and resets the target's
-        breaker; respects mode off, one run per target and the node-wide limit."""
+        breaker (not for a ``dry_run``, which only shows what would be done); respects mode off,
+        one run per target and the node-wide limit."""
         playbook = self._playbooks.get(name)
         if playbook is None:
             raise HealdError(f"no playbook named '{name}'")
@@ -285,14 +286,16 @@ class Decider:
         if approval is not None:
             del self.approvals[approval.request_id]
         state = self.state(tgt)
-        reset = state.breaker_open_since is not None
-        state.breaker_open_since = None
-        state.consecutive_failures = 0
+        reset = state.breaker_open_since is not None and not dry_run
+        if not dry_run:
+            state.breaker_open_since = None
+            state.consecutive_failures = 0
         record_start(state, time.time())
         self.store.save()
         self.held.pop(tgt.key, None)
         trigger: Trigger = "approved" if approval else "manual"
-        return StartRun(playbook, tgt, match, mode == "dry-run", trigger, approved_by=approved_by), reset
+        start = StartRun(playbook, tgt, match, dry_run or mode == "dry-run", trigger, approved_by=approved_by)
+        return start, reset
 
     def deny(self, name: str, request_id: str = "") -> list[Approval]:
         """Drop the pending approval(s) of a playbook (the one with ``request_id`` when given)."""

@@ -308,26 +308,36 @@ def build_daemon(loaded: LoadedConfig, config_path: Path | None = None,
     pipe.decider = engine
     daemon.add_task("playbooks", engine.run)
     daemon.reloadables.append(PlaybookReloader(engine))
-    if reporter is not None:
-        _wire_control(daemon, engine, reporter)
+    _wire_control(daemon, engine, reporter)
     return daemon
 
 
-def _wire_control(daemon: Daemon, engine: Engine, reporter: Reporter) -> None:
-    """The coordinator -> node direction on the reporter's MQTT session (see :mod:`agent.control`)."""
+def _wire_control(daemon: Daemon, engine: Engine, reporter: Reporter | None) -> None:
+    """Operators' commands: the coordinator's on the reporter's MQTT session when MQTT is on (see
+    :mod:`agent.control`), and root's on the node through the local control socket, both through
+    one dispatcher."""
     from agent.control.dispatcher import CommandDispatcher  # noqa: PLC0415
-    from agent.control.keys import build_verifier  # noqa: PLC0415
-    from agent.control.leases import CoordinatorLeases  # noqa: PLC0415
-    from agent.control.receiver import CommandReceiver  # noqa: PLC0415
+    from agent.control.local import LocalControl, NoCoordinator, socket_path  # noqa: PLC0415
     from agent.control.silence import Silence  # noqa: PLC0415
+    from agent.control.status import snapshot  # noqa: PLC0415
 
     s = daemon.settings
     silence = Silence()
-    leases = CoordinatorLeases(reporter)
-    verifier = build_verifier(s.coordinator, node=s.node.id, site=s.node.site, state_dir=daemon.state_dir)
-    dispatcher = CommandDispatcher(verifier, engine, reporter, leases=leases, silence=silence)
-    reporter.inbound = CommandReceiver(node=s.node.id, site=s.node.site,
-                                       max_payload_bytes=s.mqtt.max_payload_bytes, handler=dispatcher)
-    engine.lease_gate = leases
     daemon.pipeline.hold = silence
-    daemon.add_task("commands", dispatcher.run)
+    if reporter is None:
+        dispatcher = CommandDispatcher(None, engine, NoCoordinator(), silence=silence)
+    else:
+        from agent.control.keys import build_verifier  # noqa: PLC0415
+        from agent.control.leases import CoordinatorLeases  # noqa: PLC0415
+        from agent.control.receiver import CommandReceiver  # noqa: PLC0415
+
+        leases = CoordinatorLeases(reporter)
+        verifier = build_verifier(s.coordinator, node=s.node.id, site=s.node.site, state_dir=daemon.state_dir)
+        dispatcher = CommandDispatcher(verifier, engine, reporter, leases=leases, silence=silence)
+        reporter.inbound = CommandReceiver(node=s.node.id, site=s.node.site,
+                                           max_payload_bytes=s.mqtt.max_payload_bytes, handler=dispatcher)
+        engine.lease_gate = leases
+        daemon.add_task("commands", dispatcher.run)
+    local = LocalControl(socket_path(s.paths.runtime_dir), dispatcher,
+                         lambda: snapshot(engine, silence, reporter))
+    daemon.add_task("local-control", local.serve)

@@ -1,0 +1,261 @@
+"""``heald status`` and the local controls against a real ``heald run`` (issue 19).
+
+One daemon, no coordinator, no MQTT: its own playbook fires while a process of a name only this
+test starts exists; the playbook's step touches a marker in the test's directory and its
+verification never holds, so every run escalates and two in a row open the target's breaker.
+Through ``heald`` on the command line (the control socket in the test's runtime dir):
+
+- ``heald status`` shows the breaker open; ``heald breaker reset`` closes it, audited as a local
+  command with the caller's uid;
+- ``heald silence`` holds automatic runs (the worker runs, nothing starts), ``heald unsilence``
+  lifts it (a run starts at once);
+- ``heald run-playbook`` is a dry run by default (the step is only described, the marker is not
+  touched); an unknown playbook exits 2;
+- with the daemon stopped, ``heald status`` says so and shows the state dir's last runs and
+  guards, and a control exits 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parent.parent
+WORKER = "heald-lctl-wk"
+PLAYBOOK = """
+name: lctl-worker
+description: touch a marker while the test's worker runs (verification never holds)
+mode: enforce
+trigger:
+  metric: "proc.count[{worker}]"
+  op: ">="
+  value: 1
+steps:
+  - action: run_command
+    params: {{argv: ["/usr/bin/touch", "{marker}"]}}
+    timeout: 10s
+verify:
+  settle: 0s
+  expect: {{metric: "proc.count[{worker}]", op: "<", value: 0}}
+guards:
+  cooldown: 0s
+  max_runs: {{count: 1000, window: 1h}}
+  breaker: {{failures: 2, reset_after: 1h}}
+"""
+TARGET = "lctl-worker"
+
+
+@dataclass
+class Node:
+    dir: Path
+    config: Path
+    marker: Path
+    proc: subprocess.Popen[bytes]
+
+    def heald(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "agent", *args, "--config", str(self.config)],
+                              cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False,
+                              env=dict(os.environ, PYTHONPATH=str(REPO)))
+
+    def status(self) -> dict[str, Any]:
+        done = self.heald("status", "--json")
+        assert done.returncode == 0, done.stderr
+        data: dict[str, Any] = json.loads(done.stdout)
+        return data
+
+    def target(self) -> dict[str, Any]:
+        rows = {r["playbook"]: r for r in self.status()["playbooks"]}
+        targets = {t["target"]: t for t in rows[TARGET]["targets"]}
+        return targets.get(TARGET, {})
+
+    def audit(self) -> list[dict[str, Any]]:
+        path = self.dir / "state" / "audit.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line)["record"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Worker:
+    """A process named WORKER (a symlink to sleep): the playbook's trigger."""
+
+    def __init__(self, directory: Path) -> None:
+        self.exe = directory / WORKER
+        if not self.exe.exists():
+            self.exe.symlink_to("/bin/sleep")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([str(self.exe), "600"])
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+            self.proc = None
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[Node]:
+    marker = tmp_path / "marker"
+    pbdir = tmp_path / "playbooks.d"
+    pbdir.mkdir()
+    (pbdir / "worker.yaml").write_text(PLAYBOOK.format(worker=WORKER, marker=marker))
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f"""
+[node]
+id = "lctl"
+site = "lab"
+[paths]
+state_dir = "{tmp_path / 'state'}"
+runtime_dir = "{tmp_path / 'run'}"
+[collect.gpu]
+enabled = false
+[collect.processes]
+interval_s = 1.0
+watch = ["{WORKER}"]
+[model]
+enabled = false
+[playbooks]
+dirs = ["{pbdir}"]
+load_shipped = false
+""")
+    log = (tmp_path / "agent.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(cfg)], cwd=REPO,
+                            stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    n = Node(tmp_path, cfg, marker, proc)
+    try:
+        wait_for("the control socket", (tmp_path / "run" / "control.sock").exists)
+        yield n
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        log.close()
+
+
+def test_status_breaker_silence_and_dry_run_against_a_real_daemon(node: Node) -> None:
+    worker = Worker(node.dir)
+    try:
+        assert (node.dir / "run" / "control.sock").stat().st_mode & 0o777 == 0o600
+        first = node.status()
+        assert first["daemon"] == "running"
+        assert first["mqtt"] == {"enabled": False}
+        assert first["silenced_until"] is None
+        assert [r["playbook"] for r in first["playbooks"]] == [TARGET]
+        assert first["playbooks"][0]["armed"] is True
+
+        # -- a breaker tripped by two escalated runs, then reset by root
+        worker.start()
+        wait_for("the breaker to open", lambda: node.target().get("breaker_open") is True)
+        worker.stop()
+        table = node.heald("status")
+        assert table.returncode == 0, table.stderr
+        assert "daemon running" in table.stdout
+        assert "OPEN" in table.stdout
+        assert "escalated" in table.stdout
+        reset = node.heald("breaker", "reset", TARGET)
+        assert reset.returncode == 0, reset.stderr
+        assert TARGET in reset.stdout
+        assert node.target()["breaker_open"] is False
+        records = node.audit()
+        control = [r for r in records if r["type"] == "control" and r["command"] == "breaker_reset"]
+        assert control
+        assert control[-1]["origin"] == "local"
+        assert control[-1]["uid"] == os.getuid()
+        assert control[-1]["status"] == "done"
+        assert any(r["type"] == "breaker.reset" and r["target"] == TARGET for r in records)
+
+        # -- a silence set (automatic runs held) and lifted (they resume)
+        silence = node.heald("silence", "10m")
+        assert silence.returncode == 0, silence.stderr
+        status = node.status()
+        assert status["silenced_until"] > time.time() + 500
+        assert status["playbooks"][0]["holds"] == ["silenced"]
+        assert status["playbooks"][0]["armed"] is False
+        runs_before = sum(r["type"] == "run.start" for r in node.audit())
+        worker.start()
+        wait_for("the silenced trigger to be held",
+                 lambda: any(r["type"] == "held" and r["reason"] == "silenced" for r in node.audit()))
+        time.sleep(3)  # a few more samples: still nothing starts
+        assert sum(r["type"] == "run.start" for r in node.audit()) == runs_before
+        unsilence = node.heald("unsilence")
+        assert unsilence.returncode == 0, unsilence.stderr
+        assert "silence lifted" in unsilence.stdout
+        wait_for("an automatic run after the silence",
+                 lambda: sum(r["type"] == "run.start" and r["trigger"] == "auto" for r in node.audit())
+                 > runs_before)
+        worker.stop()
+        lifted = [r for r in node.audit()
+                  if r["type"] == "control" and r["command"] in {"silence", "unsilence"}]
+        assert [(r["command"], r["origin"], r["uid"]) for r in lifted] == \
+            [("silence", "local", os.getuid()), ("unsilence", "local", os.getuid())]
+        wait_for("the run after the silence to end", lambda: node.target().get("running") is None)
+
+        # -- a manual run: a dry run unless --enforce; the marker is not touched by it
+        node.heald("breaker", "reset", TARGET)
+        node.marker.unlink(missing_ok=True)
+        run = node.heald("run-playbook", TARGET)
+        assert run.returncode == 0, run.stderr
+        assert "dry run" in run.stdout
+
+        def dry_run_ended() -> bool:
+            return any(r["type"] == "run.end" and r["outcome"] == "dry-run" for r in node.audit())
+
+        wait_for("the dry run to end", dry_run_ended)
+        start = next(r for r in node.audit() if r["type"] == "run.start" and r["trigger"] == "manual")
+        assert start["dry_run"] is True
+        assert start["approved_by"].startswith("local:")
+        steps = [r for r in node.audit() if r["type"] == "step" and r["run_id"] == start["run_id"]]
+        assert steps
+        assert all(s["status"] == "dry-run" for s in steps)
+        assert not node.marker.exists()
+        unknown = node.heald("run-playbook", "no-such-playbook")
+        assert unknown.returncode == 2
+        assert "no playbook named 'no-such-playbook'" in unknown.stderr
+        assert "Traceback" not in unknown.stderr
+        bad = node.heald("silence", "soon")
+        assert bad.returncode == 2
+    finally:
+        worker.stop()
+
+    # -- the daemon stopped: status still answers from the state dir; a control cannot
+    node.proc.send_signal(signal.SIGTERM)
+    node.proc.wait(30)
+    assert not (node.dir / "run" / "control.sock").exists()
+    offline = node.heald("status")
+    assert offline.returncode == 0, offline.stderr
+    assert "daemon NOT running" in offline.stdout
+    assert "dry-run" in offline.stdout
+    data = node.status()
+    assert data["daemon"] == "not running"
+    assert any(r["outcome"] == "escalated" for r in data["last_runs"])
+    assert any(r["outcome"] == "dry-run" for r in data["last_runs"])
+    assert data["playbooks"][0]["targets"][0]["total_runs"] >= 3
+    down = node.heald("unsilence")
+    assert down.returncode == 1
+    assert "daemon NOT running" in down.stderr
