@@ -6,6 +6,7 @@ restart; a node going offline and coming back fires and resolves an Alertmanager
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -22,12 +23,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from broker import Broker
 
-from coordinator.config import loads
+from agent.wire import kind_of
+from coordinator.config import BudgetSection, NotifyRoute, NotifySection, StoreSection, loads
 from coordinator.errors import CoordinatorConfigError
+from coordinator.model import Incoming
+from coordinator.notify import Notifier
+from coordinator.store import Store, open_store
 from devtools.coordinator_proc import REPO_ROOT, CoordinatorProcess, free_port, write_config
+from devtools.fleet_sim import SimNode
 
 ALERTMANAGER = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
 WORKER = "heald-notify-wk"
@@ -65,12 +72,14 @@ def wait_until(what: str, check: Callable[[], Any], timeout: float = 60.0, inter
 
 # ------------------------------------------------------------------------------ receivers
 class Receiver:
-    """A loopback HTTP receiver: answers 503 to the first ``fail_first`` requests, then 200; its
-    handler takes a notification once per Idempotency-Key (a repeat is answered 200, not taken)."""
+    """A loopback HTTP receiver: answers 503 to the first ``fail_first`` requests, then 200 (or
+    what ``answers`` says for the path); its handler takes a notification once per path and
+    Idempotency-Key (a repeat is answered 200 and counted, not taken)."""
 
-    def __init__(self, port: int, fail_first: int) -> None:
+    def __init__(self, port: int, fail_first: int = 0, answers: dict[str, int] | None = None) -> None:
         self.port = port
         self.fail_first = fail_first
+        self.answers = answers or {}  # path -> the status always answered there
         self.requests: list[tuple[str, dict[str, str], Any]] = []
         self.taken: dict[str, list[Any]] = {}  # "<path> <Idempotency-Key>" -> the body taken
         self.repeats = 0
@@ -86,13 +95,15 @@ class Receiver:
                 with outer.lock:
                     outer.requests.append((self.path, dict(self.headers), body))
                     failing = len(outer.requests) <= outer.fail_first
+                    status = outer.answers.get(self.path, 503 if failing else 200)
+                    failing = status != 200
                     key = f"{self.path} {self.headers.get('Idempotency-Key', '')}"  # per route
                     if not failing:
                         if key in outer.taken:
                             outer.repeats += 1
                         else:
                             outer.taken[key] = [body]
-                self.send_response(503 if failing else 200)
+                self.send_response(status)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
@@ -299,3 +310,93 @@ def test_notify_config_errors_name_the_key() -> None:
     assert "notify.routes" in str(err.value)
     ok = loads(good + '[[notify.routes]]\nname = "a"\nurl = "http://x"\nkind = "alertmanager"\n')
     assert ok.notify.routes[0].events == ["escalation", "approval", "offline"]
+
+
+def inc(message: Any) -> Incoming:
+    return Incoming(message=message, kind=kind_of(message), received_at=time.time())
+
+
+async def async_wait(what: str, check: Callable[[], Any], within: float = 30.0) -> Any:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        got = check()
+        if asyncio.iscoroutine(got):
+            got = await got
+        if got:
+            return got
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def store_outbox(store: Store) -> list[dict[str, Any]]:
+    return await store.db.read(lambda cur: store.db.rows(cur, "SELECT * FROM notify_outbox ORDER BY id"))
+
+
+@pytest.mark.asyncio
+async def test_kinds_severities_resolves_and_giving_up(tmp_path: Path, alertmanager: str) -> None:
+    """Each kind (escalation, approval awaited, node offline) goes where its kind and severity are
+    routed; a node back online and an escalation resolved send resolves (Alertmanager's alert
+    ends); a 410 is given up at once, a receiver that always answers 503 after max_attempts, and
+    both are counted."""
+    port = free_port()
+    receiver = Receiver(port, answers={"/gone": 410, "/flaky": 503})
+    receiver.start()
+    url = f"http://127.0.0.1:{port}"
+    cfg = NotifySection(
+        routes=[
+            NotifyRoute(name="all", url=f"{url}/all", min_severity="info"),
+            NotifyRoute(name="pager", url=f"{url}/pager", min_severity="critical"),
+            NotifyRoute(name="gone", url=f"{url}/gone", events=["escalation"]),
+            NotifyRoute(name="flaky", url=f"{url}/flaky", events=["escalation"]),
+            NotifyRoute(name="am", url=alertmanager, kind="alertmanager", events=["offline"]),
+        ],
+        poll_interval_s=0.1, backoff_s=0.05, backoff_max_s=0.1, max_attempts=3,
+    )
+    store = await open_store(f"sqlite:///{tmp_path / 'c.db'}", StoreSection(), BudgetSection(), replica="t")
+    notifier = Notifier(cfg, store.db, replica="t")
+    task = asyncio.create_task(notifier.run(), name="notify")
+    try:
+        n = SimNode("n1", site="s1")
+        will = n.status("offline", "connection lost")
+        await store.apply([inc(n.birth()), inc(n.status())])
+        await store.apply([
+            inc(n.event("approval_request", {"request_id": "n1-ap1", "run_id": "run1", "playbook": "pb"},
+                        message="stop the database?")),
+            inc(n.event("playbook.escalated", {"playbook": "pb", "run_id": "run1"}, message="gave up")),
+        ])
+        await store.apply([inc(msgspec.structs.replace(will, bdseq=n.bdseq))])  # the broker's will
+        await async_wait("the offline alert", lambda: am_alerts(alertmanager, "HealdNodeOffline"))
+        await async_wait("both given up", lambda: notifier.stats.failed == 2)
+        await async_wait("three notices on the info route", lambda: len(
+            [k for k in receiver.taken if k.startswith("/all ")]) == 3)
+        assert sorted(k.split()[1].split(":")[0] for k in receiver.taken if k.startswith("/all ")) == [
+            "approval", "escalation", "offline"]
+        # the critical-only route: the escalation (critical), not the approval or offline (warning)
+        assert [k.split()[1] for k in receiver.taken if k.startswith("/pager ")] == [
+            "escalation:n1:1:firing"]
+        paths = [p for p, _, _ in receiver.requests]
+        assert paths.count("/gone") == 1  # a 4xx: no retry
+        assert paths.count("/flaky") == 3  # max_attempts
+        rows = {r["route"]: r for r in await store_outbox(store) if r["kind"] == "escalation"}
+        assert rows["gone"]["state"] == "failed"
+        assert rows["gone"]["last_error"].startswith("HTTP 410")
+        assert (rows["flaky"]["state"], rows["flaky"]["attempts"]) == ("failed", 3)
+
+        # over: back online, the escalation resolved
+        await store.apply([inc(n.birth()), inc(n.status())])
+        await store.resolve_escalation(1, "operator")
+        await async_wait("the offline alert resolved",
+                         lambda: not am_alerts(alertmanager, "HealdNodeOffline"))
+        await async_wait("resolves on the info route", lambda: {
+            k.split()[1] for k in receiver.taken if k.startswith("/all ") and k.endswith(":resolved")
+        } == {"escalation:n1:1:resolved", f"offline:n1:{n.bdseq - 1}:resolved"})
+        assert "/pager escalation:n1:1:resolved" in receiver.taken
+        # nothing resolved where nothing fired, nor on a route whose firing was given up
+        assert not [k for k in receiver.taken if k.startswith(("/gone", "/flaky"))]
+        assert receiver.repeats == 0
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await store.close()
+        receiver.stop()
