@@ -17,6 +17,7 @@ Through ``heald`` on the command line (the control socket in the test's runtime 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -29,8 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from playbook_kit import make_engine, playbook, running
 
-pytestmark = pytest.mark.slow
+from agent import wire
+from agent.control.dispatcher import CommandDispatcher
+from agent.wire import signing
 
 REPO = Path(__file__).resolve().parent.parent
 WORKER = "heald-lctl-wk"
@@ -158,6 +163,7 @@ load_shipped = false
         log.close()
 
 
+@pytest.mark.slow
 def test_status_breaker_silence_and_dry_run_against_a_real_daemon(node: Node) -> None:
     worker = Worker(node.dir)
     try:
@@ -259,3 +265,47 @@ def test_status_breaker_silence_and_dry_run_against_a_real_daemon(node: Node) ->
     down = node.heald("unsilence")
     assert down.returncode == 1
     assert "daemon NOT running" in down.stderr
+
+
+class Outbox:
+    def __init__(self) -> None:
+        self.acks: list[wire.CommandAck] = []
+        self.connected = True
+
+    def submit(self, message: wire.Envelope) -> bool:
+        if isinstance(message, wire.CommandAck):
+            self.acks.append(message)
+        return True
+
+
+@pytest.mark.asyncio
+async def test_a_coordinator_command_is_audited_like_a_local_one(tmp_path: Path) -> None:
+    """The same dispatch path: a signed silence and a signed run of an unknown playbook are
+    ``control`` audit records too, with origin ``coordinator``, the operator and no uid; the
+    unknown playbook is ``rejected`` (bad input), as it is locally (exit 2)."""
+    text = PLAYBOOK.format(worker=WORKER, marker=tmp_path / "marker")
+    eng, rec = make_engine(tmp_path, [playbook(text)])
+    key = Ed25519PrivateKey.generate()
+    signer = signing.CommandSigner(key, issuer="coordinator")
+    verifier = signing.CommandVerifier([key.public_key()], node="n1", site="lab",
+                                       nonces=signing.NonceCache(tmp_path / "nonces"))
+    outbox = Outbox()
+    dispatcher = CommandDispatcher(verifier, eng, outbox)
+    async with running(eng), asyncio.TaskGroup() as tg:
+        commands = tg.create_task(dispatcher.run(), name="commands")
+        dispatcher(signer.make(node="n1", site="lab", name=wire.CommandName.SILENCE,
+                               args={"duration_s": 600, "by": "alice"}))
+        dispatcher(signer.make(node="n1", site="lab", name=wire.CommandName.RUN,
+                               args={"playbook": "no-such-playbook", "by": "alice"}))
+        for _ in range(250):
+            if len(outbox.acks) >= 4:
+                break
+            await asyncio.sleep(0.02)
+        commands.cancel()
+    assert [a.status for a in outbox.acks] == ["accepted", "accepted", "done", "rejected"]
+    control = rec.of("control")
+    assert [(r["command"], r["origin"], r["by"], r["uid"], r["status"]) for r in control] == [
+        ("silence", "coordinator", "alice", None, "done"),
+        ("run", "coordinator", "alice", None, "rejected"),
+    ]
+    assert dispatcher.silence.holds(time.time() + 500)
