@@ -53,8 +53,43 @@ function fmt(v, digits) { return v === null || v === undefined ? "–" : Number(
 function labelPills(labels) { return Object.entries(labels || {}).map(([k, v]) => el("span", { class: "pill" }, `${k}=${v}`)); }
 function presence(online) { return el("span", { class: online ? "online" : "offline" }, online ? "online" : "offline"); }
 function riskCell(n) {
+  // an offline node's last risk is stale: greyed, never a current ALERT
+  if (n.online === false) return el("span", { class: "stale", title: n.anomaly === null || n.anomaly === undefined ? "" : `last risk ${fmt(n.anomaly)}` },
+    `stale since ${ago(n.last_seen)}`);
   if (n.anomaly === null || n.anomaly === undefined) return el("span", { class: "muted" }, n.cold ? "cold" : "–");
   return el("span", { class: n.alert ? "alert" : "" }, fmt(n.anomaly), n.alert ? " ALERT" : "");
+}
+function escalationCell(n) {
+  if (!n.open_escalations) return "";
+  return el("a", { href: "#/escalations", class: "escalation", title: when(n.escalation_ts) },
+    el("b", {}, n.open_escalations), ` ${n.escalation || ""} · ${ago(n.escalation_ts)}`);
+}
+// human units from a metric's name (family before any [label]): bytes, %, seconds, rates
+const IEC = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+function bytes(v) {
+  let i = 0, x = Math.abs(v);
+  while (x >= 1024 && i < IEC.length - 1) { x /= 1024; i += 1; }
+  return `${v < 0 ? "-" : ""}${x.toFixed(x >= 100 || i === 0 ? 0 : 1)} ${IEC[i]}`;
+}
+function num(v) {
+  const a = Math.abs(v);
+  if (a >= 1e9) return `${(v / 1e9).toFixed(1)}G`;
+  if (a >= 1e6) return `${(v / 1e6).toFixed(1)}M`;
+  if (a >= 1e4) return `${(v / 1e3).toFixed(1)}k`;
+  return Number.isInteger(v) ? String(v) : v.toFixed(a >= 100 ? 0 : 2);
+}
+function unitFormat(name) {
+  const family = name.split("[")[0];
+  if (/_bytes_per_s$/.test(family)) return (v) => `${bytes(v)}/s`;
+  if (/_bytes$/.test(family)) return bytes;
+  if (/(_pct|_percent|\.percent)$/.test(family)) return (v) => `${v.toFixed(Math.abs(v) >= 10 ? 0 : 1)}%`;
+  if (/_ms$/.test(family)) return (v) => (Math.abs(v) >= 1000 ? `${(v / 1000).toFixed(1)} s` : `${num(v)} ms`);
+  if (/(_s|_seconds)$/.test(family) && !/_per_s$/.test(family)) return (v) => (Math.abs(v) >= 3600 ? `${(v / 3600).toFixed(1)} h` : Math.abs(v) >= 60 ? `${(v / 60).toFixed(1)} min` : `${num(v)} s`);
+  if (/_per_s$/.test(family)) return (v) => `${num(v)}/s`;
+  if (/_c$/.test(family)) return (v) => `${num(v)} °C`;
+  if (/_w$/.test(family)) return (v) => `${num(v)} W`;
+  if (/_mhz$/.test(family)) return (v) => `${num(v)} MHz`;
+  return num;
 }
 function flash(message) {
   const view = document.getElementById("view");
@@ -81,7 +116,7 @@ async function renderFleet(view) {
   const q = el("input", { id: "filter-q", placeholder: "search node / host", value: f.q,
     onchange: (e) => { f.q = e.target.value.trim(); refresh(); } });
   const cols = [["node", "Node"], ["site", "Site"], ["online", "State"], ["risk", "Risk"], [null, "Top contributors"],
-    ["incidents", "Incidents"], [null, "Last action"], ["version", "Agent"], [null, "Labels"], ["last_seen", "Last seen"]];
+    ["incidents", "Incidents"], [null, "Escalations"], [null, "Last action"], ["version", "Agent"], [null, "Labels"], ["last_seen", "Last seen"]];
   const head = el("tr", {}, cols.map(([key, title]) => {
     if (!key) return el("th", {}, title);
     const cls = "sortable" + (f.sort === key ? ` sorted-${f.order}` : "");
@@ -98,6 +133,7 @@ async function renderFleet(view) {
     el("td", { class: "risk" }, riskCell(n)),
     el("td", {}, (n.explanation || []).map((c) => el("div", {}, `${c.feature} ${Math.round(c.share * 100)}%`))),
     el("td", {}, n.open_incidents || ""),
+    el("td", { class: "escalations" }, escalationCell(n)),
     el("td", { class: "last-action" }, n.last_action),
     el("td", {}, n.agent_version),
     el("td", {}, labelPills(n.labels)),
@@ -110,7 +146,8 @@ async function renderFleet(view) {
       el("div", {}, el("b", { id: "count-nodes" }, data.fleet.nodes), "nodes"),
       el("div", {}, el("b", { id: "count-online", class: "online" }, data.fleet.online), "online"),
       el("div", {}, el("b", { class: "offline" }, data.fleet.nodes - data.fleet.online), "offline"),
-      el("div", {}, el("b", { class: "alert" }, data.fleet.alert), "at risk")),
+      el("div", {}, el("b", { class: "alert" }, data.fleet.alert), "at risk"),
+      el("a", { href: "#/escalations", class: "summary-link" }, el("b", { id: "count-escalations", class: data.fleet.escalations ? "alert" : "" }, data.fleet.escalations || 0), "open escalations")),
     el("div", { class: "filters" }, siteSelect, statusSelect, label, q, el("span", { class: "muted", id: "match-count" }, `${data.total} match`)),
     el("table", { id: "fleet" }, el("thead", {}, head), el("tbody", {}, rows)),
     el("div", { class: "pager" },
@@ -123,7 +160,7 @@ async function renderFleet(view) {
 
 // ------------------------------------------------------------------------------------ charts
 function lineChart(title, points, opts) {
-  const o = Object.assign({ width: 320, height: 110, cls: "line", threshold: null }, opts || {});
+  const o = Object.assign({ width: 320, height: 110, cls: "line", threshold: null, format: (v) => fmt(v) }, opts || {});
   const box = el("div", { class: "chart" }, el("h3", {}, title));
   const s = svg("svg", { viewBox: `0 0 ${o.width} ${o.height}`, preserveAspectRatio: "none", role: "img", "aria-label": title });
   const pts = points.filter((p) => p[1] !== null && p[1] !== undefined && Number.isFinite(p[1]));
@@ -138,7 +175,8 @@ function lineChart(title, points, opts) {
   if (o.threshold !== null) s.append(svg("line", { x1: pad, x2: o.width - pad, y1: y(o.threshold), y2: y(o.threshold), class: "threshold" }));
   s.append(svg("polyline", { class: `line ${o.cls}`, points: pts.map((p) => `${x(p[0]).toFixed(1)},${y(p[1]).toFixed(1)}`).join(" ") }));
   const label = (text, xx, yy, anchor) => { const t = svg("text", { x: xx, y: yy, "text-anchor": anchor || "start" }); t.textContent = text; s.append(t); };
-  label(fmt(hi), 2, 10); label(fmt(lo), 2, o.height - 2);
+  label(o.format(hi), 2, 10); label(o.format(lo), 2, o.height - 2);
+  box.querySelector("h3").append(el("span", { class: "latest" }, ` ${o.format(pts[pts.length - 1][1])}`));
   label(new Date(t1 * 1000).toLocaleTimeString(), o.width - 2, o.height - 2, "end");
   box.append(s);
   return box;
@@ -156,7 +194,8 @@ function pickMetrics(names) {
 function approvalRows(items, showNode) {
   return items.map((a) => el("tr", { id: `approval-${a.id}`, "data-approval": a.id },
     showNode ? el("td", {}, el("a", { href: `#/node/${encodeURIComponent(a.node)}` }, a.node)) : null,
-    el("td", {}, a.playbook), el("td", {}, a.action), el("td", {}, a.message), el("td", {}, ago(a.requested_at)),
+    el("td", {}, a.playbook), el("td", { class: "approval-target" }, a.target || el("span", { class: "muted" }, "not named")),
+    el("td", {}, a.action), el("td", {}, a.message), el("td", {}, ago(a.requested_at)),
     el("td", { class: "approval-state" }, a.state === "pending"
       ? [el("button", { class: "approve", "data-id": a.id, onclick: () => decide(a.id, "approve") }, "Approve"), " ",
         el("button", { class: "deny", "data-id": a.id, onclick: () => decide(a.id, "deny") }, "Deny")]
@@ -191,7 +230,7 @@ async function renderNode(view, node) {
     api(`/api/nodes/${encodeURIComponent(node)}/risk?since=${since}`)]);
   const charts = el("div", { class: "grid", id: "charts" },
     lineChart("risk (anomaly score; 1.0 = alert)", risk.map((r) => [r.ts, r.anomaly]), { cls: "risk", threshold: 1.0 }),
-    pickMetrics(metrics.names).map((name) => lineChart(name, metrics.samples.map((s) => [s[0], s[1][name]]))));
+    pickMetrics(metrics.names).map((name) => lineChart(name, metrics.samples.map((s) => [s[0], s[1][name]]), { format: unitFormat(name) })));
   const pending = n.approvals.filter((a) => a.state === "pending");
   const runForm = el("form", { class: "inline-form", id: "run-form", onsubmit: async (e) => {
     e.preventDefault();
@@ -225,11 +264,17 @@ async function renderNode(view, node) {
       el("dt", {}, "Top contributors"), el("dd", {}, (n.explanation || []).map((c) => el("div", {}, el("span", { class: "bar", style: null, "data-w": c.share }), `${c.feature} ${Math.round(c.share * 100)}%`))),
       el("dt", {}, "Failure classes"), el("dd", {}, Object.entries(n.failure || {}).map(([k, v]) => el("span", { class: "pill" }, `${k} ${Math.round(v * 100)}%`))),
       el("dt", {}, "Open incidents"), el("dd", {}, n.open_incidents || 0),
+      el("dt", {}, "Open escalations"), el("dd", { id: "node-escalations" }, (() => {
+        const open = (n.escalations || []).filter((e) => e.state === "open");
+        return open.length ? el("a", { href: "#/escalations", class: "escalation" }, el("b", {}, open.length), ` ${open[0].reason} · ${ago(open[0].ts)}`) : "0";
+      })()),
       el("dt", {}, "Last action"), el("dd", { id: "node-last-action" }, n.last_action || "–"),
       el("dt", {}, "Silenced until"), el("dd", { id: "node-silenced" }, silenced ? when(n.silenced_until) : "–")),
     el("div", { style: null }, el("h2", {}, "Operate"), runForm, silenceForm, unsilenceButton),
     el("h2", {}, "Pending approvals"),
-    pending.length ? el("table", { id: "node-approvals" }, el("tbody", {}, approvalRows(pending, false))) : el("p", { class: "muted" }, "none"),
+    pending.length ? el("table", { id: "node-approvals" },
+      el("thead", {}, el("tr", {}, ["Playbook", "Target", "Action", "Why", "Asked", ""].map((h) => el("th", {}, h)))),
+      el("tbody", {}, approvalRows(pending, false))) : el("p", { class: "muted" }, "none"),
     el("h2", {}, "Risk and metrics"), charts,
     el("h2", {}, "Forecasts"),
     (n.forecasts || []).length ? el("table", { id: "forecasts" }, el("thead", {}, el("tr", {}, ["Resource", "ETA", "Confidence", "Rate/s"].map((h) => el("th", {}, h)))),
@@ -252,7 +297,7 @@ async function renderEscalations(view) {
     el("h1", {}, "Escalations and approvals"),
     el("h2", {}, "Pending approvals"),
     approvals.items.length ? el("table", { id: "approvals" },
-      el("thead", {}, el("tr", {}, ["Node", "Playbook", "Action", "Why", "Asked", ""].map((h) => el("th", {}, h)))),
+      el("thead", {}, el("tr", {}, ["Node", "Playbook", "Target", "Action", "Why", "Asked", ""].map((h) => el("th", {}, h)))),
       el("tbody", {}, approvalRows(approvals.items, true))) : el("p", { class: "muted", id: "no-approvals" }, "none"),
     el("h2", {}, "Open escalations"),
     escalations.items.length ? el("table", { id: "escalations" },
