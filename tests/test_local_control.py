@@ -20,9 +20,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -35,6 +37,7 @@ from playbook_kit import make_engine, playbook, running
 
 from agent import wire
 from agent.control.dispatcher import CommandDispatcher
+from agent.control.local import LocalControl, NoCoordinator
 from agent.wire import signing
 
 REPO = Path(__file__).resolve().parent.parent
@@ -309,3 +312,62 @@ async def test_a_coordinator_command_is_audited_like_a_local_one(tmp_path: Path)
         ("run", "coordinator", "alice", None, "rejected"),
     ]
     assert dispatcher.silence.holds(time.time() + 500)
+
+
+CLIENT = """
+import json, socket, sys
+for request in ({"command": "silence", "args": {"duration_s": 600}}, {"command": "status", "args": {}}):
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(sys.argv[1])
+        s.sendall(json.dumps(request).encode() + b"\\n")
+        print(s.makefile().readline().strip())
+"""
+
+
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to connect as another user")
+@pytest.mark.asyncio
+async def test_the_socket_gives_controls_to_root_only_by_peer_uid(tmp_path: Path) -> None:
+    """Even with the socket's mode opened up (0666), SO_PEERCRED keeps the controls for root (and
+    the daemon's user): ``nobody`` gets status but its silence is refused and not carried out."""
+    text = PLAYBOOK.format(worker=WORKER, marker=tmp_path / "marker")
+    eng, rec = make_engine(tmp_path, [playbook(text)])
+    dispatcher = CommandDispatcher(None, eng, NoCoordinator())
+    python = "/usr/bin/python3"  # the client runs as nobody: a Python it may execute (not one under /root)
+    if not os.access(python, os.X_OK):
+        pytest.skip(f"no {python} for the client run as nobody")
+    public = Path(tempfile.mkdtemp(prefix="heald-lctl-"))  # tmp_path is 0700: nobody cannot reach it
+    try:
+        os.chmod(public, 0o711)  # noqa: S103 - traversable (not listable) for the client run as nobody
+        server = LocalControl(public / "control.sock", dispatcher, lambda: {"node": "n1"})
+        async with running(eng), asyncio.TaskGroup() as tg:
+            serving = tg.create_task(server.serve(), name="local-control")
+            for _ in range(100):
+                if server.path.exists():
+                    break
+                await asyncio.sleep(0.02)
+            assert server.path.stat().st_mode & 0o777 == 0o600
+            server.path.chmod(0o666)
+            child = await asyncio.create_subprocess_exec(
+                python, "-I", "-c", CLIENT, str(server.path), user="nobody", cwd="/",
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            out, err = await asyncio.wait_for(child.communicate(), 30)
+            assert child.returncode == 0, err.decode()
+            refused, status = (json.loads(line) for line in out.decode().splitlines())
+            assert refused["status"] == "rejected"
+            assert "for root" in refused["message"]
+            assert status == {"status": "done", "message": "", "result": {"node": "n1"}}
+            assert not dispatcher.silence.holds(time.time())
+            assert rec.of("control") == []
+            reader, writer = await asyncio.open_unix_connection(str(server.path))
+            writer.write(b'{"command": "silence", "args": {"duration_s": 600}}\n')
+            answer = json.loads(await reader.readline())
+            writer.close()
+            assert answer["status"] == "done"
+            assert dispatcher.silence.holds(time.time() + 500)
+            records = [(r["origin"], r["uid"], r["by"]) for r in rec.of("control")]
+            assert records == [("local", 0, "local:root")]
+            serving.cancel()
+        assert not server.path.exists()
+    finally:
+        shutil.rmtree(public, ignore_errors=True)
