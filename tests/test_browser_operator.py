@@ -28,7 +28,8 @@ from devtools.fleet_sim import SimAgent, SimNode
 
 pytestmark = pytest.mark.slow
 
-TARGET = "kill-runaway[name=stress-ng,pid=4242]"
+#: What the engine's approval request says the run would act on (agent.act.preview.acts_on).
+TARGET = "stop_process: stress-ng (pid 4242, 97% CPU, top cpu now)"
 WIDTHS = (1280, 1920)
 
 
@@ -95,9 +96,9 @@ async def test_operator_view(coord: CoordinatorProcess, mosquitto: Broker, artif
                                           message="restart-nginx gave up after 3 tries"))
             await web.send(web.node.event(
                 RequestEvent.APPROVAL_REQUEST,
-                {"request_id": "ap-1", "run_id": "ap-1", "playbook": "kill-runaway", "action": "stop_process",
-                 "target": TARGET, "name": "stress-ng", "pid": "4242"},
-                message="kill-runaway: approval needed to stop a runaway process"))
+                {"request_id": "ap-1", "run_id": "ap-1", "playbook": "runaway-cpu", "action": "playbook",
+                 "target": "runaway-cpu", "acts_on": TARGET},
+                message="runaway-cpu: approval needed to run on runaway-cpu"))
             # an unbroken 300-character message: the page must wrap it, not grow wider than the window
             await web.send(web.node.event("probe.detail", {}, message="x" * 300))
             await old.send(old.node.risk(1.6))  # its last risk is an ALERT...

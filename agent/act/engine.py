@@ -35,6 +35,7 @@ from agent.act.audit import AuditLog
 from agent.act.base import ActionResult
 from agent.act.journal import Journal
 from agent.act.lease import LeaseGate, LeaseHeld
+from agent.act.preview import acts_on
 from agent.act.records import Callback, Recorder
 from agent.act.runner import Run, Runner
 from agent.act.supervisor import Supervisor
@@ -176,12 +177,16 @@ class Engine:
             playbook=playbook.name, target=request.target.key, request_id=request.request_id,
             bindings=request.target.labels, inputs=dict(match.inputs), **self._latest.model()))
         key = request.target.key
+        # what the steps would act on (the process, unit, paths...), from the latest sample
+        would = acts_on(playbook, request.target.labels, self._latest.detail)
         self._recorder.emit({
             "kind": "playbook.approval_requested",
             "severity": "warning",
             "playbook": playbook.name,
-            "message": f"{playbook.name}: approval needed to run on {key} ({playbook.description})",
-            "labels": {**request.target.labels, "request_id": request.request_id, "target": key},
+            "message": f"{playbook.name}: approval needed to run on {key} ({playbook.description})"
+                       + (f"; would act on {would}" if would else ""),
+            "labels": {**request.target.labels, "request_id": request.request_id, "target": key,
+                       **({"acts_on": would} if would else {})},
         })
 
     async def trigger_manual(self, name: str, approved_by: str, *, request_id: str = "",

@@ -275,17 +275,21 @@ class Queries:
     def _approval_targets(self, cur: Cursor, approvals: list[dict[str, Any]]) -> None:
         """Add each approval's ``target``: what the run would act on (the process, mount, unit...),
         from the labels of the node's ``approval_request`` event (the same node and seq). The
-        engine names it in ``labels.target`` (``playbook[var=value,...]``); older agents sent only
-        the bindings, which are shown instead; "" when the event is gone (retention)."""
+        engine names it in ``labels.acts_on`` (``stop_process: stress-ng (pid 4242, ...)``) and
+        ``labels.target`` (``playbook[var=value,...]``, shown when it says more than the playbook's
+        name); older agents sent only the bindings, which are shown instead; "" when the event is
+        gone (retention)."""
         for a in approvals:
             labels_json = self.db.scalar(
                 cur, "SELECT labels FROM events WHERE node = ? AND seq = ?", (a["node"], a["seq"])
             )
             labels = json.loads(labels_json) if isinstance(labels_json, str) else {}
             labels = labels if isinstance(labels, dict) else {}
-            target = str(labels.get("target") or "")
-            if not target:
-                skip = {"request_id", "run_id", "playbook", "action", "severity"}
+            key = str(labels.get("target") or "")
+            named = [str(labels.get("acts_on") or ""), key if key != a["playbook"] else ""]
+            target = " · ".join(t for t in named if t)
+            if not target and not key:
+                skip = {"request_id", "run_id", "playbook", "action", "severity", "acts_on"}
                 target = ", ".join(f"{k}={v}" for k, v in sorted(labels.items()) if k not in skip)
             a["target"] = target
 
