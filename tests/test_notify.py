@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import sqlite3
@@ -332,8 +333,31 @@ async def store_outbox(store: Store) -> list[dict[str, Any]]:
     return await store.db.read(lambda cur: store.db.rows(cur, "SELECT * FROM notify_outbox ORDER BY id"))
 
 
+PG_ADMIN = "postgresql://postgres@127.0.0.1/postgres"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """SQLite, and a fresh PostgreSQL database when one answers on 127.0.0.1 (skipped otherwise)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'c.db'}"
+        return
+    psycopg = pytest.importorskip("psycopg")
+    try:
+        with psycopg.connect(PG_ADMIN, connect_timeout=2):
+            pass
+    except psycopg.Error:
+        pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432 (postgres user, trust auth)")
+    name = f"heald_test_{secrets.token_hex(6)}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    yield f"postgresql://postgres@127.0.0.1/{name}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
 @pytest.mark.asyncio
-async def test_kinds_severities_resolves_and_giving_up(tmp_path: Path, alertmanager: str) -> None:
+async def test_kinds_severities_resolves_and_giving_up(store_url: str, alertmanager: str) -> None:
     """Each kind (escalation, approval awaited, node offline) goes where its kind and severity are
     routed; a node back online and an escalation resolved send resolves (Alertmanager's alert
     ends); a 410 is given up at once, a receiver that always answers 503 after max_attempts, and
@@ -352,7 +376,7 @@ async def test_kinds_severities_resolves_and_giving_up(tmp_path: Path, alertmana
         ],
         poll_interval_s=0.1, backoff_s=0.05, backoff_max_s=0.1, max_attempts=3,
     )
-    store = await open_store(f"sqlite:///{tmp_path / 'c.db'}", StoreSection(), BudgetSection(), replica="t")
+    store = await open_store(store_url, StoreSection(), BudgetSection(), replica="t")
     notifier = Notifier(cfg, store.db, replica="t")
     task = asyncio.create_task(notifier.run(), name="notify")
     try:
@@ -400,3 +424,35 @@ async def test_kinds_severities_resolves_and_giving_up(tmp_path: Path, alertmana
             await task
         await store.close()
         receiver.stop()
+
+
+@pytest.mark.asyncio
+async def test_two_replicas_send_each_notice_once(store_url: str) -> None:
+    """Two notifiers on one store (two replicas sharing PostgreSQL, or one SQLite file): 40 nodes
+    go offline at once and each offline notice reaches the receiver once, with no repeat."""
+    port = free_port()
+    receiver = Receiver(port)
+    receiver.start()
+    route = NotifyRoute(name="all", url=f"http://127.0.0.1:{port}/all")
+    cfg = NotifySection(routes=[route], poll_interval_s=0.05)
+    stores = [await open_store(store_url, StoreSection(), BudgetSection(), replica=r) for r in ("r1", "r2")]
+    notifiers = [Notifier(cfg, s.db, replica=f"r{i}") for i, s in enumerate(stores, 1)]
+    tasks = [asyncio.create_task(n.run(), name=f"notify-{i}") for i, n in enumerate(notifiers)]
+    try:
+        nodes = [SimNode(f"n{i:02d}") for i in range(40)]
+        wills = [n.status("offline", "connection lost") for n in nodes]
+        await stores[0].apply([inc(m) for n in nodes for m in (n.birth(), n.status())])
+        await stores[1].apply([inc(msgspec.structs.replace(w, bdseq=n.bdseq))
+                               for n, w in zip(nodes, wills, strict=True)])
+        await async_wait("40 offline notices", lambda: len(receiver.taken) == 40)
+        await asyncio.sleep(1.0)  # 20 more scan rounds on each replica
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for s in stores:
+            await s.close()
+        receiver.stop()
+    assert len(receiver.requests) == 40
+    assert receiver.repeats == 0
+    assert sum(n.stats.sent for n in notifiers) == 40

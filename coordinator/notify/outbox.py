@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from coordinator.config import SEVERITIES, NotifySection
-from coordinator.store.database import Cursor, Database, DbRow
+from coordinator.store.database import Cursor, Database, DbRow, iter_chunks
 
-#: Rows scanned again below the newest ``updated_at`` seen: another replica's clock may lag.
+#: Each look at the store goes back this far before the previous one began: a write committed
+#: late, or stamped by another replica whose clock lags.
 SCAN_OVERLAP_S: Final = 10.0
 #: A claimed row is left to its claimer this long past the send timeout.
 CLAIM_MARGIN_S: Final = 30.0
@@ -131,52 +132,77 @@ class Outbox:
                 if kind in r.events and SEVERITIES.index(r.min_severity) <= rank]
 
     async def scan(self) -> int:
-        """Queue the notices the store's state calls for; the number of rows queued."""
-        return await self.db.write(self._scan)
+        """Queue the notices the store's state calls for; the number of rows queued.
 
-    def _changed(self, cur: Cursor, table: str, sql: str, column: str = "updated_at") -> list[DbRow]:
-        """The rows of ``table`` changed since the last scan (all of them at the first)."""
-        since = self._since[table]
-        rows = self.db.rows(cur, f"{sql} WHERE {column} >= ? ORDER BY {column}", (since,))
-        if rows:
-            self._since[table] = max(since, float(rows[-1]["updated_at"]) - SCAN_OVERLAP_S)
-        return rows
-
-    def _scan(self, cur: Cursor) -> int:
-        now = time.time()
-        notices: list[Notice] = []
-        esc_sql = ("SELECT e.id, e.scope, e.node, e.grp, e.playbook, e.reason, e.ts, e.state, e.resolved_by, "
-                   "e.updated_at, COALESCE(n.site, '') AS site FROM escalations e "
-                   "LEFT JOIN nodes n ON n.node = e.node")
-        notices += [_escalation(r) for r in self._changed(cur, "escalations", esc_sql, "e.updated_at")]
-        approvals_sql = ("SELECT id, node, site, run_id, playbook, action, message, requested_at, state, "
-                         "decided_by, updated_at FROM approvals")
-        notices += [_approval(r) for r in self._changed(cur, "approvals", approvals_sql)]
-        back_online: set[str] = set()
-        for row in self._changed(cur, "nodes", "SELECT node, site, online, status_bdseq, status_reason, "
-                                 "last_seen, updated_at FROM nodes"):
-            if row["online"]:
-                back_online.add(row["node"])
-            else:
-                notices.append(_offline(row))
-        queued = 0
-        for notice in notices:
-            queued += self._queue(cur, notice, now)
-        if back_online:  # every offline episode of these nodes is over
-            for row in self.db.rows(
-                cur,
-                "SELECT DISTINCT f.node, f.dedup_key, f.notice FROM notify_outbox f WHERE f.kind = 'offline' "
-                "AND f.status = 'firing' AND NOT EXISTS (SELECT 1 FROM notify_outbox r WHERE "
-                "r.route = f.route AND r.dedup_key = f.dedup_key AND r.status = 'resolved')",
-            ):
-                if row["node"] not in back_online:
-                    continue
-                fired = json.loads(row["notice"])
-                queued += self._queue(cur, Notice(
-                    key=row["dedup_key"], status="resolved", kind="offline", node=row["node"],
-                    site=fired["site"], summary=f"{row['node']}: back online", details=fired["details"],
-                    ts=now), now)
+        The look is a read (the store's writer, which the ingest needs, is taken only when there
+        is something new to queue), of the rows changed since the last look (all of them at the
+        first), less what the outbox already holds."""
+        notices, since = await self.db.read(self._collect)
+        queued = await self.db.write(lambda cur: self._queue_all(cur, notices)) if notices else 0
+        self._since = since
         return queued
+
+    def _collect(self, cur: Cursor) -> tuple[list[Notice], dict[str, float]]:
+        start = time.time()
+        since = self._since
+        notices = [_escalation(r) for r in self.db.rows(
+            cur,
+            "SELECT e.id, e.scope, e.node, e.grp, e.playbook, e.reason, e.ts, e.state, e.resolved_by, "
+            "COALESCE(n.site, '') AS site FROM escalations e LEFT JOIN nodes n ON n.node = e.node "
+            "WHERE e.updated_at >= ? ORDER BY e.id",
+            (since["escalations"],),
+        )]
+        notices += [_approval(r) for r in self.db.rows(
+            cur,
+            "SELECT id, node, site, run_id, playbook, action, message, requested_at, state, decided_by "
+            "FROM approvals WHERE updated_at >= ? ORDER BY requested_at",
+            (since["approvals"],),
+        )]
+        notices += [_offline(r) for r in self.db.rows(
+            cur,
+            "SELECT node, site, status_bdseq, status_reason, last_seen FROM nodes "
+            "WHERE updated_at >= ? AND online = 0 ORDER BY node",
+            (since["nodes"],),
+        )]
+        notices += self._back_online(cur, start)
+        known: set[tuple[str, str]] = set()
+        keys = sorted({n.key for n in notices})
+        for chunk in iter_chunks(keys, 500):
+            marks = ", ".join("?" * len(chunk))
+            known.update((r["dedup_key"], r["status"]) for r in self.db.rows(
+                cur, f"SELECT DISTINCT dedup_key, status FROM notify_outbox WHERE dedup_key IN ({marks})",  # noqa: S608
+                chunk,
+            ))
+        fresh = [n for n in notices if (n.key, n.status) not in known
+                 and (n.status == "firing" or (n.key, "firing") in known)]  # resolve only what fired
+        # next time from a little before now: a write committed late, or another replica's clock
+        return fresh, dict.fromkeys(since, start - SCAN_OVERLAP_S)
+
+    def _back_online(self, cur: Cursor, now: float) -> list[Notice]:
+        """Resolves for the offline episodes notified and not resolved whose node is online now."""
+        open_ = self.db.rows(
+            cur,
+            "SELECT DISTINCT f.node, f.dedup_key, f.notice FROM notify_outbox f WHERE f.kind = 'offline' "
+            "AND f.status = 'firing' AND NOT EXISTS (SELECT 1 FROM notify_outbox r WHERE "
+            "r.route = f.route AND r.dedup_key = f.dedup_key AND r.status = 'resolved') ORDER BY f.node",
+        )
+        online: set[str] = set()
+        for chunk in iter_chunks(sorted({r["node"] for r in open_}), 500):
+            marks = ", ".join("?" * len(chunk))
+            online.update(r["node"] for r in self.db.rows(
+                cur, f"SELECT node FROM nodes WHERE online = 1 AND node IN ({marks})", chunk))  # noqa: S608
+        out = []
+        for row in open_:
+            if row["node"] in online:
+                fired = json.loads(row["notice"])
+                out.append(Notice(key=row["dedup_key"], status="resolved", kind="offline", node=row["node"],
+                                  site=fired["site"], summary=f"{row['node']}: back online",
+                                  details=fired["details"], ts=now))
+        return out
+
+    def _queue_all(self, cur: Cursor, notices: list[Notice]) -> int:
+        now = time.time()
+        return sum(self._queue(cur, notice, now) for notice in notices)
 
     def _queue(self, cur: Cursor, notice: Notice, now: float) -> int:
         severity = self.severity(notice.kind)
