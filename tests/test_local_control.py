@@ -339,7 +339,10 @@ async def test_the_socket_gives_controls_to_root_only_by_peer_uid(tmp_path: Path
     public = Path(tempfile.mkdtemp(prefix="heald-lctl-"))  # tmp_path is 0700: nobody cannot reach it
     try:
         os.chmod(public, 0o711)  # noqa: S103 - traversable (not listable) for the client run as nobody
-        server = LocalControl(public / "control.sock", dispatcher, lambda: {"node": "n1"})
+        async def status() -> dict[str, Any]:
+            return {"node": "n1"}
+
+        server = LocalControl(public / "control.sock", dispatcher, status)
         async with running(eng), asyncio.TaskGroup() as tg:
             serving = tg.create_task(server.serve(), name="local-control")
             for _ in range(100):

@@ -138,13 +138,22 @@ def _control(args: argparse.Namespace, command: str, body: dict[str, Any]) -> in
 
 def offline_status(state_dir: Path, settings: Any, why: str) -> dict[str, Any]:
     """What the state directory holds while the daemon does not run."""
+    import msgspec  # noqa: PLC0415
+
     from agent.control.status import guard_rows, last_runs  # noqa: PLC0415
-    from agent.decide.guards import StateStore  # noqa: PLC0415
+    from agent.decide.guards import StateFile  # noqa: PLC0415
     from agent.decide.loader import load_playbooks  # noqa: PLC0415
 
     playbooks = {pb.name: pb for pb in load_playbooks(settings.playbooks)}
     force = settings.playbooks.force_mode
     modes = {name: "off" if "off" in (pb.mode, force) else force or pb.mode for name, pb in playbooks.items()}
+    try:  # read only: never StateStore, which sets an unreadable file aside
+        states = msgspec.json.decode((state_dir / "playbooks.json").read_bytes(), type=StateFile).targets
+    except FileNotFoundError:
+        states = {}
+    except (OSError, msgspec.DecodeError, msgspec.ValidationError) as exc:
+        why = f"{why}; guard state unreadable: {exc}"
+        states = {}
     spool = state_dir / "spool"
     try:
         spool_bytes: int | None = sum(f.stat().st_size for f in spool.iterdir() if f.is_file())
@@ -158,7 +167,7 @@ def offline_status(state_dir: Path, settings: Any, why: str) -> dict[str, Any]:
         "time": time.time(),
         "silenced_until": None,
         "model": None,
-        "playbooks": guard_rows(playbooks, modes, StateStore(state_dir), time.time()),
+        "playbooks": guard_rows(playbooks, modes, states, time.time()),
         "approvals": [],
         "last_runs": last_runs(state_dir / "audit.jsonl"),
         "mqtt": {"enabled": settings.mqtt.enabled, "spool_bytes": spool_bytes},
@@ -196,6 +205,8 @@ def _state(row: dict[str, Any], target: dict[str, Any] | None) -> str:
         return "held: " + ", ".join(row["holds"])
     if target is not None and target.get("breaker_open"):
         return "breaker open"
+    if target is not None and target.get("cooldown_until"):
+        return "cooling down"
     return "armed"
 
 

@@ -26,7 +26,7 @@ import pwd
 import socket
 import struct
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +78,7 @@ class LocalControl:
     """The socket server (the daemon's ``local-control`` task)."""
 
     def __init__(self, path: Path, dispatcher: CommandDispatcher,
-                 status: Callable[[], dict[str, Any]]) -> None:
+                 status: Callable[[], Awaitable[dict[str, Any]]]) -> None:
         self.path = path
         self.dispatcher = dispatcher
         self.status = status
@@ -145,7 +145,7 @@ class LocalControl:
             return {"status": "rejected", "message": 'the request must be {"command": ..., "args": {...}}'}
         name = str(request.get("command", ""))
         if name == wire.CommandName.STATUS:
-            return {"status": "done", "message": "", "result": self.status()}
+            return {"status": "done", "message": "", "result": await self.status()}
         if name not in CONTROLS:
             return {"status": "rejected", "message": f"unknown command '{name}'"}
         if uid not in (0, self.own_uid):

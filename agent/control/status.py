@@ -9,6 +9,7 @@ holds through the same :func:`guard_rows` and :func:`last_runs`: the persisted g
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -16,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.decide.guards import StateStore, cooldown_s
+from agent.decide.guards import TargetState, cooldown_s
 from agent.decide.model import Playbook
 
 if TYPE_CHECKING:
@@ -28,8 +29,8 @@ if TYPE_CHECKING:
 AUDIT_TAIL_BYTES = 256 * 1024
 
 
-def guard_rows(playbooks: Mapping[str, Playbook], modes: Mapping[str, str], store: StateStore, now: float,
-               *, running: Mapping[str, str] | None = None, held: Mapping[str, str] | None = None,
+def guard_rows(playbooks: Mapping[str, Playbook], modes: Mapping[str, str], states: Mapping[str, TargetState],
+               now: float, *, running: Mapping[str, str] | None = None, held: Mapping[str, str] | None = None,
                holds: Mapping[str, list[str]] | None = None) -> list[dict[str, Any]]:
     """One row per playbook (``targets``: one per target with guard state), with ``armed``: whether
     a trigger would start a run now (mode not off, nothing holding the whole playbook)."""
@@ -37,7 +38,7 @@ def guard_rows(playbooks: Mapping[str, Playbook], modes: Mapping[str, str], stor
     rows = []
     for name, playbook in sorted(playbooks.items()):
         targets = []
-        for key, state in sorted(store.of_playbook(name).items()):
+        for key, state in sorted((k, s) for k, s in states.items() if s.playbook == name):
             cooling = None
             if state.last_end is not None and state.last_end + cooldown_s(playbook, state) > now:
                 cooling = state.last_end + cooldown_s(playbook, state)
@@ -94,8 +95,16 @@ def last_runs(audit_path: Path, limit: int = 10) -> list[dict[str, Any]]:
     return runs[-limit:]
 
 
+async def live_status(engine: Engine, silence: Silence | None, reporter: Reporter | None) -> dict[str, Any]:
+    """The running daemon's view (``heald status`` over the control socket): the state on the event
+    loop, the last runs read from the audit log in a thread."""
+    data = snapshot(engine, silence, reporter)
+    data["last_runs"] = await asyncio.to_thread(last_runs, engine.audit.path)
+    return data
+
+
 def snapshot(engine: Engine, silence: Silence | None, reporter: Reporter | None) -> dict[str, Any]:
-    """The running daemon's view (``heald status`` over the control socket)."""
+    """The running daemon's state, but for ``last_runs`` (see :func:`live_status`)."""
     now = time.time()
     silenced = silence is not None and silence.holds(now)
     model = engine.model()
@@ -129,9 +138,9 @@ def snapshot(engine: Engine, silence: Silence | None, reporter: Reporter | None)
         "time": now,
         "silenced_until": silence.until if silenced and silence is not None else None,
         "model": model,
-        "playbooks": guard_rows(engine.playbooks, modes, engine.store, now, running=running, held=held,
-                                holds=holds),
+        "playbooks": guard_rows(engine.playbooks, modes, engine.store.data.targets, now, running=running,
+                                held=held, holds=holds),
         "approvals": engine.pending_approvals(),
-        "last_runs": last_runs(engine.audit.path),
+        "last_runs": [],
         "mqtt": mqtt,
     }
