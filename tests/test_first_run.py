@@ -102,7 +102,7 @@ PLAYBOOK = """\
 name: {name}
 description: never matches (a test of the start summary)
 mode: {mode}
-trigger: {{metric: cpu.usage_pct, op: ">", value: 1000, for: 1h}}
+trigger: {{metric: cpu.util_pct, op: ">", value: 1000, for: 1h}}
 steps:
   - {{name: step, action: {action}, params: {params}}}
 """
