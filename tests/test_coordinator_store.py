@@ -182,7 +182,7 @@ async def test_node_listing_filters_sort_paging(store: Store) -> None:
     found = await store.list_nodes(NodeQuery(q="DE-2", limit=100))
     assert found["total"] == 10
     assert page["sites"] == ["a", "b"]
-    assert page["fleet"] == {"nodes": 30, "online": 30, "alert": 20}
+    assert page["fleet"] == {"nodes": 30, "online": 30, "alert": 20, "escalations": 0}
 
 
 async def _fleet(store: Store, count: int, site: str = "s") -> list[SimNode]:
