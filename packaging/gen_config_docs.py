@@ -30,6 +30,7 @@ if str(TOP) not in sys.path:
     sys.path.insert(0, str(TOP))
 
 from agent.runtime.config import ENV_PREFIX, Settings  # noqa: E402 - needs the path above
+from agent.runtime.reload import policy  # noqa: E402
 
 DOC = TOP / "docs" / "configuration.md"
 EXAMPLE = TOP / "packaging" / "agent.toml"
@@ -231,7 +232,9 @@ def render_markdown(sections: list[Section]) -> str:
         "`HEALD_COLLECT__CPU__INTERVAL_S=2`, `HEALD_MQTT__ENABLED=true`). Later sources win.",
         "Unknown keys are errors; `heald check` lists every problem with file, line and key.",
         "`SIGHUP` (`systemctl reload heald`) reloads; an invalid file is refused and the running",
-        "configuration kept.",
+        "configuration kept. A reload applies every key live except those marked **restart** below:",
+        "those keep their running value, and the reload logs `reload.restart_required` naming them",
+        "(`heald check` lists them too).",
         "",
         "The shipped, commented example with every default is `packaging/agent.toml`",
         "(installed as `/etc/heald/agent.toml`). Metrics exposed by `[prometheus]` are listed in",
@@ -253,6 +256,8 @@ def render_markdown(sections: list[Section]) -> str:
             if f.type_text == "array of tables":
                 default = "*(none)*" if not f.default else default
             desc = f.comment
+            if policy(f.key) == "restart":
+                desc = (desc + " " if desc else "") + "**restart** to change."
             if not s.array_of:
                 desc = (desc + " " if desc else "") + f"Env: `{env_name(f.key)}`."
             cells = [f"`{name}`", f.type_text, default, desc]

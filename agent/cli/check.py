@@ -72,6 +72,7 @@ def config_failed(config: Path | None) -> list[Problem]:
 def cmd_check(args: argparse.Namespace) -> int:
     from agent.errors import InputError  # noqa: PLC0415
     from agent.runtime.config import load_config  # noqa: PLC0415
+    from agent.runtime.reload import restart_keys  # noqa: PLC0415
 
     loaded: LoadedConfig | None
     warnings: list[str] = []
@@ -92,6 +93,7 @@ def cmd_check(args: argparse.Namespace) -> int:
                          for p in problems],
             "warnings": warnings,
             "playbooks": modes,
+            "restart_required": restart_keys(),  # keys a SIGHUP keeps at their running values
         }, indent=2))
     else:
         for p in problems:
@@ -102,4 +104,5 @@ def cmd_check(args: argparse.Namespace) -> int:
             files = ", ".join(str(f) for f in loaded.files) or "built-in defaults"
             print(f"ok: {files}")
             print(modes)
+            print(f"needs a restart to change (SIGHUP applies the rest): {', '.join(restart_keys())}")
     return 2 if problems else 0

@@ -16,15 +16,22 @@ if TYPE_CHECKING:
 log = structlog.get_logger("heald.control")
 
 
-def build_verifier(settings: CoordinatorSettings, *, node: str, site: str,
-                   state_dir: Path) -> CommandVerifier | None:
-    """None when no key is configured: every command is then rejected (``no_key``)."""
+def build_verifier(settings: CoordinatorSettings, *, node: str, site: str, state_dir: Path,
+                   nonces_from: CommandVerifier | None = None) -> CommandVerifier | None:
+    """None when no key is configured: every command is then rejected (``no_key``).
+
+    ``nonces_from``: the running verifier, on a key rotation (SIGHUP); its nonce cache is kept, so
+    a command seen before the rotation is still a replay after it.
+    """
     from agent.wire import signing  # noqa: PLC0415 - cryptography only when commands are in use
 
     keys = [signing.parse_public_key(k) for k in settings.public_keys]
     keys += [signing.load_public_key(Path(p)) for p in settings.public_key_files]
     if not keys:
         return None
+    if nonces_from is not None:
+        return signing.CommandVerifier(keys, node=node, site=site, nonces=nonces_from.nonces,
+                                       max_skew_s=settings.max_clock_skew_s)
     path = state_dir / "report" / "nonces.msgpack"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

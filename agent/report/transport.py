@@ -46,7 +46,6 @@ import asyncio
 import contextlib
 import random
 import socket
-import ssl
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -64,10 +63,12 @@ from agent.collect.sample import Sample
 from agent.fsutil import FailureStreak
 from agent.report import build
 from agent.report.check import OutboundCheck
+from agent.report.pacing import TokenBucket, full_jitter
 from agent.report.protocol import ProtocolChoice, session_options
 from agent.report.settings import MqttSettings
 from agent.report.spool import Spool, SpoolRecord
 from agent.report.state import PersistentCounter, SeqStore, load_incarnation
+from agent.report.tls import client_context
 from agent.score.types import Risk as ScoreRisk
 
 log = structlog.get_logger()
@@ -76,6 +77,14 @@ log = structlog.get_logger()
 _OWN_KINDS: Final = frozenset({"birth", "status", "command"})
 #: While connected and the disk is in trouble, drops since the last report go out at most this often.
 DROP_REPORT_INTERVAL_S: Final = 60.0
+#: ``[mqtt]`` keys the running session takes as they change; any other change reconnects.
+_SESSION_KEEPS: Final = frozenset({"max_publish_per_s", "max_payload_bytes", "metrics_interval_s",
+                                   "queue_max", "backoff_initial_s", "backoff_max_s", "ack_timeout_s",
+                                   "spool"})
+
+
+class _Reconnect(Exception):
+    """Ends a session so that the next one uses the reconfigured settings."""
 
 
 
@@ -105,56 +114,6 @@ class ReporterCounters:
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
-
-
-class TokenBucket:
-    """``rate`` tokens per second, bursts of up to ``burst``."""
-
-    def __init__(self, rate: float, burst: float | None = None) -> None:
-        self.rate = rate
-        self.burst = max(1.0, burst if burst is not None else rate)
-        self._tokens = self.burst
-        self._stamp = time.monotonic()
-
-    async def take(self) -> None:
-        while True:
-            now = time.monotonic()
-            self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
-            self._stamp = now
-            if self._tokens >= 1.0:
-                self._tokens -= 1.0
-                return
-            await asyncio.sleep((1.0 - self._tokens) / self.rate)
-
-
-def full_jitter(attempt: int, initial: float, cap: float, rng: random.Random) -> float:
-    """AWS-style full jitter: uniform in [0, min(cap, initial * 2**attempt)]."""
-    return rng.uniform(0.0, min(cap, initial * (2 ** min(attempt, 30))))
-
-
-class _TlsContext(ssl.SSLContext):
-    """An SSLContext that remembers the sockets it wraps.
-
-    paho-mqtt does not close the socket when the TLS handshake fails (e.g. certificate verify
-    failed): it would leak until garbage collection, one per reconnect attempt. The reporter
-    closes every socket of a session when the session ends (closing twice is harmless).
-    """
-
-    _wrapped: list[ssl.SSLSocket]
-
-    def wrap_socket(  # noqa: PLR0917  (the signature of ssl.SSLContext.wrap_socket)
-        self, sock: socket.socket, server_side: bool = False, do_handshake_on_connect: bool = True,
-        suppress_ragged_eofs: bool = True, server_hostname: str | bytes | None = None,
-        session: ssl.SSLSession | None = None,
-    ) -> ssl.SSLSocket:
-        wrapped = super().wrap_socket(sock, server_side, do_handshake_on_connect, suppress_ragged_eofs,
-                                      server_hostname, session)
-        self.__dict__.setdefault("_wrapped", []).append(wrapped)
-        return wrapped
-
-    def close_wrapped(self) -> None:
-        for sock in self.__dict__.pop("_wrapped", []):
-            sock.close()
 
 
 @dataclass
@@ -213,6 +172,7 @@ class Reporter:
         self._replay_until = -1
         self._rng = random.Random()  # noqa: S311  (backoff jitter, not cryptography)
         self._protocol = ProtocolChoice(settings.protocol)
+        self._reconfigured = asyncio.Event()
         self._bucket = TokenBucket(settings.max_publish_per_s)
         self._batch: list[Sample] = []
         self._batch_started = 0.0
@@ -246,6 +206,18 @@ class Reporter:
     def backlog(self) -> int:
         """Everything not yet acknowledged by the broker (memory queue + spool)."""
         return len(self._queue) + self.spool.pending
+
+    def reconfigure(self, settings: MqttSettings) -> None:
+        """New ``[mqtt]`` settings (SIGHUP): a new broker, credentials or session options reconnect
+        at once; the spool, the sequence numbers and what waits to be sent are kept."""
+        old, self.settings = self.settings, settings
+        self._bucket = TokenBucket(settings.max_publish_per_s)
+        if settings.protocol != old.protocol:
+            self._protocol = ProtocolChoice(settings.protocol)
+        if any(getattr(old, f.name) != getattr(settings, f.name)
+               for f in msgspec.structs.fields(settings) if f.name not in _SESSION_KEEPS):
+            self._log.info("mqtt.reconnect_for_reload", host=settings.host, port=settings.port)
+            self._reconfigured.set()
 
     # ------------------------------------------------------------------ submit (pipeline side)
     def submit(self, message: wire.Envelope) -> bool:
@@ -397,11 +369,13 @@ class Reporter:
 
     async def _connection_loop(self) -> None:
         attempt = 0
-        s = self.settings
         while True:
-            was_connected = fell_back = False
+            s = self.settings
+            was_connected = fell_back = again = False
             try:
                 was_connected = await self._session()
+            except* _Reconnect:
+                again = True
             except* aiomqtt.MqttError as group:
                 was_connected = self._connected
                 fell_back = not was_connected and self._protocol.fall_back(group.exceptions[0])
@@ -417,14 +391,15 @@ class Reporter:
                 self._connected = False
                 self._connected_event.clear()
                 self.spool.rewind()
-            if fell_back:
+            if fell_back or again:
                 continue
             if was_connected:
                 attempt = 0
             delay = full_jitter(attempt, s.backoff_initial_s, s.backoff_max_s, self._rng)
             attempt += 1
             self._log.debug("mqtt.reconnect_in", delay_s=round(delay, 3), attempt=attempt)
-            await asyncio.sleep(delay)
+            with contextlib.suppress(TimeoutError):  # new settings cut the wait short
+                await asyncio.wait_for(self._reconfigured.wait(), delay)
 
     def _log_failure(self, exc: BaseException, *, connected: bool) -> None:
         s = self.settings
@@ -446,20 +421,6 @@ class Reporter:
             self._log.warning("mqtt.connect_failed", **fields)
 
     # ------------------------------------------------------------------ one connection
-    def _tls_context(self) -> _TlsContext | None:
-        tls = self.settings.tls
-        if not tls.enabled:
-            return None
-        ctx = _TlsContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the certificate and the host name
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        if tls.ca_file:
-            ctx.load_verify_locations(cafile=tls.ca_file)
-        else:
-            ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
-        if tls.cert_file:
-            ctx.load_cert_chain(tls.cert_file, tls.key_file)
-        return ctx
-
     def _password(self) -> str | None:
         path = self.settings.password_file
         if path is None:
@@ -484,8 +445,9 @@ class Reporter:
         return wire.encode(msg)
 
     async def _session(self) -> bool:
+        self._reconfigured.clear()
         s = self.settings
-        tls = self._tls_context()
+        tls = client_context(self.settings.tls)
         password = self._password()
         bdseq = self._bdseq.next()
         status_topic = self._topics["status"]
@@ -527,6 +489,8 @@ class Reporter:
                     tg.create_task(self._publisher(client, tg), name="report-mqtt-publisher")
                     if self.inbound is not None:
                         tg.create_task(self._receiver(client, self.inbound), name="report-mqtt-inbound")
+                    tg.create_task(self._until_reconfigured(client, status_topic, bdseq),
+                                   name="report-mqtt-reload")
             except asyncio.CancelledError:
                 # Shutting down: a clean DISCONNECT suppresses the will, so say offline ourselves.
                 with contextlib.suppress(aiomqtt.MqttError):
@@ -534,6 +498,13 @@ class Reporter:
                                          retain=True, timeout=1.0)
                 raise
         return True
+
+    async def _until_reconfigured(self, client: aiomqtt.Client, status_topic: str, bdseq: int) -> None:
+        await self._reconfigured.wait()
+        with contextlib.suppress(aiomqtt.MqttError):  # leaving this broker: say offline (no will now)
+            await client.publish(status_topic, self._status("offline", bdseq, "reconfigured"), qos=1,
+                                 retain=True, timeout=1.0)
+        raise _Reconnect
 
     def _report_drops(self) -> None:
         """Tell the coordinator what was dropped since the last report (see the module docstring)."""

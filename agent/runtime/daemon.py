@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import signal
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -28,6 +29,7 @@ from agent import __version__
 from agent.collect.sample import Sample
 from agent.errors import ConfigError, InputError
 from agent.fsutil import CounterFile
+from agent.runtime import reload as policy
 from agent.runtime.config import LoadedConfig, Settings, load_config
 from agent.runtime.paths import resolve_state_dir
 from agent.runtime.pipeline import Pipeline
@@ -62,6 +64,7 @@ class Daemon:
         self.state_dir = resolve_state_dir(self.settings.paths.state_dir)
         self.pipeline = Pipeline()
         self.reloadables: list[Reloadable] = []
+        self._appliers: dict[str, list[Callable[[Settings], Awaitable[None]]]] = {}
         self.last_sample: Sample | None = None
         self._last_tick = time.monotonic()
         self._stop = asyncio.Event()
@@ -83,6 +86,10 @@ class Daemon:
     def add_task(self, name: str, factory: Callable[[], Coroutine[Any, Any, None]]) -> None:
         """Register a long-running coroutine to run in the root group (before run())."""
         self._extra.append((name, factory))
+
+    def on_reload(self, section: str, apply: Callable[[Settings], Awaitable[None]]) -> None:
+        """On SIGHUP, ``apply(new settings)`` when ``[section]`` changed; raising keeps its old values."""
+        self._appliers.setdefault(section, []).append(apply)
 
     # --- signals ------------------------------------------------------------------------------
     def request_stop(self) -> None:
@@ -178,23 +185,39 @@ class Daemon:
             self.notifier.notify(STATUS="reload refused: invalid configuration")
             return False
         old = self.settings
-        new = loaded.settings
-        self.loaded, self.settings = loaded, new
-        if new.collect != old.collect or new.node.id != old.node.id:
+        new, sections, refused = policy.plan(old, loaded.settings)
+        if new.collect != old.collect or new.sample.stale_after != old.sample.stale_after:
             seq = self.sampler.seq
             await self._stop_collectors()
             self.sampler = self._build_sampler(new)
             self.sampler.seq = seq
             self._start_collectors()
+        failed = []
+        for section in sections:
+            for apply in self._appliers.get(section, ()):
+                try:
+                    await apply(new)
+                except Exception as exc:  # noqa: BLE001 - any failure: that section keeps its running settings
+                    log.error("reload.section_failed", section=section, error=str(exc) or type(exc).__name__)
+                    failed.append(section)
+                    break
+        new = policy.keep_sections(new, old, failed)
+        self.loaded, self.settings = dataclasses.replace(loaded, settings=new), new
         for part in self.reloadables:
             try:
                 part.reload(new)
             except Exception:  # a part that cannot reload keeps its old settings
                 log.exception("reload failed", part=type(part).__name__)
-        structlog.contextvars.bind_contextvars(node=new.node.id)
-        log.info("configuration reloaded")
-        self.notifier.notify(STATUS="configuration reloaded")
-        return True
+        status = "configuration reloaded"
+        if refused:
+            log.error("reload.restart_required", keys=refused,
+                      detail="kept the running values; restart heald to change these keys")
+            status += "; restart required for " + ", ".join(refused)
+        if failed:
+            status += "; not applied: " + ", ".join(f"[{s}]" for s in failed)
+        log.info("configuration reloaded", applied=[s for s in sections if s not in failed])
+        self.notifier.notify(STATUS=status)
+        return not failed
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -273,14 +296,16 @@ def build_daemon(loaded: LoadedConfig, config_path: Path | None = None,
         pipe.scorer = stage
         model_version = stage.model_version
         daemon.add_task("score-refit", stage.refit_loop)
+        daemon.on_reload("model", lambda new: asyncio.to_thread(stage.reconfigure, new.model))
     exposition = None
     if s.prometheus.enabled:
         from agent.runtime import prometheus  # noqa: PLC0415
 
         exposition = prometheus.Exposition(s.node.id)
         pipe.exposition = exposition
-        listen = s.prometheus.listen
-        daemon.add_task("prometheus", lambda: prometheus.serve(exposition, listen))
+        endpoint = prometheus.Endpoint(exposition, s.prometheus.listen)
+        daemon.add_task("prometheus", endpoint.run)
+        daemon.on_reload("prometheus", lambda new: endpoint.rebind(new.prometheus.listen))
     reporter = None
     if s.mqtt.enabled:
         from agent.report.transport import Reporter  # noqa: PLC0415
@@ -291,6 +316,7 @@ def build_daemon(loaded: LoadedConfig, config_path: Path | None = None,
                             capabilities=["playbooks", "spool", "signed-commands"])
         pipe.reporter = reporter
         daemon.add_task("report", reporter.run)
+        daemon.on_reload("mqtt", _mqtt_applier(reporter))
 
     def on_action(record: dict[str, Any]) -> None:
         if exposition is not None and record.get("type") == "run.end":
@@ -319,7 +345,7 @@ def _wire_control(daemon: Daemon, engine: Engine, reporter: Reporter | None) -> 
     from agent.control.dispatcher import CommandDispatcher  # noqa: PLC0415
     from agent.control.local import LocalControl, NoCoordinator, socket_path  # noqa: PLC0415
     from agent.control.silence import Silence  # noqa: PLC0415
-    from agent.control.status import live_status  # noqa: PLC0415
+    from agent.control.status import snapshot  # noqa: PLC0415
 
     s = daemon.settings
     silence = Silence()
@@ -338,6 +364,24 @@ def _wire_control(daemon: Daemon, engine: Engine, reporter: Reporter | None) -> 
                                            max_payload_bytes=s.mqtt.max_payload_bytes, handler=dispatcher)
         engine.lease_gate = leases
         daemon.add_task("commands", dispatcher.run)
+
+        async def rekey(new: Settings) -> None:  # a key rotation: the next command uses the new keys
+            dispatcher.verifier = await asyncio.to_thread(
+                build_verifier, new.coordinator, node=s.node.id, site=s.node.site, state_dir=daemon.state_dir,
+                nonces_from=dispatcher.verifier)
+
+        daemon.on_reload("coordinator", rekey)
     local = LocalControl(socket_path(s.paths.runtime_dir), dispatcher,
-                         lambda: live_status(engine, silence, reporter))
+                         lambda: snapshot(engine, silence, reporter))
     daemon.add_task("local-control", local.serve)
+
+
+def _mqtt_applier(reporter: Reporter) -> Callable[[Settings], Awaitable[None]]:
+    """[mqtt] on SIGHUP: the reporter reconnects if need be, the command receiver takes the new limit."""
+    from agent.control.receiver import CommandReceiver  # noqa: PLC0415
+
+    async def apply(new: Settings) -> None:
+        reporter.reconfigure(new.mqtt)
+        if isinstance(reporter.inbound, CommandReceiver):
+            reporter.inbound.max_payload_bytes = new.mqtt.max_payload_bytes
+    return apply

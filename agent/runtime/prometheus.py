@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Final
 from wsgiref.simple_server import WSGIServer
 
+import structlog
 from prometheus_client import start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.platform_collector import PlatformCollector
@@ -35,6 +36,8 @@ from agent import __version__
 from agent.collect.sample import Sample, split_key
 from agent.errors import HealdError
 from agent.score.types import Risk
+
+log = structlog.get_logger("heald.prometheus")
 
 PREFIX: Final = "heald_"
 SAMPLE_LABEL: Final = "label"
@@ -286,3 +289,37 @@ async def serve(exposition: Exposition, listen: str, *,
         except asyncio.CancelledError:  # cancelled again while closing: finish here, then go on
             server.close()
             raise
+
+
+class Endpoint:
+    """The daemon's /metrics: one server at a time, moved by :meth:`rebind` on SIGHUP."""
+
+    def __init__(self, exposition: Exposition, listen: str) -> None:
+        self.listen = listen
+        self.server: MetricsServer | None = None
+        self._exposition = exposition
+        self._registry = build_registry(exposition)
+
+    async def run(self) -> None:
+        """Serve until cancelled (the daemon's ``prometheus`` task), then close the server."""
+        self.server = await asyncio.to_thread(start, self._exposition, self.listen, registry=self._registry)
+        try:
+            await asyncio.Future()  # forever: ends by cancellation
+        finally:
+            server = self.server
+            if server is not None:
+                try:
+                    await asyncio.to_thread(server.close)
+                except asyncio.CancelledError:  # cancelled again while closing: finish here
+                    server.close()
+                    raise
+
+    async def rebind(self, listen: str) -> None:
+        """Listen on ``listen``, then close the old port; a bind failure raises and keeps the old one."""
+        if listen == self.listen:
+            return
+        new = await asyncio.to_thread(start, self._exposition, listen, registry=self._registry)
+        old, self.server, self.listen = self.server, new, listen
+        if old is not None:
+            await asyncio.to_thread(old.close)
+        log.info("prometheus.rebound", url=new.url, closed=old.url if old is not None else None)

@@ -128,6 +128,15 @@ class RiskStage:
         self._version = ""
         self._update_version()
 
+    def reconfigure(self, settings: ModelSettings) -> None:
+        """New ``[model]`` settings (SIGHUP, in a thread): used from the next fit and history prune; a
+        new ``classifier_path`` is loaded now (refused: the running classifier stays)."""
+        old, self.settings = self.settings, settings
+        if self.history is not None:
+            self.history.window_s = settings.window_s
+        if settings.classifier_path != old.classifier_path and settings.enabled:
+            self._load_classifier()
+
     # ------------------------------------------------------------------ models
     def _load_classifier(self) -> None:
         path = self.settings.classifier_path or str(clf.DEFAULT_PATH)
