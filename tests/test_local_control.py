@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -374,3 +375,41 @@ async def test_the_socket_gives_controls_to_root_only_by_peer_uid(tmp_path: Path
         assert not server.path.exists()
     finally:
         shutil.rmtree(public, ignore_errors=True)
+
+
+@pytest.mark.asyncio
+async def test_a_second_daemon_does_not_take_over_a_live_socket(tmp_path: Path) -> None:
+    """Two daemons on one runtime dir: the second's local control gives up (logged), the first
+    keeps its socket and answers; a stale socket (nobody listening) is replaced."""
+    text = PLAYBOOK.format(worker=WORKER, marker=tmp_path / "marker")
+    eng, _rec = make_engine(tmp_path, [playbook(text)])
+    dispatcher = CommandDispatcher(None, eng, NoCoordinator())
+
+    def server(name: str) -> LocalControl:
+        async def status() -> dict[str, Any]:
+            return {"node": name}
+        return LocalControl(tmp_path / "run" / "control.sock", dispatcher, status)
+
+    async def ask(path: Path) -> dict[str, Any]:
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        writer.write(b'{"command": "status"}\n')
+        answer: dict[str, Any] = json.loads(await reader.readline())
+        writer.close()
+        return answer
+
+    stale = server("stale")
+    stale.path.parent.mkdir()
+    with socket.socket(socket.AF_UNIX) as dead:  # bound, never listening: an earlier run's leftover
+        dead.bind(str(stale.path))
+    first, second = server("first"), server("second")
+    async with asyncio.TaskGroup() as tg:
+        one = tg.create_task(first.serve(), name="first")
+        for _ in range(100):
+            if first._inode is not None:  # bound
+                break
+            await asyncio.sleep(0.02)
+        assert (await ask(first.path))["result"] == {"node": "first"}
+        await asyncio.wait_for(second.serve(), 5)  # returns at once: the socket is taken
+        assert (await ask(first.path))["result"] == {"node": "first"}
+        one.cancel()
+    assert not first.path.exists()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import pwd
@@ -83,10 +84,23 @@ class LocalControl:
         self.dispatcher = dispatcher
         self.status = status
         self.own_uid = os.geteuid()
+        self._inode: int | None = None  # our socket file's, so that we never remove another's
+
+    def _listened(self) -> bool:
+        """Whether some process listens on the socket path now (another daemon on this runtime dir)."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.settimeout(1.0)
+            try:
+                probe.connect(str(self.path))
+            except OSError:
+                return False
+            return True
 
     def _bind(self) -> socket.socket:
         """Bind under a temporary name, set the mode, then rename: never a moment with wider access."""
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        if self._listened():
+            raise OSError(errno.EADDRINUSE, f"another process listens on {self.path} (a second heald?)")
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -95,6 +109,7 @@ class LocalControl:
             sock.bind(str(tmp))
             tmp.chmod(0o600)
             tmp.replace(self.path)  # a stale socket of an earlier run is replaced
+            self._inode = self.path.stat().st_ino
         except OSError:
             sock.close()
             with contextlib.suppress(OSError):
@@ -117,7 +132,8 @@ class LocalControl:
         finally:
             server.close()
             with contextlib.suppress(OSError):
-                self.path.unlink()
+                if self.path.stat().st_ino == self._inode:
+                    self.path.unlink()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
