@@ -18,7 +18,7 @@ from pathlib import Path
 
 from agent.cli.base import EXIT_CODES_EPILOG, block_optional_imports, configure_logging, out, run_handler
 from coordinator import __version__
-from coordinator.config import DEFAULT_CONFIG, CoordinatorSettings, load, login_secrets
+from coordinator.config import DEFAULT_CONFIG, CoordinatorSettings, load, login_secrets, notify_tokens
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,10 +89,13 @@ def _handle(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if settings.web.enabled and args.command in ("check", "run", None):
         login_secrets(settings)  # the secret files are readable and strong enough (exit 2 otherwise)
+    if args.command in ("check", "run", None):
+        notify_tokens(settings.notify)  # the notify routes' token files are readable (exit 2 otherwise)
     if args.command == "check":
         mqtt = settings.mqtt.host or f"embedded {settings.mqtt.embedded_listen}"
         web = settings.web.listen if settings.web.enabled else "off"
-        out(f"ok: store {settings.store_url.split('@')[-1]}, mqtt {mqtt}, web {web}")
+        routes = ", ".join(f"{r.name} ({r.kind})" for r in settings.notify.routes) or "none"
+        out(f"ok: store {settings.store_url.split('@')[-1]}, mqtt {mqtt}, web {web}, notify {routes}")
         return 0
     if args.command == "pubkey":
         from agent.wire.signing import key_id, load_or_create_private_key, public_key_text  # noqa: PLC0415

@@ -407,6 +407,21 @@ def read_secret_file(path: str, what: str) -> str:
         raise CoordinatorConfigError([Problem(path, what, f"cannot read: {exc.strerror}")]) from None
 
 
+def notify_tokens(notify: NotifySection) -> dict[str, str]:
+    """Each notify route's bearer token, by route name, from the files named; a
+    :class:`CoordinatorConfigError` for a file that cannot be read or is empty."""
+    out: dict[str, str] = {}
+    for route in notify.routes:
+        if route.bearer_token_file:
+            token = read_secret_file(route.bearer_token_file, "notify.routes.bearer_token_file")
+            if not token:
+                raise CoordinatorConfigError(
+                    [Problem(route.bearer_token_file, "notify.routes.bearer_token_file", "is empty")]
+                )
+            out[route.name] = token
+    return out
+
+
 def login_secrets(settings: CoordinatorSettings) -> tuple[list[str], list[str]]:
     """(passwords, tokens) from the config and the files it names.
 

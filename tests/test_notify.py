@@ -313,6 +313,30 @@ def test_notify_config_errors_name_the_key() -> None:
     assert ok.notify.routes[0].events == ["escalation", "approval", "offline"]
 
 
+def test_check_reads_the_route_token_files(tmp_path: Path) -> None:
+    """`heald-coordinator check` names the routes, and refuses a token file it cannot read (exit 2,
+    one line naming the file and the key, no traceback)."""
+    token = tmp_path / "hook.token"
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[coordinator]\nstate_dir = "{tmp_path}"\n[web]\npassword = "correct-horse-battery"\n'
+                   f'[[notify.routes]]\nname = "hook"\nurl = "http://127.0.0.1:9/x"\n'
+                   f'bearer_token_file = "{token}"\n')
+
+    def check() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "coordinator", "--config", str(cfg), "check"],
+                              capture_output=True, text=True, cwd=REPO_ROOT, timeout=60, check=False)
+
+    res = check()
+    assert res.returncode == 2, res
+    assert f"{token}: [notify.routes.bearer_token_file] cannot read" in res.stderr
+    assert "Traceback" not in res.stderr
+    token.write_text("s3cret-t0ken\n")
+    res = check()
+    assert res.returncode == 0, res
+    assert "notify hook (webhook)" in res.stdout
+    assert "s3cret" not in res.stdout + res.stderr
+
+
 def inc(message: Any) -> Incoming:
     return Incoming(message=message, kind=kind_of(message), received_at=time.time())
 
@@ -357,11 +381,15 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
 
 @pytest.mark.asyncio
-async def test_kinds_severities_resolves_and_giving_up(store_url: str, alertmanager: str) -> None:
+async def test_kinds_severities_resolves_and_giving_up(
+    store_url: str, alertmanager: str, tmp_path: Path
+) -> None:
     """Each kind (escalation, approval awaited, node offline) goes where its kind and severity are
     routed; a node back online and an escalation resolved send resolves (Alertmanager's alert
     ends); a 410 is given up at once, a receiver that always answers 503 after max_attempts, and
     both are counted."""
+    token = tmp_path / "pager.token"
+    token.write_text("pager-t0ken-123\n")
     port = free_port()
     receiver = Receiver(port, answers={"/gone": 410, "/flaky": 503})
     receiver.start()
@@ -369,7 +397,8 @@ async def test_kinds_severities_resolves_and_giving_up(store_url: str, alertmana
     cfg = NotifySection(
         routes=[
             NotifyRoute(name="all", url=f"{url}/all", min_severity="info"),
-            NotifyRoute(name="pager", url=f"{url}/pager", min_severity="critical"),
+            NotifyRoute(name="pager", url=f"{url}/pager", min_severity="critical",
+                        bearer_token_file=str(token)),
             NotifyRoute(name="gone", url=f"{url}/gone", events=["escalation"]),
             NotifyRoute(name="flaky", url=f"{url}/flaky", events=["escalation"]),
             NotifyRoute(name="am", url=alertmanager, kind="alertmanager", events=["offline"]),
@@ -415,6 +444,9 @@ async def test_kinds_severities_resolves_and_giving_up(store_url: str, alertmana
             k.split()[1] for k in receiver.taken if k.startswith("/all ") and k.endswith(":resolved")
         } == {"escalation:n1:1:resolved", f"offline:n1:{n.bdseq - 1}:resolved"})
         assert "/pager escalation:n1:1:resolved" in receiver.taken
+        auth = {p: h.get("Authorization") for p, h, _ in receiver.requests}
+        assert auth["/pager"] == "Bearer pager-t0ken-123"
+        assert auth["/all"] is None  # a route's token goes to that route only
         # nothing resolved where nothing fired, nor on a route whose firing was given up
         assert not [k for k in receiver.taken if k.startswith(("/gone", "/flaky"))]
         assert receiver.repeats == 0

@@ -25,7 +25,7 @@ from typing import Any
 import aiohttp
 import structlog
 
-from coordinator.config import NotifyRoute, NotifySection, read_secret_file
+from coordinator.config import NotifyRoute, NotifySection, notify_tokens
 from coordinator.notify.outbox import Claimed, Outbox
 from coordinator.notify.send import post, request_for
 from coordinator.store.database import Database
@@ -61,10 +61,7 @@ class Notifier:
         self.replica = replica
         self.outbox = Outbox(db, cfg)
         self.routes: dict[str, NotifyRoute] = {r.name: r for r in cfg.routes}
-        self._auth: dict[str, str] = {
-            r.name: "Bearer " + read_secret_file(r.bearer_token_file, "notify.routes.bearer_token_file")
-            for r in cfg.routes if r.bearer_token_file
-        }
+        self._auth = {name: f"Bearer {token}" for name, token in notify_tokens(cfg).items()}
         self.stats = NotifyStats()
         self.wake = asyncio.Event()
         self._rng = random.Random()  # noqa: S311 - jitter, not a secret
