@@ -34,11 +34,14 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from playbook_kit import make_engine, playbook, running
+from playbook_kit import idle, make_engine, playbook, running, sample
 
 from agent import wire
+from agent.cli.local import render_status
 from agent.control.dispatcher import CommandDispatcher
 from agent.control.local import LocalControl, NoCoordinator
+from agent.control.silence import Silence
+from agent.control.status import live_status
 from agent.wire import signing
 
 REPO = Path(__file__).resolve().parent.parent
@@ -413,3 +416,62 @@ async def test_a_second_daemon_does_not_take_over_a_live_socket(tmp_path: Path) 
         assert (await ask(first.path))["result"] == {"node": "first"}
         one.cancel()
     assert not first.path.exists()
+
+
+COOLING = """
+name: cooling
+description: touch a marker while app.bad holds; then an hour's cooldown
+mode: enforce
+trigger: {{metric: "app.bad", op: ">", value: 0}}
+steps:
+  - action: run_command
+    params: {{argv: ["/usr/bin/touch", "{marker}"]}}
+    timeout: 10s
+verify: {{settle: 0s}}
+guards: {{cooldown: 1h}}
+"""
+MODEL_DRIVEN = """
+name: model-driven
+description: reads the model, so it is held while the model is cold
+mode: dry-run
+trigger: {risk: anomaly}
+steps:
+  - action: notify
+    params: {message: anomalous}
+"""
+
+
+@pytest.mark.asyncio
+async def test_status_shows_cooldowns_cold_start_and_silence_holds(tmp_path: Path) -> None:
+    eng, _rec = make_engine(tmp_path, [playbook(COOLING.format(marker=tmp_path / "marker")),
+                                       playbook(MODEL_DRIVEN)])
+    silence = Silence()
+    async with running(eng):
+        for _ in range(3):
+            await eng.evaluate(sample({"app.bad": 1.0}), None)
+        for _ in range(500):  # new samples, the problem gone: the run verifies and ends
+            await eng.evaluate(sample({"app.bad": 0.0}), None)
+            if not any(r["running"] for r in eng.status()):
+                break
+            await asyncio.sleep(0.02)
+        await idle(eng)
+        ended = time.time()
+        data = await live_status(eng, silence, None)
+        rows = {r["playbook"]: r for r in data["playbooks"]}
+        (target,) = rows["cooling"]["targets"]
+        assert ended + 3500 < target["cooldown_until"] <= ended + 3600
+        assert target["total_runs"] == 1
+        assert rows["cooling"]["armed"] is True
+        assert rows["model-driven"]["holds"] == ["cold-start"]  # no risk yet: the model is cold
+        assert rows["model-driven"]["armed"] is False
+        assert data["model"] == {"model_version": None, "anomaly": None, "cold": None}
+        assert [(r["playbook"], r["outcome"]) for r in data["last_runs"]] == [("cooling", "succeeded")]
+        table = render_status(data)
+        assert "cooling down" in table
+        assert "held: cold-start" in table
+        silence.until = time.time() + 600
+        data = await live_status(eng, silence, None)
+        rows = {r["playbook"]: r for r in data["playbooks"]}
+        assert rows["cooling"]["holds"] == ["silenced"]
+        assert rows["model-driven"]["holds"] == ["silenced", "cold-start"]
+        assert data["silenced_until"] == silence.until
