@@ -182,22 +182,17 @@ class Outbox:
         """Resolves for the offline episodes notified and not resolved whose node is online now."""
         open_ = self.db.rows(
             cur,
-            "SELECT DISTINCT f.node, f.dedup_key, f.notice FROM notify_outbox f WHERE f.kind = 'offline' "
+            "SELECT DISTINCT f.node, f.dedup_key, f.notice FROM notify_outbox f "
+            "JOIN nodes n ON n.node = f.node AND n.online = 1 WHERE f.kind = 'offline' "
             "AND f.status = 'firing' AND NOT EXISTS (SELECT 1 FROM notify_outbox r WHERE "
             "r.route = f.route AND r.dedup_key = f.dedup_key AND r.status = 'resolved') ORDER BY f.node",
         )
-        online: set[str] = set()
-        for chunk in iter_chunks(sorted({r["node"] for r in open_}), 500):
-            marks = ", ".join("?" * len(chunk))
-            online.update(r["node"] for r in self.db.rows(
-                cur, f"SELECT node FROM nodes WHERE online = 1 AND node IN ({marks})", chunk))  # noqa: S608
         out = []
         for row in open_:
-            if row["node"] in online:
-                fired = json.loads(row["notice"])
-                out.append(Notice(key=row["dedup_key"], status="resolved", kind="offline", node=row["node"],
-                                  site=fired["site"], summary=f"{row['node']}: back online",
-                                  details=fired["details"], ts=now))
+            fired = json.loads(row["notice"])
+            out.append(Notice(key=row["dedup_key"], status="resolved", kind="offline", node=row["node"],
+                              site=fired["site"], summary=f"{row['node']}: back online",
+                              details=fired["details"], ts=now))
         return out
 
     def _queue_all(self, cur: Cursor, notices: list[Notice]) -> int:
