@@ -144,7 +144,8 @@ async def test_incidents_approvals_escalations_acks(store: Store) -> None:
     assert node["labels"] == {"rack": "r7"}
     await store.apply(
         [
-            inc(n.event("approval_request", {"request_id": "n1-ap1", "run_id": "run1", "playbook": "pb"})),
+            inc(n.event("approval_request", {"request_id": "n1-ap1", "run_id": "run1", "playbook": "pb",
+                                             "target": "pb", "acts_on": "stop_process: x (pid 7)"})),
             inc(n.event("playbook.escalated", {"playbook": "pb"}, message="gave up")),
             inc(n.action("run1", "pb", "started")),
             inc(n.action("run1", "pb", "finished", "failed")),
@@ -158,6 +159,11 @@ async def test_incidents_approvals_escalations_acks(store: Store) -> None:
     assert [a["id"] for a in node["approvals"]] == ["n1-ap1"]
     assert node["escalations"][0]["reason"] == "gave up"
     assert node["escalations"][0]["scope"] == "node"
+    # the approval's target from its request's labels; the open escalation in the fleet list
+    assert node["approvals"][0]["target"] == "stop_process: x (pid 7)"
+    assert [a["target"] for a in await store.table("approvals")] == ["stop_process: x (pid 7)"]
+    listed = (await store.list_nodes(NodeQuery()))["items"][0]
+    assert (listed["open_escalations"], listed["escalation"]) == (1, "gave up")
 
 
 @pytest.mark.asyncio
