@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from agent.cli.base import out, quiet_logging, table
@@ -92,16 +94,11 @@ def evaluate_cmd(args: argparse.Namespace) -> int:
 
     if args.max_rows is not None and args.max_rows < 1:
         raise InputError([Problem("--max-rows", "", "must be >= 1")])
-    progress = None
-    if sys.stderr.isatty():
-        def progress(msg: str) -> None:
-            sys.stderr.write(f"\r\033[K{msg}")
-            sys.stderr.flush()
     t0 = time.perf_counter()
-    result = evaluate_dir(args.directory, max_rows=args.max_rows, seed=args.seed, progress=progress)
+    with _FileProgress(args.directory) as bar:
+        result = evaluate_dir(args.directory, max_rows=args.max_rows, seed=args.seed,
+                              progress=bar.step if bar.shown else None)
     wall = time.perf_counter() - t0
-    if progress is not None:
-        sys.stderr.write("\r\033[K")
     if args.json:
         out(json.dumps(result))
         return 0
@@ -116,6 +113,38 @@ def evaluate_cmd(args: argparse.Namespace) -> int:
     out(f"{len(result['files'])} files in {wall:.1f} s. heald is scored one row at a time; "
            "baseline µs/sample is sklearn single-row latency.")
     return 0
+
+
+class _FileProgress:
+    """A progress bar over the datasets on stderr, when stderr is a terminal (tqdm's own test):
+    the files done, the current file and what is being done to it, elapsed and remaining time."""
+
+    _STEP = re.compile(r"\[(\d+)/(\d+)\] (.*)")
+
+    def __init__(self, directory: str) -> None:
+        from tqdm import tqdm  # noqa: PLC0415 - only for this command
+
+        total = len(list(Path(directory).glob("*.npz"))) if Path(directory).is_dir() else 0
+        self._bar = tqdm(total=total, unit="file", file=sys.stderr, disable=None, dynamic_ncols=True,
+                         bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} files [{elapsed}<{remaining}]")
+        self.shown = not self._bar.disable
+
+    def step(self, msg: str) -> None:
+        m = self._STEP.match(msg)
+        if m is None:
+            return
+        self._bar.n = int(m[1]) - 1
+        self._bar.set_description_str(m[3][:48], refresh=False)
+        self._bar.refresh()
+
+    def __enter__(self) -> _FileProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is None:
+            self._bar.n = self._bar.total or 0
+            self._bar.set_description_str("done", refresh=False)
+        self._bar.close()
 
 
 def _meta_dict(model: Any) -> dict[str, Any]:
