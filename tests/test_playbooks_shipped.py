@@ -83,6 +83,7 @@ def test_shipped_library_loads() -> None:
         "failed-service",
         "zombie-storm",
         "gpu-xid-reset",
+        "cgroup-memory-leak",
     }
 
 

@@ -1,13 +1,14 @@
 """The collectors a node runs, built from ``[collect.*]`` settings.
 
 :func:`build` returns one configured collector per enabled section, in a fixed order (cpu, memory,
-disk, network, processes, gpu). It does not start them: the daemon calls ``start()`` on each and
+disk, network, processes, gpu, cgroups). It does not start them: the daemon calls ``start()`` on each and
 disables (and logs once) those that raise :class:`agent.errors.CollectorUnavailable`.
 """
 
 from __future__ import annotations
 
 from agent.collect.base import Collector
+from agent.collect.cgroups import CgroupCollector
 from agent.collect.cpu import CpuCollector
 from agent.collect.disk import DiskCollector
 from agent.collect.gpu import GpuCollector
@@ -36,4 +37,6 @@ def build(settings: CollectSettings, *, root: str = "/", nvml: object | None = N
         out.append(ProcessCollector(settings.processes, root=root))
     if settings.gpu.enabled:
         out.append(GpuCollector(settings.gpu, root=root, nvml=nvml))
+    if settings.cgroups.enabled:
+        out.append(CgroupCollector(settings.cgroups, root=root))
     return out

@@ -72,6 +72,21 @@ class GpuSettings(CollectorSettings, frozen=True, forbid_unknown_fields=True, kw
     kernel_log_fallback: bool = True
 
 
+class CgroupSettings(CollectorSettings, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    # Cgroups watched besides every one with a memory or PIDs limit, as /proc/PID/cgroup shows them
+    # ("/system.slice/x.service").
+    include: tuple[str, ...] = ()
+    # How often the hierarchy is walked again for new and removed cgroups.
+    rescan_s: Seconds = 30.0
+    # How deep below the cgroup root the walk goes.
+    max_depth: Annotated[int, msgspec.Meta(ge=1, le=16)] = 6
+    # How many cgroups a pass reads at most: those named in include, then the smallest memory
+    # limits (they run out first).
+    max_cgroups: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 64
+    # The window of the working set's growth rate (cgroup.mem.growth_bytes_per_s, cgroup.mem.eta_s).
+    slope_window_s: Annotated[float, msgspec.Meta(ge=2, le=600)] = 8.0
+
+
 class CollectSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     cpu: CpuSettings = CpuSettings()
     memory: MemorySettings = MemorySettings()
@@ -79,3 +94,4 @@ class CollectSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, k
     network: NetworkSettings = NetworkSettings()
     processes: ProcessSettings = ProcessSettings()
     gpu: GpuSettings = GpuSettings()
+    cgroups: CgroupSettings = CgroupSettings()

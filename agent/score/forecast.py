@@ -2,7 +2,8 @@
 
 Tracked resources (:data:`DEFAULT_RESOURCES`): free bytes and free inodes per mount
 (``disk.free_bytes[M]``, ``disk.inodes_free[M]`` -> 0), available memory
-(``mem.available_bytes`` -> 0) and swap (``mem.swap_used_pct`` -> 100).
+(``mem.available_bytes`` -> 0), swap (``mem.swap_used_pct`` -> 100) and each memory-limited
+cgroup's headroom under its limit (``cgroup.mem.headroom_bytes[CG]`` -> 0).
 
 Method. Every sample's values go into one preallocated ring (``capacity`` samples x resources);
 every ``every`` samples the trend of each resource is re-estimated on several windows (by
@@ -62,6 +63,8 @@ DEFAULT_RESOURCES: tuple[Resource, ...] = (
     Resource(key="disk.inodes_free[*]"),
     Resource(key="mem.available_bytes"),
     Resource(key="mem.swap_used_pct", direction="up", limit=100.0),
+    # a memory-limited cgroup's room left under its limit (agent.collect.cgroups)
+    Resource(key="cgroup.mem.headroom_bytes[*]"),
 )
 
 

@@ -1,0 +1,282 @@
+"""Cgroup collector: memory, pressure, PIDs and CPU throttling of limited cgroups (v2 and v1).
+
+Most memory on a real node lives in limited cgroups (systemd units with ``MemoryMax=``,
+containers). When one of them leaks, the kernel OOM-kills inside it while host memory and host
+PSI stay calm: host-wide metrics never see it coming. This collector watches the cgroups that
+have a limit (memory, or PIDs), plus those the operator names (``[collect.cgroups] include``).
+
+Discovery walks the hierarchy every ``rescan_s`` (cgroups come and go with units and
+containers), at most ``max_depth`` deep and ``max_cgroups`` kept (the most limited first: the
+smallest memory limit), so a pass reads a bounded number of small files: ``memory.current`` or
+``memory.usage_in_bytes``, ``memory.stat`` (for the reclaimable page cache), the events file,
+``memory.pressure`` (v2), ``pids.*`` and ``cpu.stat``.
+
+The label is the cgroup's path as ``/proc/PID/cgroup`` shows it (``/system.slice/x.service``),
+so a playbook step can pick processes in it (``target: {cgroup: "{cgroup}"}``).
+
+Metrics (``CG`` = the cgroup path):
+
+======================================= ==================================================================
+``cgroup.mem.used_bytes[CG]``           working set: current usage - inactive file cache, bytes
+                                        (the cache the kernel drops before it OOM-kills is not "used")
+``cgroup.mem.limit_bytes[CG]``          memory.max / memory.limit_in_bytes, bytes (absent: no limit)
+``cgroup.mem.used_pct[CG]``             working set / limit, %
+``cgroup.mem.headroom_bytes[CG]``       limit - working set, bytes (the forecaster's resource -> 0)
+``cgroup.mem.growth_bytes_per_s[CG]``   least-squares slope of the working set over the last
+                                        ``slope_window_s``, bytes/s
+``cgroup.mem.eta_s[CG]``                headroom / growth while the working set grows (absent when it
+                                        does not): seconds until the limit at the current rate
+``cgroup.mem.oom_kills[CG]``            OOM kills inside the cgroup (memory.events oom_kill; v1
+                                        memory.oom_control oom_kill, kernels >= 4.13)
+``cgroup.psi.mem_some_avg10_pct[CG]``   the cgroup's own memory PSI, "some" 10 s average, % (v2)
+``cgroup.pids.used_pct[CG]``            pids.current / pids.max, % (absent: no PIDs limit)
+``cgroup.cpu.throttled_pct[CG]``        share of wall time the cgroup was throttled by its CPU quota, %
+======================================= ==================================================================
+
+Events: ``cgroup.oom_kill`` (labels ``cgroup``; ``value`` = new kills) when the count increases.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from agent.collect.base import BaseCollector
+from agent.collect.procfs import read_bytes
+from agent.collect.sample import Metrics, Reading, key
+from agent.collect.settings import CgroupSettings
+from agent.errors import CollectorUnavailable
+
+# v1 reports "no limit" as the largest page-aligned 63-bit value; anything this big is no limit.
+_V1_UNLIMITED = 1 << 60
+
+
+def _int(data: bytes | None) -> int | None:
+    if data is None:
+        return None
+    text = data.strip()
+    if not text or text == b"max":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def _field(data: bytes | None, name: bytes) -> int | None:
+    """``name value`` lines (memory.stat, memory.events, cpu.stat): the value of ``name``."""
+    if data is None:
+        return None
+    for line in data.split(b"\n"):
+        k, _, v = line.partition(b" ")
+        if k == name:
+            try:
+                return int(v)
+            except ValueError:
+                return None
+    return None
+
+
+def _psi_some_avg10(data: bytes | None) -> float | None:
+    if data is None:
+        return None
+    for line in data.split(b"\n"):
+        if line.startswith(b"some "):
+            for part in line.split()[1:]:
+                k, _, v = part.partition(b"=")
+                if k == b"avg10":
+                    try:
+                        return float(v)
+                    except ValueError:
+                        return None
+    return None
+
+
+def slope(points: deque[tuple[float, float]]) -> float | None:
+    """Least-squares slope of (t, y) points, or None with fewer than 3 or no time span."""
+    n = len(points)
+    if n < 3:
+        return None
+    mt = sum(t for t, _ in points) / n
+    my = sum(y for _, y in points) / n
+    den = sum((t - mt) ** 2 for t, _ in points)
+    if den <= 0:
+        return None
+    return sum((t - mt) * (y - my) for t, y in points) / den
+
+
+@dataclass
+class _Watched:
+    """One cgroup being watched: where its files are, and what the rates need."""
+
+    label: str
+    memory: str | None  # the directory with its memory files (v2: the unified dir)
+    pids: str | None
+    cpu: str | None
+    v2: bool
+    used: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=64))
+    oom_kills: int | None = None
+    throttled: tuple[float, float] | None = None  # (mono, throttled seconds so far)
+
+
+class CgroupCollector(BaseCollector[CgroupSettings]):
+    name = "cgroups"
+
+    def __init__(self, settings: CgroupSettings | None = None, *, root: str = "/") -> None:
+        super().__init__(settings or CgroupSettings(), root=root)
+        self._v2: str | None = None  # the unified mount with the memory controller
+        self._v1: dict[str, str] = {}  # controller -> v1 mount
+        self._watched: dict[str, _Watched] = {}
+        self._scanned = -1e18
+
+    # ------------------------------------------------------------------ discovery
+    def start(self) -> None:
+        base = self._p("sys/fs/cgroup")
+        for cand in (base, os.path.join(base, "unified")):
+            controllers = read_bytes(os.path.join(cand, "cgroup.controllers"))
+            if controllers is not None and b"memory" in controllers.split():
+                self._v2 = cand
+                break
+        for ctrl, names in (("memory", ("memory",)), ("pids", ("pids",)),
+                            ("cpu", ("cpu", "cpu,cpuacct", "cpuacct,cpu"))):
+            for n in names:
+                d = os.path.join(base, n)
+                if os.path.isdir(d) and os.listdir(d):
+                    self._v1[ctrl] = d
+                    break
+        if self._v2 is None and "memory" not in self._v1:
+            raise CollectorUnavailable(f"no cgroup memory controller under {base}")
+
+    def _walk(self, top: str) -> list[tuple[str, str]]:
+        """(label, directory) of every cgroup below ``top`` up to ``max_depth`` (not the root)."""
+        out: list[tuple[str, str]] = []
+        stack: list[tuple[str, int]] = [(top, 0)]
+        while stack:
+            d, depth = stack.pop()
+            if depth >= self.settings.max_depth:
+                continue
+            try:
+                entries = list(os.scandir(d))
+            except OSError:
+                continue
+            for e in entries:
+                if e.is_dir(follow_symlinks=False):
+                    out.append(("/" + os.path.relpath(e.path, top), e.path))
+                    stack.append((e.path, depth + 1))
+        return out
+
+    def _limit_of(self, w: _Watched) -> int | None:
+        if w.memory is None:
+            return None
+        if w.v2:
+            return _int(read_bytes(os.path.join(w.memory, "memory.max")))
+        limit = _int(read_bytes(os.path.join(w.memory, "memory.limit_in_bytes")))
+        return None if limit is None or limit >= _V1_UNLIMITED else limit
+
+    def _pids_limited(self, d: str | None) -> bool:
+        return d is not None and _int(read_bytes(os.path.join(d, "pids.max"))) is not None
+
+    def _rescan(self) -> None:
+        found: dict[str, _Watched] = {}
+        if self._v2 is not None:
+            for label, d in self._walk(self._v2):
+                found[label] = _Watched(label, d, d, d, True)
+        elif "memory" in self._v1:
+            for label, d in self._walk(self._v1["memory"]):
+                def at(ctrl: str, rel: str = label) -> str | None:
+                    top = self._v1.get(ctrl)
+                    p = os.path.join(top, rel.lstrip("/")) if top else None
+                    return p if p is not None and os.path.isdir(p) else None
+                found[label] = _Watched(label, d, at("pids"), at("cpu"), False)
+        include = set(self.settings.include)
+        kept: list[tuple[int, _Watched]] = []
+        for label, w in found.items():
+            limit = self._limit_of(w)
+            if limit is not None or label in include or self._pids_limited(w.pids):
+                kept.append((limit if limit is not None else 1 << 62, w))
+        kept.sort(key=lambda lw: (lw[1].label not in include, lw[0], lw[1].label))
+        new: dict[str, _Watched] = {}
+        for _, w in kept[: self.settings.max_cgroups]:
+            old = self._watched.get(w.label)
+            new[w.label] = old if old is not None and old.memory == w.memory else w
+        self._watched = new
+
+    # ------------------------------------------------------------------ one pass
+    def collect(self) -> Reading:
+        now = time.monotonic()
+        if now - self._scanned >= self.settings.rescan_s:
+            self._rescan()
+            self._scanned = now
+        reading = Reading()
+        for w in self._watched.values():
+            self._memory(w, now, reading)
+            self._pids(w, reading.metrics)
+            self._cpu(w, now, reading.metrics)
+        reading.detail = {"watched": sorted(self._watched)}
+        return reading
+
+    def _memory(self, w: _Watched, now: float, reading: Reading) -> None:
+        m, label, d = reading.metrics, w.label, w.memory
+        if d is None:
+            return
+        if w.v2:
+            usage = _int(read_bytes(os.path.join(d, "memory.current")))
+            inactive = _field(read_bytes(os.path.join(d, "memory.stat")), b"inactive_file")
+            events = read_bytes(os.path.join(d, "memory.events"))
+            m[key("cgroup.psi.mem_some_avg10_pct", label)] = _psi_some_avg10(
+                read_bytes(os.path.join(d, "memory.pressure")))
+        else:
+            usage = _int(read_bytes(os.path.join(d, "memory.usage_in_bytes")))
+            inactive = _field(read_bytes(os.path.join(d, "memory.stat")), b"total_inactive_file")
+            events = read_bytes(os.path.join(d, "memory.oom_control"))
+        limit = self._limit_of(w)
+        used = None if usage is None else max(0, usage - (inactive or 0))
+        m[key("cgroup.mem.used_bytes", label)] = None if used is None else float(used)
+        m[key("cgroup.mem.limit_bytes", label)] = None if limit is None else float(limit)
+        kills = _field(events, b"oom_kill")
+        m[key("cgroup.mem.oom_kills", label)] = None if kills is None else float(kills)
+        if kills is not None and w.oom_kills is not None and kills > w.oom_kills:
+            reading.events.append(self._event(
+                "cgroup.oom_kill", f"the kernel OOM-killed {kills - w.oom_kills} process(es) in {label}",
+                value=float(kills - w.oom_kills), labels={"cgroup": label}))
+        w.oom_kills = kills
+        if used is None or limit is None or limit <= 0:
+            w.used.clear()
+            return
+        headroom = max(0, limit - used)
+        m[key("cgroup.mem.used_pct", label)] = 100.0 * used / limit
+        m[key("cgroup.mem.headroom_bytes", label)] = float(headroom)
+        w.used.append((now, float(used)))
+        while w.used and now - w.used[0][0] > self.settings.slope_window_s:
+            w.used.popleft()
+        rate = slope(w.used)
+        m[key("cgroup.mem.growth_bytes_per_s", label)] = rate
+        if rate is not None and rate > 0:
+            m[key("cgroup.mem.eta_s", label)] = headroom / rate
+
+    def _pids(self, w: _Watched, m: Metrics) -> None:
+        if w.pids is None:
+            return
+        top = _int(read_bytes(os.path.join(w.pids, "pids.max")))
+        cur = _int(read_bytes(os.path.join(w.pids, "pids.current")))
+        if top and cur is not None:
+            m[key("cgroup.pids.used_pct", w.label)] = 100.0 * cur / top
+
+    def _cpu(self, w: _Watched, now: float, m: Metrics) -> None:
+        if w.cpu is None:
+            return
+        stat = read_bytes(os.path.join(w.cpu, "cpu.stat"))
+        if w.v2:
+            usec = _field(stat, b"throttled_usec")
+            total = None if usec is None else usec / 1e6
+        else:
+            ns = _field(stat, b"throttled_time")
+            total = None if ns is None else ns / 1e9
+        if total is None:
+            return
+        prev, w.throttled = w.throttled, (now, total)
+        if prev is not None and now > prev[0] and total >= prev[1]:
+            share = (total - prev[1]) / (now - prev[0])
+            m[key("cgroup.cpu.throttled_pct", w.label)] = min(100.0, 100.0 * share)

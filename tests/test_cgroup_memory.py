@@ -1,0 +1,273 @@
+"""A leak inside a memory-limited cgroup is healed before the kernel OOM-kills in it (issue 20).
+
+Real cgroups (v2 when its memory controller is there, else v1), real leaking processes, the real
+cgroup collector read once a second as the daemon does, and the shipped ``cgroup-memory-leak``
+playbook exactly as shipped (no timing shortened). Host memory stays calm throughout: the old
+memory trigger (host ``mem.used_pct``, host PSI) never fires here.
+
+Only the cgroups this test creates are fed to the engine (another limited cgroup on a shared
+machine is never acted on), and every process the test starts is in one of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from playbook_kit import idle, make_engine, running, sample
+
+from agent.collect.cgroups import CgroupCollector, slope
+from agent.collect.sample import Event
+from agent.collect.settings import CgroupSettings
+from agent.decide.loader import load_playbooks
+from agent.decide.settings import PlaybookSettings
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (cgroups)"),
+]
+
+PY = sys.executable
+MIB = 1 << 20
+
+LEAK = """
+import sys, time
+rate, cap = float(sys.argv[1]), int(sys.argv[2])
+sys.stdin.readline()  # wait until we are in the cgroup
+blocks, t0 = [], time.monotonic()
+while len(blocks) < cap:  # +1 MiB at a time, touched (no swap here), at `rate` MiB/s
+    blocks.append(bytearray(b"m" * (1 << 20)))
+    time.sleep(max(0.0, t0 + len(blocks) / rate - time.monotonic()))
+time.sleep(3600)
+"""
+STEADY = """
+import sys, time
+size = int(sys.argv[1])
+sys.stdin.readline()
+block = bytearray(size << 20)  # holds its share (every page touched) and never grows
+for i in range(0, len(block), 4096):
+    block[i] = 1
+time.sleep(3600)
+"""
+CACHE = """
+import os, sys, time
+path, total = sys.argv[1], int(sys.argv[2])
+sys.stdin.readline()
+chunk = b"c" * (1 << 20)
+while True:  # a backup-like job: writes far more than the limit through the page cache
+    with open(path, "wb") as fh:
+        for _ in range(total):
+            fh.write(chunk)
+            time.sleep(0.01)
+    os.unlink(path)
+"""
+
+
+@dataclass
+class Cgroup:
+    dir: Path
+    label: str  # as /proc/PID/cgroup shows it
+    v2: bool
+
+    def oom_kills(self) -> int:
+        name = "memory.events" if self.v2 else "memory.oom_control"
+        fields = dict(line.split() for line in (self.dir / name).read_text().splitlines())
+        return int(fields.get("oom_kill", 0))
+
+    def enter(self, proc: subprocess.Popen[bytes]) -> None:
+        (self.dir / "cgroup.procs").write_text(str(proc.pid))
+        assert proc.stdin is not None
+        proc.stdin.write(b"go\n")
+        proc.stdin.flush()
+
+
+@contextlib.contextmanager
+def memory_cgroup(name: str, limit_mib: int) -> Iterator[Cgroup]:
+    v2 = Path("/sys/fs/cgroup")
+    if (v2 / "cgroup.controllers").exists() and "memory" in (v2 / "cgroup.subtree_control").read_text():
+        cg = Cgroup(v2 / name, f"/{name}", True)
+        cg.dir.mkdir()
+        (cg.dir / "memory.max").write_text(str(limit_mib * MIB))
+        with contextlib.suppress(OSError):
+            (cg.dir / "memory.swap.max").write_text("0")
+    else:
+        v1 = Path("/sys/fs/cgroup/memory")
+        if not (v1 / "memory.limit_in_bytes").exists():
+            pytest.skip("no memory cgroup controller")
+        cg = Cgroup(v1 / name, f"/{name}", False)
+        cg.dir.mkdir()
+        (cg.dir / "memory.limit_in_bytes").write_text(str(limit_mib * MIB))
+        (cg.dir / "memory.swappiness").write_text("0")
+    try:
+        yield cg
+    finally:
+        for p in (cg.dir / "cgroup.procs").read_text().split():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(p), signal.SIGKILL)
+        for _ in range(100):
+            try:
+                cg.dir.rmdir()
+                break
+            except OSError:
+                time.sleep(0.05)
+
+
+@pytest.fixture
+def children() -> Iterator[list[subprocess.Popen[bytes]]]:
+    procs: list[subprocess.Popen[bytes]] = []
+    yield procs
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+        if p.stdin is not None:
+            p.stdin.close()
+
+
+def start(children: list[subprocess.Popen[bytes]], cg: Cgroup, code: str,
+          *args: str) -> subprocess.Popen[bytes]:
+    p = subprocess.Popen([PY, "-c", code, *args], stdin=subprocess.PIPE)
+    children.append(p)
+    cg.enter(p)
+    return p
+
+
+def shipped_playbook() -> list[object]:
+    pbs = [pb for pb in load_playbooks(PlaybookSettings(dirs=())) if pb.name == "cgroup-memory-leak"]
+    assert len(pbs) == 1
+    return pbs  # type: ignore[return-value]
+
+
+async def watch(collector: CgroupCollector, eng: object, ours: list[Cgroup], seconds: float, *,
+                done: object = None, after: float = 8.0) -> dict[str, float]:
+    """Feed the engine one sample a second for ``seconds`` (as the daemon's 1 Hz sampler does),
+    with only our cgroups' metrics and events, and ``after`` seconds more once ``done()`` (the
+    run verifies on samples newer than its step); returns each cgroup's peak used %."""
+    labels = {cg.label for cg in ours}
+    peak = dict.fromkeys(labels, 0.0)
+    t0 = time.monotonic()
+    n = 0
+    while time.monotonic() - t0 < seconds:
+        reading = await asyncio.to_thread(collector.collect)
+        metrics = {k: v for k, v in reading.metrics.items() if k.partition("[")[2][:-1] in labels}
+        events = [e for e in reading.events if e.labels.get("cgroup") in labels]
+        for label in labels:
+            peak[label] = max(peak[label], metrics.get(f"cgroup.mem.used_pct[{label}]") or 0.0)
+        await eng.evaluate(sample(metrics, events), None)  # type: ignore[attr-defined]
+        if callable(done) and done():
+            seconds = min(seconds, time.monotonic() - t0 + after)
+            done = None
+        n += 1
+        await asyncio.sleep(max(0.0, t0 + n - time.monotonic()))
+    return peak
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("rate", "limit"), [(20, 256), (60, 512)])
+async def test_a_leak_in_a_limited_cgroup_is_stopped_before_the_oom_kill(
+        tmp_path: Path, children: list[subprocess.Popen[bytes]], rate: int, limit: int) -> None:
+    """Old: every memory trigger was host-wide; a unit leaking inside MemoryMax= was OOM-killed
+    by the kernel while heald saw host memory at a few percent and never ran."""
+    with memory_cgroup(f"heald-test-leak-{os.getpid()}-{rate}", limit) as cg:
+        collector = CgroupCollector(CgroupSettings(rescan_s=0.5))
+        collector.start()
+        eng, rec = make_engine(tmp_path, shipped_playbook(), PlaybookSettings(dirs=()))  # type: ignore[arg-type]
+        leak = start(children, cg, LEAK, str(rate), str(2 * limit))
+        async with running(eng):
+            peak = await watch(collector, eng, [cg], 3 * limit / rate, done=lambda: leak.poll() is not None)
+            await idle(eng)
+        assert leak.wait(10) == -signal.SIGTERM, "stopped by heald's TERM, not by the OOM killer's KILL"
+        assert cg.oom_kills() == 0, "the kernel OOM-killed in the cgroup"
+        (started,) = rec.of("run.start")
+        assert started["playbook"] == "cgroup-memory-leak"
+        assert started["bindings"] == {"cgroup": cg.label}
+        step = rec.of("step")[0]
+        assert step["ok"] is True
+        assert step["data"]["pids"] == [leak.pid]
+        assert rec.of("run.end")[0]["outcome"] == "succeeded"
+        print(f"{rate} MiB/s into {limit} MiB: acted at {peak[cg.label]:.0f}% of the limit, "
+              f"eta input {started['inputs']}")
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio
+async def test_only_the_leaking_cgroup_is_touched(tmp_path: Path,
+                                                  children: list[subprocess.Popen[bytes]]) -> None:
+    """Three limited cgroups at once: one leaking (healed), one holding 80% of its limit and
+    flat (left alone), one writing ten times its limit through the page cache like a backup job
+    (left alone: cache the kernel reclaims is not a leak)."""
+    pid = os.getpid()
+    with (memory_cgroup(f"heald-test-leaky-{pid}", 256) as leaky,
+          memory_cgroup(f"heald-test-steady-{pid}", 256) as steady,
+          memory_cgroup(f"heald-test-cache-{pid}", 128) as cache,
+          tempfile.TemporaryDirectory(dir="/var/tmp") as scratch):
+        collector = CgroupCollector(CgroupSettings(rescan_s=0.5))
+        collector.start()
+        eng, rec = make_engine(tmp_path, shipped_playbook(), PlaybookSettings(dirs=()))  # type: ignore[arg-type]
+        holder = start(children, steady, STEADY, "205")
+        writer = start(children, cache, CACHE, str(Path(scratch) / "backup.bin"), "1280")
+        await asyncio.sleep(3)
+        leak = start(children, leaky, LEAK, "25", "512")
+        async with running(eng):
+            peak = await watch(collector, eng, [leaky, steady, cache], 30)
+            await idle(eng)
+        assert leak.wait(10) == -signal.SIGTERM
+        assert holder.poll() is None, "the steady cgroup was touched"
+        assert writer.poll() is None, "the page-cache writer was touched"
+        assert [r["bindings"] for r in rec.of("run.start")] == [{"cgroup": leaky.label}]
+        assert (leaky.oom_kills(), steady.oom_kills(), cache.oom_kills()) == (0, 0, 0)
+        assert peak[steady.label] > 70
+        print(f"peaks (used % of limit): {peak}")
+
+
+def test_growth_slope_and_eta_from_a_fixture_tree(tmp_path: Path) -> None:
+    """The v1 file formats, read from a fixture tree: working set = usage - inactive file, the
+    OOM-kill event once per increase, no ETA while the working set does not grow."""
+    cg = tmp_path / "sys/fs/cgroup/memory/app"
+    cg.mkdir(parents=True)
+    (tmp_path / "sys/fs/cgroup/memory/memory.limit_in_bytes").write_text(str(9223372036854771712))
+    (cg / "memory.limit_in_bytes").write_text(str(100 * MIB))
+    unlimited = tmp_path / "sys/fs/cgroup/memory/free"
+    unlimited.mkdir()
+    (unlimited / "memory.limit_in_bytes").write_text("9223372036854771712")
+
+    def write(usage_mib: int, inactive_mib: int, kills: int) -> None:
+        (cg / "memory.usage_in_bytes").write_text(str(usage_mib * MIB))
+        (cg / "memory.stat").write_text(f"cache 1\ntotal_inactive_file {inactive_mib * MIB}\n")
+        (cg / "memory.oom_control").write_text(f"oom_kill_disable 0\nunder_oom 0\noom_kill {kills}\n")
+
+    c = CgroupCollector(CgroupSettings(), root=str(tmp_path))
+    c.start()
+    write(60, 20, 0)
+    r = c.collect()
+    assert r.detail == {"watched": ["/app"]}  # not the unlimited one
+    assert all(isinstance(v, float | None) for v in r.metrics.values())  # what the wire and engine take
+    assert r.metrics["cgroup.mem.used_bytes[/app]"] == 40 * MIB
+    assert r.metrics["cgroup.mem.used_pct[/app]"] == pytest.approx(40.0)
+    assert r.metrics["cgroup.mem.headroom_bytes[/app]"] == 60 * MIB
+    assert "cgroup.mem.eta_s[/app]" not in r.metrics
+    for _ in range(3):
+        c.collect()
+    assert "cgroup.mem.eta_s[/app]" not in c.collect().metrics  # flat: no ETA
+    write(60, 20, 2)
+    events: list[Event] = c.collect().events
+    assert [(e.kind, e.labels, e.value) for e in events] == [("cgroup.oom_kill", {"cgroup": "/app"}, 2.0)]
+    assert c.collect().events == []
+
+
+def test_slope() -> None:
+    from collections import deque  # noqa: PLC0415 - only here
+    assert slope(deque([(0.0, 1.0), (1.0, 3.0)])) is None
+    assert slope(deque([(0.0, 1.0), (1.0, 3.0), (2.0, 5.0)])) == pytest.approx(2.0)
+    assert slope(deque([(1.0, 1.0), (1.0, 3.0), (1.0, 5.0)])) is None
