@@ -27,8 +27,10 @@ from typing import Any
 import msgspec
 import pytest
 from broker import Broker
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.wire import kind_of
+from agent.wire.signing import CommandSigner
 from coordinator.config import BudgetSection, NotifyRoute, NotifySection, StoreSection, loads
 from coordinator.errors import CoordinatorConfigError
 from coordinator.model import Incoming
@@ -385,9 +387,9 @@ async def test_kinds_severities_resolves_and_giving_up(
     store_url: str, alertmanager: str, tmp_path: Path
 ) -> None:
     """Each kind (escalation, approval awaited, node offline) goes where its kind and severity are
-    routed; a node back online and an escalation resolved send resolves (Alertmanager's alert
-    ends); a 410 is given up at once, a receiver that always answers 503 after max_attempts, and
-    both are counted."""
+    routed; a node back online, an escalation resolved and an approval decided send resolves
+    (Alertmanager's alert ends); a 410 is given up at once, a receiver that always answers 503
+    after max_attempts, and both are counted."""
     token = tmp_path / "pager.token"
     token.write_text("pager-t0ken-123\n")
     port = free_port()
@@ -438,11 +440,14 @@ async def test_kinds_severities_resolves_and_giving_up(
         # over: back online, the escalation resolved
         await store.apply([inc(n.birth()), inc(n.status())])
         await store.resolve_escalation(1, "operator")
+        approve = CommandSigner(Ed25519PrivateKey.generate()).make(node="n1", site="s1", name="approve")
+        await store.decide_approval("n1-ap1", True, "operator", approve)
         await async_wait("the offline alert resolved",
                          lambda: not am_alerts(alertmanager, "HealdNodeOffline"))
         await async_wait("resolves on the info route", lambda: {
             k.split()[1] for k in receiver.taken if k.startswith("/all ") and k.endswith(":resolved")
-        } == {"escalation:n1:1:resolved", f"offline:n1:{n.bdseq - 1}:resolved"})
+        } == {"escalation:n1:1:resolved", "approval:n1:n1-ap1:resolved",
+              f"offline:n1:{n.bdseq - 1}:resolved"})
         assert "/pager escalation:n1:1:resolved" in receiver.taken
         auth = {p: h.get("Authorization") for p, h, _ in receiver.requests}
         assert auth["/pager"] == "Bearer pager-t0ken-123"
