@@ -20,6 +20,7 @@ import msgspec
 import pytest
 from broker import Broker
 from test_browser_dashboard import CHROMIUM, CHROMIUM_ARGS, _skip_reason
+from test_fleet_cli import PlaybookAgent
 
 from agent.wire import Metrics, MetricSample, RequestEvent
 from agent.wire.signing import load_private_key
@@ -82,7 +83,8 @@ async def test_operator_view(coord: CoordinatorProcess, mosquitto: Broker, artif
     from playwright.async_api import async_playwright, expect  # noqa: PLC0415
 
     key = load_private_key(coord.config.parent / "state" / "command-key.pem").public_key()
-    web = SimAgent(SimNode("op-web", site="lab", labels={"role": "web"}), "127.0.0.1", mosquitto.port, key)
+    web = PlaybookAgent(SimNode("op-web", site="lab", labels={"role": "web"}), "127.0.0.1", mosquitto.port,
+                        key)
     old = SimAgent(SimNode("op-old", site="lab", labels={"role": "db"}), "127.0.0.1", mosquitto.port, key)
     async with asyncio.TaskGroup() as tg:
         tasks = [tg.create_task(a.run(), name=f"sim-{a.node.node}") for a in (web, old)]
@@ -138,6 +140,15 @@ async def test_operator_view(coord: CoordinatorProcess, mosquitto: Broker, artif
                     await expect(mem.locator("svg text").first).to_contain_text("GiB")
                     cpu = page.locator("#charts .chart", has_text="cpu.util_pct")
                     await expect(cpu.locator("h3 .latest")).to_contain_text("%")
+                    # a playbook the node does not have: the page shows the node's refusal
+                    await page.fill("#run-form input[name=playbook]", "no-such-playbook")
+                    await page.click("#run-form button")
+                    await expect(page.locator("#run-answer")).to_contain_text(
+                        "op-web did not run no-such-playbook: rejected: no playbook named", timeout=20_000)
+                    await page.fill("#run-form input[name=playbook]", "restart-nginx")
+                    await page.click("#run-form button")
+                    await expect(page.locator("#run-answer")).to_have_text("op-web started restart-nginx.",
+                                                                           timeout=20_000)
                     sizes = await _no_horizontal_scroll(page, "node", artifacts)
                     width = await page.evaluate("document.getElementById('view').offsetWidth")
                     assert width <= 1400, f"the node page's content is {width} px wide at {sizes}"

@@ -170,6 +170,13 @@ def test_signed_run_is_executed_and_everything_else_refused(
     else:
         raise AssertionError(f"no finished action message: {broker.actions}")
 
+    # A playbook the node does not have: the node's answer says so (heald fleet run exits 2 on
+    # it: the coordinator does not know the node's playbooks)
+    unknown = signer.make(node="n1", site="lab", name="run_playbook", args={"playbook": "no-such-playbook"})
+    broker.send(unknown)
+    last = broker.acks_for(unknown.id, n=2)[-1]
+    assert (last.status, last.message) == ("rejected", "no playbook named 'no-such-playbook'")
+
     # Replayed: the same signed bytes again.
     marker.unlink()
     broker.send(cmd)

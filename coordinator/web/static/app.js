@@ -222,6 +222,19 @@ function actionsTable(actions) {
       el("td", {}, a.error)))));
 }
 
+// the node's answer to a command: its final ack (done, failed, rejected, expired), or none in 15 s
+async function answerOf(node, id, playbook) {
+  const deadline = Date.now() + 15000;
+  while (Date.now() < deadline) {
+    const rows = await api(`/api/nodes/${encodeURIComponent(node)}/commands?limit=50`);
+    const c = rows.items.find((r) => r.id === id);
+    if (c && c.status === "done") return `${node} started ${playbook}.`;
+    if (c && ["failed", "rejected", "expired"].includes(c.status)) return `${node} did not run ${playbook}: ${c.status}${c.status_message ? `: ${c.status_message}` : ""}`;
+    await new Promise((r) => setTimeout(r, 500));
+  }
+  return `No answer from ${node} yet; it runs ${playbook} if it gets the command before it expires.`;
+}
+
 async function renderNode(view, node) {
   const since = Date.now() / 1000 - 3600;
   const [n, metrics, risk] = await Promise.all([
@@ -235,7 +248,15 @@ async function renderNode(view, node) {
   const runForm = el("form", { class: "inline-form", id: "run-form", onsubmit: async (e) => {
     e.preventDefault();
     const pb = e.target.elements.playbook.value.trim();
-    try { await api(`/api/nodes/${encodeURIComponent(node)}/run`, { method: "POST", body: JSON.stringify({ playbook: pb }) }); flash(`Asked ${node} to run ${pb}.`); } catch (err) { flash(err.message); }
+    try {
+      const sent = await api(`/api/nodes/${encodeURIComponent(node)}/run`, { method: "POST", body: JSON.stringify({ playbook: pb }) });
+      // kept in state (not a flash): the live stream re-renders the page while the node answers
+      state.runAnswer = { node, text: `Asked ${node} to run ${pb}; waiting for its answer…` };
+      document.getElementById("run-answer").textContent = state.runAnswer.text;
+      state.runAnswer = { node, text: await answerOf(node, sent.command_id, pb) };
+      const shown = document.getElementById("run-answer");
+      if (shown) shown.textContent = state.runAnswer.text;
+    } catch (err) { flash(err.message); }
   } }, el("input", { name: "playbook", placeholder: "playbook", required: true }), el("button", { type: "submit" }, "Run playbook"));
   const silenceForm = el("form", { class: "inline-form", id: "silence-form", onsubmit: async (e) => {
     e.preventDefault();
@@ -270,7 +291,8 @@ async function renderNode(view, node) {
       })()),
       el("dt", {}, "Last action"), el("dd", { id: "node-last-action" }, n.last_action || "–"),
       el("dt", {}, "Silenced until"), el("dd", { id: "node-silenced" }, silenced ? when(n.silenced_until) : "–")),
-    el("div", { style: null }, el("h2", {}, "Operate"), runForm, silenceForm, unsilenceButton),
+    el("div", { style: null }, el("h2", {}, "Operate"), runForm, silenceForm, unsilenceButton,
+      el("div", { id: "run-answer", class: "muted" }, state.runAnswer && state.runAnswer.node === node ? state.runAnswer.text : "")),
     el("h2", {}, "Pending approvals"),
     pending.length ? el("table", { id: "node-approvals" },
       el("thead", {}, el("tr", {}, ["Playbook", "Target", "Action", "Why", "Asked", ""].map((h) => el("th", {}, h)))),
