@@ -345,7 +345,7 @@ def _wire_control(daemon: Daemon, engine: Engine, reporter: Reporter | None) -> 
     from agent.control.dispatcher import CommandDispatcher  # noqa: PLC0415
     from agent.control.local import LocalControl, NoCoordinator, socket_path  # noqa: PLC0415
     from agent.control.silence import Silence  # noqa: PLC0415
-    from agent.control.status import snapshot  # noqa: PLC0415
+    from agent.control.status import live_status  # noqa: PLC0415
 
     s = daemon.settings
     silence = Silence()
@@ -372,7 +372,7 @@ def _wire_control(daemon: Daemon, engine: Engine, reporter: Reporter | None) -> 
 
         daemon.on_reload("coordinator", rekey)
     local = LocalControl(socket_path(s.paths.runtime_dir), dispatcher,
-                         lambda: snapshot(engine, silence, reporter))
+                         lambda: live_status(engine, silence, reporter))
     daemon.add_task("local-control", local.serve)
 
 
