@@ -143,6 +143,9 @@ class LocalControl:
                 response = await self._answer(line, uid)
             except (TimeoutError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
                 response = {"status": "rejected", "message": "no valid request line within the time and size"}
+            except Exception as exc:  # a bug here must still answer, and the daemon go on
+                log.exception("local control request failed", uid=uid)
+                response = {"status": "failed", "message": f"the daemon failed on this request: {exc!r}"}
             writer.write(json.dumps(response, default=str).encode() + b"\n")
             await writer.drain()
         except OSError as exc:  # the client went away
