@@ -83,6 +83,7 @@ def test_quickstart_as_written_acts_on_nothing(tmp_path: Path) -> None:
     starts = [r for r in audit if r.get("type") == "run.start" and r.get("playbook") == "disk-nearly-full"]
     assert starts, f"the shipped playbook never decided to clean /var/tmp: {result}\n{log[-4000:]}"
     assert all(r["dry_run"] is True for r in starts)
+    assert all(r["mode_forced"] == "dry-run" for r in starts), "the override is in the audit record"
     steps = [r for r in audit if r.get("type") == "step"]
     assert steps
     assert all(r["dry_run"] is True and r["status"] == "dry-run" for r in steps), steps

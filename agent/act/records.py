@@ -86,6 +86,8 @@ class RunStart(_Model, tag="run.start", kw_only=True):
     dry_run: bool
     bindings: dict[str, str]
     inputs: Inputs
+    # [playbooks] force_mode (`heald run --dry-run` sets it) when it overrode the playbook's own mode.
+    mode_forced: str = ""
 
 
 class RunRecovered(AuditRecord, tag="run.recovered", kw_only=True):

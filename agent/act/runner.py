@@ -141,10 +141,12 @@ class Runner:
                     "approved_by": run.approved_by,
                 }
                 run_journal = self._host.journal.open_run(run.run_id, header)
+                force = self._host.settings.force_mode
                 self._recorder.record(records.RunStart(
                     playbook=playbook.name, run_id=run.run_id, target=tgt.key, trigger=run.trigger,
                     approved_by=run.approved_by, dry_run=run.dry_run, bindings=dict(run.match.bindings),
-                    inputs=dict(run.match.inputs), **self._latest.model()))
+                    inputs=dict(run.match.inputs), mode_forced=force if force != playbook.mode else "",
+                    **self._latest.model()))
                 log.info(
                     "playbook run started",
                     trigger=run.trigger,
