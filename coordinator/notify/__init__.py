@@ -101,7 +101,13 @@ class Notifier:
                 log.error("notify claim failed", error=str(exc), error_type=type(exc).__name__)
                 rows = []
             if rows:
-                await asyncio.gather(*(self._send(session, row) for row in rows))
+                outcomes = await asyncio.gather(*(self._send(session, row) for row in rows))
+                try:
+                    await self.outbox.settle(outcomes)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - the claims lapse and the rows are sent again
+                    log.error("notify settle failed", error=str(exc), error_type=type(exc).__name__)
                 continue
             self.wake.clear()
             try:  # a new notice, or a retry falling due
@@ -110,12 +116,10 @@ class Notifier:
             except TimeoutError:
                 pass
 
-    async def _send(self, session: aiohttp.ClientSession, row: Claimed) -> None:
-        route = self.routes.get(row.route)
-        if route is None:  # a route removed from the config: its old rows wait for it to return
-            return
-        now = time.time()
-        url, body, headers = request_for(route, [row.notice], replica=self.replica, now=now,
+    async def _send(self, session: aiohttp.ClientSession, row: Claimed) -> tuple[Claimed, str, str, float]:
+        """POST one claimed row; its outcome for :meth:`Outbox.settle`."""
+        route = self.routes[row.route]
+        url, body, headers = request_for(route, [row.notice], replica=self.replica, now=time.time(),
                                          ttl_s=4 * self.cfg.alertmanager_refresh_s)
         if row.route in self._auth:
             headers["Authorization"] = self._auth[row.route]
@@ -124,18 +128,17 @@ class Notifier:
         fields = {"route": row.route, "key": row.key, "status": row.status, "attempt": attempt}
         if result.ok:
             self.stats.sent += 1
-            await self.outbox.settle(row, ok=True)
             log.info("notification sent", **fields)
-        elif result.retry and attempt < self.cfg.max_attempts:
+            return row, "sent", "", 0.0
+        if result.retry and attempt < self.cfg.max_attempts:
             self.stats.retries += 1
             delay = backoff(self.cfg, attempt, self._rng)
-            await self.outbox.settle(row, ok=False, error=result.error, retry_in=delay)
             log.warning("notification failed, will retry", error=result.error, retry_in_s=round(delay, 2),
                         **fields)
-        else:
-            self.stats.failed += 1
-            await self.outbox.settle(row, ok=False, error=result.error)
-            log.error("notification given up", error=result.error, **fields)
+            return row, "pending", result.error, delay
+        self.stats.failed += 1
+        log.error("notification given up", error=result.error, **fields)
+        return row, "failed", result.error, 0.0
 
     async def _refresh_loop(self, session: aiohttp.ClientSession) -> None:
         every = self.cfg.alertmanager_refresh_s

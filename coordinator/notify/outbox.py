@@ -226,14 +226,17 @@ class Outbox:
     def _claim(self, cur: Cursor, limit: int) -> list[Claimed]:
         now = time.time()
         lock = " FOR UPDATE SKIP LOCKED" if self.db.is_postgres else ""
+        routes = [r.name for r in self.cfg.routes]  # a route gone from the config: its rows wait for it
+        marks = ", ".join("?" * len(routes))
         rows = self.db.rows(
             cur,
             "SELECT o.id, o.route, o.dedup_key, o.status, o.attempts, o.notice FROM notify_outbox o "  # noqa: S608
-            "WHERE o.state = 'pending' AND o.next_at <= ? AND o.claimed_until <= ? AND NOT ("
+            f"WHERE o.route IN ({marks}) AND o.state = 'pending' AND o.next_at <= ? AND o.claimed_until <= ? "
+            "AND NOT ("
             "o.status = 'resolved' AND EXISTS (SELECT 1 FROM notify_outbox f WHERE f.route = o.route "
             "AND f.dedup_key = o.dedup_key AND f.status = 'firing' AND f.state = 'pending')) "
             f"ORDER BY o.id LIMIT ?{lock}",
-            (now, now, limit),
+            (*routes, now, now, limit),
         )
         until = now + self.cfg.timeout_s + CLAIM_MARGIN_S
         self.db.execute_many(cur, "UPDATE notify_outbox SET claimed_until = ? WHERE id = ?",
@@ -241,15 +244,18 @@ class Outbox:
         return [Claimed(id=int(r["id"]), route=r["route"], key=r["dedup_key"], status=r["status"],
                         attempts=int(r["attempts"]), notice=json.loads(r["notice"])) for r in rows]
 
-    async def settle(self, row: Claimed, *, ok: bool, error: str = "", retry_in: float | None = None) -> None:
-        """Record a send: ``sent``; or retried in ``retry_in`` seconds; or ``failed`` (``retry_in`` None)."""
+    async def settle(self, outcomes: list[tuple[Claimed, str, str, float]]) -> None:
+        """Record sends, in one transaction: per row, ``(row, state, error, retry_in)``, the state
+        ``sent``, ``failed`` (given up) or ``pending`` (tried again in ``retry_in`` seconds)."""
         now = time.time()
-        state = "sent" if ok else "failed" if retry_in is None else "pending"
-        sql = ("UPDATE notify_outbox SET state = ?, attempts = attempts + 1, claimed_until = 0, "
-               "last_error = ?, next_at = ?, sent_at = ?, refreshed_at = ? WHERE id = ?")
-        sent_at = now if ok else None
-        params = (state, error[:1000], now + (retry_in or 0.0), sent_at, sent_at or 0.0, row.id)
-        await self.db.write(lambda cur: self.db.execute(cur, sql, params))
+        params = [(state, error[:1000], now + retry_in, now if state == "sent" else None,
+                   now if state == "sent" else 0.0, row.id) for row, state, error, retry_in in outcomes]
+        await self.db.write(lambda cur: self.db.execute_many(
+            cur,
+            "UPDATE notify_outbox SET state = ?, attempts = attempts + 1, claimed_until = 0, "
+            "last_error = ?, next_at = ?, sent_at = ?, refreshed_at = ? WHERE id = ?",
+            params,
+        ))
 
     async def firing_alerts(self, route: str, older_than: float) -> list[tuple[int, dict[str, Any]]]:
         """(id, notice) of the alerts sent on ``route`` that are still firing (nothing resolved them)
