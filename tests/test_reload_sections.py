@@ -250,6 +250,13 @@ def _get(url: str) -> int:
         return int(r.status)
 
 
+def _metrics(url: str) -> dict[str, float]:
+    with urllib.request.urlopen(url, timeout=5) as r:  # noqa: S310 - a loopback http URL we built
+        text = r.read().decode()
+    return {name: float(value) for name, _, value in
+            (line.rpartition(" ") for line in text.splitlines() if line and not line.startswith("#"))}
+
+
 def _refused(url: str) -> bool:
     try:
         _get(url)
@@ -346,3 +353,28 @@ def test_node_paths_and_log_need_a_restart(agent_factory: Callable[..., Agent], 
     agent.wait(lambda: any("restart required for node, paths, log" in s for s in agent.statuses),
                message="the STATUS naming the keys")
     assert not (tmp_path / "state2").exists()
+    # The periodic STATUS (every 30 s) keeps saying it until a restart or the config is put back.
+    agent.wait(lambda: any(s.startswith("seq ") and s.endswith("; restart required for node, paths, log")
+                           for s in agent.statuses), timeout=45, message="the periodic STATUS")
+
+
+@pytest.mark.slow
+def test_sample_and_collect_apply_live(agent_factory: Callable[..., Agent]) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/metrics"
+    prom = f'[prometheus]\nenabled = true\nlisten = "127.0.0.1:{port}"\n'
+    cpu_ok = 'heald_collector_status{collector="cpu",status="ok"}'
+    agent = agent_factory(prom)
+    agent.wait(lambda: not _refused(url) and "heald_sample_seq" in _metrics(url), message="/metrics")
+    agent.wait(lambda: _metrics(url).get(cpu_ok) == 1.0, message="the cpu collector ok")
+
+    def rate() -> float:
+        first = _metrics(url)["heald_sample_seq"]
+        time.sleep(3.0)
+        return (_metrics(url)["heald_sample_seq"] - first) / 3.0
+
+    assert rate() < 1.5  # 1 Hz
+    reloaded = agent.reload(prom + "[sample]\ninterval_s = 0.25\n[collect.cpu]\nenabled = false\n")
+    assert set(reloaded["applied"]) == {"sample", "collect"}
+    agent.wait(lambda: _metrics(url).get(cpu_ok) == 0.0, message="the cpu collector switched off")
+    assert rate() > 2.5  # 4 Hz

@@ -65,6 +65,7 @@ class Daemon:
         self.pipeline = Pipeline()
         self.reloadables: list[Reloadable] = []
         self._appliers: dict[str, list[Callable[[Settings], Awaitable[None]]]] = {}
+        self._restart_note = ""  # "; restart required for ..." while the config asks for what runs not
         self.last_sample: Sample | None = None
         self._last_tick = time.monotonic()
         self._stop = asyncio.Event()
@@ -144,7 +145,8 @@ class Daemon:
             if s is None:
                 continue
             ok = sum(1 for c in s.collectors.values() if c.status == "ok")
-            self.notifier.notify(STATUS=f"seq {s.seq}; {ok}/{len(s.collectors)} collectors ok")
+            self.notifier.notify(
+                STATUS=f"seq {s.seq}; {ok}/{len(s.collectors)} collectors ok{self._restart_note}")
 
     async def _reload_loop(self) -> None:
         while True:
@@ -208,11 +210,11 @@ class Daemon:
                 part.reload(new)
             except Exception:  # a part that cannot reload keeps its old settings
                 log.exception("reload failed", part=type(part).__name__)
-        status = "configuration reloaded"
+        self._restart_note = "; restart required for " + ", ".join(refused) if refused else ""
+        status = "configuration reloaded" + self._restart_note
         if refused:
             log.error("reload.restart_required", keys=refused,
                       detail="kept the running values; restart heald to change these keys")
-            status += "; restart required for " + ", ".join(refused)
         if failed:
             status += "; not applied: " + ", ".join(f"[{s}]" for s in failed)
         log.info("configuration reloaded", applied=[s for s in sections if s not in failed])
