@@ -178,6 +178,7 @@ def test_status_breaker_silence_and_dry_run_against_a_real_daemon(node: Node) ->
         first = node.status()
         assert first["daemon"] == "running"
         assert first["mqtt"] == {"enabled": False}
+        assert first["model"]["enabled"] is False
         assert first["silenced_until"] is None
         assert [r["playbook"] for r in first["playbooks"]] == [TARGET]
         assert first["playbooks"][0]["armed"] is True
@@ -464,7 +465,7 @@ async def test_status_shows_cooldowns_cold_start_and_silence_holds(tmp_path: Pat
         assert rows["cooling"]["armed"] is True
         assert rows["model-driven"]["holds"] == ["cold-start"]  # no risk yet: the model is cold
         assert rows["model-driven"]["armed"] is False
-        assert data["model"] == {"model_version": None, "anomaly": None, "cold": None}
+        assert data["model"] == {"model_version": None, "anomaly": None, "cold": None, "enabled": True}
         assert [(r["playbook"], r["outcome"]) for r in data["last_runs"]] == [("cooling", "succeeded")]
         table = render_status(data)
         assert "cooling down" in table

@@ -220,7 +220,9 @@ def render_status(data: dict[str, Any]) -> str:
     until = data.get("silenced_until")
     lines.append(f"silence:  automatic runs held until {_when(until)}" if until else "silence:  none")
     model = data.get("model")
-    if isinstance(model, dict):
+    if isinstance(model, dict) and model.get("enabled") is False:
+        lines.append("model:    off ([model] enabled = false): rules only")
+    elif isinstance(model, dict):
         cold = model.get("cold")
         phase = "cold start (rules only)" if cold is not False else "fitted"
         lines.append(f"model:    {model.get('model_version') or 'none yet'}, {phase}, "

@@ -95,10 +95,12 @@ def last_runs(audit_path: Path, limit: int = 10) -> list[dict[str, Any]]:
     return runs[-limit:]
 
 
-async def live_status(engine: Engine, silence: Silence | None, reporter: Reporter | None) -> dict[str, Any]:
+async def live_status(engine: Engine, silence: Silence | None, reporter: Reporter | None,
+                      *, model_enabled: bool = True) -> dict[str, Any]:
     """The running daemon's view (``heald status`` over the control socket): the state on the event
     loop, the last runs read from the audit log in a thread."""
     data = snapshot(engine, silence, reporter)
+    data["model"]["enabled"] = model_enabled
     data["last_runs"] = await asyncio.to_thread(last_runs, engine.audit.path)
     return data
 

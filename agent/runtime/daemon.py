@@ -374,7 +374,7 @@ def _wire_control(daemon: Daemon, engine: Engine, reporter: Reporter | None) -> 
 
         daemon.on_reload("coordinator", rekey)
     local = LocalControl(socket_path(s.paths.runtime_dir), dispatcher,
-                         lambda: live_status(engine, silence, reporter))
+                         lambda: live_status(engine, silence, reporter, model_enabled=s.model.enabled))
     daemon.add_task("local-control", local.serve)
 
 
