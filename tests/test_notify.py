@@ -496,3 +496,36 @@ async def test_two_replicas_send_each_notice_once(store_url: str) -> None:
     assert len(receiver.requests) == 40
     assert receiver.repeats == 0
     assert sum(n.stats.sent for n in notifiers) == 40
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio
+async def test_alertmanager_alert_kept_firing_until_resolved(tmp_path: Path, alertmanager: str) -> None:
+    """A firing alert ends 4 refresh periods ahead; the notifier sends it again before that, so
+    Alertmanager still has it well past its first endsAt, and lets it end when it is resolved."""
+    cfg = NotifySection(routes=[NotifyRoute(name="am", url=alertmanager, kind="alertmanager")],
+                        poll_interval_s=0.1, alertmanager_refresh_s=1.0)
+    store = await open_store(f"sqlite:///{tmp_path / 'c.db'}", StoreSection(), BudgetSection(), replica="t")
+    notifier = Notifier(cfg, store.db, replica="t")
+    task = asyncio.create_task(notifier.run(), name="notify")
+    try:
+        n = SimNode("n1")
+        escalated = n.event("playbook.escalated", {"playbook": "pb", "run_id": "r"}, message="gave up")
+        await store.apply([inc(n.birth()), inc(escalated)])
+        (first,) = await async_wait("the alert", lambda: am_alerts(alertmanager, "HealdEscalation"))
+        await asyncio.sleep(6.0)  # past the first endsAt (4 s ahead)
+        (alert,) = am_alerts(alertmanager, "HealdEscalation")
+        assert alert["endsAt"] > first["endsAt"]
+        assert alert["status"]["state"] == "active"
+        assert notifier.stats.refreshed >= 3
+        await store.resolve_escalation(1, "operator")
+        await async_wait("the alert resolved", lambda: not am_alerts(alertmanager, "HealdEscalation"))
+        refreshed = notifier.stats.refreshed
+        await asyncio.sleep(1.5)
+        assert notifier.stats.refreshed == refreshed  # a resolved alert is not sent again
+        assert not am_alerts(alertmanager, "HealdEscalation")
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await store.close()
