@@ -70,10 +70,12 @@ def config_failed(config: Path | None) -> list[Problem]:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from agent.cli.base import quiet_logging  # noqa: PLC0415
     from agent.errors import InputError  # noqa: PLC0415
     from agent.runtime.config import load_config  # noqa: PLC0415
     from agent.runtime.reload import restart_keys  # noqa: PLC0415
 
+    quiet_logging()  # stdout is the result (--json): log lines (warnings and up) go to stderr
     loaded: LoadedConfig | None
     warnings: list[str] = []
     modes = ""
