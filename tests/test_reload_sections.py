@@ -378,3 +378,22 @@ def test_sample_and_collect_apply_live(agent_factory: Callable[..., Agent]) -> N
     assert set(reloaded["applied"]) == {"sample", "collect"}
     agent.wait(lambda: _metrics(url).get(cpu_ok) == 0.0, message="the cpu collector switched off")
     assert rate() > 2.5  # 4 Hz
+
+
+@pytest.mark.slow
+def test_mqtt_reload_cuts_the_reconnect_backoff_short(
+        agent_factory: Callable[..., Agent], mosquitto_factory: Callable[..., Broker]) -> None:
+    # No broker on the first port: the reporter waits up to 60 s between attempts (full jitter).
+    dead = free_port()
+    slow = "backoff_initial_s = 60.0\nbackoff_max_s = 60.0\nconnect_timeout_s = 2.0\n"
+    agent = agent_factory(f"[mqtt]\nenabled = true\nport = {dead}\n{slow}")
+    agent.wait(lambda: agent.events("mqtt.connect_failed"), message="the first failed connect")
+    live = mosquitto_factory()
+    listener = Listener(live)
+    try:
+        agent.reload(f"[mqtt]\nenabled = true\nport = {live.port}\n{slow}")
+        t0 = time.monotonic()
+        agent.wait(lambda: listener.of(wire.Birth), timeout=10, message="the birth on the new broker")
+        assert time.monotonic() - t0 < 10
+    finally:
+        listener.close()
