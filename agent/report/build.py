@@ -177,6 +177,7 @@ _OUTCOMES: dict[str, Outcome] = {
     "ok": "ok", "succeeded": "ok", "verified": "ok", "done": "ok", "dry-run": "ok",
     "failed": "failed", "escalated": "failed", "interrupted": "failed", "abandoned": "skipped",
     "skipped": "skipped", "held": "refused", "refused": "refused", "timeout": "timeout",
+    "rejected": "refused",  # an operator's command (``control``) refused as bad input
 }
 #: Records that end a playbook's pending business with a decision, not a run: an operator's "no"
 #: to an approval is finished, refused (never a failure: nothing ran).
@@ -232,7 +233,8 @@ def playbook_record(record: Mapping[str, Any]) -> wire.Action:
     run_id = str(record.get("run_id") or "-")
     status = str(record.get("status") or record.get("outcome") or "")
     finished = kind == "step" and status not in ("intent", "started", "")
-    finished = finished or kind in ENDS_A_RUN or kind in _DECIDED
+    # an operator's command (``control``) is finished once recorded: its status is its outcome
+    finished = finished or kind in ENDS_A_RUN or kind in _DECIDED or kind == "control"
     outcome: Outcome | None = None
     if finished:
         ok = record.get("ok")
@@ -244,7 +246,8 @@ def playbook_record(record: Mapping[str, Any]) -> wire.Action:
         **env, phase="finished" if finished else "started", run_id=run_id[:128] or "-",
         playbook=playbook[:128] or "-",
         step=str(record.get("step_name") or record.get("step") or kind)[:MAX_TEXT],
-        action=str(record.get("action") or kind)[:MAX_TEXT], dry_run=bool(record.get("dry_run", False)),
+        action=str(record.get("action") or record.get("command") or kind)[:MAX_TEXT],
+        dry_run=bool(record.get("dry_run", False)),
         outcome=outcome, result=flat_args({"type": kind, **result}),
         error=str(record.get("detail", ""))[:MAX_TEXT] if outcome == "failed" else "",
         duration_s=finite_or_none(duration) if isinstance(duration, int | float) else None,
