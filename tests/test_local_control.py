@@ -42,6 +42,7 @@ from agent.control.dispatcher import CommandDispatcher
 from agent.control.local import LocalControl, NoCoordinator
 from agent.control.silence import Silence
 from agent.control.status import live_status
+from agent.report.build import playbook_record
 from agent.wire import signing
 
 REPO = Path(__file__).resolve().parent.parent
@@ -317,6 +318,11 @@ async def test_a_coordinator_command_is_audited_like_a_local_one(tmp_path: Path)
         ("run", "coordinator", "alice", None, "rejected"),
     ]
     assert dispatcher.silence.holds(time.time() + 500)
+    # what the coordinator gets of them: a finished action named after the command
+    sent = [playbook_record(r) for r in control]
+    assert [(m.action, m.phase, m.outcome) for m in sent] == [("silence", "finished", "ok"),
+                                                           ("run", "finished", "refused")]
+    assert sent[0].result["origin"] == "coordinator"
 
 
 CLIENT = """
