@@ -174,7 +174,8 @@ def test_sigint_stops_too(daemon: Daemon) -> None:
         code = daemon.proc.wait(timeout=25)
     except subprocess.TimeoutExpired:
         pytest.fail(f"no exit 25 s after SIGINT; log: {daemon.lines()!r}")
-    assert code == 0
+    assert code == 130, "Ctrl-C: 130 (interrupted), as the README says; SIGTERM is 0"
+    daemon.wait_log("heald stopped")
 
 
 def test_no_notify_socket_is_a_no_op(monkeypatch: pytest.MonkeyPatch) -> None:
