@@ -35,6 +35,7 @@ from coordinator.config import BudgetSection, NotifyRoute, NotifySection, StoreS
 from coordinator.errors import CoordinatorConfigError
 from coordinator.model import Incoming
 from coordinator.notify import Notifier
+from coordinator.notify.send import slack_text
 from coordinator.store import Store, open_store
 from devtools.coordinator_proc import REPO_ROOT, CoordinatorProcess, free_port, write_config
 from devtools.fleet_sim import SimNode
@@ -315,6 +316,9 @@ def test_notify_config_errors_name_the_key() -> None:
         loads(good + '[[notify.routes]]\nname = "a"\nurl = "http://x"\nkind = "email"\n', "c.toml")
     assert "notify.routes" in str(err.value)
     ok = loads(good + '[[notify.routes]]\nname = "a"\nurl = "http://x"\nkind = "alertmanager"\n')
+    notice = {"status": "firing", "severity": "critical", "kind": "escalation",
+              "summary": "n1: <!channel> & co"}
+    assert slack_text(notice) == "[CRITICAL] heald escalation: n1: &lt;!channel&gt; &amp; co"
     assert ok.notify.routes[0].events == ["escalation", "approval", "offline"]
 
 

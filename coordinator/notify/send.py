@@ -62,8 +62,11 @@ def alert(notice: dict[str, Any], *, now: float, ttl_s: float) -> dict[str, Any]
 
 
 def slack_text(notice: dict[str, Any]) -> str:
+    """One line; ``&``, ``<`` and ``>`` escaped as Slack asks, so that what a node wrote cannot
+    become a mention (``<!channel>``) or a link."""
     mark = "RESOLVED" if notice["status"] == "resolved" else notice["severity"].upper()
-    return f"[{mark}] heald {notice['kind']}: {notice['summary']}"
+    text = f"[{mark}] heald {notice['kind']}: {notice['summary']}"
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def request_for(
