@@ -25,7 +25,7 @@ RELOAD_POLICY: Final[Mapping[str, Policy]] = MappingProxyType({
     "node": "restart",
     # Open files (spool, journal, counters, sockets) live there.
     "paths": "restart",
-    # structlog is set up once per process.
+    # structlog is set up once per process, and bound loggers keep the level they were made with.
     "log": "restart",
     "sample": "live",
     "collect": "live",  # the collectors are rebuilt; sample numbers go on
