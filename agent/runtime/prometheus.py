@@ -299,10 +299,14 @@ class Endpoint:
         self.server: MetricsServer | None = None
         self._exposition = exposition
         self._registry = build_registry(exposition)
+        self._swap = asyncio.Lock()  # a SIGHUP at start-up waits for the first bind
 
     async def run(self) -> None:
         """Serve until cancelled (the daemon's ``prometheus`` task), then close the server."""
-        self.server = await asyncio.to_thread(start, self._exposition, self.listen, registry=self._registry)
+        async with self._swap:
+            if self.server is None:
+                self.server = await asyncio.to_thread(start, self._exposition, self.listen,
+                                                      registry=self._registry)
         try:
             await asyncio.Future()  # forever: ends by cancellation
         finally:
@@ -316,10 +320,11 @@ class Endpoint:
 
     async def rebind(self, listen: str) -> None:
         """Listen on ``listen``, then close the old port; a bind failure raises and keeps the old one."""
-        if listen == self.listen:
-            return
-        new = await asyncio.to_thread(start, self._exposition, listen, registry=self._registry)
-        old, self.server, self.listen = self.server, new, listen
-        if old is not None:
-            await asyncio.to_thread(old.close)
+        async with self._swap:
+            if listen == self.listen:
+                return
+            new = await asyncio.to_thread(start, self._exposition, listen, registry=self._registry)
+            old, self.server, self.listen = self.server, new, listen
+            if old is not None:
+                await asyncio.to_thread(old.close)
         log.info("prometheus.rebound", url=new.url, closed=old.url if old is not None else None)
