@@ -59,14 +59,14 @@ def envelope() -> _Env:
 
 # --- keeping values inside the wire's bounds ------------------------------------------------------
 
-def finite_or_none(value: float | None) -> float | None:
+def finite_or_none(value: object) -> float | None:
     """``value`` if it is a finite number, else None (NaN, the infinities, an int too big for a float,
-    a bool: the wire has no bool where it wants a number)."""
-    if isinstance(value, bool):
+    a bool or anything else: the wire has no bool where it wants a number)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     try:
-        return value if value is None or math.isfinite(value) else None
-    except (OverflowError, TypeError):
+        return value if math.isfinite(value) else None
+    except OverflowError:
         return None
 
 
