@@ -119,7 +119,7 @@ def configure_logging(level: LogLevel = "info", fmt: LogFormat = "auto", *, stre
     """structlog for a heald process: JSON lines (journald stores stdout) or a console renderer.
 
     ``auto`` picks the console renderer when ``stream`` is a terminal and JSON lines otherwise
-    (:func:`resolve_format`). Every record carries ``priority``, its syslog number; JSON lines
+    (:func:`resolve_format`). Every JSON record carries ``priority``, its syslog number; lines
     written to systemd's journal stream start with ``<N>``, the prefix journald takes as the
     record's priority (``journalctl -p err``). Daemons log to stdout; one-shot commands whose
     stdout is their output (``--json``, tables) pass ``stream=sys.stderr``. ``bind`` adds context
@@ -141,7 +141,7 @@ def configure_logging(level: LogLevel = "info", fmt: LogFormat = "auto", *, stre
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            _add_priority,
+            *([_add_priority] if resolved == "json" else []),  # a person reads the level itself
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.StackInfoRenderer(),
             structlog.processors.format_exc_info,
