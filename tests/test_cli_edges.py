@@ -67,6 +67,8 @@ def test_console_logs_on_a_terminal_json_elsewhere_and_ctrl_c_exits_130(tmp_path
     lines = [line for line in text.splitlines() if line.strip()]
     assert any("heald start summary" in line for line in lines), text
     assert not [line for line in lines if line.lstrip().startswith("{")], "JSON on a terminal"
+    assert "[info     ] heald starting" in text
+    assert "priority=" not in text, "a person reads the level, not the syslog number"
     # the same, piped: JSON lines, each with its syslog priority, and SIGTERM is a clean 0
     proc2 = subprocess.Popen(["heald", "run", "--config", str(config)], stdout=subprocess.PIPE,
                              stderr=subprocess.DEVNULL)
