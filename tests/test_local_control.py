@@ -252,6 +252,7 @@ def test_status_breaker_silence_and_dry_run_against_a_real_daemon(node: Node) ->
         unknown = node.heald("run-playbook", "no-such-playbook")
         assert unknown.returncode == 2
         assert "no playbook named 'no-such-playbook'" in unknown.stderr
+        assert unknown.stderr.count("heald:") == 1, unknown.stderr  # one program prefix
         assert "Traceback" not in unknown.stderr
         bad = node.heald("silence", "soon")
         assert bad.returncode == 2

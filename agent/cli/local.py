@@ -124,7 +124,7 @@ def _control(args: argparse.Namespace, command: str, body: dict[str, Any]) -> in
     answer = request(path, command, body)
     status, message = str(answer.get("status")), str(answer.get("message", ""))
     if status == "rejected":
-        raise InputError([Problem("heald", str(body.get("playbook") or command), message)])
+        raise InputError([Problem("daemon", str(body.get("playbook") or command), message)])
     if status != "done":
         raise HealdError(message or f"{command} failed")
     if args.json:
