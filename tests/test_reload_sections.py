@@ -397,3 +397,44 @@ def test_mqtt_reload_cuts_the_reconnect_backoff_short(
         assert time.monotonic() - t0 < 10
     finally:
         listener.close()
+
+
+PLAYBOOK = """
+name: {name}
+description: never fires (a CPU over 1000 %)
+mode: enforce
+trigger: {{metric: cpu.util_pct, op: ">=", value: 1000}}
+steps:
+  - action: notify
+    params: {{message: "{name}"}}
+"""
+
+
+@pytest.mark.slow
+def test_playbooks_apply_live(agent_factory: Callable[..., Agent], tmp_path: Path,
+                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """[playbooks]: a new directory's playbooks replace the old ones at SIGHUP (and a broken
+    playbook in it keeps the running set, named)."""
+    dirs = {}
+    for name in ("first", "second"):
+        dirs[name] = tmp_path / f"playbooks-{name}"
+        dirs[name].mkdir()
+        (dirs[name] / f"{name}.yaml").write_text(PLAYBOOK.format(name=name))
+    monkeypatch.setattr(sys.modules[__name__], "BASE", BASE.replace(
+        "load_shipped = false", f'load_shipped = false\ndirs = ["{dirs["first"]}"]'))
+    agent = agent_factory("")
+
+    def loaded() -> list[list[str]]:
+        return [r["names"] for r in agent.events("playbooks loaded")]
+
+    agent.wait(lambda: loaded() == [["first"]], message="the first set")
+    agent.base = agent.base.replace(str(dirs["first"]), str(dirs["second"]))
+    reloaded = agent.reload("")
+    assert "playbooks" in reloaded["applied"]
+    agent.wait(lambda: loaded()[-1:] == [["second"]], message="the second set after SIGHUP")
+    (dirs["second"] / "broken.yaml").write_text("name: broken\nsteps: 3\n")
+    agent.reload("")
+    agent.wait(lambda: any("broken.yaml" in json.dumps(r) for r in agent.lines()
+                           if r.get("level") == "error"), message="the broken playbook named")
+    assert loaded()[-1] == ["second"]
+    assert agent.proc.poll() is None
