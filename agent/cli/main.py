@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Final
 
 from agent import __version__
-from agent.cli import audit, check, fleet, local, model, once, run, units
+from agent.cli import audit, check, fleet, local, model, once, replay, run, units
 from agent.cli.base import EXIT_CODES_EPILOG, block_optional_imports, run_handler
 
 # (command, one-line help, the module's add(parser))
@@ -35,6 +35,8 @@ COMMANDS: Final[tuple[tuple[str, str, Callable[[argparse.ArgumentParser], None]]
     ("unsilence", "lift this node's silence (root)", local.add_unsilence),
     ("run-playbook", "run a playbook on this node now, as a dry run unless --enforce (root)",
      local.add_run_playbook),
+    ("replay", "what the playbooks would have done on recorded samples (dry-run, nothing executed)",
+     replay.add),
 )
 
 

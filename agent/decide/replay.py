@@ -1,0 +1,220 @@
+"""Replay recorded samples through features -> score -> decide, in dry-run: what would have fired.
+
+``heald replay`` (:mod:`agent.cli.replay`) feeds each recorded sample to a fresh
+:class:`agent.score.stage.RiskStage` and a fresh :class:`agent.decide.decider.Decider` (temporary
+state dir, every playbook forced to dry-run) exactly as the daemon's per-sample pipeline does,
+and collects the decisions. No action code runs: the engine's runner is never involved. A
+would-be run ends at the sample that started it (a live dry-run takes milliseconds), so the
+cooldowns and runs-per-window guards count from the recording's own clock, as they did live.
+
+Recordings:
+
+* ``.npz``: a fault-harness recording (``bench/faults/run.py``): ``keys`` (metric keys), ``X``
+  (one row a sample, NaN for a missing value), ``wall``, ``mono``, ``seq``;
+* ``.jsonl``: one sample a line, ``{"seq", "wall", "mono", "metrics": {key: value|null}}``: the
+  samples of a coordinator's ``metrics`` messages (:class:`agent.wire.MetricSample`), as written
+  by a node's capture or an export.
+
+The model: a detector artifact (``model``), else a detector fitted on the recording's first
+``cold_start_s`` seconds exactly as the daemon does it (child processes, synchronously in the
+replay, refit on the daemon's schedule), or none (``model_enabled=False``: rules only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.collect.sample import Sample
+from agent.decide.decider import Decider, Hold, RequestApproval, StartRun
+from agent.decide.guards import StateStore, record_end
+from agent.decide.latest import Latest
+from agent.decide.model import Playbook
+from agent.decide.settings import PlaybookSettings
+from agent.errors import InputError, Problem
+from agent.score.settings import ModelSettings
+from agent.score.stage import DETECTOR_FILE, RiskStage
+
+NPZ_KEYS = ("keys", "X", "wall", "mono", "seq")
+
+
+@dataclass(frozen=True, slots=True)
+class WouldRun:
+    """One decision the replay made: a dry-run start (``run``), an approval ask or a hold."""
+
+    wall: float
+    seq: int
+    playbook: str
+    target: str
+    labels: dict[str, str]
+    kind: str  # "run" | "approval" | "hold"
+    reason: str  # the hold's reason; empty for runs
+    inputs: dict[str, Any]  # the values that made the trigger hold
+    model_version: str
+    anomaly: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"wall": self.wall, "seq": self.seq, "playbook": self.playbook, "target": self.target,
+                "labels": self.labels, "kind": self.kind, "reason": self.reason,
+                "inputs": self.inputs, "model_version": self.model_version, "anomaly": self.anomaly}
+
+
+@dataclass
+class ReplayResult:
+    samples: int = 0
+    first_wall: float | None = None
+    last_wall: float | None = None
+    fits: list[tuple[int, bool, str]] = field(default_factory=list)  # (after sample, ok, version)
+    decisions: list[WouldRun] = field(default_factory=list)
+
+    @property
+    def runs(self) -> list[WouldRun]:
+        return [d for d in self.decisions if d.kind != "hold"]
+
+
+def _finite(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def _npz_samples(path: Path) -> Iterator[Sample]:
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise InputError([Problem(str(path), "", f"not a readable .npz recording: {exc}")]) from None
+    with z:
+        missing = [k for k in NPZ_KEYS if k not in z.files]
+        if missing:
+            raise InputError([Problem(str(path), ",".join(missing), "missing from the recording "
+                                      f"(a recording holds {', '.join(NPZ_KEYS)})")])
+        keys = [str(k) for k in z["keys"]]
+        x = np.asarray(z["X"], dtype=np.float64)
+        wall, mono, seq = (np.asarray(z[k]) for k in ("wall", "mono", "seq"))
+    if x.ndim != 2 or x.shape[1] != len(keys) or not x.shape[0] == wall.size == mono.size == seq.size:
+        raise InputError([Problem(str(path), "X", f"shape {x.shape} does not match {len(keys)} keys and "
+                                  f"{wall.size} samples")])
+    for i, row in enumerate(x.tolist()):
+        metrics = {k: (v if math.isfinite(v) else None) for k, v in zip(keys, row, strict=True)}
+        yield Sample(node="replay", seq=int(seq[i]), wall=float(wall[i]), mono=float(mono[i]),
+                     metrics=metrics)
+
+
+def _jsonl_samples(path: Path) -> Iterator[Sample]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError([Problem(str(path), "", f"cannot read: {exc}")]) from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            wall, mono = _finite(rec["wall"]), _finite(rec.get("mono", rec["wall"]))
+            metrics = {str(k): _finite(v) for k, v in dict(rec["metrics"]).items()}
+            seq = int(rec.get("seq", n))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise InputError([Problem(str(path), "", f"not a sample line: {exc}", n)]) from None
+        if wall is None or mono is None:
+            raise InputError([Problem(str(path), "wall", "wall and mono must be finite numbers", n)])
+        yield Sample(node="replay", seq=seq, wall=wall, mono=mono, metrics=metrics)
+
+
+def samples(path: Path) -> Iterator[Sample]:
+    """The recording's samples, oldest first (``.npz`` or ``.jsonl``)."""
+    if not path.is_file():
+        raise InputError([Problem(str(path), "", "no such recording")])
+    if path.suffix == ".npz":
+        return _npz_samples(path)
+    if path.suffix in (".jsonl", ".json"):
+        return _jsonl_samples(path)
+    raise InputError([Problem(str(path), "", "unknown recording format: use a .npz or .jsonl recording")])
+
+
+class Replay:
+    """A dry-run node over recorded samples: the score stage and the decider, no engine."""
+
+    def __init__(self, playbooks: list[Playbook], *, model: Path | None = None, model_enabled: bool = True,
+                 cold_start_s: float = 600.0, settings: PlaybookSettings | None = None,
+                 holds: bool = False) -> None:
+        self._tmp = tempfile.TemporaryDirectory(prefix="heald-replay-")
+        state = Path(self._tmp.name)
+        if model is not None:
+            (state / "models").mkdir()
+            shutil.copyfile(model, state / "models" / DETECTOR_FILE)
+        base = settings or PlaybookSettings()
+        self.settings = PlaybookSettings(**{**{f: getattr(base, f) for f in base.__struct_fields__},
+                                            "force_mode": "dry-run"})
+        self.stage = RiskStage(ModelSettings(enabled=model_enabled, cold_start_s=cold_start_s), state)
+        self.refit = model is None and model_enabled
+        self.store = StateStore(state)
+        self.latest = Latest()
+        self.decider = Decider(self.settings, self.store, self.latest, "replay")
+        self.decider.reload(playbooks)
+        self.holds = holds
+        self.result = ReplayResult()
+
+    def close(self) -> None:
+        self.stage.close()
+        self._tmp.cleanup()
+
+    def feed(self, sample: Sample) -> list[WouldRun]:
+        """One sample through score and decide, as :meth:`agent.runtime.pipeline.Pipeline.process`."""
+        res = self.result
+        risk = self.stage.on_sample(sample)
+        self.latest.take(sample, risk)
+        self.decider.evaluate(sample.wall, sample.mono, {})
+        out: list[WouldRun] = []
+        for d in self.decider.decide(sample.wall, {}):
+            if isinstance(d, StartRun):
+                # the live dry-run starts and ends within this sample: guards on the recording's clock
+                state = self.decider.state(d.target)
+                state.last_start = sample.wall
+                state.runs[-1] = sample.wall
+                record_end(d.playbook, state, sample.wall, "dry-run", counts=False)
+                kind, reason = "run", ""
+            elif isinstance(d, RequestApproval):
+                kind, reason = "approval", ""
+            elif isinstance(d, Hold):
+                if not self.holds:
+                    continue
+                kind, reason = "hold", d.reason
+            out.append(WouldRun(wall=sample.wall, seq=sample.seq, playbook=d.playbook.name,
+                                target=d.target.key, labels=d.target.labels, kind=kind, reason=reason,
+                                inputs=_jsonable(d.match.inputs), model_version=risk.model_version,
+                                anomaly=risk.anomaly))
+        self.latest.evaluated()
+        res.samples += 1
+        res.first_wall = sample.wall if res.first_wall is None else res.first_wall
+        res.last_wall = sample.wall
+        res.decisions.extend(out)
+        if self.refit and self.stage.refit_due():
+            ok = asyncio.run(self.stage.refit())
+            res.fits.append((res.samples, ok, self.stage.model_version))
+        return out
+
+
+def _jsonable(inputs: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in dict(inputs).items():
+        out[str(k)] = v if isinstance(v, (str, int, bool)) or v is None else (
+            _finite(v) if isinstance(v, float) else str(v))
+    return out
+
+
+def replay(path: Path, playbooks: list[Playbook], **options: Any) -> ReplayResult:
+    """Every would-be decision over the recording at ``path`` (see :class:`Replay` for options)."""
+    node = Replay(playbooks, **options)
+    try:
+        for sample in samples(path):
+            node.feed(sample)
+        return node.result
+    finally:
+        node.close()
