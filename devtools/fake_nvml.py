@@ -25,6 +25,14 @@ It models N devices with settable state and the failure signals that matter to a
   included, raises ``NVMLError_GpuIsLost`` (and XID 79 is delivered, as the driver does);
 * ``FakeNVML(library_found=False)``: ``nvmlInit`` raises ``NVMLError_LibraryNotFound``;
   ``init_error=NVML_ERROR_DRIVER_NOT_LOADED`` and the like for other init failures;
+* ``require_reset(dev)``: every query but the identity ones (UUID, name, PCI info, index) raises
+  ``NVMLError_ResetRequired``, as after an error only a GPU reset clears;
+* ``enable_mig(dev, [(gi, ci, mem_bytes), ...])``: MIG mode on with those MIG devices, as on an
+  H100 (``nvmlDeviceGetMigMode`` [1, 1], 7 slots, ``nvmlDeviceGetMigDeviceHandleByIndex`` raises
+  ``NVMLError_NotFound`` for an empty slot, utilisation of the parent GPU is not supported);
+  ``inject_xid(dev, xid, gpu_instance=G, compute_instance=C)`` names a MIG instance; a GPU
+  without ``enable_mig`` answers the MIG queries with ``NVMLError_NotSupported`` (``mig_capable``
+  True: MIG supported but disabled);
 * ``set_unsupported(dev, "nvmlDeviceGetRetiredPages", ...)``: those queries raise
   ``NVMLError_NotSupported`` (as retired pages do on Ampere and later);
   ``set_events_supported(dev, False)``: ``nvmlDeviceRegisterEvents`` raises ``NotSupported``.
@@ -41,6 +49,10 @@ from typing import Any, NoReturn
 import pynvml as _pynvml
 
 _GIB = 1 << 30
+# Queries NVML still answers about a GPU that needs a reset.
+_IDENTITY = frozenset(
+    {"nvmlDeviceGetUUID", "nvmlDeviceGetName", "nvmlDeviceGetPciInfo", "nvmlDeviceGetIndex"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +60,23 @@ class FakeHandle:
     """Opaque device handle (the real one is a ctypes pointer)."""
 
     index: int
+
+
+@dataclass(frozen=True, slots=True)
+class FakeMigHandle:
+    """Handle of a MIG device: its parent GPU's index and its slot."""
+
+    index: int
+    slot: int
+
+
+@dataclass(slots=True)
+class FakeMig:
+    gpu_instance: int
+    compute_instance: int
+    mem_total: int
+    mem_used: int = 0
+    uuid: str = ""
 
 
 @dataclass(slots=True)
@@ -75,7 +104,7 @@ class FakePciInfo:
 class FakeEventData:
     """Mirror of pynvml.c_nvmlEventData_t."""
 
-    device: FakeHandle
+    device: FakeHandle | FakeMigHandle
     eventType: int  # noqa: N815 - pynvml field names
     eventData: int  # noqa: N815
     gpuInstanceId: int = 0xFFFFFFFF  # noqa: N815
@@ -121,8 +150,12 @@ class FakeGpu:
     # (link, counter) -> count
     nvlink_errors: dict[tuple[int, int], int] = field(default_factory=dict)
     lost: bool = False
+    reset_required: bool = False
     events_supported: bool = True
     unsupported: set[str] = field(default_factory=set)
+    mig_capable: bool = False
+    mig_mode: int = 0
+    migs: list[FakeMig | None] = field(default_factory=list)  # by slot; None: empty slot
 
 
 class FakeNVML:
@@ -163,11 +196,28 @@ class FakeNVML:
     def device(self, dev: int) -> FakeGpu:
         return self.devices[dev]
 
-    def inject_xid(self, dev: int, xid: int) -> None:
+    def inject_xid(
+        self, dev: int, xid: int, *, gpu_instance: int | None = None, compute_instance: int | None = None
+    ) -> None:
         mask = _pynvml.nvmlEventTypeXidCriticalError
+        none = 0xFFFFFFFF
         for es in self._event_sets:
             if not es.freed and es.registered.get(dev, 0) & mask:
-                es.queue.append(FakeEventData(device=FakeHandle(dev), eventType=mask, eventData=xid))
+                es.queue.append(FakeEventData(
+                    device=FakeHandle(dev), eventType=mask, eventData=xid,
+                    gpuInstanceId=none if gpu_instance is None else gpu_instance,
+                    computeInstanceId=none if compute_instance is None else compute_instance,
+                ))
+
+    def require_reset(self, dev: int, required: bool = True) -> None:
+        self.devices[dev].reset_required = required
+
+    def enable_mig(self, dev: int, instances: list[tuple[int, int, int]], slots: int = 7) -> None:
+        gpu = self.devices[dev]
+        gpu.mig_capable, gpu.mig_mode = True, int(_pynvml.NVML_DEVICE_MIG_ENABLE)
+        gpu.migs = [None] * slots
+        for slot, (gi, ci, mem) in enumerate(instances):
+            gpu.migs[slot] = FakeMig(gi, ci, mem, uuid=f"MIG-fa4e{dev:04x}-{gi:04x}-4000-8000-{ci:012x}")
 
     def kmsg_line(self, dev: int, xid: int, seq: int = 1) -> str:
         """The /dev/kmsg record the driver writes for this XID."""
@@ -252,6 +302,21 @@ class FakeNVML:
             self._raise(_pynvml.NVML_ERROR_GPU_IS_LOST)
         if fn in gpu.unsupported:
             self._raise(_pynvml.NVML_ERROR_NOT_SUPPORTED)
+        if gpu.reset_required and fn not in _IDENTITY:
+            self._raise(_pynvml.NVML_ERROR_RESET_REQUIRED)
+        return gpu
+
+    def _mig(self, fn: str, handle: FakeMigHandle) -> FakeMig:
+        gpu = self._gpu(fn, FakeHandle(handle.index))
+        mig = gpu.migs[handle.slot] if gpu.mig_mode and 0 <= handle.slot < len(gpu.migs) else None
+        if mig is None:
+            self._raise(_pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        return mig
+
+    def _mig_parent(self, fn: str, handle: object) -> FakeGpu:
+        gpu = self._gpu(fn, handle)
+        if not gpu.mig_capable:
+            self._raise(_pynvml.NVML_ERROR_NOT_SUPPORTED)
         return gpu
 
     # -- the pynvml API ----------------------------------------------------------------------------
@@ -284,6 +349,8 @@ class FakeNVML:
         return self._gpu("nvmlDeviceGetIndex", handle).index
 
     def nvmlDeviceGetUUID(self, handle: object) -> str:  # noqa: N802
+        if isinstance(handle, FakeMigHandle):
+            return self._mig("nvmlDeviceGetUUID", handle).uuid
         return self._gpu("nvmlDeviceGetUUID", handle).uuid
 
     def nvmlDeviceGetName(self, handle: object) -> str:  # noqa: N802
@@ -295,9 +362,14 @@ class FakeNVML:
 
     def nvmlDeviceGetUtilizationRates(self, handle: object) -> FakeUtilization:  # noqa: N802
         gpu = self._gpu("nvmlDeviceGetUtilizationRates", handle)
+        if gpu.mig_mode:
+            self._raise(_pynvml.NVML_ERROR_NOT_SUPPORTED)  # per-instance utilisation is DCGM's
         return FakeUtilization(gpu=gpu.util_gpu, memory=gpu.util_mem)
 
     def nvmlDeviceGetMemoryInfo(self, handle: object, version: int | None = None) -> FakeMemory:  # noqa: N802
+        if isinstance(handle, FakeMigHandle):
+            mig = self._mig("nvmlDeviceGetMemoryInfo", handle)
+            return FakeMemory(total=mig.mem_total, free=mig.mem_total - mig.mem_used, used=mig.mem_used)
         gpu = self._gpu("nvmlDeviceGetMemoryInfo", handle)
         return FakeMemory(total=gpu.mem_total, free=gpu.mem_total - gpu.mem_used, used=gpu.mem_used)
 
@@ -353,6 +425,33 @@ class FakeNVML:
         if not 0 <= link < gpu.nvlink_links:
             self._raise(_pynvml.NVML_ERROR_INVALID_ARGUMENT)
         return gpu.nvlink_errors.get((link, counter), 0)
+
+    def nvmlDeviceGetMigMode(self, device: object) -> list[int]:  # noqa: N802
+        gpu = self._mig_parent("nvmlDeviceGetMigMode", device)
+        return [gpu.mig_mode, gpu.mig_mode]
+
+    def nvmlDeviceGetMaxMigDeviceCount(self, device: object) -> int:  # noqa: N802
+        return len(self._mig_parent("nvmlDeviceGetMaxMigDeviceCount", device).migs)
+
+    def nvmlDeviceGetMigDeviceHandleByIndex(self, device: object, index: int) -> FakeMigHandle:  # noqa: N802
+        gpu = self._mig_parent("nvmlDeviceGetMigDeviceHandleByIndex", device)
+        if not gpu.mig_mode or not 0 <= index < len(gpu.migs):
+            self._raise(_pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        if gpu.migs[index] is None:
+            self._raise(_pynvml.NVML_ERROR_NOT_FOUND)
+        return FakeMigHandle(gpu.index, index)
+
+    def nvmlDeviceGetGpuInstanceId(self, device: object) -> int:  # noqa: N802
+        if not isinstance(device, FakeMigHandle):
+            self._gpu("nvmlDeviceGetGpuInstanceId", device)
+            self._raise(_pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        return self._mig("nvmlDeviceGetGpuInstanceId", device).gpu_instance
+
+    def nvmlDeviceGetComputeInstanceId(self, device: object) -> int:  # noqa: N802
+        if not isinstance(device, FakeMigHandle):
+            self._gpu("nvmlDeviceGetComputeInstanceId", device)
+            self._raise(_pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        return self._mig("nvmlDeviceGetComputeInstanceId", device).compute_instance
 
     def nvmlDeviceGetSupportedEventTypes(self, handle: object) -> int:  # noqa: N802
         gpu = self._gpu("nvmlDeviceGetSupportedEventTypes", handle)

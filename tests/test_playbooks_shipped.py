@@ -83,6 +83,8 @@ def test_shipped_library_loads() -> None:
         "failed-service",
         "zombie-storm",
         "gpu-xid-reset",
+        "gpu-xid-reboot",
+        "gpu-xid-service",
         "cgroup-memory-leak",
     }
 

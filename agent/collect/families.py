@@ -47,5 +47,6 @@ METRIC_FAMILIES: Final[frozenset[str]] = frozenset({
     "gpu.remap_failure", "gpu.pcie_replays", "gpu.nvlink_crc_errors", "gpu.nvlink_replay_errors",
     "gpu.nvlink_recovery_errors", "gpu.throttle_reasons", "gpu.throttle_hw_slowdown",
     "gpu.throttle_hw_thermal", "gpu.throttle_power_brake", "gpu.throttle_sw_power_cap",
-    "gpu.throttle_sw_thermal", "gpu.xid_count", "gpu.lost",
+    "gpu.throttle_sw_thermal", "gpu.xid_count", "gpu.lost", "gpu.reset_required", "gpu.mig_mode",
+    "gpu.mig_mem_used_bytes", "gpu.mig_mem_total_bytes",
 })

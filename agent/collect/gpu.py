@@ -39,19 +39,34 @@ Metrics per device index ``I`` (``gpu.util_pct[0]``, ...):
 ``gpu.nvlink_recovery_errors[I]``  NVLink recovery errors, summed over links
 ``gpu.xid_count[I]``               XID critical errors seen since the collector started
 ``gpu.lost[I]``                    1 when the GPU has fallen off the bus (NVML: GPU is lost), else 0
+``gpu.reset_required[I]``          1 when NVML answers "GPU reset required", else 0
+``gpu.mig_mode[I]``                1 when MIG is enabled on the GPU, 0 when not (absent: no MIG)
+``gpu.mig_mem_used_bytes[M]``      memory used by MIG instance ``M`` (``I/giG/ciC``), bytes
+``gpu.mig_mem_total_bytes[M]``     memory of MIG instance ``M``, bytes
 ================================== ==================================================================
 
 Events:
 
-* ``gpu.xid`` (labels ``gpu`` index, ``uuid``, ``source`` "nvml" or "kmsg"; ``value`` the XID).
+* ``gpu.xid`` (labels ``gpu`` index, ``uuid``, ``pci`` bus id, ``source`` "nvml" or "kmsg",
+  ``resolution`` the XID's bucket in :mod:`agent.collect.gpu_xid`'s catalog, and ``mig`` /
+  ``mig_uuid`` when NVML names a MIG instance; ``value`` the XID).
   Read from an NVML event set registered for ``nvmlEventTypeXidCriticalError`` and polled with a
   0 ms wait each pass; for devices where the event set is not supported (and when
   ``kernel_log_fallback``), from ``/dev/kmsg`` (``NVRM: Xid (PCI:...): NN,`` lines), read without
   blocking from where the log ended when the collector started.
-* ``gpu.lost`` (labels ``gpu``, ``uuid``) when a device becomes lost.
+* ``gpu.lost`` (labels ``gpu``, ``uuid``, ``pci``) when a device becomes lost.
+* ``gpu.reset_required`` (labels ``gpu``, ``uuid``, ``pci``) when NVML first answers a query
+  about a device with ``NVMLError_ResetRequired``.
 
-Detail: ``devices``: ``{I: {uuid, name, pci}}``, ``xid_source``: "nvml", "kmsg", "nvml+kmsg" or
-"none".
+NVML errors never leave ``collect()``: a lost GPU or one that needs a reset becomes an event and
+a metric, an unsupported query is remembered per device (and never asked again), anything else
+makes that value None for the pass.
+
+Indices shift when a GPU is drained or lost, so every event also names the GPU by PCI bus id
+(NVML's ``busId``, ``00000000:3B:00.0``) and UUID; the guard keys of GPU playbooks use the bus id.
+
+Detail: ``devices``: ``{I: {uuid, name, pci, mig}}`` (``mig``: ``{M: {uuid, gi, ci}}``),
+``xid_source``: "nvml", "kmsg", "nvml+kmsg" or "none".
 """
 
 from __future__ import annotations
@@ -59,13 +74,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import enum
-import errno
-import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, SupportsFloat, TypeAlias
 
+from agent.collect import gpu_xid
 from agent.collect.base import BaseCollector
 from agent.collect.sample import Detail, Event, Metrics, Reading, key
 from agent.collect.settings import GpuSettings
@@ -87,10 +100,7 @@ _ABSENT: Final = _Absent.ABSENT
 _Queried: TypeAlias = Any | _Absent
 # A value put into a metric: a number, None or _ABSENT (the metric is left out).
 _Value: TypeAlias = SupportsFloat | _Absent | None
-_MAX_EVENTS_PER_PASS = 256
-_KMSG_READ = 8192
-_KMSG_MAX_READS = 1024
-_XID_RE = re.compile(rb"NVRM: Xid \(PCI:([0-9a-fA-F]+):([0-9a-fA-F]+):([0-9a-fA-F]+)[^)]*\): (\d+)")
+_NO_INSTANCE = 0xFFFFFFFF  # NVML's "no MIG instance" id
 
 # Throttle flags: metric family -> nvml constant name (the same bit for the "Event" spelling).
 _THROTTLE_FLAGS = (
@@ -114,6 +124,17 @@ def _text(value: object) -> str:
 
 
 @dataclass(slots=True)
+class _Mig:
+    """One MIG device (a GPU instance's compute instance) of a GPU with MIG enabled."""
+
+    label: str  # "I/giG/ciC"
+    handle: Any
+    uuid: str
+    gi: int
+    ci: int
+
+
+@dataclass(slots=True)
 class _Device:
     index: int
     label: str
@@ -121,8 +142,12 @@ class _Device:
     uuid: str = ""
     name: str = ""
     pci: tuple[int, int, int] | None = None  # (domain, bus, device)
+    bus_id: str = ""  # NVML's busId, "00000000:3B:00.0"
     lost: bool = False
     lost_reported: bool = False
+    reset_required: bool = False
+    reset_reported: bool = False
+    migs: list[_Mig] = field(default_factory=list)
     events: bool = False  # registered with the NVML event set
     nvlinks: list[int] = field(default_factory=list)
     unsupported: set[tuple[object, ...]] = field(default_factory=set)
@@ -142,8 +167,7 @@ class GpuCollector(BaseCollector[GpuSettings]):
         self._nv: Any = None  # the module in use, untyped (see above)
         self._devs: list[_Device] = []
         self._event_set: Any = None  # NVML's event set handle, None when XIDs do not come from NVML
-        self._kmsg_fd: int | None = None
-        self._kmsg_buf = b""
+        self._kmsg = gpu_xid.KmsgXids()
         self._xid_mask = 0
         self._initialised = False
 
@@ -196,6 +220,8 @@ class GpuCollector(BaseCollector[GpuSettings]):
         pci = self._q(dev, "nvmlDeviceGetPciInfo", dev.handle)
         if pci is not None and pci is not _ABSENT:
             dev.pci = (int(pci.domain), int(pci.bus), int(pci.device))
+            dev.bus_id = _text(getattr(pci, "busId", "")) or _pci_str(dev.pci)
+        self._open_migs(dev)
         dev.nvlinks = []
         max_links = int(getattr(nv, "NVML_NVLINK_MAX_LINKS", 0))
         for link in range(max_links):
@@ -209,6 +235,24 @@ class GpuCollector(BaseCollector[GpuSettings]):
                 continue
             dev.nvlinks.append(link)
         return True
+
+    def _open_migs(self, dev: _Device) -> None:
+        """The MIG devices of a GPU with MIG enabled (none where MIG is unsupported or off)."""
+        nv = self._nv
+        dev.migs = []
+        mode = self._q(dev, "nvmlDeviceGetMigMode", dev.handle)
+        if mode is None or mode is _ABSENT or int(mode[0]) != int(getattr(nv, "NVML_DEVICE_MIG_ENABLE", 1)):
+            return
+        count = self._q(dev, "nvmlDeviceGetMaxMigDeviceCount", dev.handle)
+        for i in range(0 if count is None or count is _ABSENT else int(count)):
+            try:
+                h = nv.nvmlDeviceGetMigDeviceHandleByIndex(dev.handle, i)
+                gi = int(nv.nvmlDeviceGetGpuInstanceId(h))
+                ci = int(nv.nvmlDeviceGetComputeInstanceId(h))
+                uuid = _text(nv.nvmlDeviceGetUUID(h))
+            except nv.NVMLError:
+                continue  # NotFound: no MIG device in this slot
+            dev.migs.append(_Mig(f"{dev.label}/gi{gi}/ci{ci}", h, uuid, gi, ci))
 
     def _setup_events(self) -> None:
         nv = self._nv
@@ -226,26 +270,11 @@ class GpuCollector(BaseCollector[GpuSettings]):
                 except nv.NVMLError:
                     dev.events = False
         if self.settings.kernel_log_fallback and not all(d.events for d in self._devs):
-            self._open_kmsg()
-
-    def _open_kmsg(self) -> None:
-        path = self._p("dev/kmsg")
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
-            return  # no CAP_SYSLOG / no /dev/kmsg: XIDs of those devices are not seen
-        try:
-            os.lseek(fd, 0, os.SEEK_END)  # only what is logged from now on
-        except OSError:
-            os.close(fd)
-            return
-        self._kmsg_fd = fd
+            self._kmsg.open(self._p("dev/kmsg"))
 
     def close(self) -> None:
         nv = self._nv
-        if self._kmsg_fd is not None:
-            os.close(self._kmsg_fd)
-            self._kmsg_fd = None
+        self._kmsg.close()
         if nv is None or not self._initialised:
             return
         if self._event_set is not None:
@@ -269,16 +298,15 @@ class GpuCollector(BaseCollector[GpuSettings]):
             if dev.lost:
                 self._mark_unreadable(dev, m)
             m[key("gpu.lost", dev.label)] = 1.0 if dev.lost else 0.0
+            m[key("gpu.reset_required", dev.label)] = 1.0 if dev.reset_required else 0.0
             if dev.lost and not dev.lost_reported:
-                events.append(
-                    self._event(
-                        "gpu.lost",
-                        f"GPU {dev.label} ({dev.uuid}) has fallen off the bus",
-                        value=1.0,
-                        labels={"gpu": dev.label, "uuid": dev.uuid},
-                    )
-                )
+                events.append(self._event("gpu.lost", f"GPU {dev.label} ({dev.uuid}) has fallen off the bus",
+                                          value=1.0, labels=_labels(dev)))
+            if dev.reset_required and not dev.reset_reported:
+                events.append(self._event("gpu.reset_required", f"GPU {dev.label} ({dev.uuid}) needs a reset",
+                                          value=1.0, labels=_labels(dev)))
             dev.lost_reported = dev.lost
+            dev.reset_reported = dev.reset_required
         self._nvml_events(events)
         self._kmsg_events(events)
         for dev in self._devs:
@@ -287,10 +315,14 @@ class GpuCollector(BaseCollector[GpuSettings]):
 
     def _detail(self) -> Detail:
         nvml_ok = any(d.events for d in self._devs)
-        source = "+".join(s for s, on in (("nvml", nvml_ok), ("kmsg", self._kmsg_fd is not None)) if on)
+        source = "+".join(s for s, on in (("nvml", nvml_ok), ("kmsg", self._kmsg.fd is not None)) if on)
         return {
             "devices": {
-                d.label: {"uuid": d.uuid, "name": d.name, "pci": _pci_str(d.pci)} for d in self._devs
+                d.label: {
+                    "uuid": d.uuid, "name": d.name, "pci": d.bus_id,
+                    "mig": {g.label: {"uuid": g.uuid, "gi": g.gi, "ci": g.ci} for g in d.migs},
+                }
+                for d in self._devs
             },
             "xid_source": source or "none",
         }
@@ -332,7 +364,9 @@ class GpuCollector(BaseCollector[GpuSettings]):
         except nv.NVMLError_GpuIsLost:
             dev.lost = True
             return None
-        except nv.NVMLError:
+        except nv.NVMLError as e:
+            if isinstance(e, getattr(nv, "NVMLError_ResetRequired", ())):
+                dev.reset_required = True
             return None
 
     def _device(self, dev: _Device, m: Metrics) -> None:
@@ -388,6 +422,13 @@ class GpuCollector(BaseCollector[GpuSettings]):
         put("gpu.pcie_replays", self._q(dev, "nvmlDeviceGetPcieReplayCounter", h))
         if dev.nvlinks:
             self._nvlink(dev, put)
+        mode = self._q(dev, "nvmlDeviceGetMigMode", h)
+        put("gpu.mig_mode", mode if mode is None or mode is _ABSENT else int(mode[0]))
+        for mig in dev.migs:
+            mem = self._q(dev, "nvmlDeviceGetMemoryInfo", mig.handle)
+            for family, attr in (("gpu.mig_mem_used_bytes", "used"), ("gpu.mig_mem_total_bytes", "total")):
+                v = _attr(mem, attr)
+                m[key(family, mig.label)] = None if v is None or v is _ABSENT else float(v)
 
     def _nvlink(self, dev: _Device, put: Callable[[str, _Value], None]) -> None:
         nv = self._nv
@@ -420,31 +461,27 @@ class GpuCollector(BaseCollector[GpuSettings]):
 
     # -- XIDs ------------------------------------------------------------------------------------
 
-    def _xid_event(self, dev: _Device | None, xid: int, source: str, extra: str = "") -> Event:
+    def _xid_event(self, dev: _Device | None, xid: int, source: str, extra: str = "",
+                   mig: _Mig | None = None) -> Event:
         if dev is not None:
             dev.xids += 1
         label = dev.label if dev is not None else "unknown"
-        return self._event(
-            "gpu.xid",
-            f"XID {xid} on GPU {label}{extra}",
-            value=float(xid),
-            labels={"gpu": label, "uuid": dev.uuid if dev is not None else "", "source": source},
-        )
+        labels = _labels(dev) if dev is not None else {"gpu": label, "uuid": "", "pci": ""}
+        labels |= {"source": source, "resolution": gpu_xid.bucket(xid)}
+        if mig is not None:
+            labels |= {"mig": mig.label, "mig_uuid": mig.uuid}
+        return self._event("gpu.xid", f"XID {xid} on GPU {label}{extra}", value=float(xid), labels=labels)
 
     def _nvml_events(self, events: list[Event]) -> None:
         if self._event_set is None:
             return
-        nv = self._nv
-        for _ in range(_MAX_EVENTS_PER_PASS):
-            try:
-                data = nv.nvmlEventSetWait(self._event_set, 0)
-            except nv.NVMLError_Timeout:
-                return
-            except nv.NVMLError:
-                return  # GPU lost, or the set broke: the per-device queries report it
-            if not int(data.eventType) & self._xid_mask:
-                continue
-            events.append(self._xid_event(self._device_of(data.device), int(data.eventData), "nvml"))
+        for got in gpu_xid.poll_event_set(self._nv, self._event_set, self._xid_mask):
+            dev = self._device_of(got.handle)
+            mig = None
+            if dev is not None and got.gpu_instance is not None:
+                mig = next((g for g in dev.migs if g.gi == got.gpu_instance
+                            and got.compute_instance in (None, g.ci)), None)
+            events.append(self._xid_event(dev, got.xid, "nvml", mig=mig))
 
     def _device_of(self, handle: object) -> _Device | None:
         nv = self._nv
@@ -460,39 +497,17 @@ class GpuCollector(BaseCollector[GpuSettings]):
         return None
 
     def _kmsg_events(self, events: list[Event]) -> None:
-        fd = self._kmsg_fd
-        if fd is None:
-            return
-        chunks: list[bytes] = []
-        for _ in range(_KMSG_MAX_READS):
-            try:
-                chunk = os.read(fd, _KMSG_READ)
-            except BlockingIOError:
-                break
-            except OSError as e:
-                if e.errno == errno.EPIPE:  # records were overwritten before we read them
-                    continue
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-        if not chunks:
-            return
-        data = self._kmsg_buf + b"".join(chunks)
-        lines = data.split(b"\n")
-        self._kmsg_buf = lines.pop()[-_KMSG_READ:]  # an incomplete last line (plain files only)
         by_pci = {d.pci: d for d in self._devs if d.pci is not None}
-        for line in lines:
-            match = _XID_RE.search(line)
-            if match is None:
-                continue
-            domain, bus, device = (int(g, 16) for g in match.group(1, 2, 3))
-            dev = by_pci.get((domain, bus, device))
+        for pci, xid in self._kmsg.read():
+            dev = by_pci.get(pci)
             if dev is not None and dev.events:
                 continue  # already reported through NVML
-            pci = match.group(1, 2, 3)
-            where = "" if dev is not None else f" (PCI {b':'.join(pci).decode()})"
-            events.append(self._xid_event(dev, int(match.group(4)), "kmsg", where))
+            where = "" if dev is not None else f" (PCI {_pci_str(pci)})"
+            events.append(self._xid_event(dev, xid, "kmsg", where))
+
+
+def _labels(dev: _Device) -> dict[str, str]:
+    return {"gpu": dev.label, "uuid": dev.uuid, "pci": dev.bus_id}
 
 
 def _attr(obj: _Queried, name: str) -> _Queried:
