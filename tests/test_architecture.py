@@ -4,7 +4,7 @@ wheel that ships the product and nothing else.
 The rules (docs/architecture.md explains them):
 
 - The agent's stages import only earlier stages: collect < features < score < decide < act <
-  report < control < runtime < cli, plus the foundation (``agent``, ``agent.errors``,
+  report < control < bundle < runtime < cli, plus the foundation (``agent``, ``agent.errors``,
   ``agent.fsutil``, ``agent.native``, ``agent.wire``), which imports only itself.
 - The coordinator imports from the agent only ``agent.wire``, ``agent.errors`` and the CLI base
   both front ends share (``agent.cli.base``).
@@ -34,7 +34,7 @@ PRODUCT = ("agent", "coordinator")
 MAX_LINES = 600
 
 FOUNDATION = ("agent.errors", "agent.fsutil", "agent.native", "agent.wire")
-STAGES = ("collect", "features", "score", "decide", "act", "report", "control", "runtime", "cli")
+STAGES = ("collect", "features", "score", "decide", "act", "report", "control", "bundle", "runtime", "cli")
 COORDINATOR_MAY_IMPORT = ("agent", "agent.wire", "agent.errors", "agent.cli.base")
 NEVER_IMPORTED_BY_PRODUCT = ("tests", "devtools", "bench")
 

@@ -30,6 +30,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from agent.cli import bundle
 from agent.cli.base import out, table
 from agent.decide.units import parse_duration
 from agent.errors import HealdError, InputError, Problem
@@ -112,6 +113,7 @@ def add(parser: argparse.ArgumentParser) -> None:
     what = "lift a node's silence: its automatic playbook runs resume (signed command)"
     unsilence = sub.add_parser("unsilence", help=what, description=what)
     unsilence.add_argument("node")
+    bundle.add(sub)
     # every subparser repeats the output flags so `heald fleet ls --json` works too
     for p in (
         ls,
@@ -334,6 +336,8 @@ def handle(args: argparse.Namespace) -> int:
         return 0
     if cmd == "run":
         return _run(client, args, as_json=as_json)
+    if cmd == "bundle":
+        return bundle.handle(client, args, as_json=as_json)
     if cmd == "silence":
         seconds = silence_seconds(args.duration)
         data = client.request(

@@ -68,6 +68,15 @@ class PlaybookControl(Protocol):
 
 
 Result = tuple[wire.AckStatus, str, dict[str, Any]]
+
+
+class BundleHandler(Protocol):
+    """``bundle_chunk``/``bundle_activate`` (:class:`agent.bundle.control.BundleControl`)."""
+
+    async def handle(self, name: str, args: Mapping[str, Any], by: str) -> Result: ...
+
+
+BUNDLE_COMMANDS = frozenset({wire.CommandName.BUNDLE_CHUNK, wire.CommandName.BUNDLE_ACTIVATE})
 #: Where a command came from: the coordinator (signed, over MQTT) or ``heald`` on the node itself
 #: (the local control socket, :mod:`agent.control.local`).
 Origin = Literal["coordinator", "local"]
@@ -112,6 +121,7 @@ class CommandDispatcher:
         self._reject_budget = _Budget(REJECTION_ACKS_PER_S, 4 * REJECTION_ACKS_PER_S)
         self._reject_log_at = 0.0
         self._queue: asyncio.Queue[wire.Command] = asyncio.Queue(maxsize=100)
+        self.bundles: BundleHandler | None = None
 
     def _ack(self, command: wire.Command, status: wire.AckStatus, message: str = "",
              result: dict[str, Any] | None = None) -> None:
@@ -180,10 +190,15 @@ class CommandDispatcher:
             self.engine.record_control(Control(
                 playbook=str(args.get("playbook") or ""), command=name, origin=origin, by=by, uid=uid,
                 command_id=command_id, status=status, message=message[:4096],
-                args={str(k): v for k, v in args.items() if isinstance(v, str | int | float | bool)}))
+                args={str(k): v for k, v in args.items()
+                      if isinstance(v, str | int | float | bool) and k not in ("data", "signature")}))
         return status, message, result
 
     async def _execute(self, name: str, args: Mapping[str, Any], by: str, origin: Origin) -> Result:
+        if name in BUNDLE_COMMANDS:
+            if self.bundles is None or origin != "coordinator":
+                return "failed", "bundles are taken from the coordinator only", {}
+            return await self.bundles.handle(name, args, by)
         engine = self.engine
         if engine is None:
             return "failed", "playbooks are not loaded on this node", {}

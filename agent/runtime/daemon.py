@@ -366,6 +366,10 @@ def _wire_control(daemon: Daemon, engine: Engine, reporter: Reporter | None) -> 
                                            max_payload_bytes=s.mqtt.max_payload_bytes, handler=dispatcher)
         engine.lease_gate = leases
         daemon.add_task("commands", dispatcher.run)
+        from agent.bundle.control import attach  # noqa: PLC0415 - signed bundles over the same session
+
+        daemon.pipeline.decider = attach(daemon.state_dir, s.node.id, s.playbooks, engine,
+                                         dispatcher=dispatcher, reporter=reporter)
 
         async def rekey(new: Settings) -> None:  # a key rotation: the next command uses the new keys
             dispatcher.verifier = await asyncio.to_thread(

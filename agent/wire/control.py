@@ -26,6 +26,8 @@ class CommandName(StrEnum):
     LEASE_GRANT = "lease_grant"  # fleet blast-radius lease granted; ``args.request_id``, ``lease_id``
     LEASE_DENY = "lease_deny"  # lease refused; ``args.request_id``, ``reason``
     LEASE_REVOKE = "lease_revoke"  # a granted lease taken back; ``args.lease_id``
+    BUNDLE_CHUNK = "bundle_chunk"  # a piece of a signed bundle (agent.wire.bundles); ``args.index``
+    BUNDLE_ACTIVATE = "bundle_activate"  # switch a role (``live``/``shadow``) to ``args.bundle`` ("" = none)
 
 
 #: Commands that start a playbook run on the node.

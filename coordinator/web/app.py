@@ -537,6 +537,9 @@ def build_app(coord: Coordinator) -> web.Application:
     r.add_get("/api/leases", _table("leases", _active_leases, "granted_at DESC"))
     r.add_get("/api/audit", _table("audit", lambda _r: ("", [])))
     r.add_get("/api/stream", stream)
+    from coordinator.web import bundles  # noqa: PLC0415 - the registry's routes and the canary watch
+
+    bundles.add_routes(app, coord)
     return app
 
 
