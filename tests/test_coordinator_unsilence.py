@@ -159,8 +159,8 @@ def test_silence_then_unsilence_through_heald_fleet(coordinator: CoordinatorProc
     assert fleet(c, "unsilence").returncode == 2  # NODE is required
 
     helped = " ".join(fleet(c, "--help").stdout.split())
-    assert "silence hold a node's automatic playbook runs for DURATION (90s, 15m, 2h, 1d)" in helped
+    assert "silence pause ALL automatic remediation on a node for DURATION (90s, 15m, 2h, 1d)" in helped
     assert "unsilence lift a node's silence" in helped
     assert "escalations" not in helped
-    assert "automatic playbook runs" in " ".join(fleet(c, "silence", "--help").stdout.split())
+    assert "pause ALL automatic remediation" in " ".join(fleet(c, "silence", "--help").stdout.split())
 
