@@ -13,7 +13,8 @@ from devtools.fake_nvml import FakeNVML
 def test_build_all_enabled_with_fake_gpu() -> None:
     fake = FakeNVML(1)
     collectors = build(CollectSettings(), nvml=fake)
-    assert [c.name for c in collectors] == ["cpu", "memory", "disk", "network", "processes", "gpu", "cgroups"]
+    assert [c.name for c in collectors] == ["cpu", "memory", "disk", "network", "processes", "gpu", "cgroups",
+                                              "limits"]
     for c in collectors:
         assert isinstance(c, Collector)
         c.start()

@@ -86,6 +86,10 @@ def test_shipped_library_loads() -> None:
         "gpu-xid-reboot",
         "gpu-xid-service",
         "cgroup-memory-leak",
+        "cgroup-pids-leak",
+        "fd-leak",
+        "fd-leak-predicted",
+        "inodes-full-predicted",
     }
 
 

@@ -155,9 +155,12 @@ class Candidate:
     name: str
     cpu_pct: float | None = None
     rss: int | None = None
+    tasks: int | None = None  # its threads + its children in the pool (top: pids)
 
     def describe(self) -> str:
         extra = []
+        if self.tasks is not None:
+            extra.append(f"{self.tasks} tasks")
         if self.cpu_pct is not None:
             extra.append(f"cpu {self.cpu_pct:.0f}%")
         if self.rss is not None:
@@ -260,6 +263,16 @@ def _select_sync(
     if "min_memory_pct" in target:
         total = psutil.virtual_memory().total
         pool = [c for c in pool if 100.0 * (c.rss or 0) / total >= float(target["min_memory_pct"])]
+    if target.get("top") == "pids":  # the process forking (or spawning threads) the most
+        kids: dict[int, int] = {}
+        for c in pool:
+            with contextlib.suppress(psutil.Error):
+                kids[c.proc.ppid()] = kids.get(c.proc.ppid(), 0) + 1
+        for c in pool:
+            with contextlib.suppress(psutil.Error):
+                c.tasks = c.proc.num_threads() + kids.get(c.proc.pid, 0)
+        pool = [c for c in pool if c.tasks is not None]
+        pool.sort(key=lambda c: -(c.tasks or 0))
     if target.get("top") == "cpu":
         pool.sort(key=lambda c: -(c.cpu_pct or 0.0))
     elif target.get("top") == "memory":

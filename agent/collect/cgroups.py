@@ -30,6 +30,10 @@ Metrics (``CG`` = the cgroup path):
                                         memory.oom_control oom_kill, kernels >= 4.13)
 ``cgroup.psi.mem_some_avg10_pct[CG]``   the cgroup's own memory PSI, "some" 10 s average, % (v2)
 ``cgroup.pids.used_pct[CG]``            pids.current / pids.max, % (absent: no PIDs limit)
+``cgroup.pids.headroom[CG]``            pids.max - pids.current: tasks (processes and threads) left
+                                        before fork/clone fails with EAGAIN in the cgroup
+``cgroup.pids.eta_s[CG]``               headroom / growth of pids.current over the last
+                                        ``slope_window_s`` while it grows: seconds until fork fails
 ``cgroup.cpu.throttled_pct[CG]``        share of wall time the cgroup was throttled by its CPU quota, %
 ======================================= ==================================================================
 
@@ -117,6 +121,7 @@ class _Watched:
     cpu: str | None
     v2: bool
     used: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=64))
+    tasks: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=64))
     oom_kills: int | None = None
     throttled: tuple[float, float] | None = None  # (mono, throttled seconds so far)
 
@@ -146,8 +151,8 @@ class CgroupCollector(BaseCollector[CgroupSettings]):
                 if os.path.isdir(d) and os.listdir(d):
                     self._v1[ctrl] = d
                     break
-        if self._v2 is None and "memory" not in self._v1:
-            raise CollectorUnavailable(f"no cgroup memory controller under {base}")
+        if self._v2 is None and "memory" not in self._v1 and "pids" not in self._v1:
+            raise CollectorUnavailable(f"no cgroup memory or pids controller under {base}")
 
     def _walk(self, top: str) -> list[tuple[str, str]]:
         """(label, directory) of every cgroup below ``top`` up to ``max_depth`` (not the root)."""
@@ -183,13 +188,15 @@ class CgroupCollector(BaseCollector[CgroupSettings]):
         if self._v2 is not None:
             for label, d in self._walk(self._v2):
                 found[label] = _Watched(label, d, d, d, True)
-        elif "memory" in self._v1:
-            for label, d in self._walk(self._v1["memory"]):
+        else:  # v1: a cgroup may exist in the pids hierarchy only (a unit with TasksMax=)
+            labels = {label for ctrl in ("memory", "pids") if ctrl in self._v1
+                      for label, _ in self._walk(self._v1[ctrl])}
+            for label in labels:
                 def at(ctrl: str, rel: str = label) -> str | None:
                     top = self._v1.get(ctrl)
                     p = os.path.join(top, rel.lstrip("/")) if top else None
                     return p if p is not None and os.path.isdir(p) else None
-                found[label] = _Watched(label, d, at("pids"), at("cpu"), False)
+                found[label] = _Watched(label, at("memory"), at("pids"), at("cpu"), False)
         include = set(self.settings.include)
         kept: list[tuple[int, _Watched]] = []
         for label, w in found.items():
@@ -212,7 +219,7 @@ class CgroupCollector(BaseCollector[CgroupSettings]):
         reading = Reading()
         for w in self._watched.values():
             self._memory(w, now, reading)
-            self._pids(w, reading.metrics)
+            self._pids(w, now, reading.metrics)
             self._cpu(w, now, reading.metrics)
         reading.detail = {"watched": sorted(self._watched)}
         return reading
@@ -256,13 +263,23 @@ class CgroupCollector(BaseCollector[CgroupSettings]):
         if rate is not None and rate > 0:
             m[key("cgroup.mem.eta_s", label)] = headroom / rate
 
-    def _pids(self, w: _Watched, m: Metrics) -> None:
+    def _pids(self, w: _Watched, now: float, m: Metrics) -> None:
         if w.pids is None:
             return
         top = _int(read_bytes(os.path.join(w.pids, "pids.max")))
         cur = _int(read_bytes(os.path.join(w.pids, "pids.current")))
-        if top and cur is not None:
-            m[key("cgroup.pids.used_pct", w.label)] = 100.0 * cur / top
+        if not top or cur is None:
+            w.tasks.clear()
+            return
+        headroom = max(0, top - cur)
+        m[key("cgroup.pids.used_pct", w.label)] = 100.0 * cur / top
+        m[key("cgroup.pids.headroom", w.label)] = float(headroom)
+        w.tasks.append((now, float(cur)))
+        while w.tasks and now - w.tasks[0][0] > self.settings.slope_window_s:
+            w.tasks.popleft()
+        rate = slope(w.tasks)
+        if rate is not None and rate > 0:
+            m[key("cgroup.pids.eta_s", w.label)] = headroom / rate
 
     def _cpu(self, w: _Watched, now: float, m: Metrics) -> None:
         if w.cpu is None:

@@ -29,7 +29,11 @@ METRIC_FAMILIES: Final[frozenset[str]] = frozenset({
     *(f"psi.{f}_pct" for f in _PSI),
     "cgroup.mem.used_bytes", "cgroup.mem.limit_bytes", "cgroup.mem.used_pct", "cgroup.mem.headroom_bytes",
     "cgroup.mem.growth_bytes_per_s", "cgroup.mem.eta_s", "cgroup.mem.oom_kills", "cgroup.cpu.throttled_pct",
-    "cgroup.pids.used_pct", "cgroup.psi.mem_some_avg10_pct",
+    "cgroup.pids.used_pct", "cgroup.pids.headroom", "cgroup.pids.eta_s", "cgroup.psi.mem_some_avg10_pct",
+    # kernel tables vs their limits (agent.collect.limits)
+    "fd.used_pct", "fd.headroom", "fd.eta_s", "proc.fd.count", "proc.fd.used_pct", "proc.fd.headroom",
+    "proc.fd.eta_s", "proc.tasks.used_pct", "proc.tasks.headroom", "proc.tasks.eta_s",
+    "net.conntrack.used_pct", "net.conntrack.headroom", "net.conntrack.max", "net.conntrack.eta_s",
     # disk
     *(f"disk.{f}" for f in _DISK_FS), *(f"disk.{f}" for f in _DISK_DEV),
     # network

@@ -1,7 +1,8 @@
 """The collectors a node runs, built from ``[collect.*]`` settings.
 
 :func:`build` returns one configured collector per enabled section, in a fixed order (cpu, memory,
-disk, network, processes, gpu, cgroups). It does not start them: the daemon calls ``start()`` on each and
+disk, network, processes, gpu, cgroups,
+limits). It does not start them: the daemon calls ``start()`` on each and
 disables (and logs once) those that raise :class:`agent.errors.CollectorUnavailable`.
 """
 
@@ -12,6 +13,7 @@ from agent.collect.cgroups import CgroupCollector
 from agent.collect.cpu import CpuCollector
 from agent.collect.disk import DiskCollector
 from agent.collect.gpu import GpuCollector
+from agent.collect.limits import LimitCollector
 from agent.collect.memory import MemoryCollector
 from agent.collect.network import NetworkCollector
 from agent.collect.processes import ProcessCollector
@@ -39,4 +41,6 @@ def build(settings: CollectSettings, *, root: str = "/", nvml: object | None = N
         out.append(GpuCollector(settings.gpu, root=root, nvml=nvml))
     if settings.cgroups.enabled:
         out.append(CgroupCollector(settings.cgroups, root=root))
+    if settings.limits.enabled:
+        out.append(LimitCollector(settings.limits, root=root))
     return out

@@ -87,6 +87,16 @@ class CgroupSettings(CollectorSettings, frozen=True, forbid_unknown_fields=True,
     slope_window_s: Annotated[float, msgspec.Meta(ge=2, le=600)] = 8.0
 
 
+class LimitSettings(CollectorSettings, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    # How often every process's open files are counted to pick the fd holders watched each pass
+    # (those closest to their own RLIMIT_NOFILE).
+    fd_rescan_s: Seconds = 10.0
+    # How many processes' file descriptors are counted each pass.
+    fd_top_n: Annotated[int, msgspec.Meta(ge=1, le=100)] = 5
+    # The window of the growth rates behind the *.eta_s metrics (fds, tasks, conntrack entries).
+    slope_window_s: Annotated[float, msgspec.Meta(ge=2, le=600)] = 8.0
+
+
 class CollectSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     cpu: CpuSettings = CpuSettings()
     memory: MemorySettings = MemorySettings()
@@ -95,3 +105,4 @@ class CollectSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, k
     processes: ProcessSettings = ProcessSettings()
     gpu: GpuSettings = GpuSettings()
     cgroups: CgroupSettings = CgroupSettings()
+    limits: LimitSettings = LimitSettings()

@@ -3,7 +3,10 @@
 Tracked resources (:data:`DEFAULT_RESOURCES`): free bytes and free inodes per mount
 (``disk.free_bytes[M]``, ``disk.inodes_free[M]`` -> 0), available memory
 (``mem.available_bytes`` -> 0), swap (``mem.swap_used_pct`` -> 100) and each memory-limited
-cgroup's headroom under its limit (``cgroup.mem.headroom_bytes[CG]`` -> 0).
+cgroup's headroom under its limit (``cgroup.mem.headroom_bytes[CG]`` -> 0), and the headroom of
+the kernel tables: PIDs per cgroup, fds per process and host-wide, host tasks, conntrack entries
+(``cgroup.pids.headroom[CG]``, ``proc.fd.headroom[PID]``, ``fd.headroom``,
+``proc.tasks.headroom``, ``net.conntrack.headroom`` -> 0).
 
 Method. Every sample's values go into one preallocated ring (``capacity`` samples x resources);
 every ``every`` samples the trend of each resource is re-estimated on several windows (by
@@ -65,6 +68,13 @@ DEFAULT_RESOURCES: tuple[Resource, ...] = (
     Resource(key="mem.swap_used_pct", direction="up", limit=100.0),
     # a memory-limited cgroup's room left under its limit (agent.collect.cgroups)
     Resource(key="cgroup.mem.headroom_bytes[*]"),
+    # kernel tables: room left before EMFILE/ENFILE, fork's EAGAIN, a full conntrack table
+    # (agent.collect.cgroups, agent.collect.limits)
+    Resource(key="cgroup.pids.headroom[*]"),
+    Resource(key="proc.fd.headroom[*]"),
+    Resource(key="fd.headroom"),
+    Resource(key="proc.tasks.headroom"),
+    Resource(key="net.conntrack.headroom"),
 )
 
 

@@ -1,0 +1,307 @@
+"""Predictive playbooks for the kernel tables: fd and PID leaks healed before the wall (issue 20).
+
+Real processes leaking file descriptors up to their own RLIMIT_NOFILE, a real fork leak in a
+real PIDs-limited cgroup (v2 when its pids controller is there, else v1), the real collectors
+read once a second as the daemon does, and the shipped ``fd-leak`` and ``cgroup-pids-leak``
+playbooks exactly as shipped (no timing shortened). Each leaking process exits with code 3 the
+moment it hits the wall (EMFILE, or fork's EAGAIN): a pass means heald's TERM came first.
+
+Only the processes and cgroups these tests create are fed to the engine (the host is shared).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from playbook_kit import idle, make_engine, running, sample
+
+from agent.collect.cgroups import CgroupCollector
+from agent.collect.limits import LimitCollector, nofile_soft
+from agent.collect.settings import CgroupSettings, LimitSettings
+from agent.decide.loader import load_playbooks
+from agent.decide.model import Playbook
+from agent.decide.settings import PlaybookSettings
+
+PY = sys.executable
+
+FD_LEAK = """
+import os, resource, sys, time
+rate, limit = float(sys.argv[1]), int(sys.argv[2])
+resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+held, t0 = [], time.monotonic()
+while True:
+    try:
+        held.append(os.open("/dev/null", os.O_RDONLY))
+    except OSError:  # EMFILE: the wall
+        sys.exit(3)
+    time.sleep(max(0.0, t0 + len(held) / rate - time.monotonic()))
+"""
+FD_FLAT = """
+import os, resource, sys, time
+limit, n = int(sys.argv[1]), int(sys.argv[2])
+resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+held = [os.open("/dev/null", os.O_RDONLY) for _ in range(n)]  # near its limit, never grows
+time.sleep(3600)
+"""
+FORK_LEAK = """
+import os, sys, time
+rate = float(sys.argv[1])
+sys.stdin.readline()  # wait until we are in the cgroup
+n, t0 = 0, time.monotonic()
+while True:
+    try:
+        pid = os.fork()
+    except OSError:  # EAGAIN: pids.max reached
+        sys.exit(3)
+    if pid == 0:
+        time.sleep(3600)
+        os._exit(0)
+    n += 1
+    time.sleep(max(0.0, t0 + n / rate - time.monotonic()))
+"""
+FORK_FLAT = """
+import os, sys, time
+n = int(sys.argv[1])
+sys.stdin.readline()
+for _ in range(n):  # its workers, started at once, then flat
+    if os.fork() == 0:
+        time.sleep(3600)
+        os._exit(0)
+time.sleep(3600)
+"""
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (cgroups, other processes' fds)")
+real_fault = [pytest.mark.root, needs_root, pytest.mark.slow, pytest.mark.asyncio]
+
+
+def shipped(*names: str) -> list[Playbook]:
+    pbs = [pb for pb in load_playbooks(PlaybookSettings(dirs=())) if pb.name in names]
+    assert sorted(pb.name for pb in pbs) == sorted(names)
+    return pbs
+
+
+@pytest.fixture
+def children() -> Iterator[list[subprocess.Popen[bytes]]]:
+    procs: list[subprocess.Popen[bytes]] = []
+    yield procs
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+        if p.stdin is not None:
+            p.stdin.close()
+
+
+def spawn(children: list[subprocess.Popen[bytes]], code: str, *args: str) -> subprocess.Popen[bytes]:
+    p = subprocess.Popen([PY, "-c", code, *args], stdin=subprocess.PIPE)
+    children.append(p)
+    return p
+
+
+@contextlib.contextmanager
+def pids_cgroup(name: str, pids_max: int) -> Iterator[tuple[str, list[Path]]]:
+    """A cgroup with pids.max (v2, or v1's pids hierarchy plus, for discovery, the memory one);
+    yields (label, [dirs to write cgroup.procs to]); kills what is left in it on exit."""
+    root = Path("/sys/fs/cgroup")
+    if (root / "cgroup.controllers").exists() and "pids" in (root / "cgroup.subtree_control").read_text():
+        dirs = [root / name]
+    elif (root / "pids/pids.current").exists() or (root / "pids").is_dir():
+        dirs = [root / "pids" / name] + ([root / "memory" / name] if (root / "memory").is_dir() else [])
+    else:
+        pytest.skip("no pids cgroup controller")
+    for d in dirs:
+        d.mkdir()
+    (dirs[0] / "pids.max").write_text(str(pids_max))
+    try:
+        yield f"/{name}", dirs
+    finally:
+        for _ in range(50):
+            left = (dirs[0] / "cgroup.procs").read_text().split()
+            if not left:
+                break
+            for p in left:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(p), signal.SIGKILL)
+            time.sleep(0.1)
+        for d in dirs:
+            for _ in range(100):
+                try:
+                    d.rmdir()
+                    break
+                except OSError:
+                    time.sleep(0.05)
+
+
+def enter(dirs: list[Path], proc: subprocess.Popen[bytes]) -> None:
+    for d in dirs:
+        (d / "cgroup.procs").write_text(str(proc.pid))
+    assert proc.stdin is not None
+    proc.stdin.write(b"go\n")
+    proc.stdin.flush()
+
+
+async def feed(collectors: list[LimitCollector | CgroupCollector], eng: object, labels: set[str],
+               seconds: float, done: Callable[[], bool], *, after: float = 14.0) -> dict[str, float]:
+    """One sample a second with only our labels' metrics, for ``seconds`` or until ``after``
+    seconds past ``done()``; returns each label's peak used %."""
+    peak = dict.fromkeys(labels, 0.0)
+    t0 = time.monotonic()
+    n = 0
+    finished = False
+    while time.monotonic() - t0 < seconds:
+        metrics: dict[str, float | None] = {}
+        for c in collectors:
+            reading = await asyncio.to_thread(c.collect)
+            metrics.update({k: v for k, v in reading.metrics.items() if k.partition("[")[2][:-1] in labels})
+        for k, v in metrics.items():
+            label = k.partition("[")[2][:-1]
+            if ".used_pct[" in k and v is not None:
+                peak[label] = max(peak[label], v)
+        await eng.evaluate(sample(metrics), None)  # type: ignore[attr-defined]
+        if not finished and done():
+            seconds, finished = min(seconds, time.monotonic() - t0 + after), True
+        n += 1
+        await asyncio.sleep(max(0.0, t0 + n - time.monotonic()))
+    return peak
+
+
+def limits_collector() -> LimitCollector:
+    c = LimitCollector(LimitSettings(fd_rescan_s=1.0, fd_top_n=100))
+    c.start()
+    return c
+
+
+def cgroup_collector() -> CgroupCollector:
+    c = CgroupCollector(CgroupSettings(rescan_s=0.5))
+    c.start()
+    return c
+
+
+@real_fault[0]
+@real_fault[1]
+@real_fault[2]
+@real_fault[3]
+@pytest.mark.parametrize(("rate", "limit"), [(25, 512), (100, 1024)])
+async def test_an_fd_leak_is_stopped_before_emfile(tmp_path: Path, children: list[subprocess.Popen[bytes]],
+                                                   rate: int, limit: int) -> None:
+    """Old: no metric saw a process's fds against its own RLIMIT_NOFILE; it ran into EMFILE."""
+    eng, rec = make_engine(tmp_path, shipped("fd-leak"), PlaybookSettings(dirs=()))
+    col = limits_collector()
+    leak = spawn(children, FD_LEAK, str(rate), str(limit))
+    async with running(eng):
+        peak = await feed([col], eng, {str(leak.pid)}, 3 * limit / rate, lambda: leak.poll() is not None)
+        await idle(eng)
+    assert leak.wait(10) == -signal.SIGTERM, "stopped by heald's TERM, not by EMFILE (exit 3)"
+    (started,) = rec.of("run.start")
+    assert started["playbook"] == "fd-leak"
+    assert started["bindings"] == {"pid": str(leak.pid)}
+    assert rec.of("step")[0]["data"]["pids"] == [leak.pid]
+    assert rec.of("run.end")[0]["outcome"] == "succeeded"
+    assert peak[str(leak.pid)] < 100
+    print(f"{rate} fds/s into {limit}: acted by {peak[str(leak.pid)]:.0f}% of the limit, "
+          f"inputs {started['inputs']}")
+
+
+@real_fault[0]
+@real_fault[1]
+@real_fault[2]
+@real_fault[3]
+async def test_a_fork_leak_in_a_pids_limited_cgroup_is_stopped_before_fork_fails(
+        tmp_path: Path, children: list[subprocess.Popen[bytes]]) -> None:
+    """Old: cgroup.pids.used_pct had no headroom, ETA nor playbook; fork failed with EAGAIN."""
+    with pids_cgroup(f"heald-test-forks-{os.getpid()}", 64) as (label, dirs):
+        eng, rec = make_engine(tmp_path, shipped("cgroup-pids-leak"), PlaybookSettings(dirs=()))
+        col = cgroup_collector()
+        leak = spawn(children, FORK_LEAK, "4")
+        enter(dirs, leak)
+        async with running(eng):
+            peak = await feed([col], eng, {label}, 40, lambda: leak.poll() is not None)
+            await idle(eng)
+        assert leak.wait(10) == -signal.SIGTERM, "stopped by heald's TERM, not by a failed fork (exit 3)"
+        (started,) = rec.of("run.start")
+        assert started["playbook"] == "cgroup-pids-leak"
+        assert started["bindings"] == {"cgroup": label}
+        assert [st["data"]["pids"] for st in rec.of("step")] == [[leak.pid]], "the forking parent only"
+        assert rec.of("run.end")[0]["outcome"] == "succeeded"
+        assert peak[label] < 100
+        print(f"4 forks/s into pids.max 64: acted by {peak[label]:.0f}%, inputs {started['inputs']}")
+
+
+@real_fault[0]
+@real_fault[1]
+@real_fault[2]
+@real_fault[3]
+async def test_only_the_leaking_ones_are_touched(tmp_path: Path,
+                                                 children: list[subprocess.Popen[bytes]]) -> None:
+    """Two at once of each: a leaking fd holder and one flat at 90% of its limit; a fork leak
+    and a cgroup flat at 88% of its pids.max. Only the two leaks are stopped."""
+    pid = os.getpid()
+    with (pids_cgroup(f"heald-test-forky-{pid}", 64) as (leaky, leaky_dirs),
+          pids_cgroup(f"heald-test-flat-{pid}", 64) as (flat, flat_dirs)):
+        eng, rec = make_engine(tmp_path, shipped("fd-leak", "cgroup-pids-leak"), PlaybookSettings(dirs=()))
+        cols: list[LimitCollector | CgroupCollector] = [limits_collector(), cgroup_collector()]
+        fd_flat = spawn(children, FD_FLAT, "256", "230")
+        workers = spawn(children, FORK_FLAT, "55")
+        enter(flat_dirs, workers)
+        await asyncio.sleep(3)
+        fd_leak = spawn(children, FD_LEAK, "25", "512")
+        forks = spawn(children, FORK_LEAK, "4")
+        enter(leaky_dirs, forks)
+        labels = {leaky, flat, str(fd_leak.pid), str(fd_flat.pid)}
+        async with running(eng):
+            peak = await feed(cols, eng, labels, 45,
+                              lambda: fd_leak.poll() is not None and forks.poll() is not None)
+            await idle(eng)
+        assert fd_leak.wait(10) == -signal.SIGTERM
+        assert forks.wait(10) == -signal.SIGTERM
+        assert sorted(st["data"]["pids"][0] for st in rec.of("step")) == sorted([fd_leak.pid, forks.pid])
+        assert fd_flat.poll() is None, "the flat fd holder was touched"
+        assert workers.poll() is None, "the flat cgroup was touched"
+        bound = sorted(r["bindings"].get("pid") or r["bindings"]["cgroup"] for r in rec.of("run.start"))
+        assert bound == sorted([str(fd_leak.pid), leaky])
+        assert peak[str(fd_flat.pid)] > 85, peak
+        assert peak[flat] > 85, peak
+        print(f"peaks (used % of limit): {peak}")
+
+
+def test_fd_limit_parsing_and_the_host_tables(tmp_path: Path) -> None:
+    """/proc/PID/limits' soft open-files value; file-nr, loadavg and conntrack from a fixture tree."""
+    text = (b"Limit                     Soft Limit           Hard Limit           Units     \n"
+            b"Max processes             127493               127493               processes \n"
+            b"Max open files            1024                 524288               files     \n")
+    assert nofile_soft(text) == 1024
+    assert nofile_soft(text.replace(b"1024 ", b"unlimited ")) is None
+    assert nofile_soft(None) is None
+    proc = tmp_path / "proc"
+    (proc / "sys/fs").mkdir(parents=True)
+    (proc / "sys/kernel").mkdir(parents=True)
+    (proc / "sys/fs/file-nr").write_text("1500\t0\t10000\n")
+    (proc / "loadavg").write_text("0.10 0.20 0.30 2/400 12345\n")
+    (proc / "sys/kernel/pid_max").write_text("32768\n")
+    (proc / "sys/kernel/threads-max").write_text("1000\n")
+    c = LimitCollector(LimitSettings(), root=str(tmp_path))
+    c.start()
+    m = c.collect().metrics
+    assert m["fd.used_pct"] == pytest.approx(15.0)
+    assert m["fd.headroom"] == 8500
+    assert m["proc.tasks.used_pct"] == pytest.approx(40.0)  # 400 of min(pid_max, threads-max)
+    assert "net.conntrack.used_pct" not in m  # module not loaded: absent
+    (proc / "sys/net/netfilter").mkdir(parents=True)
+    (proc / "sys/net/netfilter/nf_conntrack_count").write_text("300\n")
+    (proc / "sys/net/netfilter/nf_conntrack_max").write_text("1000\n")
+    for n in (300, 400, 500):
+        (proc / "sys/net/netfilter/nf_conntrack_count").write_text(f"{n}\n")
+        m = c.collect().metrics
+        time.sleep(0.05)
+    assert m["net.conntrack.used_pct"] == pytest.approx(50.0)
+    assert m["net.conntrack.headroom"] == 500
+    assert 0 < (m["net.conntrack.eta_s"] or 0) < 10  # 500 left at ~2000/s
