@@ -64,7 +64,7 @@ def full_exposition() -> Exposition:
                        forecasts=(Forecast(resource="disk.used_bytes[/]", eta_s=7200.0, confidence=0.8,
                                            rate_per_s=10.0),
                                   Forecast(resource="mem.used_pct", eta_s=None, confidence=0.1,
-                                           rate_per_s=0.0))))
+                                           rate_per_s=0.0)), drift=0.25))
     e.record_run("clean-tmp", "ok")
     e.record_run("clean-tmp", "ok")
     e.record_run("restart-unit", "failed")
@@ -132,6 +132,7 @@ def test_scrape_with_curl_has_every_documented_name() -> None:
     assert value("heald_collector_status", collector="gpu", status="absent") == 1
     assert value("heald_collector_duration_seconds", collector="cpu") == pytest.approx(0.0015)
     assert value("heald_risk_anomaly") == pytest.approx(0.42)
+    assert value("heald_model_drift") == pytest.approx(0.25)
     assert value("heald_risk_alert") == 0
     assert value("heald_failure_probability", **{"class": "oom"}) == pytest.approx(0.1)
     assert value("heald_forecast_eta_seconds", resource="disk.used_bytes[/]") == 7200
@@ -160,6 +161,7 @@ def test_cold_daemon_exposes_what_it_knows() -> None:
         e.update_risk(Risk(seq=1, wall=0.0, anomaly=None, alert=False, cold=True, model_version=""))
         got = scrape(server.url)
         assert "heald_risk_anomaly" not in got
+        assert "heald_model_drift" not in got  # not measured yet
         assert got["heald_risk_cold"][0][2] == 1
     finally:
         server.close()

@@ -57,6 +57,7 @@ FIXED_METRICS: Final[dict[str, tuple[str, str]]] = {
     "heald_risk_anomaly": ("gauge", "Anomaly score, 1.0 = alert threshold (absent while cold)"),
     "heald_risk_alert": ("gauge", "1 while the anomaly score is at or above the alert threshold"),
     "heald_risk_cold": ("gauge", "1 while the model is in its cold-start window (rules only)"),
+    "heald_model_drift": ("gauge", "Share of the model's features moved from its training data (drift)"),
     "heald_failure_probability": ("gauge", "Probability of a failure of this class within the horizon"),
     "heald_forecast_eta_seconds": ("gauge", "Forecast seconds until the resource is exhausted"),
     "heald_model_info": ("info", "Version of the anomaly model in use (value 1)"),
@@ -201,6 +202,8 @@ class Exposition(Collector):
             yield Exposition._gauge("heald_risk_anomaly", risk.anomaly)
         yield Exposition._gauge("heald_risk_alert", 1.0 if risk.alert else 0.0)
         yield Exposition._gauge("heald_risk_cold", 1.0 if risk.cold else 0.0)
+        if risk.drift is not None:
+            yield Exposition._gauge("heald_model_drift", risk.drift)
         failure = GaugeMetricFamily("heald_failure_probability",
                                     FIXED_METRICS["heald_failure_probability"][1], labels=["class"])
         for cls, p in sorted(risk.failure.items()):

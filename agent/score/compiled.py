@@ -41,6 +41,10 @@ ARRAY_SPECS: dict[str, int] = {
     "divisors": 1,  # (4,) per-component normaliser: a high train quantile of the raw component
     "weights": 1,  # (4,) per-component weight in the ensemble (0 switches a component off)
 }
+# Optional arrays (artifacts fitted before drift detection lack them): the training summary that
+# live drift is measured against (agent.score.drift): decile edges and the training's bin shares.
+# Name -> n for shape (d, n); 0: shape (d,).
+OPTIONAL_ARRAYS: dict[str, int] = {"drift_edges": 9, "drift_expected": 10, "drift_stable": 0}
 
 
 class ArtifactMeta(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -105,7 +109,12 @@ def validate(meta: ArtifactMeta, arrays: dict[str, F64], where: str) -> None:
                              f"expected float64 of rank {rank}")
         if not np.all(np.isfinite(a)):
             raise ModelError(f"{where}: array {name!r} holds NaN or infinite values")
-    extra = set(arrays) - set(ARRAY_SPECS)
+    for name, cols in OPTIONAL_ARRAYS.items():
+        shape = (d, cols) if cols else (d,)
+        if name in arrays and (arrays[name].dtype != np.float64 or arrays[name].shape != shape
+                               or not np.all(np.isfinite(arrays[name]))):
+            raise ModelError(f"{where}: array {name!r} must be finite float64 of shape {shape}")
+    extra = set(arrays) - set(ARRAY_SPECS) - set(OPTIONAL_ARRAYS)
     if extra:
         raise ModelError(f"{where}: unexpected arrays {sorted(extra)}")
     k = arrays["centroids"].shape[0]

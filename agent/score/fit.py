@@ -30,6 +30,7 @@ import numpy.typing as npt
 
 from agent.errors import InputError, ModelError, Problem
 from agent.score import compiled as art
+from agent.score import drift
 from agent.score.artifact import F64, FeatureSpec, TrainingWindow
 from agent.score.compiled import COMPONENTS, ArtifactMeta, CompiledDetector
 from agent.score.detector import combine, component_scores, ewma, geo_ewma
@@ -188,6 +189,8 @@ def fit_detector(
         "pca_mean": pca_mean, "pca_components": pca_components,
         "divisors": np.ones(n_comp), "weights": np.asarray(options.weights, dtype=np.float64),
     }
+    # the training summary that live drift is measured against (agent.score.drift)
+    arrays["drift_edges"], arrays["drift_expected"], arrays["drift_stable"] = drift.summarize(x)
 
     def meta(threshold: float, threshold_geo: float = 1.0) -> ArtifactMeta:
         return ArtifactMeta(

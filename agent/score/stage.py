@@ -54,6 +54,7 @@ from agent.fsutil import FailureStreak
 from agent.score import classifier as clf
 from agent.score import compiled as art
 from agent.score.detector import StreamingDetector
+from agent.score.drift import DRIFT_EVERY, DRIFT_LINE, DriftMonitor
 from agent.score.forecast import Forecaster
 from agent.score.settings import ModelSettings
 from agent.score.types import Contribution, Forecast, Risk
@@ -95,6 +96,9 @@ class RiskStage:
         fit_timeout_s: float = 600.0,
         gap_reset_s: float = 30.0,
         history: bool = True,
+        drift_every: int = DRIFT_EVERY,
+        drift_line: float = DRIFT_LINE,
+        drift_refit_min_s: float = 1800.0,
     ) -> None:
         self.settings = settings
         self.state_dir = Path(state_dir)
@@ -120,6 +124,11 @@ class RiskStage:
         self.scorer: clf.Scorer | None = None
         self.detector: StreamingDetector | None = None
         self._det_idx: npt.NDArray[np.intp] | None = None
+        # drift of the live features from the detector's training data (agent.score.drift)
+        self.drift_every, self.drift_line, self.drift_refit_min_s = drift_every, drift_line, drift_refit_min_s
+        self.drift: DriftMonitor | None = None
+        self.drift_score: float | None = None
+        self.drift_refit = False  # drift past the line asked for a refit
         if settings.enabled:
             log.info("score stage ready", kernels="native" if self.window.native else "numpy",
                      features=self.schema.dim)
@@ -177,6 +186,11 @@ class RiskStage:
         self._det_idx = np.array([pos[n] for n in model.meta.feature_names], dtype=np.intp)
         self.detector = StreamingDetector(model)
         self.detector.bind(self.window.output, self._det_idx)  # read in place from the window
+        edges, expected = model.arrays.get("drift_edges"), model.arrays.get("drift_expected")
+        self.drift = DriftMonitor(edges, expected, model.arrays.get("drift_stable"), every=self.drift_every,
+                                  line=self.drift_line) \
+            if edges is not None and expected is not None else None
+        self.drift_score = None
         self._update_version()
 
     def _update_version(self) -> None:
@@ -216,9 +230,24 @@ class RiskStage:
             anomaly, alert = det.score_bound(vec, self._det_idx)
             if anomaly >= self.explain_above:
                 explanation = tuple(det.explain_bound(vec, self._det_idx))
+            if self.drift is not None:
+                self._drift(det, vec[self._det_idx])
         return Risk(seq=sample.seq, wall=sample.wall, anomaly=anomaly, alert=alert, cold=det is None,
                     model_version=self._version, explanation=explanation, failure=failure,
-                    forecasts=self.forecaster.forecasts)
+                    forecasts=self.forecaster.forecasts, drift=self.drift_score)
+
+    def _drift(self, det: StreamingDetector, vec: npt.NDArray[np.float64]) -> None:
+        assert self.drift is not None  # noqa: S101 - the caller checked
+        report = self.drift.push(vec)
+        if report is None:
+            return
+        self.drift_score = report.score
+        if report.flagged:
+            names = det.model.meta.feature_names
+            log.warning("model drift: the live features moved from the training data; refit requested",
+                        drift=report.score, line=self.drift_line, model=det.model.version,
+                        top={names[i]: v for i, v in report.top})
+            self.drift_refit = True
 
     def risk_alert(self, risk: Risk) -> list[str]:
         """Why this risk is an alert (empty when it is not): anomaly, failure[c], forecast[key]."""
@@ -241,6 +270,9 @@ class RiskStage:
             return False
         if self.detector is None or self._last_fit_mono is None:
             return True
+        now = time.monotonic() if now_mono is None else now_mono
+        if self.drift_refit and now - self._last_fit_mono >= self.drift_refit_min_s:
+            return True
         # Early life: refit each time the history has doubled (10, 20, 40, ... minutes), until
         # the regular interval is the shorter wait: the model learns the node's normal as fast as
         # the node shows it, instead of judging hours by its first ten minutes.
@@ -248,7 +280,6 @@ class RiskStage:
         if self._fit_rows and rows >= 2 * self._fit_rows \
                 and self._fit_rows * self.sample_interval_s < self.settings.refit_interval_s:
             return True
-        now = time.monotonic() if now_mono is None else now_mono
         return now - self._last_fit_mono >= self.settings.refit_interval_s
 
     async def refit(self) -> bool:
@@ -256,6 +287,7 @@ class RiskStage:
         if self.history is None:
             return False
         self._fitting = True
+        self.drift_refit = False
         self._last_fit_mono = time.monotonic()
         self._fit_rows = self.history_rows()
         work = self.model_dir / "work"

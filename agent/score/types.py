@@ -30,3 +30,6 @@ class Risk(msgspec.Struct, frozen=True, kw_only=True):
     # failure class -> probability within the horizon
     failure: dict[str, float] = msgspec.field(default_factory=dict)
     forecasts: tuple[Forecast, ...] = ()
+    # share of the model's informative features whose live distribution moved from the training
+    # data (agent.score.drift), from the last completed block; None: not measured yet
+    drift: float | None = None
