@@ -24,6 +24,9 @@ from pathlib import Path
 import pytest
 from playbook_kit import idle, make_engine, running, sample
 
+from agent.act.actions.sysctl import raise_limit
+from agent.act.base import ActionContext
+from agent.act.supervisor import Supervisor
 from agent.collect.cgroups import CgroupCollector
 from agent.collect.limits import LimitCollector, nofile_soft
 from agent.collect.settings import CgroupSettings, LimitSettings
@@ -305,3 +308,70 @@ def test_fd_limit_parsing_and_the_host_tables(tmp_path: Path) -> None:
     assert m["net.conntrack.used_pct"] == pytest.approx(50.0)
     assert m["net.conntrack.headroom"] == 500
     assert 0 < (m["net.conntrack.eta_s"] or 0) < 10  # 500 left at ~2000/s
+
+
+@pytest.mark.asyncio
+async def test_a_filling_conntrack_table_gets_a_raised_max_then_escalates(tmp_path: Path) -> None:
+    """The gentle step of conntrack-table-full, as shipped: before the table is full,
+    nf_conntrack_max is doubled (within its bound); the count keeps climbing, so a human is
+    called. The kernel table is a fixture tree here (filling the host's real table would drop
+    other tenants' packets); the collector, engine and the write are real."""
+    nf = tmp_path / "proc/sys/net/netfilter"
+    nf.mkdir(parents=True)
+    (nf / "nf_conntrack_max").write_text("200\n")
+    settings = PlaybookSettings(dirs=(), sysctl_root=str(tmp_path / "proc/sys"))
+    eng, rec = make_engine(tmp_path, shipped("conntrack-table-full"), settings)
+    col = LimitCollector(LimitSettings(fd_top_n=1), root=str(tmp_path))
+    col.start()
+    t0 = time.monotonic()
+    raised_at: int | None = None
+    async with running(eng):
+        for n in range(40):
+            count = 60 + int(10 * (time.monotonic() - t0))  # +10 entries/s: 200 reached at 14 s
+            (nf / "nf_conntrack_count").write_text(f"{count}\n")
+            metrics = {k: v for k, v in col.collect().metrics.items() if k.startswith("net.conntrack.")}
+            await eng.evaluate(sample(metrics), None)
+            if raised_at is None and (nf / "nf_conntrack_max").read_text().strip() != "200":
+                raised_at = count
+            if rec.of("run.end"):
+                break
+            await asyncio.sleep(max(0.0, t0 + (n + 1) * 0.5 - time.monotonic()))
+        await idle(eng)
+    assert raised_at is not None, "nf_conntrack_max was never raised"
+    assert raised_at < 200, "raised only once the table was full"
+    assert (nf / "nf_conntrack_max").read_text().strip() == "400"  # x2, within the 1,048,576 bound
+    (started,) = rec.of("run.start")
+    assert started["playbook"] == "conntrack-table-full"
+    assert rec.of("step")[0]["data"] == {"sysctl": "net.netfilter.nf_conntrack_max", "old": 200, "new": 400,
+                                         "max": 1048576}
+    assert rec.of("run.end")[0]["outcome"] == "escalated"  # still climbing after the raise
+    assert [e["kind"] for e in rec.events if e.get("kind") == "net.conntrack.exhausted"]
+
+
+@pytest.mark.asyncio
+async def test_raise_limit_doubles_within_its_bound_and_never_lowers(tmp_path: Path) -> None:
+    f = tmp_path / "fs/file-max"
+    f.parent.mkdir()
+    f.write_text("1000\n")
+    sup = Supervisor(lambda coro, name: asyncio.get_running_loop().create_task(coro, name=name),
+                     lambda *_: None)
+
+    def ctx(dry: bool = False) -> ActionContext:
+        return ActionContext(settings=PlaybookSettings(dirs=(), sysctl_root=str(tmp_path)), node="n",
+                             playbook="pb", run_id="r", dry_run=dry, supervisor=sup, emit=lambda _: None)
+
+    res = await raise_limit({"sysctl": "fs.file-max", "max": 1500}, ctx(dry=True))
+    assert res.ok
+    assert f.read_text() == "1000\n"  # a dry run writes nothing
+    res = await raise_limit({"sysctl": "fs.file-max", "max": 1500}, ctx())
+    assert res.ok
+    assert res.changed
+    assert f.read_text() == "1500\n"  # x2 = 2000, held to the bound
+    res = await raise_limit({"sysctl": "fs.file-max", "max": 1500}, ctx())
+    assert not res.ok, "at the bound the step fails, so the ladder goes on"
+    f.write_text("4000\n")
+    res = await raise_limit({"sysctl": "fs.file-max", "max": 1500}, ctx())
+    assert not res.ok
+    assert f.read_text() == "4000\n"  # never lowered
+    res = await raise_limit({"sysctl": "vm.drop_caches", "max": 3}, ctx())
+    assert not res.ok

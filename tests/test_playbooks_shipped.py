@@ -90,6 +90,9 @@ def test_shipped_library_loads() -> None:
         "fd-leak",
         "fd-leak-predicted",
         "inodes-full-predicted",
+        "conntrack-table-full",
+        "file-table-full",
+        "task-table-full",
     }
 
 

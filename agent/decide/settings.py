@@ -37,6 +37,8 @@ class PlaybookSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, 
     # Environment variables passed from the daemon to commands it runs (run_command, tools).
     command_env_allowlist: tuple[str, ...] = ("PATH", "LANG", "LC_ALL", "TZ")
     drop_caches_path: str = "/proc/sys/vm/drop_caches"
+    # Where raise_limit writes a sysctl (net.netfilter.nf_conntrack_max -> ROOT/net/netfilter/...).
+    sysctl_root: str = "/proc/sys"
     # cgroup_limit asks systemd (`systemctl set-property --runtime UNIT MemoryMax=...`) for a process
     # in a system unit's own cgroup (a .service or .scope under slices) and refuses any other.
     # true: for processes outside a unit, write memory.max/cpu.max (or the v1 files) directly

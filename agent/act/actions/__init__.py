@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from types import MappingProxyType
 
-from agent.act.actions import cgroups, commands, files, gpu, notify, processes, systemd
+from agent.act.actions import cgroups, commands, files, gpu, notify, processes, sysctl, systemd
 from agent.act.base import ActionFn
 from agent.decide.schema import action_names
 
@@ -30,6 +30,8 @@ REGISTRY: Mapping[str, ActionFn] = MappingProxyType({
     "vacuum_journal": files.vacuum_journal,
     "rotate_logs": files.rotate_logs,
     "drop_caches": files.drop_caches,
+    # kernel tables
+    "raise_limit": sysctl.raise_limit,
     # GPUs
     "gpu_reset": gpu.gpu_reset,
     "gpu_drain": gpu.gpu_drain,

@@ -1,0 +1,44 @@
+"""``raise_limit``: raise a kernel table's limit (a sysctl) by a factor, never past a bound.
+
+The gentle step for a table that fills (conntrack entries, the host's file handles, PIDs): more
+room buys the time for a human or the forceful step. Only the tables' sysctls are accepted
+(:data:`ALLOWED`); the value is never lowered; at the bound the step fails, so the ladder goes on
+(escalates). Writes ``/proc/sys/...`` (``[playbooks] sysctl_root``): needs root.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from agent.act.actions._common import write_kernel_file
+from agent.act.base import ActionContext, ActionResult
+
+ALLOWED = frozenset({"net.netfilter.nf_conntrack_max", "fs.file-max", "kernel.pid_max", "kernel.threads-max"})
+
+
+async def raise_limit(params: Mapping[str, Any], ctx: ActionContext) -> ActionResult:
+    name = str(params["sysctl"])
+    if name not in ALLOWED:  # the schema's enum already refuses it; never write anything else
+        return ActionResult(ok=False, detail=f"{name} is not a table limit heald raises")
+    factor, bound = float(params.get("factor", 2.0)), int(params["max"])
+    path = Path(ctx.settings.sysctl_root) / name.replace(".", "/")
+    try:
+        old = int((await asyncio.to_thread(path.read_text)).split()[0])
+    except (OSError, ValueError, IndexError) as exc:
+        return ActionResult(ok=False, detail=f"cannot read {path}: {exc}")
+    new = min(bound, int(old * factor))
+    data = {"sysctl": name, "old": old, "new": new, "max": bound}
+    if new <= old:
+        return ActionResult(ok=False, detail=f"{name} is {old}, already at its bound {bound}", data=data)
+    if ctx.dry_run:
+        return ActionResult(ok=True, detail=f"would write {new} to {path} (now {old}, bound {bound})",
+                            data=data)
+    try:
+        await asyncio.to_thread(write_kernel_file, path, f"{new}\n")
+    except OSError as exc:
+        return ActionResult(ok=False, detail=f"cannot write {path}: {exc}", data=data)
+    return ActionResult(ok=True, changed=True, detail=f"raised {name} from {old} to {new} (bound {bound})",
+                        data=data)
