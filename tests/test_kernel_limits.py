@@ -17,22 +17,26 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from playbook_kit import idle, make_engine, running, sample
+import yaml
+from playbook_kit import idle, make_engine, risk, running, sample
 
 from agent.act.actions.sysctl import raise_limit
 from agent.act.base import ActionContext
 from agent.act.supervisor import Supervisor
 from agent.collect.cgroups import CgroupCollector
+from agent.collect.disk import DiskCollector
 from agent.collect.limits import LimitCollector, nofile_soft
-from agent.collect.settings import CgroupSettings, LimitSettings
-from agent.decide.loader import load_playbooks
+from agent.collect.settings import CgroupSettings, DiskSettings, LimitSettings
+from agent.decide.loader import load_playbooks, parse_playbook
 from agent.decide.model import Playbook
 from agent.decide.settings import PlaybookSettings
+from agent.score.forecast import Forecaster
 
 PY = sys.executable
 
@@ -375,3 +379,82 @@ async def test_raise_limit_doubles_within_its_bound_and_never_lowers(tmp_path: P
     assert f.read_text() == "4000\n"  # never lowered
     res = await raise_limit({"sysctl": "vm.drop_caches", "max": 3}, ctx())
     assert not res.ok
+
+
+INODE_FILLER = """
+import os, sys, time
+root, per_s = sys.argv[1], float(sys.argv[2])
+old = time.time() - 3 * 86400
+t0, i = time.monotonic(), 0
+while True:
+    p = os.path.join(root, "spool", f"msg-{i}")
+    try:
+        with open(p, "wb") as fh:
+            fh.write(b"x")
+    except OSError:
+        sys.exit(28)  # ENOSPC: out of inodes
+    os.utime(p, (old, old))  # spool files nobody picked up for days
+    i += 1
+    time.sleep(max(0.0, t0 + i / per_s - time.monotonic()))
+"""
+
+
+@pytest.fixture
+def inode_tmpfs() -> Iterator[Path]:
+    """A tmpfs with 2,000 inodes and 64 MiB: it runs out of inodes long before bytes."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a tmpfs")
+    mnt = Path(tempfile.mkdtemp(prefix="heald-inodes-"))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,nr_inodes=2000", "tmpfs", str(mnt)], check=True)
+    (mnt / "spool").mkdir()
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+        mnt.rmdir()
+
+
+def inodes_playbook(settings: PlaybookSettings) -> Playbook:
+    src = Path(__file__).resolve().parents[1] / "remediations/inodes-full-predicted.yaml"
+    data = yaml.safe_load(src.read_text())
+    data["trigger"]["any"][0]["eta_below"] = "20s"  # fills in ~20 s here, not hours
+    data["verify"]["settle"] = "2s"
+    pb, problems = parse_playbook(yaml.safe_dump(data), str(src), settings, shipped=True)
+    assert pb is not None, [str(p) for p in problems]
+    return pb
+
+
+@real_fault[0]
+@real_fault[1]
+@real_fault[2]
+@real_fault[3]
+async def test_inodes_running_out_are_cleaned_from_the_real_forecast(
+        tmp_path: Path, inode_tmpfs: Path, children: list[subprocess.Popen[bytes]]) -> None:
+    """inodes-full-predicted, forecast branch (eta_below shortened to the test's scale): a tmpfs
+    with bytes to spare fills its inodes with tiny stale files; stale files are deleted on the
+    real forecaster's ETA, before the creates fail with ENOSPC."""
+    mnt = inode_tmpfs
+    settings = PlaybookSettings(dirs=(), clean_roots=(str(mnt),), journalctl=("true",))
+    eng, rec = make_engine(tmp_path, [inodes_playbook(settings)], settings)
+    col = DiskCollector(DiskSettings(include_mounts=(str(mnt),)))
+    col.start()
+    fc = Forecaster(window_s=10.0, spans=(3.0,), every=2, min_points=5)
+    filler = spawn(children, INODE_FILLER, str(mnt), "100")
+    key = f"disk.inodes_used_pct[{mnt}]"
+    peak = 0.0
+    async with running(eng):
+        t0 = time.monotonic()
+        while not rec.of("run.end") and filler.poll() is None and time.monotonic() - t0 < 40:
+            m = {k: v for k, v in col.collect().metrics.items() if k.endswith(f"[{mnt}]")}
+            peak = max(peak, m.get(key) or 0.0)
+            fc.push(m, time.monotonic())
+            await eng.evaluate(sample(m), risk(forecasts=fc.forecasts))
+            await asyncio.sleep(0.2)
+        await idle(eng)
+    assert filler.poll() is None, "the filler ran out of inodes before heald cleaned"
+    start = rec.of("run.start")[0]
+    assert start["bindings"] == {"mount": str(mnt)}
+    assert start["inputs"][f"forecast[disk.inodes_free[{mnt}]].eta_s"] < 20
+    assert rec.of("step")[0]["data"]["deleted"] > 0
+    assert peak < 100
+    print(f"inodes: cleaned by {peak:.0f}% used, inputs {start['inputs']}")

@@ -47,6 +47,8 @@ class ActionContext:
     bindings: Mapping[str, str] = field(default_factory=dict)
     # the latest sample's detail (per collector), e.g. detail["gpu"]["devices"]["0"]["pci"]
     detail: Mapping[str, Any] = field(default_factory=dict)
+    # what made the trigger fire (metric values, forecasts), as in the audit log
+    inputs: Mapping[str, Any] = field(default_factory=dict)
     log: FilteringBoundLogger = field(default_factory=lambda: structlog.get_logger("heald.act"))
 
     def env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -300,6 +300,7 @@ class Runner:
             supervisor=host.supervisor,
             emit=self._recorder.emit,
             bindings=dict(run.match.bindings),
+            inputs=dict(run.match.inputs),
             detail=self._latest.detail,
             log=host.log.bind(playbook=run.playbook.name, run_id=run.run_id, step=step.name),
         )

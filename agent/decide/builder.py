@@ -21,6 +21,7 @@ from agent.decide.model import (
     AllCond,
     AnyCond,
     Condition,
+    DemandCond,
     Escalate,
     EventCond,
     FailureCond,
@@ -139,6 +140,13 @@ class PlaybookBuilder:
                 float(d.get("min_confidence", 0.5)),
                 self.mounts(d, "forecast", path),
             )
+        if kind == "demand":
+            return DemandCond(cid, self.key_pattern(d["demand"], (*path, "demand")), float(d["above"]),
+                              self.duration(d.get("within"), (*path, "within"), 7200.0),
+                              d.get("bound", "point"))
+        if kind == "idle":  # a metric below a line for a while: the reclaim hooks' trigger
+            return MetricCond(cid, self.key_pattern(d["idle"], (*path, "idle")), "<", float(d["below"]),
+                              self.duration(d.get("for"), (*path, "for"), 3600.0))
         if kind == "risk":
             return RiskCond(
                 cid, d["risk"], float(d.get("above", 1.0)), self.duration(d.get("for"), (*path, "for"), 0.0)

@@ -61,6 +61,17 @@ class ForecastCond:
 
 
 @dataclass(frozen=True, slots=True)
+class DemandCond:
+    """The demand forecast (agent.score.demand) of ``key`` reaches ``above`` within ``within_s``."""
+
+    cid: int
+    key: KeyPattern
+    above: float
+    within_s: float
+    bound: Literal["point", "lo", "hi"] = "point"  # the forecast's point or an interval edge
+
+
+@dataclass(frozen=True, slots=True)
 class RiskCond:
     cid: int
     risk: Literal["anomaly", "alert"]
@@ -98,7 +109,7 @@ class AnyCond:
     items: tuple[Condition, ...]
 
 
-Condition = MetricCond | ForecastCond | RiskCond | FailureCond | EventCond | AllCond | AnyCond
+Condition = MetricCond | ForecastCond | DemandCond | RiskCond | FailureCond | EventCond | AllCond | AnyCond
 
 
 def walk(cond: Condition) -> list[Condition]:
@@ -112,12 +123,12 @@ def walk(cond: Condition) -> list[Condition]:
 
 def model_driven(cond: Condition) -> bool:
     """Whether any part of the condition reads the model (held while the model is cold)."""
-    return any(isinstance(c, ForecastCond | RiskCond | FailureCond) for c in walk(cond))
+    return any(isinstance(c, ForecastCond | DemandCond | RiskCond | FailureCond) for c in walk(cond))
 
 
 def bound_vars(cond: Condition) -> frozenset[str]:
     """Variables a match of ``cond`` always binds (``any`` binds only what every branch binds)."""
-    if isinstance(cond, MetricCond | ForecastCond):
+    if isinstance(cond, MetricCond | ForecastCond | DemandCond):
         return frozenset({cond.key.label.var} if cond.key.label.var else ())
     if isinstance(cond, EventCond):
         return frozenset(p.var for _, p in cond.labels if p.var)

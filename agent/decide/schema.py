@@ -22,7 +22,7 @@ from agent.errors import Problem
 
 SCHEMA_RESOURCE = "playbook.schema.json"
 # the keys that say which kind a condition is; a condition has exactly one
-DISCRIMINATORS = ("metric", "forecast", "risk", "failure", "event", "all", "any")
+DISCRIMINATORS = ("metric", "forecast", "demand", "idle", "risk", "failure", "event", "all", "any")
 
 
 @cache

@@ -30,6 +30,7 @@ from agent.collect.sample import Event, Sample, split_key
 from agent.decide.model import (
     AnyCond,
     Condition,
+    DemandCond,
     EventCond,
     FailureCond,
     ForecastCond,
@@ -181,6 +182,8 @@ class TriggerEvaluator:
             return self._eval_metric(c, ctx)
         if isinstance(c, ForecastCond):
             return _eval_forecast(c, ctx)
+        if isinstance(c, DemandCond):
+            return _eval_demand(c, ctx)
         if isinstance(c, RiskCond):
             return self._eval_risk(c, ctx)
         if isinstance(c, FailureCond):
@@ -313,6 +316,30 @@ def _eval_forecast(c: ForecastCond, ctx: EvalContext) -> list[Match]:
                 f"forecast[{f.resource}].confidence": f.confidence,
             }
             out.append(Match(bindings, inputs, c.eta_below_s - f.eta_s))
+    return out
+
+
+def _eval_demand(c: DemandCond, ctx: EvalContext) -> list[Match]:
+    """The demand forecast's highest ``bound`` within ``within_s`` is at least ``above``."""
+    if ctx.risk is None:
+        return []
+    out: list[Match] = []
+    lp = c.key.label
+    for f in ctx.risk.demand:
+        fam, label = split_key(f.resource)
+        if fam != c.key.family:
+            continue
+        if lp.var is not None:
+            if label is None or (lp.var in ctx.bindings and ctx.bindings[lp.var] != label):
+                continue
+        elif label != lp.literal:
+            continue
+        peak = f.peak(c.within_s, c.bound)
+        if peak is None or not peak[0] >= c.above:
+            continue
+        bindings = {lp.var: label} if lp.var and label is not None else {}
+        inputs = {f"demand[{f.resource}].{c.bound}": peak[0], f"demand[{f.resource}].in_s": peak[1]}
+        out.append(Match(bindings, inputs, peak[0] - c.above))
     return out
 
 

@@ -19,6 +19,26 @@ class Forecast(msgspec.Struct, frozen=True, kw_only=True):
     rate_per_s: float  # robust slope in the metric's unit per second
 
 
+class DemandForecast(msgspec.Struct, frozen=True, kw_only=True):
+    """A resource's demand over the next hours (agent.score.demand): ``point[i]`` with the
+    interval ``lo[i]``..``hi[i]``, ``step_s * (i + 1)`` seconds ahead."""
+
+    resource: str  # metric key, e.g. "cpu.util_pct", "gpu.util_pct[0]"
+    step_s: float
+    point: tuple[float, ...]
+    lo: tuple[float, ...]
+    hi: tuple[float, ...]
+
+    def peak(self, within_s: float, bound: str = "point") -> tuple[float, float] | None:
+        """The highest value of ``bound`` (point, lo or hi) within ``within_s``, and how far ahead."""
+        n = min(len(self.point), int(within_s // self.step_s))
+        if n <= 0:
+            return None
+        values = {"point": self.point, "lo": self.lo, "hi": self.hi}[bound][:n]
+        i = max(range(n), key=values.__getitem__)
+        return values[i], self.step_s * (i + 1)
+
+
 class Risk(msgspec.Struct, frozen=True, kw_only=True):
     seq: int  # the sample this risk belongs to
     wall: float
@@ -33,3 +53,5 @@ class Risk(msgspec.Struct, frozen=True, kw_only=True):
     # share of the model's informative features whose live distribution moved from the training
     # data (agent.score.drift), from the last completed block; None: not measured yet
     drift: float | None = None
+    # demand forecasts (agent.score.demand), when a demand model is loaded
+    demand: tuple[DemandForecast, ...] = ()

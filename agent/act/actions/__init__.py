@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from types import MappingProxyType
 
-from agent.act.actions import cgroups, commands, files, gpu, notify, processes, sysctl, systemd
+from agent.act.actions import cgroups, commands, files, gpu, notify, processes, sysctl, systemd, webhook
 from agent.act.base import ActionFn
 from agent.decide.schema import action_names
 
@@ -39,6 +39,7 @@ REGISTRY: Mapping[str, ActionFn] = MappingProxyType({
     "run_command": commands.run_command,
     "cordon": commands.cordon,
     "notify": notify.notify,
+    "webhook": webhook.webhook,
 })
 
 
