@@ -48,7 +48,7 @@ from coordinator.rejects import NO_NODE, RejectTable
 
 log = structlog.get_logger("coordinator.ingest")
 
-REPORT_SUFFIXES: Final = ("birth", "status", "metrics", "risk", "event", "action", "cmd_ack")
+REPORT_SUFFIXES: Final = ("birth", "status", "metrics", "risk", "event", "action", "cmd_ack", "cost")
 RETAINED_SUFFIXES: Final = frozenset({"birth", "status"})
 
 

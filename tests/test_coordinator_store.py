@@ -285,11 +285,13 @@ def test_classify_counts_malformed() -> None:
 
 def test_subscriptions_share_only_unretained_kinds() -> None:
     assert subscriptions("") == [
-        f"heald/v1/+/+/{k}" for k in ("birth", "status", "metrics", "risk", "event", "action", "cmd_ack")
+        f"heald/v1/+/+/{k}"
+        for k in ("birth", "status", "metrics", "risk", "event", "action", "cmd_ack", "cost")
     ]
     shared = subscriptions("g")
     assert "heald/v1/+/+/birth" in shared
     assert "heald/v1/+/+/status" in shared
     assert "$share/g/heald/v1/+/+/metrics" in shared
     assert "$share/g/heald/v1/+/+/cmd_ack" in shared
-    assert [subscription_qos(t) for t in shared] == [1, 1, 0, 1, 1, 1, 1]
+    assert "$share/g/heald/v1/+/+/cost" in shared
+    assert [subscription_qos(t) for t in shared] == [1, 1, 0, 1, 1, 1, 1, 1]

@@ -132,6 +132,9 @@ FLOATS: dict[str, list[Mutation]] = {
     "action": [set_("duration_s"), in_map("result"), in_list_in_map("result")],
     "command": [set_("issued_at"), set_("expires_at"), in_map("args"), in_list_in_map("args")],
     "command_ack": [in_map("result"), in_list_in_map("result")],
+    "cost": [set_(f) for f in ("start", "end", "money", "seconds", "core_h", "idle_core_h",
+                               "cores_under_line_h", "gpu_h", "idle_gpu_h", "gpu_mem_idle_gib_h",
+                               "mem_stranded_gib_h", "energy_kwh")],
 }
 
 
@@ -195,6 +198,7 @@ STRINGS: dict[str, list[tuple[Mutation, int]]] = {
                 (key_in("args"), wire.MAX_KEY), (label_value("args"), wire.MAX_TEXT)],
     "command_ack": [(set_("command_id"), wire.MAX_NAME), (set_("message"), wire.MAX_TEXT),
                     (key_in("result"), wire.MAX_KEY), (label_value("result"), wire.MAX_TEXT)],
+    "cost": [(set_("node_class"), 64), (set_("currency"), 16)],
 }
 
 
@@ -261,6 +265,7 @@ def base(kind: str) -> wire.Envelope:
                               dry_run=True),
         "command": wire.Command(**env, id="c", issued_at=1.0, expires_at=2.0, nonce=b"n", name="run"),
         "command_ack": wire.CommandAck(**env, command_id="c", status="done"),
+        "cost": wire.Cost(**env, start=1.0, end=2.0),
     }
     return messages[kind]
 

@@ -70,6 +70,11 @@ MESSAGES: dict[type[wire.Envelope], st.SearchStrategy[wire.Envelope]] = {
     wire.CommandAck: st.builds(wire.CommandAck, **env(
         command_id=names, status=st.sampled_from(["accepted", "rejected", "done", "failed", "expired"]),
         message=texts, result=args)),
+    wire.Cost: st.builds(wire.Cost, **env(
+        start=walls, end=walls, node_class=st.text(max_size=64), currency=st.text(max_size=16),
+        **{f: st.floats(0.0, 1e12) for f in ("money", "seconds", "core_h", "idle_core_h",
+                                            "cores_under_line_h", "gpu_h", "idle_gpu_h",
+                                            "gpu_mem_idle_gib_h", "mem_stranded_gib_h", "energy_kwh")})),
 }
 any_message = st.one_of(*MESSAGES.values())
 

@@ -34,7 +34,7 @@ MAX_RECORD_BYTES: Final = 256 * 1024 * 1024
 #: Stable on-disk codes of message kinds (never renumber: old spools must stay readable).
 KIND_CODES: Final[dict[str, int]] = {
     "birth": 1, "status": 2, "metrics": 3, "risk": 4, "event": 5, "action": 6, "command": 7,
-    "command_ack": 8,
+    "command_ack": 8, "cost": 9,
 }
 CODE_KINDS: Final[dict[int, str]] = {code: kind for kind, code in KIND_CODES.items()}
 #: Kinds the quota may drop while the disk has room (see :mod:`agent.report.spool`).

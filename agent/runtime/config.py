@@ -28,6 +28,7 @@ from agent.collect.settings import CollectSettings
 from agent.control.settings import CoordinatorSettings
 from agent.decide.settings import PlaybookSettings
 from agent.errors import ConfigError, Problem, toml_key_lines
+from agent.features.cost import CostSettings
 from agent.report.settings import MqttSettings
 from agent.score.settings import ModelSettings
 
@@ -80,6 +81,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     playbooks: PlaybookSettings = PlaybookSettings()
     prometheus: PrometheusSettings = PrometheusSettings()
     coordinator: CoordinatorSettings = CoordinatorSettings()
+    cost: CostSettings = CostSettings()
 
 
 @dataclass

@@ -331,6 +331,13 @@ def build_daemon(loaded: LoadedConfig, config_path: Path | None = None,
         if reporter is not None:
             reporter.submit(build.playbook_event(event))
 
+    if s.cost.enabled:
+        from agent.features.cost import CostMeter  # noqa: PLC0415
+
+        meter = CostMeter(s.cost, daemon.state_dir)
+        pipe.cost = meter
+        send: Callable[[Any], object] = reporter.submit if reporter is not None else (lambda _m: None)
+        daemon.add_task("cost", lambda: meter.run(send))
     engine = Engine(s.playbooks, daemon.state_dir, s.node.id, load_playbooks(s.playbooks),
                     on_action=on_action, on_event=on_event)
     pipe.decider = engine

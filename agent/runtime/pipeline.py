@@ -83,10 +83,17 @@ class Hold(Protocol):
     def holds(self, wall: float) -> bool: ...
 
 
+class CostSink(Protocol):
+    """The idle-resource accounting (:class:`agent.features.cost.CostMeter`)."""
+
+    def on_sample(self, sample: Sample) -> None: ...
+
+
 class Pipeline:
     def __init__(self, *, scorer: RiskScorer | None = None, decider: Decider | None = None,
                  reporter: ReportSink | None = None, exposition: Exposition | None = None,
-                 hold: Hold | None = None) -> None:
+                 hold: Hold | None = None, cost: CostSink | None = None) -> None:
+        self.cost = cost
         self.scorer = scorer
         self.decider = decider
         self.reporter = reporter
@@ -95,6 +102,11 @@ class Pipeline:
         self.last_risk: Risk | None = None
 
     async def process(self, sample: Sample) -> None:
+        if self.cost is not None:
+            try:
+                self.cost.on_sample(sample)
+            except Exception:  # accounting trouble never stops healing
+                log.exception("cost accounting failed", seq=sample.seq)
         risk = None
         if self.scorer is not None:
             try:

@@ -40,6 +40,7 @@ RELOAD_POLICY: Final[Mapping[str, Policy]] = MappingProxyType({
     "prometheus": "live",  # bound on the new address first, then the old port closed
     "prometheus.enabled": "restart",
     "coordinator": "live",  # a key rotation: the new keys verify the next command
+    "cost": "restart",  # the meter's periods and prices are fixed at start
 })
 
 

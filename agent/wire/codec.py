@@ -38,6 +38,7 @@ DELIVERY: Final[dict[str, Delivery]] = {
     "action": Delivery(1, False),
     "command": Delivery(1, False),
     "command_ack": Delivery(1, False),
+    "cost": Delivery(1, False),
 }
 
 _encoder = msgspec.msgpack.Encoder()

@@ -206,10 +206,33 @@ class CommandAck(Envelope, tag="command_ack", kw_only=True, frozen=True, omit_de
     result: Args = msgspec.field(default_factory=dict)
 
 
-Message = Birth | Status | Metrics | Risk | Event | Action | Command | CommandAck
+Hours = Annotated[float, msgspec.Meta(ge=0.0, le=MAX_FLOAT)]
+
+
+class Cost(Envelope, tag="cost", kw_only=True, frozen=True, omit_defaults=True):
+    """What the node's resources idled over ``[start, end]``: resource-hours (and money at the node's
+    prices, ``currency`` "" when none are set). One per ``[cost] summary_interval_s`` and at stop. QoS 1."""
+
+    start: Wall
+    end: Wall
+    node_class: Annotated[str, msgspec.Meta(max_length=64)] = ""
+    currency: Annotated[str, msgspec.Meta(max_length=16)] = ""
+    money: Hours = 0.0
+    seconds: Hours = 0.0  # sample time credited
+    core_h: Hours = 0.0
+    idle_core_h: Hours = 0.0
+    cores_under_line_h: Hours = 0.0
+    gpu_h: Hours = 0.0
+    idle_gpu_h: Hours = 0.0
+    gpu_mem_idle_gib_h: Hours = 0.0
+    mem_stranded_gib_h: Hours = 0.0
+    energy_kwh: Hours = 0.0
+
+
+Message = Birth | Status | Metrics | Risk | Event | Action | Command | CommandAck | Cost
 
 MESSAGE_TYPES: Final[tuple[type[Envelope], ...]] = (
-    Birth, Status, Metrics, Risk, Event, Action, Command, CommandAck,
+    Birth, Status, Metrics, Risk, Event, Action, Command, CommandAck, Cost,
 )
 #: kind tag -> class
 KINDS: Final[dict[str, type[Envelope]]] = {str(cls.__struct_config__.tag): cls for cls in MESSAGE_TYPES}

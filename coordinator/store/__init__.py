@@ -32,6 +32,7 @@ from coordinator.errors import StoreError
 from coordinator.model import BatchResult, Incoming, LeaseOutcome, LeaseRequest
 from coordinator.store.audit import AuditTrail
 from coordinator.store.commands import Commands
+from coordinator.store.cost import CostQueries
 from coordinator.store.database import Database, redact
 from coordinator.store.leases import Leases, group_of
 from coordinator.store.queries import NodeQuery, Queries
@@ -69,6 +70,7 @@ class Store:
         self.sessions = Sessions(self.db)
         self.retention = Retention(self.db, settings, budget)
         self.queries = Queries(self.db, settings)
+        self.cost = CostQueries(self.db)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -166,6 +168,9 @@ class Store:
 
     async def changed_nodes(self, since: float, limit: int = 200) -> list[str]:
         return await self.queries.changed_nodes(since, limit)
+
+    async def fleet_cost(self, *, days: int = 14, top: int = 10) -> dict[str, Any]:
+        return await self.cost.fleet(days=days, top=top)
 
     async def counts(self) -> dict[str, int]:
         return await self.queries.counts()

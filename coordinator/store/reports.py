@@ -31,10 +31,10 @@ import time
 from collections.abc import Sequence
 from typing import Any, Final
 
-from agent.wire import Action, Birth, CommandAck, Event, Message, Metrics, RequestEvent, Risk, Status
+from agent.wire import Action, Birth, CommandAck, Cost, Event, Message, Metrics, RequestEvent, Risk, Status
 from coordinator.config import BudgetSection
 from coordinator.model import BatchResult, Incoming, LeaseRequest, StoreRejected, is_escalation
-from coordinator.store import incarnations
+from coordinator.store import cost, incarnations
 from coordinator.store.database import Cursor, Database, DbRow, is_data_error, iter_chunks
 from coordinator.store.leases import group_of
 from coordinator.store.rows import dumps
@@ -64,6 +64,7 @@ _HISTORY_INSERTS: Final = {
     "ON CONFLICT DO NOTHING RETURNING id",
     "command_ack": "INSERT INTO acks (node, seq, ts, command_id, status, message, result) "
     "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING seq",
+    "cost": cost.INSERT,
 }
 
 
@@ -125,6 +126,8 @@ def _history_row(m: Message) -> tuple[Any, ...]:
             )
         case CommandAck():
             return (m.node, m.seq, m.ts, m.command_id, m.status, m.message, dumps(m.result))
+        case Cost():
+            return cost.history_row(m)
     raise TypeError(f"no history table for {type(m).__name__}")  # pragma: no cover - see _HISTORY_INSERTS
 
 

@@ -44,6 +44,10 @@ class Retention:
         out["risk"] = self.db.execute(
             cur, "DELETE FROM risk WHERE ts < ?", (now - s.risk_retention_s,)
         ).rowcount
+        # cost summaries are small (one a node an hour): kept at least the two weeks the cost page shows
+        out["cost"] = self.db.execute(
+            cur, "DELETE FROM cost WHERE end_ts < ?", (now - max(s.risk_retention_s, 15 * 86400),)
+        ).rowcount
         out["presence"] = self.db.execute(
             cur, "DELETE FROM presence WHERE ts < ?", (now - s.risk_retention_s,)
         ).rowcount

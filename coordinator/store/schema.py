@@ -12,9 +12,11 @@ from __future__ import annotations
 from typing import Final
 
 from coordinator.errors import StoreError
+from coordinator.store import cost
 from coordinator.store.database import Cursor, Database
 
-SCHEMA_VERSION: Final = 2
+#: 3: the ``cost`` table (node cost summaries).
+SCHEMA_VERSION: Final = 3
 
 SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -203,7 +205,7 @@ NODE_COLUMNS: Final = (
 )
 
 #: The history tables, keyed by (node, seq): a node's highest stored seq is the highest of these.
-HISTORY_TABLES: Final = ("presence", "metrics", "risk", "events", "actions", "acks", "lease_requests")
+HISTORY_TABLES: Final = ("presence", "metrics", "risk", "events", "actions", "acks", "lease_requests", "cost")
 
 #: Version 1 -> 2: node incarnations (a node's seqs restart after its state dir was lost), metric
 #: gaps, quarantined reports and a site change waiting for the operator.
@@ -218,15 +220,17 @@ _V2_COLUMNS: Final = (
 
 def create_schema(db: Database, cur: Cursor) -> None:
     """Create missing tables and indexes; refuse a store whose schema is newer than this code."""
-    ddl = SCHEMA.replace("{ID}", db.dialect.id_column)
+    ddl = SCHEMA.replace("{ID}", db.dialect.id_column) + ";" + cost.DDL
     if db.is_postgres:
         cur.execute("SELECT pg_advisory_xact_lock(4242001)")  # replicas starting together
     for stmt in ddl.split(";"):
         if stmt.strip():
             cur.execute(stmt)
     version = db.scalar(cur, "SELECT value FROM meta WHERE key = 'schema'")
-    if version is not None and int(version) == 1:
-        _migrate_to_2(db, cur)
+    if version is not None and int(version) < SCHEMA_VERSION:
+        if int(version) == 1:
+            _migrate_to_2(db, cur)
+        # 2 -> 3: the cost table, created above like every table (nothing to move)
         db.execute(cur, "UPDATE meta SET value = ? WHERE key = 'schema'", (str(SCHEMA_VERSION),))
         return
     if version is None:

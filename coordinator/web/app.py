@@ -267,7 +267,7 @@ async def index(request: web.Request) -> web.Response:
 
 async def static(request: web.Request) -> web.Response:
     name = request.match_info["name"]
-    types = {"app.js": "application/javascript", "app.css": "text/css"}
+    types = {"app.js": "application/javascript", "cost.js": "application/javascript", "app.css": "text/css"}
     if name not in types:
         raise web.HTTPNotFound()
     return web.Response(body=_static(name), content_type=types[name])
@@ -540,6 +540,9 @@ def build_app(coord: Coordinator) -> web.Application:
     from coordinator.web import bundles  # noqa: PLC0415 - the registry's routes and the canary watch
 
     bundles.add_routes(app, coord)
+    from coordinator.web import cost  # noqa: PLC0415 - the cost page's API
+
+    cost.add_routes(app, coord)
     return app
 
 
