@@ -251,7 +251,10 @@ def test_exclude_leaves_workload_levels_out_of_the_model() -> None:
     assert "cpu.steal_pct:ewma" not in kept
     assert "psi.some_avg10_pct[cpu]:value" not in kept
     assert "psi.some_avg10_pct[io]:value" in kept
-    assert len(kept) == len(names) - 6 * 9  # nine inputs x six transforms
+    assert "sum(gpu.pcie_replays[*]):value" not in kept  # a GPU counter's level: its rate stays
+    assert "sum(gpu.pcie_replays[*]):rate" in kept
+    # nine inputs x six transforms, and value + ewma of the nine GPU counters
+    assert len(kept) == len(names) - 6 * 9 - 2 * 9
     d = StreamingDetector(model)
     assert np.isfinite(d.score(x[0, [names.index(n) for n in model.meta.feature_names]])[0])
     with pytest.raises(InputError, match="every feature is excluded"):

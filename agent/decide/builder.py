@@ -152,7 +152,10 @@ class PlaybookBuilder:
                 cid, d["risk"], float(d.get("above", 1.0)), self.duration(d.get("for"), (*path, "for"), 0.0)
             )
         if kind == "failure":
-            return FailureCond(cid, str(d["failure"]), float(d["above"]))
+            name = str(d["failure"])
+            pattern = self.key_pattern(name, (*path, "failure")) if "[" in name else None
+            return FailureCond(cid, name, float(d["above"]),
+                               pattern if pattern is not None and pattern.label.var is not None else None)
         if kind == "event":
             values = frozenset(_norm(v) for v in d["values"]) if "values" in d else None
             ignore = frozenset(_norm(v) for v in d.get("ignore_values", ()))

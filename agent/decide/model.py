@@ -84,6 +84,8 @@ class FailureCond:
     cid: int
     failure: str
     above: float
+    # "family[{var}]" (gpu.failure[{pci}]): one match per label of that family, bound to var
+    key: KeyPattern | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +132,8 @@ def bound_vars(cond: Condition) -> frozenset[str]:
     """Variables a match of ``cond`` always binds (``any`` binds only what every branch binds)."""
     if isinstance(cond, MetricCond | ForecastCond | DemandCond):
         return frozenset({cond.key.label.var} if cond.key.label.var else ())
+    if isinstance(cond, FailureCond):
+        return frozenset({cond.key.label.var} if cond.key is not None and cond.key.label.var else ())
     if isinstance(cond, EventCond):
         return frozenset(p.var for _, p in cond.labels if p.var)
     if isinstance(cond, AllCond):

@@ -187,10 +187,7 @@ class TriggerEvaluator:
         if isinstance(c, RiskCond):
             return self._eval_risk(c, ctx)
         if isinstance(c, FailureCond):
-            p = ctx.risk.failure.get(c.failure) if ctx.risk is not None else None
-            if p is not None and p >= c.above:
-                return [Match({}, {f"failure[{c.failure}]": p}, p - c.above)]
-            return []
+            return _eval_failure(c, ctx)
         if isinstance(c, EventCond):
             return _eval_event(c, ctx)
         parts = [self._eval(item, ctx) for item in c.items]  # always evaluate all (timers)
@@ -291,6 +288,26 @@ def _metric_match(c: MetricCond, label: str | None, value: float) -> Match:
     key = c.key.family if label is None else f"{c.key.family}[{label}]"
     sev = value - c.value if c.op in (">", ">=") else c.value - value if c.op in ("<", "<=") else 1.0
     return Match(bindings, {key: value}, sev)
+
+
+def _eval_failure(c: FailureCond, ctx: EvalContext) -> list[Match]:
+    if ctx.risk is None:
+        return []
+    var = c.key.label.var if c.key is not None else None
+    if c.key is None or var is None:
+        p = ctx.risk.failure.get(c.failure)
+        if p is None or p < c.above:
+            return []
+        return [Match({}, {f"failure[{c.failure}]": p}, p - c.above)]
+    out: list[Match] = []
+    for k, p in ctx.risk.failure.items():  # gpu.failure[{pci}]: one match per GPU at risk
+        fam, label = split_key(k)
+        if fam != c.key.family or label is None or p < c.above:
+            continue
+        if var in ctx.bindings and ctx.bindings[var] != label:
+            continue
+        out.append(Match({var: label}, {f"failure[{k}]": p}, p - c.above))
+    return out[:MAX_MATCHES]
 
 
 def _eval_forecast(c: ForecastCond, ctx: EvalContext) -> list[Match]:

@@ -102,6 +102,33 @@ DEFAULT_INPUTS: tuple[InputSpec, ...] = (
     InputSpec(key="gpu.xid_count[*]", agg="sum", unit="xids"),
     InputSpec(key="gpu.ecc_dbe_volatile[*]", agg="sum", unit="errors"),
     InputSpec(key="gpu.lost[*]", agg="max"),
+    # GPU health (issue 24). Counters (summed over GPUs) are read through their rate/delta/slope:
+    # their level is a GPU's history, so the detector leaves their value and ewma out
+    # (GPU_COUNTER_LEVELS); flags are the max over GPUs (1 when any GPU has it).
+    InputSpec(key="gpu.ecc_sbe_volatile[*]", agg="sum", unit="errors"),
+    InputSpec(key="gpu.ecc_dbe_aggregate[*]", agg="sum", unit="errors"),
+    InputSpec(key="gpu.remap_uncorrectable[*]", agg="sum", unit="rows"),
+    InputSpec(key="gpu.pcie_replays[*]", agg="sum", unit="replays"),
+    InputSpec(key="gpu.nvlink_crc_errors[*]", agg="sum", unit="errors"),
+    InputSpec(key="gpu.nvlink_replay_errors[*]", agg="sum", unit="errors"),
+    InputSpec(key="gpu.nvlink_recovery_errors[*]", agg="sum", unit="errors"),
+    InputSpec(key="gpu.remap_pending[*]", agg="max"),
+    InputSpec(key="gpu.remap_failure[*]", agg="max"),
+    InputSpec(key="gpu.retired_pages_pending[*]", agg="max"),
+    InputSpec(key="gpu.reset_required[*]", agg="max"),
+    InputSpec(key="gpu.throttle_hw_slowdown[*]", agg="max"),
+    InputSpec(key="gpu.throttle_sw_thermal[*]", agg="max"),
+    InputSpec(key="gpu.throttle_hw_thermal[*]", agg="max"),
+    InputSpec(key="gpu.throttle_power_brake[*]", agg="max"),
+)
+#: The GPU counters' level features (a count since the driver loaded or over the board's life):
+#: a GPU that once had an error keeps the level, so models read their change, not their level.
+GPU_COUNTER_LEVELS: tuple[str, ...] = tuple(
+    f"sum({k}[*]):{t}"
+    for k in ("gpu.xid_count", "gpu.ecc_dbe_volatile", "gpu.ecc_sbe_volatile", "gpu.ecc_dbe_aggregate",
+              "gpu.remap_uncorrectable", "gpu.pcie_replays", "gpu.nvlink_crc_errors",
+              "gpu.nvlink_replay_errors", "gpu.nvlink_recovery_errors")
+    for t in ("value", "ewma")
 )
 
 

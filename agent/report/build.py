@@ -38,6 +38,7 @@ from agent.wire.messages import (
     MAX_WALL,
     Args,
 )
+from agent.wire.messages import GpuRisk as WireGpuRisk
 
 PLACEHOLDER = "unset"  # a valid id; replaced by Reporter.submit
 
@@ -137,6 +138,8 @@ def risk(r: ScoreRisk) -> wire.Risk:
         forecasts=[wire.Forecast(resource=f.resource[:MAX_KEY], eta_s=finite_or_none(f.eta_s),
                                  confidence=_share(f.confidence), rate_per_s=finite(f.rate_per_s))
                    for f in r.forecasts[:MAX_ITEMS]],
+        gpu=[WireGpuRisk(gpu=g.gpu[:MAX_KEY], pci=g.pci[:MAX_KEY], score=_share(g.score),
+                         reasons=[x[:MAX_KEY] for x in g.reasons[:MAX_ITEMS]]) for g in r.gpu[:MAX_ITEMS]],
     )
 
 

@@ -8,6 +8,8 @@
 3. the failure classifier (compiled, :mod:`agent.score.classifier`) -> class probabilities;
 4. the node's anomaly detector (:class:`~agent.score.detector.StreamingDetector`) -> normalised
    score, alert and, when the score is at or above ``explain_above``, the top features.
+5. :class:`~agent.score.gpu_risk.GpuRiskScorer` -> per-GPU failure risk (``Risk.gpu``, and
+   ``failure["gpu.failure[<pci>]"]``).
 
 Cold start: until ``cold_start_s`` of history exists and a detector is fitted, ``anomaly`` is
 None and ``cold`` is True (forecasts and the shipped classifier still run: they need no
@@ -48,7 +50,7 @@ import structlog
 from agent.collect.sample import Sample
 from agent.errors import ModelError, Problem
 from agent.features.history import HistoryWriter
-from agent.features.schema import FeatureSchema
+from agent.features.schema import GPU_COUNTER_LEVELS, FeatureSchema
 from agent.features.window import FeatureWindow
 from agent.fsutil import FailureStreak
 from agent.score import classifier as clf
@@ -56,6 +58,7 @@ from agent.score import compiled as art
 from agent.score.detector import StreamingDetector
 from agent.score.drift import DRIFT_EVERY, DRIFT_LINE, DriftMonitor
 from agent.score.forecast import Forecaster
+from agent.score.gpu_risk import GpuRiskScorer, failure_key
 from agent.score.settings import ModelSettings
 from agent.score.types import Contribution, Forecast, Risk
 
@@ -77,7 +80,7 @@ WORKLOAD_LEVELS: tuple[str, ...] = (
 # CPU saturation is the failure classifier's cpu_runaway; memory and I/O pressure stay in.
 CPU_CONTENTION: tuple[str, ...] = ("cpu.steal_pct", "psi.some_avg10_pct[cpu]")
 DEFAULT_FIT_OPTIONS: dict[str, object] = {"threshold_margin": 1.5,
-                                       "exclude": [*WORKLOAD_LEVELS, *CPU_CONTENTION]}
+                                       "exclude": [*WORKLOAD_LEVELS, *CPU_CONTENTION, *GPU_COUNTER_LEVELS]}
 
 
 class RiskStage:
@@ -105,6 +108,7 @@ class RiskStage:
         self.schema = schema or FeatureSchema()
         self.window = FeatureWindow(self.schema)
         self.forecaster = Forecaster()
+        self.gpu_risk = GpuRiskScorer()  # per-GPU failure risk from the health counters
         self.sample_interval_s = sample_interval_s
         self.forecast_alert_s = forecast_alert_s
         self.forecast_min_confidence = forecast_min_confidence
@@ -222,6 +226,9 @@ class RiskStage:
             self.history.append(sample.wall, vec)
         self.forecaster.push(sample.metrics, sample.mono)
         failure = self.scorer.failure(vec) if self.scorer is not None else {}
+        gpus = self.gpu_risk.push(sample)
+        if gpus:
+            failure = {**failure, **{failure_key(g): g.score for g in gpus}}
         anomaly: float | None = None
         alert = False
         explanation: tuple[Contribution, ...] = ()
@@ -234,7 +241,7 @@ class RiskStage:
                 self._drift(det, vec[self._det_idx])
         return Risk(seq=sample.seq, wall=sample.wall, anomaly=anomaly, alert=alert, cold=det is None,
                     model_version=self._version, explanation=explanation, failure=failure,
-                    forecasts=self.forecaster.forecasts, drift=self.drift_score)
+                    forecasts=self.forecaster.forecasts, gpu=gpus, drift=self.drift_score)
 
     def _drift(self, det: StreamingDetector, vec: npt.NDArray[np.float64]) -> None:
         assert self.drift is not None  # noqa: S101 - the caller checked

@@ -19,6 +19,15 @@ class Forecast(msgspec.Struct, frozen=True, kw_only=True):
     rate_per_s: float  # robust slope in the metric's unit per second
 
 
+class GpuRisk(msgspec.Struct, frozen=True, kw_only=True):
+    """One GPU's failure risk from its health counters (:mod:`agent.score.gpu_risk`)."""
+
+    gpu: str  # the metric label (NVML index)
+    pci: str  # PCI bus id ("" when NVML gave none)
+    score: float  # 0..1
+    reasons: tuple[str, ...] = ()  # the signals behind it, largest first
+
+
 class DemandForecast(msgspec.Struct, frozen=True, kw_only=True):
     """A resource's demand over the next hours (agent.score.demand): ``point[i]`` with the
     interval ``lo[i]``..``hi[i]``, ``step_s * (i + 1)`` seconds ahead."""
@@ -50,6 +59,8 @@ class Risk(msgspec.Struct, frozen=True, kw_only=True):
     # failure class -> probability within the horizon
     failure: dict[str, float] = msgspec.field(default_factory=dict)
     forecasts: tuple[Forecast, ...] = ()
+    # per-GPU failure risk (also in ``failure`` as gpu.failure[<pci>]); empty without GPUs
+    gpu: tuple[GpuRisk, ...] = ()
     # share of the model's informative features whose live distribution moved from the training
     # data (agent.score.drift), from the last completed block; None: not measured yet
     drift: float | None = None

@@ -137,6 +137,13 @@ class Forecast(msgspec.Struct, frozen=True, kw_only=True):
     rate_per_s: Finite
 
 
+class GpuRisk(msgspec.Struct, frozen=True, kw_only=True):
+    gpu: Key  # the GPU's metric label (NVML index)
+    pci: Key = ""  # PCI bus id
+    score: Probability
+    reasons: Annotated[list[Key], msgspec.Meta(max_length=MAX_ITEMS)] = msgspec.field(default_factory=list)
+
+
 class Risk(Envelope, tag="risk", kw_only=True, frozen=True, omit_defaults=True):
     """Failure risk from the on-device model, sent when it changes. QoS 1."""
 
@@ -151,6 +158,8 @@ class Risk(Envelope, tag="risk", kw_only=True, frozen=True, omit_defaults=True):
         default_factory=dict)
     forecasts: Annotated[list[Forecast], msgspec.Meta(max_length=MAX_ITEMS)] = msgspec.field(
         default_factory=list)
+    # per-GPU failure risk with its reasons (added in v1: older decoders ignore it)
+    gpu: Annotated[list[GpuRisk], msgspec.Meta(max_length=MAX_ITEMS)] = msgspec.field(default_factory=list)
 
 
 class Event(Envelope, tag="event", kw_only=True, frozen=True, omit_defaults=True):
