@@ -38,7 +38,7 @@ trigger:
   value: 1
   for: 3s
 guards:
-  cooldown: 4500ms
+  cooldown: 5s
 steps:
   - action: run_command
     params: {argv: ["true"]}
@@ -54,7 +54,7 @@ trigger:
   for: 2s
   mounts: cleanable
 guards:
-  cooldown: 6500ms
+  cooldown: 7s
 steps:
   - action: run_command
     params: {argv: ["true"]}
@@ -107,6 +107,9 @@ class Capture:
 
 @pytest.mark.slow
 def test_replay_matches_a_live_dry_run(tmp_path: Path, mosquitto: Any) -> None:
+    # A sample every 2 s and cooldowns an odd number of seconds: a guard boundary is 1 s from any
+    # sample, so the few hundred ms a live dry-run takes to start and end (audit fsyncs on a
+    # loaded machine) never moves a decision across it.
     books = tmp_path / "playbooks"
     books.mkdir()
     for name, text in PLAYBOOKS.items():
@@ -118,6 +121,8 @@ def test_replay_matches_a_live_dry_run(tmp_path: Path, mosquitto: Any) -> None:
 id = "n1"
 [paths]
 state_dir = "{state}"
+[sample]
+interval_s = 2.0
 [collect.gpu]
 enabled = false
 [playbooks]
@@ -136,7 +141,7 @@ metrics_interval_s = 1.0
     proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(cfg)],
                             stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
     try:
-        time.sleep(25)
+        time.sleep(32)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
@@ -145,7 +150,7 @@ metrics_interval_s = 1.0
         capture.close()
     recording = tmp_path / "live.jsonl"
     rows = capture.write(recording)
-    assert len(rows) >= 15, (tmp_path / "agent.log").read_text()[-3000:]
+    assert len(rows) >= 10, (tmp_path / "agent.log").read_text()[-3000:]
     seqs = [r["seq"] for r in rows]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "a sample was lost on the way"
     last_wall = rows[-1]["wall"]
@@ -153,7 +158,7 @@ metrics_interval_s = 1.0
     for line in (state / "audit.jsonl").read_text().splitlines():
         entry = json.loads(line)
         rec = entry["record"]
-        if rec["type"] == "run.start" and entry["ts"] <= last_wall + 0.9:
+        if rec["type"] == "run.start" and entry["ts"] <= last_wall + 1.9:
             assert rec["dry_run"] is True
             live.append((rec["playbook"], rec["target"], entry["ts"]))
     assert {p for p, _, _ in live} == {"probe-cpu", "probe-disk"}, live
@@ -164,7 +169,7 @@ metrics_interval_s = 1.0
     # the same runs, in the same order, each at the sample the live daemon started it on
     assert [(p, t) for p, t, _ in replayed] == [(p, t) for p, t, _ in live], (replayed, live)
     for (_, _, wall), (_, _, ts) in zip(replayed, live, strict=True):
-        assert wall <= ts < wall + 0.9, (wall, ts)
+        assert wall <= ts < wall + 1.9, (wall, ts)
     # the table names the same runs
     table = heald("replay", str(recording), "--playbooks", str(books))
     assert table.returncode == 0, table.stderr
