@@ -23,6 +23,7 @@ from agent.decide.triggers import EvalContext, EventLog, SampleIndex, TriggerEva
 from agent.features.schema import DEFAULT_INPUTS, GPU_COUNTER_LEVELS, FeatureSchema
 from agent.report import build
 from agent.score import compiled as art
+from agent.score.gpu_risk import GpuRiskScorer
 from agent.score.settings import ModelSettings
 from agent.score.stage import DEFAULT_FIT_OPTIONS, DETECTOR_FILE, RiskStage
 from agent.score.types import Risk
@@ -106,6 +107,24 @@ def test_xids_pcie_nvlink_and_thermal_are_reasons(tmp_path: Path) -> None:
     assert g0.score < 0.01
     assert g1.score > 0.95
     assert set(g1.reasons) == {"xid_reboot_node", "pcie_replays", "nvlink_errors", "thermal"}, g1.reasons
+
+
+def test_a_dbe_burst_leaves_the_score_once_out_of_the_window() -> None:
+    """Counters are read as increases over the window: the score falls back once the burst is
+    older than the window (re-scored at least every 10 s while nothing changes)."""
+    sc = GpuRiskScorer(window_s=30.0)
+
+    def at(t: float, dbe: float) -> float:
+        s = Sample(node="n", seq=int(t), wall=t, mono=t,
+                   metrics={"gpu.lost[0]": 0.0, "gpu.ecc_dbe_volatile[0]": dbe, "cpu.util_pct": 1.0})
+        (r,) = sc.push(s)
+        return r.score
+
+    assert at(0, 5) < 0.01  # a count from before the scorer started is history
+    assert at(1, 5) < 0.01
+    assert at(2, 7) > 0.4
+    assert at(20, 7) > 0.4
+    assert at(45, 7) < 0.01
 
 
 def test_a_host_without_gpus_has_no_score_and_nan_gpu_features(tmp_path: Path) -> None:

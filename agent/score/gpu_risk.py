@@ -66,69 +66,107 @@ _FLAGS: Final = (("lost", "gpu.lost"), ("reset_required", "gpu.reset_required"),
 _THERMAL: Final = ("gpu.throttle_sw_thermal", "gpu.throttle_hw_thermal", "gpu.throttle_hw_slowdown")
 _NVLINK: Final = ("gpu.nvlink_crc_errors", "gpu.nvlink_replay_errors", "gpu.nvlink_recovery_errors")
 _COUNTERS: Final = ("gpu.ecc_dbe_volatile", "gpu.pcie_replays", *_NVLINK)
-_GPU_FAMILIES: Final = frozenset({f for _, f in _FLAGS} | set(_THERMAL) | set(_COUNTERS)
-                                 | {"gpu.util_pct", "gpu.temp_c", "gpu.xid_count"})
+# The families read per GPU, in this order: flags, thermal, counters.
+_FAMS: Final = (*(f for _, f in _FLAGS), *_THERMAL, *_COUNTERS)
+_N_FLAGS, _N_THERMAL = len(_FLAGS), len(_THERMAL)
 _XID_BUCKETS: Final = ("service", "reboot_node", "reset_gpu", "restart_app")
+_REPLAN: Final = 60  # samples between two plans of which keys are GPU metrics
+_REEVAL_S: Final = 10.0  # unchanged inputs: re-scored this often (a burst leaving the window)
 FAILURE_FAMILY: Final = "gpu.failure"  # the failure-map key: gpu.failure[<pci bus id>]
 
 
 @dataclass(slots=True)
 class _Gpu:
+    first_mono: float
+    # counter family -> change points (mono, value): the latest at or before the window's start,
+    # then every change since
     counters: dict[str, deque[tuple[float, float]]] = field(default_factory=dict)
     xids: dict[str, float] = field(default_factory=dict)  # bucket -> wall of the last one
 
 
 class GpuRiskScorer:
-    """Per-GPU failure risk from each sample's ``gpu.*`` metrics and ``gpu.xid`` events."""
+    """Per-GPU failure risk from each sample's ``gpu.*`` metrics and ``gpu.xid`` events.
+
+    Per sample: one gather of the planned GPU keys; when nothing changed (no value, no XID) and
+    the last scoring is under ``_REEVAL_S`` old, the previous risks are returned as they are."""
 
     def __init__(self, *, window_s: float = 600.0, xid_window_s: float = 3600.0) -> None:
         self.window_s = window_s
         self.xid_window_s = xid_window_s
         self._gpus: dict[str, _Gpu] = {}
+        self._labels: list[str] = []  # GPUs planned, in index order
+        self._keys: list[str] = []  # len(_FAMS) keys per planned GPU
+        self._planned_n = -1
+        self._since_plan = 0
+        self._last_vals: tuple[float | None, ...] | None = None
+        self._last_eval = -math.inf
+        self._last: tuple[GpuRisk, ...] = ()
+
+    def _replan(self, metrics: Mapping[str, float | None]) -> None:
+        fams = frozenset(_FAMS)
+        labels = set()
+        for k in metrics:
+            if k.startswith("gpu."):
+                fam, label = split_key(k)
+                if label is not None and fam in fams and "/" not in label:
+                    labels.add(label)
+        self._labels = sorted(labels, key=lambda s: (len(s), s))
+        self._keys = [f"{fam}[{label}]" for label in self._labels for fam in _FAMS]
+        self._planned_n, self._since_plan = len(metrics), 0
+        self._last_vals = None
+        for gone in set(self._gpus) - labels:
+            del self._gpus[gone]
 
     def push(self, sample: Sample) -> tuple[GpuRisk, ...]:
         """This sample's per-GPU risks (empty on a host without GPU metrics), by GPU index."""
-        per: dict[str, dict[str, float | None]] = {}
-        for k, v in sample.metrics.items():
-            if not k.startswith("gpu."):
-                continue
-            fam, label = split_key(k)
-            if label is not None and fam in _GPU_FAMILIES and "/" not in label:
-                per.setdefault(label, {})[fam] = v
+        metrics = sample.metrics
+        self._since_plan += 1
+        if len(metrics) != self._planned_n or self._since_plan >= _REPLAN:
+            self._replan(metrics)
+        xid = False
         for ev in sample.events:
             if ev.kind == "gpu.xid":
                 gi = ev.labels.get("gpu", "").split("/", 1)[0]
                 bucket = ev.labels.get("resolution", "")
                 if gi and bucket in _XID_BUCKETS:
-                    self._gpus.setdefault(gi, _Gpu()).xids[bucket] = ev.wall
-        if not per:
+                    self._gpus.setdefault(gi, _Gpu(sample.mono)).xids[bucket] = ev.wall
+                    xid = True
+        if not self._labels:
             return ()
+        vals = tuple(map(metrics.get, self._keys))
+        if not xid and vals == self._last_vals and sample.mono - self._last_eval < _REEVAL_S:
+            return self._last
+        self._last_vals, self._last_eval = vals, sample.mono
         pci = _bus_ids(sample.detail.get("gpu", {}))
+        n = len(_FAMS)
         out = []
-        for label in sorted(per, key=lambda s: (len(s), s)):
-            state = self._gpus.setdefault(label, _Gpu())
-            score, reasons = self._score(state, per[label], sample)
+        for j, label in enumerate(self._labels):
+            g = self._gpus.get(label)
+            if g is None:
+                g = self._gpus[label] = _Gpu(sample.mono)
+            score, reasons = self._score(g, vals[j * n:(j + 1) * n], sample)
             out.append(GpuRisk(gpu=label, pci=pci.get(label, ""), score=score, reasons=reasons))
-        for gone in set(self._gpus) - set(per):
-            del self._gpus[gone]
-        return tuple(out)
+        self._last = tuple(out)
+        return self._last
 
-    def _score(self, g: _Gpu, m: Mapping[str, float | None], sample: Sample) -> tuple[float, tuple[str, ...]]:
+    def _score(self, g: _Gpu, v: tuple[float | None, ...], sample: Sample) -> tuple[float, tuple[str, ...]]:
         sig: dict[str, float] = {}
-        for name, fam in _FLAGS:
-            if (m.get(fam) or 0.0) >= 1.0:
+        for i, (name, _) in enumerate(_FLAGS):
+            if (v[i] or 0.0) >= 1.0:
                 sig[name] = 1.0
-        if any((m.get(f) or 0.0) >= 1.0 for f in _THERMAL):
+        if any((x or 0.0) >= 1.0 for x in v[_N_FLAGS:_N_FLAGS + _N_THERMAL]):
             sig["thermal"] = 1.0
-        inc = {fam: self._increase(g, fam, m.get(fam), sample.mono) for fam in _COUNTERS}
-        dbe, span = inc["gpu.ecc_dbe_volatile"]
+        base = _N_FLAGS + _N_THERMAL
+        inc = {fam: self._increase(g, fam, v[base + i], sample.mono) for i, fam in enumerate(_COUNTERS)}
+        span = min(self.window_s, sample.mono - g.first_mono)
+        dbe = inc["gpu.ecc_dbe_volatile"]
         if dbe > 0:
             sig["ecc_dbe"] = dbe
         per_min = 60.0 / span if span > 0 else 0.0
-        replays = inc["gpu.pcie_replays"][0] * per_min / 10.0
+        replays = inc["gpu.pcie_replays"] * per_min / 10.0
         if replays > 0:
             sig["pcie_replays"] = replays
-        nvl = sum(inc[f][0] for f in _NVLINK) * per_min / 10.0
+        nvl = sum(inc[f] for f in _NVLINK) * per_min / 10.0
         if nvl > 0:
             sig["nvlink_errors"] = nvl
         for bucket, wall in list(g.xids.items()):
@@ -136,24 +174,28 @@ class GpuRiskScorer:
                 sig[f"xid_{bucket}"] = 1.0
             else:
                 del g.xids[bucket]
-        parts = {n: WEIGHTS[n] * min(v, _CAPS.get(n, 1.0)) for n, v in sig.items()}
+        parts = {n: WEIGHTS[n] * min(x, _CAPS.get(n, 1.0)) for n, x in sig.items()}
         z = BIAS + sum(parts.values())
         score = 1.0 / (1.0 + math.exp(-z))
         reasons = tuple(n if n != "ecc_dbe" else f"{n}={sig[n]:g}"
                         for n, _ in sorted(parts.items(), key=lambda kv: (-kv[1], kv[0])))
         return score, reasons[:4]
 
-    def _increase(self, g: _Gpu, fam: str, value: float | None, mono: float) -> tuple[float, float]:
-        """How much the counter grew over the window (a reset counter starts over) and the span (s)."""
-        q = g.counters.setdefault(fam, deque())
+    def _increase(self, g: _Gpu, fam: str, value: float | None, mono: float) -> float:
+        """How much the counter grew over the window (a counter that went down starts over)."""
+        q = g.counters.get(fam)
+        if q is None:
+            q = g.counters[fam] = deque()
         if value is None or not math.isfinite(value):
-            return 0.0, 0.0
+            return 0.0
         if q and value < q[-1][1]:  # driver reload / GPU reset: volatile counters start at 0
             q.clear()
-        q.append((mono, value))
-        while len(q) > 2 and mono - q[1][0] >= self.window_s:
+        if not q or value != q[-1][1]:
+            q.append((mono, value))
+        cutoff = mono - self.window_s
+        while len(q) > 1 and q[1][0] <= cutoff:
             q.popleft()
-        return max(0.0, value - q[0][1]), mono - q[0][0]
+        return max(0.0, value - q[0][1])
 
 
 def _bus_ids(detail: Any) -> dict[str, str]:
