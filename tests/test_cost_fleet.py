@@ -81,3 +81,15 @@ def test_a_schema_2_store_is_migrated_to_3_with_the_cost_table(tmp_path: Path) -
         version = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()[0]
         assert version == str(SCHEMA_VERSION) == "3"
         assert conn.execute("SELECT COUNT(*) FROM cost").fetchone()[0] == 0
+
+
+def test_fleet_cost_cli_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    from agent.cli.main import main  # noqa: PLC0415
+
+    base = ["fleet", "--url", "http://127.0.0.1:9", "--token", "t", "cost"]
+    assert main([*base, "--days", "0"]) == 2  # bad input: one line, no traceback
+    err = capsys.readouterr().err
+    assert "--days must be 1..366" in err
+    assert "Traceback" not in err
+    assert main(base) == 1  # nothing listens on port 9: the coordinator is unreachable
+    assert "cannot reach the coordinator" in capsys.readouterr().err

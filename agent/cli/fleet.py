@@ -6,6 +6,7 @@
     heald fleet run NODE PLAYBOOK [--wait S]  (waits for the node's answer: exit 2 if it has no such playbook)
     heald fleet silence NODE DURATION        (90s, 15m, 2h, 1d: pauses ALL automatic remediation)
     heald fleet unsilence NODE
+    heald fleet cost [--days N] [--top N]  (what the fleet's resources idled: agent/cli/fleet_cost.py)
 
 The coordinator URL and token come from ``--url``/``--token``, else ``HEALD_COORDINATOR_URL`` /
 ``HEALD_COORDINATOR_TOKEN``, else ``/etc/heald/fleet.toml`` (``url = ...``, ``token = ...`` or
@@ -30,7 +31,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from agent.cli import bundle
+from agent.cli import bundle, fleet_cost
 from agent.cli.base import out, table
 from agent.decide.units import parse_duration
 from agent.errors import HealdError, InputError, Problem
@@ -114,6 +115,7 @@ def add(parser: argparse.ArgumentParser) -> None:
     unsilence = sub.add_parser("unsilence", help=what, description=what)
     unsilence.add_argument("node")
     bundle.add(sub)
+    cost = fleet_cost.add(sub)
     # every subparser repeats the output flags so `heald fleet ls --json` works too
     for p in (
         ls,
@@ -121,6 +123,7 @@ def add(parser: argparse.ArgumentParser) -> None:
         run,
         silence,
         unsilence,
+        cost,
         *[a for a in sub.choices.values() if a.prog.endswith(("approve", "deny"))],
     ):
         p.add_argument("--json", action="store_true", dest="json_sub", help=argparse.SUPPRESS)
@@ -338,6 +341,8 @@ def handle(args: argparse.Namespace) -> int:
         return _run(client, args, as_json=as_json)
     if cmd == "bundle":
         return bundle.handle(client, args, as_json=as_json)
+    if cmd == "cost":
+        return fleet_cost.handle(client, args, as_json=as_json)
     if cmd == "silence":
         seconds = silence_seconds(args.duration)
         data = client.request(

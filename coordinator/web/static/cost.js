@@ -3,7 +3,7 @@
 // Uses app.js's el() and api(); app.js's router calls renderCost().
 "use strict";
 
-function costNum(v, digits) { return v === null || v === undefined ? "–" : Number(v).toFixed(digits === undefined ? 3 : digits); }
+function costNum(v, digits) { return v === null || v === undefined ? "–" : Number(v).toFixed(digits === undefined ? 6 : digits); }
 function costTrend(v) {
   if (v === null || v === undefined) return el("span", { class: "muted" }, "–");
   const pct = Math.round(v * 100);
@@ -13,7 +13,7 @@ const COST_COLUMNS = [
   ["idle_core_h", "Idle core-h"], ["idle_gpu_h", "Idle GPU-h"], ["gpu_mem_idle_gib_h", "Idle GPU mem GiB-h"],
   ["mem_stranded_gib_h", "Stranded mem GiB-h"], ["energy_kwh", "Energy kWh"], ["money", "Money"],
 ];
-function costCells(row, cls) { return COST_COLUMNS.map(([k]) => el("td", { class: `num ${k}`, "data-col": k }, costNum(row[k], k === "money" ? 2 : 3))); }
+function costCells(row, cls) { return COST_COLUMNS.map(([k]) => el("td", { class: `num ${k}`, "data-col": k }, costNum(row[k], k === "money" ? 4 : 6))); }
 function costHead(first) { return el("thead", {}, el("tr", {}, [first, ...COST_COLUMNS.map(([, h]) => h)].map((h) => el("th", {}, h)))); }
 
 async function renderCost(view) {
