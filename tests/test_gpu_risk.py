@@ -19,6 +19,7 @@ from agent import wire
 from agent.collect.gpu import GpuCollector
 from agent.collect.sample import Sample
 from agent.collect.settings import GpuSettings
+from agent.decide.targets import target
 from agent.decide.triggers import EvalContext, EventLog, SampleIndex, TriggerEvaluator
 from agent.features.schema import DEFAULT_INPUTS, GPU_COUNTER_LEVELS, FeatureSchema
 from agent.report import build
@@ -196,16 +197,35 @@ def test_a_detector_fitted_before_the_gpu_inputs_still_loads(tmp_path: Path) -> 
     assert r.anomaly is not None
 
 
-def test_playbook_failure_trigger_binds_each_gpu_at_risk() -> None:
+def test_playbook_failure_trigger_binds_each_gpu_at_risk(tmp_path: Path) -> None:
+    """FakeNVML -> collector -> score stage -> a GPU playbook's ``failure: gpu.failure[{pci}]``
+    trigger: one match, for the GPU at risk, binding its bus id and index (the GPU actions' {gpu}),
+    guarded per GPU by bus id; the classifier's plain failure classes still match as before."""
     pb = playbook(
-        "name: gpu-risk\ndescription: d\ntrigger:\n  failure: \"gpu.failure[{pci}]\"\n  above: 0.9\n"
-        "steps:\n  - action: drop_caches\n"
+        "name: gpu-risk-drain\ndescription: d\ntrigger:\n  failure: \"gpu.failure[{pci}]\"\n  above: 0.9\n"
+        "steps:\n  - action: gpu_drain\n    params: {}\n"
     )
+    fake = FakeNVML(3)
+    c = GpuCollector(GpuSettings(kernel_log_fallback=False), nvml=fake)
+    c.start()
+    st = stage(tmp_path)
+    try:
+        run(st, c, 3, time.time())
+        fake.set_row_remap(2, uncorrectable=1, failure=True)
+        s = gpu_sample(c, time.time(), 3)
+        r = st.on_sample(s)
+    finally:
+        c.close()
+    pci2 = r.gpu[2].pci
     t = TriggerEvaluator(pb.trigger)
-    r = Risk(seq=0, wall=time.time(), anomaly=None, alert=False, cold=False, model_version="t",
-             failure={"gpu.failure[00000000:3B:00.0]": 0.99, "gpu.failure[00000000:86:00.0]": 0.01,
-                      "disk_full": 0.95})
-    ms = t.evaluate(EvalContext(SampleIndex(Sample(node="n", seq=0, wall=0, mono=0, metrics={})), r,
-                                EventLog(), time.time(), 0.0))
-    assert [m.bindings for m in ms] == [{"pci": "00000000:3B:00.0"}]
-    assert ms[0].inputs == {"failure[gpu.failure[00000000:3B:00.0]]": 0.99}
+    ms = t.evaluate(EvalContext(SampleIndex(s), r, EventLog(), time.time(), 0.0))
+    assert [m.bindings for m in ms] == [{"pci": pci2, "gpu": "2"}]
+    assert ms[0].inputs == {f"failure[gpu.failure[{pci2}]]": r.failure[f"gpu.failure[{pci2}]"]}
+    assert target(pb.name, ms[0].bindings, s.detail).key == f"gpu-risk-drain[gpu=pci:{pci2},pci={pci2}]"
+    plain = TriggerEvaluator(playbook(
+        "name: d\ndescription: d\ntrigger:\n  failure: disk_full\n  above: 0.5\n"
+        "steps:\n  - action: drop_caches\n"
+    ).trigger)
+    r2 = msgspec.structs.replace(r, failure={**r.failure, "disk_full": 0.7})
+    got = plain.evaluate(EvalContext(SampleIndex(s), r2, EventLog(), time.time(), 0.0))
+    assert [m.bindings for m in got] == [{}]

@@ -10,6 +10,8 @@ Mode = Literal["enforce", "dry-run", "off", "approval"]
 PLACEHOLDER = re.compile(r"\{([a-z_][a-z0-9_]*)\}")
 # Variables every step may use without a trigger binding them.
 BUILTIN_VARS = frozenset({"node", "playbook", "run_id"})
+#: The per-GPU failure risk's family in ``Risk.failure`` (agent.score.gpu_risk.FAILURE_FAMILY).
+GPU_FAILURE = "gpu.failure"
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +87,7 @@ class FailureCond:
     failure: str
     above: float
     # "family[{var}]" (gpu.failure[{pci}]): one match per label of that family, bound to var
+    # (gpu.failure also binds the GPU's index as {gpu})
     key: KeyPattern | None = None
 
 
@@ -133,7 +136,10 @@ def bound_vars(cond: Condition) -> frozenset[str]:
     if isinstance(cond, MetricCond | ForecastCond | DemandCond):
         return frozenset({cond.key.label.var} if cond.key.label.var else ())
     if isinstance(cond, FailureCond):
-        return frozenset({cond.key.label.var} if cond.key is not None and cond.key.label.var else ())
+        if cond.key is None or not cond.key.label.var:
+            return frozenset()
+        gpu = {"gpu"} if cond.key.family == GPU_FAILURE else set()
+        return frozenset({cond.key.label.var, *gpu})
     if isinstance(cond, EventCond):
         return frozenset(p.var for _, p in cond.labels if p.var)
     if isinstance(cond, AllCond):

@@ -28,6 +28,7 @@ from typing import Any
 
 from agent.collect.sample import Event, Sample, split_key
 from agent.decide.model import (
+    GPU_FAILURE,
     AnyCond,
     Condition,
     DemandCond,
@@ -300,13 +301,18 @@ def _eval_failure(c: FailureCond, ctx: EvalContext) -> list[Match]:
             return []
         return [Match({}, {f"failure[{c.failure}]": p}, p - c.above)]
     out: list[Match] = []
+    # gpu.failure[<pci>] also binds the GPU's index as {gpu}, for the GPU actions and guards
+    index = {g.pci or g.gpu: g.gpu for g in ctx.risk.gpu} if c.key.family == GPU_FAILURE else {}
     for k, p in ctx.risk.failure.items():  # gpu.failure[{pci}]: one match per GPU at risk
         fam, label = split_key(k)
         if fam != c.key.family or label is None or p < c.above:
             continue
-        if var in ctx.bindings and ctx.bindings[var] != label:
+        bindings = {var: label}
+        if label in index and var != "gpu":
+            bindings["gpu"] = index[label]
+        if any(ctx.bindings.get(v, x) != x for v, x in bindings.items()):
             continue
-        out.append(Match({var: label}, {f"failure[{k}]": p}, p - c.above))
+        out.append(Match(bindings, {f"failure[{k}]": p}, p - c.above))
     return out[:MAX_MATCHES]
 
 
