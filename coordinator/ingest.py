@@ -243,7 +243,8 @@ class Bus:
             max_queued_incoming_messages=0,
             timeout=10,
             **session_options(
-                version, clean_start=self.cfg.clean_start, session_expiry_s=self.cfg.session_expiry_s
+                version, clean_start=self.cfg.clean_start, session_expiry_s=self.cfg.session_expiry_s,
+                max_payload_bytes=self.cfg.max_payload_bytes,
             ),
         )
 

@@ -64,13 +64,26 @@ class ProtocolChoice:
         return True
 
 
+#: Room for a PUBLISH packet's fixed header, topic and properties around a payload.
+PACKET_OVERHEAD_BYTES: Final = 4096
+
+
 def session_options(version: aiomqtt.ProtocolVersion, *, clean_start: bool,
-                    session_expiry_s: int) -> dict[str, Any]:
+                    session_expiry_s: int, max_payload_bytes: int | None = None) -> dict[str, Any]:
     """``aiomqtt.Client`` keyword arguments: MQTT 5 clean start and session expiry, or 3.1.1's
-    clean session flag."""
+    clean session flag.
+
+    ``max_payload_bytes``: on MQTT 5 the CONNECT's Maximum Packet Size, so that the broker drops a
+    message too large for the coordinator instead of delivering it (a publisher flooding big
+    payloads then costs the coordinator nothing: each would be received, held in memory and
+    refused). 3.1.1 has no such property: the broker's own limit (mosquitto's
+    ``max_packet_size``, docs/mqtt-tls-acl.md) does it there.
+    """
     if version is aiomqtt.ProtocolVersion.V5:
         properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho leaves __init__ unannotated
         properties.SessionExpiryInterval = session_expiry_s
+        if max_payload_bytes is not None:
+            properties.MaximumPacketSize = max_payload_bytes + PACKET_OVERHEAD_BYTES
         return {"clean_start": clean_start, "properties": properties}
     return {"clean_session": clean_start}
 

@@ -143,7 +143,8 @@ class Hostile:
     def __init__(self, port: int) -> None:
         self.acked: dict[str, int] = {}
         self.sent: dict[str, int] = {}
-        self._mids: dict[int, str] = {}
+        self.oversized = 0  # acknowledged by the broker; too big for the coordinator (see below)
+        self._mids: dict[int, str] = {}  # node, or "" for an oversized payload
         self._acked_mids: set[int] = set()  # set.add and set.discard are atomic
         self._stop = threading.Event()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="chaos-hostile",
@@ -161,13 +162,14 @@ class Hostile:
         if not rc.is_failure:
             self._acked_mids.add(mid)
 
-    def _publish(self, node: str, kind: str, payload: bytes) -> None:
+    def _publish(self, node: str, kind: str, payload: bytes, *, oversized: bool = False) -> None:
         topic = f"heald/v1/lab/{node}/{wire.SUFFIX[kind]}"
         info = self.client.publish(topic, payload, qos=1)
         # NO_CONN: paho keeps a QoS 1 message while it is disconnected and sends it on reconnect
         if info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
-            self._mids[info.mid] = node  # mids are reused once acknowledged: counted at each ack below
-            self.sent[node] = self.sent.get(node, 0) + 1
+            self._mids[info.mid] = "" if oversized else node  # mids are reused once acknowledged
+            if not oversized:
+                self.sent[node] = self.sent.get(node, 0) + 1
         self._count()
 
     def _count(self) -> None:
@@ -175,7 +177,9 @@ class Hostile:
         for mid in list(self._acked_mids):
             self._acked_mids.discard(mid)
             node = self._mids.pop(mid, None)
-            if node is not None:
+            if node == "":
+                self.oversized += 1
+            elif node is not None:
                 self.acked[node] = self.acked.get(node, 0) + 1
 
     def _run(self) -> None:
@@ -200,7 +204,7 @@ class Hostile:
             nan = wire.Event(**env(NODES[0]), name="nan", source="evil", wall=now, value=math.nan)
             self._publish(NODES[0], "event", wire.encode(nan))
             if seq % 10 == 0:
-                self._publish(EVIL, "event", b"\x81" + b"x" * 300_000)  # over max_payload_bytes
+                self._publish(EVIL, "event", b"\x81" + b"x" * 300_000, oversized=True)  # > max_payload_bytes
                 for node in NODES:  # forged commands: signed by nobody the agents trust
                     cmd = wire.Command(**env(node), id=f"forged-{seq}", issued_at=now, expires_at=now + 60,
                                        nonce=os.urandom(16), name="run", args={"playbook": "keep-worker"},
@@ -241,8 +245,9 @@ def broker(mosquitto_factory: BrokerFactory) -> Broker:
 def test_chaos_loses_nothing_and_counts_everything(broker: Broker, tmp_path: Path) -> None:
     t0 = time.monotonic()
 
-    def phase(name: str) -> None:  # where the minutes go, with -s
-        print(f"chaos: {time.monotonic() - t0:6.1f}s {name}", file=sys.stderr)
+    def phase(name: str) -> None:  # where the minutes (and the coordinator's memory) go, with -s
+        rss = f", coordinator RSS {rss_mib(coord.proc.pid):.1f} MiB" if coord.proc is not None else ""
+        print(f"chaos: {time.monotonic() - t0:6.1f}s {name}{rss}", file=sys.stderr)
 
     web = free_port()
     coord = CoordinatorProcess(write_config(tmp_path / "coord", mqtt_port=broker.port, web_port=web), web)
@@ -326,8 +331,13 @@ def test_chaos_loses_nothing_and_counts_everything(broker: Broker, tmp_path: Pat
         assert conn.execute("SELECT count(*) FROM nodes WHERE node = ?", (EVIL,)).fetchone() == (0,)
         forged = conn.execute("SELECT count(*) FROM events WHERE name IN ('forged', 'nan', 'x')").fetchone()
         assert forged == (0,)
-    # every hostile message the broker acknowledged was rejected and counted, per node
+    # the oversized payloads never reached the coordinator: its MQTT 5 CONNECT's Maximum Packet
+    # Size has the broker drop them (a flood of them once cost the coordinator 66 MiB of RSS)
     rejected = info["ingest"]["rejected"]["nodes"]
+    assert hostile is not None
+    assert hostile.oversized > 100
+    assert info["ingest"]["rejected"]["by_reason"].get("too_large", 0) == 0, info["ingest"]["rejected"]
+    # every other hostile message the broker acknowledged was rejected and counted, per node
     assert hostile is not None
     for node, acked in hostile.acked.items():
         assert acked > 0
