@@ -231,3 +231,14 @@ def test_demand_model_round_trips_and_refuses_damage(tmp_path: Path) -> None:
     assert demand.from_bytes(data).sha256 == model.sha256
     with pytest.raises(ModelError):
         demand.from_bytes(data[:-40])
+
+
+def test_labels_in_a_webhook_url_stay_one_segment() -> None:
+    """A bound label is percent-encoded in a url parameter (and only there): a mount like
+    /a/../b or a unit with # or & cannot change the webhook's path or query."""
+    from agent.act.runner import substitute  # noqa: PLC0415 - only here
+
+    got = substitute({"url": "http://127.0.0.1:9/hook/{mount}?unit={unit}", "message": "{mount} {unit}"},
+                     {"mount": "/a/../b", "unit": "x#y&z=1"})
+    assert got["url"] == "http://127.0.0.1:9/hook/%2Fa%2F..%2Fb?unit=x%23y%26z%3D1"
+    assert got["message"] == "/a/../b x#y&z=1"

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -46,9 +47,11 @@ from agent.errors import HealdError
 FRESH_SAMPLE_TIMEOUT_S = 10.0
 
 
-def substitute(value: Any, values: Mapping[str, str], *, argv: bool = False) -> Any:
+def substitute(value: Any, values: Mapping[str, str], *, argv: bool = False, url: bool = False) -> Any:
     """Fill ``{name}`` placeholders. In argv lists only whole elements are replaced (one element
-    stays one element: nothing is split or interpreted); elsewhere inside strings too."""
+    stays one element: nothing is split or interpreted); elsewhere inside strings too. In a
+    ``url`` parameter each value is percent-encoded, so a label (a mount ``/a/../b``, a unit with
+    ``?`` or ``#``) stays one path segment and can never change the host, the path or the query."""
     if isinstance(value, str):
         if argv:
             whole = PLACEHOLDER.fullmatch(value)
@@ -61,13 +64,15 @@ def substitute(value: Any, values: Mapping[str, str], *, argv: bool = False) -> 
         def replace(placeholder: re.Match[str]) -> str:
             if placeholder.group(1) not in values:
                 raise HealdError(f"'{{{placeholder.group(1)}}}' is not bound for this run")
-            return values[placeholder.group(1)]
+            got = values[placeholder.group(1)]
+            return urllib.parse.quote(got, safe="") if url else got
 
         return PLACEHOLDER.sub(replace, value)
     if isinstance(value, Mapping):
-        return {k: substitute(v, values, argv=argv or k == "argv") for k, v in value.items()}
+        return {k: substitute(v, values, argv=argv or k == "argv", url=url or k == "url")
+                for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [substitute(v, values, argv=argv) for v in value]
+        return [substitute(v, values, argv=argv, url=url) for v in value]
     return value
 
 
