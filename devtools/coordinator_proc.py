@@ -26,10 +26,20 @@ from typing import Any, Final
 
 #: The repository root: the child coordinator runs from here, with it on PYTHONPATH.
 REPO_ROOT: Final = Path(__file__).resolve().parent.parent
+
+
+def _secret(nbytes: int) -> str:
+    """A URL-safe secret that does not start with "-" (argparse would read `--token -x...` as
+    two options: a test calling `heald fleet --token TOKEN` failed once in 64 runs)."""
+    while (secret := secrets.token_urlsafe(nbytes)).startswith("-"):
+        pass
+    return secret
+
+
 #: The API token and dashboard password of every config written by this process (URL-safe
 #: characters only, so they go into TOML strings and HTTP headers as they are).
-TOKEN: Final = secrets.token_urlsafe(24)
-PASSWORD: Final = secrets.token_urlsafe(18)
+TOKEN: Final = _secret(24)
+PASSWORD: Final = _secret(18)
 
 
 def free_port() -> int:

@@ -117,7 +117,8 @@ def rows(c: CoordinatorProcess, sql: str, *params: Any) -> list[dict[str, Any]]:
 
 def fleet(c: CoordinatorProcess, *argv: str) -> dict[str, Any]:
     done = subprocess.run(
-        [sys.executable, "-m", "agent", "fleet", "--url", c.url, "--token", TOKEN, "--json", "bundle", *argv],
+        [sys.executable, "-m", "agent", "fleet", "--url", c.url, f"--token={TOKEN}", "--json", "bundle",
+         *argv],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False,
         env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
     assert done.returncode == 0, done.stderr

@@ -75,7 +75,7 @@ def _cost(c: CoordinatorProcess) -> dict[str, Any]:
 
 
 def _fleet_cost(coord: CoordinatorProcess, *extra: str) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "agent", "fleet", "--url", coord.url, "--token", TOKEN, "cost", *extra]
+    argv = [sys.executable, "-m", "agent", "fleet", "--url", coord.url, f"--token={TOKEN}", "cost", *extra]
     return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False, cwd=REPO,
                           env=dict(os.environ, PYTHONPATH=str(REPO)))
 

@@ -22,7 +22,7 @@ from agent.wire.messages import CommandAck
 from agent.wire.signing import CommandSigner
 from coordinator.config import StoreSection
 from coordinator.store import Store, open_store
-from coordinator.store.schema import SCHEMA
+from coordinator.store.schema import SCHEMA, SCHEMA_VERSION
 from devtools.fleet_sim import SimNode
 
 # the store fixtures (SQLite, and PostgreSQL when it answers) of the store's own tests
@@ -184,5 +184,6 @@ async def test_a_version_1_store_is_migrated_in_place(tmp_path: Path) -> None:
     finally:
         await s.close()
     with sqlite3.connect(db) as conn:
-        assert conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("2",)
+        (version,) = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+        assert version == str(SCHEMA_VERSION)  # 1 -> 2 -> ... in place
         assert conn.execute("SELECT inc, base, last_seq FROM incarnations").fetchall() == [("", 0, 42)]
