@@ -26,7 +26,8 @@ from pathlib import Path
 import pytest
 from playbook_kit import idle, make_engine, running, sample
 
-from agent.collect.cgroups import CgroupCollector, slope
+from agent.collect.cgroups import CgroupCollector
+from agent.collect.counters import slope
 from agent.collect.sample import Event
 from agent.collect.settings import CgroupSettings
 from agent.decide.loader import load_playbooks

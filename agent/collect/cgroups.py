@@ -48,6 +48,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from agent.collect.base import BaseCollector
+from agent.collect.counters import growth
 from agent.collect.procfs import read_bytes
 from agent.collect.sample import Metrics, Reading, key
 from agent.collect.settings import CgroupSettings
@@ -96,19 +97,6 @@ def _psi_some_avg10(data: bytes | None) -> float | None:
                     except ValueError:
                         return None
     return None
-
-
-def slope(points: deque[tuple[float, float]]) -> float | None:
-    """Least-squares slope of (t, y) points, or None with fewer than 3 or no time span."""
-    n = len(points)
-    if n < 3:
-        return None
-    mt = sum(t for t, _ in points) / n
-    my = sum(y for _, y in points) / n
-    den = sum((t - mt) ** 2 for t, _ in points)
-    if den <= 0:
-        return None
-    return sum((t - mt) * (y - my) for t, y in points) / den
 
 
 @dataclass
@@ -255,10 +243,7 @@ class CgroupCollector(BaseCollector[CgroupSettings]):
         headroom = max(0, limit - used)
         m[key("cgroup.mem.used_pct", label)] = 100.0 * used / limit
         m[key("cgroup.mem.headroom_bytes", label)] = float(headroom)
-        w.used.append((now, float(used)))
-        while w.used and now - w.used[0][0] > self.settings.slope_window_s:
-            w.used.popleft()
-        rate = slope(w.used)
+        rate = growth(w.used, now, float(used), self.settings.slope_window_s)
         m[key("cgroup.mem.growth_bytes_per_s", label)] = rate
         if rate is not None and rate > 0:
             m[key("cgroup.mem.eta_s", label)] = headroom / rate
@@ -274,10 +259,7 @@ class CgroupCollector(BaseCollector[CgroupSettings]):
         headroom = max(0, top - cur)
         m[key("cgroup.pids.used_pct", w.label)] = 100.0 * cur / top
         m[key("cgroup.pids.headroom", w.label)] = float(headroom)
-        w.tasks.append((now, float(cur)))
-        while w.tasks and now - w.tasks[0][0] > self.settings.slope_window_s:
-            w.tasks.popleft()
-        rate = slope(w.tasks)
+        rate = growth(w.tasks, now, float(cur), self.settings.slope_window_s)
         if rate is not None and rate > 0:
             m[key("cgroup.pids.eta_s", w.label)] = headroom / rate
 

@@ -23,6 +23,7 @@ counters of vanished devices do not pile up.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 _WIDTHS = (32, 64)
@@ -116,3 +117,25 @@ class RateTracker:
         for v in self._last.values():
             v.seen = False
 
+
+def slope(points: deque[tuple[float, float]]) -> float | None:
+    """Least-squares slope of (t, y) points, or None with fewer than 3 or no time span."""
+    n = len(points)
+    if n < 3:
+        return None
+    mt = sum(t for t, _ in points) / n
+    my = sum(y for _, y in points) / n
+    den = sum((t - mt) ** 2 for t, _ in points)
+    if den <= 0:
+        return None
+    return sum((t - mt) * (y - my) for t, y in points) / den
+
+
+def growth(points: deque[tuple[float, float]], now: float, value: float, window_s: float) -> float | None:
+    """Add ``(now, value)`` to ``points``, drop the points older than ``window_s`` and return the
+    least-squares slope of what is left (per second; None with fewer than 3 points). The growth
+    rate behind the collectors' ``eta_s`` metrics (cgroup memory and PIDs, the kernel tables)."""
+    points.append((now, value))
+    while points and now - points[0][0] > window_s:
+        points.popleft()
+    return slope(points)

@@ -42,7 +42,7 @@ import time
 from collections import deque
 
 from agent.collect.base import BaseCollector
-from agent.collect.cgroups import slope
+from agent.collect.counters import growth
 from agent.collect.procfs import read_bytes
 from agent.collect.sample import Metrics, Reading, key
 from agent.collect.settings import LimitSettings
@@ -118,10 +118,7 @@ class LimitCollector(BaseCollector[LimitSettings]):
         m[k("used_pct")] = 100.0 * used / limit
         m[k("headroom")] = float(headroom)
         pts = self._series.setdefault(k("headroom"), deque(maxlen=128))
-        pts.append((now, float(used)))
-        while pts and now - pts[0][0] > self.settings.slope_window_s:
-            pts.popleft()
-        rate = slope(pts)
+        rate = growth(pts, now, float(used), self.settings.slope_window_s)
         if rate is not None and rate > 0:
             m[k("eta_s")] = headroom / rate
 
