@@ -54,7 +54,11 @@ mqtt = pytest.importorskip("paho.mqtt.client")
 
 NODES = ("chaos-a", "chaos-b")  # chaos-a is the healthy one; chaos-b is killed
 EVIL = "chaos-evil"
-WORKER = "heald-chaos-wk"
+WORKER = "hchaos-wk-{}"  # one name per agent: each agent counts only its own worker
+
+
+def worker_of(node: str) -> str:
+    return WORKER.format(node.rsplit("-", 1)[-1])
 PLAYBOOK = """
 name: keep-worker
 description: keep the worker running (it exits every two seconds)
@@ -86,14 +90,15 @@ QOS1 = {"risk": "risk", "event": "events", "action": "actions", "command_ack": "
 def agent_config(directory: Path, node: str, port: int) -> Path:
     playbooks = directory / "playbooks.d"
     playbooks.mkdir(parents=True)
-    exe = directory / WORKER
+    exe = directory / worker_of(node)
     exe.symlink_to("/bin/sleep")
-    (playbooks / "keep-worker.yaml").write_text(PLAYBOOK.format(worker=WORKER, exe=exe))
+    (playbooks / "keep-worker.yaml").write_text(PLAYBOOK.format(worker=worker_of(node), exe=exe))
     path = directory / "agent.toml"
     path.write_text(
         f'[node]\nid = "{node}"\nsite = "lab"\n'
         f'[paths]\nstate_dir = "{directory / "state"}"\nruntime_dir = "{directory / "run"}"\n'
-        f'[collect.gpu]\nenabled = false\n[collect.processes]\ninterval_s = 1.0\nwatch = ["{WORKER}"]\n'
+        f'[collect.gpu]\nenabled = false\n[collect.processes]\ninterval_s = 1.0\n'
+        f'watch = ["{worker_of(node)}"]\n'
         f'[mqtt]\nenabled = true\nhost = "127.0.0.1"\nport = {port}\nmetrics_interval_s = 1.0\n'
         f'[playbooks]\ndirs = ["{playbooks}"]\nload_shipped = false\n[log]\nformat = "json"\n'
     )
@@ -130,9 +135,10 @@ class Agent:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+        exe = str(self.dir / worker_of(self.node))
         for entry in Path("/proc").iterdir():  # the workers the agent left running
             with contextlib.suppress(OSError, UnicodeDecodeError, ValueError):
-                if (entry / "cmdline").read_bytes().split(b"\0")[0].decode() == str(self.dir / WORKER):
+                if (entry / "cmdline").read_bytes().split(b"\0")[0].decode() == exe:
                     os.kill(int(entry.name), signal.SIGKILL)
 
 
