@@ -215,9 +215,9 @@ class Sampler:
 
 
 def build_sampler(node: str, collect: CollectSettings, *, stale_after: float,
-                  nvml: object | None = None) -> Sampler:
+                  nvml: object | None = None, state_dir: str | None = None) -> Sampler:
     """A Sampler over the collectors ``collect`` enables; the others are reported as absent."""
-    collectors = registry.build(collect, nvml=nvml)
+    collectors = registry.build(collect, nvml=nvml, state_dir=state_dir)
     enabled = {c.name for c in collectors}
     absent = {name: "disabled in config" for name in COLLECTOR_NAMES if name not in enabled}
     return Sampler(node, collectors, stale_after=stale_after, absent=absent)
