@@ -40,11 +40,15 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from live import LiveAgent  # noqa: E402
 
 from agent.collect import registry  # noqa: E402
 from agent.collect.base import Collector  # noqa: E402
@@ -412,7 +416,7 @@ class Recorder:
         self.seq.append(sample.seq)  # type: ignore[attr-defined]
         self.phase.append(phase)
 
-    def save(self, out: Path, st: State) -> None:
+    def save(self, out: Path, st: State, live: dict[str, np.ndarray] | None = None) -> None:
         n, k = len(self.rows), len(self.cols)
         x = np.full((n, k), np.nan)
         for i, row in enumerate(self.rows):
@@ -439,6 +443,7 @@ class Recorder:
             phase_names=np.asarray([p[0] for p in phases], dtype=str),
             phase_start=np.asarray([p[1] for p in phases], dtype=np.float64),
             phase_end=np.asarray([p[2] for p in phases], dtype=np.float64),
+            **(live or {}),
         )
         os.replace(tmp, out)
 
@@ -468,11 +473,70 @@ async def record(st: State, out: Path) -> None:
           flush=True)
 
 
+def phase_at(st: State, wall: float) -> str:
+    for name, start, end in st.phases:
+        if start <= wall < (end if np.isfinite(end) else float("inf")):
+            return name
+    return "setup"
+
+
+def live_arrays(agent: LiveAgent, last_wall: float) -> dict[str, np.ndarray]:
+    found = agent.decisions(last_wall)
+    return {
+        "live_kind": np.asarray([d.kind for d in found], dtype=str),
+        "live_playbook": np.asarray([d.playbook for d in found], dtype=str),
+        "live_target": np.asarray([d.target for d in found], dtype=str),
+        "live_wall": np.asarray([d.wall for d in found], dtype=np.float64),
+        "live_config": np.asarray(agent.config_text),
+        "live_version": np.asarray(agent_version()),
+    }
+
+
+def agent_version() -> str:
+    from agent import __version__  # noqa: PLC0415
+
+    return str(__version__)
+
+
+def record_live(st: State, out: Path, agent: LiveAgent) -> None:
+    """Every sample the live agent published, phases by wall time, and its dry-run decisions."""
+
+    def build() -> tuple[Recorder, float]:
+        rec = Recorder()
+        rows = agent.snapshot()
+        for r in rows:
+            rec.add(SimpleNamespace(**r), phase_at(st, r["wall"]))
+        return rec, (rows[-1]["wall"] if rows else 0.0)
+
+    last_save = time.monotonic()
+    while not st.done.wait(1.0):
+        if not agent.alive():
+            st.error = "the live agent exited: " + agent.log_tail()
+            st.stop.set()
+            break
+        if time.monotonic() - last_save > 60:
+            rec, _ = build()
+            rec.save(out, st)
+            last_save = time.monotonic()
+    agent.stop()
+    rec, last_wall = build()
+    seqs = rec.seq
+    if seqs and seqs != list(range(seqs[0], seqs[0] + len(seqs))):
+        st.error = f"the subscriber lost samples: {len(seqs)} of {seqs[-1] - seqs[0] + 1}"
+    live = live_arrays(agent, last_wall)
+    rec.save(out, st, live)
+    print(f"saved {len(rec.rows)} live samples x {len(rec.cols)} metrics, {len(st.faults)} faults, "
+          f"{live['live_kind'].size} live dry-run decisions -> {out}", flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--minutes", type=float, default=23.0, help="total recording time (faults take ~14)")
     ap.add_argument("--only", default="", help="comma list of fault kinds: disk,memory,cpu,network,service")
+    ap.add_argument("--live-agent", action="store_true",
+                    help="a real `heald run` (shipped playbooks, dry-run) records the samples; its would-be "
+                         "actions are kept in the recording (live.py)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("run.py needs root (mounts, cgroups, network namespaces)", file=sys.stderr)
@@ -489,13 +553,29 @@ def main() -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     th = threading.Thread(target=sc.run, name="scenario", daemon=True)
+    agent = LiveAgent(SVC_NAME) if args.live_agent else None
     try:
-        th.start()
-        asyncio.run(record(st, args.out))
+        if agent is not None:
+            agent.start()
+            deadline = time.monotonic() + 120
+            while len(agent.snapshot()) < 10:  # the daemon samples before the scenario starts
+                if not agent.alive() or time.monotonic() > deadline:
+                    print("the live agent did not start:\n" + agent.log_tail(), file=sys.stderr)
+                    return 1
+                time.sleep(0.5)
+            th.start()
+            record_live(st, args.out, agent)
+        else:
+            th.start()
+            asyncio.run(record(st, args.out))
     finally:
         st.stop.set()
         th.join(timeout=30)
         sc.teardown()
+        if agent is not None:
+            agent.stop()
+    if st.error:
+        print(st.error, file=sys.stderr)
     return 1 if st.error else 0
 
 
