@@ -53,4 +53,7 @@ METRIC_FAMILIES: Final[frozenset[str]] = frozenset({
     "gpu.throttle_hw_thermal", "gpu.throttle_power_brake", "gpu.throttle_sw_power_cap",
     "gpu.throttle_sw_thermal", "gpu.xid_count", "gpu.lost", "gpu.reset_required", "gpu.mig_mode",
     "gpu.mig_mem_used_bytes", "gpu.mig_mem_total_bytes",
+    # security, process side (agent.collect.security_proc)
+    "sec.suspects", "sec.suspect_cpu_pct", "sec.suspect_stopped", "sec.egress_bytes_per_s",
+    "sec.egress_conns", "sec.egress_spike", "sec.files_watched",
 })

@@ -1,0 +1,323 @@
+"""``freeze_process`` / ``unfreeze_process``: contain a suspicious process reversibly, keep its evidence.
+
+Freezing, in this order, for each process :func:`agent.act.procs.select` returns (which already
+refuses pid 1, kernel threads, heald and its parents, and ``protected_processes``):
+
+1. A record, ``STATE/forensics/PID-STARTTIME/record.json`` (``state: freezing``), written before
+   anything is done to the process: a kill -9 of heald at any later point leaves the record.
+2. Forensics (``forensics: true``, the default): the binary copied from ``/proc/PID/exe`` (which
+   works for a deleted file) with its sha256, and ``metadata.json``: exe, cmdline, the names of
+   its environment variables (never their values), cwd, uids, open fds, inet connections, the
+   parent chain. The forensics directory is bounded (``max_total``, default 512 MiB): the oldest
+   records of processes no longer frozen go first; a binary that does not fit is not copied.
+3. SIGSTOP to it and its descendants (state T at once), then the cgroup freezer on top, so an
+   accomplice's SIGCONT cannot wake it: the v1 freezer (``/sys/fs/cgroup/freezer/heald-frozen/PID``)
+   where it is mounted, else cgroup v2 (``heald-frozen/PID/cgroup.freeze``); ``method: sigstop``
+   skips the cgroup. A process the cgroup freezer holds shows state D; one only stopped, T.
+4. The check: every process is stopped (T) or its freezer group reads frozen; the record then
+   says ``state: frozen`` with the method and the group.
+
+``unfreeze_process`` thaws the group, moves the processes back to the root freezer group (v1) or
+their former cgroup (v2), removes the group, sends SIGCONT and marks the record ``thawed``. A
+frozen process does not act on SIGKILL until it is thawed: the kill ladder is ``signal_process``
+KILL, then ``unfreeze_process`` (the process dies as it thaws, before running any of its code).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from agent.act.actions.cgroups import cgroup_v2_root
+from agent.act.base import ActionContext, ActionResult
+from agent.act.procs import Candidate, select
+from agent.collect.security_proc import FROZEN_GROUP
+from agent.decide.units import parse_size
+from agent.fsutil import atomic_write
+
+V1_FREEZER = Path("/sys/fs/cgroup/freezer")
+_MAX_LIST = 256  # fds, connections, environment names kept in the metadata
+_MAX_CMDLINE = 4096
+_MAX_DESCENDANTS = 64
+
+
+def forensics_root(ctx: ActionContext) -> Path:
+    if ctx.state_dir is None:
+        raise RuntimeError("freeze_process needs the engine's state directory")
+    return Path(ctx.state_dir) / "forensics"
+
+
+def _record_dir(root: Path, proc: psutil.Process) -> Path:
+    return root / f"{proc.pid}-{int(proc.create_time() * 100)}"
+
+
+def _write_json(path: Path, doc: Mapping[str, Any]) -> None:
+    atomic_write(path, json.dumps(doc, indent=1, sort_keys=True, default=str).encode())
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def _size(path: Path) -> int:
+    total = 0
+    for p in path.rglob("*"):
+        with contextlib.suppress(OSError):
+            if p.is_file():
+                total += p.stat().st_size
+    return total
+
+
+def _prune(root: Path, keep: Path, budget: int) -> int:
+    """Drop the oldest records of processes no longer frozen until the rest fits ``budget``;
+    returns the bytes left for the new record."""
+    dirs = sorted((d for d in root.iterdir() if d.is_dir() and d != keep), key=lambda d: d.stat().st_mtime)
+    used = {d: _size(d) for d in dirs}
+    total = sum(used.values())
+    for d in dirs:
+        if total <= budget:
+            break
+        if _read_json(d / "record.json").get("state") in {"freezing", "frozen"}:
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        total -= used[d]
+    return max(0, budget - total)
+
+
+def _copy_binary(pid: int, dest: Path, room: int) -> tuple[str | None, int, str]:
+    """Copy /proc/PID/exe to ``dest`` (at most ``room`` bytes); (sha256, size, note)."""
+    import hashlib  # noqa: PLC0415 - only here
+
+    src = f"/proc/{pid}/exe"
+    try:
+        size = os.stat(src).st_size
+    except OSError as exc:
+        return None, 0, f"binary not readable: {exc.strerror}"
+    if size > room:
+        return None, size, f"binary of {size} bytes not copied: over the forensics budget"
+    h = hashlib.sha256()
+    try:
+        with open(src, "rb") as fin, open(dest, "wb") as fout:
+            os.fchmod(fout.fileno(), 0o400)
+            while chunk := fin.read(1 << 20):
+                h.update(chunk)
+                fout.write(chunk)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            dest.unlink()
+        return None, size, f"binary not copied: {exc.strerror}"
+    return h.hexdigest(), size, "copied"
+
+
+def _metadata(proc: psutil.Process) -> dict[str, Any]:
+    meta: dict[str, Any] = {"pid": proc.pid}
+    getters: dict[str, Any] = {
+        "exe": lambda: os.readlink(f"/proc/{proc.pid}/exe"),
+        "cmdline": lambda: " ".join(proc.cmdline())[:_MAX_CMDLINE],
+        "environ_keys": lambda: sorted(proc.environ())[:_MAX_LIST],  # names only: values may be secrets
+        "cwd": proc.cwd,
+        "uids": lambda: list(proc.uids()),
+        "status": proc.status,
+        "create_time": proc.create_time,
+        "fds": lambda: {fd: os.readlink(f"/proc/{proc.pid}/fd/{fd}")
+                        for fd in sorted(os.listdir(f"/proc/{proc.pid}/fd"), key=int)[:_MAX_LIST]},
+        "connections": lambda: [
+            {"fd": c.fd, "type": int(c.type), "laddr": list(c.laddr),
+             "raddr": list(c.raddr) if c.raddr else [], "status": c.status}
+            for c in proc.net_connections(kind="inet")[:_MAX_LIST]],
+    }
+    for name, get in getters.items():
+        try:
+            meta[name] = get()
+        except (psutil.Error, OSError) as exc:
+            meta[name] = f"unreadable: {exc}"
+    chain = []
+    with contextlib.suppress(psutil.Error):
+        for parent in proc.parents()[:16]:
+            with contextlib.suppress(psutil.Error):
+                chain.append({"pid": parent.pid, "name": parent.name(),
+                              "cmdline": " ".join(parent.cmdline())[:256]})
+    meta["parents"] = chain
+    return meta
+
+
+def _write(path: Path, value: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
+
+
+def _cgroup_freeze(pids: list[int], group_name: str, v2_root: Path | None) -> tuple[str, str]:
+    """Move ``pids`` into heald's freezer group and freeze it; (method, group path) or raises OSError."""
+    if (V1_FREEZER / "cgroup.procs").exists():
+        group = V1_FREEZER / FROZEN_GROUP / group_name
+        group.mkdir(parents=True, exist_ok=True)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                _write(group / "cgroup.procs", str(pid))
+        _write(group / "freezer.state", "FROZEN")
+        deadline = time.monotonic() + 3.0
+        while (group / "freezer.state").read_text().strip() != "FROZEN":
+            if time.monotonic() > deadline:
+                raise OSError(f"{group} did not reach FROZEN")
+            time.sleep(0.02)
+        return "cgroup-v1-freezer", str(group)
+    if v2_root is None:
+        raise OSError("no cgroup freezer on this host")
+    group = v2_root / FROZEN_GROUP / group_name
+    group.mkdir(parents=True, exist_ok=True)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            _write(group / "cgroup.procs", str(pid))
+    _write(group / "cgroup.freeze", "1")
+    deadline = time.monotonic() + 3.0
+    while "frozen 1" not in (group / "cgroup.events").read_text():
+        if time.monotonic() > deadline:
+            raise OSError(f"{group} did not freeze")
+        time.sleep(0.02)
+    return "cgroup-v2-freeze", str(group)
+
+
+def _stopped(pid: int, group: str) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    if state in {b"T", b"t"}:
+        return True
+    with contextlib.suppress(OSError):
+        if group.startswith(str(V1_FREEZER)):
+            return Path(group, "freezer.state").read_text().strip() == "FROZEN"
+        if group:
+            return "frozen 1" in Path(group, "cgroup.events").read_text()
+    return False
+
+
+def _freeze_one(c: Candidate, ctx: ActionContext, params: Mapping[str, Any]) -> dict[str, Any]:
+    proc = c.proc
+    root = forensics_root(ctx)
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    rdir = _record_dir(root, proc)
+    record = _read_json(rdir / "record.json")
+    rdir.mkdir(exist_ok=True, mode=0o700)
+    record.update({"pid": proc.pid, "playbook": ctx.playbook, "run_id": ctx.run_id, "node": ctx.node,
+                   "state": "freezing", "since": time.time(), "bindings": dict(ctx.bindings)})
+    _write_json(rdir / "record.json", record)  # first: a crash from here on leaves a record
+    if params.get("forensics", True) and "binary_sha256" not in record:
+        budget = parse_size(params.get("max_total", "512M"))
+        room = _prune(root, rdir, budget)
+        meta = _metadata(proc)
+        _write_json(rdir / "metadata.json", meta)
+        digest, size, note = _copy_binary(proc.pid, rdir / "binary", room)
+        record.update({"binary_sha256": digest, "binary_size": size, "binary": note, "exe": meta.get("exe")})
+    pids = [proc.pid]
+    with contextlib.suppress(psutil.Error):
+        pids += [p.pid for p in proc.children(recursive=True)[:_MAX_DESCENDANTS]]
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGSTOP)
+    method, group = "sigstop", ""
+    if params.get("method", "auto") != "sigstop":
+        try:
+            method, group = _cgroup_freeze(pids, rdir.name, cgroup_v2_root(ctx.settings.cgroup_root))
+        except OSError as exc:
+            record["cgroup"] = f"not used: {exc}"
+    deadline = time.monotonic() + 2.0
+    while not (ok := _stopped(proc.pid, group)) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    record.update({"state": "frozen" if ok else "freeze-failed", "method": method, "group": group,
+                   "pids": pids, "frozen_at": time.time()})
+    _write_json(rdir / "record.json", record)
+    return {"pid": proc.pid, "ok": ok, "method": method, "record": str(rdir),
+            "binary_sha256": record.get("binary_sha256")}
+
+
+def _thaw_one(c: Candidate, ctx: ActionContext) -> dict[str, Any]:
+    proc = c.proc
+    rdir: Path | None = None
+    with contextlib.suppress(psutil.Error, RuntimeError):
+        rdir = _record_dir(forensics_root(ctx), proc)
+    record = _read_json(rdir / "record.json") if rdir is not None else {}
+    group = Path(str(record.get("group") or ""))
+    notes: list[str] = []
+    if str(group) not in {"", "."} and group.is_dir():
+        v1 = str(group).startswith(str(V1_FREEZER))
+        try:
+            _write(group / ("freezer.state" if v1 else "cgroup.freeze"), "THAWED" if v1 else "0")
+        except OSError as exc:
+            notes.append(f"thaw {group}: {exc.strerror}")
+        back = V1_FREEZER if v1 else group.parent.parent
+        for pid in record.get("pids", [proc.pid]):
+            with contextlib.suppress(OSError):
+                _write(back / "cgroup.procs", str(pid))
+        deadline = time.monotonic() + 3.0
+        while True:
+            try:
+                group.rmdir()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    notes.append(f"{group} not removed")
+                    break
+                time.sleep(0.05)
+    for pid in record.get("pids", [proc.pid]):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(int(pid), signal.SIGCONT)
+    if rdir is not None and record:
+        record.update({"state": "thawed", "thawed_at": time.time(), "thawed_by": ctx.playbook})
+        _write_json(rdir / "record.json", record)
+    return {"pid": proc.pid, "group": str(group) if record else "", "notes": notes}
+
+
+def _describe(candidates: list[Candidate]) -> str:
+    return ", ".join(c.describe() for c in candidates)
+
+
+async def freeze_process(params: Mapping[str, Any], ctx: ActionContext) -> ActionResult:
+    """Copy the evidence, then stop and freeze the target process(es); see the module docstring."""
+    candidates, notes = await select(
+        params["target"], ctx.settings, limit=int(params.get("max_processes", 1)), env=ctx.env())
+    data: dict[str, Any] = {"pids": [c.proc.pid for c in candidates], "notes": notes}
+    if not candidates:
+        why = f" ({'; '.join(notes)})" if notes else ""
+        return ActionResult(ok=False, detail="no process matched" + why, data=data)
+    if ctx.dry_run:
+        return ActionResult(ok=True, data=data, detail=(
+            f"would copy the binary and metadata of {_describe(candidates)} to {forensics_root(ctx)}"
+            " and freeze it"))
+    done = [await asyncio.to_thread(_freeze_one, c, ctx, params) for c in candidates]
+    data["frozen"] = done
+    failed = [d["pid"] for d in done if not d["ok"]]
+    detail = "froze " + ", ".join(f"pid {d['pid']} ({d['method']}; evidence in {d['record']})" for d in done)
+    if failed:
+        return ActionResult(ok=False, changed=True, detail=detail + f"; not stopped: {failed}", data=data)
+    return ActionResult(ok=True, changed=True, detail=detail, data=data)
+
+
+async def unfreeze_process(params: Mapping[str, Any], ctx: ActionContext) -> ActionResult:
+    """Thaw and continue the target process(es) heald froze."""
+    candidates, notes = await select(
+        params["target"], ctx.settings, limit=int(params.get("max_processes", 1)), env=ctx.env())
+    data: dict[str, Any] = {"pids": [c.proc.pid for c in candidates], "notes": notes}
+    if not candidates:
+        return ActionResult(ok=False, detail="no process matched", data=data)
+    if ctx.dry_run:
+        return ActionResult(ok=True, detail=f"would thaw {_describe(candidates)}", data=data)
+    data["thawed"] = [await asyncio.to_thread(_thaw_one, c, ctx) for c in candidates]
+    return ActionResult(ok=True, changed=True, detail=f"thawed {_describe(candidates)}", data=data)
