@@ -64,6 +64,15 @@ def add(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the new artifact's metadata as JSON")
     p.set_defaults(handler=train_classifier_cmd)
 
+    p = sub.add_parser("train-demand", help="fit the demand forecast model on a node's demand history",
+                       description="Fit heald's demand model (agent/score/demand.py) on a demand history "
+                                   "(<state_dir>/demand/history.json) and write the artifact atomically. "
+                                   "The daemon's demand fit runs this in a child process.")
+    p.add_argument("--history", required=True, metavar="FILE", help="the demand history (.json)")
+    p.add_argument("--output", required=True, metavar="PATH", help="artifact to write (.npz)")
+    p.add_argument("--horizon-s", type=float, default=7200.0, metavar="S", help="how far ahead to forecast")
+    p.set_defaults(handler=train_demand_cmd)
+
     p = sub.add_parser("export-history", help="write a training file from a node's feature history",
                        description="Write the rows of the feature history in DIR (<state_dir>/model/history) "
                                    "that the anomaly model would be fitted on, as an .npz with 'train', "
@@ -265,6 +274,23 @@ def train_classifier_cmd(args: argparse.Namespace) -> int:
     else:
         out(f"wrote {args.out}: classifier {info['version']}, classes {', '.join(info['classes'])}, "
             f"{len(info['features'])} features, {info['training']['rows']} training rows")
+    return 0
+
+
+def train_demand_cmd(args: argparse.Namespace) -> int:
+    """Also the daemon's demand fit child (:func:`agent.score.demand.fit_in_child`)."""
+    from agent.score.fit import leave_oom_protection  # noqa: PLC0415
+
+    leave_oom_protection()
+    from agent.score.demand import fit_history  # noqa: PLC0415
+
+    quiet_logging()
+    if not 0 < args.horizon_s <= 7 * 86400:
+        raise InputError([Problem("--horizon-s", "", "must be in (0, 604800]")])
+    model = fit_history(args.history, args.output, horizon_s=args.horizon_s)
+    m = model.meta
+    out(f"wrote {args.output}: demand model {model.version}, {len(m.resources)} resources, "
+        f"{m.training.rows} rows of {m.step_s:g} s, horizon {m.horizon_steps} steps")
     return 0
 
 

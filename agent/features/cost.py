@@ -117,6 +117,8 @@ class CostMeter:
         self.core_idle_s: dict[str, float] = {}  # per core, since start (for checks and `heald status`)
         self._rapl = [p for p in sorted(Path(rapl_root).glob("intel-rapl:*")) if ":" not in p.name[11:]]
         self._rapl_last: dict[Path, int] = {}
+        # the demand part of each summary (agent.score.demand_stage.DemandStage.summaries), when on
+        self.demand: Callable[[float, float], list[wire.DemandSummary]] | None = None
         self._load()
 
     # -------------------------------------------------------------- per sample
@@ -242,13 +244,15 @@ class CostMeter:
         if period is None or period.seconds <= 0:
             return None
         s = self.settings
+        end = max(period.end, period.start)
+        demand = self.demand(period.start, end) if self.demand is not None else []
         return wire.Cost(
             v=wire.PROTOCOL_VERSION, node="_", site="_", seq=0, ts=time.time(), mono=time.monotonic(),
-            start=period.start, end=max(period.end, period.start), node_class=s.node_class,
+            start=period.start, end=end, node_class=s.node_class,
             currency=s.currency, money=money(period, s), seconds=period.seconds, core_h=period.core_h,
             idle_core_h=period.idle_core_h, cores_under_line_h=period.cores_under_line_h,
             gpu_h=period.gpu_h, idle_gpu_h=period.idle_gpu_h, gpu_mem_idle_gib_h=period.gpu_mem_idle_gib_h,
-            mem_stranded_gib_h=period.mem_stranded_gib_h, energy_kwh=period.energy_kwh)
+            mem_stranded_gib_h=period.mem_stranded_gib_h, energy_kwh=period.energy_kwh, demand=demand)
 
     def history(self) -> list[dict[str, float]]:
         """The closed hours and the current one."""

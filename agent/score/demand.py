@@ -20,14 +20,19 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import os
+import subprocess
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import msgspec
 import numpy as np
 import numpy.typing as npt
 
 from agent.errors import ModelError
+from agent.features import demand_history
 from agent.score import artifact
 from agent.score.artifact import F64, Compiled, Container, TrainingWindow
 from agent.score.types import DemandForecast
@@ -39,8 +44,8 @@ WEEK_S = 7 * DAY_S
 ALPHAS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
 PHIS = (0.0, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 1.0)
 # Resources the daemon forecasts when they are in the sample (wildcards: every label).
-DEFAULT_RESOURCES = ("cpu.util_pct", "mem.used_pct", "gpu.util_pct[*]", "net.rx_bytes_per_s[*]",
-                     "net.tx_bytes_per_s[*]")
+# (kept in agent.features.demand_history, which the daemon's history uses without numpy)
+DEFAULT_RESOURCES = demand_history.DEFAULT_RESOURCES
 
 
 class DemandMeta(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -240,3 +245,66 @@ class DemandScorer:
                            lo=tuple(lo[i].tolist()), hi=tuple(hi[i].tolist()))
             for k, i in self._index.items()
         )
+
+
+def history_matrix(rows: Sequence[demand_history.Row], step_s: float) -> tuple[F64, F64, list[str]]:
+    """A saved history's rows on a regular grid of ``step_s`` (NaN where no row), its wall times and
+    the resources with at least a day of values (a resource seen for minutes cannot be profiled)."""
+    if not rows:
+        raise ModelError("demand history is empty")
+    first = rows[0][0]
+    n = round((rows[-1][0] - first) / step_s) + 1
+    counts: dict[str, int] = {}
+    for _, vals in rows:
+        for k in vals:
+            counts[k] = counts.get(k, 0) + 1
+    day = round(DAY_S / step_s)
+    keys = sorted(k for k, c in counts.items() if c >= day)
+    if not keys:
+        raise ModelError("demand history has no resource with a day of values")
+    col = {k: j for j, k in enumerate(keys)}
+    values = np.full((n, len(keys)), np.nan)
+    for wall, vals in rows:
+        i = round((wall - first) / step_s)
+        for k, v in vals.items():
+            j = col.get(k)
+            if j is not None:
+                values[i, j] = v
+    return values, first + step_s * np.arange(n, dtype=np.float64), keys
+
+
+def fit_history(history: str | os.PathLike[str], out: str | os.PathLike[str], *,
+                horizon_s: float = 7200.0) -> CompiledDemand:
+    """Fit on a saved demand history (:mod:`agent.features.demand_history`) and write the artifact
+    atomically: the demand fit child's work (``heald model train-demand``)."""
+    path = Path(history)
+    try:
+        step = demand_history.saved_step(path)
+        rows = demand_history.load_rows(path, step)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path}: cannot read the demand history: {exc}") from None
+    values, wall, keys = history_matrix(rows, step)
+    model = fit_demand(values, wall, keys, step_s=step, horizon_s=horizon_s, source=path.name)
+    save(model, out)
+    return model
+
+
+def fit_in_child(history: str | os.PathLike[str], out: str | os.PathLike[str], *, horizon_s: float,
+                 timeout_s: float = 600.0) -> CompiledDemand:
+    """Fit in a short-lived ``python -m agent model train-demand`` child (where the detector's fit
+    runs: :func:`agent.score.fit.fit_in_child`) and load its verified artifact. Blocking (the
+    daemon runs it in a worker thread); the child is killed and reaped on timeout. ModelError on
+    any failure."""
+    argv = [sys.executable, "-m", "agent", "model", "train-demand", "--history", os.fspath(history),
+            "--output", os.fspath(out), "--horizon-s", f"{horizon_s:g}"]
+    try:
+        proc = subprocess.run(argv, capture_output=True, timeout=timeout_s, check=False,
+                              stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise ModelError(f"demand fit on {history} timed out after {timeout_s:g} s") from None
+    except OSError as exc:
+        raise ModelError(f"cannot start the demand fit process: {exc}") from None
+    if proc.returncode != 0:
+        tail = proc.stderr.decode("utf-8", errors="replace").strip().splitlines()[-3:]
+        raise ModelError(f"demand fit on {history} failed (exit {proc.returncode}): " + " | ".join(tail))
+    return FORMAT.load(Path(out))

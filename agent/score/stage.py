@@ -42,6 +42,7 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
@@ -61,6 +62,9 @@ from agent.score.forecast import Forecaster
 from agent.score.gpu_risk import GpuRiskScorer, failure_key
 from agent.score.settings import ModelSettings
 from agent.score.types import Contribution, Forecast, Risk
+
+if TYPE_CHECKING:
+    from agent.score.demand_stage import DemandStage
 
 log = structlog.get_logger("heald.score")
 
@@ -133,6 +137,7 @@ class RiskStage:
         self.drift: DriftMonitor | None = None
         self.drift_score: float | None = None
         self.drift_refit = False  # drift past the line asked for a refit
+        self.demand: DemandStage | None = None  # [demand] forecasts (agent.score.demand_stage)
         if settings.enabled:
             log.info("score stage ready", kernels="native" if self.window.native else "numpy",
                      features=self.schema.dim)
@@ -239,9 +244,11 @@ class RiskStage:
                 explanation = tuple(det.explain_bound(vec, self._det_idx))
             if self.drift is not None:
                 self._drift(det, vec[self._det_idx])
+        demand = self.demand.on_sample(sample.metrics, sample.wall) if self.demand is not None else ()
         return Risk(seq=sample.seq, wall=sample.wall, anomaly=anomaly, alert=alert, cold=det is None,
                     model_version=self._version, explanation=explanation, failure=failure,
-                    forecasts=self.forecaster.forecasts, gpu=gpus, drift=self.drift_score)
+                    forecasts=self.forecaster.forecasts, gpu=gpus, drift=self.drift_score,
+                    demand=demand)
 
     def _drift(self, det: StreamingDetector, vec: npt.NDArray[np.float64]) -> None:
         assert self.drift is not None  # noqa: S101 - the caller checked

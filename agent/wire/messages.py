@@ -216,6 +216,23 @@ class CommandAck(Envelope, tag="command_ack", kw_only=True, frozen=True, omit_de
 
 
 Hours = Annotated[float, msgspec.Meta(ge=0.0, le=MAX_FLOAT)]
+#: resources in one cost message's demand summary, and points in one forecast
+MAX_DEMAND: Final = 64
+MAX_DEMAND_POINTS: Final = 2016
+Points = Annotated[list[Finite], msgspec.Meta(max_length=MAX_DEMAND_POINTS)]
+
+
+class DemandSummary(msgspec.Struct, kw_only=True, frozen=True, omit_defaults=True):
+    """One resource's demand in a cost message: the period's mean, what the forecast sent with the
+    previous summary said it would be, and the forecast from ``end`` on (``step_s`` apart)."""
+
+    resource: Key
+    actual: Finite | None = None  # the period's mean
+    predicted: Finite | None = None  # the previous summary's forecast, averaged over this period
+    step_s: Annotated[float, msgspec.Meta(ge=0.0, le=MAX_WALL)] = 0.0
+    point: Points = msgspec.field(default_factory=list)
+    lo: Points = msgspec.field(default_factory=list)
+    hi: Points = msgspec.field(default_factory=list)
 
 
 class Cost(Envelope, tag="cost", kw_only=True, frozen=True, omit_defaults=True):
@@ -236,6 +253,9 @@ class Cost(Envelope, tag="cost", kw_only=True, frozen=True, omit_defaults=True):
     gpu_mem_idle_gib_h: Hours = 0.0
     mem_stranded_gib_h: Hours = 0.0
     energy_kwh: Hours = 0.0
+    # demand forecasts against what came (added within v1: older receivers ignore it)
+    demand: Annotated[list[DemandSummary], msgspec.Meta(max_length=MAX_DEMAND)] = msgspec.field(
+        default_factory=list)
 
 
 Message = Birth | Status | Metrics | Risk | Event | Action | Command | CommandAck | Cost
