@@ -1,9 +1,11 @@
 """`heald replay`: recorded samples through features -> score -> decide in dry-run.
 
-The fault recordings (bench/faults/data) hold samples only: no live run's actions or alerts were
-recorded with them. So the replay is held against a live `heald run` dry-run: the samples it
-published over MQTT are captured, replayed with the same playbooks, and the would-be runs must
-be the runs the live daemon's audit log recorded (playbook, target, time).
+The replay is held against live `heald run` dry-runs twice: here, where the samples a daemon
+published over MQTT are captured and replayed with the same playbooks, and on ``host3.npz``, a
+fault recording made by a live agent (``bench/faults/run.py --live-agent``: the shipped
+playbooks, forced to dry-run, on real injected faults), which keeps that agent's would-be runs.
+Either way the replay's runs must be the live daemon's (playbook, target, time). The older
+recordings (``host1``, ``host2``) were sampled by the harness itself and hold no live run.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from agent import wire
 
 ROOT = Path(__file__).resolve().parents[1]
 HOST2 = ROOT / "bench" / "faults" / "data" / "host2.npz"
+HOST3 = ROOT / "bench" / "faults" / "data" / "host3.npz"
 
 PLAYBOOKS = {
     "probe-cpu.yaml": """\
@@ -231,3 +234,94 @@ steps:
                 since = None
     assert len(expected) >= 2, expected
     assert sorted(runs, key=lambda r: r[1]) == sorted(expected, key=lambda r: r[1])
+
+
+def write_recording(path: Path, n: int, live: list[tuple[str, str, str, float]] | None) -> None:
+    """n samples at 1 Hz with cpu.count = 2 (probe-cpu's trigger holds), and a live run if given."""
+    wall = 1.8e9 + np.arange(n, dtype=np.float64)
+    arrays: dict[str, Any] = {"keys": np.asarray(["cpu.count"]), "X": np.full((n, 1), 2.0), "wall": wall,
+                              "mono": wall - 1.7e9, "seq": np.arange(n, dtype=np.int64)}
+    if live is not None:
+        arrays |= {"live_kind": np.asarray([d[0] for d in live], dtype=str),
+                   "live_playbook": np.asarray([d[1] for d in live], dtype=str),
+                   "live_target": np.asarray([d[2] for d in live], dtype=str),
+                   "live_wall": np.asarray([d[3] for d in live], dtype=np.float64)}
+    np.savez_compressed(path, **arrays)
+
+
+def test_replay_compares_itself_with_the_recorded_live_run(tmp_path: Path) -> None:
+    books = tmp_path / "pb"
+    books.mkdir()
+    (books / "probe-cpu.yaml").write_text(PLAYBOOKS["probe-cpu.yaml"])
+    plain = tmp_path / "plain.npz"
+    write_recording(plain, 20, None)
+    runs = [d for d in replay_json(str(plain), "--playbooks", str(books), "--no-model")["decisions"]
+            if d["kind"] == "run"]
+    assert [r["wall"] - 1.8e9 for r in runs] == [3, 8, 13, 18], runs  # held 3 s, then the 5 s cooldown
+    assert replay_json(str(plain), "--playbooks", str(books), "--no-model")["live"] is None
+
+    def check(live: list[tuple[str, str, str, float]]) -> dict[str, Any]:
+        rec = tmp_path / "live.npz"
+        write_recording(rec, 20, live)
+        got = replay_json(str(rec), "--playbooks", str(books), "--no-model")["live"]
+        text = heald("replay", str(rec), "--playbooks", str(books), "--no-model")
+        assert text.returncode == 0, text.stderr
+        assert f"recorded live run: {len(live)} would-be actions" in text.stdout
+        assert ("this replay: the same" in text.stdout) is got["same"]
+        return dict(got)
+
+    same = [("run", "probe-cpu", r["target"], r["wall"] + 0.4) for r in runs]
+    assert check(same) == {"decisions": [{"kind": k, "playbook": p, "target": t, "wall": w}
+                                         for k, p, t, w in same], "same": True, "differences": []}
+    missing = check(same[:3])
+    assert not missing["same"]
+    assert missing["differences"] == [
+        f"#4: replay run {runs[3]['target']} at {runs[3]['wall']:.1f}, not in the live run"]
+    late = check([*same[:3], (*same[3][:3], same[3][3] + 2.0)])  # the live start two samples later
+    assert not late["same"]
+    assert "live at" in late["differences"][0]
+    other = check([*same[:3], ("approval", "probe-cpu", same[3][2], same[3][3])])
+    assert other["differences"] == [f"#4: replay run {runs[3]['target']}, live approval {runs[3]['target']}"]
+
+
+def test_a_damaged_live_run_is_one_clear_line(tmp_path: Path) -> None:
+    rec = tmp_path / "bad.npz"
+    write_recording(rec, 5, [("run", "probe-cpu", "probe-cpu", 1.8e9)])
+    with np.load(rec) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["live_wall"] = np.zeros(3)  # three times where there is one decision
+    np.savez_compressed(rec, **arrays)
+    done = heald("replay", str(rec), "--no-model")
+    assert done.returncode != 0
+    assert "the live run's columns differ in length" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+def test_replay_of_host3_matches_its_recorded_live_run() -> None:
+    """`heald replay bench/faults/data/host3.npz --playbooks remediations/` prints the would-be
+    actions of the live agent that recorded it: the same playbook and target, in the same order,
+    each at the sample the live daemon decided on (its audit record is written within 1.9 s)."""
+    with np.load(HOST3) as z:
+        live = list(zip(z["live_kind"].tolist(), z["live_playbook"].tolist(), z["live_target"].tolist(),
+                        z["live_wall"].tolist(), strict=True))
+        failures = {str(n): float(f) for n, f in zip(z["fault_name"], z["fault_failure"], strict=True)}
+    assert len(live) >= 3, live  # the recording's memory faults each drew a predictive run
+    result = replay_json(str(HOST3), "--playbooks", str(ROOT / "remediations"))
+    replayed = [(d["kind"], d["playbook"], d["target"], d["wall"]) for d in result["decisions"]
+                if d["kind"] in ("run", "approval")]
+    assert [r[:3] for r in replayed] == [lv[:3] for lv in live], (replayed, live)
+    for r, lv in zip(replayed, live, strict=True):
+        assert r[3] <= lv[3] < r[3] + 1.9, (r, lv)
+    assert result["live"]["same"] is True, result["live"]["differences"]
+    table = heald("replay", str(HOST3), "--playbooks", str(ROOT / "remediations"))
+    assert table.returncode == 0, table.stderr
+    assert f"recorded live run: {len(live)} would-be actions; this replay: the same" in table.stdout
+    for _, playbook, target, _ in live:
+        assert any(playbook in line and target in line for line in table.stdout.splitlines()), target
+    # every memory fault (a leak into a 1.5 GB cgroup) drew cgroup-memory-leak before its OOM kill
+    memory = {n: f for n, f in failures.items() if n.startswith("memory")}
+    assert memory, failures
+    assert all(np.isfinite(f) for f in memory.values()), failures
+    leak_runs = sorted(w for k, p, _, w in live if k == "run" and p == "cgroup-memory-leak")
+    assert len(leak_runs) >= len(memory), live

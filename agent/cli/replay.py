@@ -7,7 +7,9 @@ RECORDING is a ``.npz`` fault-harness recording or a ``.jsonl`` file of samples 
 :mod:`agent.decide.replay`). Without ``--playbooks`` the shipped library is used; with it, only
 the given directories. The model is ``--model``'s detector artifact, else a detector fitted on
 the recording's first ``--cold-start`` seconds the way the daemon fits one; ``--no-model`` runs
-the rules alone.
+the rules alone. A recording made by a live agent (``bench/faults/run.py --live-agent``) carries
+that agent's would-be actions: the replay's are compared with them (the last line says whether
+they are the same; ``--json``: ``live``).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def _why(inputs: dict[str, Any]) -> str:
 def cmd_replay(args: argparse.Namespace) -> int:
     from agent.cli.base import out, quiet_logging, table  # noqa: PLC0415 - `heald --help` stays light
     from agent.decide.loader import load_playbooks  # noqa: PLC0415
-    from agent.decide.replay import replay  # noqa: PLC0415
+    from agent.decide.replay import compare_live, live_decisions, replay  # noqa: PLC0415
     from agent.decide.settings import PlaybookSettings  # noqa: PLC0415
 
     quiet_logging()
@@ -63,13 +65,19 @@ def cmd_replay(args: argparse.Namespace) -> int:
     playbooks = load_playbooks(settings)
     result = replay(args.recording, playbooks, model=args.model, model_enabled=not args.no_model,
                     cold_start_s=args.cold_start, settings=settings, holds=args.holds)
+    live = live_decisions(args.recording)
+    diffs = compare_live(result.decisions, live) if live is not None else []
     if args.json:
         out(json.dumps({"recording": str(args.recording), "samples": result.samples,
                         "first_wall": result.first_wall, "last_wall": result.last_wall,
                         "playbooks": sorted(p.name for p in playbooks),
                         "fits": [{"after_samples": n, "ok": ok, "model_version": v}
                                  for n, ok, v in result.fits],
-                        "decisions": [d.as_dict() for d in result.decisions]}, indent=1))
+                        "decisions": [d.as_dict() for d in result.decisions],
+                        "live": None if live is None else {
+                            "decisions": [{"kind": d.kind, "playbook": d.playbook, "target": d.target,
+                                           "wall": d.wall} for d in live],
+                            "same": not diffs, "differences": diffs}}, indent=1))
         return 0
     rows = [[_when(d.wall), d.playbook, d.target, d.kind + (f" ({d.reason})" if d.reason else ""),
              _why(d.inputs)] for d in result.decisions]
@@ -80,4 +88,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
         out(f"  detector fitted after {n} samples: {'ok' if ok else 'failed'} ({version})")
     if rows:
         out(table(["time (UTC)", "playbook", "target", "decision", "why"], rows, rule=True))
+    if live is not None:
+        verdict = "the same" if not diffs else f"{len(diffs)} difference(s)"
+        out(f"recorded live run: {len(live)} would-be actions; this replay: {verdict}")
+        for d in diffs:
+            out(f"  {d}")
     return 0

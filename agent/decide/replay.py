@@ -107,6 +107,59 @@ def _npz_samples(path: Path) -> Iterator[Sample]:
                      metrics=metrics)
 
 
+LIVE_KEYS = ("live_kind", "live_playbook", "live_target", "live_wall")
+#: A live decision is matched by the replayed one of the same sample: the daemon writes its audit
+#: record after the sample's wall time, within the sample interval (1 s) plus the audit's fsync.
+LIVE_SLACK_S = 1.9
+
+
+@dataclass(frozen=True, slots=True)
+class LiveDecision:
+    """What the recording's live agent decided (``bench/faults/run.py --live-agent``)."""
+
+    kind: str  # "run" | "approval"
+    playbook: str
+    target: str
+    wall: float  # the audit record's time
+
+
+def live_decisions(path: Path) -> list[LiveDecision] | None:
+    """The live run's would-be actions kept in an ``.npz`` recording, or None where it has none."""
+    if path.suffix != ".npz" or not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if not all(k in z.files for k in LIVE_KEYS):
+                return None
+            cols = [np.asarray(z[k]).tolist() for k in LIVE_KEYS]
+    except (OSError, ValueError) as exc:
+        raise InputError([Problem(str(path), "", f"not a readable .npz recording: {exc}")]) from None
+    if len({len(c) for c in cols}) != 1:
+        raise InputError([Problem(str(path), ",".join(LIVE_KEYS), "the live run's columns differ in length")])
+    return [LiveDecision(str(k), str(p), str(t), float(w)) for k, p, t, w in zip(*cols, strict=True)]
+
+
+def compare_live(replayed: list[WouldRun], live: list[LiveDecision]) -> list[str]:
+    """Where the replay's runs and approval asks differ from the live run's; empty when the same
+    (same kind, playbook and target in the same order, each live record within LIVE_SLACK_S after
+    the replayed sample)."""
+    mine = [d for d in replayed if d.kind in ("run", "approval")]
+    diffs: list[str] = []
+    for i in range(max(len(mine), len(live))):
+        r = mine[i] if i < len(mine) else None
+        lv = live[i] if i < len(live) else None
+        if r is None and lv is not None:
+            diffs.append(f"#{i + 1}: live {lv.kind} {lv.target} at {lv.wall:.1f}, not in the replay")
+        elif lv is None and r is not None:
+            diffs.append(f"#{i + 1}: replay {r.kind} {r.target} at {r.wall:.1f}, not in the live run")
+        elif r is not None and lv is not None:
+            if (r.kind, r.playbook, r.target) != (lv.kind, lv.playbook, lv.target):
+                diffs.append(f"#{i + 1}: replay {r.kind} {r.target}, live {lv.kind} {lv.target}")
+            elif not r.wall <= lv.wall < r.wall + LIVE_SLACK_S:
+                diffs.append(f"#{i + 1}: {r.target}: replay at {r.wall:.1f}, live at {lv.wall:.1f}")
+    return diffs
+
+
 def _jsonl_samples(path: Path) -> Iterator[Sample]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
