@@ -63,7 +63,7 @@ async def test_cost_summaries_are_stored_once_and_rolled_up_per_day_week_and_nod
     assert sum(d["idle_core_h"] for d in data["days"]) == pytest.approx(16.0)
 
 
-def test_a_schema_2_store_is_migrated_to_3_with_the_cost_table(tmp_path: Path) -> None:
+def test_a_schema_2_store_is_migrated_to_the_current_one_with_the_cost_table(tmp_path: Path) -> None:
     import asyncio  # noqa: PLC0415
 
     db = tmp_path / "c.db"
@@ -79,7 +79,7 @@ def test_a_schema_2_store_is_migrated_to_3_with_the_cost_table(tmp_path: Path) -
     asyncio.run(open_close())
     with sqlite3.connect(db) as conn:
         version = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()[0]
-        assert version == str(SCHEMA_VERSION) == "3"
+        assert version == str(SCHEMA_VERSION) == "4"
         assert conn.execute("SELECT COUNT(*) FROM cost").fetchone()[0] == 0
 
 

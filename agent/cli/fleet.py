@@ -7,6 +7,7 @@
     heald fleet silence NODE DURATION        (90s, 15m, 2h, 1d: pauses ALL automatic remediation)
     heald fleet unsilence NODE
     heald fleet cost [--days N] [--top N]  (what the fleet's resources idled: agent/cli/fleet_cost.py)
+    heald fleet demand [--hours N] [--bucket S]  (forecast against actual per site: agent/cli/fleet_cost.py)
 
 The coordinator URL and token come from ``--url``/``--token``, else ``HEALD_COORDINATOR_URL`` /
 ``HEALD_COORDINATOR_TOKEN``, else ``/etc/heald/fleet.toml`` (``url = ...``, ``token = ...`` or
@@ -116,6 +117,7 @@ def add(parser: argparse.ArgumentParser) -> None:
     unsilence.add_argument("node")
     bundle.add(sub)
     cost = fleet_cost.add(sub)
+    demand = fleet_cost.add_demand(sub)
     # every subparser repeats the output flags so `heald fleet ls --json` works too
     for p in (
         ls,
@@ -124,6 +126,7 @@ def add(parser: argparse.ArgumentParser) -> None:
         silence,
         unsilence,
         cost,
+        demand,
         *[a for a in sub.choices.values() if a.prog.endswith(("approve", "deny"))],
     ):
         p.add_argument("--json", action="store_true", dest="json_sub", help=argparse.SUPPRESS)
@@ -343,6 +346,8 @@ def handle(args: argparse.Namespace) -> int:
         return bundle.handle(client, args, as_json=as_json)
     if cmd == "cost":
         return fleet_cost.handle(client, args, as_json=as_json)
+    if cmd == "demand":
+        return fleet_cost.handle_demand(client, args, as_json=as_json)
     if cmd == "silence":
         seconds = silence_seconds(args.duration)
         data = client.request(

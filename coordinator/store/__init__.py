@@ -34,6 +34,7 @@ from coordinator.store.audit import AuditTrail
 from coordinator.store.commands import Commands
 from coordinator.store.cost import CostQueries
 from coordinator.store.database import Database, redact
+from coordinator.store.demand import DemandQueries
 from coordinator.store.leases import Leases, group_of
 from coordinator.store.queries import NodeQuery, Queries
 from coordinator.store.reports import Reports
@@ -71,6 +72,7 @@ class Store:
         self.retention = Retention(self.db, settings, budget)
         self.queries = Queries(self.db, settings)
         self.cost = CostQueries(self.db)
+        self.demand = DemandQueries(self.db)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -171,6 +173,9 @@ class Store:
 
     async def fleet_cost(self, *, days: int = 14, top: int = 10) -> dict[str, Any]:
         return await self.cost.fleet(days=days, top=top)
+
+    async def fleet_demand(self, *, hours: int = 48, bucket_s: int = 3600) -> dict[str, Any]:
+        return await self.demand.fleet(hours=hours, bucket_s=bucket_s)
 
     async def counts(self) -> dict[str, int]:
         return await self.queries.counts()

@@ -1,5 +1,8 @@
 """Cost summaries: the ``cost`` history table (one row per node summary) and the fleet roll-ups.
 
+The row also keeps the summary's demand part (``demand``, JSON), which :mod:`coordinator.store.demand`
+rolls up.
+
 Each node sends what its resources idled over a period (:class:`agent.wire.Cost`); the store keeps
 the rows (keyed ``(node, seq)`` like every report) and :meth:`CostQueries.fleet` sums them per day,
 per node and per week: the fleet's waste, the top wasters and the trend of the last days.
@@ -13,6 +16,7 @@ from typing import Any, Final
 
 from agent.wire import Cost
 from coordinator.store.database import Cursor, Database
+from coordinator.store.rows import dumps
 
 #: The resource-hour columns of the table, in the order of :class:`agent.wire.Cost`.
 AMOUNTS: Final = ("money", "seconds", "core_h", "idle_core_h", "cores_under_line_h", "gpu_h", "idle_gpu_h",
@@ -20,9 +24,10 @@ AMOUNTS: Final = ("money", "seconds", "core_h", "idle_core_h", "cores_under_line
 
 _COLUMNS: Final = ", ".join(AMOUNTS)
 _MARKS: Final = ", ".join("?" * (7 + len(AMOUNTS)))
+_MARKS_DEMAND: Final = _MARKS + ", ?"
 INSERT: Final = (
-    "INSERT INTO cost (node, seq, ts, start_ts, end_ts, node_class, currency, " + _COLUMNS + ") "
-    "VALUES (" + _MARKS + ") ON CONFLICT DO NOTHING RETURNING seq"
+    "INSERT INTO cost (node, seq, ts, start_ts, end_ts, node_class, currency, " + _COLUMNS + ", demand) "
+    "VALUES (" + _MARKS_DEMAND + ") ON CONFLICT DO NOTHING RETURNING seq"
 )
 
 DDL: Final = f"""
@@ -30,7 +35,8 @@ CREATE TABLE IF NOT EXISTS cost (
   node TEXT NOT NULL, seq BIGINT NOT NULL, ts DOUBLE PRECISION NOT NULL,
   start_ts DOUBLE PRECISION NOT NULL, end_ts DOUBLE PRECISION NOT NULL,
   node_class TEXT NOT NULL, currency TEXT NOT NULL,
-  {', '.join(f'{a} DOUBLE PRECISION NOT NULL' for a in AMOUNTS)}, PRIMARY KEY (node, seq)
+  {', '.join(f'{a} DOUBLE PRECISION NOT NULL' for a in AMOUNTS)},
+  demand TEXT NOT NULL DEFAULT '[]', PRIMARY KEY (node, seq)
 );
 CREATE INDEX IF NOT EXISTS cost_end ON cost (end_ts)
 """
@@ -40,8 +46,13 @@ DAY: Final = 86400.0
 MAX_ROWS: Final = 500_000
 
 
+#: Schema 3 -> 4: the demand summaries that ride on a cost summary (JSON, coordinator/store/demand.py).
+MIGRATE_TO_4: Final = "ALTER TABLE cost ADD COLUMN demand TEXT NOT NULL DEFAULT '[]'"
+
+
 def history_row(m: Cost) -> tuple[Any, ...]:
-    return (m.node, m.seq, m.ts, m.start, m.end, m.node_class, m.currency, *(getattr(m, a) for a in AMOUNTS))
+    return (m.node, m.seq, m.ts, m.start, m.end, m.node_class, m.currency, *(getattr(m, a) for a in AMOUNTS),
+            dumps(m.demand))
 
 
 def _zero() -> dict[str, float]:

@@ -15,8 +15,8 @@ from coordinator.errors import StoreError
 from coordinator.store import cost
 from coordinator.store.database import Cursor, Database
 
-#: 3: the ``cost`` table (node cost summaries).
-SCHEMA_VERSION: Final = 3
+#: 3: the ``cost`` table (node cost summaries). 4: its ``demand`` column (the demand summaries).
+SCHEMA_VERSION: Final = 4
 
 SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -231,6 +231,8 @@ def create_schema(db: Database, cur: Cursor) -> None:
         if int(version) == 1:
             _migrate_to_2(db, cur)
         # 2 -> 3: the cost table, created above like every table (nothing to move)
+        if int(version) == 3:  # 3 -> 4: the cost table's demand column (created above in older stores)
+            db.execute(cur, cost.MIGRATE_TO_4)
         db.execute(cur, "UPDATE meta SET value = ? WHERE key = 'schema'", (str(SCHEMA_VERSION),))
         return
     if version is None:

@@ -267,7 +267,8 @@ async def index(request: web.Request) -> web.Response:
 
 async def static(request: web.Request) -> web.Response:
     name = request.match_info["name"]
-    types = {"app.js": "application/javascript", "cost.js": "application/javascript", "app.css": "text/css"}
+    types = {"app.js": "application/javascript", "cost.js": "application/javascript",
+             "demand.js": "application/javascript", "app.css": "text/css"}
     if name not in types:
         raise web.HTTPNotFound()
     return web.Response(body=_static(name), content_type=types[name])

@@ -1,6 +1,9 @@
-"""The fleet cost API (``GET /api/cost``): fleet waste per day and per week, top wasters, trend.
+"""The fleet cost API (``GET /api/cost``): fleet waste per day and per week, top wasters, trend;
+and the demand API (``GET /api/demand``): forecast against actual per site and for the fleet
+(:mod:`coordinator.store.demand`).
 
-The page (``#/cost``, ``static/cost.js``) and ``heald fleet cost`` read the same JSON.
+The pages (``#/cost``, ``static/cost.js``; ``#/demand``, ``static/demand.js``) and ``heald fleet
+cost`` / ``heald fleet demand`` read the same JSON.
 """
 
 from __future__ import annotations
@@ -34,6 +37,14 @@ async def fleet_cost(request: web.Request) -> web.Response:
     return web.Response(body=dumps(data).encode(), content_type="application/json")
 
 
+async def fleet_demand(request: web.Request) -> web.Response:
+    coord = request.app[COST_COORD]
+    data = await coord.store.fleet_demand(hours=_int(request, "hours", 48, 1, 24 * 60),
+                                          bucket_s=_int(request, "bucket_s", 3600, 1, 86400))
+    return web.Response(body=dumps(data).encode(), content_type="application/json")
+
+
 def add_routes(app: web.Application, coord: Coordinator) -> None:
     app[COST_COORD] = coord
     app.router.add_get("/api/cost", fleet_cost)
+    app.router.add_get("/api/demand", fleet_demand)

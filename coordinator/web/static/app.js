@@ -344,6 +344,7 @@ async function render() {
       if (hash.startsWith("#/node/")) await renderNode(view, decodeURIComponent(hash.slice(7)));
       else if (hash.startsWith("#/escalations")) await renderEscalations(view);
       else if (hash.startsWith("#/cost")) await renderCost(view);
+      else if (hash.startsWith("#/demand")) await renderDemand(view);
       else await renderFleet(view);
       document.body.dataset.view = hash.split("/")[1] || "fleet";
       document.body.dataset.rendered = String(Date.now());
