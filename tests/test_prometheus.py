@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agent.collect.sample import CollectorState, Event, Sample
 from agent.errors import HealdError
+from agent.runtime.pipeline import StageCost
 from agent.runtime.prometheus import (
     FIXED_METRICS,
     Exposition,
@@ -69,6 +70,10 @@ def full_exposition() -> Exposition:
     e.record_run("clean-tmp", "ok")
     e.record_run("restart-unit", "failed")
     e.set_report_state(connected=True, spool_bytes=4096, spool_records=12)
+    cost = StageCost()
+    for score_us, decide_us in ((40, 10), (60, 20), (50, 30)):
+        cost.add(score_us * 1000, decide_us * 1000)
+    e.update_stage_cost(cost)
     return e
 
 
@@ -144,9 +149,14 @@ def test_scrape_with_curl_has_every_documented_name() -> None:
     assert value("heald_spool_bytes") == 4096
     assert value("heald_spool_records") == 12
     assert value("heald_info", version=got["heald_info"][0][1]["version"], node="node-a") == 1
+    assert value("heald_pipeline_cpu_seconds_count", stage="score") == 3
+    assert value("heald_pipeline_cpu_seconds_sum", stage="sample") == pytest.approx(210e-6)
+    assert value("heald_pipeline_cpu_seconds", stage="score", quantile="0.5") == pytest.approx(50e-6)
+    assert value("heald_pipeline_cpu_seconds", stage="decide", quantile="0.99") == pytest.approx(30e-6)
+    assert value("heald_pipeline_cpu_seconds", stage="sample", quantile="0.9") == pytest.approx(80e-6)
     assert "process_resident_memory_bytes" in got
     types = {t for entries in got.values() for t, _, _ in entries}
-    assert types <= {"gauge", "counter", "info"}
+    assert types <= {"gauge", "counter", "info", "summary"}
 
 
 @needs_curl

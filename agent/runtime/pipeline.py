@@ -10,7 +10,9 @@ importing them (and their dependencies: numpy, aiomqtt, prometheus_client).
 
 from __future__ import annotations
 
-from typing import Protocol
+import time
+from array import array
+from typing import Final, Protocol
 
 import structlog
 
@@ -76,6 +78,8 @@ class Exposition(Protocol):
 
     def set_report_state(self, connected: bool, spool_bytes: int, spool_records: int) -> None: ...
 
+    def update_stage_cost(self, cost: StageCost) -> None: ...
+
 
 class Hold(Protocol):
     """Holds automatic playbook runs (a coordinator's ``silence``: :class:`agent.control.silence.Silence`)."""
@@ -89,6 +93,38 @@ class CostSink(Protocol):
     def on_sample(self, sample: Sample) -> None: ...
 
 
+class StageCost:
+    """What the score stage and the playbook evaluation cost the daemon, per sample: the event
+    loop thread's CPU time (``time.thread_time_ns``, three reads a sample) around
+    ``scorer.on_sample`` and around the decider's part (hold, connected, ``evaluate``).
+
+    Totals since start, and the last :data:`WINDOW` samples' own values for quantiles; written on
+    the event loop, read by ``/metrics`` scrapes (``heald_pipeline_cpu_seconds``, docs/metrics.md).
+    """
+
+    WINDOW: Final = 1024
+
+    def __init__(self) -> None:
+        self.samples = 0
+        self.score_ns = 0
+        self.decide_ns = 0
+        self._score = array("q", bytes(8 * self.WINDOW))
+        self._decide = array("q", bytes(8 * self.WINDOW))
+
+    def add(self, score_ns: int, decide_ns: int) -> None:
+        i = self.samples % self.WINDOW
+        self._score[i] = score_ns
+        self._decide[i] = decide_ns
+        self.score_ns += score_ns
+        self.decide_ns += decide_ns
+        self.samples += 1
+
+    def recent(self) -> tuple[list[int], list[int]]:
+        """The last samples' (score, decide) nanoseconds, at most :data:`WINDOW`, in no order."""
+        n = min(self.samples, self.WINDOW)
+        return self._score.tolist()[:n], self._decide.tolist()[:n]
+
+
 class Pipeline:
     def __init__(self, *, scorer: RiskScorer | None = None, decider: Decider | None = None,
                  reporter: ReportSink | None = None, exposition: Exposition | None = None,
@@ -100,6 +136,7 @@ class Pipeline:
         self.exposition = exposition
         self.hold = hold
         self.last_risk: Risk | None = None
+        self.stage_cost = StageCost()
 
     async def process(self, sample: Sample) -> None:
         if self.cost is not None:
@@ -108,16 +145,14 @@ class Pipeline:
             except Exception:  # accounting trouble never stops healing
                 log.exception("cost accounting failed", seq=sample.seq)
         risk = None
+        t0 = time.thread_time_ns()
         if self.scorer is not None:
             try:
                 risk = self.scorer.on_sample(sample)
             except Exception:  # scoring trouble falls back to rules, never stops healing
                 log.exception("scoring failed; rules only for this sample", seq=sample.seq)
         self.last_risk = risk
-        if self.exposition is not None:
-            self.exposition.update_sample(sample)
-            if risk is not None:
-                self.exposition.update_risk(risk)
+        t1 = time.thread_time_ns()
         if self.decider is not None:
             # A silence holds automatic runs only: the decider still sees every sample, so manual
             # and approved runs verify against fresh data.
@@ -128,6 +163,13 @@ class Pipeline:
                 await self.decider.evaluate(sample, risk)
             except Exception:  # a playbook bug must not stop sampling or reporting
                 log.exception("playbook evaluation failed", seq=sample.seq)
+        t2 = time.thread_time_ns()
+        self.stage_cost.add(t1 - t0, t2 - t1)
+        if self.exposition is not None:
+            self.exposition.update_sample(sample)
+            if risk is not None:
+                self.exposition.update_risk(risk)
+            self.exposition.update_stage_cost(self.stage_cost)
         if self.reporter is not None:
             self.reporter.submit_sample(sample)
             for event in sample.events:

@@ -22,12 +22,18 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Final
 from wsgiref.simple_server import WSGIServer
 
 import structlog
 from prometheus_client import start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    InfoMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
@@ -36,6 +42,9 @@ from agent import __version__
 from agent.collect.sample import Sample, split_key
 from agent.errors import HealdError
 from agent.score.types import Risk
+
+if TYPE_CHECKING:
+    from agent.runtime.pipeline import StageCost
 
 log = structlog.get_logger("heald.prometheus")
 
@@ -65,7 +74,11 @@ FIXED_METRICS: Final[dict[str, tuple[str, str]]] = {
     "heald_mqtt_connected": ("gauge", "1 while connected to the MQTT broker"),
     "heald_spool_bytes": ("gauge", "Bytes waiting in the on-disk report spool"),
     "heald_spool_records": ("gauge", "Records waiting in the on-disk report spool"),
+    "heald_pipeline_cpu_seconds": ("summary", "Thread CPU per sample by stage (score, decide, sample)"),
 }
+
+#: Quantiles of ``heald_pipeline_cpu_seconds`` (over the pipeline's last samples).
+STAGE_QUANTILES: Final = (0.5, 0.9, 0.99)
 
 _INVALID = re.compile(r"[^a-zA-Z0-9_]")
 
@@ -92,6 +105,7 @@ class Exposition(Collector):
         self._runs: dict[tuple[str, str], int] = {}
         self._report: tuple[bool, int, int] | None = None
         self._names: dict[str, str | None] = {}  # family -> metric name (None: reserved, skipped)
+        self._stage_cost: StageCost | None = None
 
     # --- fed by the daemon (event loop) ---------------------------------------------------
     def update_sample(self, sample: Sample) -> None:
@@ -114,6 +128,10 @@ class Exposition(Collector):
         with self._lock:
             self._report = (connected, spool_bytes, spool_records)
 
+    def update_stage_cost(self, cost: StageCost) -> None:
+        """The pipeline's per-sample CPU accounting (read at scrape time; one reference, no copy)."""
+        self._stage_cost = cost
+
     # --- read by the HTTP thread ----------------------------------------------------------
     def collect(self) -> Iterable[Metric]:
         with self._lock:
@@ -134,6 +152,25 @@ class Exposition(Collector):
             yield self._gauge("heald_mqtt_connected", 1.0 if connected else 0.0)
             yield self._gauge("heald_spool_bytes", float(spool_bytes))
             yield self._gauge("heald_spool_records", float(spool_records))
+        if self._stage_cost is not None:
+            yield self._stage_cost_family(self._stage_cost)
+
+    @staticmethod
+    def _stage_cost_family(cost: StageCost) -> SummaryMetricFamily:
+        name = "heald_pipeline_cpu_seconds"
+        family = SummaryMetricFamily(name, FIXED_METRICS[name][1], labels=["stage"])
+        samples, score_ns, decide_ns = cost.samples, cost.score_ns, cost.decide_ns
+        score, decide = cost.recent()
+        per_stage = {"score": (score, score_ns), "decide": (decide, decide_ns),
+                     "sample": ([a + b for a, b in zip(score, decide, strict=True)], score_ns + decide_ns)}
+        for stage, (recent, total_ns) in per_stage.items():
+            ordered = sorted(recent)
+            for q in STAGE_QUANTILES:
+                at = min(len(ordered) - 1, int(q * len(ordered)))
+                value = ordered[at] / 1e9 if ordered else float("nan")
+                family.add_sample(name, {"stage": stage, "quantile": str(q)}, value)
+            family.add_metric([stage], samples, total_ns / 1e9)
+        return family
 
     @staticmethod
     def _gauge(name: str, value: float) -> GaugeMetricFamily:
