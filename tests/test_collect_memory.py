@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from agent.collect.memory import MemoryCollector, meminfo_fields, parse_meminfo, parse_vmstat
 
 MEMINFO = """MemTotal:       1000 kB
@@ -102,3 +104,37 @@ def test_field_lookup_matches_full_parse() -> None:
         "Cached": 3072, "MemTotal": 9216, "HugePages_Total": 2}
     assert parse_vmstat(b"pgfault_x 1\npgmajfault 3\npgfault 9\noom_kill nope\n") == {
         "pgfault": 9, "pgmajfault": 3}
+
+
+def test_eta_from_the_growth_of_used_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """mem.eta_s = MemAvailable / growth of used memory over the last 8 s, only while it grows;
+    a value that goes backwards (memory freed) ends the ETA, and one burst does not make a slope."""
+    (tmp_path / "proc").mkdir()
+    clock = {"t": 1000.0}
+    monkeypatch.setattr("agent.collect.memory.time.monotonic", lambda: clock["t"])
+
+    def at(avail_mib: float) -> dict[str, float | None]:
+        (tmp_path / "proc/meminfo").write_text(
+            f"MemTotal: {4096 * 1024} kB\nMemAvailable: {int(avail_mib * 1024)} kB\n")
+        clock["t"] += 1.0
+        return c.collect().metrics
+
+    c = MemoryCollector(root=str(tmp_path))
+    (tmp_path / "proc/meminfo").write_text("MemTotal: 4194304 kB\n")
+    c.start()
+    first = at(3000)
+    assert first["mem.growth_bytes_per_s"] is None  # one point is no slope
+    assert "mem.eta_s" not in first
+    at(2950)
+    m = at(2900)  # used grows 50 MiB/s: 2 900 MiB left -> 58 s
+    assert m["mem.growth_bytes_per_s"] == pytest.approx(50 * 2**20)
+    assert m["mem.eta_s"] == pytest.approx(58.0)
+    for avail in range(2850, 2400, -50):
+        m = at(avail)
+    assert m["mem.eta_s"] == pytest.approx(2450 / 50)
+    flat = [at(2450) for _ in range(9)][-1]  # the 8 s window holds only the flat stretch
+    assert flat["mem.growth_bytes_per_s"] == pytest.approx(0.0)
+    assert "mem.eta_s" not in flat
+    for avail in (2500, 2600, 2700):
+        freed = at(avail)
+    assert "mem.eta_s" not in freed  # memory freed: no ETA

@@ -79,6 +79,7 @@ def test_shipped_library_loads() -> None:
         "disk-nearly-full-unmanaged",
         "disk-full-predicted",
         "memory-exhaustion",
+        "memory-exhaustion-predicted",
         "runaway-cpu",
         "failed-service",
         "zombie-storm",

@@ -26,6 +26,7 @@ METRIC_FAMILIES: Final[frozenset[str]] = frozenset({
     # memory, pressure, cgroups
     "mem.total_bytes", "mem.used_bytes", "mem.available_bytes", "mem.used_pct", "mem.swap_total_bytes",
     "mem.swap_used_pct", "mem.page_faults_per_s", "mem.major_faults_per_s", "mem.oom_kills",
+    "mem.growth_bytes_per_s", "mem.eta_s",
     *(f"psi.{f}_pct" for f in _PSI),
     "cgroup.mem.used_bytes", "cgroup.mem.limit_bytes", "cgroup.mem.used_pct", "cgroup.mem.headroom_bytes",
     "cgroup.mem.growth_bytes_per_s", "cgroup.mem.eta_s", "cgroup.mem.oom_kills", "cgroup.cpu.throttled_pct",

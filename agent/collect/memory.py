@@ -11,6 +11,10 @@ Metrics:
 ``mem.available_bytes``            MemAvailable, bytes
 ``mem.used_bytes``                 total - available, bytes
 ``mem.used_pct``                   (total - available) / total, %
+``mem.growth_bytes_per_s``         least-squares growth of mem.used_bytes over the last
+                                   ``slope_window_s`` (8 s), bytes/s
+``mem.eta_s``                      available / growth while used memory grows: seconds until
+                                   MemAvailable reaches 0 at that rate (absent otherwise)
 ``mem.swap_total_bytes``           SwapTotal, bytes (0 without swap)
 ``mem.swap_used_pct``              (SwapTotal - SwapFree) / SwapTotal, % (absent without swap)
 ``mem.page_faults_per_s``          pgfault rate (minor + major), faults/s
@@ -30,9 +34,10 @@ Events: ``mem.oom_kill`` when the oom_kill counter increases; ``value`` is the n
 from __future__ import annotations
 
 import time
+from collections import deque
 
 from agent.collect.base import BaseCollector
-from agent.collect.counters import RateTracker
+from agent.collect.counters import RateTracker, growth
 from agent.collect.procfs import read_bytes
 from agent.collect.sample import Event, Metrics, Reading, key
 from agent.collect.settings import MemorySettings
@@ -135,6 +140,7 @@ class MemoryCollector(BaseCollector[MemorySettings]):
         # resource -> (field, metric key) of the fields it had at start
         self._psi_keys: dict[str, list[tuple[str, str]]] = {}
         self._last_oom: int | None = None
+        self._used: deque[tuple[float, float]] = deque(maxlen=128)  # (mono, used bytes)
 
     def start(self) -> None:
         self._require("proc/meminfo")
@@ -152,7 +158,7 @@ class MemoryCollector(BaseCollector[MemorySettings]):
         now = time.monotonic()
         m: Metrics = {}
         events: list[Event] = []
-        self._meminfo(m)
+        self._meminfo(m, now)
         self._vmstat(m, events, now)
         for res, path in self._psi.items():
             data = read_bytes(path)
@@ -162,7 +168,7 @@ class MemoryCollector(BaseCollector[MemorySettings]):
         self._rates.sweep()
         return Reading(metrics=m, events=events)
 
-    def _meminfo(self, m: Metrics) -> None:
+    def _meminfo(self, m: Metrics, now: float) -> None:
         data = read_bytes(self._p("proc/meminfo"))
         info = meminfo_fields(data) if data is not None else {}
         total = info.get("MemTotal")
@@ -174,8 +180,13 @@ class MemoryCollector(BaseCollector[MemorySettings]):
         if total and avail is not None:
             m["mem.used_bytes"] = float(total - avail)
             m["mem.used_pct"] = 100.0 * (total - avail) / total
+            rate = growth(self._used, now, float(total - avail), self.settings.slope_window_s)
+            m["mem.growth_bytes_per_s"] = rate
+            if rate is not None and rate > 0:
+                m["mem.eta_s"] = max(0.0, float(avail)) / rate
         else:
             m["mem.used_bytes"] = m["mem.used_pct"] = None
+            self._used.clear()
         swap_total = info.get("SwapTotal")
         swap_free = info.get("SwapFree")
         m["mem.swap_total_bytes"] = None if swap_total is None else float(swap_total)

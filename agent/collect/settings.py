@@ -30,7 +30,9 @@ class CpuSettings(CollectorSettings, frozen=True, forbid_unknown_fields=True, kw
 
 
 class MemorySettings(CollectorSettings, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    pass
+    # Window of the used-memory growth behind ``mem.eta_s`` (a least-squares slope; 8 s as the
+    # cgroup and kernel-table ETAs: long enough to ignore one allocation, short enough for a leak).
+    slope_window_s: Annotated[float, msgspec.Meta(ge=2, le=600)] = 8.0
 
 
 class DiskSettings(CollectorSettings, frozen=True, forbid_unknown_fields=True, kw_only=True):
