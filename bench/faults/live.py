@@ -5,10 +5,14 @@ Without ``--live-agent`` the harness samples with heald's collectors in its own 
 recording holds samples only. With it, a real daemon does the sampling: a private mosquitto on a
 free loopback port, ``heald run`` with the shipped playbooks (every one forced to dry-run: nothing
 is executed), and an MQTT subscriber that keeps every sample of the node's ``metrics`` messages.
-When the scenario ends the daemon is stopped (SIGTERM) and its audit log is read: each dry-run
-start (``run.start``) and approval request is stored in the recording as the *live run*:
-``live_kind`` (``run`` / ``approval``), ``live_playbook``, ``live_target``, ``live_wall`` (the audit
-record's time), plus ``live_config`` (the agent's config text) and ``live_version`` (heald's).
+The agent runs the code of the last commit, not the working tree: a detached ``git worktree`` of
+HEAD (with the built native kernels copied in) is put first on its ``PYTHONPATH``, so what it
+ran is exactly ``live_commit``. When the scenario ends the daemon is stopped (SIGTERM) and its
+audit log is read: each dry-run start (``run.start``) and approval request is stored in the
+recording as the *live run*: ``live_kind`` (``run`` / ``approval``), ``live_playbook``,
+``live_target``, ``live_wall`` (the audit record's time), plus ``live_config`` (the agent's
+config text), ``live_commit`` and ``live_playbooks`` (JSON: the shipped library it loaded, file
+name -> text).
 ``heald replay RECORDING --playbooks remediations/`` must print the same would-be actions
 (tests/test_replay.py holds it for ``host3.npz``).
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -85,6 +90,21 @@ class LiveAgent:
         self.broker: subprocess.Popen[bytes] | None = None
         self.agent: subprocess.Popen[bytes] | None = None
         self.client: Any = None
+        self.code = self.dir / "code"
+        self.commit = ""
+
+    def checkout(self) -> None:
+        """A detached worktree of HEAD for the agent to run (removed again in :meth:`stop`)."""
+        self.commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], check=True,
+                                     capture_output=True, text=True).stdout.strip()
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(self.code), self.commit],
+                       check=True, capture_output=True)
+        for lib in (ROOT / "agent" / "native").glob("*.so"):
+            shutil.copy2(lib, self.code / "agent" / "native" / lib.name)
+
+    def playbooks(self) -> str:
+        books = sorted((self.code / "remediations").glob("*.yaml"))
+        return json.dumps({b.name: b.read_text() for b in books}, sort_keys=True)
 
     def start(self) -> None:
         import paho.mqtt.client as mqtt  # noqa: PLC0415 - only with --live-agent
@@ -121,8 +141,10 @@ class LiveAgent:
         self.client.loop_start()
         cfg = self.dir / "agent.toml"
         cfg.write_text(self.config_text)
+        self.checkout()
+        env = {**os.environ, "PYTHONPATH": str(self.code)}
         self.agent = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(cfg)],
-                                      cwd=ROOT, stdout=subprocess.DEVNULL,
+                                      cwd=self.code, env=env, stdout=subprocess.DEVNULL,
                                       stderr=(self.dir / "agent.log").open("wb"))
 
     def alive(self) -> bool:
@@ -150,6 +172,11 @@ class LiveAgent:
         if self.broker is not None and self.broker.poll() is None:
             self.broker.terminate()
             self.broker.wait(timeout=10)
+
+    def remove_code(self) -> None:
+        if self.code.exists():
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(self.code)],
+                           check=False, capture_output=True)
 
     def decisions(self, last_wall: float) -> list[LiveDecision]:
         """Dry-run starts and approval requests from the agent's audit log, up to the last sample."""

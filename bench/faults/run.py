@@ -1,6 +1,10 @@
 """Fault-injection harness: run heald's real collectors at 1 Hz while injecting real faults.
 
     python3 bench/faults/run.py --out bench/faults/data/NAME.npz [--minutes N] [--only disk,memory]
+                                [--live-agent]
+
+With ``--live-agent`` a real ``heald run`` (the shipped playbooks of the last commit, forced to
+dry-run) does the sampling and its would-be actions are kept in the recording (``live.py``).
 
 Needs root (loop mounts, cgroups, network namespaces). Faults, all confined to objects this
 script creates (and removes again, also on Ctrl-C / SIGTERM):
@@ -488,14 +492,9 @@ def live_arrays(agent: LiveAgent, last_wall: float) -> dict[str, np.ndarray]:
         "live_target": np.asarray([d.target for d in found], dtype=str),
         "live_wall": np.asarray([d.wall for d in found], dtype=np.float64),
         "live_config": np.asarray(agent.config_text),
-        "live_version": np.asarray(agent_version()),
+        "live_commit": np.asarray(agent.commit),
+        "live_playbooks": np.asarray(agent.playbooks()),
     }
-
-
-def agent_version() -> str:
-    from agent import __version__  # noqa: PLC0415
-
-    return str(__version__)
 
 
 def record_live(st: State, out: Path, agent: LiveAgent) -> None:
@@ -520,10 +519,11 @@ def record_live(st: State, out: Path, agent: LiveAgent) -> None:
             last_save = time.monotonic()
     agent.stop()
     rec, last_wall = build()
+    live = live_arrays(agent, last_wall)
+    agent.remove_code()
     seqs = rec.seq
     if seqs and seqs != list(range(seqs[0], seqs[0] + len(seqs))):
         st.error = f"the subscriber lost samples: {len(seqs)} of {seqs[-1] - seqs[0] + 1}"
-    live = live_arrays(agent, last_wall)
     rec.save(out, st, live)
     print(f"saved {len(rec.rows)} live samples x {len(rec.cols)} metrics, {len(st.faults)} faults, "
           f"{live['live_kind'].size} live dry-run decisions -> {out}", flush=True)
@@ -574,6 +574,7 @@ def main() -> int:
         sc.teardown()
         if agent is not None:
             agent.stop()
+            agent.remove_code()
     if st.error:
         print(st.error, file=sys.stderr)
     return 1 if st.error else 0
