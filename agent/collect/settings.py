@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -99,6 +99,83 @@ class LimitSettings(CollectorSettings, frozen=True, forbid_unknown_fields=True, 
     slope_window_s: Annotated[float, msgspec.Meta(ge=2, le=600)] = 8.0
 
 
+class SecurityProcSettings(CollectorSettings, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """``[collect.security_proc]``: suspicious processes, their egress, watched files (docs/security.md)."""
+
+    interval_s: Seconds = 2.0
+    timeout_s: Seconds = 1.5
+    # An executable below one of these directories is suspicious ("temp_path").
+    temp_dirs: tuple[str, ...] = ("/tmp", "/var/tmp", "/dev/shm")  # noqa: S108 - paths watched, not written
+    # An executable in any world-writable directory is suspicious ("world_writable").
+    world_writable: bool = True
+    # Executables below these prefixes are trusted as installed (root-owned, not world-writable):
+    # their hash is not checked. Elsewhere a sha256 never seen on this node is "unknown_hash".
+    trusted_prefixes: tuple[str, ...] = ("/usr/", "/bin/", "/sbin/", "/lib/", "/lib64/", "/opt/", "/snap/")
+    # sha256 digests (hex) never reported as suspicious, wherever they run from.
+    allow_sha256: tuple[str, ...] = ()
+    # For this long after the baseline is first created, unknown hashes are learned, not reported.
+    learn_s: Annotated[float, msgspec.Meta(ge=0, le=30 * 86400)] = 3600.0
+    # Binary hashes kept in the baseline (least recently seen dropped first).
+    max_hashes: Annotated[int, msgspec.Meta(ge=16, le=100_000)] = 10_000
+    # A binary larger than this is not hashed (its reason says so).
+    hash_max_bytes: Annotated[int, msgspec.Meta(ge=1, le=1 << 32)] = 256 << 20
+    # Suspicious processes reported per pass (the busiest first): the labelled series' cardinality.
+    max_suspects: Annotated[int, msgspec.Meta(ge=1, le=256)] = 16
+    # Egress per suspicious process from `ss -tine` (the sockets' bytes_acked), every egress_interval_s.
+    egress: bool = True
+    egress_interval_s: Seconds = 4.0
+    ss: tuple[str, ...] = ("ss",)
+    # A spike: at least this rate and egress_factor times the process's own average so far.
+    egress_min_bytes_per_s: Annotated[float, msgspec.Meta(ge=0)] = 1_048_576.0
+    egress_factor: Annotated[float, msgspec.Meta(ge=1, le=1000)] = 5.0
+    # ... or at least this many new outbound connections in one egress pass.
+    egress_min_new_conns: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 100
+    # Watched files: authorized_keys of every user in passwd_file, and these files (a directory:
+    # the files in it), hashed every files_interval_s; a change is a sec.file_changed event.
+    authorized_keys: bool = True
+    passwd_file: str = "/etc/passwd"  # noqa: S105 - the user database, not a secret
+    watch_files: tuple[str, ...] = (
+        "/etc/sudoers", "/etc/sudoers.d", "/etc/heald/agent.toml", "/etc/heald/conf.d",
+    )
+    files_interval_s: Seconds = 10.0
+
+
+class SecurityNetSettings(CollectorSettings, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """``[collect.security_net]``: authentication failures per source, new listeners (docs/security.md)."""
+
+    # Where authentication failures are read: the systemd journal (a `journalctl --follow` child,
+    # resumed at its cursor), the auth log files below, or auto: the journal when journald runs.
+    auth_source: Literal["auto", "journal", "files"] = "auto"
+    # Syslog auth log files, tailed (rotation and truncation safe) when the journal is not used.
+    auth_files: tuple[str, ...] = ("/var/log/auth.log", "/var/log/secure")
+    journalctl: tuple[str, ...] = ("journalctl",)
+    # journalctl matches for the auth facilities (auth, authpriv): sshd, sudo, su, PAM.
+    journal_match: tuple[str, ...] = ("SYSLOG_FACILITY=4", "SYSLOG_FACILITY=10")
+    # sec.auth_failures[SRC] counts a source's failures over this window ...
+    window_s: Annotated[float, msgspec.Meta(ge=5, le=3600)] = 60.0
+    # ... and sec.auth_failures_recent[SRC] over this one (did the failures stop?).
+    recent_s: Annotated[float, msgspec.Meta(ge=1, le=600)] = 10.0
+    # Sources reported as labelled series (the most failures first); the rest add up in
+    # sec.auth_failures_other.
+    max_series: Annotated[int, msgspec.Meta(ge=1, le=256)] = 32
+    # Sources remembered at most (the least recently failing forgotten first): bounded memory
+    # under a flood of distinct addresses.
+    max_sources: Annotated[int, msgspec.Meta(ge=16, le=100_000)] = 4096
+    # A longer log line is cut to this many bytes before it is parsed.
+    max_line_bytes: Annotated[int, msgspec.Meta(ge=256, le=1 << 20)] = 8192
+    # At most this much log is read in one pass; the rest waits for the next.
+    max_read_bytes: Annotated[int, msgspec.Meta(ge=4096, le=1 << 30)] = 4 << 20
+    # Listening sockets (/proc/net/tcp, tcp6; udp, udp6 with "udp"), every listener_interval_s.
+    listeners: bool = True
+    listener_protocols: tuple[Literal["tcp", "udp"], ...] = ("tcp",)
+    listener_interval_s: Seconds = 5.0
+    # Listeners (protocol, port, binary) seen in this long after the collector starts are the
+    # node's baseline; one seen later for the first time is a sec.new_listener event.
+    baseline_s: Annotated[float, msgspec.Meta(ge=0, le=30 * 86400)] = 600.0
+    # Listeners remembered at most.
+    max_listeners: Annotated[int, msgspec.Meta(ge=16, le=100_000)] = 4096
+
+
 class CollectSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     cpu: CpuSettings = CpuSettings()
     memory: MemorySettings = MemorySettings()
@@ -108,3 +185,5 @@ class CollectSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, k
     gpu: GpuSettings = GpuSettings()
     cgroups: CgroupSettings = CgroupSettings()
     limits: LimitSettings = LimitSettings()
+    security_proc: SecurityProcSettings = SecurityProcSettings()
+    security_net: SecurityNetSettings = SecurityNetSettings()
