@@ -570,7 +570,8 @@ def main() -> int:
             asyncio.run(record(st, args.out))
     finally:
         st.stop.set()
-        th.join(timeout=30)
+        if th.is_alive():
+            th.join(timeout=30)
         sc.teardown()
         if agent is not None:
             agent.stop()
