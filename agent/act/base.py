@@ -12,13 +12,14 @@ from __future__ import annotations
 import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 import structlog
 from structlog.typing import FilteringBoundLogger
 
-from agent.decide.settings import PlaybookSettings
+from agent.decide.settings import PlaybookSettings, SecuritySettings
 
 if TYPE_CHECKING:
     from agent.act.supervisor import Supervisor
@@ -50,6 +51,12 @@ class ActionContext:
     # what made the trigger fire (metric values, forecasts), as in the audit log
     inputs: Mapping[str, Any] = field(default_factory=dict)
     log: FilteringBoundLogger = field(default_factory=lambda: structlog.get_logger("heald.act"))
+    # the engine's state directory (forensics of freeze_process go below it); None in bare tests
+    state_dir: Path | None = None
+    # [security] (block_address's allow list, timeout, nft) and the addresses never blocked
+    # besides it: the MQTT broker's host, as configured
+    security: SecuritySettings = field(default_factory=SecuritySettings)
+    protected_hosts: tuple[str, ...] = ()
 
     def env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         """The environment for a child: the allowlisted variables of ours plus explicit ones."""

@@ -44,7 +44,7 @@ from agent.decide.decider import Decider, Decision, Hold, RequestApproval, Start
 from agent.decide.guards import StateStore
 from agent.decide.latest import Latest
 from agent.decide.model import Playbook
-from agent.decide.settings import PlaybookSettings
+from agent.decide.settings import PlaybookSettings, SecuritySettings
 from agent.decide.targets import Target
 from agent.decide.triggers import Match
 from agent.errors import HealdError
@@ -83,6 +83,9 @@ class Engine:
         self._runner = Runner(self, self._recorder, self._latest, self._running)
         self._task_group: asyncio.TaskGroup | None = None
         self.lease_gate: LeaseGate | None = None
+        # [security] and the broker's host: set by the daemon (and on reload), read by each step
+        self.security = SecuritySettings()
+        self.protected_hosts: tuple[str, ...] = ()
         self.reload(playbooks)
 
     @property

@@ -23,6 +23,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from structlog.typing import FilteringBoundLogger
@@ -38,7 +39,7 @@ from agent.decide.decider import Decider
 from agent.decide.guards import StateStore, record_end
 from agent.decide.latest import Latest
 from agent.decide.model import PLACEHOLDER, Playbook, Step
-from agent.decide.settings import PlaybookSettings
+from agent.decide.settings import PlaybookSettings, SecuritySettings
 from agent.decide.targets import Target
 from agent.decide.triggers import Match, TriggerEvaluator
 from agent.errors import HealdError
@@ -103,12 +104,15 @@ class RunHost(Protocol):
 
     settings: PlaybookSettings
     lease_gate: LeaseGate | None
+    security: SecuritySettings
+    protected_hosts: tuple[str, ...]
     node: str
     journal: Journal
     store: StateStore
     decider: Decider
     supervisor: Supervisor
     log: FilteringBoundLogger
+    state_dir: Path
 
 
 class Runner:
@@ -308,6 +312,9 @@ class Runner:
             inputs=dict(run.match.inputs),
             detail=self._latest.detail,
             log=host.log.bind(playbook=run.playbook.name, run_id=run.run_id, step=step.name),
+            state_dir=host.state_dir,
+            security=host.security,
+            protected_hosts=host.protected_hosts,
         )
         release: Callable[[], None] | None = None
         if not dry_run and host.lease_gate is not None and step.action in DISRUPTIVE_ACTIONS:

@@ -17,6 +17,7 @@ from agent.collect.limits import LimitCollector
 from agent.collect.memory import MemoryCollector
 from agent.collect.network import NetworkCollector
 from agent.collect.processes import ProcessCollector
+from agent.collect.security_net import SecurityNetCollector
 from agent.collect.security_proc import SecurityProcCollector
 from agent.collect.settings import CollectSettings
 
@@ -46,6 +47,8 @@ def build(settings: CollectSettings, *, root: str = "/", nvml: object | None = N
         out.append(CgroupCollector(settings.cgroups, root=root))
     if settings.limits.enabled:
         out.append(LimitCollector(settings.limits, root=root))
+    if settings.security_net.enabled:
+        out.append(SecurityNetCollector(settings.security_net, root=root))
     if settings.security_proc.enabled:
         out.append(SecurityProcCollector(settings.security_proc, root=root, state_dir=state_dir))
     return out

@@ -48,3 +48,19 @@ class PlaybookSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, 
     cgroup_root: str = ""
     # Longest time an approval request stays pending before it is dropped.
     approval_ttl_s: Annotated[float, msgspec.Meta(gt=0, le=7 * 86400)] = 3600.0
+
+
+class SecuritySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    # Addresses and networks (CIDR, IPv4 or IPv6) block_address never blocks, besides loopback, the
+    # node's own addresses and the MQTT broker's (always refused).
+    allow_list: tuple[str, ...] = ()
+    # Keep heald's nftables table (`inet heald`: the blocked addresses) when the daemon stops. false:
+    # the table is deleted on `heald stop`, SIGTERM or Ctrl-C; either way each block expires by itself.
+    keep_blocks_on_stop: bool = False
+    # How long block_address blocks an address when its step gives no `timeout` (the element's
+    # nftables timeout, so the block ends by itself).
+    block_timeout_s: Annotated[float, msgspec.Meta(ge=1, le=30 * 86400)] = 3600.0
+    # The nft executable (an argv list, never a shell).
+    nft: tuple[str, ...] = ("nft",)
+    # Priority of heald's input chain: lower runs first; the operator's filter chains are at 0.
+    chain_priority: Annotated[int, msgspec.Meta(ge=-1000, le=0)] = -200

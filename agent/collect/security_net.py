@@ -1,0 +1,286 @@
+"""Network-side security signals: authentication failures per source, new listening sockets.
+
+``[collect.security_net]`` (docs/security.md). Two parts, one collector:
+
+**Authentication failures** (every pass, ``interval_s``): the new lines of the systemd journal
+(the auth facilities, through a ``journalctl --follow`` child resumed at its cursor) or, where no
+journald runs, of the auth log files (``auth_files``, tailed by inode and offset), parsed by
+:func:`agent.collect.auth.parse` and counted per source over ``window_s``
+(:class:`agent.collect.auth.FailureWindow`). Reading and parsing are bounded per pass
+(``max_read_bytes``, ``max_line_bytes``), memory by ``max_sources``.
+
+**Listening sockets** (every ``listener_interval_s``): TCP listeners (and, with ``"udp"`` in
+``listener_protocols``, bound unconnected UDP sockets) from ``/proc/net/{tcp,tcp6,udp,udp6}``,
+each attributed to the binary holding it (``/proc/PID/fd`` → socket inode, ``/proc/PID/exe``;
+the fd walk runs only when an unknown socket inode appears). A listener is identified by
+(protocol, port, binary). Those seen in the first scan and for ``baseline_s`` after it are the
+node's baseline; one seen later for the first time is a ``sec.new_listener`` event, once.
+
+Metrics (``SRC`` = an IP address as text; ``PROTO/PORT`` e.g. ``tcp/8080``):
+
+=================================== =================================================================
+``sec.auth_failures[SRC]``          failures from SRC over ``window_s`` (the ``max_series`` sources
+                                    with most failures; absent once SRC has none in the window)
+``sec.auth_failures_recent[SRC]``   failures from SRC over the last ``recent_s`` (same SRCs)
+``sec.auth_failures_other``         failures over the window from sources not reported by label
+                                    (past ``max_series``) or not an address (host names, garbage)
+``sec.auth_failures_local``         failures over the window with no remote address (sudo, su, login)
+``sec.auth_sources``                sources with failures in the window
+``sec.auth_failures_total``         failures counted since start (never goes backwards)
+``sec.auth_sources_forgotten``      sources forgotten to keep memory bounded, since start
+``sec.listeners``                   listening sockets (each address family counts)
+``sec.listeners_new``               of those, listeners (proto, port, binary) not in the baseline
+``sec.listener_new[PORT]``          listeners on PORT that were reported new (an event) and listen
+                                    now; 0 once they are gone (the latest 64 such ports)
+=================================== =================================================================
+
+Events: ``sec.new_listener`` (labels ``proto``, ``port``, ``exe``, ``addr``; value = port).
+The detail (``security_net``) carries each reported source's failures by kind, the window, the
+auth source in use, and the listeners by (proto, port, binary).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import time
+
+from agent.collect.auth import LOCAL, OTHER, FailureWindow, FileTail, JournalFollower, parse
+from agent.collect.base import BaseCollector
+from agent.collect.sample import Reading, key
+from agent.collect.settings import SecurityNetSettings
+from agent.errors import CollectorUnavailable
+
+_LISTEN = {"tcp": "0A", "udp": "07"}
+_MAX_EXE = 256
+_MAX_NEW_SERIES = 64
+
+
+def _hex_addr(text: str) -> tuple[str, int] | None:
+    """``0100007F:1F90`` (or 32 hex digits for IPv6) -> ``("127.0.0.1", 8080)``."""
+    addr, _, port = text.partition(":")
+    try:
+        raw = bytes.fromhex(addr)
+        p = int(port, 16)
+    except ValueError:
+        return None
+    if len(raw) == 4:
+        return str(ipaddress.IPv4Address(raw[::-1])), p
+    if len(raw) == 16:  # four host-order 32-bit words
+        return str(ipaddress.IPv6Address(b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4)))), p
+    return None
+
+
+def parse_proc_net(text: str, proto: str) -> list[tuple[str, int, int]]:
+    """Listening sockets of one ``/proc/net/<proto>[6]`` table: ``(addr, port, inode)``."""
+    out: list[tuple[str, int, int]] = []
+    state = _LISTEN[proto]
+    for line in text.splitlines()[1:]:
+        f = line.split()
+        if len(f) < 10 or f[3] != state:
+            continue
+        if proto == "udp" and not f[2].endswith(":0000"):
+            continue  # a connected UDP socket is a client's
+        local = _hex_addr(f[1])
+        if local is None or not f[9].isdigit():
+            continue
+        out.append((local[0], local[1], int(f[9])))
+    return out
+
+
+class SecurityNetCollector(BaseCollector[SecurityNetSettings]):
+    name = "security_net"
+
+    def __init__(self, settings: SecurityNetSettings | None = None, *, root: str = "/") -> None:
+        super().__init__(settings or SecurityNetSettings(), root=root)
+        s = self.settings
+        self.window = FailureWindow(s.window_s, s.max_sources)
+        self._journal: JournalFollower | None = None
+        self._tails: list[FileTail] = []
+        self.auth_source = "none"
+        self._listen_started: float | None = None
+        self._listen_next = -1e18
+        self._baseline: set[tuple[str, int, str]] = set()
+        self._new: dict[tuple[str, int, str], str] = {}  # reported, not in the baseline -> addr
+        self._exe_by_inode: dict[int, str] = {}
+        self._listening: dict[tuple[str, int, str], list[str]] = {}
+        self._counts = {"lines": 0, "parsed": 0}
+
+    def start(self) -> None:
+        s = self.settings
+        journald = os.path.exists(self._p("run/systemd/journal/socket"))
+        if s.auth_source == "journal" or (s.auth_source == "auto" and journald):
+            self._journal = JournalFollower(s.journalctl, s.journal_match, max_line=s.max_line_bytes)
+            self.auth_source = "journal"
+        else:
+            self._tails = [FileTail(p, max_line=s.max_line_bytes, from_end=True) for p in s.auth_files]
+            for t in self._tails:  # open the existing files now, at their end
+                t.poll(0)
+            self.auth_source = "files"
+        if not s.listeners and not self._journal and not self._tails:
+            raise CollectorUnavailable("no auth source configured and listeners off")
+
+    def close(self) -> None:
+        if self._journal is not None:
+            self._journal.close()
+        for t in self._tails:
+            t.close()
+
+    # ------------------------------------------------------------------ auth failures
+
+    def _read_auth(self, now: float) -> None:
+        budget = self.settings.max_read_bytes
+        lines: list[str] = []
+        if self._journal is not None:
+            lines = self._journal.poll(budget)
+        for tail in self._tails:
+            raw = tail.poll(max(0, budget // len(self._tails)))
+            lines.extend(r.decode("utf-8", "replace") for r in raw)
+        self._counts["lines"] += len(lines)
+        for line in lines:
+            hit = parse(line)
+            if hit is not None:
+                self._counts["parsed"] += 1
+                self.window.add(hit[1], hit[0], now)
+
+    def _auth_metrics(self, reading: Reading, now: float) -> None:
+        s = self.settings
+        m = reading.metrics
+        counts = self.window.counts(now, s.recent_s)
+        local = counts.pop(LOCAL, (0, 0))[0]
+        other = counts.pop(OTHER, (0, 0))[0]
+        ranked = sorted(counts.items(), key=lambda kv: (-kv[1][0], kv[0]))
+        sources: dict[str, object] = {}
+        for src, (total, recent) in ranked[: s.max_series]:
+            m[key("sec.auth_failures", src)] = float(total)
+            m[key("sec.auth_failures_recent", src)] = float(recent)
+            sources[src] = {"failures": total, "recent": recent, "kinds": self.window.kinds(src)}
+        other += sum(total for _, (total, _r) in ranked[s.max_series:])
+        m["sec.auth_failures_other"] = float(other)
+        m["sec.auth_failures_local"] = float(local)
+        m["sec.auth_sources"] = float(len(counts))
+        m["sec.auth_failures_total"] = float(self.window.total)
+        m["sec.auth_sources_forgotten"] = float(self.window.forgotten)
+        reading.detail["auth"] = {
+            "source": self.auth_source, "window_s": s.window_s, "recent_s": s.recent_s,
+            "sources": sources, "lines": self._counts["lines"], "failures": self._counts["parsed"],
+            "files": [{"path": t.path, "offset": t.offset, "rotations": t.rotations,
+                       "truncations": t.truncations} for t in self._tails],
+        }
+
+    # ------------------------------------------------------------------ listeners
+
+    def _scan_listeners(self) -> list[tuple[str, str, int, int]]:
+        out: list[tuple[str, str, int, int]] = []
+        for proto in self.settings.listener_protocols:
+            for fam in ("", "6"):
+                try:
+                    with open(self._p(f"proc/net/{proto}{fam}"), encoding="ascii", errors="replace") as f:
+                        text = f.read()
+                except OSError:
+                    continue
+                out.extend((proto, a, p, i) for a, p, i in parse_proc_net(text, proto))
+        return out
+
+    def _map_inodes(self, wanted: set[int]) -> None:
+        """Find the binaries holding the socket inodes in ``wanted`` (one walk of /proc/*/fd)."""
+        try:
+            pids = [e for e in os.listdir(self._p("proc")) if e.isdigit()]
+        except OSError:
+            return
+        for pid in pids:
+            if not wanted:
+                return
+            fd_dir = self._p(f"proc/{pid}/fd")
+            try:
+                fds = os.listdir(fd_dir)
+            except OSError:
+                continue
+            exe: str | None = None
+            for fd in fds:
+                try:
+                    link = os.readlink(f"{fd_dir}/{fd}")
+                except OSError:
+                    continue
+                if not link.startswith("socket:["):
+                    continue
+                try:
+                    inode = int(link[8:-1])
+                except ValueError:
+                    continue
+                if inode in wanted:
+                    if exe is None:
+                        try:
+                            exe = os.readlink(self._p(f"proc/{pid}/exe"))[:_MAX_EXE]
+                        except OSError:
+                            exe = "?"
+                    self._exe_by_inode[inode] = exe
+                    wanted.discard(inode)
+
+    def _listeners(self, reading: Reading, now: float) -> None:
+        s = self.settings
+        if now < self._listen_next:
+            self._listener_metrics(reading)
+            return
+        self._listen_next = now + s.listener_interval_s
+        socks = self._scan_listeners()
+        inodes = {i for *_, i in socks}
+        self._exe_by_inode = {i: e for i, e in self._exe_by_inode.items() if i in inodes}
+        unknown = {i for i in inodes if i not in self._exe_by_inode and i != 0}
+        if unknown:
+            self._map_inodes(unknown)
+        listening: dict[tuple[str, int, str], list[str]] = {}
+        for proto, addr, port, inode in socks:
+            exe = self._exe_by_inode.get(inode, "?")
+            listening.setdefault((proto, port, exe), []).append(addr)
+        self._listening = listening
+        if self._listen_started is None:
+            self._listen_started = now
+        learning = now - self._listen_started <= s.baseline_s
+        for lkey, addrs in sorted(listening.items()):
+            if lkey in self._baseline or lkey in self._new:
+                continue
+            if learning:
+                if len(self._baseline) < s.max_listeners:
+                    self._baseline.add(lkey)
+                continue
+            if len(self._new) >= s.max_listeners:
+                self._new.pop(next(iter(self._new)))
+            self._new[lkey] = addrs[0]
+            proto, port, exe = lkey
+            reading.events.append(self._event(
+                "sec.new_listener",
+                f"new {proto} listener on port {port} ({', '.join(addrs[:4])}) by {exe}, "
+                "not in this node's baseline",
+                value=float(port),
+                labels={"proto": proto, "port": str(port), "exe": exe, "addr": addrs[0]},
+            ))
+        self._listener_metrics(reading)
+
+    def _listener_metrics(self, reading: Reading) -> None:
+        if self._listen_started is None:
+            return
+        reading.metrics["sec.listeners"] = float(sum(len(a) for a in self._listening.values()))
+        reading.metrics["sec.listeners_new"] = float(sum(1 for k in self._listening if k in self._new))
+        ports: dict[str, float] = {}
+        for proto, port, exe in list(self._new)[-_MAX_NEW_SERIES:]:  # 0 once it is gone
+            n = float((proto, port, exe) in self._listening)
+            ports[str(port)] = ports.get(str(port), 0.0) + n
+        for label, n in ports.items():
+            reading.metrics[key("sec.listener_new", label)] = n
+        reading.detail["listeners"] = [
+            {"proto": p, "port": port, "exe": exe, "addrs": addrs[:8],
+             "baseline": (p, port, exe) in self._baseline}
+            for (p, port, exe), addrs in sorted(self._listening.items())[:256]
+        ]
+
+    def collect(self) -> Reading:
+        now = time.monotonic()
+        reading = Reading()
+        if self._journal is not None or self._tails:
+            self._read_auth(now)
+            self._auth_metrics(reading, now)
+        if self.settings.listeners:
+            self._listeners(reading, now)
+        return reading
+
