@@ -5,14 +5,14 @@ Without ``--live-agent`` the harness samples with heald's collectors in its own 
 recording holds samples only. With it, a real daemon does the sampling: a private mosquitto on a
 free loopback port, ``heald run`` with the shipped playbooks (every one forced to dry-run: nothing
 is executed), and an MQTT subscriber that keeps every sample of the node's ``metrics`` messages.
-The agent runs the code of the last commit, not the working tree: a detached ``git worktree`` of
-HEAD (with the built native kernels copied in) is put first on its ``PYTHONPATH``, so what it
-ran is exactly ``live_commit``. When the scenario ends the daemon is stopped (SIGTERM) and its
-audit log is read: each dry-run start (``run.start``) and approval request is stored in the
-recording as the *live run*: ``live_kind`` (``run`` / ``approval``), ``live_playbook``,
-``live_target``, ``live_wall`` (the audit record's time), plus ``live_config`` (the agent's
-config text), ``live_commit`` and ``live_playbooks`` (JSON: the shipped library it loaded, file
-name -> text).
+The agent runs the code of a commit (``--agent-commit``, default HEAD), not the working tree: a
+detached ``git worktree`` of it (with the built native kernels copied in) is put first on its
+``PYTHONPATH``, so what it ran is exactly ``live_commit``. When the scenario ends the daemon is
+stopped (SIGTERM) and its audit log is read: each dry-run start (``run.start``) and approval request
+is stored in the recording as the *live run*: ``live_kind`` (``run`` / ``approval``),
+``live_playbook``, ``live_target``, ``live_wall`` (the audit record's time), plus ``live_config``
+(the agent's config text), ``live_commit`` and ``live_playbooks`` (JSON: the shipped library it
+loaded, file name -> text).
 ``heald replay RECORDING --playbooks remediations/`` must print the same would-be actions
 (tests/test_replay.py holds it for ``host3.npz``).
 """
@@ -80,7 +80,8 @@ class LiveDecision:
 class LiveAgent:
     """mosquitto + ``heald run`` (dry-run) + a subscriber keeping every sample, by seq."""
 
-    def __init__(self, watch: str) -> None:
+    def __init__(self, watch: str, commit: str = "HEAD") -> None:
+        self.rev = commit
         self.dir = Path(tempfile.mkdtemp(prefix="heald-fault-live-"))
         self.state = self.dir / "state"
         self.port = free_port()
@@ -94,8 +95,8 @@ class LiveAgent:
         self.commit = ""
 
     def checkout(self) -> None:
-        """A detached worktree of HEAD for the agent to run (removed again in :meth:`stop`)."""
-        self.commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], check=True,
+        """A detached worktree of the commit for the agent to run (removed by :meth:`remove_code`)."""
+        self.commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", self.rev], check=True,
                                      capture_output=True, text=True).stdout.strip()
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(self.code), self.commit],
                        check=True, capture_output=True)

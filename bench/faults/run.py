@@ -1,7 +1,7 @@
 """Fault-injection harness: run heald's real collectors at 1 Hz while injecting real faults.
 
     python3 bench/faults/run.py --out bench/faults/data/NAME.npz [--minutes N] [--only disk,memory]
-                                [--live-agent]
+                                [--live-agent [--agent-commit REV]]
 
 With ``--live-agent`` a real ``heald run`` (the shipped playbooks of the last commit, forced to
 dry-run) does the sampling and its would-be actions are kept in the recording (``live.py``).
@@ -537,6 +537,8 @@ def main() -> int:
     ap.add_argument("--live-agent", action="store_true",
                     help="a real `heald run` (shipped playbooks, dry-run) records the samples; its would-be "
                          "actions are kept in the recording (live.py)")
+    ap.add_argument("--agent-commit", default="HEAD", metavar="REV",
+                    help="with --live-agent: the commit whose code the agent runs (default HEAD)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("run.py needs root (mounts, cgroups, network namespaces)", file=sys.stderr)
@@ -553,7 +555,7 @@ def main() -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     th = threading.Thread(target=sc.run, name="scenario", daemon=True)
-    agent = LiveAgent(SVC_NAME) if args.live_agent else None
+    agent = LiveAgent(SVC_NAME, args.agent_commit) if args.live_agent else None
     try:
         if agent is not None:
             agent.start()
