@@ -1,6 +1,15 @@
 """Agent overhead, side by side: heald vs Netdata, node_exporter (scraped at 1 Hz) and collectd.
 
-    python3 bench/agent_overhead.py [--seconds 120] [--repeats 3] [--only heald,netdata,...]
+    python3 bench/agent_overhead.py [--seconds 120] [--repeats 3] [--only heald,netdata,...] [--smoke]
+
+heald runs as fleet nodes run it: MQTT on (reporting to a private mosquitto on a free loopback
+port; the broker is not in heald's process tree, so its CPU and RSS are not counted for heald),
+the anomaly detector fitted before the agent starts (bench/healdbench.py: recorded fault-free
+samples through ``heald model train`` into the state dir, loaded at start: scoring is live from
+the first sample), the shipped playbooks loaded and forced into dry-run. After each heald run the
+script reads the agent's start summary and audit log and fails (exit 3) if any playbook could
+act or any run was enforced: the benchmark never remediates the host. ``--smoke``: heald only,
+3 s, one run, no peers installed.
 
 Each agent runs alone, in the foreground, bound to loopback, one after another for the same
 duration; every second the script reads /proc/<pid>/stat and /proc/<pid>/status of the agent's
@@ -27,12 +36,18 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import healdbench as hb
 
 ROOT = Path(__file__).resolve().parents[1]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
+START_S = 5.0
 
 
 def ensure_packages(packages: dict[str, str]) -> None:
@@ -90,13 +105,35 @@ class Peer:
     argv: Callable[[Path], list[str]]
     setup: Callable[[Path], None] = lambda _d: None
     during: Callable[[], None] | None = None  # called once a second (scraping)
+    env: Callable[[Path], dict[str, str]] = lambda _d: dict(os.environ)
+    check: Callable[[Path, Path], dict[str, Any]] | None = None  # (dir, log) after the run: safety
 
 
-def heald_setup(d: Path) -> None:
-    (d / "state").mkdir()
-    (d / "agent.toml").write_text(
-        (ROOT / "packaging" / "agent.toml").read_text() if (ROOT / "packaging" / "agent.toml").exists()
-        else "")
+@dataclass
+class HealdFleet:
+    """heald as a fleet node runs it: MQTT to ``port``, the fitted ``model`` copied in, dry-run."""
+
+    port: int = 0
+    model: Path | None = None
+    checks: list[dict[str, Any]] = field(default_factory=list)
+
+    def setup(self, d: Path) -> None:
+        hb.write_config(d, mqtt_port=self.port)
+        if self.model is not None:
+            (d / "state" / "models").mkdir(parents=True)
+            shutil.copy2(self.model, d / "state" / "models" / self.model.name)
+
+    def check(self, d: Path, log: Path) -> dict[str, Any]:
+        checked = hb.check_agent(d, log)
+        if self.model is not None and not hb.model_loaded(log):
+            raise SystemExit(f"heald did not load the fitted detector: {log.read_text()[-2000:]}")
+        if not any(r.get("event") == "mqtt.connected" for r in hb.log_records(log)):
+            raise SystemExit(f"heald never connected to the bench's broker: {log.read_text()[-2000:]}")
+        self.checks.append(checked)
+        return checked
+
+
+FLEET = HealdFleet()
 
 
 def netdata_setup(d: Path) -> None:
@@ -147,8 +184,8 @@ def scrape_node_exporter() -> None:
 
 
 PEERS = {
-    "heald": Peer("heald", lambda d: [sys.executable, "-m", "agent", "run",
-                                      "--config", str(d / "agent.toml")], heald_setup),
+    "heald": Peer("heald", lambda d: hb.heald_argv(d / "agent.toml"), FLEET.setup, env=hb.heald_env,
+                  check=FLEET.check),
     "netdata": Peer("netdata", lambda d: ["/usr/sbin/netdata", "-D", "-c", str(d / "netdata.conf")],
                     netdata_setup),
     "node_exporter": Peer("node_exporter", lambda _d: ["/usr/bin/prometheus-node-exporter",
@@ -165,7 +202,7 @@ def run_once(peer: Peer, seconds: float) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix=f"bench-{peer.name}-") as tmp:
         d = Path(tmp)
         peer.setup(d)
-        env = dict(os.environ, HEALD_PATHS__STATE_DIR=str(d / "state"), PYTHONPATH=str(ROOT))
+        env = peer.env(d)
         log = (d / "out.log").open("w")
         proc = subprocess.Popen(peer.argv(d), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=d,
                                 start_new_session=True)
@@ -179,7 +216,7 @@ def run_once(peer: Peer, seconds: float) -> dict[str, float]:
                     during()
             scraper = threading.Thread(target=loop, daemon=True)
         try:
-            time.sleep(5)  # start-up is not steady state
+            time.sleep(START_S)  # start-up is not steady state
             if proc.poll() is not None:
                 raise SystemExit(f"{peer.name} exited: {(d / 'out.log').read_text()[-2000:]}")
             if scraper:
@@ -207,6 +244,8 @@ def run_once(peer: Peer, seconds: float) -> dict[str, float]:
                         os.kill(p, signal.SIGKILL)
                 proc.wait(timeout=10)
             log.close()
+        if peer.check is not None:
+            peer.check(d, d / "out.log")
     cpu_h = (cpu1 - cpu0) / elapsed * 3600
     return {"cpu_s_per_h": cpu_h, "cpu_pct": cpu_h / 36, "peak_rss_mib": peak}
 
@@ -216,8 +255,22 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=120.0)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--only", default=",".join(PEERS))
+    ap.add_argument("--fit-rows", type=int, default=1800, help="recorded samples the detector is fitted on")
+    ap.add_argument("--smoke", action="store_true", help="heald only, 3 s, one run: checks the bench works")
     args = ap.parse_args()
+    if args.smoke:
+        args.seconds, args.repeats, args.only, args.fit_rows = 3.0, 1, "heald", 600
     names = [n for n in args.only.split(",") if n]
+    if "heald" in names:
+        with tempfile.TemporaryDirectory(prefix="bench-heald-fleet-") as fleet_dir, \
+                hb.Mosquitto(Path(fleet_dir)) as broker:
+            FLEET.port = broker.port
+            FLEET.model = hb.fit_detector(Path(fleet_dir) / "state", rows=args.fit_rows)
+            return measure(args, names, broker)
+    return measure(args, names, None)
+
+
+def measure(args: argparse.Namespace, names: list[str], broker: hb.Mosquitto | None) -> int:
     ensure_packages({b: p for b, p in PACKAGES.items() if any(n in b.replace("prometheus-", "")
                                                                for n in names)})
     runs: dict[str, list[dict[str, float]]] = {n: [] for n in names}
@@ -234,7 +287,15 @@ def main() -> int:
 
     table = {n: {k: med(n, k) for k in ("cpu_s_per_h", "cpu_pct", "peak_rss_mib")} for n in names}
     base = table.get("heald")
-    print(f"\n{args.seconds:.0f} s per run, {args.repeats} runs each, median [min..max]")
+    print(f"\n{args.seconds:.0f} s per run, {args.repeats} runs each, median [min..max]; "
+          f"{time.strftime('%Y-%m-%d %H:%M')} on {platform.node()} ({os.cpu_count()} cpus)")
+    if broker is not None:
+        print(f"heald as fleet nodes run it: MQTT on (private mosquitto 127.0.0.1:{broker.port}, pid "
+              f"{broker.pid}: the broker's CPU and RSS are not counted for heald), detector fitted before "
+              f"start ({args.fit_rows} recorded samples, heald model train), shipped playbooks loaded, "
+              "forced dry-run")
+        hb.print_safety({k: sum(c[k] for c in FLEET.checks) if k != "playbooks" else FLEET.checks[-1][k]
+                         for k in FLEET.checks[-1]})
     print(f"{'agent':<14}{'CPU s/hour':>24}{'% of a core':>24}{'peak RSS MiB':>24}{'CPU x heald':>12}"
           f"{'RSS x heald':>12}")
     for n, row in table.items():
@@ -246,11 +307,17 @@ def main() -> int:
         rr = row["peak_rss_mib"][0] / base["peak_rss_mib"][0] if base else float("nan")
         print(f"{n:<14}{cell('cpu_s_per_h', '.1f'):>24}{cell('cpu_pct', '.3f'):>24}"
               f"{cell('peak_rss_mib', '.1f'):>24}{rc:>12.2f}{rr:>12.2f}")
+    if args.smoke:
+        print("smoke run: bench/results/agent_overhead.json left as it was")
+        return 0
     out = ROOT / "bench" / "results" / "agent_overhead.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "machine": platform.platform(),
                                "cpus": os.cpu_count(), "seconds": args.seconds, "repeats": args.repeats,
-                               "runs": runs, "median_min_max": table}, indent=1))
+                               "runs": runs, "median_min_max": table,
+                               "heald": {"mqtt": broker is not None, "detector_fitted_rows": args.fit_rows,
+                                         "playbooks": "shipped, forced dry-run",
+                                         "safety_checks": FLEET.checks}}, indent=1))
     return 0
 
 

@@ -1,0 +1,305 @@
+"""What every bench script that starts ``heald run`` shares: a confined agent, and proof afterwards.
+
+A benchmark must never remediate the host. Every ``heald run`` a bench starts goes through
+:func:`start_heald`, which locks the playbooks into dry-run three times over (the config file's
+``[playbooks] force_mode = "dry-run"``, ``$HEALD_PLAYBOOKS__FORCE_MODE`` and ``--dry-run``), keeps
+``/etc/heald/playbooks.d`` out (only the shipped library is loaded), never lets the stop remove
+an nftables table (``[security] keep_blocks_on_stop = true``, ``nft = ["false"]``) and keeps the
+state, runtime socket and audit log in the bench's own temporary directory. After the run,
+:func:`check_agent` reads the agent's start summary (``playbooks_mode`` must be ``dry-run`` and
+``acting`` empty) and its audit log (``audit.jsonl``): any ``run.start`` with ``dry_run`` false
+fails the bench loudly (:class:`Unsafe`, exit 3), whatever the figures.
+
+Fleet-like agent (:func:`write_config`): MQTT on to a private mosquitto on a free loopback port
+(:class:`Mosquitto`), the detector fitted before the agent starts (:func:`fit_detector`: the
+recorded fault-free samples of ``bench/faults/data`` through ``heald model train``, the daemon's
+own fit command, into ``<state>/models/detector.npz``, which the daemon loads at start: scoring is
+live from the first sample), the shipped playbooks loaded (dry-run).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+MOSQUITTO = os.environ.get("HEALD_TEST_MOSQUITTO", "/usr/sbin/mosquitto")
+RECORDING = ROOT / "bench" / "faults" / "data" / "faultfree-71min.npz"
+FORCE_ENV = "HEALD_PLAYBOOKS__FORCE_MODE"
+
+
+class Unsafe(SystemExit):
+    """The agent could have acted (or did act) on the host: the bench's figures are void."""
+
+    def __init__(self, message: str) -> None:
+        print(f"\nBENCH UNSAFE: {message}", file=sys.stderr, flush=True)
+        super().__init__(3)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Mosquitto:
+    """A private broker on 127.0.0.1, a free port, anonymous, no persistence; stopped by its PID."""
+
+    def __init__(self, directory: Path) -> None:
+        if not Path(MOSQUITTO).exists():
+            raise SystemExit(f"{MOSQUITTO} is missing: apt-get install mosquitto")
+        self.port = free_port()
+        conf = directory / "mosquitto.conf"
+        user = "user root\n" if os.geteuid() == 0 else ""
+        conf.write_text(f"{user}listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+                        "log_dest none\n")
+        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(200):
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2):
+                return
+            time.sleep(0.05)
+        self.stop()
+        raise SystemExit("mosquitto did not start")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+    def __enter__(self) -> Mosquitto:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def fit_detector(state_dir: Path, rows: int = 1800, recording: Path = RECORDING) -> Path:
+    """Fit the node's anomaly detector before the agent starts: the first ``rows`` recorded
+    fault-free samples through the feature window (as the daemon's history holds them), the
+    daemon's usable-column rule, then ``python -m agent model train`` (what the daemon's refit runs,
+    with its fit options) into ``<state_dir>/models/detector.npz``. Returns the artifact's path."""
+    sys.path.insert(0, str(ROOT / "bench" / "faults"))
+    sys.path.insert(0, str(ROOT))
+    import dataset  # noqa: PLC0415 - the recordings' loader
+    import numpy as np  # noqa: PLC0415
+
+    from agent.features.history import usable_columns  # noqa: PLC0415
+    from agent.features.schema import FeatureSchema  # noqa: PLC0415
+    from agent.score.stage import DEFAULT_FIT_OPTIONS, DETECTOR_FILE  # noqa: PLC0415
+
+    rec = dataset.load(recording)
+    rec.x = rec.x[:rows]
+    rec.mono = rec.mono[:rows]
+    schema = FeatureSchema()
+    x = dataset.features(rec, schema).astype(np.float32).astype(np.float64)  # the history's float32
+    keep = usable_columns(x)
+    work = state_dir / "models" / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    train = work / "bench-train.npz"
+    np.savez(train, train=x[:, keep], feature_names=np.asarray([schema.names[j] for j in keep]),
+             units=np.asarray([schema.units[j] for j in keep]))
+    out = state_dir / "models" / DETECTOR_FILE
+    proc = subprocess.run([sys.executable, "-m", "agent", "model", "train", "--input", str(train),
+                           "--output", str(out), "--options", json.dumps(DEFAULT_FIT_OPTIONS)],
+                          capture_output=True, text=True, timeout=600, check=False, cwd=ROOT,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    train.unlink()
+    if proc.returncode != 0 or not out.exists():
+        raise SystemExit(f"heald model train failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    return out
+
+
+def write_config(d: Path, *, mqtt_port: int | None = None, prometheus_port: int | None = None,
+                 node: str = "bench") -> Path:
+    """The bench agent's agent.toml in ``d`` (state in ``d/state``, socket in ``d/run``)."""
+    (d / "state").mkdir(exist_ok=True)
+    (d / "run").mkdir(exist_ok=True)
+    mqtt = (f'[mqtt]\nenabled = true\nhost = "127.0.0.1"\nport = {mqtt_port}\n' if mqtt_port is not None
+            else "[mqtt]\nenabled = false\n")
+    prom = (f'[prometheus]\nenabled = true\nlisten = "127.0.0.1:{prometheus_port}"\n'
+            if prometheus_port is not None else "[prometheus]\nenabled = false\n")
+    path = d / "agent.toml"
+    path.write_text(f"""# written by bench/healdbench.py: a benchmark never remediates
+[node]
+id = "{node}"
+[paths]
+state_dir = "{d / 'state'}"
+runtime_dir = "{d / 'run'}"
+[log]
+format = "json"
+[playbooks]
+force_mode = "dry-run"
+dirs = []
+load_shipped = true
+[security]
+keep_blocks_on_stop = true
+nft = ["false"]
+{mqtt}{prom}""")
+    return path
+
+
+def heald_argv(config: Path) -> list[str]:
+    return [sys.executable, "-m", "agent", "run", "--dry-run", "--config", str(config)]
+
+
+def heald_env(d: Path) -> dict[str, str]:
+    return dict(os.environ, HEALD_PATHS__STATE_DIR=str(d / "state"), PYTHONPATH=str(ROOT),
+                **{FORCE_ENV: "dry-run"})
+
+
+def start_heald(d: Path, config: Path, log: Path, *, cwd: Path | None = None) -> subprocess.Popen[bytes]:
+    """``heald run --dry-run`` with the bench's config, its own session, output into ``log``."""
+    with log.open("wb") as out:
+        return subprocess.Popen(heald_argv(config), stdout=out, stderr=subprocess.STDOUT, env=heald_env(d),
+                                cwd=cwd or d, start_new_session=True)
+
+
+def stop(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> float:
+    """SIGTERM, then SIGKILL after ``timeout``; returns the seconds the stop took."""
+    t0 = time.monotonic()
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+    return time.monotonic() - t0
+
+
+def log_records(log: Path) -> Iterator[dict[str, Any]]:
+    for line in log.read_text(errors="replace").splitlines():
+        start = line.find("{")
+        if start < 0:
+            continue
+        with contextlib.suppress(ValueError):
+            rec = json.loads(line[start:])
+            if isinstance(rec, dict):
+                yield rec
+
+
+def start_summary(log: Path) -> dict[str, Any] | None:
+    return next((r for r in log_records(log) if r.get("event") == "heald start summary"), None)
+
+
+def model_loaded(log: Path) -> bool:
+    return any(r.get("event") == "anomaly model loaded" for r in log_records(log))
+
+
+def audit_entries(state_dir: Path) -> list[dict[str, Any]]:
+    """The records of ``<state_dir>/audit.jsonl`` (rotated files too)."""
+    out = []
+    for path in sorted(state_dir.glob("audit.jsonl*")):
+        if path.name.endswith(".head"):
+            continue
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                raise Unsafe(f"{path}: unreadable audit line {line[:200]!r}") from None
+            record = entry.get("record") if isinstance(entry, dict) else None
+            if isinstance(record, dict):
+                out.append(record)
+    return out
+
+
+def enforced(state_dir: Path) -> list[dict[str, Any]]:
+    """Audit records of runs that acted for real: ``run.start`` with ``dry_run`` not true."""
+    return [r for r in audit_entries(state_dir)
+            if r.get("type") == "run.start" and r.get("dry_run") is not True]
+
+
+def check_agent(d: Path, log: Path) -> dict[str, Any]:
+    """After a ``heald run``: the start summary says dry-run with nothing acting, and the audit log
+    holds no enforced run. Raises :class:`Unsafe` otherwise; returns what it counted."""
+    summary = start_summary(log)
+    if summary is None:
+        raise Unsafe(f"no 'heald start summary' in {log}: cannot show the agent ran in dry-run\n"
+                     + log.read_text(errors="replace")[-2000:])
+    if summary.get("playbooks_mode") != "dry-run" or summary.get("acting"):
+        raise Unsafe(f"the agent started with playbooks_mode={summary.get('playbooks_mode')!r}, "
+                     f"acting={summary.get('acting')!r}")
+    records = audit_entries(d / "state")
+    bad = enforced(d / "state")
+    if bad:
+        raise Unsafe(f"{len(bad)} enforced run(s) in {d / 'state' / 'audit.jsonl'}: "
+                     + "; ".join(f"{r.get('playbook')} on {r.get('target')!r}" for r in bad[:10]))
+    starts = [r for r in records if r.get("type") == "run.start"]
+    return {"audit_records": len(records), "dry_runs": len(starts), "enforced_runs": 0,
+            "playbooks": len(summary.get("playbooks") or [])}
+
+
+def print_safety(checked: dict[str, Any]) -> None:
+    print(f"safety: every playbook dry-run ({checked['playbooks']} loaded); audit log: "
+          f"{checked['audit_records']} records, {checked['dry_runs']} dry runs, 0 enforced")
+
+
+# ------------------------------------------------------------------ private PID + mount namespace
+NS_ENV = "HEALD_BENCH_HOST_NS"
+
+
+def _ns() -> str:
+    return f"{os.readlink('/proc/self/ns/pid')} {os.readlink('/proc/self/ns/mnt')}"
+
+
+def confine(argv: list[str] | None = None) -> None:
+    """Re-run this script in a private PID and mount namespace (``unshare --pid --fork --mount
+    --mount-proc``; ``--user --map-root-user`` too when not root), unless it already runs in one.
+    Returns only inside the namespace; the outer process exits with the inner one's status."""
+    if os.environ.get(NS_ENV):
+        if not confined():
+            raise Unsafe("asked to run confined, but this process shares the host's PID or mount namespace")
+        return
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        raise SystemExit("unshare (util-linux) is missing: cannot confine the bench")
+    user = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
+    cmd = [unshare, *user, "--pid", "--fork", "--mount", "--mount-proc", "--propagation", "private",
+           sys.executable, *(argv if argv is not None else sys.argv)]
+    env = dict(os.environ, **{NS_ENV: _ns()})
+    rc = subprocess.run(cmd, env=env, check=False).returncode
+    raise SystemExit(rc)
+
+
+def confined() -> bool:
+    """Whether this process runs in a PID and a mount namespace other than those that started
+    :func:`confine` (the host's)."""
+    host = os.environ.get(NS_ENV, "").split()
+    if len(host) != 2:
+        return False
+    pid_ns, mnt_ns = _ns().split()
+    return pid_ns != host[0] and mnt_ns != host[1]
+
+
+def check_confined_audit(state_dir: Path, own_playbooks: set[str]) -> int:
+    """For benches that enforce their own playbooks on their own objects: runs for real only
+    inside the private namespaces and only of ``own_playbooks``; raises :class:`Unsafe` otherwise.
+    Returns the number of enforced runs."""
+    bad = enforced(state_dir)
+    if bad and not confined():
+        raise Unsafe(f"{len(bad)} enforced run(s) outside a private PID+mount namespace")
+    foreign = [r for r in bad if r.get("playbook") not in own_playbooks]
+    if foreign:
+        raise Unsafe("enforced runs of playbooks the bench did not write: "
+                     + ", ".join(sorted({str(r.get("playbook")) for r in foreign})))
+    return len(bad)
