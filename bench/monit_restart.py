@@ -1,12 +1,15 @@
 """Time to heal for Monit, measured the way bench/time_to_heal.py measures heald.
 
-    python3 bench/monit_restart.py [--kills 30]
+    python3 bench/monit_restart.py [--kills 30] [--smoke]
 
 Monit (Debian's `monit`, installed when missing) runs in the foreground with ``set daemon 1`` and
 ``check process ... matching ... start program``, on its own control file in a temp dir. A
 worker (a python interpreter symlinked as ``heald-bw``) is SIGKILLed 30 times; the time from the
 SIGKILL to a new process whose /proc/PID/comm is ``heald-bw`` (i.e. after exec) is measured by
 polling /proc every 0.5 ms. Prints p50/p95 and writes bench/results/monit_restart.json.
+Like time_to_heal.py it re-runs itself in a private PID+mount namespace first (``unshare``): the
+kills and the clean-up by name see only the bench's own worker. ``--smoke``: 3 kills, no file,
+and it installs nothing (monit missing: exit 1).
 """
 
 from __future__ import annotations
@@ -26,6 +29,10 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import healdbench as hb
 
 RESULTS = Path(__file__).parent / "results" / "monit_restart.json"
 WORKER = "heald-bw"
@@ -83,7 +90,14 @@ def pct(values: list[float], q: float) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kills", type=int, default=30)
+    ap.add_argument("--smoke", action="store_true", help="3 kills, installs nothing, no results file")
     args = ap.parse_args()
+    if args.smoke:
+        args.kills = 3
+        if not shutil.which("monit"):
+            raise SystemExit("monit is not installed; --smoke installs nothing")
+    if not hb.confined():
+        raise SystemExit("monit_restart.py runs only inside its private PID+mount namespace")
     if not shutil.which("monit"):
         if os.geteuid() != 0:
             raise SystemExit("monit is missing; run as root to install it with apt-get")
@@ -151,6 +165,10 @@ check process {WORKER} with pidfile "{pidfile}"
     print(f"\n{'tool':<8}{'n':>4}{'p50 ms':>10}{'p95 ms':>10}{'min':>8}{'max':>8}")
     print(f"{'monit':<8}{result['n']:>4}{result['p50_ms']:>10}{result['p95_ms']:>10}"
           f"{result['min_ms']:>8}{result['max_ms']:>8}")
+    print("confined: a private PID+mount namespace (monit and the kills see only the bench's own worker)")
+    if args.smoke:
+        print(f"smoke run: {RESULTS} left as it was")
+        return 0
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "machine": platform.platform(),
                                    "cpus": os.cpu_count(), "monit": result, "samples_ms": ms}, indent=1))
@@ -158,4 +176,5 @@ check process {WORKER} with pidfile "{pidfile}"
 
 
 if __name__ == "__main__":
+    hb.confine()
     sys.exit(main())

@@ -10,8 +10,15 @@
    the shipped disk-nearly-full playbook's ``for:`` set to 0s (the shipped 30s is a deliberate
    debounce that would be added on top) and 1 Hz samples from the real DiskCollector.
 
-Usage: python bench/time_to_heal.py [--kills 30] [--fills 5] [--interval 1.0]
-Writes bench/results/time_to_heal.json and prints a table.
+Confinement: these playbooks act for real (restart_process, clean_paths), so the script re-runs
+itself in a private PID and mount namespace (``unshare --pid --fork --mount --mount-proc``, with
+``--user --map-root-user`` when not root) before anything starts: the engine sees and can signal
+only the bench's own processes, and the tmpfs it cleans exists only in that mount namespace. Only
+the bench's two playbooks are loaded (no shipped library). Afterwards both audit logs are read:
+an enforced run outside the namespaces, or of any other playbook, fails the bench (exit 3).
+
+Usage: python bench/time_to_heal.py [--kills 30] [--fills 5] [--interval 1.0] [--smoke]
+Writes bench/results/time_to_heal.json and prints a table (``--smoke``: 3 kills, 1 fill, no file).
 """
 
 from __future__ import annotations
@@ -34,6 +41,9 @@ from typing import Any
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import healdbench as hb
 
 from agent.act.engine import Engine
 from agent.collect.disk import DiskCollector
@@ -251,21 +261,35 @@ async def main() -> int:
     ap.add_argument("--kills", type=int, default=30)
     ap.add_argument("--fills", type=int, default=5)
     ap.add_argument("--interval", type=float, default=1.0, help="sample interval, s (daemon default 1)")
+    ap.add_argument("--smoke", action="store_true", help="3 kills, 1 fill, no results file")
     args = ap.parse_args()
+    if args.smoke:
+        args.kills, args.fills = 3, 1
+    if not hb.confined():
+        raise SystemExit("time_to_heal.py runs only inside its private PID+mount namespace")
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="heald-bench-") as d:
         tmp = Path(d)
-        rows.append(await bench_process(tmp, args.kills, args.interval))
-        disk = await bench_disk(tmp, args.fills, args.interval)
-        if disk is not None:
-            rows.append(disk)
-        else:
-            print("(disk part skipped: needs root to mount a tmpfs)")
+        try:
+            rows.append(await bench_process(tmp, args.kills, args.interval))
+            disk = await bench_disk(tmp, args.fills, args.interval)
+            if disk is not None:
+                rows.append(disk)
+            else:
+                print("(disk part skipped: needs root to mount a tmpfs)")
+        finally:
+            enforced = sum(hb.check_confined_audit(tmp / state, {"bench-worker", "disk-nearly-full"})
+                           for state in ("state-proc", "state-disk") if (tmp / state).exists())
     print(table(rows))
+    print(f"\nsafety: ran in a private PID+mount namespace; {enforced} enforced runs, all of the bench's own "
+          "playbooks on its own worker and tmpfs; nothing else loaded")
     goals = {"p50_ms": 150.0, "p95_ms": 300.0}
     proc = rows[0]
     ok = proc["p50_ms"] <= goals["p50_ms"] and proc["p95_ms"] <= goals["p95_ms"]
     print(f"\nprocess restart goals p50 <= 150 ms, p95 <= 300 ms: {'met' if ok else 'NOT met'}")
+    if args.smoke:
+        print(f"smoke run: {RESULTS} left as it was")
+        return 0
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(
         json.dumps(
@@ -289,4 +313,5 @@ async def main() -> int:
 
 
 if __name__ == "__main__":
+    hb.confine()
     sys.exit(asyncio.run(main()))
