@@ -14,7 +14,7 @@ def test_build_all_enabled_with_fake_gpu() -> None:
     fake = FakeNVML(1)
     collectors = build(CollectSettings(), nvml=fake)
     assert [c.name for c in collectors] == ["cpu", "memory", "disk", "network", "processes", "gpu", "cgroups",
-                                              "limits"]
+                                              "limits", "security_net", "security_proc"]
     for c in collectors:
         assert isinstance(c, Collector)
         c.start()

@@ -54,6 +54,10 @@ METRIC_FAMILIES: Final[frozenset[str]] = frozenset({
     "gpu.throttle_hw_thermal", "gpu.throttle_power_brake", "gpu.throttle_sw_power_cap",
     "gpu.throttle_sw_thermal", "gpu.xid_count", "gpu.lost", "gpu.reset_required", "gpu.mig_mode",
     "gpu.mig_mem_used_bytes", "gpu.mig_mem_total_bytes",
+    # security, network side (agent.collect.security_net)
+    "sec.auth_failures", "sec.auth_failures_recent", "sec.auth_failures_other", "sec.auth_failures_local",
+    "sec.auth_sources", "sec.auth_failures_total", "sec.auth_sources_forgotten", "sec.listeners",
+    "sec.listeners_new", "sec.listener_new",
     # security, process side (agent.collect.security_proc)
     "sec.suspects", "sec.suspect_cpu_pct", "sec.suspect_stopped", "sec.egress_bytes_per_s",
     "sec.egress_conns", "sec.egress_spike", "sec.files_watched",
