@@ -14,7 +14,9 @@ runs into the kernel's OOM kill, and the bench records when each trigger of the 
 
 Lead time = OOM kill - trigger time (seconds). A threshold that never held before the kill
 (the leak jumped past 95 % between two samples) has no lead time (``-``). Prints a table with
-the date and the machine. Needs root; cleans up its cgroups.
+the date and the machine. Needs root; cleans up its cgroups. It starts no agent and loads no
+playbook: nothing can be remediated (its own leak is ended by the kernel's OOM kill).
+``--smoke``: one 60 MiB/s leak into 64 MiB.
 """
 
 from __future__ import annotations
@@ -118,7 +120,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rates", default="10,30,60", help="MiB/s, comma-separated")
     ap.add_argument("--limits", default="256,512", help="MiB, comma-separated")
+    ap.add_argument("--smoke", action="store_true", help="one 60 MiB/s leak into 64 MiB")
     args = ap.parse_args()
+    if args.smoke:
+        args.rates, args.limits = "60", "64"
     if os.geteuid() != 0:
         raise SystemExit("needs root (it creates cgroups)")
     print(f"# cgroup leak lead time, {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, {platform.node()}, "

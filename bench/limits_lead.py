@@ -16,7 +16,10 @@ playbook would first have held, and when the leak hit the wall.
   threshold = ``cgroup.pids.used_pct >= 95``.
 
 Lead time = the wall (EMFILE / EAGAIN, the leaking process exits 3 then) - trigger time, seconds;
-``-`` when the trigger never held before the wall (1 Hz samples). Needs root; cleans up.
+``-`` when the trigger never held before the wall (1 Hz samples). Needs root; cleans up. It
+starts no agent and loads no playbook: nothing can be remediated (each leak ends at its own wall,
+the fork leak's children are killed by the PIDs in its own cgroup). ``--smoke``: one small leak
+of each kind.
 """
 
 from __future__ import annotations
@@ -164,7 +167,10 @@ def main() -> None:
     ap.add_argument("--fd-limit", type=int, default=1024, help="RLIMIT_NOFILE of the leaking process")
     ap.add_argument("--fork-rates", default="2,5,20", help="forks/s, comma-separated")
     ap.add_argument("--pids-max", type=int, default=128, help="pids.max of the leaking cgroup")
+    ap.add_argument("--smoke", action="store_true", help="one small leak of each kind")
     args = ap.parse_args()
+    if args.smoke:
+        args.fd_rates, args.fd_limit, args.fork_rates, args.pids_max = "200", 128, "20", 32
     if os.geteuid() != 0:
         raise SystemExit("needs root (it creates cgroups)")
     print(f"# fd / PID leak lead time, {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, {platform.node()}, "
