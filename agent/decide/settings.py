@@ -55,7 +55,7 @@ class SecuritySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, 
     # node's own addresses and the MQTT broker's (always refused).
     allow_list: tuple[str, ...] = ()
     # Keep heald's nftables table (`inet heald`: the blocked addresses) when the daemon stops. false:
-    # the table is deleted on `heald stop`, SIGTERM or Ctrl-C; either way each block expires by itself.
+    # the table is deleted on `systemctl stop heald`, SIGTERM or Ctrl-C; each block expires by itself anyway.
     keep_blocks_on_stop: bool = False
     # How long block_address blocks an address when its step gives no `timeout` (the element's
     # nftables timeout, so the block ends by itself).
