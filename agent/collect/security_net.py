@@ -14,7 +14,8 @@ journald runs, of the auth log files (``auth_files``, tailed by inode and offset
 each attributed to the binary holding it (``/proc/PID/fd`` → socket inode, ``/proc/PID/exe``;
 the fd walk runs only when an unknown socket inode appears). A listener is identified by
 (protocol, port, binary). Those seen in the first scan and for ``baseline_s`` after it are the
-node's baseline; one seen later for the first time is a ``sec.new_listener`` event, once.
+node's baseline; one seen later for the first time is a ``sec.new_listener`` event, once
+(never one bound only to loopback, unless ``listener_ignore_loopback = false``).
 
 Metrics (``SRC`` = an IP address as text; ``PROTO/PORT`` e.g. ``tcp/8080``):
 
@@ -239,6 +240,8 @@ class SecurityNetCollector(BaseCollector[SecurityNetSettings]):
         learning = now - self._listen_started <= s.baseline_s
         for lkey, addrs in sorted(listening.items()):
             if lkey in self._baseline or lkey in self._new:
+                continue
+            if s.listener_ignore_loopback and all(ipaddress.ip_address(a).is_loopback for a in addrs):
                 continue
             if learning:
                 if len(self._baseline) < s.max_listeners:

@@ -174,6 +174,9 @@ class SecurityNetSettings(CollectorSettings, frozen=True, forbid_unknown_fields=
     baseline_s: Annotated[float, msgspec.Meta(ge=0, le=30 * 86400)] = 600.0
     # Listeners remembered at most.
     max_listeners: Annotated[int, msgspec.Meta(ge=16, le=100_000)] = 4096
+    # A listener bound only to loopback addresses (unreachable from other hosts; development
+    # tools and local helpers on random ports) is never reported new.
+    listener_ignore_loopback: bool = True
 
 
 class CollectSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
