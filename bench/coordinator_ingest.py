@@ -383,8 +383,12 @@ def main() -> int:
     parser.add_argument("--store", action="append", choices=["sqlite", "postgresql"])
     parser.add_argument("--duration", type=float, default=30.0)
     parser.add_argument("--quick", action="store_true", help="1k nodes only, 10 s")
+    parser.add_argument("--smoke", action="store_true", help="50 nodes, SQLite, 3 s, no results file")
     args = parser.parse_args()
-    if args.quick:
+    if args.smoke:
+        scenarios = [("sqlite", 1, 50, 1.0)]
+        args.duration = 3.0
+    elif args.quick:
         scenarios = [("sqlite", 1, 1000, 1.0)]
         args.duration = 10.0
     elif args.nodes or args.rate or args.replicas or args.store:
@@ -420,6 +424,9 @@ def main() -> int:
             )
     print()
     print_table(rows)
+    if args.smoke:
+        print(f"smoke run: {RESULTS.relative_to(REPO)} left as it was")
+        return 0
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     tmp = RESULTS.with_suffix(".json.tmp")
     tmp.write_text(

@@ -85,5 +85,8 @@ if __name__ == "__main__":
     ap.add_argument("--nodes", type=int, default=10_000)
     ap.add_argument("--offline", type=int, default=500)
     ap.add_argument("--rounds", type=int, default=50)
+    ap.add_argument("--smoke", action="store_true", help="200 nodes, 20 offline, 3 rounds")
     a = ap.parse_args()
+    if a.smoke:
+        a.nodes, a.offline, a.rounds = 200, 20, 3
     asyncio.run(main(a.nodes, a.offline, a.rounds))
