@@ -39,21 +39,27 @@ _HEAD = 64
 OTHER = "other"
 
 _ADDR = r"(?P<src>\S+)"
-_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
-    ("failed", re.compile(
+# (kind, a word every matching line holds: tested before the regex, pattern)
+_PATTERNS: tuple[tuple[str, str, re.Pattern[str]], ...] = (
+    ("failed", "Failed ", re.compile(
         r"\bFailed [\w/-]+ for (?:invalid user )?.{0,256}? from " + _ADDR + r" port \d+")),
-    ("max_attempts", re.compile(
+    ("max_attempts", "maximum authentication", re.compile(
         r"maximum authentication attempts exceeded for (?:invalid user )?.{0,256}? from "
         + _ADDR + r" port \d+")),
-    ("invalid_user", re.compile(r"\bInvalid user .{0,256}? from " + _ADDR + r"(?: port \d+)?\s*$")),
-    ("preauth", re.compile(
+    ("invalid_user", "Invalid user ", re.compile(
+        r"\bInvalid user .{0,256}? from " + _ADDR + r"(?: port \d+)?\s*$")),
+    ("preauth", "[preauth]", re.compile(
         r"\b(?:Connection (?:closed|reset)|Disconnected) by (?:(?:authenticating|invalid) user .{0,256}? )?"
         + _ADDR + r" port \d+\s*\[preauth\]")),
-    ("preauth", re.compile(r"\bConnection (?:closed|reset) by " + _ADDR + r" port \d+\s*$")),  # no kex at all
-    ("preauth", re.compile(r"\bDid not receive identification string from " + _ADDR)),
-    ("preauth", re.compile(r"\bbanner exchange: Connection from " + _ADDR + r" port \d+: invalid format")),
-    ("preauth", re.compile(r"\bUnable to negotiate with " + _ADDR + r" port \d+")),
+    ("preauth", "Connection ", re.compile(  # no key exchange at all
+        r"\bConnection (?:closed|reset) by " + _ADDR + r" port \d+\s*$")),
+    ("preauth", "identification string", re.compile(
+        r"\bDid not receive identification string from " + _ADDR)),
+    ("preauth", "banner exchange", re.compile(
+        r"\bbanner exchange: Connection from " + _ADDR + r" port \d+: invalid format")),
+    ("preauth", "Unable to negotiate", re.compile(r"\bUnable to negotiate with " + _ADDR + r" port \d+")),
 )
+_PAM_WORD = ":auth): authentication failure;"
 _PAM = re.compile(r"\bpam_\w+\((?P<svc>[\w.@-]{1,64}):auth\): authentication failure;(?P<rest>.*)")
 _RHOST = re.compile(r"\brhost=(?P<rhost>\S*)")
 _SUDO = re.compile(r"(?:^|\s)\S{1,64} : user NOT (?:in sudoers|authorized on host)")
@@ -76,17 +82,18 @@ def source(text: str) -> str:
 
 def parse(line: str) -> tuple[str, str] | None:
     """``(kind, source)`` of an authentication failure line, or None for any other line."""
-    if "pam_" in line:
+    if _PAM_WORD in line:
         m = _PAM.search(line)
         if m is not None:
             if m.group("svc") == "sshd":  # sshd's own "Failed password" line counts this attempt
                 return None
             r = _RHOST.search(m.group("rest"))
             return "pam", source(r.group("rhost") if r else "")
-    for kind, pattern in _PATTERNS:
-        m = pattern.search(line)
-        if m is not None:
-            return kind, source(m.group("src"))
+    for kind, word, pattern in _PATTERNS:
+        if word in line:
+            m = pattern.search(line)
+            if m is not None:
+                return kind, source(m.group("src"))
     if " : user NOT " in line and _SUDO.search(line) is not None:
         return "sudo", LOCAL
     return None

@@ -164,7 +164,7 @@ class SecurityNetSettings(CollectorSettings, frozen=True, forbid_unknown_fields=
     # A longer log line is cut to this many bytes before it is parsed.
     max_line_bytes: Annotated[int, msgspec.Meta(ge=256, le=1 << 20)] = 8192
     # At most this much log is read in one pass; the rest waits for the next.
-    max_read_bytes: Annotated[int, msgspec.Meta(ge=4096, le=1 << 30)] = 4 << 20
+    max_read_bytes: Annotated[int, msgspec.Meta(ge=4096, le=1 << 30)] = 1 << 20
     # Listening sockets (/proc/net/tcp, tcp6; udp, udp6 with "udp"), every listener_interval_s.
     listeners: bool = True
     listener_protocols: tuple[Literal["tcp", "udp"], ...] = ("tcp",)
