@@ -116,10 +116,12 @@ def test_the_daemon_fits_in_a_child_forecasts_and_reloads(tmp_path: Path) -> Non
     now = time.time()
     settings = DemandSettings(step_s=STEP, horizon_s=3 * 3600.0)
     stage = DemandStage(settings, tmp_path)
-    assert stage.scorer is None and not stage.fit_due(now)  # no history yet
+    assert stage.scorer is None
+    assert not stage.fit_due(now)
     write_history(tmp_path / "demand" / "history.json", 2.5, now)
     stage = DemandStage(settings, tmp_path)  # a restart reads it back
-    assert stage.history.span_s >= 2 * DAY and stage.fit_due(now)
+    assert stage.history.span_s >= 2 * DAY
+    assert stage.fit_due(now)
     assert asyncio.run(stage.refit())
     assert not stage.fit_due(time.time())
     assert (tmp_path / "models" / MODEL_FILE).exists()
@@ -139,10 +141,12 @@ def test_the_daemon_fits_in_a_child_forecasts_and_reloads(tmp_path: Path) -> Non
     assert again.on_sample({"cpu.util_pct": 10.0}, t + 5) is fc  # the same tuple within a step
     cpu = next(f for f in again.on_sample({"cpu.util_pct": 10.0}, t + 6) if f.resource == "cpu.util_pct")
     peak = cpu.peak(3 * 3600.0)
-    assert peak is not None and peak[0] > 60.0
+    assert peak is not None
+    assert peak[0] > 60.0
     rise = next(i for i, v in enumerate(cpu.point) if v > 45.0)  # the profile is smoothed over 3 steps
     assert 7200.0 - 2 * STEP <= STEP * (rise + 1) <= 7200.0 + STEP
-    assert cpu.peak(3600.0) is not None and cpu.peak(3600.0)[0] < 30.0  # type: ignore[index]
+    assert cpu.peak(3600.0) is not None
+    assert cpu.peak(3600.0)[0] < 30.0
     assert all(lo <= p <= hi for lo, p, hi in zip(cpu.lo, cpu.point, cpu.hi, strict=True))
 
 
@@ -174,7 +178,8 @@ def test_train_demand_cli_says_one_line_on_bad_input(tmp_path: Path) -> None:
                         str(tmp_path / "h.json"), "--output", str(tmp_path / "o.npz")],
                        capture_output=True, text=True, check=False, timeout=60)
     assert r.returncode != 0
-    assert "Traceback" not in r.stderr and "a day of values" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert "a day of values" in r.stderr
     assert not (tmp_path / "o.npz").exists()
 
 
@@ -189,15 +194,18 @@ def test_summaries_compare_the_last_forecast_with_what_came(tmp_path: Path) -> N
     first = {s.resource: s for s in stage.summaries(t, t + 600)}
     assert first["cpu.util_pct"].actual == pytest.approx(12.0)
     assert first["cpu.util_pct"].predicted is None  # nothing was forecast before
-    assert len(first["cpu.util_pct"].point) == 24 and first["cpu.util_pct"].step_s == STEP
+    assert len(first["cpu.util_pct"].point) == 24
+    assert first["cpu.util_pct"].step_s == STEP
     for i in range(600, 3900, 10):
         stage.on_sample({"cpu.util_pct": 75.0, "mem.used_pct": 41.0}, t + i)
     second = {s.resource: s for s in stage.summaries(t + 600, t + 3900)}
     assert second["cpu.util_pct"].actual == pytest.approx(75.0)
     predicted = second["cpu.util_pct"].predicted
-    assert predicted is not None and 15.0 < predicted < 40.0  # 13:10-14:05: mostly before the peak
+    assert predicted is not None
+    assert 15.0 < predicted < 40.0
     # it goes on the wire with the cost summary, and decodes
     msg = wire.Cost(v=1, node="n1", site="s1", seq=1, ts=now, mono=1.0, start=t, end=t + 3900,
                     demand=list(second.values()))
     back = wire.decode(wire.encode(msg))
-    assert isinstance(back, wire.Cost) and back.demand == msg.demand
+    assert isinstance(back, wire.Cost)
+    assert back.demand == msg.demand

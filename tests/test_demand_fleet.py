@@ -19,6 +19,7 @@ from test_coordinator_store import BUDGET, inc, pg_admin, pg_url, store_url  # n
 from agent import wire
 from coordinator.config import StoreSection
 from coordinator.store import Store, open_store
+from coordinator.store.cost import AMOUNTS
 from coordinator.store.schema import SCHEMA_VERSION
 
 H = 3600.0
@@ -33,8 +34,8 @@ def d(resource: str, actual: float | None, predicted: float | None = None,
       point: tuple[float, ...] = ()) -> wire.DemandSummary:
     if not point:
         return wire.DemandSummary(resource=resource, actual=actual, predicted=predicted)
-    return wire.DemandSummary(resource=resource, actual=actual, predicted=predicted, step_s=H, point=list(point),
-                              lo=[p - 1 for p in point], hi=[p + 1 for p in point])
+    return wire.DemandSummary(resource=resource, actual=actual, predicted=predicted, step_s=H,
+                              point=list(point), lo=[p - 1 for p in point], hi=[p + 1 for p in point])
 
 
 @pytest_asyncio.fixture
@@ -67,14 +68,17 @@ async def test_demand_is_rolled_up_per_site_and_fleet(store: Store) -> None:
     assert set(by_site) == {"a", "b"}
     a = {r["resource"]: r for r in by_site["a"]["resources"]}
     assert by_site["a"]["nodes"] == 2
-    assert a["cpu.util_pct"]["agg"] == "mean" and a["net.rx_bytes_per_s"]["agg"] == "sum"
+    assert a["cpu.util_pct"]["agg"] == "mean"
+    assert a["net.rx_bytes_per_s"]["agg"] == "sum"
     assert a["cpu.util_pct"]["actual"] == [[b0, 40.0], [b0 + H, 60.0]]
     assert a["cpu.util_pct"]["predicted"] == [[b0 + H, 60.0]]
     assert a["cpu.util_pct"]["mae"] == 0.0
     assert a["net.rx_bytes_per_s"]["actual"] == [[b0, 150.0], [b0 + H, 200.0]]
     assert a["net.rx_bytes_per_s"]["error_pct"] == pytest.approx(50.0)
     fc = a["cpu.util_pct"]["forecast"]
-    assert fc["t"] == [b0 + 2 * H, b0 + 3 * H] and fc["point"] == [60.0, 70.0] and fc["lo"] == [59.0, 69.0]
+    assert fc["t"] == [b0 + 2 * H, b0 + 3 * H]
+    assert fc["point"] == [60.0, 70.0]
+    assert fc["lo"] == [59.0, 69.0]
     assert a["net.rx_bytes_per_s"]["forecast"]["point"] == [300.0, 300.0]
     b = {r["resource"]: r for r in by_site["b"]["resources"]}
     assert b["cpu.util_pct"]["actual"] == [[b0 + H, 20.0]]
@@ -91,15 +95,14 @@ async def test_demand_is_rolled_up_per_site_and_fleet(store: Store) -> None:
 async def test_hostile_demand_json_in_the_store_is_skipped(store: Store) -> None:
     now = time.time()
     await store.apply([inc(cost("n1", "s", 1, now, d("cpu.util_pct", 5.0)))])
-    await store.db.write(lambda cur: store.db.execute(cur, "INSERT INTO cost (node, seq, ts, start_ts, end_ts, "
-                                                      "node_class, currency, money, seconds, core_h, idle_core_h, "
-                                                      "cores_under_line_h, gpu_h, idle_gpu_h, gpu_mem_idle_gib_h, "
-                                                      "mem_stranded_gib_h, energy_kwh, demand) VALUES "
-                                                      "('n1', 2, ?, ?, ?, '', '', 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, ?)",
-                                                      (now, now - 1, now, json.dumps(
-                                                          [1, {"resource": 5}, {"resource": "x", "point": "no",
-                                                                                "actual": "NaN"}]))))
-    await store.db.write(lambda cur: store.db.execute(cur, "UPDATE cost SET demand = '{' WHERE seq = 99"))
+    cols = ", ".join(("node", "seq", "ts", "start_ts", "end_ts", "node_class", "currency", *AMOUNTS,
+                      "demand"))
+    marks = ", ".join("?" * (8 + len(AMOUNTS)))
+    sql = f"INSERT INTO cost ({cols}) VALUES ({marks})"  # noqa: S608
+    junk = json.dumps([1, {"resource": 5}, {"resource": "x", "point": "no", "actual": "NaN"}])
+    for seq, text in ((2, junk), (3, "{"), (4, '{"resource": "y"}')):
+        row = ("n1", seq, now, now - 1, now, "", "", *([0.0] * len(AMOUNTS)), text)
+        await store.db.write(lambda cur, r=row: store.db.execute(cur, sql, r))
     data = await store.fleet_demand()
     res = {r["resource"]: r for r in data["fleet"]["resources"]}
     assert set(res) == {"cpu.util_pct"}
@@ -115,14 +118,12 @@ def test_a_schema_3_store_gets_the_demand_column(tmp_path: Path) -> None:
     asyncio.run(open_close())
     with sqlite3.connect(db) as conn:  # make it a version 3 store: a cost table without demand
         conn.execute("DROP TABLE cost")
-        conn.execute("CREATE TABLE cost (node TEXT NOT NULL, seq BIGINT NOT NULL, ts DOUBLE PRECISION NOT NULL, "
-                     "start_ts DOUBLE PRECISION NOT NULL, end_ts DOUBLE PRECISION NOT NULL, node_class TEXT NOT "
-                     "NULL, currency TEXT NOT NULL, money DOUBLE PRECISION NOT NULL, seconds DOUBLE PRECISION NOT "
-                     "NULL, core_h DOUBLE PRECISION NOT NULL, idle_core_h DOUBLE PRECISION NOT NULL, "
-                     "cores_under_line_h DOUBLE PRECISION NOT NULL, gpu_h DOUBLE PRECISION NOT NULL, idle_gpu_h "
-                     "DOUBLE PRECISION NOT NULL, gpu_mem_idle_gib_h DOUBLE PRECISION NOT NULL, mem_stranded_gib_h "
-                     "DOUBLE PRECISION NOT NULL, energy_kwh DOUBLE PRECISION NOT NULL, PRIMARY KEY (node, seq))")
-        conn.execute("INSERT INTO cost VALUES ('old', 1, 1, 0, 1, '', '', 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)")
+        amounts = ", ".join(f"{a} DOUBLE PRECISION NOT NULL" for a in AMOUNTS)
+        conn.execute("CREATE TABLE cost (node TEXT NOT NULL, seq BIGINT NOT NULL, "
+                     "ts DOUBLE PRECISION NOT NULL, start_ts DOUBLE PRECISION NOT NULL, "
+                     "end_ts DOUBLE PRECISION NOT NULL, "
+                     f"node_class TEXT NOT NULL, currency TEXT NOT NULL, {amounts}, PRIMARY KEY (node, seq))")
+        conn.execute(f"INSERT INTO cost VALUES ('old', 1, 1, 0, 1, '', ''{', 0' * len(AMOUNTS)})")  # noqa: S608
         conn.execute("UPDATE meta SET value = '3' WHERE key = 'schema'")
     asyncio.run(open_close())
     with sqlite3.connect(db) as conn:
@@ -137,6 +138,7 @@ def test_fleet_demand_cli_exit_codes(capsys: pytest.CaptureFixture[str]) -> None
     base = ["fleet", "--url", "http://127.0.0.1:9", "--token", "t", "demand"]
     assert main([*base, "--hours", "0"]) == 2
     err = capsys.readouterr().err
-    assert "--hours must be 1..1440" in err and "Traceback" not in err
+    assert "--hours must be 1..1440" in err
+    assert "Traceback" not in err
     assert main(base) == 1  # nothing listens on port 9
     assert "cannot reach the coordinator" in capsys.readouterr().err

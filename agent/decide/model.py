@@ -127,8 +127,11 @@ def walk(cond: Condition) -> list[Condition]:
 
 
 def model_driven(cond: Condition) -> bool:
-    """Whether any part of the condition reads the model (held while the model is cold)."""
-    return any(isinstance(c, ForecastCond | DemandCond | RiskCond | FailureCond) for c in walk(cond))
+    """Whether any part of the condition reads the model (held while the model is cold).
+
+    ``demand`` is not: it reads the demand model (its own fit or ``[demand] model_path``), which has
+    nothing to do with the anomaly detector's cold start, and matches nothing until one is loaded."""
+    return any(isinstance(c, ForecastCond | RiskCond | FailureCond) for c in walk(cond))
 
 
 def bound_vars(cond: Condition) -> frozenset[str]:

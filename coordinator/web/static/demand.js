@@ -79,5 +79,5 @@ async function renderDemand(view) {
       `Last ${data.hours} h in ${data.bucket_s / 60}-minute buckets. Solid: actual; dashed: what the previous summary's forecast said; ` +
       "blue: the latest forecast and its interval. Percentages are averaged over nodes, rates summed."),
     demandScope("Fleet", "demand-fleet", data.fleet),
-    data.sites.map((s) => demandScope(`Site ${s.site}`, `demand-site-${s.site}`, s)));
+    ...data.sites.map((s) => demandScope(`Site ${s.site}`, `demand-site-${s.site}`, s)));
 }
