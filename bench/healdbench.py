@@ -36,6 +36,9 @@ ROOT = Path(__file__).resolve().parents[1]
 MOSQUITTO = os.environ.get("HEALD_TEST_MOSQUITTO", "/usr/sbin/mosquitto")
 RECORDING = ROOT / "bench" / "faults" / "data" / "faultfree-71min.npz"
 FORCE_ENV = "HEALD_PLAYBOOKS__FORCE_MODE"
+#: When set, a directory: every audit log a check read is copied there (tests/test_bench_smoke.py
+#: reads them again on its own), as ``<n>-audit.jsonl`` (empty when the agent wrote none).
+AUDIT_COPY_ENV = "HEALD_BENCH_AUDIT_DIR"
 
 
 class Unsafe(SystemExit):
@@ -223,6 +226,18 @@ def audit_entries(state_dir: Path) -> list[dict[str, Any]]:
     return out
 
 
+def keep_audit(state_dir: Path) -> None:
+    """Copy the audit log for whoever asked (``$HEALD_BENCH_AUDIT_DIR``), before the temp dir goes."""
+    where = os.environ.get(AUDIT_COPY_ENV)
+    if not where:
+        return
+    dest = Path(where)
+    dest.mkdir(parents=True, exist_ok=True)
+    target = dest / f"{len(list(dest.glob('*-audit.jsonl')))}-audit.jsonl"
+    src = state_dir / "audit.jsonl"
+    target.write_bytes(src.read_bytes() if src.exists() else b"")
+
+
 def enforced(state_dir: Path) -> list[dict[str, Any]]:
     """Audit records of runs that acted for real: ``run.start`` with ``dry_run`` not true."""
     return [r for r in audit_entries(state_dir)
@@ -239,6 +254,7 @@ def check_agent(d: Path, log: Path) -> dict[str, Any]:
     if summary.get("playbooks_mode") != "dry-run" or summary.get("acting"):
         raise Unsafe(f"the agent started with playbooks_mode={summary.get('playbooks_mode')!r}, "
                      f"acting={summary.get('acting')!r}")
+    keep_audit(d / "state")
     records = audit_entries(d / "state")
     bad = enforced(d / "state")
     if bad:
@@ -295,6 +311,7 @@ def check_confined_audit(state_dir: Path, own_playbooks: set[str]) -> int:
     """For benches that enforce their own playbooks on their own objects: runs for real only
     inside the private namespaces and only of ``own_playbooks``; raises :class:`Unsafe` otherwise.
     Returns the number of enforced runs."""
+    keep_audit(state_dir)
     bad = enforced(state_dir)
     if bad and not confined():
         raise Unsafe(f"{len(bad)} enforced run(s) outside a private PID+mount namespace")
