@@ -45,6 +45,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import time
+from collections.abc import Iterable
 
 from agent.collect.auth import LOCAL, OTHER, FailureWindow, FileTail, JournalFollower, parse
 from agent.collect.base import BaseCollector
@@ -72,13 +73,22 @@ def _hex_addr(text: str) -> tuple[str, int] | None:
     return None
 
 
-def parse_proc_net(text: str, proto: str) -> list[tuple[str, int, int]]:
-    """Listening sockets of one ``/proc/net/<proto>[6]`` table: ``(addr, port, inode)``."""
+def parse_proc_net(text: str | Iterable[str], proto: str) -> list[tuple[str, int, int]]:
+    """Listening sockets of one ``/proc/net/<proto>[6]`` table: ``(addr, port, inode)``.
+
+    The kernel lists TCP's listening sockets first, so the TCP table is read only up to its
+    first other socket (a server's 100,000 connections are never read); UDP has no such order."""
     out: list[tuple[str, int, int]] = []
     state = _LISTEN[proto]
-    for line in text.splitlines()[1:]:
+    lines = iter(text.splitlines() if isinstance(text, str) else text)
+    next(lines, None)  # the header
+    for line in lines:
         f = line.split()
-        if len(f) < 10 or f[3] != state:
+        if len(f) < 10:
+            continue
+        if f[3] != state:
+            if proto == "tcp":
+                break
             continue
         if proto == "udp" and not f[2].endswith(":0000"):
             continue  # a connected UDP socket is a client's
@@ -177,10 +187,10 @@ class SecurityNetCollector(BaseCollector[SecurityNetSettings]):
             for fam in ("", "6"):
                 try:
                     with open(self._p(f"proc/net/{proto}{fam}"), encoding="ascii", errors="replace") as f:
-                        text = f.read()
+                        found = parse_proc_net(f, proto)
                 except OSError:
                     continue
-                out.extend((proto, a, p, i) for a, p, i in parse_proc_net(text, proto))
+                out.extend((proto, a, p, i) for a, p, i in found)
         return out
 
     def _map_inodes(self, wanted: set[int]) -> None:
@@ -230,6 +240,8 @@ class SecurityNetCollector(BaseCollector[SecurityNetSettings]):
         unknown = {i for i in inodes if i not in self._exe_by_inode and i != 0}
         if unknown:
             self._map_inodes(unknown)
+            for inode in unknown:  # no process holds it (a kernel socket): never walked for again
+                self._exe_by_inode.setdefault(inode, "?")
         listening: dict[tuple[str, int, str], list[str]] = {}
         for proto, addr, port, inode in socks:
             exe = self._exe_by_inode.get(inode, "?")
