@@ -171,6 +171,7 @@ class SecurityProcCollector(BaseCollector[SecurityProcSettings]):
         self._hashes: dict[str, float] = {}  # sha256 -> last seen (wall)
         self._files: dict[str, str | None] = {}  # watched path -> sha256 (None: absent)
         self._files_known = False  # the baseline holds the watched files (else the first pass learns)
+        self._created = 0.0
         self._learn_until = 0.0
         self._dirty = False
         self._saved = 0.0
@@ -195,14 +196,15 @@ class SecurityProcCollector(BaseCollector[SecurityProcSettings]):
                     loaded = json.loads(raw)
                     if isinstance(loaded, dict):
                         data = loaded
-        hashes, files, learn = data.get("hashes"), data.get("files"), data.get("learn_until")
+        hashes, files, created = data.get("hashes"), data.get("files"), data.get("created")
         if isinstance(hashes, dict):
             self._hashes = {str(k): float(v) for k, v in hashes.items()
                             if isinstance(v, (int, float)) and len(str(k)) == 64}
         if isinstance(files, dict):
             self._files_known = True
             self._files = {str(k): (str(v) if isinstance(v, str) else None) for k, v in files.items()}
-        self._learn_until = float(learn) if isinstance(learn, (int, float)) else now + self.settings.learn_s
+        self._created = float(created) if isinstance(created, (int, float)) else now
+        self._learn_until = self._created + self.settings.learn_s
         if not data:
             self._dirty = True
 
@@ -212,7 +214,7 @@ class SecurityProcCollector(BaseCollector[SecurityProcSettings]):
         if len(self._hashes) > self.settings.max_hashes:
             keep = sorted(self._hashes.items(), key=lambda kv: kv[1])[-self.settings.max_hashes:]
             self._hashes = dict(keep)
-        doc = {"version": 1, "learn_until": self._learn_until, "hashes": self._hashes, "files": self._files}
+        doc = {"version": 1, "created": self._created, "hashes": self._hashes, "files": self._files}
         try:
             atomic_write(self._base_path, json.dumps(doc, sort_keys=True).encode())
         except OSError:

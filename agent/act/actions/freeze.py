@@ -3,17 +3,19 @@
 Freezing, in this order, for each process :func:`agent.act.procs.select` returns (which already
 refuses pid 1, kernel threads, heald and its parents, and ``protected_processes``):
 
-1. A record, ``STATE/forensics/PID-STARTTIME/record.json`` (``state: freezing``), written before
-   anything is done to the process: a kill -9 of heald at any later point leaves the record.
+1. A record, ``STATE/forensics/PID-STARTTIME/record.json`` (``state: freezing``, with the freezer
+   group and the pids it is about to use), written before anything is done to the process: a
+   kill -9 of heald at any later point leaves a record that the freeze can be undone from.
 2. Forensics (``forensics: true``, the default): the binary copied from ``/proc/PID/exe`` (which
    works for a deleted file) with its sha256, and ``metadata.json``: exe, cmdline, the names of
    its environment variables (never their values), cwd, uids, open fds, inet connections, the
    parent chain. The forensics directory is bounded (``max_total``, default 512 MiB): the oldest
    records of processes no longer frozen go first; a binary that does not fit is not copied.
-3. SIGSTOP to it and its descendants (state T at once), then the cgroup freezer on top, so an
-   accomplice's SIGCONT cannot wake it: the v1 freezer (``/sys/fs/cgroup/freezer/heald-frozen/PID``)
-   where it is mounted, else cgroup v2 (``heald-frozen/PID/cgroup.freeze``); ``method: sigstop``
-   skips the cgroup. A process the cgroup freezer holds shows state D; one only stopped, T.
+3. The cgroup freezer, so that no signal (an accomplice's SIGCONT) wakes it: the v1 freezer
+   (``/sys/fs/cgroup/freezer/heald-frozen/PID-STARTTIME``) where it is mounted, else cgroup v2
+   (``heald-frozen/PID-STARTTIME/cgroup.freeze``); then SIGSTOP to it and its descendants
+   (pending under the freezer; alone where there is none, or with ``method: sigstop``). A
+   process the cgroup freezer holds shows state D; one only stopped, T.
 4. The check: every process is stopped (T) or its freezer group reads frozen; the record then
    says ``state: frozen`` with the method and the group.
 
@@ -163,35 +165,48 @@ def _write(path: Path, value: str) -> None:
         os.close(fd)
 
 
-def _cgroup_freeze(pids: list[int], group_name: str, v2_root: Path | None) -> tuple[str, str]:
-    """Move ``pids`` into heald's freezer group and freeze it; (method, group path) or raises OSError."""
+def _group_for(name: str, v2_root: Path | None) -> tuple[str, Path] | None:
+    """(method, path) of the freezer group heald would use for record ``name``; None: no freezer."""
     if (V1_FREEZER / "cgroup.procs").exists():
-        group = V1_FREEZER / FROZEN_GROUP / group_name
-        group.mkdir(parents=True, exist_ok=True)
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                _write(group / "cgroup.procs", str(pid))
-        _write(group / "freezer.state", "FROZEN")
-        deadline = time.monotonic() + 3.0
-        while (group / "freezer.state").read_text().strip() != "FROZEN":
-            if time.monotonic() > deadline:
-                raise OSError(f"{group} did not reach FROZEN")
-            time.sleep(0.02)
-        return "cgroup-v1-freezer", str(group)
-    if v2_root is None:
-        raise OSError("no cgroup freezer on this host")
-    group = v2_root / FROZEN_GROUP / group_name
+        return "cgroup-v1-freezer", V1_FREEZER / FROZEN_GROUP / name
+    if v2_root is not None and (v2_root / "cgroup.procs").exists():
+        return "cgroup-v2-freeze", v2_root / FROZEN_GROUP / name
+    return None
+
+
+def _sweep(parent: Path) -> None:
+    """Remove heald's freezer groups that hold no process any more (their process was killed or
+    exited): the kernel refuses to remove one that still holds a task, so a frozen one stays."""
+    with contextlib.suppress(OSError):
+        for child in parent.iterdir():
+            with contextlib.suppress(OSError):  # not one a concurrent freeze has just made
+                if child.is_dir() and time.time() - child.stat().st_mtime > 60:
+                    child.rmdir()
+
+
+def _cgroup_freeze(pids: list[int], method: str, group: Path) -> None:
+    """Move ``pids`` into ``group`` and freeze it (raises OSError when that cannot be done)."""
+    v1 = method == "cgroup-v1-freezer"
+    _sweep(group.parent)
     group.mkdir(parents=True, exist_ok=True)
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             _write(group / "cgroup.procs", str(pid))
-    _write(group / "cgroup.freeze", "1")
+    _write(group / ("freezer.state" if v1 else "cgroup.freeze"), "FROZEN" if v1 else "1")
     deadline = time.monotonic() + 3.0
-    while "frozen 1" not in (group / "cgroup.events").read_text():
+    while not _group_frozen(group):
         if time.monotonic() > deadline:
             raise OSError(f"{group} did not freeze")
         time.sleep(0.02)
-    return "cgroup-v2-freeze", str(group)
+
+
+def _group_frozen(group: Path) -> bool:
+    try:
+        if str(group).startswith(str(V1_FREEZER)):
+            return (group / "freezer.state").read_text().strip() == "FROZEN"
+        return "frozen 1" in (group / "cgroup.events").read_text()
+    except OSError:
+        return False
 
 
 def _stopped(pid: int, group: str) -> bool:
@@ -199,14 +214,7 @@ def _stopped(pid: int, group: str) -> bool:
         state = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
     except (OSError, IndexError):
         return False
-    if state in {b"T", b"t"}:
-        return True
-    with contextlib.suppress(OSError):
-        if group.startswith(str(V1_FREEZER)):
-            return Path(group, "freezer.state").read_text().strip() == "FROZEN"
-        if group:
-            return "frozen 1" in Path(group, "cgroup.events").read_text()
-    return False
+    return state in {b"T", b"t"} or (bool(group) and _group_frozen(Path(group)))
 
 
 def _freeze_one(c: Candidate, ctx: ActionContext, params: Mapping[str, Any]) -> dict[str, Any]:
@@ -216,9 +224,17 @@ def _freeze_one(c: Candidate, ctx: ActionContext, params: Mapping[str, Any]) -> 
     rdir = _record_dir(root, proc)
     record = _read_json(rdir / "record.json")
     rdir.mkdir(exist_ok=True, mode=0o700)
+    pids = [proc.pid]
+    with contextlib.suppress(psutil.Error):
+        pids += [p.pid for p in proc.children(recursive=True)[:_MAX_DESCENDANTS]]
+    plan = None if params.get("method", "auto") == "sigstop" else \
+        _group_for(rdir.name, cgroup_v2_root(ctx.settings.cgroup_root))
+    method, group = (plan[0], str(plan[1])) if plan is not None else ("sigstop", "")
+    # first, naming the group and the pids: a crash from here on leaves a record to undo it from
     record.update({"pid": proc.pid, "playbook": ctx.playbook, "run_id": ctx.run_id, "node": ctx.node,
-                   "state": "freezing", "since": time.time(), "bindings": dict(ctx.bindings)})
-    _write_json(rdir / "record.json", record)  # first: a crash from here on leaves a record
+                   "state": "freezing", "since": time.time(), "bindings": dict(ctx.bindings),
+                   "method": method, "group": group, "pids": pids})
+    _write_json(rdir / "record.json", record)
     if params.get("forensics", True) and "binary_sha256" not in record:
         budget = parse_size(params.get("max_total", "512M"))
         room = _prune(root, rdir, budget)
@@ -226,23 +242,20 @@ def _freeze_one(c: Candidate, ctx: ActionContext, params: Mapping[str, Any]) -> 
         _write_json(rdir / "metadata.json", meta)
         digest, size, note = _copy_binary(proc.pid, rdir / "binary", room)
         record.update({"binary_sha256": digest, "binary_size": size, "binary": note, "exe": meta.get("exe")})
-    pids = [proc.pid]
-    with contextlib.suppress(psutil.Error):
-        pids += [p.pid for p in proc.children(recursive=True)[:_MAX_DESCENDANTS]]
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGSTOP)
-    method, group = "sigstop", ""
-    if params.get("method", "auto") != "sigstop":
+    if plan is not None:
         try:
-            method, group = _cgroup_freeze(pids, rdir.name, cgroup_v2_root(ctx.settings.cgroup_root))
+            _cgroup_freeze(pids, *plan)
         except OSError as exc:
             record["cgroup"] = f"not used: {exc}"
+            method, group = "sigstop", ""
+    for pid in pids:  # on top of the freezer (pending until a thaw), or alone
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGSTOP)
     deadline = time.monotonic() + 2.0
     while not (ok := _stopped(proc.pid, group)) and time.monotonic() < deadline:
         time.sleep(0.02)
     record.update({"state": "frozen" if ok else "freeze-failed", "method": method, "group": group,
-                   "pids": pids, "frozen_at": time.time()})
+                   "frozen_at": time.time()})
     _write_json(rdir / "record.json", record)
     return {"pid": proc.pid, "ok": ok, "method": method, "record": str(rdir),
             "binary_sha256": record.get("binary_sha256")}
