@@ -183,7 +183,10 @@ SCRIPTS: list[Any] = [
 ]
 
 
-@pytest.mark.parametrize(("script", "extra", "table", "starts_heald"), SCRIPTS)
+SCRIPT_IDS = [p.values[0].removesuffix(".py") + "".join(p.values[1]).replace("--", "-") for p in SCRIPTS]
+
+
+@pytest.mark.parametrize(("script", "extra", "table", "starts_heald"), SCRIPTS, ids=SCRIPT_IDS)
 def test_smoke(script: str, extra: list[str], table: str, starts_heald: bool, tmp_path: Path) -> None:
     results = BENCH / "results"
     before = {p: p.stat().st_mtime_ns for p in results.rglob("*") if p.is_file()} if results.exists() else {}
