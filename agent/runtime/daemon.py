@@ -82,7 +82,8 @@ class Daemon:
 
     # --- construction -------------------------------------------------------------------------
     def _build_sampler(self, s: Settings) -> Sampler:
-        return build_sampler(s.node.id, s.collect, stale_after=s.sample.stale_after, nvml=self._nvml)
+        return build_sampler(s.node.id, s.collect, stale_after=s.sample.stale_after, nvml=self._nvml,
+                             state_dir=str(self.state_dir))
 
     def add_task(self, name: str, factory: Callable[[], Coroutine[Any, Any, None]]) -> None:
         """Register a long-running coroutine to run in the root group (before run())."""

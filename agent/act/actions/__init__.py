@@ -11,7 +11,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 from types import MappingProxyType
 
-from agent.act.actions import cgroups, commands, files, gpu, notify, processes, sysctl, systemd, webhook
+from agent.act.actions import (
+    cgroups,
+    commands,
+    files,
+    freeze,
+    gpu,
+    notify,
+    processes,
+    sysctl,
+    systemd,
+    webhook,
+)
 from agent.act.base import ActionFn
 from agent.decide.schema import action_names
 
@@ -23,6 +34,8 @@ REGISTRY: Mapping[str, ActionFn] = MappingProxyType({
     "signal_process": processes.signal_process,
     "renice": processes.renice,
     "restart_process": processes.restart_process,
+    "freeze_process": freeze.freeze_process,
+    "unfreeze_process": freeze.unfreeze_process,
     # cgroups
     "cgroup_limit": cgroups.cgroup_limit,
     # files, journal, caches
@@ -50,6 +63,7 @@ REGISTRY: Mapping[str, ActionFn] = MappingProxyType({
 #: reset, a re-picked process, a second page or an arbitrary command may do harm of its own.
 REPEATABLE: frozenset[str] = frozenset({
     "clean_paths", "vacuum_journal", "drop_caches", "cgroup_limit", "renice", "gpu_drain", "cordon",
+    "freeze_process",
 })
 
 
