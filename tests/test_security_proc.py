@@ -510,6 +510,26 @@ def test_freeze_refuses_pid1_itself_and_protected(tmp_path: Path) -> None:
         proc.wait()
 
 
+@root_only
+@needs_freezer
+def test_the_undo_commands_in_docs_security_md_work(tmp_path: Path, burner: tuple[Any, Path]) -> None:
+    """The sh block under "Process side: how to undo", run as written on a freeze of our own child."""
+    doc = (REPO / "docs" / "security.md").read_text()
+    block = doc.split("## Process side: how to undo", 1)[1].split("```sh", 1)[1].split("```", 1)[0]
+    proc, _ = burner
+    res = _act(freeze_process, {"target": {"pid": proc.pid}}, _ctx(tmp_path))
+    assert res.ok, res.detail
+    record = json.loads((Path(res.data["frozen"][0]["record"]) / "record.json").read_text())
+    lines = block.strip().splitlines()
+    assert lines[0] == "G=/sys/fs/cgroup/freezer/heald-frozen/PID-STARTTIME"
+    script = "\n".join([f"G={record['group']}", *lines[1:]])
+    t0 = _ticks(proc.pid)
+    subprocess.run(["sh", "-e", "-c", script], check=True)
+    assert not Path(record["group"]).exists()
+    assert _freezer_group(proc.pid) == "/"
+    assert _wait(lambda: _ticks(proc.pid) > t0, 10)
+
+
 # ----------------------------------------------------------------------------- heald run, namespaces
 class Coordinator:
     """A stand-in coordinator on a real mosquitto: collects events, grants leases, signs commands."""
