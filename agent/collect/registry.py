@@ -48,7 +48,7 @@ def build(settings: CollectSettings, *, root: str = "/", nvml: object | None = N
     if settings.limits.enabled:
         out.append(LimitCollector(settings.limits, root=root))
     if settings.security_net.enabled:
-        out.append(SecurityNetCollector(settings.security_net, root=root))
+        out.append(SecurityNetCollector(settings.security_net, root=root, state_dir=state_dir))
     if settings.security_proc.enabled:
         out.append(SecurityProcCollector(settings.security_proc, root=root, state_dir=state_dir))
     return out

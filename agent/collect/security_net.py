@@ -15,7 +15,9 @@ each attributed to the binary holding it (``/proc/PID/fd`` → socket inode, ``/
 the fd walk runs only when an unknown socket inode appears). A listener is identified by
 (protocol, port, binary). Those seen in the first scan and for ``baseline_s`` after it are the
 node's baseline; one seen later for the first time is a ``sec.new_listener`` event, once
-(never one bound only to loopback, unless ``listener_ignore_loopback = false``).
+(never one bound only to loopback, unless ``listener_ignore_loopback = false``). With a state
+directory the baseline, when it was first learned and the listeners reported are kept in
+``STATE/security/listeners.json``: a restart neither learns nor reports them again.
 
 Metrics (``SRC`` = an IP address as text; ``PROTO/PORT`` e.g. ``tcp/8080``):
 
@@ -43,15 +45,18 @@ auth source in use, and the listeners by (proto, port, binary).
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import time
 from collections.abc import Iterable
+from pathlib import Path
 
 from agent.collect.auth import LOCAL, OTHER, FailureWindow, FileTail, JournalFollower, parse
 from agent.collect.base import BaseCollector
 from agent.collect.sample import Reading, key
 from agent.collect.settings import SecurityNetSettings
 from agent.errors import CollectorUnavailable
+from agent.fsutil import atomic_write
 
 _LISTEN = {"tcp": "0A", "udp": "07"}
 _MAX_EXE = 256
@@ -102,14 +107,19 @@ def parse_proc_net(text: str | Iterable[str], proto: str) -> list[tuple[str, int
 class SecurityNetCollector(BaseCollector[SecurityNetSettings]):
     name = "security_net"
 
-    def __init__(self, settings: SecurityNetSettings | None = None, *, root: str = "/") -> None:
+    def __init__(self, settings: SecurityNetSettings | None = None, *, root: str = "/",
+                 state_dir: str | os.PathLike[str] | None = None) -> None:
         super().__init__(settings or SecurityNetSettings(), root=root)
+        # The listener baseline survives restarts (a listener opened while heald was down, or by
+        # whoever restarted it, is not learned as normal); None: in memory only.
+        self._base_path = Path(state_dir) / "security" / "listeners.json" if state_dir is not None else None
+        self._base_dirty = False
         s = self.settings
         self.window = FailureWindow(s.window_s, s.max_sources)
         self._journal: JournalFollower | None = None
         self._tails: list[FileTail] = []
         self.auth_source = "none"
-        self._listen_started: float | None = None
+        self._created: float | None = None  # wall time the baseline was first learned
         self._listen_next = -1e18
         self._baseline: set[tuple[str, int, str]] = set()
         self._new: dict[tuple[str, int, str], str] = {}  # reported, not in the baseline -> addr
@@ -119,6 +129,7 @@ class SecurityNetCollector(BaseCollector[SecurityNetSettings]):
 
     def start(self) -> None:
         s = self.settings
+        self._load_baseline()
         journald = os.path.exists(self._p("run/systemd/journal/socket"))
         if s.auth_source == "journal" or (s.auth_source == "auto" and journald):
             self._journal = JournalFollower(s.journalctl, s.journal_match, max_line=s.max_line_bytes)
@@ -247,9 +258,10 @@ class SecurityNetCollector(BaseCollector[SecurityNetSettings]):
             exe = self._exe_by_inode.get(inode, "?")
             listening.setdefault((proto, port, exe), []).append(addr)
         self._listening = listening
-        if self._listen_started is None:
-            self._listen_started = now
-        learning = now - self._listen_started <= s.baseline_s
+        wall = time.time()
+        if self._created is None:
+            self._created, self._base_dirty = wall, True
+        learning = wall - self._created <= s.baseline_s
         for lkey, addrs in sorted(listening.items()):
             if lkey in self._baseline or lkey in self._new:
                 continue
@@ -258,10 +270,12 @@ class SecurityNetCollector(BaseCollector[SecurityNetSettings]):
             if learning:
                 if len(self._baseline) < s.max_listeners:
                     self._baseline.add(lkey)
+                    self._base_dirty = True
                 continue
             if len(self._new) >= s.max_listeners:
                 self._new.pop(next(iter(self._new)))
             self._new[lkey] = addrs[0]
+            self._base_dirty = True
             proto, port, exe = lkey
             reading.events.append(self._event(
                 "sec.new_listener",
@@ -270,10 +284,44 @@ class SecurityNetCollector(BaseCollector[SecurityNetSettings]):
                 value=float(port),
                 labels={"proto": proto, "port": str(port), "exe": exe, "addr": addrs[0]},
             ))
+        self._save_baseline()
         self._listener_metrics(reading)
 
+    def _load_baseline(self) -> None:
+        if self._base_path is None:
+            return
+        try:
+            doc = json.loads(self._base_path.read_bytes())
+        except (OSError, ValueError):
+            return  # none yet, or unreadable: learned again
+        if not isinstance(doc, dict) or not isinstance(doc.get("created"), int | float):
+            return
+
+        def keys(name: str) -> list[tuple[str, int, str]]:
+            items = doc.get(name)
+            items = items[: self.settings.max_listeners] if isinstance(items, list) else []
+            return [(i[0], i[1], i[2][:_MAX_EXE]) for i in items
+                    if isinstance(i, list) and len(i) == 3 and i[0] in _LISTEN
+                    and isinstance(i[1], int) and isinstance(i[2], str)]
+
+        self._created = float(doc["created"])
+        self._baseline = set(keys("baseline"))
+        self._new = dict.fromkeys(keys("reported"), "")
+
+    def _save_baseline(self) -> None:
+        if self._base_path is None or not self._base_dirty:
+            return
+        doc = {"version": 1, "created": self._created, "baseline": sorted(self._baseline),
+               "reported": list(self._new)}
+        try:
+            self._base_path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(self._base_path, json.dumps(doc).encode())
+        except OSError:
+            return  # a full or read-only state dir: kept in memory, written with the next change
+        self._base_dirty = False
+
     def _listener_metrics(self, reading: Reading) -> None:
-        if self._listen_started is None:
+        if self._created is None:
             return
         reading.metrics["sec.listeners"] = float(sum(len(a) for a in self._listening.values()))
         reading.metrics["sec.listeners_new"] = float(sum(1 for k in self._listening if k in self._new))
