@@ -209,3 +209,16 @@ def test_summaries_compare_the_last_forecast_with_what_came(tmp_path: Path) -> N
     back = wire.decode(wire.encode(msg))
     assert isinstance(back, wire.Cost)
     assert back.demand == msg.demand
+
+
+def test_heald_check_names_a_bad_model_path(tmp_path: Path) -> None:
+    bad = tmp_path / "demand.npz"
+    bad.write_bytes(b"junk")
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f'[paths]\nstate_dir = "{tmp_path / "state"}"\nruntime_dir = "{tmp_path / "run"}"\n'
+                   f'[playbooks]\nload_shipped = false\ndirs = []\n[demand]\nmodel_path = "{bad}"\n')
+    r = subprocess.run([sys.executable, "-m", "agent", "check", "--config", str(cfg)], capture_output=True,
+                       text=True, check=False, timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "demand.model_path" in r.stdout + r.stderr
+    assert "Traceback" not in r.stderr

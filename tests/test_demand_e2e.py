@@ -216,8 +216,7 @@ def test_a_real_agent_calls_the_webhook_before_the_peak_and_reports_demand(
     # 4. the pages
     shots = Path(os.environ.get("HEALD_TEST_ARTIFACTS") or tmp_path / "screenshots")
     shots.mkdir(parents=True, exist_ok=True)
-    page_cpu = next(r for r in _site(hourly)["resources"] if r["resource"] == "cpu.util_pct")  # type: ignore[index]
-    asyncio.run(_pages(coord, node, page_cpu, shots))
+    asyncio.run(_pages(coord, node, cpu, shots))  # the demand page at 60 s buckets, as `demand`
     for name in ("cost-page.png", "demand-page.png"):
         assert (shots / name).stat().st_size > 10_000
 
@@ -239,7 +238,7 @@ async def _pages(coord: CoordinatorProcess, node: dict[str, Any], cpu: dict[str,
                 await expect(row.locator(f'td[data-col="{key}"]')).to_have_text(f"{node[key]:.{digits}f}")
             await page.screenshot(path=str(shots / "cost-page.png"), full_page=True)
 
-            await page.goto(coord.url + "/#/demand")
+            await page.goto(coord.url + "/#/demand?hours=48&bucket=60")
             row = page.locator(f'#demand-site-{SITE}-table tr[data-resource="cpu.util_pct"]')
             await expect(row).to_be_visible(timeout=15_000)
             await expect(row.locator('td[data-col="actual"]')).to_have_text(f"{cpu['actual'][-1][1]:.1f}")
@@ -247,6 +246,7 @@ async def _pages(coord: CoordinatorProcess, node: dict[str, Any], cpu: dict[str,
             await expect(row.locator('td[data-col="predicted"]')).to_have_text(predicted)
             chart = page.locator(f'#demand-site-{SITE} .demand-chart[data-resource="cpu.util_pct"] svg')
             await expect(chart.locator("polyline.demand-actual")).to_have_count(1)
+            await expect(chart.locator("circle.demand-actual-dot")).to_have_count(len(cpu["actual"]))
             await expect(chart.locator("polyline.demand-forecast")).to_have_count(1)
             await expect(chart.locator("polygon.demand-band")).to_have_count(1)
             await page.screenshot(path=str(shots / "demand-page.png"), full_page=True)

@@ -96,12 +96,14 @@ async def test_hostile_demand_json_in_the_store_is_skipped(store: Store) -> None
     now = time.time()
     await store.apply([inc(cost("n1", "s", 1, now, d("cpu.util_pct", 5.0)))])
     cols = ", ".join(("node", "seq", "ts", "start_ts", "end_ts", "node_class", "currency", *AMOUNTS,
-                      "demand"))
-    marks = ", ".join("?" * (8 + len(AMOUNTS)))
+                      "demand", "demand_forecast"))
+    marks = ", ".join("?" * (9 + len(AMOUNTS)))
     sql = f"INSERT INTO cost ({cols}) VALUES ({marks})"  # noqa: S608
-    junk = json.dumps([1, {"resource": 5}, {"resource": "x", "point": "no", "actual": "NaN"}])
-    for seq, text in ((2, junk), (3, "{"), (4, '{"resource": "y"}')):
-        row = ("n1", seq, now, now - 1, now, "", "", *([0.0] * len(AMOUNTS)), text)
+    junk = json.dumps([1, ["x"], [5, 1, 2], ["y", "NaN", {}], {"resource": "z"}])
+    bad_fc = json.dumps([1, {"resource": "w", "step_s": 10, "point": "no", "lo": [], "hi": []},
+                         {"resource": "v", "step_s": -1, "point": [1], "lo": [1], "hi": [1]}])
+    for seq, text, fc in ((2, junk, bad_fc), (3, "{", "{"), (4, '{"resource": "y"}', "[]")):
+        row = ("n1", seq, now + seq, now - 1, now + seq, "", "", *([0.0] * len(AMOUNTS)), text, fc)
         await store.db.write(lambda cur, r=row: store.db.execute(cur, sql, r))
     data = await store.fleet_demand()
     res = {r["resource"]: r for r in data["fleet"]["resources"]}
@@ -129,7 +131,8 @@ def test_a_schema_3_store_gets_the_demand_column(tmp_path: Path) -> None:
     with sqlite3.connect(db) as conn:
         version = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()[0]
         assert version == str(SCHEMA_VERSION) == "4"
-        assert conn.execute("SELECT demand FROM cost WHERE node = 'old'").fetchone()[0] == "[]"
+        row = conn.execute("SELECT demand, demand_forecast FROM cost WHERE node = 'old'").fetchone()
+        assert row == ("[]", "")
 
 
 def test_fleet_demand_cli_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:

@@ -27,13 +27,15 @@ def run_checks(settings: Settings, config: str = "agent.toml") -> list[Problem]:
     the collectors produce, do the directories exist, do the model artifacts fit? All at once."""
     from agent.cli import preflight  # noqa: PLC0415 - `heald --help` stays light
     from agent.decide.loader import check_playbooks  # noqa: PLC0415
+    from agent.score.demand_stage import check_demand  # noqa: PLC0415
     from agent.score.stage import check_model  # noqa: PLC0415
 
     state = settings.paths.state_dir
     return [*preflight.directory_findings(settings.playbooks, config)[0],
             *check_playbooks(settings.playbooks),
             *preflight.unknown_metrics(preflight.parsed_playbooks(settings.playbooks)),
-            *check_model(settings.model, state if Path(state).is_dir() else None)]
+            *check_model(settings.model, state if Path(state).is_dir() else None),
+            *check_demand(settings.demand, settings.model.enabled)]
 
 
 def run_warnings(settings: Settings) -> tuple[list[str], str]:

@@ -138,16 +138,22 @@ class DemandHistory:
         return self.rows[-1][0] - self.rows[0][0] + self.step_s if self.rows else 0.0
 
     # -------------------------------------------------------------- state
-    def encode(self) -> bytes:
-        return json.dumps({"format": FORMAT, "step_s": self.step_s,
-                           "rows": [[w, v] for w, v in self.rows]}, separators=(",", ":")).encode()
+    def snapshot(self) -> list[Row]:
+        """The rows now (a shallow copy, microseconds: rows are never changed once appended). Take it
+        on the thread that pushes, then :meth:`save` it from a worker thread."""
+        self.dirty = False
+        return list(self.rows)
 
-    def save(self) -> None:
-        """Write the history (atomically); from a worker thread. Raises OSError."""
+    def encode(self, rows: list[Row] | None = None) -> bytes:
+        rows = self.snapshot() if rows is None else rows
+        return json.dumps({"format": FORMAT, "step_s": self.step_s, "rows": [[w, v] for w, v in rows]},
+                          separators=(",", ":")).encode()
+
+    def save(self, rows: list[Row] | None = None) -> None:
+        """Write ``rows`` (default: a snapshot now) atomically. Raises OSError."""
         if self.path is None:
             return
-        data = self.encode()  # rows are appended by the event loop; encode a snapshot
-        self.dirty = False
+        data = self.encode(rows)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_small_state(self.path, data)
 

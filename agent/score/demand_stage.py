@@ -33,8 +33,8 @@ from typing import Final
 import structlog
 
 from agent import wire
-from agent.errors import ModelError
-from agent.features.demand_history import DemandHistory, DemandSettings
+from agent.errors import ModelError, Problem
+from agent.features.demand_history import DemandHistory, DemandSettings, Row
 from agent.fsutil import FailureStreak
 from agent.score import demand as dm
 from agent.score.types import DemandForecast
@@ -44,7 +44,7 @@ log = structlog.get_logger("heald.demand")
 
 MODEL_FILE: Final = "demand.npz"
 #: Forecast points per resource on the wire at most (the rest of the horizon is cut).
-WIRE_POINTS: Final = 288
+WIRE_POINTS: Final = 144
 
 
 class DemandStage:
@@ -148,7 +148,7 @@ class DemandStage:
         tmp = work / MODEL_FILE
         try:
             work.mkdir(parents=True, exist_ok=True)
-            await asyncio.to_thread(self.history.save)
+            await asyncio.to_thread(self.history.save, self.history.snapshot())
             assert self.history.path is not None  # noqa: S101 - set in __init__
             model = await asyncio.to_thread(dm.fit_in_child, self.history.path, tmp,
                                             horizon_s=self.settings.horizon_s,
@@ -165,9 +165,9 @@ class DemandStage:
                  rows=model.meta.training.rows, weekly=model.meta.weekly)
         return True
 
-    def save(self) -> None:
+    def save(self, rows: list[Row] | None = None) -> None:
         try:
-            self.history.save()
+            self.history.save(rows)
         except OSError as exc:
             self._save_failures.failed(exc)
         else:
@@ -183,7 +183,7 @@ class DemandStage:
                     await self.refit()
                     last_save = time.monotonic()
                 elif self.history.dirty and time.monotonic() - last_save >= self.settings.save_interval_s:
-                    await asyncio.to_thread(self.save)
+                    await asyncio.to_thread(self.save, self.history.snapshot())  # taken here, on the loop
                     last_save = time.monotonic()
         except asyncio.CancelledError:
             self.save()
@@ -196,3 +196,18 @@ def _finite(values: tuple[float, ...]) -> list[float]:
 
 def _or_none(v: float | None) -> float | None:
     return v if v is not None and math.isfinite(v) else None
+
+
+def check_demand(settings: DemandSettings, model_enabled: bool = True) -> list[Problem]:
+    """For ``heald check``: does ``[demand] model_path`` load as a demand model?"""
+    if not settings.enabled or not settings.model_path:
+        return []
+    problems = []
+    if not model_enabled:
+        problems.append(Problem(file="agent.toml", key="demand.model_path",
+                                message="set, but [model] enabled = false: no demand forecasts are made"))
+    try:
+        dm.FORMAT.load(Path(settings.model_path))
+    except ModelError as exc:
+        problems.append(Problem(file=settings.model_path, key="demand.model_path", message=str(exc)))
+    return problems

@@ -24,10 +24,10 @@ AMOUNTS: Final = ("money", "seconds", "core_h", "idle_core_h", "cores_under_line
 
 _COLUMNS: Final = ", ".join(AMOUNTS)
 _MARKS: Final = ", ".join("?" * (7 + len(AMOUNTS)))
-_MARKS_DEMAND: Final = _MARKS + ", ?"
+_MARKS_DEMAND: Final = _MARKS + ", ?, ?"
 INSERT: Final = (
-    "INSERT INTO cost (node, seq, ts, start_ts, end_ts, node_class, currency, " + _COLUMNS + ", demand) "
-    "VALUES (" + _MARKS_DEMAND + ") ON CONFLICT DO NOTHING RETURNING seq"
+    "INSERT INTO cost (node, seq, ts, start_ts, end_ts, node_class, currency, " + _COLUMNS  # noqa: S608 - constants
+    + ", demand, demand_forecast) VALUES (" + _MARKS_DEMAND + ") ON CONFLICT DO NOTHING RETURNING seq"
 )
 
 DDL: Final = f"""
@@ -36,7 +36,7 @@ CREATE TABLE IF NOT EXISTS cost (
   start_ts DOUBLE PRECISION NOT NULL, end_ts DOUBLE PRECISION NOT NULL,
   node_class TEXT NOT NULL, currency TEXT NOT NULL,
   {', '.join(f'{a} DOUBLE PRECISION NOT NULL' for a in AMOUNTS)},
-  demand TEXT NOT NULL DEFAULT '[]', PRIMARY KEY (node, seq)
+  demand TEXT NOT NULL DEFAULT '[]', demand_forecast TEXT NOT NULL DEFAULT '', PRIMARY KEY (node, seq)
 );
 CREATE INDEX IF NOT EXISTS cost_end ON cost (end_ts)
 """
@@ -46,13 +46,19 @@ DAY: Final = 86400.0
 MAX_ROWS: Final = 500_000
 
 
-#: Schema 3 -> 4: the demand summaries that ride on a cost summary (JSON, coordinator/store/demand.py).
-MIGRATE_TO_4: Final = "ALTER TABLE cost ADD COLUMN demand TEXT NOT NULL DEFAULT '[]'"
+#: Schema 3 -> 4: the demand summaries that ride on a cost summary (coordinator/store/demand.py):
+#: ``demand``, ``[[resource, actual, predicted], ...]`` (JSON, small: read for every period), and
+#: ``demand_forecast``, the forecasts (JSON, ``""`` when none: read for each node's latest only).
+MIGRATE_TO_4: Final = ("ALTER TABLE cost ADD COLUMN demand TEXT NOT NULL DEFAULT '[]'",
+                       "ALTER TABLE cost ADD COLUMN demand_forecast TEXT NOT NULL DEFAULT ''")
 
 
 def history_row(m: Cost) -> tuple[Any, ...]:
+    forecasts = [{"resource": d.resource, "step_s": d.step_s, "point": d.point, "lo": d.lo, "hi": d.hi}
+                 for d in m.demand if d.point]
+    values = [[d.resource, d.actual, d.predicted] for d in m.demand]
     return (m.node, m.seq, m.ts, m.start, m.end, m.node_class, m.currency, *(getattr(m, a) for a in AMOUNTS),
-            dumps(m.demand))
+            dumps(values), dumps(forecasts) if forecasts else "")
 
 
 def _zero() -> dict[str, float]:

@@ -1,7 +1,9 @@
 """Demand forecasts against what came, per site and for the fleet (``GET /api/demand``).
 
 The nodes' demand summaries ride on their cost summaries (:class:`agent.wire.DemandSummary` in
-:class:`agent.wire.Cost`'s ``demand``), stored as JSON in the ``cost`` table's ``demand`` column.
+:class:`agent.wire.Cost`'s ``demand``), stored as JSON in the ``cost`` table: the actual and
+predicted values of every period in ``demand`` (small, read for the whole window) and the forecasts
+in ``demand_forecast`` (read for each node's latest summary only).
 :meth:`DemandQueries.fleet` rolls them up by metric family (``net.rx_bytes_per_s[eth0]`` and
 ``[eth1]`` are ``net.rx_bytes_per_s``): a family measured in percent (``*_pct``) is averaged over a
 node's resources and over the nodes; any other (bytes per second) is summed. Per site and for the
@@ -52,6 +54,13 @@ def _num(v: object) -> float | None:
     return float(v) if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) else None
 
 
+def _json(text: object) -> object:
+    try:
+        return json.loads(text) if isinstance(text, str) else None
+    except ValueError:
+        return None
+
+
 def _series(v: object) -> list[float] | None:
     if not isinstance(v, list):
         return None
@@ -68,39 +77,42 @@ class DemandQueries:
         now = time.time() if now is None else now
         since = now - hours * 3600.0
 
-        def run(cur: Cursor) -> list[dict[str, Any]]:
-            return [dict(r) for r in self.db.rows(
+        def run(cur: Cursor) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+            periods = [dict(r) for r in self.db.rows(
                 cur, "SELECT c.node AS node, n.site AS site, c.end_ts AS end_ts, c.demand AS demand "
                 "FROM cost c JOIN nodes n ON n.node = c.node WHERE c.end_ts >= ? AND c.demand <> '[]' "
                 "ORDER BY c.end_ts LIMIT ?", (since, MAX_ROWS))]
+            newest = [dict(r) for r in self.db.rows(
+                cur, "SELECT c.node AS node, n.site AS site, c.end_ts AS end_ts, c.demand_forecast AS fc "
+                "FROM cost c JOIN nodes n ON n.node = c.node JOIN (SELECT node, MAX(end_ts) AS e FROM cost "
+                "WHERE end_ts >= ? AND demand_forecast <> '' GROUP BY node) l "
+                "ON l.node = c.node AND l.e = c.end_ts WHERE c.demand_forecast <> '' LIMIT ?",
+                (since, MAX_ROWS))]
+            return periods, newest
 
-        rows = await self.db.read(run)
-        # (site, node, family, bucket) -> resource -> actual / predicted values (periods of the bucket)
+        rows, newest = await self.db.read(run)
         actual: Cells = defaultdict(lambda: defaultdict(list))
         predicted: Cells = defaultdict(lambda: defaultdict(list))
-        latest: dict[str, tuple[str, float, list[Any]]] = {}  # node -> site, end, summaries
         for r in rows:
-            try:
-                items = json.loads(r["demand"])
-            except ValueError:
-                continue
+            items = _json(r["demand"])
             if not isinstance(items, list):
                 continue
-            end = float(r["end_ts"])
-            bucket = math.floor(end / bucket_s) * bucket_s
+            bucket = math.floor(float(r["end_ts"]) / bucket_s) * bucket_s
             site, node = str(r["site"]), str(r["node"])
             for it in items:
-                if not isinstance(it, dict) or not isinstance(it.get("resource"), str):
+                if not (isinstance(it, list) and len(it) == 3 and isinstance(it[0], str)):
                     continue
-                res = it["resource"]
-                key = (site, node, family(res), bucket)
-                a, p = _num(it.get("actual")), _num(it.get("predicted"))
+                key = (site, node, family(it[0]), bucket)
+                a, p = _num(it[1]), _num(it[2])
                 if a is not None:
-                    actual[key][res].append(a)
+                    actual[key][it[0]].append(a)
                 if p is not None:
-                    predicted[key][res].append(p)
-            if any(isinstance(it, dict) and it.get("point") for it in items):
-                latest[node] = (site, end, items)
+                    predicted[key][it[0]].append(p)
+        latest: dict[str, tuple[str, float, list[Any]]] = {}  # node -> site, end, forecasts
+        for r in newest:
+            items = _json(r["fc"])
+            if isinstance(items, list):
+                latest[str(r["node"])] = (str(r["site"]), float(r["end_ts"]), items)
         sites = sorted({s for s, *_ in actual} | {s for s, _, _ in latest.values()})
         nodes_of: dict[str, set[str]] = defaultdict(set)
         for s, n, _f, _b in actual:

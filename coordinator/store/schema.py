@@ -15,7 +15,7 @@ from coordinator.errors import StoreError
 from coordinator.store import cost
 from coordinator.store.database import Cursor, Database
 
-#: 3: the ``cost`` table (node cost summaries). 4: its ``demand`` column (the demand summaries).
+#: 3: the ``cost`` table (node cost summaries). 4: its ``demand`` and ``demand_forecast`` columns.
 SCHEMA_VERSION: Final = 4
 
 SCHEMA: Final = """
@@ -232,7 +232,8 @@ def create_schema(db: Database, cur: Cursor) -> None:
             _migrate_to_2(db, cur)
         # 2 -> 3: the cost table, created above like every table (nothing to move)
         if int(version) == 3:  # 3 -> 4: the cost table's demand column (created above in older stores)
-            db.execute(cur, cost.MIGRATE_TO_4)
+            for stmt in cost.MIGRATE_TO_4:
+                db.execute(cur, stmt)
         db.execute(cur, "UPDATE meta SET value = ? WHERE key = 'schema'", (str(SCHEMA_VERSION),))
         return
     if version is None:

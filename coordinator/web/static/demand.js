@@ -1,5 +1,5 @@
 // heald coordinator: the demand page (#/demand). Forecast against actual, per site and for the fleet,
-// from GET /api/demand (the same JSON as `heald fleet demand --json`). Uses app.js's el(), svg() and
+// from GET /api/demand (the same JSON as `heald fleet demand --json`; #/demand?hours=N&bucket=S). Uses app.js's el(), svg() and
 // api(); app.js's router calls renderDemand().
 "use strict";
 
@@ -37,8 +37,10 @@ function demandChart(r) {
       points: band.map((p) => `${x(p[0]).toFixed(1)},${y(p[1]).toFixed(1)}`).join(" ") }));
     line(fc.t.map((t, i) => [t, fc.point[i]]), "demand-forecast");
   }
-  if (r.predicted.length) line(r.predicted, "demand-predicted");
-  if (r.actual.length) line(r.actual, "demand-actual");
+  const dots = (series, cls) => series.forEach((p) => s.append(svg("circle", { class: cls, r: 2.5,
+    cx: x(p[0]).toFixed(1), cy: y(p[1]).toFixed(1) })));
+  if (r.predicted.length) { line(r.predicted, "demand-predicted"); dots(r.predicted, "demand-predicted-dot"); }
+  if (r.actual.length) { line(r.actual, "demand-actual"); dots(r.actual, "demand-actual-dot"); }
   const label = (text, xx, yy, anchor) => { const t = svg("text", { x: xx, y: yy, "text-anchor": anchor || "start" }); t.textContent = text; s.append(t); };
   label(demandNum(y1), 2, pad / 2 + 4);
   label(demandNum(y0), 2, H - 4);
@@ -72,11 +74,14 @@ function demandScope(title, id, scope) {
 }
 
 async function renderDemand(view) {
-  const data = await api("/api/demand?hours=48");
+  // #/demand?hours=N&bucket=S (defaults 48 h, hourly buckets)
+  const q = new URLSearchParams(location.hash.split("?")[1] || "");
+  const hours = parseInt(q.get("hours"), 10) || 48, bucket = parseInt(q.get("bucket"), 10) || 3600;
+  const data = await api(`/api/demand?hours=${hours}&bucket_s=${bucket}`);
   view.replaceChildren(
     el("h1", {}, "Demand: forecast against actual"),
     el("p", { class: "muted", id: "demand-legend" },
-      `Last ${data.hours} h in ${data.bucket_s / 60}-minute buckets. Solid: actual; dashed: what the previous summary's forecast said; ` +
+      `Last ${data.hours} h in ${data.bucket_s >= 60 ? `${data.bucket_s / 60}-minute` : `${data.bucket_s}-second`} buckets. Solid: actual; dashed: what the previous summary's forecast said; ` +
       "blue: the latest forecast and its interval. Percentages are averaged over nodes, rates summed."),
     demandScope("Fleet", "demand-fleet", data.fleet),
     ...data.sites.map((s) => demandScope(`Site ${s.site}`, `demand-site-${s.site}`, s)));
