@@ -401,6 +401,14 @@ def test_watched_authorized_keys(tmp_path: Path) -> None:
     got = {(e.labels["path"], e.labels["change"]) for e in c.collect().events}
     assert got == {(str(keys), "modified"), (str(sudoers / "90-intruder"), "created")}
     assert c.collect().events == []  # reported once
+    # hostile but valid: a FIFO in a watched directory (never opened blocking, never reported),
+    # a huge authorized_keys (one MiB read; growing it past that is still a change)
+    os.mkfifo(sudoers / "fifo")
+    keys.write_bytes(b"ssh-rsa AAAA x\n" * 300_000)
+    assert [(e.labels["path"], e.labels["change"]) for e in c.collect().events] == [(str(keys), "modified")]
+    with keys.open("ab") as fh:
+        fh.write(b"ssh-ed25519 AAAA appended-past-the-first-mib\n")
+    assert [(e.labels["path"], e.labels["change"]) for e in c.collect().events] == [(str(keys), "modified")]
     c.close()
     # changed while heald was stopped: reported at the next start
     keys.unlink()
@@ -427,24 +435,31 @@ def _act(fn: Any, params: dict[str, Any], ctx: ActionContext) -> ActionResult:
     return result
 
 
-def _ctx(tmp_path: Path, dry: bool = False, settings: PlaybookSettings | None = None) -> ActionContext:
+def _ctx(tmp_path: Path, *suspects: tuple[int, Path], dry: bool = False) -> ActionContext:
+    """An action context whose latest sample lists ``suspects`` (pid, executable) as the collector would."""
     sup = Supervisor(lambda coro, name: asyncio.get_running_loop().create_task(coro, name=name),
                      lambda *_: None)
-    return ActionContext(settings=settings or PlaybookSettings(), node="n1", playbook="pb", run_id="r1",
+    rows = [{"pid": pid, "exe": str(exe), "reasons": ["temp_path"]} for pid, exe in suspects]
+    return ActionContext(settings=PlaybookSettings(), node="n1", playbook="pb", run_id="r1",
                          dry_run=dry, supervisor=sup, emit=lambda e: None, bindings={"pid": "x"},
-                         state_dir=tmp_path / "state")
+                         detail={"security_proc": {"suspects": rows}}, state_dir=tmp_path / "state")
 
 
 @root_only
 @needs_freezer
 def test_freeze_keeps_evidence_and_thaws(tmp_path: Path, burner: tuple[Any, Path]) -> None:
     proc, exe = burner
-    dry = _act(freeze_process, {"target": {"pid": proc.pid}}, _ctx(tmp_path, dry=True))
+    dry = _act(freeze_process, {"target": {"pid": proc.pid}}, _ctx(tmp_path, (proc.pid, exe), dry=True))
     assert dry.ok
     assert "would copy the binary" in dry.detail
     assert _state(proc.pid) in {"R", "S"}
     assert not (tmp_path / "state" / "forensics").exists()
-    res = _act(freeze_process, {"target": {"pid": proc.pid}}, _ctx(tmp_path))
+    for ctx in (_ctx(tmp_path), _ctx(tmp_path, (proc.pid, tmp_path / "other-binary"))):
+        refused = _act(freeze_process, {"target": {"pid": proc.pid}}, ctx)
+        assert not refused.ok
+        assert "not a suspect in the latest sample" in refused.detail
+    assert _state(proc.pid) in {"R", "S"}
+    res = _act(freeze_process, {"target": {"pid": proc.pid}}, _ctx(tmp_path, (proc.pid, exe)))
     assert res.ok, res.detail
     rec_dir = Path(res.data["frozen"][0]["record"])
     record = json.loads((rec_dir / "record.json").read_text())
@@ -467,10 +482,10 @@ def test_freeze_keeps_evidence_and_thaws(tmp_path: Path, burner: tuple[Any, Path
     time.sleep(0.5)
     assert _ticks(proc.pid) == t0
     # again (a repeat after a crash): the same record, the evidence not copied twice
-    again = _act(freeze_process, {"target": {"pid": proc.pid}}, _ctx(tmp_path))
+    again = _act(freeze_process, {"target": {"pid": proc.pid}}, _ctx(tmp_path, (proc.pid, exe)))
     assert again.ok
     assert len(list((tmp_path / "state" / "forensics").iterdir())) == 1
-    thawed = _act(unfreeze_process, {"target": {"pid": proc.pid}}, _ctx(tmp_path))
+    thawed = _act(unfreeze_process, {"target": {"pid": proc.pid}}, _ctx(tmp_path, (proc.pid, exe)))
     assert thawed.ok, thawed.detail
     assert json.loads((rec_dir / "record.json").read_text())["state"] == "thawed"
     assert not Path(record["group"]).exists()
@@ -481,26 +496,31 @@ def test_freeze_keeps_evidence_and_thaws(tmp_path: Path, burner: tuple[Any, Path
 @root_only
 @needs_freezer
 def test_frozen_process_dies_on_kill_then_thaw(tmp_path: Path, burner: tuple[Any, Path]) -> None:
-    proc, _ = burner
-    assert (_act(freeze_process, {"target": {"pid": proc.pid}}, _ctx(tmp_path))).ok
+    proc, exe = burner
+    assert (_act(freeze_process, {"target": {"pid": proc.pid}}, _ctx(tmp_path, (proc.pid, exe)))).ok
     os.kill(proc.pid, signal.SIGKILL)  # what unknown-binary-kill's first step does
     time.sleep(0.5)
     assert proc.poll() is None  # pending while frozen
-    assert (_act(unfreeze_process, {"target": {"pid": proc.pid}}, _ctx(tmp_path))).ok
+    assert (_act(unfreeze_process, {"target": {"pid": proc.pid}}, _ctx(tmp_path, (proc.pid, exe)))).ok
     assert proc.wait(10) == -signal.SIGKILL
 
 
 @root_only
 def test_freeze_refuses_pid1_itself_and_protected(tmp_path: Path) -> None:
     for pid in (1, os.getpid()):
-        res = _act(freeze_process, {"target": {"pid": pid}}, _ctx(tmp_path))
+        try:
+            exe = Path(os.readlink(f"/proc/{pid}/exe"))
+        except OSError:  # PID 1 of another user namespace
+            exe = Path("/sbin/init")
+        listed = _ctx(tmp_path, (pid, exe))  # even when listed as a suspect
+        res = _act(freeze_process, {"target": {"pid": pid}}, listed)
         assert not res.ok
         assert "no process matched" in res.detail
     exe = tmp_path / "sshd"
     shutil.copy2(BASH, exe)
     proc = subprocess.Popen([str(exe), "-c", "sleep 30; exit 0"])  # bash stays (no exec)
     try:
-        res = _act(freeze_process, {"target": {"pid": proc.pid}}, _ctx(tmp_path))
+        res = _act(freeze_process, {"target": {"pid": proc.pid}}, _ctx(tmp_path, (proc.pid, exe)))
         assert not res.ok
         assert "protected process (sshd)" in res.detail
         assert _state(proc.pid) == "S"
@@ -516,8 +536,8 @@ def test_the_undo_commands_in_docs_security_md_work(tmp_path: Path, burner: tupl
     """The sh block under "Process side: how to undo", run as written on a freeze of our own child."""
     doc = (REPO / "docs" / "security.md").read_text()
     block = doc.split("## Process side: how to undo", 1)[1].split("```sh", 1)[1].split("```", 1)[0]
-    proc, _ = burner
-    res = _act(freeze_process, {"target": {"pid": proc.pid}}, _ctx(tmp_path))
+    proc, exe = burner
+    res = _act(freeze_process, {"target": {"pid": proc.pid}}, _ctx(tmp_path, (proc.pid, exe)))
     assert res.ok, res.detail
     record = json.loads((Path(res.data["frozen"][0]["record"]) / "record.json").read_text())
     lines = block.strip().splitlines()

@@ -106,6 +106,37 @@ def sha256_file(path: str, limit: int = 1 << 62) -> str | None:
         os.close(fd)
 
 
+def file_digest(path: str, limit: int = _FILE_MAX) -> str | None:
+    """A watched file's digest: sha256 of its size and first ``limit`` bytes (a huge file costs one
+    MiB, and growing it still changes the digest); None when it is absent or unreadable."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        h = hashlib.sha256(b"%d\n" % st.st_size)
+        left = limit
+        while left > 0 and (chunk := os.read(fd, min(left, 1 << 16))):
+            h.update(chunk)
+            left -= len(chunk)
+        return h.hexdigest()
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _head(path: str, limit: int) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(limit)
+    except OSError:
+        return b""
+
+
 def parse_ss(text: str) -> dict[int, tuple[bool, int]]:
     """``ss -tinHe`` output -> {socket inode: (peer is loopback, bytes_acked)}."""
     out: dict[int, tuple[bool, int]] = {}
@@ -439,7 +470,7 @@ class SecurityProcCollector(BaseCollector[SecurityProcSettings]):
         s = self.settings
         paths: list[str] = []
         if s.authorized_keys:
-            text = read_bytes(s.passwd_file) or b""
+            text = _head(s.passwd_file, _FILE_MAX)
             homes = []
             for line in text.decode("utf-8", "replace").splitlines()[:_MAX_HOMES]:
                 parts = line.split(":")
@@ -463,7 +494,7 @@ class SecurityProcCollector(BaseCollector[SecurityProcSettings]):
         self._files_known = True
         now: dict[str, str | None] = {}
         for path in self.watched_paths():
-            now[path] = sha256_file(path, _FILE_MAX) if os.path.isfile(path) else None
+            now[path] = file_digest(path)
         for path in set(self._files) - set(now):  # a file that left its directory
             now[path] = None
         for path, digest in now.items():

@@ -302,10 +302,35 @@ def _describe(candidates: list[Candidate]) -> str:
     return ", ".join(c.describe() for c in candidates)
 
 
+def _suspects_only(
+    candidates: list[Candidate], detail: Mapping[str, Any], notes: list[str]
+) -> list[Candidate]:
+    """Those the latest sample lists as suspects with the executable they run now: a pid reused
+    since that sample, or a process that exec'd something else, is not frozen."""
+    sec = detail.get("security_proc")
+    rows = sec.get("suspects") if isinstance(sec, Mapping) else None
+    rows = rows if isinstance(rows, list) else []
+    seen = {r.get("pid"): r.get("exe") for r in rows if isinstance(r, Mapping)}
+    kept = []
+    for c in candidates:
+        try:
+            exe = os.readlink(f"/proc/{c.proc.pid}/exe")[:256]
+        except OSError:
+            exe = None
+        if exe is not None and seen.get(c.proc.pid) == exe:
+            kept.append(c)
+        else:
+            notes.append(f"skipped {c.describe()}: not a suspect in the latest sample "
+                         "(or its executable changed)")
+    return kept
+
+
 async def freeze_process(params: Mapping[str, Any], ctx: ActionContext) -> ActionResult:
     """Copy the evidence, then stop and freeze the target process(es); see the module docstring."""
     candidates, notes = await select(
         params["target"], ctx.settings, limit=int(params.get("max_processes", 1)), env=ctx.env())
+    if params.get("require_suspect", True):
+        candidates = _suspects_only(candidates, ctx.detail, notes)
     data: dict[str, Any] = {"pids": [c.proc.pid for c in candidates], "notes": notes}
     if not candidates:
         why = f" ({'; '.join(notes)})" if notes else ""
