@@ -176,7 +176,8 @@ def load_rows(path: Path, step_s: float | None = None) -> list[Row]:
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("rows"), list):
         raise ValueError("not a demand history")
     step = doc.get("step_s")
-    if not isinstance(step, int | float) or not 0 < step < math.inf or (step_s is not None and step != step_s):
+    if not isinstance(step, int | float) or not 0 < step < math.inf \
+            or (step_s is not None and step != step_s):
         raise ValueError(f"kept at step_s {step!r}, not {step_s}")
     out: list[Row] = []
     last = -math.inf
