@@ -16,13 +16,13 @@ process whose executable is
 Only suspicious processes cost more than the readlink: their ``/proc/PID/stat`` (CPU, state) and,
 when frozen by heald, their freezer cgroup. ``allow_sha256`` exempts a binary wherever it runs.
 
-Egress (every ``egress_interval_s``, where ``ss`` exists): one ``ss -tinHe state established``
-lists the TCP sockets with their inode and ``bytes_acked``; sockets to a loopback peer are not
-egress. The sockets of each suspicious process are found through its ``/proc/PID/fd`` links
-(``socket:[INODE]``), so only those few directories are read. A spike is ``egress_min_bytes_per_s``
-and ``egress_factor`` times the process's own average of the passes before (a process new to the
-collector has no average: the absolute floor alone decides), or ``egress_min_new_conns`` new
-connections in one pass.
+Egress (every ``egress_interval_s`` while there is a suspect, where ``ss`` exists): one
+``ss -tinHe state established`` lists the TCP sockets with their inode and ``bytes_acked``;
+sockets to a loopback peer are not egress. The sockets of each suspicious process are found
+through its ``/proc/PID/fd`` links (``socket:[INODE]``), so only those few directories are read.
+A process's first egress pass sets its base. A spike is ``egress_min_bytes_per_s`` and
+``egress_factor`` times the process's own average of the passes before (with no average yet,
+the absolute floor alone decides), or ``egress_min_new_conns`` new connections in one pass.
 
 Watched files (every ``files_interval_s``): ``~/.ssh/authorized_keys`` (and ``authorized_keys2``)
 of every user in ``passwd_file``, and ``watch_files`` (a directory: each file in it, one level).
@@ -286,7 +286,7 @@ class SecurityProcCollector(BaseCollector[SecurityProcSettings]):
         rows.sort(key=lambda r: (-cast("float", r["cpu_pct"]), cast("int", r["pid"])))
         rows = rows[: self.settings.max_suspects]
         due = self._egress_t is None or mono - self._egress_t >= self.settings.egress_interval_s
-        if self._ss_ok and due:
+        if self._ss_ok and due and rows:  # no suspect, no ss: its cost grows with the node's sockets
             self._egress(mono, [str(r["pid"]) for r in rows])
         m["sec.suspects"] = float(len(suspects))
         for r in rows:
