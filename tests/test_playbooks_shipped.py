@@ -94,6 +94,8 @@ def test_shipped_library_loads() -> None:
         "conntrack-table-full",
         "file-table-full",
         "task-table-full",
+        "ssh-brute-force",  # exercised by tests/test_security_net.py (real sshd, nftables in a netns)
+        "new-listener",
     }
 
 

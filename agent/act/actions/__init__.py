@@ -17,6 +17,7 @@ from agent.act.actions import (
     files,
     freeze,
     gpu,
+    nftables,
     notify,
     processes,
     sysctl,
@@ -48,6 +49,8 @@ REGISTRY: Mapping[str, ActionFn] = MappingProxyType({
     # GPUs
     "gpu_reset": gpu.gpu_reset,
     "gpu_drain": gpu.gpu_drain,
+    # network
+    "block_address": nftables.block_address,
     # commands and messages
     "run_command": commands.run_command,
     "cordon": commands.cordon,
@@ -63,7 +66,7 @@ REGISTRY: Mapping[str, ActionFn] = MappingProxyType({
 #: reset, a re-picked process, a second page or an arbitrary command may do harm of its own.
 REPEATABLE: frozenset[str] = frozenset({
     "clean_paths", "vacuum_journal", "drop_caches", "cgroup_limit", "renice", "gpu_drain", "cordon",
-    "freeze_process",
+    "freeze_process", "block_address",
 })
 
 
