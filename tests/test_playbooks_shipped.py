@@ -96,6 +96,10 @@ def test_shipped_library_loads() -> None:
         "task-table-full",
         "ssh-brute-force",  # exercised by tests/test_security_net.py (real sshd, nftables in a netns)
         "new-listener",
+        "unknown-binary-cpu",  # these four: tests/test_security_proc.py
+        "unknown-binary-kill",
+        "egress-burst",
+        "watched-file-changed",
     }
 
 
