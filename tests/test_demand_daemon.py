@@ -64,8 +64,11 @@ def test_history_keeps_step_means_and_survives_a_restart(tmp_path: Path) -> None
     again.push({"cpu.util_pct": 1.0}, t0 + 5)
     again.push({"cpu.util_pct": 1.0}, t0 + 100)
     assert [w for w, _ in again.rows] == [t0, t0 + 10, t0 + 20]
-    # bounded: two days of 10 s steps
+    # bounded: two days of 10 s steps, and no row older than two days (after a long stop)
     assert again.rows.maxlen == 2 * 8640
+    again.push({"cpu.util_pct": 1.0}, t0 + 2 * DAY + 15)
+    again.push({"cpu.util_pct": 1.0}, t0 + 2 * DAY + 25)
+    assert [w for w, _ in again.rows] == [t0 + 10, t0 + 20, t0 + 100, t0 + 2 * DAY + 10]
 
 
 def test_a_history_that_is_not_one_is_ignored(tmp_path: Path) -> None:

@@ -81,7 +81,8 @@ class DemandHistory:
         self.step_s = float(step_s)
         self.path = path
         self.patterns = tuple(resources)
-        self.rows: deque[Row] = deque(maxlen=max(2, math.ceil(history_days * DAY_S / self.step_s)))
+        self.keep_s = history_days * DAY_S
+        self.rows: deque[Row] = deque(maxlen=max(2, math.ceil(self.keep_s / self.step_s)))
         self.keys: list[str] = []
         self._nmetrics = -1
         self._bin: int | None = None
@@ -124,6 +125,8 @@ class DemandHistory:
         if not self.rows or self.rows[-1][0] < wall:  # the clock went back: keep time order, drop it
             self.rows.append((wall, {k: self._sum[k] / n for k, n in self._count.items()}))
             self.dirty = True
+            while self.rows[0][0] < wall - self.keep_s:  # after a long stop: rows older than the window
+                self.rows.popleft()
         self._sum, self._count = {}, {}
 
     def take_period(self) -> dict[str, float]:
