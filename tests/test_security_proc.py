@@ -326,6 +326,12 @@ def test_temp_path_burner_is_a_suspect_with_its_cpu(tmp_path: Path, burner: tupl
     assert r.metrics[f"sec.suspect_cpu_pct[{proc.pid}]"] == row["cpu_pct"]
     assert r.metrics[f"sec.suspect_stopped[{proc.pid}]"] == 0.0
     assert _row(r, os.getpid()) is None  # the collector's own process is never listed
+    try:  # where PID 1's executable is not ours to read (another user namespace), it is counted
+        os.readlink("/proc/1/exe")
+    except PermissionError:
+        assert r.metrics["sec.exe_unreadable"] >= 1
+    else:
+        assert r.metrics["sec.exe_unreadable"] >= 0
     # deleted after it started: still hashed (through /proc/PID/exe), and says so
     exe.unlink()
     r = c.collect()

@@ -34,6 +34,7 @@ first):
 
 ================================= ==================================================================
 ``sec.suspects``                  suspicious processes now
+``sec.exe_unreadable``            processes whose executable heald may not read (no CAP_SYS_PTRACE)
 ``sec.suspect_cpu_pct[PID]``      its CPU use over the last interval, % of one CPU
 ``sec.suspect_stopped[PID]``      1 when it is stopped (state T) or frozen in heald's freezer group
 ``sec.egress_bytes_per_s[PID]``   bytes its TCP sockets had acknowledged per second, last egress pass
@@ -215,6 +216,7 @@ class SecurityProcCollector(BaseCollector[SecurityProcSettings]):
         self._node_rate: float | None = None
         self._files_t = -1e18
         self._ss_ok = s.egress
+        self._unreadable = 0  # processes whose executable could not be read in the last pass
 
     # ------------------------------------------------------------------ baseline
     def start(self) -> None:
@@ -289,6 +291,7 @@ class SecurityProcCollector(BaseCollector[SecurityProcSettings]):
         if self._ss_ok and due and rows:  # no suspect, no ss: its cost grows with the node's sockets
             self._egress(mono, [str(r["pid"]) for r in rows])
         m["sec.suspects"] = float(len(suspects))
+        m["sec.exe_unreadable"] = float(self._unreadable)
         for r in rows:
             pid = str(r["pid"])
             p = live[pid]
@@ -319,13 +322,17 @@ class SecurityProcCollector(BaseCollector[SecurityProcSettings]):
         except OSError:
             return out
         own = str(os.getpid())
+        self._unreadable = 0
         for pid in entries:
             if pid == own:
                 continue
             try:
                 exe = os.readlink(f"{proc}/{pid}/exe")
+            except PermissionError:  # another user's, without CAP_SYS_PTRACE: counted, not seen
+                self._unreadable += 1
+                continue
             except OSError:
-                continue  # a kernel thread, gone, or not ours to read
+                continue  # a kernel thread, or gone
             reasons: list[str] = []
             deleted = exe.endswith(_DELETED)
             path = exe[: -len(_DELETED)] if deleted else exe
