@@ -225,3 +225,38 @@ def test_heald_check_names_a_bad_model_path(tmp_path: Path) -> None:
     assert r.returncode == 2, r.stdout + r.stderr
     assert "demand.model_path" in r.stdout + r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_heald_run_fits_the_history_it_finds_and_keeps_it_at_stop(tmp_path: Path) -> None:
+    """The real daemon: a state dir holding two days of demand history gets a demand model fitted in
+    the fit child by the ``demand`` task, and the history is saved at stop (SIGTERM)."""
+    state = tmp_path / "state"
+    history = state / "demand" / "history.json"
+    write_history(history, 2.2, time.time())
+    rows_before = len(load_rows(history))
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f'[node]\nid = "fit-node"\n[paths]\nstate_dir = "{state}"\n'
+                   f'runtime_dir = "{tmp_path / "run"}"\n'
+                   '[log]\nformat = "json"\n'
+                   '[playbooks]\nload_shipped = false\ndirs = []\nforce_mode = "dry-run"\n'
+                   '[demand]\nsave_interval_s = 1\n')
+    log = tmp_path / "agent.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(cfg)],
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+    try:
+        deadline = time.monotonic() + 90
+        while not (state / "models" / MODEL_FILE).exists() and time.monotonic() < deadline \
+                and proc.poll() is None:
+            time.sleep(0.5)
+        assert (state / "models" / MODEL_FILE).exists(), log.read_text()[-2000:]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log.read_text()[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert '"demand model fitted"' in log.read_text()
+    model = dm.FORMAT.load(state / "models" / MODEL_FILE)
+    assert "cpu.util_pct" in model.meta.resources
+    assert len(load_rows(history, STEP)) >= rows_before  # saved at stop, nothing lost
