@@ -182,6 +182,9 @@ def _helper_cpu(spec: dict[str, Any], result: dict[str, Any], procs: Procs) -> N
     with contextlib.suppress(subprocess.TimeoutExpired):
         miner.wait(5)
     result["miner_returncode"] = miner.returncode
+    after = _records(state).get(miner.pid, {})
+    result["record_after_kill"] = after.get("state")
+    result["group_left"] = bool(after.get("group")) and Path(after["group"]).exists()
     result["sshd_state"] = _state(sshd.pid)
     result["sshd_group"] = _freezer_group(sshd.pid) if _state(sshd.pid) != "gone" else ""
     result["agent_state"] = _state(agent.pid)
@@ -718,6 +721,8 @@ public_keys = ["{signing.public_key_text(key.public_key())}"]
     assert result["alive_until_approval"], result
     assert result["killed"], _logs(tmp_path)
     assert result["miner_returncode"] == -signal.SIGKILL
+    assert result["record_after_kill"] == "thawed"  # the record follows the process to its end
+    assert not result["group_left"]
     audit = result["audit"]
     approved = [r for r in audit if r.get("type") == "run.start"
                 and r.get("playbook") == "unknown-binary-kill"]
