@@ -503,6 +503,21 @@ def test_freeze_keeps_evidence_and_thaws(tmp_path: Path, burner: tuple[Any, Path
 
 
 @root_only
+def test_sigstop_method_stops_in_state_t(tmp_path: Path, burner: tuple[Any, Path]) -> None:
+    """Where there is no freezer (or method: sigstop): SIGSTOP alone, state T, the record says so."""
+    proc, exe = burner
+    params = {"target": {"pid": proc.pid}, "method": "sigstop"}
+    res = _act(freeze_process, params, _ctx(tmp_path, (proc.pid, exe)))
+    assert res.ok, res.detail
+    assert _state(proc.pid) == "T"
+    record = json.loads((Path(res.data["frozen"][0]["record"]) / "record.json").read_text())
+    assert (record["state"], record["method"], record["group"]) == ("frozen", "sigstop", "")
+    assert _freezer_group(proc.pid) == "/"
+    assert _act(unfreeze_process, {"target": {"pid": proc.pid}}, _ctx(tmp_path, (proc.pid, exe))).ok
+    assert _wait(lambda: _state(proc.pid) in {"R", "S"}, 5)
+
+
+@root_only
 @needs_freezer
 def test_frozen_process_dies_on_kill_then_thaw(tmp_path: Path, burner: tuple[Any, Path]) -> None:
     proc, exe = burner
