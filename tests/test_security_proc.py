@@ -327,7 +327,7 @@ def test_temp_path_burner_is_a_suspect_with_its_cpu(tmp_path: Path, burner: tupl
     assert row["exe"] == str(exe)
     assert row["cpu_pct"] > 30, row  # a busy loop; generous for a shared CPU
     assert r.metrics[f"sec.suspect_cpu_pct[{proc.pid}]"] == row["cpu_pct"]
-    assert r.metrics[f"sec.suspect_stopped[{proc.pid}]"] == 0.0
+    assert r.metrics[f"sec.suspect_frozen[{proc.pid}]"] == 0.0
     assert _row(r, os.getpid()) is None  # the collector's own process is never listed
     try:  # where PID 1's executable is not ours to read (another user namespace), it is counted
         os.readlink("/proc/1/exe")
@@ -342,13 +342,22 @@ def test_temp_path_burner_is_a_suspect_with_its_cpu(tmp_path: Path, burner: tupl
     assert row is not None
     assert "deleted" in row["reasons"]
     assert row["sha256"] is not None
-    # stopped: reported so (the kill playbook's trigger)
+    # stopped by someone else (a shell's Ctrl-Z): not heald's freeze, not offered for a kill
     os.kill(proc.pid, signal.SIGSTOP)
     try:
         assert _wait(lambda: _state(proc.pid) == "T", 5)
-        assert c.collect().metrics[f"sec.suspect_stopped[{proc.pid}]"] == 1.0
+        assert c.collect().metrics[f"sec.suspect_frozen[{proc.pid}]"] == 0.0
     finally:
         os.kill(proc.pid, signal.SIGCONT)
+    # frozen by heald (its record in the same state dir): the kill playbook's trigger
+    row = _row(c.collect(), proc.pid)
+    assert row is not None
+    res = _act(freeze_process, {"target": {"pid": proc.pid}, "method": "sigstop"},
+               _ctx(tmp_path, (proc.pid, Path(row["exe"]))))
+    assert res.ok, res.detail
+    assert c.collect().metrics[f"sec.suspect_frozen[{proc.pid}]"] == 1.0
+    assert _act(unfreeze_process, {"target": {"pid": proc.pid}}, _ctx(tmp_path)).ok
+    assert c.collect().metrics[f"sec.suspect_frozen[{proc.pid}]"] == 0.0  # thawed: the record says so
 
 
 def test_unknown_hash_is_learned_then_reported_and_persisted(tmp_path: Path) -> None:

@@ -59,6 +59,6 @@ METRIC_FAMILIES: Final[frozenset[str]] = frozenset({
     "sec.auth_sources", "sec.auth_failures_total", "sec.auth_sources_forgotten", "sec.listeners",
     "sec.listeners_new", "sec.listener_new",
     # security, process side (agent.collect.security_proc)
-    "sec.suspects", "sec.exe_unreadable", "sec.suspect_cpu_pct", "sec.suspect_stopped", "sec.egress_bytes_per_s",
-    "sec.egress_conns", "sec.egress_spike", "sec.files_watched",
+    "sec.suspects", "sec.exe_unreadable", "sec.suspect_cpu_pct", "sec.suspect_frozen",
+    "sec.egress_bytes_per_s", "sec.egress_conns", "sec.egress_spike", "sec.files_watched",
 })

@@ -36,7 +36,8 @@ first):
 ``sec.suspects``                  suspicious processes now
 ``sec.exe_unreadable``            processes whose executable heald may not read (no CAP_SYS_PTRACE)
 ``sec.suspect_cpu_pct[PID]``      its CPU use over the last interval, % of one CPU
-``sec.suspect_stopped[PID]``      1 when it is stopped (state T) or frozen in heald's freezer group
+``sec.suspect_frozen[PID]``       1 when heald froze it: its forensics record (``record_name``) says
+                                  so and it is stopped (state T) or in heald's frozen freezer group
 ``sec.egress_bytes_per_s[PID]``   bytes its TCP sockets had acknowledged per second, last egress pass
 ``sec.egress_conns[PID]``         its established TCP connections to non-loopback peers
 ``sec.egress_spike[PID]``         1 when that rate or its new connections make a spike (see above)
@@ -45,7 +46,7 @@ first):
 ================================= ==================================================================
 
 Events: ``sec.file_changed`` (labels ``path``, ``change``: modified, created, removed).
-Detail: ``suspects``: ``[{pid, exe, reasons, sha256, cpu_pct, state, stopped, egress_bytes_per_s}]``.
+Detail: ``suspects``: ``[{pid, exe, reasons, sha256, cpu_pct, state, frozen, egress_bytes_per_s}]``.
 """
 
 from __future__ import annotations
@@ -71,6 +72,14 @@ from agent.fsutil import atomic_write
 
 #: The cgroup (below the freezer hierarchy's root, or below the v2 root) heald freezes processes in.
 FROZEN_GROUP = "heald-frozen"
+
+
+def record_name(pid: str | int, starttime: bytes | int) -> str:
+    """The name of freeze_process's forensics record of a process: pid and its start time (clock
+    ticks after boot, /proc/PID/stat field 22), so a reused pid never finds another's record."""
+    return f"{pid}-{int(starttime)}"
+
+
 _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 _DELETED = " (deleted)"
 _EXE_MAX = 256  # characters of an executable path in the detail
@@ -200,6 +209,7 @@ class SecurityProcCollector(BaseCollector[SecurityProcSettings]):
         self._trusted = tuple(s.trusted_prefixes)
         self._allow = frozenset(h.lower() for h in s.allow_sha256)
         self._base_path = Path(state_dir) / "security" / "baseline.json" if state_dir is not None else None
+        self._forensics = Path(state_dir) / "forensics" if state_dir is not None else None
         self._hashes: dict[str, float] = {}  # sha256 -> last seen (wall)
         self._files: dict[str, str | None] = {}  # watched path -> sha256 (None: absent)
         self._files_known = False  # the baseline holds the watched files (else the first pass learns)
@@ -282,7 +292,7 @@ class SecurityProcCollector(BaseCollector[SecurityProcSettings]):
             rows.append({
                 "pid": int(pid), "exe": exe[:_EXE_MAX], "reasons": reasons, "sha256": digest,
                 "cpu_pct": round(100.0 * max(d, 0) / (_CLK_TCK * dt), 1) if dt > 0 else 0.0,
-                "state": state, "stopped": state in {"T", "t"} or self._frozen(pid),
+                "state": state, "frozen": self._heald_froze(pid, st[4], state),
             })
         self._procs = live
         rows.sort(key=lambda r: (-cast("float", r["cpu_pct"]), cast("int", r["pid"])))
@@ -296,7 +306,7 @@ class SecurityProcCollector(BaseCollector[SecurityProcSettings]):
             pid = str(r["pid"])
             p = live[pid]
             m[key("sec.suspect_cpu_pct", pid)] = float(r["cpu_pct"])  # type: ignore[arg-type]
-            m[key("sec.suspect_stopped", pid)] = 1.0 if r["stopped"] else 0.0
+            m[key("sec.suspect_frozen", pid)] = 1.0 if r["frozen"] else 0.0
             if self._egress_t is not None:
                 m[key("sec.egress_bytes_per_s", pid)] = p.egress_rate
                 m[key("sec.egress_conns", pid)] = float(p.egress_conns)
@@ -389,6 +399,20 @@ class SecurityProcCollector(BaseCollector[SecurityProcSettings]):
             self._hash_cache.clear()
         self._hash_cache[ck] = digest
         return digest
+
+    def _heald_froze(self, pid: str, starttime: bytes, state: str) -> bool:
+        """Stopped or frozen, and by heald: a process someone else stopped (a shell's Ctrl-Z, a
+        debugger) is not one heald may offer to kill."""
+        if self._forensics is None:
+            return False
+        raw = read_bytes(str(self._forensics / record_name(pid, starttime) / "record.json"))
+        try:
+            rec = json.loads(raw) if raw is not None else None
+        except ValueError:
+            return False
+        if not isinstance(rec, dict) or rec.get("state") not in {"freezing", "frozen"}:  # freezing: a crash
+            return False
+        return state in {"T", "t"} or self._frozen(pid)
 
     def _frozen(self, pid: str) -> bool:
         """In heald's freezer group, and that group frozen (v1 freezer.state, v2 cgroup.events)."""

@@ -43,7 +43,7 @@ import psutil
 from agent.act.actions.cgroups import cgroup_v2_root
 from agent.act.base import ActionContext, ActionResult
 from agent.act.procs import Candidate, select
-from agent.collect.security_proc import FROZEN_GROUP
+from agent.collect.security_proc import FROZEN_GROUP, record_name
 from agent.decide.units import parse_size
 from agent.fsutil import atomic_write
 
@@ -60,7 +60,9 @@ def forensics_root(ctx: ActionContext) -> Path:
 
 
 def _record_dir(root: Path, proc: psutil.Process) -> Path:
-    return root / f"{proc.pid}-{int(proc.create_time() * 100)}"
+    """``root/PID-STARTTIME`` (the collector's :func:`record_name`); OSError when the process is gone."""
+    stat_line = Path(f"/proc/{proc.pid}/stat").read_bytes()
+    return root / record_name(proc.pid, stat_line.rsplit(b")", 1)[1].split()[19])
 
 
 def _write_json(path: Path, doc: Mapping[str, Any]) -> None:
@@ -264,7 +266,7 @@ def _freeze_one(c: Candidate, ctx: ActionContext, params: Mapping[str, Any]) -> 
 def _thaw_one(c: Candidate, ctx: ActionContext) -> dict[str, Any]:
     proc = c.proc
     rdir: Path | None = None
-    with contextlib.suppress(psutil.Error, RuntimeError):
+    with contextlib.suppress(OSError, RuntimeError):
         rdir = _record_dir(forensics_root(ctx), proc)
     record = _read_json(rdir / "record.json") if rdir is not None else {}
     group = Path(str(record.get("group") or ""))
