@@ -299,6 +299,7 @@ class JournalFollower:
         self._lines = _Lines(max(max_line * 4, 65536))  # a JSON entry is longer than its MESSAGE
         self._max_line = max_line
         self._started = -1e18
+        self._read_since_start = 0
 
     def _start(self) -> None:
         now = time.monotonic()
@@ -318,6 +319,7 @@ class JournalFollower:
         if proc.stdout is not None:
             os.set_blocking(proc.stdout.fileno(), False)
         self._lines.reset()
+        self._read_since_start = 0
 
     def poll(self, budget: int) -> list[str]:
         """The MESSAGEs of the entries that arrived since the last poll. A child that ended is
@@ -346,9 +348,13 @@ class JournalFollower:
                 msg = self._entry(raw)
                 if msg is not None:
                     out.append(msg)
+        self._read_since_start += len(out)
         if ended:
-            self._reap()
+            code = self._reap()
             self.restarts += 1
+            if code is not None and code > 0 and not self._read_since_start and self.cursor:
+                # journalctl refused the cursor (vacuumed, another journal): start at the end
+                self.cursor = ""
         return out
 
     def _entry(self, raw: bytes) -> str | None:
@@ -367,10 +373,11 @@ class JournalFollower:
                 msg = bytes(msg[: self._max_line]).decode("utf-8", "replace")
         return msg[: self._max_line] if isinstance(msg, str) else None
 
-    def _reap(self) -> None:
+    def _reap(self) -> int | None:
+        """Stop and reap the child; its exit status (None: there was none)."""
         proc, self._proc = self._proc, None
         if proc is None:
-            return
+            return None
         if proc.poll() is None:
             proc.terminate()
             try:
@@ -380,6 +387,7 @@ class JournalFollower:
                 proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
+        return proc.returncode
 
     def close(self) -> None:
         self._reap()
