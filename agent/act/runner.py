@@ -226,7 +226,10 @@ class Runner:
         playbook, tgt = run.playbook, run.target
         state = self._host.store.get(tgt.key, playbook.name, tgt.labels)
         now = time.time()
-        opened = record_end(playbook, state, now, outcome, counts=not run.dry_run and outcome != "held")
+        # a dry-run ends where it started, on its sample's clock (Decider.decide): live and replayed
+        # dry-runs then count their cooldowns from the same instant
+        end = state.last_start if run.dry_run and run.trigger == "auto" and state.last_start is not None else now
+        opened = record_end(playbook, state, end, outcome, counts=not run.dry_run and outcome != "held")
         self._host.store.save()
         self._recorder.record(records.RunEnd(
             playbook=playbook.name, run_id=run.run_id, target=tgt.key, outcome=outcome, dry_run=run.dry_run,

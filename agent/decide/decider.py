@@ -203,7 +203,10 @@ class Decider:
                     if request is not None:
                         out.append(request)
                     continue
-                record_start(self.state(tgt), time.time())
+                # A dry-run is decided and done on its sample's clock (nothing runs), so its guards
+                # count from the sample's wall time and a replay of the samples reproduces them
+                # exactly; a real run counts from when it starts.
+                record_start(self.state(tgt), wall if mode == "dry-run" else time.time())
                 self.store.save()
                 starting += 1
                 per_playbook[name] = per_playbook.get(name, 0) + 1

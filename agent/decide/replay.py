@@ -10,7 +10,10 @@ cooldowns and runs-per-window guards count from the recording's own clock, as th
 Recordings:
 
 * ``.npz``: a fault-harness recording (``bench/faults/run.py``): ``keys`` (metric keys), ``X``
-  (one row a sample, NaN for a missing value), ``wall``, ``mono``, ``seq``;
+  (one row a sample, NaN for a missing value), ``wall``, ``mono``, ``seq``; a live agent's
+  recording also has ``absent`` (bit-packed rows: the key was not in that sample at all, as when
+  a process or a mount is gone; NaN alone is a None value). Without it every NaN is a None value
+  of a key that was there;
 * ``.jsonl``: one sample a line, ``{"seq", "wall", "mono", "metrics": {key: value|null}}``: the
   samples of a coordinator's ``metrics`` messages (:class:`agent.wire.MetricSample`), as written
   by a node's capture or an export.
@@ -98,10 +101,24 @@ def _npz_samples(path: Path) -> Iterator[Sample]:
         keys = [str(k) for k in z["keys"]]
         x = np.asarray(z["X"], dtype=np.float64)
         wall, mono, seq = (np.asarray(z[k]) for k in ("wall", "mono", "seq"))
+        packed = np.asarray(z["absent"]) if "absent" in z.files else None
     if x.ndim != 2 or x.shape[1] != len(keys) or not x.shape[0] == wall.size == mono.size == seq.size:
         raise InputError([Problem(str(path), "X", f"shape {x.shape} does not match {len(keys)} keys and "
                                   f"{wall.size} samples")])
+    absent = None
+    if packed is not None:  # a live recording tells a key absent from a sample from a None value
+        if packed.ndim != 2 or packed.shape[0] != x.shape[0] or packed.shape[1] * 8 < x.shape[1]:
+            raise InputError([Problem(str(path), "absent",
+                                      f"shape {packed.shape} does not match X {x.shape}")])
+        absent = np.unpackbits(packed.astype(np.uint8), axis=1, count=x.shape[1]).astype(bool)
     for i, row in enumerate(x.tolist()):
+        if absent is not None:
+            gone = absent[i]
+            metrics = {k: (v if math.isfinite(v) else None)
+                       for j, (k, v) in enumerate(zip(keys, row, strict=True)) if not gone[j]}
+            yield Sample(node="replay", seq=int(seq[i]), wall=float(wall[i]), mono=float(mono[i]),
+                         metrics=metrics)
+            continue
         metrics = {k: (v if math.isfinite(v) else None) for k, v in zip(keys, row, strict=True)}
         yield Sample(node="replay", seq=int(seq[i]), wall=float(wall[i]), mono=float(mono[i]),
                      metrics=metrics)

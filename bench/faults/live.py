@@ -45,10 +45,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def agent_config(state: Path, port: int, watch: str) -> str:
+def agent_config(state: Path, port: int, watch: str, *, security: bool = False) -> str:
+    """The recorder's config. ``security``: the agent's code has a ``[security]`` section, whose
+    nftables table must outlive this agent's stop (a stop would delete the host's ``inet heald``)."""
+    keep = "[security]\nkeep_blocks_on_stop = true\n" if security else ""
     return f"""\
-# heald run as the fault harness's recorder: shipped playbooks, all forced to dry-run.
-[node]
+# heald run as the fault harness's recorder: shipped playbooks only, all forced to dry-run.
+{keep}[node]
 id = "{NODE}"
 [paths]
 state_dir = "{state}"
@@ -59,6 +62,7 @@ enabled = false
 [collect.processes]
 watch = ["{watch}"]
 [playbooks]
+dirs = []
 load_shipped = true
 force_mode = "dry-run"
 [mqtt]
@@ -85,7 +89,8 @@ class LiveAgent:
         self.dir = Path(tempfile.mkdtemp(prefix="heald-fault-live-"))
         self.state = self.dir / "state"
         self.port = free_port()
-        self.config_text = agent_config(self.state, self.port, watch)
+        self.watch = watch
+        self.config_text = ""
         self.samples: dict[int, dict[str, Any]] = {}
         self.lock = threading.Lock()
         self.broker: subprocess.Popen[bytes] | None = None
@@ -140,12 +145,15 @@ class LiveAgent:
         self.client.connect("127.0.0.1", self.port)
         self.client.subscribe("heald/v1/#", qos=1)
         self.client.loop_start()
+        self.checkout()
+        security = "keep_blocks_on_stop" in (self.code / "agent" / "decide" / "settings.py").read_text()
+        self.config_text = agent_config(self.state, self.port, self.watch, security=security)
         cfg = self.dir / "agent.toml"
         cfg.write_text(self.config_text)
-        self.checkout()
-        env = {**os.environ, "PYTHONPATH": str(self.code)}
-        self.agent = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(cfg)],
-                                      cwd=self.code, env=env, stdout=subprocess.DEVNULL,
+        # dry-run three ways: the config, the environment override and --dry-run
+        env = {**os.environ, "PYTHONPATH": str(self.code), "HEALD_PLAYBOOKS__FORCE_MODE": "dry-run"}
+        argv = [sys.executable, "-m", "agent", "run", "--config", str(cfg), "--dry-run"]
+        self.agent = subprocess.Popen(argv, cwd=self.code, env=env, stdout=subprocess.DEVNULL,
                                       stderr=(self.dir / "agent.log").open("wb"))
 
     def alive(self) -> bool:
@@ -188,11 +196,11 @@ class LiveAgent:
         for line in audit.read_text().splitlines():
             entry = json.loads(line)
             rec, ts = entry["record"], float(entry["ts"])
+            if rec.get("type") == "run.start" and rec.get("dry_run") is not True:
+                raise RuntimeError(f"the live agent executed a run: {rec}")
             if ts > last_wall + 1.9:  # decided on a sample the subscriber never saw
                 continue
             if rec.get("type") == "run.start":
-                if rec.get("dry_run") is not True:
-                    raise RuntimeError(f"the live agent executed a run: {rec}")
                 out.append(LiveDecision("run", rec["playbook"], rec["target"], ts))
             elif rec.get("type") == "approval.requested":
                 out.append(LiveDecision("approval", rec["playbook"], rec["target"], ts))

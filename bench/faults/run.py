@@ -423,9 +423,13 @@ class Recorder:
     def save(self, out: Path, st: State, live: dict[str, np.ndarray] | None = None) -> None:
         n, k = len(self.rows), len(self.cols)
         x = np.full((n, k), np.nan)
+        absent = np.ones((n, k), dtype=bool)  # the key was not in the sample (NaN alone: a None value)
         for i, row in enumerate(self.rows):
             for j, v in row.items():
                 x[i, j] = v
+                absent[i, j] = False
+        if live is not None:
+            live = {**live, "absent": np.packbits(absent, axis=1), "absent_cols": np.asarray(k)}
         keys = sorted(self.cols, key=self.cols.__getitem__)
         wall = np.asarray(self.wall)
         label = np.zeros(n, dtype=np.int64)
