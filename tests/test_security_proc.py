@@ -528,6 +528,25 @@ def test_sigstop_method_stops_in_state_t(tmp_path: Path, burner: tuple[Any, Path
 
 @root_only
 @needs_freezer
+def test_unfreeze_without_its_record_thaws_by_the_group_name(
+        tmp_path: Path, burner: tuple[Any, Path]) -> None:
+    proc, exe = burner
+    res = _act(freeze_process, {"target": {"pid": proc.pid}}, _ctx(tmp_path, (proc.pid, exe)))
+    assert res.ok, res.detail
+    rec_dir = Path(res.data["frozen"][0]["record"])
+    group = Path(json.loads((rec_dir / "record.json").read_text())["group"])
+    shutil.rmtree(rec_dir)  # lost (a wiped state dir)
+    t0 = _ticks(proc.pid)
+    thawed = _act(unfreeze_process, {"target": {"pid": proc.pid}}, _ctx(tmp_path))
+    assert thawed.ok
+    assert "no record: thawing" in json.dumps(thawed.data)
+    assert not group.exists()
+    assert _freezer_group(proc.pid) == "/"
+    assert _wait(lambda: _ticks(proc.pid) > t0, 10)
+
+
+@root_only
+@needs_freezer
 def test_frozen_process_dies_on_kill_then_thaw(tmp_path: Path, burner: tuple[Any, Path]) -> None:
     proc, exe = burner
     assert (_act(freeze_process, {"target": {"pid": proc.pid}}, _ctx(tmp_path, (proc.pid, exe)))).ok

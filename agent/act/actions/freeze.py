@@ -211,6 +211,15 @@ def _group_frozen(group: Path) -> bool:
         return False
 
 
+def _v2_cgroup(pid: int) -> str:
+    """The process's cgroup v2 path (``0::/...`` in /proc/PID/cgroup): where a thaw moves it back."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+            if line.startswith("0::"):
+                return line[3:] or "/"
+    return "/"
+
+
 def _stopped(pid: int, group: str) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
@@ -235,7 +244,8 @@ def _freeze_one(c: Candidate, ctx: ActionContext, params: Mapping[str, Any]) -> 
     # first, naming the group and the pids: a crash from here on leaves a record to undo it from
     record.update({"pid": proc.pid, "playbook": ctx.playbook, "run_id": ctx.run_id, "node": ctx.node,
                    "state": "freezing", "since": time.time(), "bindings": dict(ctx.bindings),
-                   "method": method, "group": group, "pids": pids})
+                   "method": method, "group": group, "pids": pids,
+                   "from_cgroup": record.get("from_cgroup") or _v2_cgroup(proc.pid)})
     _write_json(rdir / "record.json", record)
     if params.get("forensics", True) and "binary_sha256" not in record:
         budget = parse_size(params.get("max_total", "512M"))
@@ -270,15 +280,23 @@ def _thaw_one(c: Candidate, ctx: ActionContext) -> dict[str, Any]:
         rdir = _record_dir(forensics_root(ctx), proc)
     record = _read_json(rdir / "record.json") if rdir is not None else {}
     group = Path(str(record.get("group") or ""))
+    pids = [int(p) for p in record.get("pids", [proc.pid])]
     notes: list[str] = []
+    if not record and rdir is not None:  # the record is lost or torn: the group is named like it
+        plan = _group_for(rdir.name, cgroup_v2_root(ctx.settings.cgroup_root))
+        if plan is not None and plan[1].is_dir():
+            group = plan[1]
+            notes.append(f"no record: thawing {group} by its name")
     if str(group) not in {"", "."} and group.is_dir():
         v1 = str(group).startswith(str(V1_FREEZER))
         try:
             _write(group / ("freezer.state" if v1 else "cgroup.freeze"), "THAWED" if v1 else "0")
         except OSError as exc:
             notes.append(f"thaw {group}: {exc.strerror}")
-        back = V1_FREEZER if v1 else group.parent.parent
-        for pid in record.get("pids", [proc.pid]):
+        back = V1_FREEZER if v1 else group.parent.parent / str(record.get("from_cgroup") or "/").lstrip("/")
+        with contextlib.suppress(OSError):
+            pids = [*pids, *(int(x) for x in (group / "cgroup.procs").read_text().split())]
+        for pid in dict.fromkeys(pids):
             with contextlib.suppress(OSError):
                 _write(back / "cgroup.procs", str(pid))
         deadline = time.monotonic() + 3.0
@@ -291,7 +309,7 @@ def _thaw_one(c: Candidate, ctx: ActionContext) -> dict[str, Any]:
                     notes.append(f"{group} not removed")
                     break
                 time.sleep(0.05)
-    for pid in record.get("pids", [proc.pid]):
+    for pid in dict.fromkeys(pids):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(int(pid), signal.SIGCONT)
     if rdir is not None and record:
