@@ -436,6 +436,33 @@ def test_watched_authorized_keys(tmp_path: Path) -> None:
         ("sec.file_changed", str(keys), "removed")]
 
 
+def test_hostile_paths_and_a_torn_baseline(tmp_path: Path) -> None:
+    """An executable whose name holds a newline, ']' and 200 more bytes; a baseline file that is
+    garbage, then valid JSON of the wrong shapes: the collector copes, reports, never raises."""
+    odd = tmp_path / ("we ird]\n[name" + "x" * 200)
+    shutil.copy2(BASH, odd)
+    proc = subprocess.Popen([str(odd), "-c", "sleep 30; exit 0"])
+    base = tmp_path / "state" / "security" / "baseline.json"
+    base.parent.mkdir(parents=True)
+    try:
+        for text in ("{not json", '["a list"]', '{"hashes": {"zz": "nan", "%s": 1e999}, "files": 7, '
+                     '"created": "yesterday"}' % ("a" * 64)):
+            base.write_text(text)
+            c = _collector(tmp_path, max_suspects=256)
+            c._dirty = True  # make close() write what it kept, to check it
+            r = c.collect()
+            row = _row(r, proc.pid)
+            assert row is not None, text
+            assert row["exe"] == str(odd)[:256]
+            assert f"sec.suspect_cpu_pct[{proc.pid}]" in r.metrics
+            c.close()
+            assert "Infinity" not in base.read_text()
+            json.loads(base.read_text())
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_parse_ss_sockets() -> None:
     text = ("ESTAB 0 0 10.0.0.1:40000 10.0.0.2:443 ino:111 sk:1 cgroup:/ <->\n"
             "\t cubic wscale:7,7 rto:204 bytes_sent:5000 bytes_acked:4000 bytes_received:10\n"

@@ -55,6 +55,7 @@ import contextlib
 import hashlib
 import ipaddress
 import json
+import math
 import os
 import stat
 import subprocess
@@ -242,11 +243,12 @@ class SecurityProcCollector(BaseCollector[SecurityProcSettings]):
         hashes, files, created = data.get("hashes"), data.get("files"), data.get("created")
         if isinstance(hashes, dict):
             self._hashes = {str(k): float(v) for k, v in hashes.items()
-                            if isinstance(v, (int, float)) and len(str(k)) == 64}
+                            if isinstance(v, (int, float)) and math.isfinite(v) and len(str(k)) == 64}
         if isinstance(files, dict):
             self._files_known = True
             self._files = {str(k): (str(v) if isinstance(v, str) else None) for k, v in files.items()}
-        self._created = float(created) if isinstance(created, (int, float)) else now
+        fine = isinstance(created, (int, float)) and math.isfinite(created)
+        self._created = float(created) if fine else now  # type: ignore[arg-type]
         self._learn_until = self._created + self.settings.learn_s
         if not data:
             self._dirty = True
