@@ -1,0 +1,99 @@
+"""bench/predictive_heal.py: every predictable fault injected for real and healed by its shipped
+predictive playbook in enforce (issue 20). The ``--smoke`` run is the real bench at a small scale
+(minutes): it re-runs itself in a private PID + mount namespace and acts only on what it created.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from agent.decide.settings import PlaybookSettings
+
+TOP = Path(__file__).resolve().parents[1]
+BENCH = TOP / "bench" / "predictive_heal.py"
+INJECTED = ("host memory", "cgroup memory", "disk fill", "inodes", "fd leak", "PID leak")
+NOT_INJECTED = ("conntrack table", "file table", "task table")
+
+
+def bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("predictive_heal", BENCH)
+    assert spec is not None
+    assert spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["predictive_heal"] = mod  # its dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize(("name", "static"), [
+    ("cgroup-memory-leak", None), ("fd-leak", None), ("cgroup-pids-leak", None),
+    ("inodes-full-predicted", None),
+    ("memory-exhaustion-predicted", "memory-exhaustion"), ("disk-full-predicted", "disk-nearly-full"),
+])
+def test_the_trigger_and_the_static_line_are_taken_apart(name: str, static: str | None) -> None:
+    """The unremediated run times the predictive branches and the static line separately: the
+    trigger has no >= 95 branch left, the static line is only that branch (or the shipped line)."""
+    mod = bench()
+    shipped, trigger, line = mod.split(name, static, PlaybookSettings(dirs=(), clean_roots=("/var/tmp",)))
+    assert shipped.name == name
+    assert trigger.name == f"{name}-trigger"
+    trig = mod.shipped_text(name)["trigger"]
+    branches = trig.get("any", [trig])
+    kept = [b for b in branches if not mod.is_backstop(b)]
+    assert kept, "no predictive branch"
+    if static is None:
+        assert line.name == f"{name}-static-line"
+        assert len(kept) == len(branches) - 1, "exactly one backstop branch taken out"
+    else:
+        assert line.name == static
+        assert len(kept) == len(branches)
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (cgroups, loop mounts, a private PID namespace)")
+@pytest.mark.skipif(any(shutil.which(t) is None for t in ("unshare", "mkfs.ext4", "losetup")),
+                    reason="needs unshare, mkfs.ext4 and losetup")
+def test_smoke_heals_every_injected_fault_before_it_fails() -> None:
+    done = subprocess.run([sys.executable, str(BENCH), "--smoke"], capture_output=True, text=True,
+                          timeout=900, check=False, cwd=TOP)
+    out = done.stdout
+    assert done.returncode == 0, out[-3000:] + done.stderr[-3000:]
+    assert re.search(r"^# predictive heal, \d{4}-\d\d-\d\d \d\d:\d\d UTC, .+, \d+ cpu, .*--smoke$", out,
+                     re.MULTILINE)
+    assert "Indicative only" in out
+    rows = {cells[0]: cells for line in out.splitlines() if line.startswith("| ")
+            for cells in [[c.strip() for c in line.strip("|").split("|")]]}
+    for name in INJECTED:
+        cells = rows[name]
+        fail_at = float(cells[2].split()[0])
+        lead = float(cells[3])
+        assert 0 < lead <= fail_at, cells
+        assert cells[-1].startswith("healed"), cells
+        assert cells[-1] != "healed (static branch)", cells
+        acted_at = float(cells[8].split()[0])
+        assert acted_at < fail_at, cells
+        assert cells[7] != "-", cells
+        ratio = cells[6]
+        assert ratio == "static never held" or ratio.endswith("x") or "(< 2x)" in ratio, cells
+    assert rows["fd leak"][9] == "succeeded"  # the engine's verify: the leak's growth is over
+    assert "pids [" in rows["cgroup memory"][7]
+    assert "files deleted" in rows["disk fill"][7]
+    assert "files deleted" in rows["inodes"][7]
+    for name in NOT_INJECTED:
+        assert rows[name][1] == "not injected here", rows[name]
+        assert rows[name][-1], "the reason is given"
+    # it cleaned up: no cgroup, mount or work directory of its own is left
+    assert not list(Path("/sys/fs/cgroup").glob("*/heald-bench-heal-*"))
+    assert not list(Path("/sys/fs/cgroup").glob("heald-bench-heal-*"))
+    assert not list(Path("/var/tmp").glob("heald-predictive-heal-*"))
+    assert "heald-predictive-heal-" not in Path("/proc/self/mountinfo").read_text()
