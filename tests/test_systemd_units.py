@@ -146,6 +146,7 @@ def test_heald_service_contract() -> None:
     assert "CAP_SYS_ADMIN" not in caps
     assert "CAP_KILL" in caps
     assert "CAP_SYS_NICE" in caps
+    assert "CAP_NET_ADMIN" in caps  # block_address (nft, heald's own table)
     # The clean action's roots (playbooks.clean_roots defaults) are writable.
     writable = {p.lstrip("-") for p in d["ReadWritePaths"][0].split()}
     assert set(PlaybookSettings().clean_roots) <= writable
