@@ -13,6 +13,7 @@ it returns a complete :class:`Settings` or raises :class:`~agent.errors.ConfigEr
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import re
 import socket
@@ -26,9 +27,10 @@ import msgspec
 
 from agent.collect.settings import CollectSettings
 from agent.control.settings import CoordinatorSettings
-from agent.decide.settings import PlaybookSettings
+from agent.decide.settings import PlaybookSettings, SecuritySettings
 from agent.errors import ConfigError, Problem, toml_key_lines
 from agent.features.cost import CostSettings
+from agent.features.demand_history import DemandSettings
 from agent.report.settings import MqttSettings
 from agent.score.settings import ModelSettings
 
@@ -82,6 +84,8 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     prometheus: PrometheusSettings = PrometheusSettings()
     coordinator: CoordinatorSettings = CoordinatorSettings()
     cost: CostSettings = CostSettings()
+    demand: DemandSettings = DemandSettings()
+    security: SecuritySettings = SecuritySettings()
 
 
 @dataclass
@@ -291,6 +295,12 @@ def _semantic_checks(s: Settings, src: _Source) -> list[Problem]:
         if c.timeout_s > c.interval_s * 2:
             problems.append(_problem(src, f"collect.{name}.timeout_s",
                                      f"{c.timeout_s} s exceeds twice interval_s ({c.interval_s} s)"))
+    for i, entry in enumerate(s.security.allow_list):
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            problems.append(_problem(src, "security.allow_list",
+                                     f"entry {i} ({entry[:64]!r}) is not an address or a CIDR network"))
     host, sep, port = s.prometheus.listen.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         problems.append(_problem(src, "prometheus.listen", "must be HOST:PORT"))

@@ -39,6 +39,7 @@ from agent.runtime.sdnotify import Notifier
 if TYPE_CHECKING:
     from agent.act.engine import Engine
     from agent.report.transport import Reporter
+    from agent.score.demand_stage import DemandStage
 
 log = structlog.get_logger("heald.daemon")
 
@@ -292,6 +293,7 @@ def build_daemon(loaded: LoadedConfig, config_path: Path | None = None,
     s = daemon.settings
     pipe = daemon.pipeline
     model_version = ""
+    demand: DemandStage | None = None
     if s.model.enabled:
         from agent.score.stage import RiskStage  # noqa: PLC0415
 
@@ -300,6 +302,11 @@ def build_daemon(loaded: LoadedConfig, config_path: Path | None = None,
         model_version = stage.model_version
         daemon.add_task("score-refit", stage.refit_loop)
         daemon.on_reload("model", lambda new: asyncio.to_thread(stage.reconfigure, new.model))
+        if s.demand.enabled:
+            from agent.score.demand_stage import DemandStage  # noqa: PLC0415
+
+            demand = stage.demand = DemandStage(s.demand, daemon.state_dir)
+            daemon.add_task("demand", demand.run)
     exposition = None
     if s.prometheus.enabled:
         from agent.runtime import prometheus  # noqa: PLC0415
@@ -337,6 +344,8 @@ def build_daemon(loaded: LoadedConfig, config_path: Path | None = None,
 
         meter = CostMeter(s.cost, daemon.state_dir)
         pipe.cost = meter
+        if demand is not None:
+            meter.demand = demand.summaries
         send: Callable[[Any], object] = reporter.submit if reporter is not None else (lambda _m: None)
         daemon.add_task("cost", lambda: meter.run(send))
     engine = Engine(s.playbooks, daemon.state_dir, s.node.id, load_playbooks(s.playbooks),
@@ -345,7 +354,38 @@ def build_daemon(loaded: LoadedConfig, config_path: Path | None = None,
     daemon.add_task("playbooks", engine.run)
     daemon.reloadables.append(PlaybookReloader(engine))
     _wire_control(daemon, engine, reporter)
+    _wire_security(daemon, engine)
     return daemon
+
+
+def _wire_security(daemon: Daemon, engine: Engine) -> None:
+    """[security] for block_address (the allow list, the broker's host never blocked), and heald's
+    nftables table removed when the daemon stops unless ``keep_blocks_on_stop``."""
+
+    def configure(new: Settings) -> None:
+        engine.security = new.security
+        engine.protected_hosts = (new.mqtt.host,) if new.mqtt.enabled else ()
+
+    async def apply(new: Settings) -> None:
+        configure(new)
+
+    configure(daemon.settings)
+    daemon.on_reload("security", apply)
+    daemon.on_reload("mqtt", apply)
+
+    async def cleanup_on_stop() -> None:
+        try:
+            await asyncio.Event().wait()  # until the root group is cancelled: the daemon stops
+        except asyncio.CancelledError:
+            security = daemon.settings.security
+            if not security.keep_blocks_on_stop:
+                from agent.act.actions.nftables import remove_table  # noqa: PLC0415
+
+                if await asyncio.to_thread(remove_table, security):
+                    log.info("removed heald's nftables table on stop", table="inet heald")
+            raise
+
+    daemon.add_task("security-cleanup", cleanup_on_stop)
 
 
 def _wire_control(daemon: Daemon, engine: Engine, reporter: Reporter | None) -> None:

@@ -41,6 +41,8 @@ RELOAD_POLICY: Final[Mapping[str, Policy]] = MappingProxyType({
     "prometheus.enabled": "restart",
     "coordinator": "live",  # a key rotation: the new keys verify the next command
     "cost": "restart",  # the meter's periods and prices are fixed at start
+    "demand": "restart",  # the history's step and the model are fixed at start
+    "security": "live",  # the next block_address reads the new allow list and timeout
 })
 
 
