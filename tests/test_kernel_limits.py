@@ -458,3 +458,65 @@ async def test_inodes_running_out_are_cleaned_from_the_real_forecast(
     assert rec.of("step")[0]["data"]["deleted"] > 0
     assert peak < 100
     print(f"inodes: cleaned by {peak:.0f}% used, inputs {start['inputs']}")
+
+
+HELPER = Path(__file__).resolve().parents[1] / "packaging" / "heald-action"
+HOST_FILE_MAX = Path("/proc/sys/fs/file-max")
+SYSTEMCTL = """#!/bin/bash
+# A recording systemctl: logs its argv; `start heald-action@NAME.service` runs the real helper as
+# its unit would (NAME as one argument), in a private mount namespace where the sysctl file the
+# helper writes is this test's fixture (bind-mounted over the real one: the host's is never touched).
+echo "$*" >> "{log}"
+[[ $# -eq 2 && $1 == start && $2 =~ ^heald-action@(.+)\\.service$ ]] || exit 1
+exec unshare --mount --propagation private \\
+    bash -c 'mount --bind "$0" /proc/sys/fs/file-max && exec "$1" "$2"' \\
+    "{fixture}" "{helper}" "${{BASH_REMATCH[1]}}"
+"""
+
+
+@pytest.mark.asyncio
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (a private mount namespace)")
+async def test_raise_limit_under_the_shipped_unit_goes_through_the_root_helper(tmp_path: Path) -> None:
+    """heald.service runs as user heald with /proc/sys read-only: raise_limit starts
+    heald-action@sysctl-<table>-<value> (the polkit rule allows heald-action@*), the real helper
+    writes the value (never lowering, capped), and the agent reads it back."""
+    host_before = await asyncio.to_thread(HOST_FILE_MAX.read_text)
+    fixture = tmp_path / "fs" / "file-max"
+    fixture.parent.mkdir()
+    fixture.write_text("1000\n")
+    log = tmp_path / "systemctl.log"
+    tool = tmp_path / "systemctl"
+    tool.write_text(SYSTEMCTL.format(log=log, fixture=fixture, helper=HELPER))
+    tool.chmod(0o755)
+    sup = Supervisor(lambda coro, name: asyncio.get_running_loop().create_task(coro, name=name),
+                     lambda *_: None)
+
+    def ctx(dry: bool = False) -> ActionContext:
+        settings = PlaybookSettings(dirs=(), sysctl_root=str(tmp_path), use_helper_units=True,
+                                    systemctl=(str(tool),))
+        return ActionContext(settings=settings, node="n", playbook="file-table-full", run_id="r",
+                             dry_run=dry, supervisor=sup, emit=lambda _: None)
+
+    res = await raise_limit({"sysctl": "fs.file-max", "factor": 2, "max": 1500}, ctx(dry=True))
+    assert res.ok
+    assert "heald-action@sysctl-file-max-1500.service" in res.detail
+    assert not log.exists()  # a dry run starts nothing
+    res = await raise_limit({"sysctl": "fs.file-max", "factor": 2, "max": 1500}, ctx())
+    assert res.ok, res.detail
+    assert res.changed
+    assert res.data["read_back"] == 1500
+    assert fixture.read_text() == "1500\n"
+    assert log.read_text().splitlines() == ["start heald-action@sysctl-file-max-1500.service"]
+    # someone raised it meanwhile: the agent computes 1500 -> never lowered, by the agent or the helper
+    fixture.write_text("4000\n")
+    res = await raise_limit({"sysctl": "fs.file-max", "factor": 2, "max": 1500}, ctx())
+    assert not res.ok
+    assert fixture.read_text() == "4000\n"
+    # the helper's own refusal (a value that would lower it), whatever the agent asked
+    argv = [str(tool), "start", "heald-action@sysctl-file-max-3000.service"]
+    done = await asyncio.to_thread(subprocess.run, argv, capture_output=True, text=True, timeout=30,
+                                   check=False)
+    assert done.returncode == 1, done.stderr
+    assert "never lowers" in done.stderr
+    assert fixture.read_text() == "4000\n"
+    assert await asyncio.to_thread(HOST_FILE_MAX.read_text) == host_before  # the host's own value untouched

@@ -162,6 +162,10 @@ def test_heald_service_contract() -> None:
     ("gpu-drain-7", "-m 1"),
     ("gpu-undrain-7", "nvidia-smi drain -p"),
     ("gpu-undrain-0", "-m 0"),
+    ("sysctl-conntrack-max-262144", "echo 262144 > /proc/sys/net/netfilter/nf_conntrack_max"),
+    ("sysctl-file-max-16777216", "echo 16777216 > /proc/sys/fs/file-max"),
+    ("sysctl-pid-max-4194304", "echo 4194304 > /proc/sys/kernel/pid_max"),
+    ("sysctl-threads-max-200000", "echo 200000 > /proc/sys/kernel/threads-max"),
 ])
 def test_action_allows(name: str, expected: str) -> None:
     result = subprocess.run([str(ACTION), "--dry-run", name], capture_output=True, text=True,
@@ -175,6 +179,11 @@ def test_action_allows(name: str, expected: str) -> None:
     "gpu-reset-", "gpu-reset-64", "gpu-reset-01", "gpu-reset--1", "gpu-reset-1\n", "gpu-reset-1 2",
     "gpu-reset-$(id)", "gpu-reset-`id`", "../../bin/sh", "gpu-drain-x", "gpu-undrain-64",
     "gpu-undrain-01", "gpu-redrain-0", "gpu-drain-undrain-0", "--dry-run",
+    # raise_limit's tables: only the four, a decimal without a leading zero, at most the ceiling
+    "sysctl-file-max-0", "sysctl-file-max-01000", "sysctl-file-max-", "sysctl-file-max--5",
+    "sysctl-file-max-1e9", "sysctl-file-max-12345678901", "sysctl-pid-max-4194305",
+    "sysctl-conntrack-max-16777217", "sysctl-vm.drop_caches-3", "sysctl-drop-caches-3",
+    "sysctl-file-max-2 ", "sysctl-file-max-$(id)", "sysctl-../../fs/file-max-9",
 ])
 def test_action_rejects(tmp_path: Path, name: str) -> None:
     # A poisoned PATH proves nothing runs: the helper resets PATH, and rejects before running.

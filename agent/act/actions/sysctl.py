@@ -3,7 +3,10 @@
 The gentle step for a table that fills (conntrack entries, the host's file handles, PIDs): more
 room buys the time for a human or the forceful step. Only the tables' sysctls are accepted
 (:data:`ALLOWED`); the value is never lowered; at the bound the step fails, so the ladder goes on
-(escalates). Writes ``/proc/sys/...`` (``[playbooks] sysctl_root``): needs root.
+(escalates). Writes ``/proc/sys/...`` (``[playbooks] sysctl_root``): needs root. Under the shipped
+heald.service (``[playbooks] use_helper_units = true``: user heald, /proc/sys read-only) the
+write goes to the root-only helper, ``systemctl start heald-action@sysctl-<table>-<value>``,
+which accepts only these tables, never lowers and caps each; the agent then reads the value back.
 """
 
 from __future__ import annotations
@@ -13,10 +16,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from agent.act.actions._common import write_kernel_file
+from agent.act.actions._common import run_tool, write_kernel_file
 from agent.act.base import ActionContext, ActionResult
 
 ALLOWED = frozenset({"net.netfilter.nf_conntrack_max", "fs.file-max", "kernel.pid_max", "kernel.threads-max"})
+#: Each table's name for the root-only helper (packaging/heald-action: sysctl-<name>-<value>).
+HELPER_NAMES = {"net.netfilter.nf_conntrack_max": "conntrack-max", "fs.file-max": "file-max",
+                "kernel.pid_max": "pid-max", "kernel.threads-max": "threads-max"}
 
 
 async def raise_limit(params: Mapping[str, Any], ctx: ActionContext) -> ActionResult:
@@ -33,6 +39,19 @@ async def raise_limit(params: Mapping[str, Any], ctx: ActionContext) -> ActionRe
     data = {"sysctl": name, "old": old, "new": new, "max": bound}
     if new <= old:
         return ActionResult(ok=False, detail=f"{name} is {old}, already at its bound {bound}", data=data)
+    if ctx.settings.use_helper_units:
+        unit = f"heald-action@sysctl-{HELPER_NAMES[name]}-{new}.service"
+        done = await run_tool(ctx, [*ctx.settings.systemctl, "start", unit])
+        if ctx.dry_run or not done.ok:
+            return ActionResult(ok=done.ok, detail=done.detail, data={**data, **done.data})
+        try:
+            now = int((await asyncio.to_thread(path.read_text)).split()[0])
+        except (OSError, ValueError, IndexError) as exc:
+            return ActionResult(ok=False, changed=True, detail=f"{unit} ran; cannot read {path}: {exc}",
+                                data=data)
+        return ActionResult(ok=now >= new, changed=now != old, data={**data, "read_back": now},
+                            detail=f"raised {name} from {old} to {now} through {unit} (bound {bound})"
+                            if now >= new else f"{unit} ran but {name} reads {now}, not {new}")
     if ctx.dry_run:
         return ActionResult(ok=True, detail=f"would write {new} to {path} (now {old}, bound {bound})",
                             data=data)
