@@ -179,10 +179,13 @@ async def watch(collector: CgroupCollector, eng: object, ours: list[Cgroup], sec
 async def test_a_leak_in_a_limited_cgroup_is_stopped_before_the_oom_kill(
         tmp_path: Path, children: list[subprocess.Popen[bytes]], rate: int, limit: int) -> None:
     """Old: every memory trigger was host-wide; a unit leaking inside MemoryMax= was OOM-killed
-    by the kernel while heald saw host memory at a few percent and never ran."""
+    by the kernel while heald saw host memory at a few percent and never ran. The collector runs
+    with its defaults (a 30 s rescan) and has made its first pass before the cgroup exists, as a
+    container started after heald: the cgroup is found through the inotify watch, at once."""
+    collector = CgroupCollector(CgroupSettings())
+    collector.start()
+    collector.collect()
     with memory_cgroup(f"heald-test-leak-{os.getpid()}-{rate}", limit) as cg:
-        collector = CgroupCollector(CgroupSettings(rescan_s=0.5))
-        collector.start()
         eng, rec = make_engine(tmp_path, shipped_playbook(), PlaybookSettings(dirs=()))  # type: ignore[arg-type]
         leak = start(children, cg, LEAK, str(rate), str(2 * limit))
         async with running(eng):
@@ -197,6 +200,7 @@ async def test_a_leak_in_a_limited_cgroup_is_stopped_before_the_oom_kill(
         assert step["ok"] is True
         assert step["data"]["pids"] == [leak.pid]
         assert rec.of("run.end")[0]["outcome"] == "succeeded"
+        collector.close()
         print(f"{rate} MiB/s into {limit} MiB: acted at {peak[cg.label]:.0f}% of the limit, "
               f"eta input {started['inputs']}")
 
@@ -272,3 +276,48 @@ def test_slope() -> None:
     assert slope(deque([(0.0, 1.0), (1.0, 3.0)])) is None
     assert slope(deque([(0.0, 1.0), (1.0, 3.0), (2.0, 5.0)])) == pytest.approx(2.0)
     assert slope(deque([(1.0, 1.0), (1.0, 3.0), (1.0, 5.0)])) is None
+
+
+def test_a_cgroup_created_after_start_is_watched_at_the_next_pass() -> None:
+    """With the defaults (rescan every 30 s) a limited cgroup created after the collector's first
+    pass is found at the next pass through the inotify watch; without the watch it would wait for
+    the rescan (a fault recording found cgroups 19-29 s late). A removed one is dropped at once."""
+    watched = CgroupCollector(CgroupSettings())
+    polled = CgroupCollector(CgroupSettings(watch_changes=False))
+    for c in (watched, polled):
+        c.start()
+        c.collect()
+    name = f"heald-test-new-{os.getpid()}"
+    try:
+        with memory_cgroup(name, 64) as cg:
+            time.sleep(0.05)
+            assert cg.label in watched.collect().detail["watched"]
+            assert cg.label not in polled.collect().detail["watched"]
+        time.sleep(0.05)
+        assert cg.label not in watched.collect().detail["watched"]
+    finally:
+        watched.close()
+        polled.close()
+
+
+def test_a_limit_set_after_the_mkdir_is_seen_at_the_follow_up_walk(tmp_path: Path) -> None:
+    """Runtimes mkdir a cgroup and set its limit a moment later: the walk after the mkdir sees no
+    limit yet, the follow-up walk settle_s later does."""
+    col = CgroupCollector(CgroupSettings(settle_s=0.3))
+    col.start()
+    col.collect()
+    name = f"heald-test-late-{os.getpid()}"
+    v2 = Path("/sys/fs/cgroup")
+    unified = (v2 / "cgroup.controllers").exists() and "memory" in (v2 / "cgroup.subtree_control").read_text()
+    top = v2 if unified else v2 / "memory"
+    d = top / name
+    d.mkdir()
+    try:
+        time.sleep(0.05)
+        assert f"/{name}" not in col.collect().detail["watched"]  # no limit yet
+        (d / ("memory.max" if unified else "memory.limit_in_bytes")).write_text(str(64 * MIB))
+        time.sleep(0.35)
+        assert f"/{name}" in col.collect().detail["watched"]
+    finally:
+        d.rmdir()
+        col.close()

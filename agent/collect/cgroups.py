@@ -5,9 +5,13 @@ containers). When one of them leaks, the kernel OOM-kills inside it while host m
 PSI stay calm: host-wide metrics never see it coming. This collector watches the cgroups that
 have a limit (memory, or PIDs), plus those the operator names (``[collect.cgroups] include``).
 
-Discovery walks the hierarchy every ``rescan_s`` (cgroups come and go with units and
-containers), at most ``max_depth`` deep and ``max_cgroups`` kept (the most limited first: the
-smallest memory limit), so a pass reads a bounded number of small files: ``memory.current`` or
+Discovery walks the hierarchy at most ``max_depth`` deep and keeps ``max_cgroups`` (the most
+limited first: the smallest memory limit), so a pass reads a bounded number of small files. The
+walk runs every ``rescan_s`` and, with inotify watches on the walked directories
+(:mod:`agent.collect.inotify`), at the next pass after a cgroup is created or removed, and once
+more ``settle_s`` later (a runtime sets the limit just after the ``mkdir``): a container that
+starts leaking at once is watched within a second or two, not after up to ``rescan_s`` (a fault
+recording found cgroups 19-29 s late with a 30 s rescan and no watches). A pass reads ``memory.current`` or
 ``memory.usage_in_bytes``, ``memory.stat`` (for the reclaimable page cache), the events file,
 ``memory.pressure`` (v2), ``pids.*`` and ``cpu.stat``.
 
@@ -49,6 +53,7 @@ from dataclasses import dataclass, field
 
 from agent.collect.base import BaseCollector
 from agent.collect.counters import growth
+from agent.collect.inotify import DirWatch
 from agent.collect.procfs import read_bytes
 from agent.collect.sample import Metrics, Reading, key
 from agent.collect.settings import CgroupSettings
@@ -123,6 +128,8 @@ class CgroupCollector(BaseCollector[CgroupSettings]):
         self._v1: dict[str, str] = {}  # controller -> v1 mount
         self._watched: dict[str, _Watched] = {}
         self._scanned = -1e18
+        self._follow_up: float | None = None  # a second walk after a change (limits set after mkdir)
+        self._dirs = DirWatch() if self.settings.watch_changes else None
 
     # ------------------------------------------------------------------ discovery
     def start(self) -> None:
@@ -143,13 +150,16 @@ class CgroupCollector(BaseCollector[CgroupSettings]):
             raise CollectorUnavailable(f"no cgroup memory or pids controller under {base}")
 
     def _walk(self, top: str) -> list[tuple[str, str]]:
-        """(label, directory) of every cgroup below ``top`` up to ``max_depth`` (not the root)."""
+        """(label, directory) of every cgroup below ``top`` up to ``max_depth`` (not the root);
+        every directory listed is watched for new and removed cgroups."""
         out: list[tuple[str, str]] = []
         stack: list[tuple[str, int]] = [(top, 0)]
+        listed: list[str] = []
         while stack:
             d, depth = stack.pop()
             if depth >= self.settings.max_depth:
                 continue
+            listed.append(d)
             try:
                 entries = list(os.scandir(d))
             except OSError:
@@ -158,6 +168,8 @@ class CgroupCollector(BaseCollector[CgroupSettings]):
                 if e.is_dir(follow_symlinks=False):
                     out.append(("/" + os.path.relpath(e.path, top), e.path))
                     stack.append((e.path, depth + 1))
+        if self._dirs is not None:
+            self._dirs.watch(listed)
         return out
 
     def _limit_of(self, w: _Watched) -> int | None:
@@ -171,7 +183,13 @@ class CgroupCollector(BaseCollector[CgroupSettings]):
     def _pids_limited(self, d: str | None) -> bool:
         return d is not None and _int(read_bytes(os.path.join(d, "pids.max"))) is not None
 
+    def close(self) -> None:
+        if self._dirs is not None:
+            self._dirs.close()
+
     def _rescan(self) -> None:
+        if self._dirs is not None:
+            self._dirs.forget_missing()
         found: dict[str, _Watched] = {}
         if self._v2 is not None:
             for label, d in self._walk(self._v2):
@@ -201,7 +219,13 @@ class CgroupCollector(BaseCollector[CgroupSettings]):
     # ------------------------------------------------------------------ one pass
     def collect(self) -> Reading:
         now = time.monotonic()
-        if now - self._scanned >= self.settings.rescan_s:
+        changed = self._dirs is not None and self._dirs.changed()
+        if changed:
+            self._follow_up = now + self.settings.settle_s
+        due = self._follow_up is not None and now >= self._follow_up
+        if changed or due or now - self._scanned >= self.settings.rescan_s:
+            if due and not changed:
+                self._follow_up = None
             self._rescan()
             self._scanned = now
         reading = Reading()

@@ -78,8 +78,12 @@ class CgroupSettings(CollectorSettings, frozen=True, forbid_unknown_fields=True,
     # Cgroups watched besides every one with a memory or PIDs limit, as /proc/PID/cgroup shows them
     # ("/system.slice/x.service").
     include: tuple[str, ...] = ()
-    # How often the hierarchy is walked again for new and removed cgroups.
+    # How often the hierarchy is walked again for new and removed cgroups (with watch_changes, also
+    # at the next pass after one is created or removed, and again settle_s later).
     rescan_s: Seconds = 30.0
+    # inotify watches on the walked directories: a new cgroup is found within a pass or two.
+    watch_changes: bool = True
+    settle_s: Annotated[float, msgspec.Meta(ge=0, le=60)] = 2.0
     # How deep below the cgroup root the walk goes.
     max_depth: Annotated[int, msgspec.Meta(ge=1, le=16)] = 6
     # How many cgroups a pass reads at most: those named in include, then the smallest memory
