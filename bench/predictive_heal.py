@@ -619,7 +619,7 @@ def faults(smoke: bool) -> dict[str, Fault]:
             lambda w: fd_leak(w, fd[0], fd[1]), 3 * fd[1] / fd[0] + 30, 10),
         "pids": Fault(
             "PID leak", f"{pids[0]} forks/s, pids.max {pids[1]}", "EAGAIN (fork)", "cgroup-pids-leak", None,
-            "95% of pids.max", lambda w: pid_leak(w, pids[0], pids[1]), 3 * pids[1] / pids[0] + 30, 15),
+            "95% of pids.max", lambda w: pid_leak(w, pids[0], pids[1]), 3 * pids[1] / pids[0] + 30, 30),
     }
 
 
