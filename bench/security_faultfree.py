@@ -104,6 +104,10 @@ def outer(args: argparse.Namespace) -> int:
             print(f"the namespace run failed ({done.returncode})", file=sys.stderr)
             return 1
         result = json.loads((work / "result.json").read_text())
+        copy_to = os.environ.get("HEALD_BENCH_AUDIT_DIR")  # tests/test_bench_smoke.py re-reads it
+        if copy_to and (work / "state" / "audit.jsonl").exists():
+            Path(copy_to).mkdir(parents=True, exist_ok=True)
+            shutil.copy2(work / "state" / "audit.jsonl", Path(copy_to) / "security-faultfree-audit.jsonl")
         text = report(result, t0, args)
         print(text, flush=True)
         if not args.smoke:
@@ -139,8 +143,9 @@ def report(result: dict[str, Any], t0: float, args: argparse.Namespace) -> str:
     for name, (runs, asks) in sorted(counts.items()):
         lines.append(f"| {name} | {runs} | {asks} | other |")
     sec = sum(1 for d in result["decisions"] if d["playbook"] in SECURITY)
-    lines += ["", (f"security actions (would-be runs + approval requests): {sec}; enforced runs: "
-                   f"{result['enforced']}; escalations from security playbooks: {result['escalations']}")]
+    lines += ["", (f"security actions (would-be runs + approval requests): {sec}; "
+                   f"{result['enforced']} enforced runs; escalations from security playbooks: "
+                   f"{result['escalations']}")]
     for d in result["decisions"]:
         lines.append(f"#   {d['kind']} {d['playbook']} {d['target']} at +{d['at_s']:.0f} s")
     return "\n".join(lines)

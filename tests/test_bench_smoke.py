@@ -178,6 +178,10 @@ SCRIPTS: list[Any] = [
     pytest.param("spool_replay.py", [], "replay s", False, marks=NEEDS_MOSQUITTO),
     pytest.param("coordinator_ingest.py", [], "processed/s", False, marks=NEEDS_MOSQUITTO),
     pytest.param("notify_scan.py", [], "after every node reported again", False),
+    pytest.param("security_faultfree.py", [], "| ssh-brute-force | 0 | 0 | security |", True,
+                 marks=[ROOT_ONLY, pytest.mark.slow,
+                        pytest.mark.skipif(not Path("/usr/sbin/sshd").exists(),
+                                           reason="needs sshd (openssh-server)")]),
     pytest.param("demand_forecast.py", [], "MASE", False,
                  marks=pytest.mark.skipif(not (DATA / "nab").is_dir(), reason=f"no NAB/SMD data in {DATA}")),
 ]
