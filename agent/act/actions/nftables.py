@@ -68,21 +68,23 @@ def nft(settings: SecuritySettings, args: Sequence[str], *, stdin: str | None = 
 
 
 def table_script(priority: int) -> str:
-    """The nft transaction that creates heald's table, sets and drop rules."""
+    """The nft transaction that creates heald's table, sets and reject rules (a blocked source's
+    connections are refused at once, ICMP port unreachable / TCP RST, as fail2ban's default
+    REJECT: a client that is refused does not keep retrying into a silent drop)."""
     return "\n".join((
         f"add table {FAMILY} {TABLE}",
         f"add set {FAMILY} {TABLE} {SETS[4]} {{ type ipv4_addr; flags timeout; }}",
         f"add set {FAMILY} {TABLE} {SETS[6]} {{ type ipv6_addr; flags timeout; }}",
         (f"add chain {FAMILY} {TABLE} {CHAIN} "
          f"{{ type filter hook input priority {priority}; policy accept; }}"),
-        f"add rule {FAMILY} {TABLE} {CHAIN} ip saddr @{SETS[4]} drop",
-        f"add rule {FAMILY} {TABLE} {CHAIN} ip6 saddr @{SETS[6]} drop",
+        f"add rule {FAMILY} {TABLE} {CHAIN} ip saddr @{SETS[4]} reject",
+        f"add rule {FAMILY} {TABLE} {CHAIN} ip6 saddr @{SETS[6]} reject",
         "",
     ))
 
 
 def _table_complete(listing: str) -> bool:
-    """Whether ``nft -j list table inet heald`` shows both sets and both drop rules."""
+    """Whether ``nft -j list table inet heald`` shows both sets and both reject rules."""
     try:
         items = json.loads(listing).get("nftables", [])
     except (ValueError, AttributeError):
