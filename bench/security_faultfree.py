@@ -174,6 +174,7 @@ def inner(spec_path: Path) -> int:
 id = "security-faultfree"
 [paths]
 state_dir = "{state}"
+runtime_dir = "{work / 'run'}"
 [sample]
 interval_s = 1.0
 [collect.gpu]

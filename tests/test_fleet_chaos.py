@@ -288,7 +288,15 @@ def test_chaos_loses_nothing_and_counts_everything(broker: Broker, tmp_path: Pat
         broker.stop()  # down for a minute: the agents spool, the hostile client is refused
         time.sleep(60)
         broker.start()
-        time.sleep(15)  # everything replays
+        back = time.time()
+        # everything replays: each agent reconnects (its jittered backoff after a minute's outage
+        # can run past a fixed wait) and moves its acknowledged cursor past the outage
+        deadline = time.monotonic() + 150
+        cursors = [a.dir / "state" / "spool" / "cursor" for a in agents.values()]
+        while time.monotonic() < deadline and not all(
+                c.exists() and c.stat().st_mtime > back for c in cursors):
+            time.sleep(1)
+        time.sleep(15)
         phase("replayed")
         hostile.stop()
         time.sleep(5)

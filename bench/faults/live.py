@@ -55,6 +55,7 @@ def agent_config(state: Path, port: int, watch: str, *, security: bool = False) 
 id = "{NODE}"
 [paths]
 state_dir = "{state}"
+runtime_dir = "{state.parent / 'run'}"
 [sample]
 interval_s = 1.0
 [collect.gpu]
