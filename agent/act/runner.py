@@ -228,8 +228,9 @@ class Runner:
         now = time.time()
         # a dry-run ends where it started, on its sample's clock (Decider.decide): live and replayed
         # dry-runs then count their cooldowns from the same instant
-        sample_clock = run.dry_run and run.trigger == "auto" and state.last_start is not None
-        end = state.last_start if sample_clock and state.last_start is not None else now
+        end = now
+        if run.dry_run and run.trigger == "auto" and state.last_start is not None:
+            end = state.last_start
         opened = record_end(playbook, state, end, outcome, counts=not run.dry_run and outcome != "held")
         self._host.store.save()
         self._recorder.record(records.RunEnd(

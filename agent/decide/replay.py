@@ -244,11 +244,9 @@ class Replay:
         out: list[WouldRun] = []
         for d in self.decider.decide(sample.wall, {}):
             if isinstance(d, StartRun):
-                # the live dry-run starts and ends within this sample: guards on the recording's clock
-                state = self.decider.state(d.target)
-                state.last_start = sample.wall
-                state.runs[-1] = sample.wall
-                record_end(d.playbook, state, sample.wall, "dry-run", counts=False)
+                # the decider started this dry-run at the sample's wall time; it ends there too, as
+                # a live dry-run does (Runner._finish): guards on the recording's clock
+                record_end(d.playbook, self.decider.state(d.target), sample.wall, "dry-run", counts=False)
                 kind, reason = "run", ""
             elif isinstance(d, RequestApproval):
                 kind, reason = "approval", ""
