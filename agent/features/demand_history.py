@@ -7,8 +7,12 @@ added to the open step's sums (O(resources), no I/O, no numpy); when a sample fa
 step the step's means become a row. Rows older than ``history_days`` are dropped.
 
 The history lives in ``<state_dir>/demand/history.json`` (written by :meth:`DemandHistory.save`
-from a worker thread: :func:`agent.fsutil.write_small_state`, so a ``kill -9`` leaves the old or the
-new file, never half of one) and is read back at start, so a restart keeps what the node learned.
+from a worker thread: :func:`agent.fsutil.atomic_write`, so a ``kill -9`` leaves the old or the new
+file, never half of one) and is read back at start, so a restart keeps what the node learned. Not
+:func:`agent.fsutil.write_small_state`: its in-place overwrite on a full disk is safe only for a few
+bytes, and two weeks of rows are hundreds of KiB: a full state dir tore the file (a short ``pwrite``)
+and the next start threw the whole history away. On a full or read-only disk a save now fails and
+leaves the old file whole; the rows stay in memory and the next save writes them.
 A file that cannot be read, is not a history or was kept at another ``step_s`` is ignored with
 one log line (and replaced at the next save): the history starts again, nothing else changes.
 
@@ -27,7 +31,7 @@ from typing import Annotated, Final
 import msgspec
 import structlog
 
-from agent.fsutil import write_small_state
+from agent.fsutil import atomic_write
 
 log = structlog.get_logger("heald.demand")
 
@@ -153,12 +157,16 @@ class DemandHistory:
                           separators=(",", ":")).encode()
 
     def save(self, rows: list[Row] | None = None) -> None:
-        """Write ``rows`` (default: a snapshot now) atomically. Raises OSError."""
+        """Write ``rows`` (default: a snapshot now) atomically. Raises OSError, leaving the file as it
+        was and :attr:`dirty` set, so the next save tries again."""
         if self.path is None:
             return
         data = self.encode(rows)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_small_state(self.path, data)
+        try:
+            atomic_write(self.path, data)  # makes the directory
+        except OSError:
+            self.dirty = True
+            raise
 
     def _load(self) -> None:
         if self.path is None or not self.path.exists():
