@@ -49,6 +49,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     configure_logging(loaded.settings.log.level, loaded.settings.log.format)
     daemon = build_daemon(loaded, args.config)
     log_start_summary(daemon, override)
+    daemon.deadline_past_run = True  # a stop bounded until exit, executor threads' join included
     return asyncio.run(daemon.run())
 
 

@@ -35,6 +35,7 @@ from agent.runtime.paths import resolve_state_dir
 from agent.runtime.pipeline import Pipeline
 from agent.runtime.sampler import Sampler, build_sampler
 from agent.runtime.sdnotify import Notifier
+from agent.runtime.stopdeadline import STOP_DEADLINE_S, StopDeadline
 
 if TYPE_CHECKING:
     from agent.act.engine import Engine
@@ -71,6 +72,11 @@ class Daemon:
         self._last_tick = time.monotonic()
         self._stop = asyncio.Event()
         self.interrupted = False
+        # A stop signal arms the deadline (see :mod:`agent.runtime.stopdeadline`); `heald run` keeps it
+        # armed until the process exits (the interpreter's join of executor threads included).
+        self.stop_deadline_s = STOP_DEADLINE_S
+        self.deadline_past_run = False
+        self._deadline: StopDeadline | None = None
         self._reload = asyncio.Event()
         self._tg: asyncio.TaskGroup | None = None
         self._collector_tasks: dict[str, asyncio.Task[None]] = {}
@@ -106,9 +112,23 @@ class Daemon:
     def request_reload(self) -> None:
         self._reload.set()
 
+    def _signalled(self, interrupt: bool) -> None:
+        """SIGTERM or SIGINT: the first stops (and arms the deadline), a second exits at once."""
+        deadline = self._deadline
+        if self._stop.is_set() and deadline is not None:
+            name = "SIGINT" if interrupt else "SIGTERM"
+            deadline.force(f"a second {name} while stopping", code=130 if interrupt else 1)
+            return
+        if deadline is not None:
+            deadline.arm()
+        if interrupt:
+            self._interrupt()
+        else:
+            self.request_stop()
+
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
-        loop.add_signal_handler(signal.SIGTERM, self.request_stop)
-        loop.add_signal_handler(signal.SIGINT, self._interrupt)
+        loop.add_signal_handler(signal.SIGTERM, self._signalled, False)
+        loop.add_signal_handler(signal.SIGINT, self._signalled, True)
         loop.add_signal_handler(signal.SIGHUP, self.request_reload)
 
     def _remove_signals(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -226,6 +246,7 @@ class Daemon:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         structlog.contextvars.bind_contextvars(node=self.settings.node.id)
+        self._deadline = StopDeadline(loop, self.stop_deadline_s)
         self._install_signals(loop)
         log.info("heald starting", version=__version__, site=self.settings.node.site,
                  collectors=self.sampler.names, config=[str(f) for f in self.loaded.files])
@@ -253,6 +274,8 @@ class Daemon:
             self._sample_seq.close()
             log.info("heald stopped")
             self.notifier.close()
+            if not self.deadline_past_run:
+                self._deadline.disarm()
         return 130 if self.interrupted else 0
 
 
