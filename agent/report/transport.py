@@ -391,6 +391,12 @@ class Reporter:
                 self._connected = False
                 self._connected_event.clear()
                 self.spool.rewind()
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # Stopping, but the cancellation became an MqttError on the way out (aiomqtt's
+                # __aexit__ times out waiting for its DISCONNECT and raises): never reconnect then,
+                # or the daemon's stop would wait for this loop forever.
+                raise asyncio.CancelledError
             if fell_back or again:
                 continue
             if was_connected:

@@ -87,7 +87,7 @@ def thread_frames() -> list[str]:
     for ident, frame in sys._current_frames().items():
         if ident == me or (frame.f_code.co_name == "_worker" and frame.f_code.co_filename.endswith(_POOL)):
             continue
-        chain = []
+        chain: list[str] = []
         f: types.FrameType | None = frame
         while f is not None and len(chain) < 3:
             chain.append(_where(f) or "?")
