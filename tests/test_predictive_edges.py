@@ -290,3 +290,84 @@ def test_memory_predicted_acts_with_its_state_dir_full(tmp_path: Path) -> None:
     assert sorted(e["event"] for e in logged if e["level"] == "error") == [
         "audit append failed; records go on unchained", "journal write failed; the run goes on unjournaled",
         "playbook state not saved (state dir full or read-only); guards go on from memory"]
+
+
+# --------------------------------------------------------------------------- raise_limit through the helper
+
+RAISE = Path(__file__).with_name("raise_limit_namespace.py")
+
+
+def raise_case(tmp_path: Path, mode: str) -> dict[str, Any]:
+    if not ROOT or subprocess.run(["which", "unshare"], capture_output=True, check=False).returncode:
+        pytest.skip("needs root and unshare (private PID and mount namespaces)")
+    d = tmp_path / mode
+    d.mkdir()
+    (d / "spec.json").write_text(json.dumps({"dir": str(d), "mode": mode, "seconds": 50,
+                                             "release_after_s": 4.0, "linger_s": 3.0}))
+    argv = ["unshare", "--pid", "--fork", "--mount", "--mount-proc", "--propagation", "private",
+            sys.executable, str(RAISE), str(d / "spec.json")]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False, cwd=REPO)
+    log = (d / "agent.log").read_text()[-3000:] if (d / "agent.log").exists() else ""
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:] + log
+    result: dict[str, Any] = json.loads((d / "out.json").read_text())
+    assert result["ended_at"] is not None, result
+    return result
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["plain", "kill-before-write", "kill-after-write", "full", "full-kill"])
+def test_raise_limit_through_the_helper_keeps_its_verdict_and_never_raises_twice(
+        tmp_path: Path, mode: str) -> None:
+    """file-table-full as shipped, its raise through the real root helper: uninterrupted; the agent
+    killed while its systemctl waits before or after the helper (the unit runs on, as systemd's
+    does), then restarted; its state dir full; both. Each time fs.file-max goes from 1000 to 2000
+    once (never lowered, never doubled twice) and the verdict is succeeded.
+
+    Old (full-kill): with nothing on disk the restarted agent does not know the killed run and
+    starts its own; when the killed run's unit raised the table first, the helper refused the
+    second (never lowers: "2000 would not raise it"), the step failed on the helper's exit code
+    although the table read back at its value, and the run escalated."""
+    result = raise_case(tmp_path, mode)
+    assert result["file_max"] == [1000, 2000], "raised once to 2000, never lowered, never doubled again"
+    helper = [line for line in result["systemctl"] if line.startswith("helper ")]
+    assert helper[0] == "helper sysctl-file-max-2000 0"
+    assert sum(line.endswith(" 0") for line in helper) == 1, "the helper wrote once"
+    ends = [r for r in result["records"] if r["type"] == "run.end"]
+    assert [r["outcome"] for r in ends] == ["succeeded"]
+    assert not [r for r in result["records"] if r["type"] == "escalate"]
+    assert result["audit_ok"] is True
+    assert result["journal"] == []
+    starts = [line for line in result["systemctl"] if line.startswith("start ")]
+    steps = [r for r in result["records"] if r["type"] == "step"]
+    if mode in ("plain", "full"):
+        assert len(starts) == 1
+        assert [(s["status"], s["data"]["read_back"]) for s in steps] == [("done", 2000)]
+    if mode in ("kill-before-write", "kill-after-write"):
+        assert len(starts) == 1, "the interrupted raise is not started again"
+        first, second = result["agents"]
+        (recovered,) = [r for r in result["records"] if r["type"] == "run.recovered"]
+        assert recovered["agent"] == second
+        assert recovered["interrupted_step"] == 0
+        assert [(s["status"], s["agent"]) for s in steps] == [("interrupted", second)]
+        assert [r["type"] for r in result["audit"]] == \
+            ["run.start", "run.recovered", "step", "verify", "run.end"]
+    if mode.startswith("full"):
+        assert ends[0]["journal_complete"] is False
+        assert result["audit"] == []
+        logged = [json.loads(line) for line in result["log"].splitlines() if line.startswith("{")]
+        errors_logged = [e["event"] for e in logged if e["level"] == "error"]
+        per_writer = 1 if mode == "full" else 2  # full-kill: two agent processes, one log
+        assert all(errors_logged.count(e) == per_writer for e in errors_logged), errors_logged
+        assert len(set(errors_logged)) == 3, errors_logged  # audit, journal, guard state
+    if mode == "full-kill":
+        # nothing of the first run was on disk: the restarted agent runs the step itself; the
+        # killed run's unit raised the table first and the helper refused the second raise
+        first, second = result["agents"]
+        assert [r["agent"] for r in result["records"] if r["type"] == "run.start"] == [first, second]
+        assert len(starts) == 2
+        assert "never lowers" in " ".join(result["helper_err"])
+        (step,) = steps
+        assert step["ok"] is True
+        assert step["changed"] is False
+        assert step["data"]["read_back"] == 2000

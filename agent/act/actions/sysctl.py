@@ -6,7 +6,9 @@ room buys the time for a human or the forceful step. Only the tables' sysctls ar
 (escalates). Writes ``/proc/sys/...`` (``[playbooks] sysctl_root``): needs root. Under the shipped
 heald.service (``[playbooks] use_helper_units = true``: user heald, /proc/sys read-only) the
 write goes to the root-only helper, ``systemctl start heald-action@sysctl-<table>-<value>``,
-which accepts only these tables, never lowers and caps each; the agent then reads the value back.
+which accepts only these tables, never lowers and caps each; the agent then reads the value back,
+also when the helper refused: a table that already reads the step's value or more (raised meanwhile,
+e.g. by the unit of a run a ``kill -9`` cut off) is a step done, not a failure.
 """
 
 from __future__ import annotations
@@ -42,13 +44,20 @@ async def raise_limit(params: Mapping[str, Any], ctx: ActionContext) -> ActionRe
     if ctx.settings.use_helper_units:
         unit = f"heald-action@sysctl-{HELPER_NAMES[name]}-{new}.service"
         done = await run_tool(ctx, [*ctx.settings.systemctl, "start", unit])
-        if ctx.dry_run or not done.ok:
+        if ctx.dry_run:
             return ActionResult(ok=done.ok, detail=done.detail, data={**data, **done.data})
         try:
             now = int((await asyncio.to_thread(path.read_text)).split()[0])
         except (OSError, ValueError, IndexError) as exc:
-            return ActionResult(ok=False, changed=True, detail=f"{unit} ran; cannot read {path}: {exc}",
-                                data=data)
+            return ActionResult(ok=False, changed=done.ok, data={**data, **done.data},
+                                detail=f"{unit}: {done.detail}; cannot read {path}: {exc}")
+        if not done.ok:
+            # The helper never lowers: it refuses a value the table already has. Raised meanwhile
+            # (the unit of a run cut off by a kill -9, which the restarted agent could not know of
+            # with a full state dir; an operator) to at least this step's value: its goal is met.
+            return ActionResult(ok=now >= new, changed=False, data={**data, **done.data, "read_back": now},
+                                detail=f"{name} already reads {now} (>= {new}); {unit}: {done.detail}"
+                                if now >= new else f"{unit} failed: {done.detail}")
         return ActionResult(ok=now >= new, changed=now != old, data={**data, "read_back": now},
                             detail=f"raised {name} from {old} to {now} through {unit} (bound {bound})"
                             if now >= new else f"{unit} ran but {name} reads {now}, not {new}")
