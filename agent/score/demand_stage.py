@@ -81,12 +81,11 @@ class DemandStage:
         return True
 
     def install(self, model: dm.CompiledDemand) -> None:
-        """Score with ``model`` from now on; its level starts from the history's recent rows."""
+        """Score with ``model`` from now on; its level (and the seasons seasonal naive reads) start
+        from the history's recent rows."""
         scorer = dm.DemandScorer(model)
         if model.meta.step_s == self.history.step_s:
-            recent = list(self.history.rows)[-4 * model.meta.horizon_steps - 1:]
-            for wall, vals in recent:
-                scorer.push(vals, wall)
+            scorer.warm(list(self.history.rows)[-scorer.warmup_steps:])
         self.scorer = scorer
         self._fc_bin = None
 
@@ -162,7 +161,7 @@ class DemandStage:
             return False
         self._failures.succeeded()
         log.info("demand model fitted", version=model.version, resources=list(model.meta.resources),
-                 rows=model.meta.training.rows, weekly=model.meta.weekly)
+                 rows=model.meta.training.rows, weekly=model.meta.weekly, choice=list(model.meta.choice))
         return True
 
     def save(self, rows: list[Row] | None = None) -> None:
