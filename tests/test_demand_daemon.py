@@ -185,6 +185,18 @@ def test_train_demand_cli_says_one_line_on_bad_input(tmp_path: Path) -> None:
     assert not (tmp_path / "o.npz").exists()
 
 
+def test_train_demand_cli_names_each_resources_forecast(tmp_path: Path) -> None:
+    write_history(tmp_path / "h.json", 3, time.time())
+    r = subprocess.run([sys.executable, "-m", "agent", "model", "train-demand", "--history",
+                        str(tmp_path / "h.json"), "--output", str(tmp_path / "o.npz")],
+                       capture_output=True, text=True, check=False, timeout=120)
+    assert r.returncode == 0, r.stderr
+    line = next(x for x in r.stdout.splitlines() if x.startswith("forecast per resource: "))
+    named = dict(part.split(" ") for part in line.removeprefix("forecast per resource: ").split(", "))
+    assert {"cpu.util_pct", "mem.used_pct", "net.rx_bytes_per_s[eth9]"} == set(named), line
+    assert set(named.values()) <= {"model", "blend", "naive"}, line
+
+
 def test_summaries_compare_the_last_forecast_with_what_came(tmp_path: Path) -> None:
     now = time.time()
     write_history(tmp_path / "demand" / "history.json", 2.2, now)

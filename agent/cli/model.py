@@ -291,6 +291,9 @@ def train_demand_cmd(args: argparse.Namespace) -> int:
     m = model.meta
     out(f"wrote {args.output}: demand model {model.version}, {len(m.resources)} resources, "
         f"{m.training.rows} rows of {m.step_s:g} s, horizon {m.horizon_steps} steps")
+    if m.choice:  # which forecast each resource got, chosen out of sample (agent/score/demand.py)
+        pairs = zip(m.resources, m.choice, strict=True)
+        out("forecast per resource: " + ", ".join(f"{r} {c}" for r, c in pairs))
     return 0
 
 
