@@ -170,7 +170,7 @@ def drive(spec: dict[str, Any]) -> dict[str, Any]:
                              str(spec["term_exit_s"]), str(terms)])
     agents = [start_agent(d)]
     series: list[dict[str, float]] = []
-    oom_at = filled_at = killed_at = None
+    oom_at = filled_at = killed_at = ended_at = None
     t0 = time.monotonic()
     try:
         while time.monotonic() - t0 < float(spec["seconds"]):
@@ -194,8 +194,10 @@ def drive(spec: dict[str, Any]) -> dict[str, Any]:
                     killed_at = now
                     agents.append(start_agent(d))
             assert agents[-1].poll() is None, (d / "agent.log").read_text()[-3000:]
-            ends = [r for r in records(d) if r["type"] == "run.end"]
-            if ends and not alive:
+            if ended_at is None and not alive and any(r["type"] == "run.end" for r in records(d)):
+                ended_at = now
+            # the run's end is handed on before its journal file goes: wait for that too
+            if ended_at is not None and (not list((state / "journal").glob("*.jsonl")) or now - ended_at > 3):
                 break
             time.sleep(0.2)
     finally:

@@ -371,3 +371,59 @@ def test_raise_limit_through_the_helper_keeps_its_verdict_and_never_raises_twice
         assert step["ok"] is True
         assert step["changed"] is False
         assert step["data"]["read_back"] == 2000
+
+
+# --------------------------------------------------------------- a verified run cut off before its end
+
+
+@pytest.mark.asyncio
+async def test_a_run_verified_before_a_kill_9_ends_as_succeeded_without_the_next_step(tmp_path: Path) -> None:
+    """The journal as a kill -9 between a step's verification and the run's end leaves it (the
+    end is handed on and audited first, then written to the journal: a window of two fsyncs and
+    the guard state's save). Old: the restart resumed the run after its verified step and ran the
+    next one: for memory-exhaustion-predicted, a TERM to the next largest process, after the
+    leak had already been stopped."""
+    from playbook_kit import idle, make_engine, playbook, running, sample  # noqa: PLC0415
+
+    from agent.act.journal import Journal  # noqa: PLC0415
+
+    marks = tmp_path / "marks"
+
+    def step(tag: str) -> str:
+        code = f"open({str(marks)!r}, 'a').write('{tag} ')"
+        return f"  - action: run_command\n    params: {{argv: [{sys.executable!r}, '-c', {code!r}]}}\n"
+
+    pb = playbook("name: ladder\ndescription: a gentle step, then a forceful one\n"
+                  "trigger: {metric: app.bad, op: '>=', value: 1}\n"
+                  f"steps:\n{step('gentle')}{step('forceful')}verify: {{settle: 100ms}}\n")
+    header = {"playbook": "ladder", "target": "ladder", "bindings": {}, "inputs": {}, "dry_run": False,
+              "trigger": "auto"}
+    journal = Journal(tmp_path / "state" / "journal")
+    cut = journal.open_run("cut0ff", header)
+    cut.intent(0, "run_command")
+    cut.result(0, "done", {"ok": True, "changed": True, "detail": "ran"})
+    cut.verify(0, True)
+    cut.close()
+    # and a repeatable step verified as not enough, started again and cut off: that stale
+    # verification must not count as a success
+    again = journal.open_run("again1", {**header, "playbook": "ladder", "target": "other"})
+    again.intent(0, "clean_paths")
+    again.result(0, "done", {"ok": True})
+    again.verify(0, False)
+    again.intent(0, "clean_paths")
+    again.close()
+    (unfinished,) = [u for u in journal.unfinished() if u.run_id == "again1"]
+    assert unfinished.verified == {}
+    assert unfinished.interrupted == 0
+    (tmp_path / "state" / "journal" / "again1.jsonl").unlink()
+
+    eng, rec = make_engine(tmp_path, [pb])
+    async with running(eng):
+        for _ in range(10):
+            await eng.evaluate(sample({"app.bad": 0.0}), None)
+            await asyncio.sleep(0.05)
+        await idle(eng)
+    assert [(r["type"], r.get("outcome")) for r in rec.actions] == [("run.recovered", None),
+                                                                     ("run.end", "succeeded")]
+    assert not marks.exists(), "no step ran after the verified one"
+    assert journal.unfinished() == []

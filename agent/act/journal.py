@@ -228,9 +228,11 @@ class Journal:
             elif kind == "intent":
                 intents.add(int(record["step"]))
                 run.last_step = max(run.last_step, int(record["step"]))
-                # an intent after the step's result: a repeatable step was started again
+                # an intent after the step's result: a repeatable step was started again (what was
+                # verified of it before is stale too)
                 run.done.pop(int(record["step"]), None)
                 run.details.pop(int(record["step"]), None)
+                run.verified.pop(int(record["step"]), None)
             elif kind == "result":
                 run.done[int(record["step"])] = str(record.get("status", "done"))
                 result = record.get("result")

@@ -12,7 +12,8 @@ towards the target's backoff and circuit breaker.
 
 A run resumed from the journal after a crash never re-runs a step that has a result, and
 never blindly re-runs the step that was interrupted: it verifies what that step achieved and
-goes on with the ladder (see :mod:`agent.act.journal`).
+goes on with the ladder (see :mod:`agent.act.journal`). A run whose last step was verified had
+succeeded (the crash only cut off its end): it ends as succeeded, with no further step.
 """
 
 from __future__ import annotations
@@ -163,7 +164,11 @@ class Runner:
                     bindings=dict(run.match.bindings),
                     inputs=dict(run.match.inputs),
                 )
-            verified = False
+            # A run whose last step was verified before a crash succeeded: only its end was lost (a
+            # kill -9 between the verification and the journal's end record). It must not go on
+            # down the ladder (the next step would stop a process, restart a unit, for nothing).
+            verified = run.resume is not None and start >= len(playbook.steps) and last_unverified is None \
+                and run.resume.verified.get(run.resume.last_step, False)
             if last_unverified is not None:
                 verified = await self._verify_step(run, run_journal, last_unverified, log)
                 last_unverified = None
@@ -296,6 +301,8 @@ class Runner:
             # any other goes on with the ladder: what it did (or not) is for the checks to see.
             return (interrupted if again else interrupted + 1), check
         last = unfinished.last_step
+        if unfinished.verified.get(last) and last in unfinished.done:
+            return len(run.playbook.steps), None  # verified: the run succeeded (see run())
         if last >= 0 and last not in unfinished.verified and last < len(steps) \
                 and (steps[last].verify or last == len(steps) - 1):
             return last + 1, last  # verify what the last finished step achieved
