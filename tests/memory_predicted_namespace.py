@@ -5,7 +5,11 @@
 Host memory is the one thing a test cannot fill on a shared machine, so the host here is scaled
 down: a fixture ``/proc/meminfo`` whose MemTotal is ``total_mib`` and whose MemAvailable is
 ``total_mib - base_mib - RSS of the workload`` — the workload's *real* resident memory, read from
-its ``/proc/PID/status`` each second. Everything else is real: a process that really allocates
+its ``/proc/PID/status`` each second, bind-mounted over ``/proc/meminfo`` so the process selection
+(``min_memory_pct``: a share of MemTotal, from psutil) sees the scaled host too, not this
+machine's RAM (before, the workload was 10 % of the scaled host but had to be 10 % of the real one
+as well: it passed here at 24 GiB with 2.9 GiB, and would find no process on a 32 GiB machine).
+Everything else is real: a process that really allocates
 (and touches) memory at a set rate, the memory collector read once a second as the daemon does,
 the daemon's forecaster with its default settings, the engine with the playbooks as shipped, and
 ``stop_process`` sending real signals. The private PID namespace means "the largest process" can
@@ -65,10 +69,18 @@ async def main(spec: dict[str, object]) -> dict[str, object]:
     meminfo = root / "proc" / "meminfo"
 
     def write(avail_mib: float) -> None:
-        meminfo.write_text(f"MemTotal: {total * 1024} kB\nMemFree: {int(max(avail_mib, 0) * 1024)} kB\n"
-                           f"MemAvailable: {int(max(avail_mib, 0) * 1024)} kB\n")
+        kb = int(max(avail_mib, 0) * 1024)
+        text = (f"MemTotal: {total * 1024:>12} kB\nMemFree: {kb:>12} kB\nMemAvailable: {kb:>12} kB\n"
+                + "".join(f"{k}: 0 kB\n" for k in ("Buffers", "Cached", "Shmem", "Active", "Inactive",
+                                                    "SReclaimable")))
+        fd = os.open(meminfo, os.O_WRONLY | os.O_CREAT, 0o644)  # the bind-mounted inode, one length
+        try:
+            os.pwrite(fd, text.encode(), 0)
+        finally:
+            os.close(fd)
 
     write(total - base)
+    subprocess.run(["mount", "--bind", str(meminfo), "/proc/meminfo"], check=True)  # noqa: ASYNC221 - once
     books = [pb for pb in load_playbooks(PlaybookSettings(dirs=()))
              if pb.name in ("memory-exhaustion-predicted", "memory-exhaustion")]
     assert len(books) == 2, [pb.name for pb in books]
