@@ -12,10 +12,11 @@ A full or read-only state dir (issue 17): an entry whose line cannot be written 
 appended at all: the partial line is cut off (or, if even that fails, before the next append
 or at the next start), :meth:`AuditLog.append` raises ``OSError`` and the chain (``seq``,
 ``prev``) stays at the last entry on disk, so the entries after it chain correctly and
-``heald audit verify`` passes. The record itself is lost to the local log (the engine still hands
-it on, unchained). The head is written in place on a full disk; where it cannot be written at
-all it lags behind the log, which verify accepts — meanwhile lines removed at the end are caught
-only back to the head's seq. Failures are logged once per streak.
+``heald audit verify`` passes. The engine hands the record on at once, unchained, and appends it
+later, marked ``late``, once the disk takes it (:class:`agent.act.records.Recorder`). The head
+is written in place on a full disk; where it cannot be written at all it lags behind the log,
+which verify accepts — meanwhile lines removed at the end are caught only back to the head's
+seq. Failures are logged once per streak.
 """
 
 from __future__ import annotations

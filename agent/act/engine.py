@@ -143,6 +143,7 @@ class Engine:
     async def evaluate(self, sample: Sample, risk: Risk | None) -> None:
         """Called once per sample: cheap, synchronous work; schedules runs, never awaits them."""
         self._latest.take(sample, risk)
+        self._recorder.retry()  # audit records held while the state dir was full, if any
         self._evaluate_all(sample.wall, sample.mono)
         # verification waits for a new sample (not for a fast-path re-evaluation of an old one)
         self._latest.evaluated()

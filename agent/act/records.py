@@ -10,10 +10,18 @@ Both callbacks must be quick and must not raise; if one does anyway, the failure
 the engine goes on, because a broken consumer must not stop remediation. An audit append that
 fails (disk full) is logged (once per streak, by :class:`agent.act.audit.AuditLog`) and the record
 is still handed on, unchained (``audit_seq``/``audit_hash`` None); the chain on disk stays valid.
+The record is also kept, in order with the ones after it (bounded: :data:`MAX_LATE_RECORDS`,
+:data:`MAX_LATE_BYTES`, the oldest dropped and counted), and appended to the chain once the disk
+takes it again (tried at the next record, and at least every :data:`LATE_RETRY_S` from the
+engine's per-sample :meth:`Recorder.retry`), each with ``late``: ``{"wall": when it happened,
+"error": why it was not written then}`` and, on the first after a drop, ``"lost_before": N``. So
+a run carried out while the state dir was full is in the local audit once there is room (a
+kill -9 before that loses what was held: the coordinator got it, unchained, at the time).
 """
 
 from __future__ import annotations
 
+import collections
 import time
 from collections.abc import Callable
 from typing import Any, Final
@@ -21,7 +29,14 @@ from typing import Any, Final
 import msgspec
 from structlog.typing import FilteringBoundLogger
 
-from agent.act.audit import AuditLog
+from agent.act.audit import AuditLog, canonical
+
+#: Records held while the audit log cannot be written (a full or read-only state dir), and their
+#: bytes: past either, the oldest are dropped (and counted in the next one written).
+MAX_LATE_RECORDS: Final = 1000
+MAX_LATE_BYTES: Final = 4 << 20
+#: How often held records are tried again when no new record comes.
+LATE_RETRY_S: Final = 5.0
 
 Callback = Callable[[dict[str, Any]], None]
 Inputs = dict[str, Any]  # metric values, counts and lists that made a trigger hold
@@ -189,18 +204,67 @@ class Recorder:
         self.log = log
         self._on_action = on_action or (lambda _r: None)
         self._on_event = on_event or (lambda _e: None)
+        # (record, its size) not in the audit log yet, oldest first; see the module docstring
+        self._late: collections.deque[tuple[dict[str, Any], int]] = collections.deque()
+        self._late_bytes = 0
+        self._lost = 0  # held records dropped (over the bounds) since the last one written
+        self._retry_at = 0.0  # monotonic: no write is tried before, while records are held
+
+    @property
+    def held(self) -> int:
+        """Records waiting for the audit log to take writes again."""
+        return len(self._late)
 
     def record(self, record: AuditRecord) -> None:
         """Append to the audit log and hand the record, with its chain position, to on_action."""
         built: dict[str, Any] = {"node": self.node, **msgspec.to_builtins(record, enc_hook=str)}
-        try:
-            entry = self.audit.append(built)
-        except OSError:  # logged by the audit log, once per streak of failures (a full disk)
-            entry = {"record": built, "hash": None, "seq": None}
+        entry: dict[str, Any] = {"record": built, "hash": None, "seq": None}
+        if self._late and not self.retry():  # the held ones first: the chain keeps the order
+            self._hold(built, "")
+        else:
+            try:
+                entry = self.audit.append(built)
+            except OSError as exc:  # logged by the audit log, once per streak of failures (a full disk)
+                self._hold(built, exc.strerror or str(exc))
         try:
             self._on_action({**built, "audit_seq": entry["seq"], "audit_hash": entry["hash"]})
         except Exception:
             self.log.exception("on_action callback failed")
+
+    def _hold(self, built: dict[str, Any], error: str) -> None:
+        if not error and self._late:
+            error = str(self._late[-1][0]["late"]["error"])
+        late = {**built, "late": {"wall": round(time.time(), 6), "error": error}}
+        size = len(canonical(late))
+        self._late.append((late, size))
+        self._late_bytes += size
+        while len(self._late) > MAX_LATE_RECORDS or self._late_bytes > MAX_LATE_BYTES:
+            _, dropped = self._late.popleft()
+            self._late_bytes -= dropped
+            self._lost += 1
+        self._retry_at = time.monotonic() + LATE_RETRY_S
+
+    def retry(self, *, force: bool = False) -> bool:
+        """Append the held records, oldest first, unless the last try was under ``LATE_RETRY_S`` ago
+        (``force``: now); True when none is held any more. Cheap when none is held (every sample)."""
+        if not self._late:
+            return True
+        if not force and time.monotonic() < self._retry_at:
+            return False
+        while self._late:
+            late, size = self._late[0]
+            if self._lost:
+                late = {**late, "late": {**late["late"], "lost_before": self._lost}}
+            try:
+                self.audit.append(late)
+            except OSError:
+                self._retry_at = time.monotonic() + LATE_RETRY_S
+                return False
+            self._late.popleft()
+            self._late_bytes -= size
+            self._lost = 0
+        self.log.info("audit records held while the state dir was full are in the chain again")
+        return True
 
     def emit(self, event: dict[str, Any]) -> None:
         """An event for humans (escalation, breaker trip, approval request, notify)."""

@@ -27,12 +27,14 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
+import math
 import os
 import re
 import subprocess
 import time
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 LOCAL = "local"
 _HEAD = 64
@@ -158,6 +160,43 @@ class FailureWindow:
     def kinds(self, src: str) -> dict[str, int]:
         """Failures of ``src`` by kind since it last entered the window."""
         return dict(self._kinds.get(src, {}))
+
+    def export(self, now: float, sources: Iterable[str]) -> dict[str, Any]:
+        """``sources``' buckets as ``[age in seconds at now, count]`` and their kinds (for a restart)."""
+        return {src: {"ages": [[round(now - start, 3), count] for start, count in self._buckets[src]],
+                      "kinds": dict(self._kinds.get(src, {}))}
+                for src in sources if src in self._buckets}
+
+    def restore(self, now: float, saved: Any, elapsed: float) -> int:
+        """Put back what :meth:`export` gave, ``elapsed`` seconds later (buckets past the window are
+        dropped, garbage is skipped, at most ``max_sources``); the sources restored."""
+        if not isinstance(saved, dict):
+            return 0
+        horizon = now - self.window_s
+        restored = 0
+        for src, doc in list(saved.items())[: self.max_sources]:
+            ages = doc.get("ages") if isinstance(doc, dict) else None
+            kinds = doc.get("kinds") if isinstance(doc, dict) else None
+            if not isinstance(src, str) or len(src) > 64 or not isinstance(ages, list) \
+                    or not isinstance(kinds, dict) or src in self._buckets:
+                continue
+            buckets: deque[list[float]] = deque()
+            for item in ages[:64]:
+                if isinstance(item, list) and len(item) == 2 \
+                        and all(isinstance(x, int | float) and math.isfinite(x) and x >= 0 for x in item):
+                    start = now - elapsed - float(item[0])
+                    if start + self.bucket_s > horizon:
+                        buckets.append([start, float(item[1])])
+            if not buckets:
+                continue
+            while len(self._buckets) >= self.max_sources:
+                old, _ = self._buckets.popitem(last=False)
+                self._kinds.pop(old, None)
+            self._buckets[src] = deque(sorted(buckets))
+            self._kinds[src] = {str(k)[:32]: int(v) for k, v in list(kinds.items())[:16]
+                                if isinstance(v, int) and v >= 0}
+            restored += 1
+        return restored
 
     def __len__(self) -> int:
         return len(self._buckets)

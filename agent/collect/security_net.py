@@ -19,6 +19,12 @@ node's baseline; one seen later for the first time is a ``sec.new_listener`` eve
 directory the baseline, when it was first learned and the listeners reported are kept in
 ``STATE/security/listeners.json``: a restart neither learns nor reports them again.
 
+With a state directory the failure window of the sources reported by label is kept too, in
+``STATE/security/auth_window.json`` (rewritten when their counts change, so at most once a pass,
+and never while no source fails): a restart (a kill -9 in the middle of a block) goes on counting
+them where it was, and a run resumed after it verifies against the same counts an uninterrupted
+run would (``sec.auth_failures_recent[SRC]`` reads 0, not absent, once the source stopped).
+
 Metrics (``SRC`` = an IP address as text; ``PROTO/PORT`` e.g. ``tcp/8080``):
 
 =================================== =================================================================
@@ -61,6 +67,7 @@ from agent.fsutil import atomic_write
 _LISTEN = {"tcp": "0A", "udp": "07"}
 _MAX_EXE = 256
 _MAX_NEW_SERIES = 64
+_MAX_WINDOW_FILE = 1 << 20  # auth_window.json holds at most max_series (256) sources of ~31 buckets
 
 
 def _hex_addr(text: str) -> tuple[str, int] | None:
@@ -114,6 +121,8 @@ class SecurityNetCollector(BaseCollector[SecurityNetSettings]):
         # whoever restarted it, is not learned as normal); None: in memory only.
         self._base_path = Path(state_dir) / "security" / "listeners.json" if state_dir is not None else None
         self._base_dirty = False
+        self._window_path = None if state_dir is None else Path(state_dir) / "security" / "auth_window.json"
+        self._window_saved: object = ()  # what the file holds: (source, failures, recent) of each
         s = self.settings
         self.window = FailureWindow(s.window_s, s.max_sources)
         self._journal: JournalFollower | None = None
@@ -130,6 +139,7 @@ class SecurityNetCollector(BaseCollector[SecurityNetSettings]):
     def start(self) -> None:
         s = self.settings
         self._load_baseline()
+        self._load_window()
         journald = os.path.exists(self._p("run/systemd/journal/socket"))
         if s.auth_source == "journal" or (s.auth_source == "auto" and journald):
             self._journal = JournalFollower(s.journalctl, s.journal_match, max_line=s.max_line_bytes)
@@ -183,6 +193,7 @@ class SecurityNetCollector(BaseCollector[SecurityNetSettings]):
         m["sec.auth_sources"] = float(len(counts))
         m["sec.auth_failures_total"] = float(self.window.total)
         m["sec.auth_sources_forgotten"] = float(self.window.forgotten)
+        self._save_window(now, tuple((src, total, recent) for src, (total, recent) in ranked[: s.max_series]))
         reading.detail["auth"] = {
             "source": self.auth_source, "window_s": s.window_s, "recent_s": s.recent_s,
             "sources": sources, "lines": self._counts["lines"], "failures": self._counts["parsed"],
@@ -319,6 +330,30 @@ class SecurityNetCollector(BaseCollector[SecurityNetSettings]):
         except OSError:
             return  # a full or read-only state dir: kept in memory, written with the next change
         self._base_dirty = False
+
+    def _load_window(self) -> None:
+        if self._window_path is None:
+            return
+        try:
+            with self._window_path.open("rb") as f:
+                doc = json.loads(f.read(_MAX_WINDOW_FILE + 1)[:_MAX_WINDOW_FILE])  # cut: not JSON
+        except (OSError, ValueError):
+            return  # none yet (or torn, or not one heald wrote): counting starts afresh
+        if isinstance(doc, dict) and isinstance(doc.get("wall"), int | float):
+            elapsed = max(0.0, time.time() - float(doc["wall"]))
+            if self.window.restore(time.monotonic(), doc.get("sources"), elapsed):
+                self._window_saved = None  # rewritten at the first pass
+
+    def _save_window(self, now: float, state: tuple[tuple[str, int, int], ...]) -> None:
+        if self._window_path is None or state == self._window_saved:
+            return
+        doc = {"version": 1, "wall": time.time(), "sources": self.window.export(now, (s[0] for s in state))}
+        try:
+            self._window_path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(self._window_path, json.dumps(doc).encode())
+        except OSError:
+            return  # a full or read-only state dir: tried again at the next pass
+        self._window_saved = state
 
     def _listener_metrics(self, reading: Reading) -> None:
         if self._created is None:

@@ -37,7 +37,9 @@ first):
 ``sec.exe_unreadable``            processes whose executable heald may not read (no CAP_SYS_PTRACE)
 ``sec.suspect_cpu_pct[PID]``      its CPU use over the last interval, % of one CPU
 ``sec.suspect_frozen[PID]``       1 when heald froze it: its forensics record (``record_name``) says
-                                  so and it is stopped (state T) or in heald's frozen freezer group
+                                  so and it is stopped (state T) or in heald's frozen freezer group;
+                                  with no record (the state dir was full), in the frozen group
+                                  heald named after this very process
 ``sec.egress_bytes_per_s[PID]``   bytes its TCP sockets had acknowledged per second, last egress pass
 ``sec.egress_conns[PID]``         its established TCP connections to non-loopback peers
 ``sec.egress_spike[PID]``         1 when that rate or its new connections make a spike (see above)
@@ -407,20 +409,29 @@ class SecurityProcCollector(BaseCollector[SecurityProcSettings]):
         debugger) is not one heald may offer to kill."""
         if self._forensics is None:
             return False
-        raw = read_bytes(str(self._forensics / record_name(pid, starttime) / "record.json"))
+        name = record_name(pid, starttime)
+        raw = read_bytes(str(self._forensics / name / "record.json"))
         try:
             rec = json.loads(raw) if raw is not None else None
         except ValueError:
-            return False
-        if not isinstance(rec, dict) or rec.get("state") not in {"freezing", "frozen"}:  # freezing: a crash
+            rec = None
+        if not isinstance(rec, dict):
+            # No record: freeze_process froze it all the same when the state dir was full (or the
+            # record is torn). The frozen freezer group heald named after this very process (pid
+            # and start time) says who froze it; a SIGSTOP alone does not.
+            return self._frozen(pid, f"/{FROZEN_GROUP}/{name}")
+        if rec.get("state") not in {"freezing", "frozen"}:  # freezing: a crash
             return False
         return state in {"T", "t"} or self._frozen(pid)
 
-    def _frozen(self, pid: str) -> bool:
-        """In heald's freezer group, and that group frozen (v1 freezer.state, v2 cgroup.events)."""
+    def _frozen(self, pid: str, group: str = "") -> bool:
+        """In heald's freezer group (``group`` exactly, when given), and that group frozen (v1
+        freezer.state, v2 cgroup.events)."""
         text = read_bytes(self._p(f"proc/{pid}/cgroup")) or b""
         for line in text.decode("utf-8", "replace").splitlines():
             parts = line.split(":", 2)
+            if group and len(parts) == 3 and parts[2] != group:
+                continue
             if len(parts) == 3 and f"/{FROZEN_GROUP}/" in parts[2] + "/":
                 if parts[1] == "freezer":
                     st = read_bytes(self._p(f"sys/fs/cgroup/freezer{parts[2]}/freezer.state")) or b""

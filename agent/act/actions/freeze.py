@@ -6,6 +6,10 @@ refuses pid 1, kernel threads, heald and its parents, and ``protected_processes`
 1. A record, ``STATE/forensics/PID-STARTTIME/record.json`` (``state: freezing``, with the freezer
    group and the pids it is about to use), written before anything is done to the process: a
    kill -9 of heald at any later point leaves a record that the freeze can be undone from.
+   A full or read-only state dir does not stop the freeze (containment first): what could not be
+   written is named in the result's ``unsaved``, with the metadata that did not fit, so it is in
+   the step's audit record; the freezer group is named like the record would be, and
+   ``unfreeze_process`` finds it by that name.
 2. Forensics (``forensics: true``, the default): the binary copied from ``/proc/PID/exe`` (which
    works for a deleted file) with its sha256, and ``metadata.json``: exe, cmdline, the names of
    its environment variables (never their values), cwd, uids, open fds, inet connections, the
@@ -67,6 +71,17 @@ def _record_dir(root: Path, proc: psutil.Process) -> Path:
 
 def _write_json(path: Path, doc: Mapping[str, Any]) -> None:
     atomic_write(path, json.dumps(doc, indent=1, sort_keys=True, default=str).encode())
+
+
+def _keep_json(path: Path, doc: Mapping[str, Any], unsaved: list[str]) -> bool:
+    """:func:`_write_json`, or a note in ``unsaved`` when the state dir is full or read-only: the
+    freeze (and the thaw) go on without it, since containment must not wait for the disk."""
+    try:
+        _write_json(path, doc)
+    except OSError as exc:
+        unsaved.append(f"{path.name}: {exc.strerror or exc}")
+        return False
+    return True
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -231,10 +246,14 @@ def _stopped(pid: int, group: str) -> bool:
 def _freeze_one(c: Candidate, ctx: ActionContext, params: Mapping[str, Any]) -> dict[str, Any]:
     proc = c.proc
     root = forensics_root(ctx)
-    root.mkdir(parents=True, exist_ok=True, mode=0o700)
     rdir = _record_dir(root, proc)
     record = _read_json(rdir / "record.json")
-    rdir.mkdir(exist_ok=True, mode=0o700)
+    unsaved: list[str] = []  # what the state dir did not take (full, read-only): said in the result
+    try:
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        rdir.mkdir(exist_ok=True, mode=0o700)
+    except OSError as exc:
+        unsaved.append(f"{rdir.name}/: {exc.strerror or exc}")
     pids = [proc.pid]
     with contextlib.suppress(psutil.Error):
         pids += [p.pid for p in proc.children(recursive=True)[:_MAX_DESCENDANTS]]
@@ -246,14 +265,20 @@ def _freeze_one(c: Candidate, ctx: ActionContext, params: Mapping[str, Any]) -> 
                    "state": "freezing", "since": time.time(), "bindings": dict(ctx.bindings),
                    "method": method, "group": group, "pids": pids,
                    "from_cgroup": record.get("from_cgroup") or _v2_cgroup(proc.pid)})
-    _write_json(rdir / "record.json", record)
+    _keep_json(rdir / "record.json", record, unsaved)
+    meta: dict[str, Any] = {}  # the metadata the disk did not take (for the result)
     if params.get("forensics", True) and "binary_sha256" not in record:
         budget = parse_size(params.get("max_total", "512M"))
-        room = _prune(root, rdir, budget)
+        try:
+            room = _prune(root, rdir, budget)
+        except OSError:  # the forensics directory could not be made (a full or read-only state dir)
+            room = 0
         meta = _metadata(proc)
-        _write_json(rdir / "metadata.json", meta)
+        kept = _keep_json(rdir / "metadata.json", meta, unsaved)
         digest, size, note = _copy_binary(proc.pid, rdir / "binary", room)
         record.update({"binary_sha256": digest, "binary_size": size, "binary": note, "exe": meta.get("exe")})
+        if kept:
+            meta = {}  # on disk: not repeated in the result
     if plan is not None:
         try:
             _cgroup_freeze(pids, *plan)
@@ -268,9 +293,23 @@ def _freeze_one(c: Candidate, ctx: ActionContext, params: Mapping[str, Any]) -> 
         time.sleep(0.02)
     record.update({"state": "frozen" if ok else "freeze-failed", "method": method, "group": group,
                    "frozen_at": time.time()})
-    _write_json(rdir / "record.json", record)
-    return {"pid": proc.pid, "ok": ok, "method": method, "record": str(rdir),
-            "binary_sha256": record.get("binary_sha256")}
+    if _keep_json(rdir / "record.json", record, unsaved):
+        unsaved = [u for u in unsaved if not u.startswith(("record.json:", f"{rdir.name}/:"))]
+    out = {"pid": proc.pid, "ok": ok, "method": method, "record": str(rdir),
+           "binary_sha256": record.get("binary_sha256"), "exe": record.get("exe") or _exe(proc.pid)}
+    if unsaved:  # the evidence the disk did not take goes into the step's audit record instead
+        parents: list[Any] = meta.get("parents") or []
+        out.update({"unsaved": list(dict.fromkeys(unsaved)), "binary": record.get("binary"),
+                    "cmdline": str(meta.get("cmdline", ""))[:512] or None, "uids": meta.get("uids"),
+                    "parents": [{"pid": p["pid"], "name": p["name"]} for p in parents]})
+    return out
+
+
+def _exe(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return None
 
 
 def _thaw_one(c: Candidate, ctx: ActionContext) -> dict[str, Any]:
@@ -314,7 +353,9 @@ def _thaw_one(c: Candidate, ctx: ActionContext) -> dict[str, Any]:
             os.kill(int(pid), signal.SIGCONT)
     if rdir is not None and record:
         record.update({"state": "thawed", "thawed_at": time.time(), "thawed_by": ctx.playbook})
-        _write_json(rdir / "record.json", record)
+        unsaved: list[str] = []
+        if not _keep_json(rdir / "record.json", record, unsaved):
+            notes.append(f"record not updated: {unsaved[0]}")
     return {"pid": proc.pid, "group": str(group) if record else "", "notes": notes}
 
 
@@ -363,6 +404,10 @@ async def freeze_process(params: Mapping[str, Any], ctx: ActionContext) -> Actio
     data["frozen"] = done
     failed = [d["pid"] for d in done if not d["ok"]]
     detail = "froze " + ", ".join(f"pid {d['pid']} ({d['method']}; evidence in {d['record']})" for d in done)
+    unsaved = [f"pid {d['pid']}: {', '.join(d['unsaved'])}" for d in done if d.get("unsaved")]
+    if unsaved:
+        detail += ("; evidence not kept (state dir full or read-only), in this record instead: "
+                   + "; ".join(unsaved))
     if failed:
         return ActionResult(ok=False, changed=True, detail=detail + f"; not stopped: {failed}", data=data)
     return ActionResult(ok=True, changed=True, detail=detail, data=data)
