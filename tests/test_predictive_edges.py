@@ -179,8 +179,10 @@ def test_heald_run_keeps_its_demand_history_through_a_full_state_dir_and_stops_o
         fs.fill()
         before_stop = rows()
         proc.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
         try:
             rc = proc.wait(30)
+            print(f"heald run stopped {time.monotonic() - sent:.2f} s after SIGTERM, state dir full")
         except subprocess.TimeoutExpired:
             stacks = py_spy(proc.pid)
             raise AssertionError(f"heald did not stop on SIGTERM with a full state dir:\n{stacks}\n"
