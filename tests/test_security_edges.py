@@ -10,7 +10,11 @@ agent's own disk full"), on real ``heald run`` processes, nft and the cgroup fre
 * block_address with the state dir on a full 2 MiB tmpfs: the block happens, nothing crashes, and
   once there is room the audit says what happened.
 * freeze_process with a full state dir: the process is frozen all the same (containment first),
-  the action says which evidence could not be kept, and it can be thawed.
+  the action says which evidence could not be kept, the collector still reads it frozen by heald,
+  and it can be thawed; and the same through a real ``heald run`` in a private PID + mount
+  namespace with the shipped unknown-binary-cpu (shortened): verified, in the audit once there is
+  room.
+* the audit records a full disk refuses are held (bounded) and chained late, in order.
 
 The agents run in a network namespace of their own (nft acts there only); the processes frozen are
 this test's own children.
@@ -593,3 +597,158 @@ def test_the_failure_window_of_reported_sources_survives_a_restart_and_hostile_f
         assert m["sec.auth_sources"] <= settings.max_sources, text[:80]
         assert len(h.window) <= settings.max_sources
         h.close()
+
+
+# --------------------------------------------------------------------------- freeze, disk full, the daemon
+
+FREEZE_HELPER = r'''
+import contextlib, json, os, signal, subprocess, sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+from test_degraded_storage import Tmpfs
+spec = json.loads(Path(sys.argv[1]).read_text())
+work, state, FREEZER = Path(spec["work"]), Path(spec["work"]) / "state", Path("/sys/fs/cgroup/freezer")
+result = {}
+subprocess.run(["mount", "--make-rprivate", "/"], check=True)
+state.mkdir(exist_ok=True)
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(state)], check=True)
+disk = Tmpfs(state)
+miner = subprocess.Popen([spec["miner"], "-c", "while :; do :; done"])
+result["miner"] = miner.pid
+log = (work / "agent.log").open("wb")
+agent = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", spec["config"]], cwd=spec["repo"],
+                         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+
+def wait(pred, within, tick=0.2):
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(tick)
+    return bool(pred())
+
+def lines():
+    out = []
+    for line in (work / "agent.log").read_text(errors="replace").splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            out.append({"event": "(not json)", "raw": line})
+    return out
+
+def audit():
+    try:
+        return [json.loads(x)["record"] for x in (state / "audit.jsonl").read_text().splitlines()]
+    except (OSError, ValueError):
+        return []
+
+def group_of(pid):
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, ctrl, path = line.split(":", 2)
+        if ctrl == "freezer":
+            return path
+    return ""
+
+try:
+    result["started"] = wait(lambda: any(x["event"] == "playbooks loaded" for x in lines()), 60)
+    disk.fill()
+    result["audit_at_fill"] = len(audit())
+    result["finished"] = wait(lambda: [x for x in lines() if x["event"] == "playbook run finished"], 60)
+    result["log"] = [x for x in lines() if x.get("level") in {"error", "critical"} or x["event"] in {
+        "(not json)", "step finished", "verification", "playbook run finished"}]
+    result["group"] = group_of(miner.pid)
+    result["records_on_disk"] = [str(p) for p in state.glob("forensics/*/record.json")]
+    result["audit_full"] = len(audit())
+    disk.free()
+    result["late"] = wait(lambda: any(r["type"] == "run.end" for r in audit()), 30)
+    result["audit"] = audit()
+finally:
+    agent.send_signal(signal.SIGTERM)
+    try:
+        result["agent_rc"] = agent.wait(30)
+    except subprocess.TimeoutExpired:
+        agent.kill()
+        result["agent_rc"] = "stalled"
+    g = group_of(miner.pid)
+    if g.startswith("/heald-frozen/"):
+        with contextlib.suppress(OSError):
+            (FREEZER / g.lstrip("/") / "freezer.state").write_text("THAWED")
+            (FREEZER / "cgroup.procs").write_text(str(miner.pid))
+            (FREEZER / g.lstrip("/")).rmdir()
+    miner.kill()
+    miner.wait(10)
+    subprocess.run(["umount", str(state)], check=False)
+    (work / "result.json").write_text(json.dumps(result, default=str))
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.root
+@needs_freezer
+def test_heald_freezes_with_the_state_dir_full_and_the_audit_catches_up(tmp_path: Path) -> None:
+    """A real ``heald run`` in a private PID + mount namespace (it sees only this test's miner), its
+    state dir a 2 MiB tmpfs filled before the trigger: the miner is frozen, the run is verified
+    (sec.suspect_frozen reads 1 without the record the full disk refused), the step's audit record
+    names what was not kept, and it is in the chain once there is room."""
+    repo = Path(__file__).resolve().parents[1]
+    miner = tmp_path / "bin" / "kworkerd"
+    miner.parent.mkdir()
+    shutil.copy2(BASH, miner)
+    pbdir = tmp_path / "playbooks"
+    pbdir.mkdir()
+    text = (shipped_dir() / "unknown-binary-cpu.yaml").read_text()
+    # shorter, a lower bar: the miner shares a loaded 2-core machine (as tests/test_security_proc.py)
+    (pbdir / "unknown-binary-cpu.yaml").write_text(text.replace("for: 30s", "for: 3s").replace("value: 80",
+                                                                                              "value: 25"))
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f"""
+[node]
+id = "edge2"
+[paths]
+state_dir = "{tmp_path / 'state'}"
+runtime_dir = "{tmp_path / 'run'}"
+[log]
+format = "json"
+[collect.gpu]
+enabled = false
+[collect.security_proc]
+interval_s = 1.0
+egress = false
+learn_s = 0
+watch_files = []
+authorized_keys = false
+[playbooks]
+dirs = ["{pbdir}"]
+load_shipped = false
+[model]
+enabled = false
+""")
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"work": str(tmp_path), "repo": str(repo), "config": str(cfg),
+                                "miner": str(miner)}))
+    helper = tmp_path / "helper.py"
+    helper.write_text(FREEZE_HELPER)
+    # --kill-child: if the test is killed, the namespace's init (and all in it) dies too
+    done = subprocess.run(["unshare", "--pid", "--fork", "--kill-child", "--mount", "--mount-proc",
+                           sys.executable, str(helper), str(spec), str(repo / "tests")],
+                          cwd=repo, capture_output=True, text=True, timeout=240, check=False)
+    assert (tmp_path / "result.json").exists(), done.stdout[-2000:] + done.stderr[-3000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    log = (tmp_path / "agent.log").read_text(errors="replace")[-4000:]
+    assert result["started"], log
+    assert result["audit_at_fill"] == 0, result  # an empty audit file: no page of it has room left
+    assert result["finished"], log
+    assert result["group"].startswith("/heald-frozen/"), result
+    assert result["records_on_disk"] == [], result
+    assert result["audit_full"] == 0, result
+    assert not [x for x in result["log"] if x["event"] == "(not json)"], result["log"]
+    assert result["late"], log
+    recs = [r for r in result["audit"] if r.get("playbook") == "unknown-binary-cpu"]
+    assert shape(recs) == [("run.start",), ("step", "done", True), ("verify", True),
+                           ("run.end", "succeeded")], recs
+    assert all("No space left" in r["late"]["error"] for r in recs), recs
+    (frozen,) = recs[1]["data"]["frozen"]
+    assert frozen["pid"] == result["miner"]
+    assert frozen["exe"] == str(miner)
+    assert any("No space left" in u for u in frozen["unsaved"]), frozen
+    assert result["agent_rc"] == 0, log
