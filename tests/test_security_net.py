@@ -880,9 +880,13 @@ port = 1883
         assert evidence["kinds"]["failed"] >= 1
         assert by_src["10.77.0.3"]["ok"] is False
         assert "allow_list" in by_src["10.77.0.3"]["detail"]
-        ends = {json.dumps(r.get("target")): r.get("outcome") for r in records
-                if r.get("type") == "run.end" and r.get("playbook") == "ssh-brute-force"}
-        assert any("10.77.0.2" in k and v == "succeeded" for k, v in ends.items()), ends
+
+        def ends() -> dict[str, Any]:  # the block's verification may land after the audit read above
+            return {json.dumps(r.get("target")): r.get("outcome") for r in _audit(state)
+                    if r.get("type") == "run.end" and r.get("playbook") == "ssh-brute-force"}
+
+        _wait("the block's run.end", lambda: any("10.77.0.2" in k for k in ends()), 20)
+        assert any("10.77.0.2" in k and v == "succeeded" for k, v in ends().items()), ends()
         assert any(r.get("type") == "escalate" and "10.77.0.3" in json.dumps(r) for r in records)
         assert by_src["10.77.0.4"]["ok"] is False
         assert "MQTT broker" in by_src["10.77.0.4"]["detail"]
