@@ -74,7 +74,9 @@ def write_small_state(path: str | os.PathLike[str], data: bytes) -> None:
 
     ``data`` must be read back by a parser that ignores trailing ASCII whitespace (a number, JSON):
     an in-place overwrite shorter than the old content blanks the rest with spaces instead of
-    truncating. Raises ``OSError`` when neither works (a read-only filesystem, no file yet).
+    truncating. Raises ``OSError`` when neither works (a read-only filesystem; on a full one, no
+    file yet or ``data`` past the file's allocated blocks: the old content is then left whole,
+    never torn).
     """
     dest = Path(path)
     try:
@@ -82,10 +84,19 @@ def write_small_state(path: str | os.PathLike[str], data: bytes) -> None:
     except OSError as exc:
         if exc.errno not in NO_SPACE:
             raise
-        fd = os.open(dest, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)  # FileNotFoundError: no file to reuse
         try:
-            old = os.fstat(fd).st_size
-            body = data + b" " * (old - len(data)) if old > len(data) else data
+            fd = os.open(dest, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise exc from None  # no file to reuse: the disk is what failed, say so (ENOSPC)
+        try:
+            st = os.fstat(fd)
+            old = st.st_size
+            if len(data) > max(old, st.st_blocks * 512):
+                # Past the blocks the file already has, the write needs space the disk does not
+                # have: a short write would leave new bytes over old ones (a torn file). Leave the
+                # old content whole instead. (A counter growing a digit stays in its block.)
+                raise
+            body = data + b" " * (old - len(data))
             if os.pwrite(fd, body, 0) != len(body):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dest)) from exc
             os.fsync(fd)

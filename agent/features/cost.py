@@ -36,7 +36,7 @@ import structlog
 
 from agent import wire
 from agent.collect.sample import Sample
-from agent.fsutil import write_small_state
+from agent.fsutil import atomic_write, describe
 
 log = structlog.get_logger("heald.cost")
 
@@ -264,9 +264,11 @@ class CostMeter:
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            write_small_state(self.path, json.dumps(self.history()).encode())
+            # Atomic, never in place: hundreds of hourly rows are no small state file, and an
+            # in-place write on a full disk could tear them (the load then drops the history).
+            atomic_write(self.path, json.dumps(self.history()).encode())
         except OSError as exc:
-            log.warning("cost history not saved", path=str(self.path), error=str(exc))
+            log.warning("cost history not saved", path=str(self.path), **describe(exc))
 
     def _load(self) -> None:
         if self.path is None:
