@@ -208,6 +208,12 @@ def run_once(tmp: Path, kill_at: int | None) -> dict[str, Any]:
         for r in records:
             if r["type"] == "step" and r["run_id"] == run_id and r["status"] in ("done", "failed"):
                 executed[r["step"]] = executed.get(r["step"], 0) + 1
+        # A step whose result the journal holds but whose own audit record the kill cut off is
+        # named by the resumed run's run.recovered (completed_steps): it ran, once.
+        for r in records:
+            if r["type"] == "run.recovered" and r["run_id"] == run_id:
+                for index in r.get("completed_steps", []):
+                    executed.setdefault(index, 1)
         (end,) = [r for r in records if r["type"] == "run.end" and r["run_id"] == run_id]
         assert verify(state / "audit.jsonl").ok, "the audit chain holds across the kill"
         return {"outcome": end["outcome"], "executed": executed, "killed_at": killed_at,
@@ -229,4 +235,7 @@ def test_kill_9_at_every_step_boundary_keeps_the_verdict(tmp_path: Path) -> None
         got = run_once(tmp_path / f"kill-{k}", k)
         assert got["outcome"] == baseline["outcome"], (k, got)
         assert all(n == 1 for n in got["executed"].values()), f"a step ran twice (kill at {k}): {got}"
+        # ... and none ran that the uninterrupted run did not need (a kill between a step's
+        # verification and the run's end once sent the resumed run down the ladder).
+        assert got["executed"] == baseline["executed"], f"steps differ (kill at {k}): {got}"
         assert got["used_pct_after"] < 85, (k, got)
