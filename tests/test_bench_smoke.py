@@ -182,6 +182,7 @@ SCRIPTS: list[Any] = [
                  marks=[ROOT_ONLY, pytest.mark.slow,
                         pytest.mark.skipif(not Path("/usr/sbin/sshd").exists(),
                                            reason="needs sshd (openssh-server)")]),
+    pytest.param("auth_window_cost.py", [], "| 32 sources failing every pass, state dir", False),
     pytest.param("demand_forecast.py", [], "MASE", False,
                  marks=pytest.mark.skipif(not (DATA / "nab").is_dir(), reason=f"no NAB/SMD data in {DATA}")),
 ]
