@@ -106,3 +106,46 @@ def test_sequence_numbers_increase(n: int) -> None:
     seqs = [sampler.assemble().seq for _ in range(n)]
     sampler.close()
     assert seqs == list(range(1, n + 1))
+
+
+class InlineFake(Fake):
+    """A collector that declares ``inline`` and records the thread each pass ran on."""
+
+    inline = True
+
+    def __init__(self, name: str, **kw: float) -> None:
+        super().__init__(name, **kw)
+        self.threads: list[int] = []
+
+    def collect(self) -> Reading:
+        self.threads.append(threading.get_ident())
+        if self.sleep_s and len(self.threads) == 2:  # the second pass is slow (a slow sensor)
+            time.sleep(self.sleep_s)
+        return Reading(metrics={f"{self.name}.v": self.value})
+
+
+def test_inline_collectors_run_on_the_loop_in_one_task_and_a_slow_one_moves_to_a_thread() -> None:
+    cpu, mem, slow = InlineFake("cpu"), InlineFake("memory", value=2.0), InlineFake("limits", sleep_s=0.08)
+    disk = Fake("disk")
+    sampler = Sampler("n", [cpu, mem, slow, disk])
+    assert sampler.task_groups() == [("cpu", "memory", "limits"), ("disk",)]  # one task for the inline ones
+    loop_thread: list[int] = []
+
+    async def run() -> None:
+        loop_thread.append(threading.get_ident())
+        await _run(sampler, 0.4)
+
+    asyncio.run(run())
+    s = sampler.assemble()
+    sampler.close()
+    assert s.metrics["cpu.v"] == 1.0
+    assert s.metrics["memory.v"] == 2.0
+    assert s.metrics["limits.v"] == 1.0
+    assert set(cpu.threads) == set(mem.threads) == {loop_thread[0]}  # no thread hand-off
+    assert len(cpu.threads) >= 3
+    # the slow pass (over INLINE_MAX_S) ran on the loop; every later pass in a worker thread
+    assert slow.threads[:2] == [loop_thread[0]] * 2
+    assert len(slow.threads) > 2
+    assert loop_thread[0] not in slow.threads[2:]
+    assert not sampler.is_inline("limits")
+    assert sampler.is_inline("cpu")

@@ -17,7 +17,7 @@ import pytest
 
 from agent.collect.sample import Sample
 from agent.score import compiled as art
-from agent.score.drift import DRIFT_LINE, DriftMonitor, summarize
+from agent.score.drift import BINS, DRIFT_LINE, PSI_MAJOR, DriftMonitor, psi, summarize
 from agent.score.settings import ModelSettings
 from agent.score.stage import DETECTOR_FILE, RiskStage
 
@@ -109,3 +109,31 @@ def test_drift_monitor_psi_on_a_plain_shift() -> None:
         report = mon.push(row)
     assert report is not None
     assert {i for i, _ in report.top}.isdisjoint({0, 1})
+
+
+def test_bulk_binning_counts_as_one_sample_at_a_time() -> None:
+    """The monitor bins samples a chunk at a time; the block's report is the one of binning each
+    sample as it comes (NaN skipped, values on an edge in the upper bin), at any block length."""
+    rng = np.random.default_rng(7)
+    d = 12
+    edges = np.sort(rng.normal(size=(d, BINS - 1)), axis=1)
+    expected = np.full((d, BINS), 1.0 / BINS)
+    for every in (1, 63, 64, 150):
+        mon = DriftMonitor(edges, expected, every=every, line=0.01)
+        for block in range(2):
+            ref = np.zeros((d, BINS))
+            report = None
+            for i in range(every):
+                vec = rng.normal(size=d) * (1 + block)
+                vec[rng.integers(0, d)] = np.nan
+                vec[(i % d)] = edges[i % d, i % (BINS - 1)]  # exactly on an edge
+                finite = np.isfinite(vec)
+                bins = (vec[:, None] >= edges).sum(axis=1)
+                ref[np.arange(d)[finite], bins[finite]] += 1.0
+                report = mon.push(vec)
+                assert (report is None) == (i < every - 1)
+            assert report is not None
+            values = psi(ref, expected)
+            assert report.score == round(float(np.mean(values >= PSI_MAJOR)), 3)
+            order = np.argsort(-values)[:5]
+            assert report.top == tuple((int(j), round(float(values[j]), 3)) for j in order)

@@ -11,7 +11,9 @@ collector keeps running.
 test doubles included). :class:`BaseCollector` is what the shipped collectors share: settings,
 schedule and root taken from ``[collect.<name>]``, paths below ``root``, the start-time check
 that a required file is readable, events stamped with the collector's name, and no-op
-``start``/``close``. It adds nothing to a pass: ``collect()`` is the subclass's alone.
+``start``/``close``. It adds nothing to a pass: ``collect()`` is the subclass's alone. A
+collector whose passes only read /proc and /sys files sets ``inline``: the sampler then runs it on
+the event loop, without a thread hand-off (and moves it to a thread if a pass is ever slow).
 
 Rates are computed from deltas with monotonic time (see :mod:`agent.collect.counters`).
 """
@@ -58,6 +60,9 @@ class BaseCollector(abc.ABC, Generic[S]):
 
     #: The collector's name: its ``[collect.<name>]`` section and its key in a Sample.
     name: str
+    #: ``collect()`` cannot block (it reads /proc and /sys files only): the daemon may run it on the
+    #: event loop instead of a worker thread (:mod:`agent.runtime.sampler`). False by default.
+    inline: bool = False
 
     def __init__(self, settings: S, *, root: str = "/") -> None:
         self.settings = settings

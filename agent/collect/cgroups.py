@@ -121,6 +121,7 @@ class _Watched:
 
 class CgroupCollector(BaseCollector[CgroupSettings]):
     name = "cgroups"
+    inline = True  # /proc and /sys reads only: on the event loop
 
     def __init__(self, settings: CgroupSettings | None = None, *, root: str = "/") -> None:
         super().__init__(settings or CgroupSettings(), root=root)

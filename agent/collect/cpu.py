@@ -175,6 +175,7 @@ class CpuCollector(BaseCollector[CpuSettings]):
     """See the module docstring for the metrics."""
 
     name = "cpu"
+    inline = True  # /proc and /sys reads only: on the event loop
 
     def __init__(self, settings: CpuSettings | None = None, *, root: str = "/") -> None:
         super().__init__(settings or CpuSettings(), root=root)

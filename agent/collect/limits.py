@@ -76,14 +76,26 @@ def _ints(data: bytes | None) -> list[int]:
     return out
 
 
+def _fd_dir_size_counts() -> bool:
+    """Whether this kernel reports open fds as the size of /proc/PID/fd."""
+    try:
+        return os.stat("/proc/self/fd").st_size > 0
+    except OSError:
+        return False
+
+
 class LimitCollector(BaseCollector[LimitSettings]):
     name = "limits"
+    inline = True  # /proc and /sys reads only: on the event loop
 
     def __init__(self, settings: LimitSettings | None = None, *, root: str = "/") -> None:
         super().__init__(settings or LimitSettings(), root=root)
         self._series: dict[str, Points] = {}
         self._fd_pids: dict[str, int] = {}  # pid -> soft RLIMIT_NOFILE, the processes counted each pass
         self._fd_scanned = -1e18
+        # The kernel reports a process's fd count as its /proc/PID/fd size (Linux >= 6.2; 0 before).
+        # Only on the real /proc: in a fixture tree the size is the directory's, not a count.
+        self._fd_size = root == "/" and _fd_dir_size_counts()
 
     def collect(self) -> Reading:
         now = time.monotonic()
@@ -123,8 +135,15 @@ class LimitCollector(BaseCollector[LimitSettings]):
             m[k("eta_s")] = headroom / rate
 
     def _count_fds(self, pid: str) -> int | None:
+        """Open fds of ``pid``: the size of its /proc/PID/fd directory (Linux >= 6.2 reports the
+        count there, one stat instead of listing every fd), else the listing's length."""
+        path = self._p(f"proc/{pid}/fd")
         try:
-            return len(os.listdir(self._p(f"proc/{pid}/fd")))
+            if self._fd_size:
+                n = os.stat(path).st_size
+                if n > 0:
+                    return n
+            return len(os.listdir(path))
         except OSError:
             return None
 

@@ -132,6 +132,7 @@ class MemoryCollector(BaseCollector[MemorySettings]):
     """See the module docstring for the metrics and events."""
 
     name = "memory"
+    inline = True  # /proc and /sys reads only: on the event loop
 
     def __init__(self, settings: MemorySettings | None = None, *, root: str = "/") -> None:
         super().__init__(settings or MemorySettings(), root=root)

@@ -163,6 +163,7 @@ class NetworkCollector(BaseCollector[NetworkSettings]):
     """See the module docstring for the metrics and events."""
 
     name = "network"
+    inline = True  # /proc and /sys reads only (the probes run in their own thread): on the event loop
 
     def __init__(self, settings: NetworkSettings | None = None, *, root: str = "/") -> None:
         super().__init__(settings or NetworkSettings(), root=root)

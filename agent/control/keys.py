@@ -23,6 +23,8 @@ def build_verifier(settings: CoordinatorSettings, *, node: str, site: str, state
     ``nonces_from``: the running verifier, on a key rotation (SIGHUP); its nonce cache is kept, so
     a command seen before the rotation is still a replay after it.
     """
+    if not settings.public_keys and not settings.public_key_files:
+        return None  # before the import: cryptography (~6 MiB of RSS) only when commands are in use
     from agent.wire import signing  # noqa: PLC0415 - cryptography only when commands are in use
 
     keys = [signing.parse_public_key(k) for k in settings.public_keys]

@@ -21,6 +21,7 @@ from typing import Any, Literal, Protocol
 
 import structlog
 
+from agent.collect.sample import split_key
 from agent.decide.guards import StateStore, TargetState, hold_reason, record_start
 from agent.decide.latest import Latest
 from agent.decide.model import Playbook
@@ -142,16 +143,26 @@ class Decider:
 
     def _update_cleanable(self) -> None:
         roots = self.settings.clean_roots
-        mounts = tuple(label for label, _ in self.latest.index.families.get("disk.used_pct", ())
-                       if label is not None)
+        mounts = tuple(label for label, _ in self.latest.index.family("disk.used_pct") if label is not None)
         if roots != self._clean_roots or mounts != self._mounts_seen:
             self._clean_roots, self._mounts_seen = roots, mounts
             self._cleanable = cleanable_mounts(mounts, roots)
 
     def evaluate(self, wall: float, mono: float, running: Mapping[str, Watermarked]) -> None:
-        """Evaluate every trigger on the latest sample (their matches go to ``latest.matches``)."""
+        """Evaluate every trigger on the latest sample (their matches go to ``latest.matches``).
+
+        A trigger that reads only metrics, forecasts and events of which the sample has none, and
+        holds no timer, is not evaluated (:meth:`TriggerEvaluator.idle`): it has no match."""
         self._update_cleanable()
+        latest = self.latest
+        risk = latest.risk
+        forecasts = {split_key(f.resource)[0] for f in risk.forecasts} if risk is not None else set()
+        ctx = self.context(wall, mono)  # one context, its watermark_of set per playbook
         for name, playbook in self._playbooks.items():
+            evaluator = self._evaluators[name]
+            if evaluator.idle(latest.index, forecasts, latest.events):
+                latest.matches[name] = []
+                continue
 
             def watermark_of(bindings: Mapping[str, str], name: str = name) -> float:
                 tgt = self.target_of(name, bindings)
@@ -159,12 +170,13 @@ class Decider:
                 state = self.store.data.targets.get(tgt.key)
                 return max(state.events_watermark if state else 0.0, run.watermark if run else 0.0)
 
+            ctx.watermark_of = watermark_of
             try:
-                matches = self._evaluators[name].evaluate(self.context(wall, mono, watermark_of=watermark_of))
+                matches = evaluator.evaluate(ctx)
             except Exception:  # a bug in one trigger must not stop the others
                 log.exception("trigger evaluation failed", playbook=playbook.name)
                 matches = []
-            self.latest.matches[name] = matches
+            latest.matches[name] = matches
 
     def decide(self, wall: float, running: Mapping[str, Watermarked], *, connected: bool = True,
                hold_auto: bool = False, can_start: bool = True) -> list[Decision]:
@@ -176,7 +188,12 @@ class Decider:
             name = key.split("[", 1)[0]
             per_playbook[name] = per_playbook.get(name, 0) + 1
         for name, playbook in self._playbooks.items():
-            targets = self._targets(name, self.latest.matches.get(name, []))
+            matches = self.latest.matches.get(name)
+            if not matches:  # the usual case: nothing to start, only holds and approvals to forget
+                if self.held or self.approvals:
+                    self._forget(name, [])
+                continue
+            targets = self._targets(name, matches)
             self._forget(name, targets)
             mode = self.effective_mode(playbook)
             if mode == "off":

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from agent.collect.sample import Sample
-from agent.decide.triggers import EventLog, Match, SampleIndex, consistent, worst
+from agent.decide.triggers import EventLog, KeyPlan, Match, SampleIndex, consistent, worst
 from agent.score.types import Risk
 
 
@@ -23,7 +23,8 @@ class Latest:
         self.events = EventLog()
         self.sample: Sample | None = None
         self.risk: Risk | None = None
-        self.index = SampleIndex(None)
+        self._plan = KeyPlan()  # where each family's keys are, kept while the keys stay the same
+        self.index = SampleIndex(None, self._plan)
         self.matches: dict[str, list[Match]] = {}  # playbook -> the trigger's current matches
         # Samples evaluated so far; a fast-path re-evaluation of the same sample does not count.
         self.seq = 0
@@ -37,7 +38,7 @@ class Latest:
         """A new sample and its risk; its events join the event log."""
         self.sample, self.risk = sample, risk
         self.events.add(sample.events, sample.wall)
-        self.index = SampleIndex(sample)
+        self.index = SampleIndex(sample, self._plan)
 
     def evaluated(self) -> None:
         """Every trigger has been evaluated on the new sample: wake the runs waiting to verify."""

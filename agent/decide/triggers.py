@@ -29,6 +29,7 @@ from typing import Any
 from agent.collect.sample import Event, Sample, split_key
 from agent.decide.model import (
     GPU_FAILURE,
+    AllCond,
     AnyCond,
     Condition,
     DemandCond,
@@ -63,21 +64,62 @@ def consistent(a: Mapping[str, str], b: Mapping[str, str]) -> bool:
     return all(b[k] == v for k, v in a.items() if k in b)
 
 
-class SampleIndex:
-    """The sample's metrics grouped by family, built once per sample and shared by every playbook."""
+class KeyPlan:
+    """Where each family's keys are in a sample: ``family -> [(label, key)]``, worked out again
+    only when the sample's set of keys differs from the last sample's (a family's entries keep the
+    order of the sample the plan was made from). Shared by the :class:`SampleIndex` of consecutive
+    samples (:class:`agent.decide.latest.Latest` holds one)."""
 
-    def __init__(self, sample: Sample | None) -> None:
-        self.sample = sample
-        self.families: dict[str, list[tuple[str | None, float | None]]] = collections.defaultdict(list)
-        if sample is not None:
-            for k, v in sample.metrics.items():
+    def __init__(self) -> None:
+        self._keys: frozenset[str] = frozenset()
+        self.by_family: dict[str, list[tuple[str | None, str]]] = {}
+
+    def update(self, metrics: Mapping[str, float | None]) -> dict[str, list[tuple[str | None, str]]]:
+        if metrics.keys() != self._keys:
+            plan: dict[str, list[tuple[str | None, str]]] = {}
+            for k in metrics:
                 fam, label = split_key(k)
-                self.families[fam].append((label, v))
+                entries = plan.get(fam)
+                if entries is None:
+                    plan[fam] = [(label, k)]
+                else:
+                    entries.append((label, k))
+            self._keys, self.by_family = frozenset(metrics), plan
+        return self.by_family
+
+
+class SampleIndex:
+    """The sample's metrics grouped by family, shared by every playbook: a family's
+    ``[(label, value)]`` is gathered when a trigger first reads it (through a :class:`KeyPlan`),
+    so a sample costs what the playbooks read, not what the collectors report."""
+
+    def __init__(self, sample: Sample | None, plan: KeyPlan | None = None) -> None:
+        self.sample = sample
+        self._metrics: Mapping[str, float | None] = sample.metrics if sample is not None else {}
+        self._plan = (plan or KeyPlan()).update(self._metrics)
+        self._families: dict[str, list[tuple[str | None, float | None]]] = {}
+
+    def family(self, name: str) -> list[tuple[str | None, float | None]]:
+        """``[(label, value)]`` of the family's keys in this sample (empty when it has none)."""
+        got = self._families.get(name)
+        if got is None:
+            m = self._metrics
+            got = self._families[name] = [(label, m[k]) for label, k in self._plan.get(name, ())]
+        return got
+
+    def has(self, name: str) -> bool:
+        """Whether the sample has any key of family ``name``."""
+        return name in self._plan
+
+    @property
+    def families(self) -> dict[str, list[tuple[str | None, float | None]]]:
+        """Every family of the sample (all gathered: for tools, not the per-sample path)."""
+        return {name: self.family(name) for name in self._plan}
 
     def lookup(
         self, pattern: KeyPattern, bindings: Mapping[str, str]
     ) -> list[tuple[str | None, float | None]]:
-        entries = self.families.get(pattern.family, [])
+        entries = self.family(pattern.family)
         lp = pattern.label
         if lp.var is not None:
             if lp.var in bindings:
@@ -127,6 +169,10 @@ class EventLog:
             keep = {_event_key(e) for dq in self._by_kind.values() for e in dq}
             self._seen = {k: None for k in self._seen if k in keep}
 
+    def has(self, kind: str) -> bool:
+        """Whether the log holds any event of ``kind`` (of the last ``max_age_s``)."""
+        return bool(self._by_kind.get(kind))
+
     def query(self, kind: str, since_wall: float) -> list[Event]:
         dq = self._by_kind.get(kind)
         if not dq:
@@ -167,6 +213,35 @@ class EvalContext:
     watermark_of: Callable[[Mapping[str, str]], float] | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Reads:
+    """What a condition tree of metric, forecast and event conditions reads."""
+
+    metrics: frozenset[str]  # metric families
+    forecasts: frozenset[str]  # forecast resource families
+    events: frozenset[str]  # event kinds
+
+
+def reads(c: Condition) -> Reads | None:
+    """The families and event kinds a trigger reads; None when it reads anything else too (the
+    risk, failure probabilities, demand forecasts: their state or inputs are not per family)."""
+    if isinstance(c, MetricCond):
+        return Reads(frozenset({c.key.family}), frozenset(), frozenset())
+    if isinstance(c, ForecastCond):
+        return Reads(frozenset(), frozenset({c.key.family}), frozenset())
+    if isinstance(c, EventCond):
+        return Reads(frozenset(), frozenset(), frozenset({c.kind}))
+    if isinstance(c, AllCond | AnyCond):
+        parts = [reads(item) for item in c.items]
+        if any(p is None for p in parts):
+            return None
+        got = [p for p in parts if p is not None]
+        return Reads(frozenset().union(*(p.metrics for p in got)),
+                     frozenset().union(*(p.forecasts for p in got)),
+                     frozenset().union(*(p.events for p in got)))
+    return None
+
+
 class TriggerEvaluator:
     """Stateful evaluation of one condition tree."""
 
@@ -174,9 +249,22 @@ class TriggerEvaluator:
         self.condition = condition
         self._metric: dict[tuple[int, str | None], _MState] = {}
         self._risk_since: dict[int, float | None] = {}
+        self.reads = reads(condition)
 
     def evaluate(self, ctx: EvalContext) -> list[Match]:
         return self._eval(self.condition, ctx)
+
+    def idle(self, index: SampleIndex, forecast_families: set[str], events: EventLog) -> bool:
+        """Whether evaluating now is sure to give no match and change nothing, so it may be
+        skipped: the trigger reads only metrics, forecasts and events, none of which this sample
+        has (no key of its metric families, no forecast of its resources, no event of its kinds
+        in the log), and it holds no timer (a metric's state is dropped once its key is absent:
+        after one evaluation without them, there is none)."""
+        r = self.reads
+        if r is None or self._metric:
+            return False
+        return not (any(index.has(f) for f in r.metrics) or any(f in forecast_families for f in r.forecasts)
+                    or any(events.has(k) for k in r.events))
 
     def _eval(self, c: Condition, ctx: EvalContext) -> list[Match]:
         if isinstance(c, MetricCond):
@@ -224,7 +312,9 @@ class TriggerEvaluator:
                 if value is not None and cmp(value, c.value):
                     out.append(_metric_match(c, label, value))
                 continue
-            st = self._metric.setdefault((c.cid, label), _MState())
+            st = self._metric.get((c.cid, label))
+            if st is None:
+                st = self._metric[(c.cid, label)] = _MState()
             if value is None:
                 if st.active:
                     out.append(Match({var: label} if var and label is not None else {}, {}, 0.0))
@@ -247,7 +337,7 @@ class TriggerEvaluator:
                     st.since = None
             if st.active:
                 out.append(_metric_match(c, label, value))
-        if not (ctx.stateless or ctx.verify) and not ctx.bindings:
+        if not (ctx.stateless or ctx.verify) and not ctx.bindings and len(self._metric) > len(seen):
             for k in [k for k in self._metric if k[0] == c.cid and k[1] not in seen]:
                 del self._metric[k]
         return out

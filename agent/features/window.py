@@ -183,6 +183,8 @@ class FeatureWindow:
             c.dring = ptr(self._dring, np.float64)
             self._ctx_ref = ctypes.byref(c)
         self._reset_state()
+        # The plan's keys, input starts and which keys hold numbers: an unchanged plan is kept.
+        self._plan_sig: tuple[list[str], list[int], list[str]] | None = None
         self._plan({})
 
     @property
@@ -239,6 +241,11 @@ class FeatureWindow:
         n = len(keys)
         num = [k for k in keys if metrics.get(k) is not None]
         nul = [k for k in keys if metrics.get(k) is None]
+        sig = (keys, starts, num)
+        if sig == self._plan_sig:  # the keys the schema reads did not change (others came or went)
+            self._last_len = len(metrics)
+            return
+        self._plan_sig = sig
         slot = {k: i for i, k in enumerate(num)}
         slot.update({k: len(num) + i for i, k in enumerate(nul)})
         pad = n  # an always-NaN entry after the values

@@ -1,9 +1,15 @@
 """Runs the collectors and assembles their latest readings into sequence-numbered Samples.
 
-Each collector runs in its own task at its own interval; its blocking ``collect()`` runs in a
-worker thread under the collector's time budget. A pass that overruns is abandoned (its metrics
-go stale, then missing) and no second pass of that collector starts until the first returns, so
-a hung NVML call cannot pile up threads. A collector that cannot start is disabled and logged once.
+Each collector runs in a task at its own interval. One that may block (statvfs on NFS, NVML,
+``systemctl``/``ss`` children, hashing binaries, fsyncs) runs its ``collect()`` in a worker thread
+under its time budget: a pass that overruns is abandoned (its metrics go stale, then missing) and
+no second pass of that collector starts until the first returns, so a hung NVML call cannot pile
+up threads. One that only reads /proc and /sys files (its ``inline`` attribute is true: cpu,
+memory, network without probes, cgroups, limits) runs on the event loop itself: no thread
+hand-off, no wake-up of a worker and of the loop again, and those sharing an interval run in one
+task (one timer). An inline pass that ever takes longer than :data:`INLINE_MAX_S` (a slow
+sensor, a loaded host) moves that collector to a worker thread for good, logged once. A collector
+that cannot start is disabled and logged once.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ from agent.errors import CollectorUnavailable
 log = structlog.get_logger("heald.sampler")
 #: Every collector a node can run; those a config disables show as absent in each Sample.
 COLLECTOR_NAMES = ("cpu", "memory", "disk", "network", "processes", "gpu")
+#: An inline pass slower than this moves its collector to a worker thread (the loop must stay free).
+INLINE_MAX_S = 0.05
 T = TypeVar("T")
 
 
@@ -40,6 +48,7 @@ class _Slot:
     duration_ms: float | None = None
     failures: int = 0
     known_keys: set[str] = field(default_factory=set)
+    inline: bool = False  # collect() runs on the event loop (see the module docstring)
 
 
 class Sampler:
@@ -50,7 +59,7 @@ class Sampler:
         self.node = node
         self.stale_after = stale_after
         self.seq = 0
-        self._slots = {c.name: _Slot(c) for c in collectors}
+        self._slots = {c.name: _Slot(c, inline=getattr(c, "inline", False) is True) for c in collectors}
         self._absent = dict(absent or {})
         self._events: list[Event] = []
         self._executor = ThreadPoolExecutor(max_workers=max(2, len(collectors) + 1),
@@ -124,10 +133,30 @@ class Sampler:
             out.append((name, result, (time.perf_counter() - t0) * 1000.0))
         return out
 
+    def _collect_inline(self, names: list[str]) -> None:
+        """On the event loop: one pass of each inline collector, timed; a slow one leaves the loop."""
+        for name, result, ms in self._collect_many(tuple(names)):
+            self._apply(name, result, ms)
+            if ms > INLINE_MAX_S * 1000.0:
+                self._slots[name].inline = False
+                log.warning("collector pass too slow for the event loop; it runs in a worker thread "
+                            "from now on", collector=name, duration_ms=round(ms, 1),
+                            limit_ms=INLINE_MAX_S * 1000.0)
+
+    def is_inline(self, name: str) -> bool:
+        return self._slots[name].inline
+
     async def collect_once(self, *names: str) -> None:
         """One pass of one collector — or of several in one worker-thread job, to save the
         thread hand-off per collector — under their summed time budget. Never raises (but for
-        cancellation). A pass still stuck in its thread blocks the next one: no pile-up."""
+        cancellation). A pass still stuck in its thread blocks the next one: no pile-up.
+        Inline collectors (see the module docstring) run first, on the loop, without a budget."""
+        inline = [n for n in names if self._slots[n].inline]
+        if inline:
+            self._collect_inline(inline)
+            names = tuple(n for n in names if n not in inline)
+            if not names:
+                return
         key = "+".join(names)
         prev = self._pending.get(key)
         if prev is not None and not prev.done():
@@ -165,17 +194,21 @@ class Sampler:
 
     def task_groups(self, groupable: frozenset[str] = frozenset({"cpu", "memory", "network"})
                     ) -> list[tuple[str, ...]]:
-        """How the daemon runs the collectors: cheap, never-blocking ones that share an interval
-        run as one job per tick; the rest (disk: statvfs can hang on NFS; processes: systemctl;
+        """How the daemon runs the collectors: inline ones (on the loop) that share an interval run
+        in one task; cheap, never-blocking ones that share an interval run as one worker-thread
+        job per tick; the rest (disk: statvfs can hang on NFS; processes: systemctl;
         gpu: NVML) get their own job so that one cannot stall the others."""
+        inline: dict[float, list[str]] = {}
         groups: dict[float, list[str]] = {}
         out: list[tuple[str, ...]] = []
         for name, slot in self._slots.items():
-            if name in groupable:
+            if slot.inline:
+                inline.setdefault(slot.collector.interval_s, []).append(name)
+            elif name in groupable:
                 groups.setdefault(slot.collector.interval_s, []).append(name)
             else:
                 out.append((name,))
-        return [tuple(g) for g in groups.values()] + out
+        return [tuple(g) for g in inline.values()] + [tuple(g) for g in groups.values()] + out
 
     def assemble(self) -> Sample:
         """One Sample from the latest readings; stale collectors' metrics are reported missing."""
