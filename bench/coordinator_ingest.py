@@ -1,15 +1,26 @@
 """Coordinator ingest benchmark: a fleet simulator publishing real wire messages.
 
 For each scenario it starts a private mosquitto on a free port, one or two coordinator replicas
-(SQLite, or PostgreSQL with shared subscriptions), a raw MQTT subscriber that only counts
-messages (the ceiling the broker and a Python MQTT client give on this machine), and a fleet
-simulator process that publishes one ``metrics`` report per node at the given rate (QoS 1,
-real msgpack wire messages, fresh ``seq`` and ``ts``).
+(SQLite, or PostgreSQL with shared subscriptions), with ``--raw`` a raw MQTT subscriber that
+only counts messages (the ceiling the broker and a Python MQTT client give on this machine), and
+a fleet simulator process that publishes one report per node at the given rate (real msgpack wire
+messages, fresh ``seq`` and ``ts``, over a minimal MQTT client of its own so that the load
+generator costs little): a ``metrics`` report (QoS 0, as agents send them), and every
+``--events-every``-th report an ``event`` instead (QoS 1).
+The coordinators run with the store's default settings (batch size, interval, intake bound).
 
 It reports, per scenario: offered reports/s, the coordinator's sustained processed reports/s
-over the measuring window, the raw subscriber's received/s, p50/p99/max ingest lag (commit time
+over the measuring window and the CPU time the coordinator spent on it (cores, and µs per
+stored report: the figure that does not depend on what else shares the machine), the raw
+subscriber's received/s, p50/p99/max ingest lag (commit time
 minus the report's ``ts``), the backlog when publishing stops and the p99 lag in the first and
-second half of the window (growing lag = not sustainable).
+second half of the window (growing lag = not sustainable), the reports the coordinator shed
+(metrics first, when its intake was full: coordinator/intake.py) and whether every published
+event was stored anyway (counted in the database after the run).
+
+Offered more than it can store, a coordinator must degrade by shedding metrics, never by
+stalling: ``processed/s`` stays at what the store sustains, ``lag`` stays bounded by the intake,
+and ``events lost`` stays 0.
 
     python bench/coordinator_ingest.py                      # default scenarios
     python bench/coordinator_ingest.py --quick              # shorter, for a smoke run
@@ -21,6 +32,7 @@ Writes bench/results/coordinator_ingest.json. Every process it starts is stopped
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -64,6 +76,14 @@ class Row:
     backlog_at_stop: int
     drained_after_s: float | None
     sustained: bool
+    shed: int = 0
+    events_published: int = 0  # events the broker acknowledged to the publisher
+    events_stored: int = 0
+    coord_cores: float = 0.0  # CPU time of the coordinator process(es) over the window, in cores
+    coord_cpu_us_per_report: float | None = None  # that CPU time per stored report
+    received: int = 0  # what the broker delivered to the coordinator(s)
+    shed_by_kind: dict[str, int] | None = None
+    load_cores: float = 0.0  # the publisher's and mosquitto's CPU over the window, in cores
 
 
 # ------------------------------------------------------------------------------ processes
@@ -106,20 +126,100 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
-def publisher(port: int, nodes: int, rate_hz: float, duration: float, counter: Any, stop_at: Any) -> None:  # noqa: PLR0917 - a Process target
-    """Child process: publish one metrics report per node every 1/rate_hz seconds, spread evenly."""
-    import paho.mqtt.client as mqtt  # noqa: PLC0415
+def _remaining_length(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n % 128, n // 128
+        out.append(byte | (128 if n else 0))
+        if not n:
+            return bytes(out)
 
-    from agent.wire import PROTOCOL_VERSION, Metrics, MetricSample, encode  # noqa: PLC0415
 
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-pub-{secrets.token_hex(3)}")
-    client.max_inflight_messages_set(0)
-    client.max_queued_messages_set(0)
-    client.connect("127.0.0.1", port)
-    client.loop_start()
+class RawPublisher:
+    """A minimal MQTT 3.1.1 publisher on a plain socket: the load generator's own cost kept small
+    (paho spends more per message than the coordinator now does), so that it takes less of the
+    CPU the coordinator is measured on. QoS 0 and QoS 1 PUBLISH, writes batched; a thread counts
+    the PUBACKs of QoS 1 messages (the broker has those, whatever happens to this process)."""
+
+    def __init__(self, port: int) -> None:
+        import socket  # noqa: PLC0415
+
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        client_id = f"bench-pub-{secrets.token_hex(3)}".encode()
+        # protocol "MQTT" level 4, clean session, keepalive off; the client id
+        body = b"\x00\x04MQTT\x04\x02\x00\x00" + len(client_id).to_bytes(2, "big") + client_id
+        self.sock.sendall(b"\x10" + _remaining_length(len(body)) + body)
+        connack = self.sock.recv(4)
+        if len(connack) != 4 or connack[0] != 0x20 or connack[3] != 0:
+            raise RuntimeError(f"broker refused the publisher: {connack!r}")
+        self.out = bytearray()
+        self.pending: set[int] = set()
+        self.acked = 0
+        self.mid = 0
+        self.lock = threading.Lock()
+        self.reader = threading.Thread(target=self._read_acks, daemon=True)
+        self.reader.start()
+
+    def publish(self, topic: bytes, payload: bytes, qos: int) -> None:
+        head = len(topic).to_bytes(2, "big") + topic
+        if qos:
+            self.mid = self.mid % 65535 + 1
+            with self.lock:
+                self.pending.add(self.mid)
+            head += self.mid.to_bytes(2, "big")
+        self.out += bytes([0x30 | (qos << 1)]) + _remaining_length(len(head) + len(payload)) + head + payload
+        if len(self.out) > 65536:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.out:
+            self.sock.sendall(self.out)
+            self.out.clear()
+
+    def _read_acks(self) -> None:
+        buf = b""
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            buf += data
+            whole = len(buf) - len(buf) % 4  # PUBACKs only: 0x40 0x02 <mid>
+            with self.lock:
+                for at in range(0, whole, 4):
+                    mid = int.from_bytes(buf[at + 2 : at + 4], "big")
+                    if mid in self.pending:
+                        self.pending.discard(mid)
+                        self.acked += 1
+            buf = buf[whole:]
+
+    def close(self, wait_s: float) -> int:
+        """Flush, wait for the outstanding PUBACKs (at most ``wait_s``), disconnect: the acked count."""
+        self.flush()
+        deadline = time.monotonic() + wait_s
+        while self.pending and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with contextlib.suppress(OSError):
+            self.sock.sendall(b"\xe0\x00")
+        self.sock.close()
+        self.reader.join(5)
+        return self.acked
+
+
+def publisher(port: int, nodes: int, rate_hz: float, duration: float, counter: Any, stop_at: Any,  # noqa: PLR0917 - a Process target
+              events_every: int, events: Any) -> None:
+    """Child process: publish one report per node every 1/rate_hz seconds, spread evenly: metrics
+    at QoS 0 (as agents send them), and every ``events_every``-th report an event at QoS 1 (0: none)."""
+    from agent.wire import PROTOCOL_VERSION, Event, Metrics, MetricSample, encode  # noqa: PLC0415
+
+    client = RawPublisher(port)
     names = [f"sim-{i:05d}" for i in range(nodes)]
     sites = [f"site-{i % 10}" for i in range(nodes)]
-    topics = [f"heald/v1/{sites[i]}/{names[i]}/metrics" for i in range(nodes)]
+    topics = [f"heald/v1/{sites[i]}/{names[i]}/metrics".encode() for i in range(nodes)]
+    event_topics = [f"heald/v1/{sites[i]}/{names[i]}/event".encode() for i in range(nodes)]
     # Each scenario has a fresh store: every node starts at seq 0, as a new agent does (a seq far
     # from 0 for a new node is quarantined by the store as a jump: coordinator/store/incarnations.py).
     seqs = [0] * nodes
@@ -133,35 +233,35 @@ def publisher(port: int, nodes: int, rate_hz: float, duration: float, counter: A
             k = i % nodes
             seqs[k] += 1
             now = time.time()
-            msg = Metrics(
-                v=PROTOCOL_VERSION,
-                node=names[k],
-                site=sites[k],
-                seq=seqs[k],
-                ts=now,
-                samples=[
-                    MetricSample(
-                        seq=seqs[k],
-                        wall=now,
-                        mono=time.monotonic(),
-                        metrics={"cpu.util": 12.5, "mem.used_pct": 40.0, "disk.root.used_pct": 61.0},
-                    )
-                ],
-            )
-            client.publish(topics[k], encode(msg), qos=1)
+            if events_every and sent % events_every == events_every - 1:
+                event = Event(v=PROTOCOL_VERSION, node=names[k], site=sites[k], seq=seqs[k], ts=now,
+                              name="bench.event", source="bench", wall=now, value=float(sent))
+                client.publish(event_topics[k], encode(event), qos=1)
+            else:
+                msg = Metrics(
+                    v=PROTOCOL_VERSION,
+                    node=names[k],
+                    site=sites[k],
+                    seq=seqs[k],
+                    ts=now,
+                    samples=[
+                        MetricSample(
+                            seq=seqs[k],
+                            wall=now,
+                            mono=time.monotonic(),
+                            metrics={"cpu.util": 12.5, "mem.used_pct": 40.0, "disk.root.used_pct": 61.0},
+                        )
+                    ],
+                )
+                client.publish(topics[k], encode(msg), qos=0)
             sent += 1
             i += 1
-            if sent % 1000 == 0:
-                counter.value = sent
+        client.flush()
+        counter.value = sent
         time.sleep(0.002)
     counter.value = sent
     stop_at.value = time.time()
-    deadline = time.monotonic() + 30
-    while client.want_write() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.5)
-    client.loop_stop()
-    client.disconnect()
+    events.value = client.close(30.0)
 
 
 class RawSubscriber:
@@ -220,6 +320,20 @@ def drop_pg_db(name: str) -> None:
         conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
+def cpu_seconds(c: CoordinatorProcess) -> float:
+    """User + system CPU time of a coordinator process (all its threads) so far."""
+    return 0.0 if c.proc is None else pid_cpu_seconds(c.proc.pid)
+
+
+def pid_cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time of process ``pid`` so far (0 when gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def info_of(c: CoordinatorProcess) -> dict[str, Any]:
     status, body = c.api("GET", "/api/info")
     if status != 200:
@@ -227,7 +341,33 @@ def info_of(c: CoordinatorProcess) -> dict[str, Any]:
     return dict(body)
 
 
-def run_scenario(store: str, replicas: int, nodes: int, rate_hz: float, duration: float) -> Row | None:
+def count_events(store: str, work: Path, url: str) -> int:
+    """Events in the store after the run (each published one is stored once, whatever was shed)."""
+    sql = "SELECT count(*) FROM events WHERE name = 'bench.event'"
+    if store == "postgresql":
+        import psycopg  # noqa: PLC0415
+
+        with psycopg.connect(url) as conn:
+            row = conn.execute(sql).fetchone()
+            return int(row[0]) if row else 0
+    import sqlite3  # noqa: PLC0415
+
+    with contextlib.closing(sqlite3.connect(work / "r0" / "state" / "coordinator.db")) as conn:
+        return int(conn.execute(sql).fetchone()[0])
+
+
+def handled(infos: list[dict[str, Any]]) -> int:
+    """Reports the replicas are done with: stored (or found duplicate) or shed."""
+    return sum(i["ingest"]["processed"] + i["ingest"]["duplicates"] + shed_of(i)["total"] for i in infos)
+
+
+def shed_of(info: dict[str, Any]) -> dict[str, Any]:
+    """A replica's shed counts (none from a coordinator that predates shedding)."""
+    return dict(info["ingest"].get("shed", {"total": 0, "by_reason": {}}))
+
+
+def run_scenario(store: str, replicas: int, nodes: int, rate_hz: float, duration: float,  # noqa: PLR0917
+                 events_every: int, *, with_raw: bool) -> Row | None:
     work = Path(tempfile.mkdtemp(prefix="heald-bench-"))
     broker, port = start_mosquitto(work)
     pg_name = None
@@ -250,20 +390,23 @@ def run_scenario(store: str, replicas: int, nodes: int, rate_hz: float, duration
                 store_url=url,
                 share_group="bench" if replicas > 1 else "",
                 replica_id=f"bench-{r}",
-                store={"batch_interval_s": 0.05, "batch_max": 5000, "queue_max": 200000},
+                store={"batch_interval_s": 0.05},  # the default (write_config's is the tests' 0.02)
             )
             c = CoordinatorProcess(cfg, web)
             c.start()
             coords.append(c)
-        raw = RawSubscriber(port)
+        if with_raw:
+            raw = RawSubscriber(port)
         time.sleep(0.5)
         ctx = mp.get_context("spawn")
-        counter, stop_at = ctx.Value("q", 0), ctx.Value("d", 0.0)
+        counter, stop_at, events = ctx.Value("q", 0), ctx.Value("d", 0.0), ctx.Value("q", 0)
         pub = ctx.Process(
-            target=publisher, args=(port, nodes, rate_hz, duration, counter, stop_at), daemon=True
+            target=publisher, args=(port, nodes, rate_hz, duration, counter, stop_at, events_every, events),
+            daemon=True,
         )
         pub.start()
-        samples: list[tuple[float, int, float | None]] = []  # (t, processed, p99)
+        samples: list[tuple[float, int, float | None, float]] = []  # (t, processed, p99, coordinator CPU s)
+        load_cpu: list[float] = []  # publisher + broker CPU s, at the same times
         t0 = time.monotonic()
         half_p99: list[float | None] = []
         while pub.is_alive() and time.monotonic() - t0 < duration + 60:
@@ -271,7 +414,9 @@ def run_scenario(store: str, replicas: int, nodes: int, rate_hz: float, duration
             infos = [info_of(c) for c in coords]
             processed = sum(i["ingest"]["processed"] for i in infos)
             p99s = [i["ingest"]["lag_s"]["p99"] for i in infos if i["ingest"]["lag_s"]["p99"] is not None]
-            samples.append((time.monotonic() - t0, processed, max(p99s) if p99s else None))
+            samples.append((time.monotonic() - t0, processed, max(p99s) if p99s else None,
+                            sum(cpu_seconds(c) for c in coords)))
+            load_cpu.append(pid_cpu_seconds(pub.pid) + pid_cpu_seconds(broker.pid))
             if (
                 abs((time.monotonic() - t0) - duration / 2) < 0.6
                 or abs((time.monotonic() - t0) - duration) < 0.6
@@ -280,18 +425,41 @@ def run_scenario(store: str, replicas: int, nodes: int, rate_hz: float, duration
         pub.join(60)
         published = int(counter.value)
         infos = [info_of(c) for c in coords]
-        backlog = published - sum(i["ingest"]["processed"] for i in infos)
+        backlog = published - handled(infos)
         drained_after = None
         t_stop = time.monotonic()
+        last_received, still_since = -1, time.monotonic()
         while time.monotonic() - t_stop < 60:
             infos = [info_of(c) for c in coords]
-            if sum(i["ingest"]["processed"] for i in infos) >= published:
+            if handled(infos) >= published:
                 drained_after = time.monotonic() - t_stop
                 break
+            # the broker may drop QoS 0 metrics it cannot deliver in time: then the count never
+            # gets there, and the run is over once nothing more arrives and nothing waits
+            received = sum(i["ingest"]["received"] for i in infos)
+            if received != last_received:
+                last_received, still_since = received, time.monotonic()
+            elif (time.monotonic() - still_since > 3 and handled(infos) >= received
+                  and not any(i["ingest"]["queue_depth"] for i in infos)):
+                drained_after = still_since - t_stop
+                break
             time.sleep(0.25)
+        received_total = sum(i["ingest"]["received"] for i in infos)
+        shed_by_kind: dict[str, int] = {}
+        for i in infos:
+            for kind, n in shed_of(i)["by_reason"].items():
+                shed_by_kind[kind] = shed_by_kind.get(kind, 0) + n
         # sustained rate: processed over the window that skips the first 20% (warm-up)
         window = [s for s in samples if duration * 0.2 <= s[0] <= duration]
         rate = (window[-1][1] - window[0][1]) / (window[-1][0] - window[0][0]) if len(window) >= 2 else 0.0
+        cores, cpu_per_report, load_cores = 0.0, None, 0.0
+        if len(window) >= 2:
+            cpu = window[-1][3] - window[0][3]
+            cores = round(cpu / (window[-1][0] - window[0][0]), 2)
+            first, last = samples.index(window[0]), samples.index(window[-1])
+            load_cores = round((load_cpu[last] - load_cpu[first]) / (window[-1][0] - window[0][0]), 2)
+            stored = window[-1][1] - window[0][1]
+            cpu_per_report = round(cpu / stored * 1e6, 1) if stored else None
         lags = [i["ingest"]["lag_s"] for i in infos]
         p50 = max((x["p50"] for x in lags if x["p50"] is not None), default=None)
         p99 = max((x["p99"] for x in lags if x["p99"] is not None), default=None)
@@ -299,9 +467,12 @@ def run_scenario(store: str, replicas: int, nodes: int, rate_hz: float, duration
         first = half_p99[0] if half_p99 else None
         second = half_p99[-1] if len(half_p99) > 1 else None
         offered = nodes * rate_hz
+        shed = sum(shed_of(i)["total"] for i in infos)
         sustained = (
             rate >= 0.95 * offered and backlog < max(1000, offered) and (second is None or second < 2.0)
+            and shed == 0
         )
+        events_stored = count_events(store, work, url)
         return Row(
             store,
             replicas,
@@ -310,7 +481,7 @@ def run_scenario(store: str, replicas: int, nodes: int, rate_hz: float, duration
             offered,
             published,
             round(rate, 1),
-            round(raw.rate(), 1),
+            round(raw.rate(), 1) if raw is not None else 0.0,
             p50,
             p99,
             lmax,
@@ -319,6 +490,14 @@ def run_scenario(store: str, replicas: int, nodes: int, rate_hz: float, duration
             backlog,
             drained_after,
             sustained,
+            shed,
+            int(events.value),
+            events_stored,
+            cores,
+            cpu_per_report,
+            received_total,
+            shed_by_kind,
+            load_cores,
         )
     finally:
         if raw is not None:
@@ -351,6 +530,11 @@ def print_table(rows: list[Row]) -> None:
         "p99 1st/2nd half",
         "backlog",
         "drain",
+        "shed",
+        "events lost",
+        "coord cores",
+        "µs CPU/report",
+        "pub+broker cores",
         "sustained",
     ]
     table = [
@@ -361,12 +545,17 @@ def print_table(rows: list[Row]) -> None:
             f"{r.rate_hz:g}",
             f"{r.offered_per_s:.0f}",
             f"{r.processed_per_s:.0f}",
-            f"{r.raw_subscriber_per_s:.0f}",
+            f"{r.raw_subscriber_per_s:.0f}" if r.raw_subscriber_per_s else "-",
             fmt(r.lag_p50_s),
             fmt(r.lag_p99_s),
             f"{fmt(r.lag_p99_first_half_s)}/{fmt(r.lag_p99_second_half_s)}",
             str(r.backlog_at_stop),
             fmt(r.drained_after_s),
+            str(r.shed),
+            f"{r.events_published - r.events_stored}/{r.events_published}",
+            f"{r.coord_cores:.2f}",
+            "-" if r.coord_cpu_us_per_report is None else f"{r.coord_cpu_us_per_report:.0f}",
+            f"{r.load_cores:.2f}",
             "yes" if r.sustained else "NO",
         ]
         for r in rows
@@ -386,6 +575,10 @@ def main() -> int:
     parser.add_argument("--replicas", type=int, action="append", choices=[1, 2])
     parser.add_argument("--store", action="append", choices=["sqlite", "postgresql"])
     parser.add_argument("--duration", type=float, default=30.0)
+    parser.add_argument("--raw", action="store_true",
+                        help="also run the raw counting subscriber (it takes CPU on a small host)")
+    parser.add_argument("--events-every", type=int, default=100,
+                        help="every Nth report is an event (QoS 1) instead of metrics; 0: metrics only")
     parser.add_argument("--quick", action="store_true", help="1k nodes only, 10 s")
     parser.add_argument("--smoke", action="store_true", help="50 nodes, SQLite, 3 s, no results file")
     args = parser.parse_args()
@@ -418,12 +611,14 @@ def main() -> int:
     rows: list[Row] = []
     for store, replicas, nodes, hz in scenarios:
         print(f"== {store} x{replicas}: {nodes} nodes at {hz:g} Hz for {args.duration:.0f}s", flush=True)
-        row = run_scenario(store, replicas, nodes, hz, args.duration)
+        row = run_scenario(store, replicas, nodes, hz, args.duration, args.events_every, with_raw=args.raw)
         if row is not None:
             rows.append(row)
             print(
                 f"  processed {row.processed_per_s:.0f}/s (offered {row.offered_per_s:.0f}/s), "
-                f"lag p99 {fmt(row.lag_p99_s)}, backlog {row.backlog_at_stop}",
+                f"lag p99 {fmt(row.lag_p99_s)}, backlog {row.backlog_at_stop}, shed {row.shed}, "
+                f"events stored {row.events_stored}/{row.events_published}, received {row.received}/"
+                f"{row.published}, shed by kind {row.shed_by_kind}",
                 flush=True,
             )
     print()
@@ -444,9 +639,12 @@ def main() -> int:
                 "duration_s": args.duration,
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "notes": (
-                    "publisher, mosquitto, raw subscriber and every coordinator replica share this "
-                    "machine's CPUs"
+                    "publisher, mosquitto, PostgreSQL, the raw subscriber (--raw) and every coordinator "
+                    "replica share this machine's CPUs (and, on a shared host, with whatever else runs: "
+                    "the load average is in load_avg); coord_cores and coord_cpu_us_per_report are the "
+                    "coordinator's own CPU time over the window, load_cores the publisher's and broker's"
                 ),
+                "load_avg": Path("/proc/loadavg").read_text().split()[:3],
                 "rows": [asdict(r) for r in rows],
             },
             indent=2,

@@ -79,7 +79,9 @@ class StoreSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     metrics_max_rows_per_node: Annotated[int, msgspec.Meta(ge=10)] = 5000
     batch_max: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 2000
     batch_interval_s: Annotated[float, msgspec.Meta(ge=0.001, le=5)] = 0.05
-    queue_max: Annotated[int, msgspec.Meta(ge=100)] = 100_000
+    # Reports received and not yet stored, at most: beyond it metrics are shed (counted per node in
+    # /api/info, logged), other reports only beyond a quarter more (coordinator/intake.py).
+    queue_max: Annotated[int, msgspec.Meta(ge=100)] = 20_000
     prune_interval_s: Annotated[float, msgspec.Meta(ge=1)] = 60.0
     # A node not heard from for this long is shown offline even without its will.
     stale_after_s: Annotated[float, msgspec.Meta(ge=5)] = 120.0

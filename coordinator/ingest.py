@@ -13,12 +13,17 @@ topic/payload mismatch) is counted by reason and, per node, in :class:`~coordina
 (logged at most once a minute per node), and dropped; so is a report the store refuses
 (:mod:`coordinator.store.reports` leaves it out of its batch). Nothing a node sends can stop the
 loop or cost another node's reports.
+
+Received reports go straight from the socket to a bounded intake (:mod:`coordinator.intake`):
+no queue hop, and when the store falls behind, metrics are shed (counted per node, logged)
+before any other report, so the coordinator degrades by shedding and never by stalling.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import ssl
 import time
 from collections import Counter, deque
@@ -41,6 +46,7 @@ from agent.wire import (
     topic_of,
 )
 from agent.wire.messages import Command
+from coordinator import intake
 from coordinator.config import MqttSection, read_secret_file
 from coordinator.model import BatchResult, Incoming
 from coordinator.mqtt_session import ProtocolChoice, command_properties, session_options
@@ -84,8 +90,11 @@ class IngestStats:
     connects: int = 0
     last_batch_s: float = 0.0
     lags: deque[float] = field(default_factory=lambda: deque(maxlen=20_000))
+    lag_last_batch_s: float | None = None  # the oldest report's lag in the latest committed batch
+    fast_receive: bool = False  # PUBLISH packets go straight to the intake (coordinator.intake)
     store_rejected: int = 0  # reports the store refused (left out of their batch, which was stored)
     rejected: RejectTable = field(default_factory=RejectTable)  # malformed and store_rejected, per node
+    shed: RejectTable = field(default_factory=RejectTable)  # not admitted: the intake was full
 
     def reject(self, node: str | None, reason: str, detail: str | Callable[[], str]) -> None:
         """Count one rejected report for ``node`` (from the topic); log it unless this node, or the
@@ -123,6 +132,9 @@ class IngestStats:
             "queue_depth": queue_depth,
             "last_batch_s": self.last_batch_s,
             "lag_s": self.lag_quantiles(),
+            "lag_last_batch_s": self.lag_last_batch_s,
+            "shed": self.shed.as_dict(),
+            "fast_receive": self.fast_receive,
             "store_rejected": self.store_rejected,
             "rejected": self.rejected.as_dict(),
         }
@@ -206,9 +218,10 @@ class Bus:
         self.after_batch = after_batch
         self.batch_max = batch_max
         self.batch_interval_s = batch_interval_s
-        self.queue: asyncio.Queue[Incoming] = asyncio.Queue(queue_max)
         self.outbox: asyncio.Queue[Command] = asyncio.Queue(10_000)
         self.stats = IngestStats()
+        # reports received, not yet committed: bounded, metrics shed first (coordinator.intake)
+        self.queue = intake.Intake(queue_max, batch_max, self.stats.shed)
         self.changed = asyncio.Event()  # set after each committed batch (the live stream waits on it)
         self.ready = asyncio.Event()  # set once subscribed
         self._client: aiomqtt.Client | None = None
@@ -222,6 +235,11 @@ class Bus:
             log.error("command outbox full, dropping", command=command.id, node=command.node)
 
     async def run(self) -> None:
+        # What exists now (modules, config, the store) lives as long as the process: out of the
+        # collector's generations, and a young generation sized for a batch's worth of reports.
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(50_000, 20, 20)
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._connection_loop(), name="mqtt-connection")
             tg.create_task(self._batch_loop(), name="ingest-batcher")
@@ -253,7 +271,9 @@ class Bus:
         while True:
             retry_now = False
             try:
-                async with self._client_for() as client:
+                client = self._client_for()
+                self.stats.fast_receive = intake.install(client, self.accept)
+                async with client:
                     self._client = client
                     for topic in subscriptions(self.cfg.share_group):
                         await client.subscribe(topic, qos=subscription_qos(topic))
@@ -299,22 +319,35 @@ class Bus:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self.cfg.backoff_max_s)
 
-    async def _receive(self, client: aiomqtt.Client) -> None:
-        max_bytes = self.cfg.max_payload_bytes
+    def accept(self, topic_bytes: bytes, payload: bytes) -> None:
+        """One received report: shed when the intake is full, else decoded and added to the batch."""
         stats = self.stats
-        put = self.queue.put
+        stats.received += 1
+        if not self.queue.admits(topic_bytes):
+            return
+        max_bytes = self.cfg.max_payload_bytes
+        got: Incoming | str
+        try:
+            topic = topic_bytes.decode()
+        except UnicodeDecodeError:
+            topic, got = topic_bytes.decode(errors="replace"), "topic"
+        else:
+            got = classify(topic, payload, max_bytes, time.time())
+        if isinstance(got, str):
+            if got == "ignored":
+                stats.ignored += 1
+            else:
+                stats.malformed[got] += 1
+                stats.reject(topic_node(topic), got, partial(explain, topic, payload, max_bytes))
+            return
+        self.queue.put(got)
+
+    async def _receive(self, client: aiomqtt.Client) -> None:
+        """Wait for the connection to end; with fast receive off, hand each message to :meth:`accept`."""
         async for msg in client.messages:
-            stats.received += 1
-            got = classify(msg.topic.value, msg.payload, max_bytes, time.time())
-            if isinstance(got, str):
-                if got == "ignored":
-                    stats.ignored += 1
-                else:
-                    stats.malformed[got] += 1
-                    topic = msg.topic.value
-                    stats.reject(topic_node(topic), got, partial(explain, topic, msg.payload, max_bytes))
-                continue
-            await put(got)
+            payload = msg.payload
+            self.accept(msg.topic.value.encode(),
+                        payload if isinstance(payload, bytes) else str(payload).encode())
         raise aiomqtt.MqttError("message stream ended")
 
     async def _sender(self, client: aiomqtt.Client) -> None:
@@ -336,25 +369,16 @@ class Bus:
             self.stats.commands_sent += 1
 
     async def _batch_loop(self) -> None:
-        loop = asyncio.get_running_loop()
+        """Commit what waits: a full batch at once, else what came within ``batch_interval_s``.
+        Reports keep arriving (and are shed, metrics first, when the intake is full) during a commit."""
+        pending = self.queue
         while True:
-            batch = [await self.queue.get()]
-            deadline = loop.time() + self.batch_interval_s
-            while len(batch) < self.batch_max:
-                try:
-                    batch.append(self.queue.get_nowait())
-                    continue
-                except asyncio.QueueEmpty:
-                    pass
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                try:
-                    async with asyncio.timeout(remaining):
-                        batch.append(await self.queue.get())
-                except TimeoutError:
-                    break
-            await self._commit(batch)
+            await pending.nonempty.wait()
+            if not pending.full.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.batch_interval_s):
+                        await pending.full.wait()
+            await self._commit(pending.take())
 
     async def _commit(self, batch: list[Incoming]) -> None:
         for attempt in range(4):
@@ -379,6 +403,8 @@ class Bus:
             self.stats.processed += result.new
             self.stats.duplicates += result.duplicates
             self.stats.lags.extend(result.lags)
+            if result.lags:
+                self.stats.lag_last_batch_s = max(result.lags)
             for r in result.rejected:  # left out of the batch by the store: the rest was stored
                 self.stats.store_rejected += 1
                 self.stats.reject(r.node, r.reason, f"{r.kind} seq {r.seq}: {r.error}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import json
 import logging
 import secrets
 import sqlite3
@@ -237,6 +238,86 @@ class Database:
             out.append(None if got is None else got[0])
         return out
 
+    def insert_absent(self, cur: Cursor, sql: str, table: str, rows: Sequence[Sequence[Any]], *,
+                      node_at: int, seq_at: int) -> list[Any]:
+        """:meth:`insert_new` for a table keyed ``(node, seq)`` in a few statements, not one a row
+        (a key twice in ``rows`` is inserted once, its first row). Per row, True if inserted or None.
+
+        SQLite: per chunk, the keys already there are looked up, the rest inserted with one
+        ``executemany`` (``sql`` without its ``RETURNING``); only inside a write transaction
+        (SQLite's single writer: nothing can insert between the two). PostgreSQL: one ``INSERT ...
+        SELECT`` from the rows as JSON (``jsonb_populate_recordset`` types them as the table's
+        columns) ``ON CONFLICT DO NOTHING RETURNING node, seq``."""
+        if self.is_postgres:
+            return self.pg_insert_new(cur, sql, table, rows, ("node", "seq"))
+        insert = self.dialect.sql(sql.rsplit(" RETURNING ", 1)[0])
+        out: list[Any] = []
+        seen: set[tuple[Any, Any]] = set()
+        for chunk in iter_chunks(rows, 400):
+            keys = [(r[node_at], r[seq_at]) for r in chunk]
+            marks = ", ".join(["(?, ?)"] * len(keys))
+            # a join, not "(node, seq) IN (VALUES ...)": SQLite scans the whole table for that
+            cur.execute(f"SELECT m.node, m.seq FROM (VALUES {marks}) AS k CROSS JOIN {table} AS m "  # noqa: S608
+                        "ON m.node = k.column1 AND m.seq = k.column2", [v for k in keys for v in k])
+            seen.update(tuple(r) for r in cur.fetchall())
+            new = []
+            for key, row in zip(keys, chunk, strict=True):
+                if key in seen:
+                    out.append(None)
+                else:
+                    seen.add(key)
+                    new.append(row)
+                    out.append(True)
+            if new:
+                cur.executemany(insert, new)
+        return out
+
+    def pg_insert_new(self, cur: Cursor, sql: str, table: str, rows: Sequence[Sequence[Any]],
+                      keys: Sequence[str]) -> list[Any]:
+        """PostgreSQL: ``sql`` (``INSERT INTO table (columns) VALUES (...) ON CONFLICT DO NOTHING
+        ...``) as one ``INSERT ... SELECT`` a chunk, from the rows as JSON typed by
+        ``jsonb_populate_recordset``; per row, True if inserted (the first row of its ``keys``)
+        or None."""
+        head = sql.split(" VALUES ", 1)[0]  # INSERT INTO <table> (<columns>)
+        columns = [c.strip() for c in head.split("(", 1)[1].rstrip(")").split(",")]
+        at = [columns.index(k) for k in keys]
+        names = ", ".join(columns)
+        out: list[Any] = []
+        seen: set[tuple[Any, ...]] = set()
+        for chunk in iter_chunks(rows, 2000):
+            data = json.dumps([dict(zip(columns, r, strict=True)) for r in chunk], allow_nan=False)
+            _pg_execute_json(cur, f"{head} SELECT {names} FROM jsonb_populate_recordset(NULL::{table}, "  # noqa: S608
+                             f"%s::jsonb) ON CONFLICT DO NOTHING RETURNING {', '.join(keys)}", data)
+            inserted = {tuple(r) for r in cur.fetchall()}
+            for r in chunk:
+                key = tuple(r[i] for i in at)
+                if key in inserted and key not in seen:
+                    seen.add(key)
+                    out.append(True)
+                else:
+                    out.append(None)
+        return out
+
+    def update_rows(self, cur: Cursor, table: str, keys: Sequence[str], columns: Sequence[str],
+                    rows: Sequence[Sequence[Any]]) -> None:
+        """``UPDATE table SET columns WHERE keys`` for each row (its ``columns`` values, then its
+        ``keys`` values): an ``executemany`` on SQLite, one statement from the rows as JSON on
+        PostgreSQL."""
+        if not rows:
+            return
+        if not self.is_postgres:
+            sets = ", ".join(f"{c} = ?" for c in columns)
+            where = " AND ".join(f"{k} = ?" for k in keys)
+            cur.executemany(f"UPDATE {table} SET {sets} WHERE {where}", rows)  # noqa: S608 - names from code
+            return
+        every = [*columns, *keys]
+        sets = ", ".join(f"{c} = v.{c}" for c in columns)
+        where = " AND ".join(f"t.{k} = v.{k}" for k in keys)
+        for chunk in iter_chunks(rows, 2000):
+            data = json.dumps([dict(zip(every, r, strict=True)) for r in chunk], allow_nan=False)
+            _pg_execute_json(cur, f"UPDATE {table} AS t SET {sets} FROM "  # noqa: S608 - names from code
+                             f"jsonb_populate_recordset(NULL::{table}, %s::jsonb) AS v WHERE {where}", data)
+
     # ------------------------------------------------------------------ lifecycle
 
     async def close(self) -> None:
@@ -250,6 +331,17 @@ class Database:
         for conn in conns:
             with contextlib.suppress(Exception):
                 conn.close()
+
+
+def _pg_execute_json(cur: Cursor, sql: str, data: str) -> None:
+    """Run a statement that reads its rows from one JSON parameter. A NUL in a string reaches
+    PostgreSQL as the JSON escape ``\\u0000``, which text cannot hold: that data error says so."""
+    import psycopg  # noqa: PLC0415 - only PostgreSQL deployments have it
+
+    try:
+        cur.execute(sql, (data,))
+    except psycopg.errors.UntranslatableCharacter as exc:
+        raise psycopg.DataError(f"PostgreSQL text cannot hold a NUL (0x00) character: {exc}") from exc
 
 
 def iter_chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:

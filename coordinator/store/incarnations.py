@@ -100,12 +100,10 @@ class Incarnations:
                 "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 [[rows[k][c] for c in _COLUMNS] for k in created],
             )
-        update = [k for k in sorted(changed) if k not in created]
+        update = sorted(changed.difference(created))  # (a list: quadratic when a fleet joins at once)
         if update:
-            self.db.execute_many(
-                self.cur,
-                "UPDATE incarnations SET last_seq = ?, jump_seq = ?, jump_since = ? "
-                "WHERE node = ? AND inc = ?",
+            self.db.update_rows(
+                self.cur, "incarnations", ("node", "inc"), ("last_seq", "jump_seq", "jump_since"),
                 [(rows[k]["last_seq"], rows[k]["jump_seq"], rows[k]["jump_since"], *k) for k in update],
             )
         return kept

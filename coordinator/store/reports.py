@@ -66,6 +66,19 @@ _HISTORY_INSERTS: Final = {
     "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING seq",
     "cost": cost.INSERT,
 }
+#: The ``nodes`` columns a batch may change (written back only where they did).
+_UPDATED_COLUMNS: Final = tuple(c for c in NODE_COLUMNS if c != "node")
+#: Per report kind, its history table and where ``node`` and ``seq`` sit in :func:`_history_row`.
+_HISTORY_KEYS: Final = {
+    "birth": ("presence", 0, 1),
+    "status": ("presence", 0, 1),
+    "metrics": ("metrics", 0, 1),
+    "risk": ("risk", 0, 1),
+    "event": ("events", 0, 2),
+    "action": ("actions", 0, 2),
+    "command_ack": ("acks", 0, 1),
+    "cost": ("cost", 0, 1),
+}
 
 
 def _history_row(m: Message) -> tuple[Any, ...]:
@@ -197,6 +210,7 @@ class Reports:
         now = time.time()
         ordered = sorted(batch, key=lambda i: (i.message.node, i.message.seq))
         nodes, created = self._lock_nodes(cur, ordered, now)
+        before = {name: dict(row) for name, row in nodes.items()}  # to write back only what changed
         # The seqs as stored: (node, incarnation, seq) -> (node, base + seq); seq jumps quarantined.
         kept = incarnations.Incarnations(self.db, cur).assign(ordered, nodes, result)
         kept.sort(key=lambda i: (i.message.node, i.message.seq))
@@ -212,7 +226,7 @@ class Reports:
                 else:
                     new.append(item)
         new.sort(key=lambda i: (i.message.node, i.message.seq))
-        self._apply_state(cur, new, nodes, created=created, now=now, result=result)
+        self._apply_state(cur, new, nodes, before, created=created, now=now, result=result)
         result.new = len(new)
         done = time.time()
         result.lags = [
@@ -225,7 +239,9 @@ class Reports:
         sql = _HISTORY_INSERTS.get(kind)
         if sql is None:
             return [None] * len(items)  # commands are not reports: never stored from the bus
-        return self.db.insert_new(cur, sql, [_history_row(i.message) for i in items])
+        rows = [_history_row(i.message) for i in items]
+        table, node_at, seq_at = _HISTORY_KEYS[kind]
+        return self.db.insert_absent(cur, sql, table, rows, node_at=node_at, seq_at=seq_at)
 
     def _lock_nodes(self, cur: Cursor, items: Sequence[Incoming],
                     now: float) -> tuple[dict[str, DbRow], set[str]]:
@@ -235,13 +251,25 @@ class Reports:
         for i in items:
             first.setdefault(i.message.node, i)
         names = sorted(first)
-        inserted = self.db.insert_new(  # make sure every row exists, so FOR UPDATE can lock it
-            cur,
-            "INSERT INTO nodes (node, site, first_seen, last_seen, updated_at) VALUES (?, ?, ?, ?, ?) "
-            "ON CONFLICT DO NOTHING RETURNING node",
-            [(n, first[n].message.site, first[n].received_at, first[n].received_at, now) for n in names],
-        )
-        created = {name for name, key in zip(names, inserted, strict=True) if key is not None}
+        out: dict[str, DbRow] = {}
+        missing = names
+        if not self.db.is_postgres:  # one writer: the rows there now are there at commit; insert the rest
+            out = self._select_nodes(cur, names)
+            missing = [n for n in names if n not in out]
+        sql = ("INSERT INTO nodes (node, site, first_seen, last_seen, updated_at) VALUES (?, ?, ?, ?, ?) "
+               "ON CONFLICT DO NOTHING RETURNING node")
+        rows = [(n, first[n].message.site, first[n].received_at, first[n].received_at, now) for n in missing]
+        # make sure every row exists, so FOR UPDATE can lock it
+        if self.db.is_postgres:
+            inserted = self.db.pg_insert_new(cur, sql, "nodes", rows, ("node",))
+        else:
+            inserted = self.db.insert_new(cur, sql, rows)
+        created = {name for name, key in zip(missing, inserted, strict=True) if key is not None}
+        out.update(self._select_nodes(cur, missing))
+        return out, created
+
+    def _select_nodes(self, cur: Cursor, names: Sequence[str]) -> dict[str, DbRow]:
+        """The ``nodes`` rows of ``names`` (sorted), locked in node order on PostgreSQL."""
         out: dict[str, DbRow] = {}
         for chunk in iter_chunks(names, 500):
             marks = ", ".join("?" * len(chunk))
@@ -252,10 +280,10 @@ class Reports:
                 chunk,
             ):
                 out[row["node"]] = row
-        return out, created
+        return out
 
-    def _apply_state(self, cur: Cursor, items: list[Incoming], nodes: dict[str, DbRow], *,
-                     created: set[str], now: float, result: BatchResult) -> None:
+    def _apply_state(self, cur: Cursor, items: list[Incoming], nodes: dict[str, DbRow],
+                     before: dict[str, DbRow], *, created: set[str], now: float, result: BatchResult) -> None:
         """Merge the new messages into their (locked) nodes' rows and write what they cause, in batches."""
         labels_changed: dict[str, dict[str, str]] = {}
         incidents_open: list[tuple[Any, ...]] = []
@@ -339,14 +367,16 @@ class Reports:
                 # only the node a command went to (or one in its broadcast) may set its status
                 acks.append((m.status, m.message, now, m.command_id, m.node, n["site"]))
             n["updated_at"] = now
-        sets = ", ".join(f"{c} = ?" for c in NODE_COLUMNS if c != "node")
         touched = {i.message.node for i in items} | {r.node for r in result.rejected if r.reason != "store"}
-        self.db.execute_many(
-            cur,
-            f"UPDATE nodes SET {sets} WHERE node = ?",  # noqa: S608 - column names from NODE_COLUMNS
-            [[n[c] for c in NODE_COLUMNS if c != "node"] + [n["node"]]
-             for name, n in sorted(nodes.items()) if name in touched],
-        )
+        updates: dict[tuple[str, ...], list[list[Any]]] = {}  # by the columns that changed
+        for name, n in sorted(nodes.items()):
+            if name in touched:
+                old = before[name]
+                cols = tuple(c for c in _UPDATED_COLUMNS if n[c] != old[c])
+                if cols:
+                    updates.setdefault(cols, []).append([n[c] for c in cols] + [name])
+        for cols, rows in updates.items():
+            self.db.update_rows(cur, "nodes", ("node",), cols, rows)
         for node, labels in sorted(labels_changed.items()):
             self.db.execute(cur, "DELETE FROM node_labels WHERE node = ?", (node,))
             if labels:
