@@ -18,6 +18,7 @@ import aiomqtt
 import pytest
 from broker import Broker
 
+from agent.report import build
 from agent.report.settings import MqttSettings, SpoolSettings
 from agent.report.transport import Reporter
 
@@ -52,3 +53,35 @@ async def test_cancel_ends_the_reporter_when_disconnect_times_out(mosquitto: Bro
     assert task.cancelled()
     assert timed_out == 1  # the injected fault happened, once: no reconnect after it
     assert reporter.counters.connects == 1
+
+
+@pytest.mark.asyncio
+async def test_a_lost_connection_is_no_cancellation(mosquitto: Broker, tmp_path: Path) -> None:
+    """The sibling: a broker restart ends the session through the reporter's TaskGroup (a child
+    fails); on Python 3.11 that leaves the task's cancel count at 1 (Task.cancelling()), which an
+    earlier version of the stop check took for a stop: the reporter never reconnected. It must
+    reconnect, and still stop when cancelled."""
+    settings = MqttSettings(enabled=True, host=mosquitto.host, port=mosquitto.port, backoff_initial_s=0.05,
+                            backoff_max_s=0.2, connect_timeout_s=3.0,
+                            spool=SpoolSettings(fsync_interval_s=0.2))
+    reporter = Reporter(settings, node="n1", site="lab", state_dir=tmp_path)
+    task = asyncio.create_task(reporter.run(), name="test-reporter")
+
+    async def connects(n: int) -> None:
+        deadline = time.monotonic() + 30
+        while reporter.counters.connects < n:
+            assert not task.done(), f"the reporter ended: {task}"
+            assert time.monotonic() < deadline, f"{reporter.counters.connects} connects, wanted {n}"
+            reporter.submit(build.report_event("tick", value=1.0))  # a publish finds the link gone
+            await asyncio.sleep(0.2)
+
+    try:
+        await connects(1)
+        for n in (2, 3):
+            await asyncio.to_thread(mosquitto.restart)
+            await connects(n)
+    finally:
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=10)
+    assert task in done
+    assert task.cancelled()

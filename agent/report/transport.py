@@ -165,6 +165,7 @@ class Reporter:
         self._queue_event = asyncio.Event()
         self._spool_event = asyncio.Event()
         self._connected = False
+        self._cancelled = False  # set when a cancellation reached the session (see _connection_loop)
         self._connected_event = asyncio.Event()
         self._drained = asyncio.Event()
         if self.spool.pending == 0:
@@ -391,11 +392,11 @@ class Reporter:
                 self._connected = False
                 self._connected_event.clear()
                 self.spool.rewind()
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
+            if self._cancelled:
                 # Stopping, but the cancellation became an MqttError on the way out (aiomqtt's
                 # __aexit__ times out waiting for its DISCONNECT and raises): never reconnect then,
-                # or the daemon's stop would wait for this loop forever.
+                # or the daemon's stop would wait for this loop forever. (Not Task.cancelling():
+                # on Python 3.11 a TaskGroup whose child failed leaves its parent's count at 1.)
                 raise asyncio.CancelledError
             if fell_back or again:
                 continue
@@ -498,6 +499,7 @@ class Reporter:
                     tg.create_task(self._until_reconfigured(client, status_topic, bdseq),
                                    name="report-mqtt-reload")
             except asyncio.CancelledError:
+                self._cancelled = True  # the connection loop must not take what follows for a lost link
                 # Shutting down: a clean DISCONNECT suppresses the will, so say offline ourselves.
                 with contextlib.suppress(aiomqtt.MqttError):
                     await client.publish(status_topic, self._status("offline", bdseq, "agent stopped"), qos=1,
