@@ -268,30 +268,35 @@ class Bus:
 
     async def _connection_loop(self) -> None:
         backoff = 0.2
+        cancelled = False
         while True:
             retry_now = False
             try:
                 client = self._client_for()
                 self.stats.fast_receive = intake.install(client, self.accept)
                 async with client:
-                    self._client = client
-                    for topic in subscriptions(self.cfg.share_group):
-                        await client.subscribe(topic, qos=subscription_qos(topic))
-                    self.stats.connected = True
-                    self.stats.connects += 1
-                    self.ready.set()
-                    log.info(
-                        "mqtt connected",
-                        host=self.host,
-                        port=self.port,
-                        client_id=self.client_id,
-                        share_group=self.cfg.share_group or None,
-                        protocol=self._protocol.name,
-                    )
-                    backoff = 0.2
-                    async with asyncio.TaskGroup() as tg:
-                        tg.create_task(self._sender(client), name="mqtt-sender")
-                        await self._receive(client)
+                    try:
+                        self._client = client
+                        for topic in subscriptions(self.cfg.share_group):
+                            await client.subscribe(topic, qos=subscription_qos(topic))
+                        self.stats.connected = True
+                        self.stats.connects += 1
+                        self.ready.set()
+                        log.info(
+                            "mqtt connected",
+                            host=self.host,
+                            port=self.port,
+                            client_id=self.client_id,
+                            share_group=self.cfg.share_group or None,
+                            protocol=self._protocol.name,
+                        )
+                        backoff = 0.2
+                        async with asyncio.TaskGroup() as tg:
+                            tg.create_task(self._sender(client), name="mqtt-sender")
+                            await self._receive(client)
+                    except asyncio.CancelledError:
+                        cancelled = True  # what aiomqtt raises on the way out is no lost link
+                        raise
             except* aiomqtt.MqttError as group:
                 retry_now = not self.stats.connected and self._protocol.fall_back(group.exceptions[0])
                 if retry_now:  # once per coordinator run
@@ -311,9 +316,11 @@ class Bus:
             finally:
                 self._client = None
                 self.stats.connected = False
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise asyncio.CancelledError  # a disconnect error raised while we were being cancelled
+            # A disconnect error raised while we were being cancelled (aiomqtt's __aexit__ times out
+            # on its DISCONNECT): stop, never reconnect. Not Task.cancelling(): on Python 3.11 a
+            # TaskGroup whose child failed after its body ended leaves the parent's count at 1.
+            if cancelled:
+                raise asyncio.CancelledError
             if retry_now:
                 continue
             await asyncio.sleep(backoff)
