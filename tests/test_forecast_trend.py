@@ -120,3 +120,31 @@ def test_robust_trend_rows() -> None:
     assert np.isnan(slope[1])
     assert conf[1] == 0.0
     assert slope[2] == pytest.approx(-1.0)
+
+
+@pytest.mark.parametrize("native", [False, None])
+def test_keys_gone_for_a_whole_window_are_forgotten(native: bool | None) -> None:
+    """A pid's fd headroom comes and goes with the process: one new pid every 50 samples for
+    3,000 samples. The forecaster keeps only what the last window saw (it grew with uptime), a
+    key missing for less than a window keeps its column, and a steady leak's forecast is intact."""
+    f = Forecaster([Resource(key="proc.fd.headroom[*]"), Resource(key="disk.free_bytes[*]")],
+                   capacity=600, native=native)
+    widest = 0
+    for i in range(3000):
+        m: dict[str, float | None] = {f"proc.fd.headroom[{1000 + i // 50}]": 1000.0,
+                                      "disk.free_bytes[/data]": 1e9 - 1e5 * i}
+        if not 1000 <= i < 1400:  # away for 400 samples: less than the 600-sample window
+            m["disk.free_bytes[/flaky]"] = 5e8
+        f.push(m, float(i))
+        widest = max(widest, len(f.keys))
+    pids = [k for k in f.keys if k.startswith("proc.fd.headroom[")]
+    assert len(pids) <= 600 // 50 + 2, pids  # the window's pids, not all 60
+    assert widest <= 600 // 50 + 2 + 2 + 7  # bounded all along (pruned at each rescan)
+    assert "disk.free_bytes[/flaky]" in f.keys
+    assert len(f.forecasts) == len(f.keys)
+    by = {x.resource: x for x in f.forecasts}
+    assert by["disk.free_bytes[/data]"].eta_s == pytest.approx((1e9 - 1e5 * 2999) / 1e5, rel=0.02)
+    # Rescans come every 300 samples: a key goes within a window and a rescan of its last value.
+    stale = 1000 + (2999 - 600 - 300) // 50
+    assert not [x for x in f.forecasts if x.resource.startswith("proc.fd.headroom[")
+                and int(x.resource[17:-1]) < stale]

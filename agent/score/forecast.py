@@ -205,7 +205,30 @@ class Forecaster:
     def keys(self) -> list[str]:
         return list(self._keys)
 
+    def _prune(self, metrics: dict[str, float | None]) -> None:
+        """Forget keys gone for a whole ring: absent from this sample and without one value in
+        the ring. Labelled keys come and go (a pid's fds, a cgroup); without this the ring, the
+        fits and ``forecasts`` grew with the node's uptime."""
+        if not self._keys:
+            return
+        seen = np.isfinite(self._ring[:self._cap]).any(axis=0)
+        keep = [i for i, k in enumerate(self._keys) if seen[i] or k in metrics]
+        if len(keep) == len(self._keys):
+            return
+        self._keys = [self._keys[i] for i in keep]
+        self._spec = [self._spec[i] for i in keep]
+        self._ring = np.ascontiguousarray(self._ring[:, keep])  # new: the kernel is re-pointed below
+        self._sign = np.array([1.0 if s.direction == "down" else -1.0 for s in self._spec])
+        self._limit = np.array([s.limit for s in self._spec])
+        self._shown = []
+        self._results.clear()
+        self._res = np.zeros((0, 3, 0))  # the native path re-points at the new arrays at its next fit
+        kept = set(self._keys)
+        self.forecasts = tuple(f for f in self.forecasts if f.resource in kept)
+        self._get = lambda _m: ()
+
     def _scan(self, metrics: dict[str, float | None]) -> None:
+        self._prune(metrics)
         new: list[tuple[str, Resource]] = []
         known = set(self._keys)
         for k in metrics:
