@@ -29,7 +29,22 @@ Fault classes (everything acts only on objects the bench created):
   wrote (mtime 3 days ago), and a job writing fresh files past the rest (ENOSPC);
 - inodes: a tmpfs with few inodes, the same stale share, a spool creating tiny files (ENOSPC);
 - fd leak: a process opening fds up to its own RLIMIT_NOFILE (EMFILE);
-- PID leak: a fork leak in a cgroup with pids.max (fork's EAGAIN).
+- PID leak: a fork leak in a cgroup with pids.max (fork's EAGAIN);
+- the host-wide tables, each on a SCALED host (filling the real ones would fail every tenant's
+  opens, forks or connections): a fixture table counting a real leak on top of a baseline
+  ("used by others") against a small fixture limit, full (the failure: ENFILE, EAGAIN, dropped
+  packets) when the count reaches the limit, when the bench SIGKILLs the leaker as the scaled
+  OOM does: the file table (``file-nr`` = baseline + a real process's open fds, ``file-max``),
+  the task table (``loadavg``'s task count = baseline + a real process's threads, ``pid_max``,
+  ``threads-max``), conntrack (``nf_conntrack_count`` = baseline + the real conntrack entries
+  of a process opening and holding TCP connections to its own listener in a private network
+  namespace, tracked there by an nftables ``ct state`` rule; ``nf_conntrack_max``). The
+  collector reads the fixture root; the fixture ``file-max`` and ``nf_conntrack_max`` are also
+  bind-mounted over the real ``/proc/sys`` files in the private mount namespace, so
+  raise_limit (its default ``sysctl_root``, no helper unit) writes the fixture; the host's
+  values are read before and after (no bind mount left) and must not have changed.
+  raise_limit buys time while the leak goes on (verdict "time bought"); task-table-full only
+  calls a human (verdict "human told", the leak then runs into the wall).
 
 The bench re-runs itself in a private PID + mount namespace (``unshare --pid --fork --mount
 --mount-proc``, bench/healdbench.py ``confine``): "the largest process" can only be one it
@@ -40,8 +55,7 @@ Cleans up on exit, on errors and on Ctrl-C / SIGTERM.
 The risk handed to the engine says the anomaly model is past its cold start (``cold: false``):
 disk-full-predicted and inodes-full-predicted hold forecast-driven actions while it is cold, as
 in the daemon's first ten minutes on a new host; the forecasts themselves are the daemon's
-forecaster's, from this run's samples only. Host-wide tables (conntrack, the file table, the
-task table) are not filled here: that would hurt everyone on the machine.
+forecaster's, from this run's samples only.
 
 Needs root. Prints a table with the date and the machine; writes ``bench/results/
 predictive_heal.txt`` (not with ``--smoke``: a small version of each fault, minutes in all). On a
@@ -171,8 +185,9 @@ def sh(*argv: str) -> None:
 class Proc:
     """A child process whose exit time is recorded the moment it exits (a waiter thread)."""
 
-    def __init__(self, code: str, *args: str) -> None:
-        self.p = subprocess.Popen([PY, "-c", code, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    def __init__(self, code: str, *args: str, wrap: tuple[str, ...] = ()) -> None:
+        self.p = subprocess.Popen([*wrap, PY, "-c", code, *args], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE)
         self.ended: float | None = None
         self._t = threading.Thread(target=self._wait, name=f"wait-{self.p.pid}", daemon=True)
         self._t.start()
@@ -230,7 +245,8 @@ def parse(data: dict[str, Any], settings: PlaybookSettings) -> Playbook:
 
 
 def is_backstop(branch: dict[str, Any]) -> bool:
-    return "metric" in branch and branch.get("op") == ">=" and float(branch.get("value", 0)) >= 95
+    """A top-level static line: ``>= 95`` (memory, cgroups, fds, inodes) or ``>= 90`` (the kernel tables)."""
+    return "metric" in branch and branch.get("op") == ">=" and float(branch.get("value", 0)) >= 90
 
 
 def split(name: str, static: str | None, settings: PlaybookSettings) -> tuple[Playbook, Playbook, Playbook]:
@@ -431,6 +447,208 @@ def fd_leak(work: Path, rate: float, limit: int) -> Iterator[Rig]:
         leak.stop()
 
 
+# ------------------------------------------------------------------ scaled host-wide tables
+# The host-wide kernel tables (fs.file-max, the task table, nf_conntrack_max) are not filled for
+# real: that would fail every tenant's opens, forks or connections. As host memory, each is a
+# SCALED host: a real process leaks real kernel objects (fds, threads, tracked connections in its
+# own network namespace) and a fixture table counts them on top of a baseline, against a small
+# fixture limit. The collector reads the fixture root; the limit files are also bind-mounted over
+# the real /proc/sys paths in the bench's private mount namespace, so raise_limit (its default
+# sysctl_root, no helper unit) writes the fixture; the host's values are read after the unmount
+# and must be what they were before.
+FILE_LEAK = """
+import os, resource, sys, time
+rate, cap = float(sys.argv[1]), int(sys.argv[2])
+resource.setrlimit(resource.RLIMIT_NOFILE, (cap + 64, cap + 64))
+print("ready", flush=True)
+sys.stdin.readline()
+held, t0 = [], time.monotonic()
+while len(held) < cap:
+    held.append(os.open("/dev/null", os.O_RDONLY))
+    time.sleep(max(0.0, t0 + len(held) / rate - time.monotonic()))
+time.sleep(3600)
+"""
+THREAD_LEAK = """
+import sys, threading, time
+rate, cap = float(sys.argv[1]), int(sys.argv[2])
+threading.stack_size(256 * 1024)
+stop = threading.Event()
+print("ready", flush=True)
+sys.stdin.readline()
+n, t0 = 0, time.monotonic()
+while n < cap:
+    threading.Thread(target=stop.wait, daemon=True).start()
+    n += 1
+    time.sleep(max(0.0, t0 + n / rate - time.monotonic()))
+stop.wait(3600)
+"""
+# Run under `unshare -n`: its own network namespace (loopback only), an nftables rule there that
+# makes the kernel track connections (conntrack's hooks are per netns, registered on demand),
+# and a listener; each connection it opens and holds is one real entry in that netns's table.
+CONN_LEAK = """
+import resource, socket, subprocess, sys, time
+rate, cap = float(sys.argv[1]), int(sys.argv[2])
+resource.setrlimit(resource.RLIMIT_NOFILE, (2 * cap + 64, 2 * cap + 64))
+subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+subprocess.run(["nft", "-f", "-"], check=True, input=(
+    b"add table inet heald_bench\\n"
+    b"add chain inet heald_bench out { type filter hook output priority 0 ; }\\n"
+    b"add rule inet heald_bench out ct state new accept\\n"))
+srv = socket.socket()
+srv.bind(("127.0.0.1", 0))
+srv.listen(4096)
+port = srv.getsockname()[1]
+print("ready", flush=True)
+sys.stdin.readline()
+held, t0 = [], time.monotonic()
+while len(held) < 2 * cap:
+    c = socket.create_connection(("127.0.0.1", port))
+    a, _ = srv.accept()
+    held += [c, a]
+    time.sleep(max(0.0, t0 + len(held) / 2 / rate - time.monotonic()))
+time.sleep(3600)
+"""
+
+
+def fd_count(pid: int) -> int | None:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return None
+
+
+def thread_count(pid: int) -> int | None:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("Threads:"):
+                return int(line.split()[1])
+    return None
+
+
+def conntrack_count(pid: int) -> int | None:
+    """Entries in the conntrack table of ``pid``'s network namespace (the kernel's own count)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        return int(Path(f"/proc/{pid}/net/stat/nf_conntrack").read_text().splitlines()[1].split()[0], 16)
+    return None
+
+
+def host_sysctls() -> dict[str, str]:
+    """The host's values of the tables' limits (read where nothing of the bench is mounted; the
+    bench shares the host's network namespace; kernel.pid_max is left out: Linux >= 6.14 keeps
+    one per PID namespace)."""
+    out = {}
+    for name in ("fs.file-max", "kernel.threads-max", "net.netfilter.nf_conntrack_max"):
+        with contextlib.suppress(OSError):
+            out[name] = (Path("/proc/sys") / name.replace(".", "/")).read_text().strip()
+    return out
+
+
+def put(path: Path, text: str) -> None:
+    """Replace a fixture count file at once (the collector never reads half of it)."""
+    tmp = path.with_name(path.name + ".new")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def scaled_table(work: Path, *, start: Callable[[], Proc], count: Callable[[int], int | None], base: int,
+                 limit: int, limit_file: str, write_count: Callable[[Path, int, int], None], family: str,
+                 bind: bool, follow: bool = True) -> Iterator[Rig]:
+    """A scaled host-wide table: ``base`` entries used by others plus the leaker's real count,
+    against ``limit`` (the fixture ``limit_file`` under proc/sys, bind-mounted over the real one
+    when ``bind``: a raise writes the fixture). Full: the bench kills the leaker (the failure).
+    ``follow``: the healed run goes on after a raise until the table is full again (how much time
+    was bought); else it ends with the playbook's run (--smoke)."""
+    root = work / "root"
+    limit_path = root / "proc" / "sys" / limit_file
+    limit_path.parent.mkdir(parents=True, exist_ok=True)
+    limit_path.write_text(f"{limit}\n")
+    real = Path("/proc/sys") / limit_file
+    host_before = real.read_text()
+    state: dict[str, float | None] = {"full": None}
+    col = LimitCollector(LimitSettings(fd_rescan_s=3600.0, fd_top_n=1), root=str(root))
+    leak = start()
+
+    def current_limit() -> int:
+        return int(limit_path.read_text().split()[0])
+
+    def tick() -> None:
+        n = count(leak.pid) if leak.ended is None else None
+        used = base + (n or 0)
+        top = current_limit()
+        write_count(root, used, top)
+        if n is not None and used >= top and state["full"] is None:
+            state["full"] = time.monotonic()  # the scaled table is full: the failure
+            leak.p.send_signal(signal.SIGKILL)
+
+    mounted_over = False
+    try:
+        assert leak.p.stdout is not None
+        if leak.p.stdout.readline().strip() != b"ready":  # its set-up is done (its own netns)
+            raise SystemExit(f"the {family} leak did not start: exit {leak.p.wait()}")
+        if bind:
+            sh("mount", "--bind", str(limit_path), str(real))  # this mount namespace only
+            mounted_over = True
+            if real.read_text().split() != [str(limit)]:
+                raise SystemExit(f"the bind mount over {real} does not show the fixture")
+        tick()
+        col.start()
+        leak.go()
+        yield Rig([col], lambda k: k.startswith(f"{family}."), leak, lambda: state["full"], settings_for(),
+                  tick=tick, peak=pct_of(f"{family}.used_pct"),
+                  done_ok=lambda: not follow and current_limit() > limit)
+    finally:
+        leak.stop()
+        if mounted_over:
+            with contextlib.suppress(subprocess.CalledProcessError):
+                sh("umount", str(real))
+        if real.read_text() != host_before:
+            raise SystemExit(f"{real} changed on the host: {host_before.strip()} -> "
+                             f"{real.read_text().strip()}")
+
+
+def file_table(work: Path, rate: float, base: int, limit: int,
+               follow: bool) -> contextlib.AbstractContextManager[Rig]:
+    def write(root: Path, used: int, top: int) -> None:
+        put(root / "proc/sys/fs/file-nr", f"{used}\t0\t{top}\n")
+    return scaled_table(work, start=lambda: Proc(FILE_LEAK, str(rate), str(4 * limit)), count=fd_count,
+                        base=base, limit=limit, limit_file="fs/file-max", write_count=write, family="fd",
+                        bind=True, follow=follow)
+
+
+def task_table(work: Path, rate: float, base: int, limit: int) -> contextlib.AbstractContextManager[Rig]:
+    def write(root: Path, used: int, _top: int) -> None:
+        put(root / "proc/loadavg", f"0.50 0.40 0.30 1/{used} 4242\n")
+    (work / "root/proc/sys/kernel").mkdir(parents=True)
+    (work / "root/proc/sys/kernel/threads-max").write_text(f"{8 * limit}\n")  # pid_max binds
+    # notify only: nothing writes the limit, which stays unmounted
+    return scaled_table(work, start=lambda: Proc(THREAD_LEAK, str(rate), str(2 * limit)),
+                        count=thread_count,
+                        base=base, limit=limit, limit_file="kernel/pid_max", write_count=write,
+                        family="proc.tasks", bind=False)
+
+
+def conntrack_table(work: Path, rate: float, base: int, limit: int,
+                    follow: bool) -> contextlib.AbstractContextManager[Rig]:
+    def write(root: Path, used: int, _top: int) -> None:
+        put(root / "proc/sys/net/netfilter/nf_conntrack_count", f"{used}\n")
+    def count(pid: int) -> int | None:
+        try:
+            same = os.readlink(f"/proc/{pid}/ns/net") == os.readlink("/proc/self/ns/net")
+        except OSError:
+            return None  # it exited
+        if same:
+            raise SystemExit("the connection leak runs in the host's network namespace")
+        return conntrack_count(pid)
+
+    def start() -> Proc:
+        return Proc(CONN_LEAK, str(rate), str(4 * limit), wrap=("unshare", "--net"))
+
+    return scaled_table(work, start=start, count=count, base=base, limit=limit,
+                        limit_file="net/netfilter/nf_conntrack_max", write_count=write,
+                        family="net.conntrack", bind=True, follow=follow)
+
+
 def fill_stale(d: Path, *, files: int, size: int) -> None:
     """``files`` files of ``size`` bytes under ``d``, their mtime 3 days ago: stale cache."""
     d.mkdir(parents=True, exist_ok=True)
@@ -589,13 +807,21 @@ class Fault:
     rig: Callable[[Path], contextlib.AbstractContextManager[Rig]]
     budget_s: float
     settle_s: float  # how long the healed run goes on once the leak is gone / the job done
+    # stop: the playbook stops the leak or cleans; raise: it raises the table's limit (the leak
+    # goes on: time bought); notify: it only calls a human (the leak runs into the wall)
+    kind: str = "stop"
 
 
 def faults(smoke: bool) -> dict[str, Fault]:
     if smoke:
         mem, cgm, disk, ino, fd, pids = (60, 1536, 300), (15, 128), (2, 96), (25, 1000), (25, 256), (3, 32)
+        ftab, ttab, ctab = (50, 1200, 2000), (15, 450, 750), (50, 1200, 2000)  # (rate, base, limit)
     else:
         mem, cgm, disk, ino, fd, pids = (25, 2048, 300), (10, 256), (2, 256), (40, 4000), (20, 1024), (4, 128)
+        ftab, ttab, ctab = (20, 1100, 2000), (8, 600, 1000), (20, 1100, 2000)
+
+    def fill_s(t: tuple[int, int, int]) -> float:
+        return (t[2] - t[1]) / t[0]
     return {
         "memory": Fault(
             "host memory", f"{mem[0]} MiB/s, scaled host {mem[1]} MiB ({mem[2]} used by others)",
@@ -620,14 +846,24 @@ def faults(smoke: bool) -> dict[str, Fault]:
         "pids": Fault(
             "PID leak", f"{pids[0]} forks/s, pids.max {pids[1]}", "EAGAIN (fork)", "cgroup-pids-leak", None,
             "95% of pids.max", lambda w: pid_leak(w, pids[0], pids[1]), 3 * pids[1] / pids[0] + 30, 30),
+        "file-table": Fault(
+            "file table (scaled host)",
+            f"a real leak of {ftab[0]} fds/s; scaled fs.file-max {ftab[2]}, {ftab[1]} used by others",
+            "ENFILE (table full)", "file-table-full", None, "90%",
+            lambda w: file_table(w, *ftab, not smoke), (2 * ftab[2] - ftab[1]) / ftab[0] + 30, 30,
+            kind="raise"),
+        "task-table": Fault(
+            "task table (scaled host)",
+            f"a real leak of {ttab[0]} threads/s; scaled pid_max {ttab[2]}, {ttab[1]} tasks of others",
+            "EAGAIN (table full)", "task-table-full", None, "90%",
+            lambda w: task_table(w, *ttab), 1.5 * fill_s(ttab) + 40, 30, kind="notify"),
+        "conntrack": Fault(
+            "conntrack table (scaled host)",
+            f"{ctab[0]} real connections/s in a private netns; scaled nf_conntrack_max {ctab[2]}, "
+            f"{ctab[1]} entries of others", "table full (drops)", "conntrack-table-full", None, "90%",
+            lambda w: conntrack_table(w, *ctab, not smoke), (2 * ctab[2] - ctab[1]) / ctab[0] + 30, 30,
+            kind="raise"),
     }
-
-
-NOT_INJECTED = [
-    ("conntrack table", "conntrack-table-full", "host-wide: filling it drops every tenant's new connections"),
-    ("file table", "file-table-full", "host-wide fs.file-max: would fail opens for every process here"),
-    ("task table", "task-table-full", "host-wide pid_max/threads-max: would fail forks for everyone"),
-]
 
 
 @dataclass
@@ -643,9 +879,15 @@ class Row:
         t = self.unhealed.starts[name][0]
         return fail - t if t <= fail else None
 
+    def ok(self) -> bool:
+        return self.verdict().startswith(("healed", "time bought", "human told"))
+
     def verdict(self) -> str:
         h = self.healed
-        if h.failed_at is not None:
+        notify = self.fault.kind == "notify"
+        # raise / notify do not stop the leak: the failure comes later; acting before it is their job
+        acted_first = bool(h.steps) and h.failed_at is not None and h.steps[0][0] < h.failed_at
+        if h.failed_at is not None and not (self.fault.kind != "stop" and acted_first):
             return f"FAILED: {self.fault.failure} at {h.failed_at:.0f} s"
         if not h.steps:
             return "NOT ACTED"
@@ -656,6 +898,19 @@ class Row:
         inputs = started[1].get("inputs", {}) if started is not None else {}
         if started is not None and not any(k for k in inputs if "eta" in k or "forecast" in k):
             return "healed (static branch)"
+        if notify:
+            fail = "" if h.failed_at is None else f", {h.failed_at - h.steps[0][0]:.0f} s before the failure"
+            return f"human told{fail} (notify only: the leak runs on)"
+        if self.fault.kind == "raise":
+            data = first.get("data") or {}
+            ends = ", ".join(e.get("outcome", "?") for e in h.ends) or "verifying"
+            bought = f"time bought: {data.get('sysctl')} {data.get('old')} -> {data.get('new')} (scaled)"
+            free = self.unhealed.failed_at
+            if h.failed_at is None or free is None:
+                return f"{bought}, the leak goes on; engine: {ends}"
+            again = "no second raise (cooldown 10m)" if len(h.steps) == 1 else f"{len(h.steps)} steps"
+            return (f"{bought}: full {h.failed_at - free:.0f} s later than unremediated (at "
+                    f"{h.failed_at:.0f} s), the leak going on; engine: {ends}, {again}")
         if self.fault.title in ("disk fill", "inodes"):
             return "healed" if h.leak_code == 0 else "NOT HEALED (the job did not finish)"
         return "healed" if h.leak_code == -signal.SIGTERM else f"NOT HEALED (leak exit {h.leak_code})"
@@ -711,7 +966,8 @@ def table(rows: list[Row], header: str) -> list[str]:
             t, st = h.steps[0]
             data = st.get("data") or {}
             what = f"pids {data['pids']}" if "pids" in data else (
-                f"{data['deleted']} files deleted" if "deleted" in data else "")
+                f"{data['deleted']} files deleted" if "deleted" in data else (
+                    f"{data['old']} -> {data['new']}" if "new" in data else ""))
             name = st.get("step_name") or st.get("step")
             action = f"{f.playbook} / {name}: {st.get('action')} {what}".strip()
             pct = "" if h.peak_at_action is None else f" ({h.peak_at_action:.0f}%)"
@@ -723,8 +979,6 @@ def table(rows: list[Row], header: str) -> list[str]:
         out.append(f"| {f.title} | {f.injected} | {fmt(r.unhealed.failed_at)} ({f.failure}) | {fmt(pred)} | "
                    f"{f.static_text} | {fmt(stat)} | {ratio} | {action} | {acted} | {outcome} "
                    f"| {r.verdict()} |")
-    out.extend(f"| {name} | not injected here | - | - | - | - | - | {pb} (shipped) | - | - | {why} |"
-               for name, pb, why in NOT_INJECTED)
     return out
 
 
@@ -734,6 +988,9 @@ NOTES = """\
 # the fault did not leave). acted at: the healed run's first step, seconds after the fault started
 # (and before the unremediated run's failure). run verdict: the engine's verify after the step
 # ("verifying": disk/inodes verify after 1 min; --smoke does not wait for it).
+# scaled host: the host-wide tables (file, task, conntrack) are fixtures counting a real leak (fds,
+# threads, tracked connections in a private netns) on top of a baseline against a small limit,
+# bind-mounted over /proc/sys (raise_limit writes the fixture); full = the bench kills the leaker.
 # Indicative only: a shared 2-core host under other agents' load; one run each."""
 
 
@@ -746,12 +1003,13 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true",
                     help="small, fast versions of each fault (no results file)")
     ap.add_argument("--only", default="",
-                    help="comma-separated classes: memory,cgroup-memory,disk,inodes,fd,pids")
+                    help="comma-separated classes: memory,cgroup-memory,disk,inodes,fd,pids,"
+                         "file-table,task-table,conntrack")
     ap.add_argument("--out", default="", help=f"results file (default {RESULTS}; none with --smoke)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("needs root (cgroups, loop mounts, a private PID namespace)")
-    for tool in ("unshare", "mkfs.ext4", "mount"):
+    for tool in ("unshare", "mkfs.ext4", "mount", "ip", "nft"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is missing")
     confine()
@@ -767,6 +1025,8 @@ def main() -> None:
     header = (f"# predictive heal, {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, {platform.node()}, "
               f"{os.cpu_count()} cpu, {platform.release()}{', --smoke' if args.smoke else ''}")
     rows: list[Row] = []
+    t_start = time.monotonic()
+    host = host_sysctls()  # nothing of the bench is mounted over /proc/sys yet
     base = Path(tempfile.mkdtemp(prefix="heald-predictive-heal-", dir="/var/tmp"))
     try:
         for k in chosen:
@@ -777,13 +1037,19 @@ def main() -> None:
     acted, free = sum(r.healed.enforced for r in rows), sum(r.unhealed.enforced for r in rows)
     audit = (f"# audit records: {acted} enforced runs, each of the playbook under test, inside the private "
              f"PID+mount namespace; {free} in the unremediated runs (dry-run)")
-    lines = [*table(rows, header), NOTES, audit]
+    after = host_sysctls()  # every bind mount is gone
+    if after != host:
+        raise SystemExit(f"a host sysctl changed: {host} -> {after}")
+    sysctls = ("# host sysctls read before and after (no bind mount): "
+               + ", ".join(f"{k} {v}" for k, v in host.items()) + ": unchanged")
+    lines = [*table(rows, header), NOTES, audit, sysctls]
     print("\n".join(lines), flush=True)
+    print(f"# {time.monotonic() - t_start:.0f} s in all", file=sys.stderr)
     if not args.smoke or args.out:
         out = Path(args.out) if args.out else RESULTS
         out.write_text("# sudo python3 bench/predictive_heal.py" + (" --smoke" if args.smoke else "") + "\n"
                        + "\n".join(lines) + "\n")
-    if any(not r.verdict().startswith("healed") for r in rows):
+    if any(not r.ok() for r in rows):
         raise SystemExit(1)
 
 
