@@ -352,6 +352,56 @@ async def test_a_filling_conntrack_table_gets_a_raised_max_then_escalates(tmp_pa
     assert [e["kind"] for e in rec.events if e.get("kind") == "net.conntrack.exhausted"]
 
 
+async def file_table_after_a_raise(tmp_path: Path, *, leak_after_raise: float) -> tuple[int | None, str]:
+    """file-table-full as shipped on a fixture file table (limit 2000, 1100 in use, +20 a second,
+    the rate of bench/predictive_heal.py's file-table row), then ``leak_after_raise`` a second once
+    fs.file-max was raised. The raise and its verdict."""
+    fs = tmp_path / "proc/sys/fs"
+    fs.mkdir(parents=True)
+    (fs / "file-max").write_text("2000\n")
+    settings = PlaybookSettings(dirs=(), sysctl_root=str(tmp_path / "proc/sys"))
+    eng, rec = make_engine(tmp_path, shipped("file-table-full"), settings)
+    col = LimitCollector(LimitSettings(fd_top_n=1), root=str(tmp_path))
+    col.start()
+    t0 = time.monotonic()
+    used, last, raised_at = 1100.0, t0, None
+    async with running(eng):
+        for n in range(80):
+            now = time.monotonic()
+            used += (20.0 if raised_at is None else leak_after_raise) * (now - last)
+            last = now
+            limit = int((fs / "file-max").read_text())
+            (fs / "file-nr").write_text(f"{int(used)}\t0\t{limit}\n")
+            metrics = {k: v for k, v in col.collect().metrics.items() if k.startswith("fd.")}
+            await eng.evaluate(sample(metrics), None)
+            if raised_at is None and limit != 2000:
+                raised_at = int(used)
+            if rec.of("run.end"):
+                break
+            await asyncio.sleep(max(0.0, t0 + (n + 1) * 0.5 - time.monotonic()))
+        await idle(eng)
+    ends = rec.of("run.end")
+    return raised_at, ends[0]["outcome"] if ends else "(no verdict)"
+
+
+@pytest.mark.asyncio
+async def test_a_raise_that_leaves_the_leak_going_escalates(tmp_path: Path) -> None:
+    """The raise doubles fs.file-max (the table drops to ~30 %, under the ETA branch's 50 % floor)
+    but the count climbs on: not healed. Before verify.expect the run read "succeeded" and the
+    table filled again 100 s later with no one told (bench/predictive_heal.py)."""
+    raised_at, outcome = await file_table_after_a_raise(tmp_path, leak_after_raise=20.0)
+    assert raised_at is not None, "fs.file-max was never raised"
+    assert (tmp_path / "proc/sys/fs/file-max").read_text().strip() == "4000"
+    assert outcome == "escalated"
+
+
+@pytest.mark.asyncio
+async def test_a_raise_after_which_the_count_stops_is_healed(tmp_path: Path) -> None:
+    raised_at, outcome = await file_table_after_a_raise(tmp_path, leak_after_raise=0.0)
+    assert raised_at is not None, "fs.file-max was never raised"
+    assert outcome == "succeeded"
+
+
 @pytest.mark.asyncio
 async def test_raise_limit_doubles_within_its_bound_and_never_lowers(tmp_path: Path) -> None:
     f = tmp_path / "fs/file-max"

@@ -35,6 +35,7 @@ METRIC_FAMILIES: Final[frozenset[str]] = frozenset({
     "fd.used_pct", "fd.headroom", "fd.eta_s", "proc.fd.count", "proc.fd.used_pct", "proc.fd.headroom",
     "proc.fd.eta_s", "proc.tasks.used_pct", "proc.tasks.headroom", "proc.tasks.eta_s",
     "net.conntrack.used_pct", "net.conntrack.headroom", "net.conntrack.max", "net.conntrack.eta_s",
+    "fd.growth_per_s", "proc.tasks.growth_per_s", "net.conntrack.growth_per_s",
     # disk
     *(f"disk.{f}" for f in _DISK_FS), *(f"disk.{f}" for f in _DISK_DEV),
     # network

@@ -21,6 +21,7 @@ Metrics (``PID`` = a process id as text):
 ``fd.used_pct``                 allocated file handles / fs.file-max, %
 ``fd.headroom``                 fs.file-max - allocated file handles
 ``fd.eta_s``                    headroom / growth while the count grows (absent when it does not)
+``fd.growth_per_s``             the count's growth, per second (least squares over the slope window)
 ``proc.fd.count[PID]``          open fds of one of the ``fd_top_n`` processes closest to their limit
 ``proc.fd.used_pct[PID]``       its open fds / its soft RLIMIT_NOFILE, %
 ``proc.fd.headroom[PID]``       its soft RLIMIT_NOFILE - open fds (the next open past it is EMFILE)
@@ -28,10 +29,12 @@ Metrics (``PID`` = a process id as text):
 ``proc.tasks.used_pct``         tasks (threads) / min(kernel.pid_max, kernel.threads-max), %
 ``proc.tasks.headroom``         that limit - tasks
 ``proc.tasks.eta_s``            seconds until that limit at the current rate
+``proc.tasks.growth_per_s``     tasks' growth, per second
 ``net.conntrack.used_pct``      nf_conntrack_count / nf_conntrack_max, %
 ``net.conntrack.headroom``      nf_conntrack_max - nf_conntrack_count
 ``net.conntrack.max``           nf_conntrack_max (what a gentle step may raise)
 ``net.conntrack.eta_s``         seconds until the table is full at the current rate
+``net.conntrack.growth_per_s``  the entries' growth, per second
 =============================== ====================================================================
 """
 
@@ -131,6 +134,8 @@ class LimitCollector(BaseCollector[LimitSettings]):
         m[k("headroom")] = float(headroom)
         pts = self._series.setdefault(k("headroom"), deque(maxlen=128))
         rate = growth(pts, now, float(used), self.settings.slope_window_s)
+        if rate is not None and not label:  # the host tables: what a raise's verification reads
+            m[k("growth_per_s")] = rate
         if rate is not None and rate > 0:
             m[k("eta_s")] = headroom / rate
 
