@@ -208,12 +208,17 @@ def run_once(tmp: Path, kill_at: int | None) -> dict[str, Any]:
         for r in records:
             if r["type"] == "step" and r["run_id"] == run_id and r["status"] in ("done", "failed"):
                 executed[r["step"]] = executed.get(r["step"], 0) + 1
-        # A step whose result the journal holds but whose own audit record the kill cut off is
-        # named by the resumed run's run.recovered (completed_steps): it ran, once.
+        # A step that ran but has no done/failed record counts once: its result in the journal
+        # with its audit record cut off by the kill (run.recovered's completed_steps), or cut off
+        # itself (recorded "interrupted") and found done by the resumed run's verification.
+        started: set[int] = set()
         for r in records:
             if r["type"] == "run.recovered" and r["run_id"] == run_id:
-                for index in r.get("completed_steps", []):
-                    executed.setdefault(index, 1)
+                started.update(r.get("completed_steps", []))
+            if r["type"] == "step" and r["run_id"] == run_id and r["status"] == "interrupted":
+                started.add(r["step"])
+        for index in started:
+            executed.setdefault(index, 1)
         (end,) = [r for r in records if r["type"] == "run.end" and r["run_id"] == run_id]
         assert verify(state / "audit.jsonl").ok, "the audit chain holds across the kill"
         return {"outcome": end["outcome"], "executed": executed, "killed_at": killed_at,

@@ -182,6 +182,9 @@ def _helper_cpu(spec: dict[str, Any], result: dict[str, Any], procs: Procs) -> N
     with contextlib.suppress(subprocess.TimeoutExpired):
         miner.wait(5)
     result["miner_returncode"] = miner.returncode
+    # The thaw moves the process out of the frozen group (the pending SIGKILL lands: it is gone),
+    # then removes the group and only then updates the record: give it that moment.
+    _wait(lambda: _records(state).get(miner.pid, {}).get("state") == "thawed", 15)
     after = _records(state).get(miner.pid, {})
     result["record_after_kill"] = after.get("state")
     result["group_left"] = bool(after.get("group")) and Path(after["group"]).exists()
