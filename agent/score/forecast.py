@@ -228,7 +228,8 @@ class Forecaster:
         self._get = lambda _m: ()
 
     def _scan(self, metrics: dict[str, float | None]) -> None:
-        self._prune(metrics)
+        if self._n % 300 == 0:  # not on every change of the key count: a churning host rescans often
+            self._prune(metrics)
         new: list[tuple[str, Resource]] = []
         known = set(self._keys)
         for k in metrics:
