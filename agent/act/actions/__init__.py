@@ -17,6 +17,7 @@ from agent.act.actions import (
     files,
     freeze,
     gpu,
+    leaks,
     nftables,
     notify,
     processes,
@@ -46,6 +47,7 @@ REGISTRY: Mapping[str, ActionFn] = MappingProxyType({
     "drop_caches": files.drop_caches,
     # kernel tables
     "raise_limit": sysctl.raise_limit,
+    "stop_leaker": leaks.stop_leaker,
     # GPUs
     "gpu_reset": gpu.gpu_reset,
     "gpu_drain": gpu.gpu_drain,
