@@ -244,10 +244,10 @@ async def stop_leaker(params: Mapping[str, Any], ctx: ActionContext) -> ActionRe
                                                          f"not within {term_below:g} s (a process outside a "
                                                          "service is stopped only when the ETA is short)")
     try:
-        proc = psutil.Process(pid)
+        victim = psutil.Process(pid)
     except psutil.Error as exc:
         return ActionResult(ok=False, data=data, detail=f"{evidence}; pid {pid}: {exc}")
-    why = protection(proc, ctx.settings)
+    why = protection(victim, ctx.settings)
     if why is not None:
         return ActionResult(ok=False, data=data, detail=f"{evidence}; not stopped: {why}")
     if ctx.dry_run:
@@ -255,11 +255,11 @@ async def stop_leaker(params: Mapping[str, Any], ctx: ActionContext) -> ActionRe
                             detail=f"would send TERM to pid {pid} ({now[pid].name}), KILL after "
                                    f"{grace:g}s: {evidence}, full in {eta:.0f} s")
     with contextlib.suppress(psutil.NoSuchProcess):
-        proc.send_signal(signal.SIGTERM)
-    alive = await asyncio.to_thread(wait_gone, [proc], grace)
+        victim.send_signal(signal.SIGTERM)
+    alive = await asyncio.to_thread(wait_gone, [victim], grace)
     if alive:
         with contextlib.suppress(psutil.NoSuchProcess):
-            proc.kill()
+            victim.kill()
         data["killed"] = [pid]
         alive = await asyncio.to_thread(wait_gone, alive, 5.0)
     detail = (f"sent TERM to pid {pid} ({now[pid].name}){'; KILL' if 'killed' in data else ''}: "
