@@ -204,18 +204,20 @@ def test_a_forked_child_counts_for_its_parent() -> None:
 
 
 @pytest.mark.asyncio
-async def test_dry_run_and_a_flat_table_touch_nothing(tmp_path: Path) -> None:
-    """No growth: the step fails, nothing named; the host count read as the collector does."""
-    (tmp_path / "fs").mkdir()
-    (tmp_path / "fs/file-nr").write_text("1200\t200\t2000\n")
-    (tmp_path / "fs/file-max").write_text("2000\n")
-    assert host_count("files", str(tmp_path)) == (1000, 2000)
+async def test_a_fixture_table_sees_no_process_and_stops_none(tmp_path: Path) -> None:
+    """The host count is read as the limits collector does (allocated - free); the processes are
+    those of the /proc that sysctl_root is in: with a fixture sysctl_root (every in-process test
+    of the shipped table playbooks) there are none, so the host's processes are never stopped."""
+    sysctl = tmp_path / "proc/sys"
+    (sysctl / "fs").mkdir(parents=True)
+    (sysctl / "fs/file-nr").write_text("1200\t200\t2000\n")
+    (sysctl / "fs/file-max").write_text("2000\n")
+    assert host_count("files", str(sysctl)) == (1000, 2000)
     sup = Supervisor(lambda coro, name: asyncio.get_running_loop().create_task(coro, name=name),
                      lambda *_: None)
-    ctx = ActionContext(settings=PlaybookSettings(dirs=(), sysctl_root=str(tmp_path)), node="n",
-                        playbook="pb", run_id="r", dry_run=True, supervisor=sup, emit=lambda _: None)
+    ctx = ActionContext(settings=PlaybookSettings(dirs=(), sysctl_root=str(sysctl)), node="n",
+                        playbook="pb", run_id="r", dry_run=False, supervisor=sup, emit=lambda _: None)
     res = await stop_leaker({"table": "files", "window": "0.3s"}, ctx)
     assert not res.ok
     assert not res.changed
-    assert "did not grow" in res.detail
-    assert res.data["host_growth"] == 0
+    assert "no process to attribute" in res.detail
