@@ -4,6 +4,9 @@ errors turned into problems that name the file, the line and the field.
 The schema's ``x-error`` keywords carry the message for a failed check, so that a playbook
 author reads "not a duration: use seconds or a string like 250ms, ..." instead of the
 validator's regular expression.
+
+jsonschema is imported only when a document does not conform (:mod:`agent.decide.conform` says
+whether it does): the daemon, whose playbooks are valid, never loads it (issue 25).
 """
 
 from __future__ import annotations
@@ -13,12 +16,14 @@ import json
 from collections.abc import Mapping
 from functools import cache
 from importlib import resources
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
-import jsonschema
-
+from agent.decide.conform import conforms
 from agent.decide.source import FieldPath, SourceMap, dotted
 from agent.errors import Problem
+
+if TYPE_CHECKING:
+    import jsonschema
 
 SCHEMA_RESOURCE = "playbook.schema.json"
 # the keys that say which kind a condition is; a condition has exactly one
@@ -41,6 +46,8 @@ def action_names() -> frozenset[str]:
 
 @cache
 def _validator() -> jsonschema.Draft202012Validator:
+    import jsonschema  # noqa: PLC0415 - only to explain a document that does not conform
+
     return jsonschema.Draft202012Validator(schema())
 
 
@@ -83,6 +90,8 @@ def schema_problems(data: Any, file: str, smap: SourceMap) -> list[Problem]:
                 smap.line(apath),
             )
         )
+    if conforms(data, schema()):  # nothing for jsonschema to find (nor to import it for)
+        return sorted(dict.fromkeys(problems), key=lambda p: (p.line or 0, p.key))
     for err in _validator().iter_errors(data):
         path: FieldPath = tuple(err.absolute_path)
         if any(path[: len(a)] == a for a, _ in ambiguous):
