@@ -39,12 +39,13 @@ Fault classes (everything acts only on objects the bench created):
   ``threads-max``), conntrack (``nf_conntrack_count`` = baseline + the real conntrack entries
   of a process opening and holding TCP connections to its own listener in a private network
   namespace, tracked there by an nftables ``ct state`` rule; ``nf_conntrack_max``). The
-  collector reads the fixture root; the fixture ``file-max`` and ``nf_conntrack_max`` are also
-  bind-mounted over the real ``/proc/sys`` files in the private mount namespace, so
-  raise_limit (its default ``sysctl_root``, no helper unit) writes the fixture; the host's
-  values are read before and after (no bind mount left) and must not have changed.
-  raise_limit buys time while the leak goes on (verdict "time bought"); task-table-full only
-  calls a human (verdict "human told", the leak then runs into the wall).
+  collector reads the fixture root; the fixture files (the count and the limit) are also
+  bind-mounted over the real ``/proc`` ones in the private mount namespace, so raise_limit (its
+  default ``sysctl_root``, no helper unit) writes the fixture and stop_leaker reads the scaled
+  table's count and limit (and this namespace's processes); the host's values are read before
+  and after (no bind mount left) and must not have changed. raise_limit (task-table-full: a
+  notify) buys time, then stop_leaker finds the leaking process (its fds, threads or sockets
+  over 3 s, against the table's growth) and TERMs it (verdict "healed").
 
 The bench re-runs itself in a private PID + mount namespace (``unshare --pid --fork --mount
 --mount-proc``, bench/healdbench.py ``confine``): "the largest process" can only be one it
@@ -452,10 +453,11 @@ def fd_leak(work: Path, rate: float, limit: int) -> Iterator[Rig]:
 # real: that would fail every tenant's opens, forks or connections. As host memory, each is a
 # SCALED host: a real process leaks real kernel objects (fds, threads, tracked connections in its
 # own network namespace) and a fixture table counts them on top of a baseline, against a small
-# fixture limit. The collector reads the fixture root; the limit files are also bind-mounted over
-# the real /proc/sys paths in the bench's private mount namespace, so raise_limit (its default
-# sysctl_root, no helper unit) writes the fixture; the host's values are read after the unmount
-# and must be what they were before.
+# fixture limit. The collector reads the fixture root; the count and limit files are also
+# bind-mounted over the real /proc paths in the bench's private mount namespace (and rewritten
+# in place: the mount holds the inode), so raise_limit (its default sysctl_root, no helper unit)
+# writes the fixture and stop_leaker reads the scaled count; the host's values are read after
+# the unmount and must be what they were before.
 FILE_LEAK = """
 import os, resource, sys, time
 rate, cap = float(sys.argv[1]), int(sys.argv[2])
@@ -544,21 +546,24 @@ def host_sysctls() -> dict[str, str]:
 
 
 def put(path: Path, text: str) -> None:
-    """Replace a fixture count file at once (the collector never reads half of it)."""
-    tmp = path.with_name(path.name + ".new")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Rewrite a fixture count file in place (a bind mount over /proc holds its inode): one write
+    of a fixed width, so a reader sees the old line or the new one."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (text.rstrip("\n").ljust(63) + "\n").encode())
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
 def scaled_table(work: Path, *, start: Callable[[], Proc], count: Callable[[int], int | None], base: int,
                  limit: int, limit_file: str, write_count: Callable[[Path, int, int], None], family: str,
-                 bind: bool, follow: bool = True) -> Iterator[Rig]:
+                 binds: tuple[str, ...]) -> Iterator[Rig]:
     """A scaled host-wide table: ``base`` entries used by others plus the leaker's real count,
-    against ``limit`` (the fixture ``limit_file`` under proc/sys, bind-mounted over the real one
-    when ``bind``: a raise writes the fixture). Full: the bench kills the leaker (the failure).
-    ``follow``: the healed run goes on after a raise until the table is full again (how much time
-    was bought); else it ends with the playbook's run (--smoke)."""
+    against ``limit`` (the fixture ``limit_file`` under proc/sys). ``binds``: the fixture files
+    (under proc/) bind-mounted over the real /proc ones: a raise writes the fixture, stop_leaker
+    reads it. Full: the bench kills the leaker (the failure). The healed run ends once the
+    leaker is gone (stopped by heald) and the playbook's run ended."""
     root = work / "root"
     limit_path = root / "proc" / "sys" / limit_file
     limit_path.parent.mkdir(parents=True, exist_ok=True)
@@ -581,39 +586,38 @@ def scaled_table(work: Path, *, start: Callable[[], Proc], count: Callable[[int]
             state["full"] = time.monotonic()  # the scaled table is full: the failure
             leak.p.send_signal(signal.SIGKILL)
 
-    mounted_over = False
+    mounted: list[Path] = []
     try:
         assert leak.p.stdout is not None
         if leak.p.stdout.readline().strip() != b"ready":  # its set-up is done (its own netns)
             raise SystemExit(f"the {family} leak did not start: exit {leak.p.wait()}")
-        if bind:
-            sh("mount", "--bind", str(limit_path), str(real))  # this mount namespace only
-            mounted_over = True
-            if real.read_text().split() != [str(limit)]:
-                raise SystemExit(f"the bind mount over {real} does not show the fixture")
         tick()
+        for rel in binds:
+            over = Path("/proc") / rel
+            sh("mount", "--bind", str(root / "proc" / rel), str(over))  # this mount namespace only
+            mounted.append(over)
+        if real.read_text().split() != [str(limit)]:
+            raise SystemExit(f"the bind mount over {real} does not show the fixture")
         col.start()
         leak.go()
         yield Rig([col], lambda k: k.startswith(f"{family}."), leak, lambda: state["full"], settings_for(),
-                  tick=tick, peak=pct_of(f"{family}.used_pct"),
-                  done_ok=lambda: not follow and current_limit() > limit)
+                  tick=tick, peak=pct_of(f"{family}.used_pct"), done_ok=lambda: leak.ended is not None)
     finally:
         leak.stop()
-        if mounted_over:
+        for over in reversed(mounted):
             with contextlib.suppress(subprocess.CalledProcessError):
-                sh("umount", str(real))
+                sh("umount", str(over))
         if real.read_text() != host_before:
             raise SystemExit(f"{real} changed on the host: {host_before.strip()} -> "
                              f"{real.read_text().strip()}")
 
 
-def file_table(work: Path, rate: float, base: int, limit: int,
-               follow: bool) -> contextlib.AbstractContextManager[Rig]:
+def file_table(work: Path, rate: float, base: int, limit: int) -> contextlib.AbstractContextManager[Rig]:
     def write(root: Path, used: int, top: int) -> None:
         put(root / "proc/sys/fs/file-nr", f"{used}\t0\t{top}\n")
     return scaled_table(work, start=lambda: Proc(FILE_LEAK, str(rate), str(4 * limit)), count=fd_count,
                         base=base, limit=limit, limit_file="fs/file-max", write_count=write, family="fd",
-                        bind=True, follow=follow)
+                        binds=("sys/fs/file-max", "sys/fs/file-nr"))
 
 
 def task_table(work: Path, rate: float, base: int, limit: int) -> contextlib.AbstractContextManager[Rig]:
@@ -621,15 +625,15 @@ def task_table(work: Path, rate: float, base: int, limit: int) -> contextlib.Abs
         put(root / "proc/loadavg", f"0.50 0.40 0.30 1/{used} 4242\n")
     (work / "root/proc/sys/kernel").mkdir(parents=True)
     (work / "root/proc/sys/kernel/threads-max").write_text(f"{8 * limit}\n")  # pid_max binds
-    # notify only: nothing writes the limit, which stays unmounted
+    # nothing writes the limits; stop_leaker reads them and the count (its ETA) through the binds
     return scaled_table(work, start=lambda: Proc(THREAD_LEAK, str(rate), str(2 * limit)),
                         count=thread_count,
                         base=base, limit=limit, limit_file="kernel/pid_max", write_count=write,
-                        family="proc.tasks", bind=False)
+                        family="proc.tasks",
+                        binds=("loadavg", "sys/kernel/pid_max", "sys/kernel/threads-max"))
 
 
-def conntrack_table(work: Path, rate: float, base: int, limit: int,
-                    follow: bool) -> contextlib.AbstractContextManager[Rig]:
+def conntrack_table(work: Path, rate: float, base: int, limit: int) -> contextlib.AbstractContextManager[Rig]:
     def write(root: Path, used: int, _top: int) -> None:
         put(root / "proc/sys/net/netfilter/nf_conntrack_count", f"{used}\n")
     def count(pid: int) -> int | None:
@@ -646,7 +650,8 @@ def conntrack_table(work: Path, rate: float, base: int, limit: int,
 
     return scaled_table(work, start=start, count=count, base=base, limit=limit,
                         limit_file="net/netfilter/nf_conntrack_max", write_count=write,
-                        family="net.conntrack", bind=True, follow=follow)
+                        family="net.conntrack",
+                        binds=("sys/net/netfilter/nf_conntrack_max", "sys/net/netfilter/nf_conntrack_count"))
 
 
 def fill_stale(d: Path, *, files: int, size: int) -> None:
@@ -850,19 +855,17 @@ def faults(smoke: bool) -> dict[str, Fault]:
             "file table (scaled host)",
             f"a real leak of {ftab[0]} fds/s; scaled fs.file-max {ftab[2]}, {ftab[1]} used by others",
             "ENFILE (table full)", "file-table-full", None, "90%",
-            lambda w: file_table(w, *ftab, not smoke), (2 * ftab[2] - ftab[1]) / ftab[0] + 30, 30,
-            kind="raise"),
+            lambda w: file_table(w, *ftab), (2 * ftab[2] - ftab[1]) / ftab[0] + 30, 30),
         "task-table": Fault(
             "task table (scaled host)",
             f"a real leak of {ttab[0]} threads/s; scaled pid_max {ttab[2]}, {ttab[1]} tasks of others",
             "EAGAIN (table full)", "task-table-full", None, "90%",
-            lambda w: task_table(w, *ttab), 1.5 * fill_s(ttab) + 40, 30, kind="notify"),
+            lambda w: task_table(w, *ttab), 1.5 * fill_s(ttab) + 40, 30),
         "conntrack": Fault(
             "conntrack table (scaled host)",
             f"{ctab[0]} real connections/s in a private netns; scaled nf_conntrack_max {ctab[2]}, "
             f"{ctab[1]} entries of others", "table full (drops)", "conntrack-table-full", None, "90%",
-            lambda w: conntrack_table(w, *ctab, not smoke), (2 * ctab[2] - ctab[1]) / ctab[0] + 30, 30,
-            kind="raise"),
+            lambda w: conntrack_table(w, *ctab), (2 * ctab[2] - ctab[1]) / ctab[0] + 30, 30),
     }
 
 
@@ -913,7 +916,16 @@ class Row:
                     f"{h.failed_at:.0f} s), the leak going on; engine: {ends}, {again}")
         if self.fault.title in ("disk fill", "inodes"):
             return "healed" if h.leak_code == 0 else "NOT HEALED (the job did not finish)"
-        return "healed" if h.leak_code == -signal.SIGTERM else f"NOT HEALED (leak exit {h.leak_code})"
+        if h.leak_code != -signal.SIGTERM:
+            return f"NOT HEALED (leak exit {h.leak_code})"
+        if len(h.steps) > 1:  # the tables: a raise (or a notify) first, then the leak stopped
+            t, st = h.steps[-1]
+            data = st.get("data") or {}
+            fail = self.unhealed.failed_at
+            before = "" if fail is None else f", {fail - t:.0f} s before the unremediated failure"
+            return (f"healed: {st.get('action')} stopped pid {data.get('pids')} at {t:.0f} s "
+                    f"({data.get('share_pct')}% of the growth, full in {data.get('eta_s')} s){before}")
+        return "healed"
 
 
 def run_fault(key: str, fault: Fault, base: Path) -> Row:
@@ -990,7 +1002,9 @@ NOTES = """\
 # ("verifying": disk/inodes verify after 1 min; --smoke does not wait for it).
 # scaled host: the host-wide tables (file, task, conntrack) are fixtures counting a real leak (fds,
 # threads, tracked connections in a private netns) on top of a baseline against a small limit,
-# bind-mounted over /proc/sys (raise_limit writes the fixture); full = the bench kills the leaker.
+# bind-mounted over /proc (raise_limit writes the fixture, stop_leaker reads the count); full = the
+# bench kills the leaker. Their healed runs: the first step (raise or notify) in the action
+# column, the stop_leaker step in the verdict (its share of the table's growth, the ETA it saw).
 # Indicative only: a shared 2-core host under other agents' load; one run each."""
 
 

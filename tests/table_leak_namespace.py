@@ -9,9 +9,9 @@ PID 1 of a private PID + mount namespace (this script, the *driver*) keeps a fix
 threads, against ``kernel/pid_max``), and ``extra_per_s`` more a second that no process shows (held
 by the kernel). The fixture files are bind-mounted over the real ones (/proc/sys/fs/file-nr,
 file-max, /proc/loadavg, kernel/pid_max, threads-max) in this mount namespace only, and rewritten
-in place. The *agent* (``--agent`` mode) runs the engine with the shipped playbook (``settle`` and stop_leaker's ``window``
-shortened to the test's scale), the default ``sysctl_root`` (/proc/sys: stop_leaker scans this
-namespace's /proc) and a recording ``systemctl``: its
+in place. The *agent* (``--agent`` mode) runs the engine with the shipped playbook (``settle``
+and stop_leaker's ``window`` shortened to the test's scale), the default ``sysctl_root``
+(/proc/sys: stop_leaker scans this namespace's /proc) and a recording ``systemctl``: its
 ``restart UNIT`` waits while ``hold`` exists, then TERMs every process in the unit's cgroup (as
 systemd's restart would stop it) and exits 0. The processes the scan sees are this namespace's
 only: the driver, the agent, its tools and the leakers.
