@@ -221,3 +221,30 @@ async def test_a_fixture_table_sees_no_process_and_stops_none(tmp_path: Path) ->
     assert not res.ok
     assert not res.changed
     assert "no process to attribute" in res.detail
+
+
+def test_a_scan_counts_fds_threads_and_sockets_per_process() -> None:
+    """The per-process counts behind each table: fds, threads, sockets (conntrack's local proxy)."""
+    import socket  # noqa: PLC0415
+    import threading  # noqa: PLC0415
+
+    from agent.act.actions.leaks import scan  # noqa: PLC0415
+
+    me = os.getpid()
+    before = {t: scan(t, Path("/proc"))[me].count for t in ("files", "tasks", "sockets")}
+    a, b = socket.socketpair()
+    f = os.open("/dev/null", os.O_RDONLY)
+    stop = threading.Event()
+    th = threading.Thread(target=stop.wait)
+    th.start()
+    try:
+        after = {t: scan(t, Path("/proc"))[me].count for t in ("files", "tasks", "sockets")}
+    finally:
+        stop.set()
+        th.join()
+        a.close()
+        b.close()
+        os.close(f)
+    assert after["sockets"] - before["sockets"] == 2
+    assert after["files"] - before["files"] >= 3
+    assert after["tasks"] - before["tasks"] == 1
