@@ -922,7 +922,9 @@ class Row:
             t, st = h.steps[-1]
             data = st.get("data") or {}
             fail = self.unhealed.failed_at
-            before = "" if fail is None else f", {fail - t:.0f} s before the unremediated failure"
+            before = "" if fail is None else (
+                f", {fail - t:.0f} s before the failure (unremediated run)" if t <= fail else
+                f", {t - fail:.0f} s past the unremediated run's failure: time the first step bought")
             return (f"healed: {st.get('action')} stopped pid {data.get('pids')} at {t:.0f} s "
                     f"({data.get('share_pct')}% of the growth, full in {data.get('eta_s')} s){before}")
         return "healed"
