@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
+from typing import Any
 
 import pytest
 
@@ -149,3 +152,39 @@ def test_inline_collectors_run_on_the_loop_in_one_task_and_a_slow_one_moves_to_a
     assert loop_thread[0] not in slow.threads[2:]
     assert not sampler.is_inline("limits")
     assert sampler.is_inline("cpu")
+
+
+class _DoneAtOnce(Executor):
+    """Runs the job in submit(): the pass is finished before the sampler first awaits it."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        fut: Future[Any] = Future()
+        fut.set_result(fn(*args, **kwargs))
+        return fut
+
+
+def test_a_stop_that_races_a_finished_pass_is_not_swallowed() -> None:
+    """Python 3.11's asyncio.wait_for returned the result when the cancellation arrived after the
+    awaited pass had finished (gh-86296): the collector's task went on sleeping, the daemon's
+    TaskGroup waited for it and a SIGINT stop hung until heald's 20 s deadline (exit 1, about one
+    stop in four). The cancellation is sent at every point of the pass's completion in turn."""
+
+    async def sweep() -> list[int]:
+        swallowed = []
+        for k in range(12):
+            sampler = Sampler("n", [Fake("disk")])
+            sampler._executor = _DoneAtOnce()  # type: ignore[assignment]
+            task = asyncio.create_task(sampler.collect_once("disk"))
+            for _ in range(k):
+                await asyncio.sleep(0)
+            if task.cancel():  # False once the pass is over: nothing left to swallow
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+                else:
+                    swallowed.append(k)
+            sampler.close()
+        return swallowed
+
+    assert asyncio.run(sweep()) == []

@@ -139,7 +139,8 @@ class LocalControl:
         try:
             uid = peer_uid(writer.get_extra_info("socket"))
             try:
-                line = await asyncio.wait_for(reader.readline(), READ_TIMEOUT_S)
+                async with asyncio.timeout(READ_TIMEOUT_S):
+                    line = await reader.readline()
                 response = await self._answer(line, uid)
             except (TimeoutError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
                 response = {"status": "rejected", "message": "no valid request line within the time and size"}

@@ -406,7 +406,8 @@ class Reporter:
             attempt += 1
             self._log.debug("mqtt.reconnect_in", delay_s=round(delay, 3), attempt=attempt)
             with contextlib.suppress(TimeoutError):  # new settings cut the wait short
-                await asyncio.wait_for(self._reconfigured.wait(), delay)
+                async with asyncio.timeout(delay):
+                    await self._reconfigured.wait()
 
     def _log_failure(self, exc: BaseException, *, connected: bool) -> None:
         s = self.settings

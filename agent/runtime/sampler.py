@@ -73,7 +73,8 @@ class Sampler:
     async def _in_thread(self, fn: Callable[[], T], budget_s: float) -> T:
         loop = asyncio.get_running_loop()
         fut = loop.run_in_executor(self._executor, fn)
-        return await asyncio.wait_for(asyncio.shield(fut), budget_s)
+        async with asyncio.timeout(budget_s):  # never asyncio.wait_for here (tests/test_architecture.py)
+            return await asyncio.shield(fut)
 
     async def start_collector(self, name: str) -> bool:
         slot = self._slots[name]
@@ -167,7 +168,8 @@ class Sampler:
         fut = self._executor.submit(self._collect_many, names)
         self._pending[key] = fut
         try:
-            results = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fut)), budget)
+            async with asyncio.timeout(budget):
+                results = await asyncio.shield(asyncio.wrap_future(fut))
         except TimeoutError:
             for name in names:
                 self._late(name)
