@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -164,9 +165,21 @@ def heald_argv(config: Path) -> list[str]:
     return [sys.executable, "-m", "agent", "run", "--dry-run", "--config", str(config)]
 
 
+def unit_environment(unit: Path = ROOT / "systemd" / "heald.service") -> dict[str, str]:
+    """The ``Environment=`` assignments of the shipped unit (MALLOC_ARENA_MAX, OpenBLAS's threads):
+    a bench measures heald as systemd starts it, not as the caller's shell would."""
+    env: dict[str, str] = {}
+    for line in unit.read_text(encoding="utf-8").splitlines():
+        if line.startswith("Environment="):
+            for word in shlex.split(line.removeprefix("Environment=")):
+                key, _, value = word.partition("=")
+                env[key] = value
+    return env
+
+
 def heald_env(d: Path) -> dict[str, str]:
-    return dict(os.environ, HEALD_PATHS__STATE_DIR=str(d / "state"), PYTHONPATH=str(ROOT),
-                **{FORCE_ENV: "dry-run"})
+    return dict(os.environ, **unit_environment(), HEALD_PATHS__STATE_DIR=str(d / "state"),
+                PYTHONPATH=str(ROOT), **{FORCE_ENV: "dry-run"})
 
 
 def start_heald(d: Path, config: Path, log: Path, *, cwd: Path | None = None) -> subprocess.Popen[bytes]:

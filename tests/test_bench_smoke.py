@@ -120,6 +120,18 @@ def test_the_bench_config_forces_dry_run_and_keeps_the_host_firewall(tmp_path: P
     assert hb.heald_env(tmp_path)[hb.FORCE_ENV] == "dry-run"
 
 
+def test_the_bench_runs_heald_with_the_units_environment(tmp_path: Path) -> None:
+    """The figures are of heald as systemd starts it: heald.service's Environment= lines apply."""
+    unit = (ROOT / "systemd" / "heald.service").read_text()
+    env = hb.heald_env(tmp_path)
+    assert "MALLOC_ARENA_MAX=2" in unit
+    assert env["MALLOC_ARENA_MAX"] == "2"
+    assert env["OPENBLAS_NUM_THREADS"] == "1"
+    fake = tmp_path / "x.service"
+    fake.write_text('[Service]\nEnvironment=A=1 "B=two words"\nEnvironment=C=\n')
+    assert hb.unit_environment(fake) == {"A": "1", "B": "two words", "C": ""}
+
+
 # ------------------------------------------------------------------ the per-sample counter
 
 
