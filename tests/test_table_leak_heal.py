@@ -192,15 +192,38 @@ def test_the_unit_of_a_cgroup_path() -> None:
 def test_a_forked_child_counts_for_its_parent() -> None:
     from agent.act.actions.leaks import Proc  # noqa: PLC0415
 
-    before = {1: Proc(0, 5, None, "init"), 10: Proc(1, 3, None, "forker"), 20: Proc(1, 4, "a.service", "a")}
-    now = {1: Proc(0, 5, None, "init"), 10: Proc(1, 4, None, "forker"), 11: Proc(10, 1, None, "forker"),
-           12: Proc(11, 1, None, "forker"), 20: Proc(1, 4, "a.service", "a"),
-           21: Proc(20, 2, "a.service", "a"), 30: Proc(1, 1, None, "orphan")}
+    before = {1: Proc(0, 5, None, "init", 100), 10: Proc(1, 3, None, "forker", 100),
+              20: Proc(1, 4, "a.service", "a", 100)}
+    now = {1: Proc(0, 5, None, "init", 100), 10: Proc(1, 4, None, "forker", 100),
+           11: Proc(10, 1, None, "forker", 100), 12: Proc(11, 1, None, "forker", 100),
+           20: Proc(1, 4, "a.service", "a", 100), 21: Proc(20, 2, "a.service", "a", 100),
+           30: Proc(1, 1, None, "orphan", 100)}
     g = groups(before, now)
     assert g["pid:10"] == (3, 6)  # its thread and both descendants born since
     assert g["unit:a.service"] == (4, 6)
     assert g["pid:30"] == (0, 1)  # never charged to pid 1
     assert g["pid:1"] == (5, 5)
+
+
+def test_a_reused_pid_is_never_signalled(tmp_path: Path) -> None:
+    """The leaker exits and its pid is reused between the scans or after them: the TERM would hit
+    a stranger whose count is not the leak's, so stop_leaker refuses (starttime, /proc/PID/stat)."""
+    from agent.act.actions.leaks import Proc, reused  # noqa: PLC0415
+
+    def stat(pid: int, start: int) -> None:
+        (tmp_path / str(pid)).mkdir(exist_ok=True)
+        fields = ["S", "1", *["0"] * 15, "1", "0", str(start), "0"]
+        (tmp_path / f"{pid}/stat").write_text(f"{pid} (leak y) {' '.join(fields)}\n")
+
+    leak, other = Proc(1, 50, None, "leak", 700), Proc(1, 90, None, "leak", 900)
+    stat(10, 700)
+    assert not reused(10, {10: leak}, {10: leak}, tmp_path)
+    assert reused(10, {10: leak}, {10: other}, tmp_path)  # another process in the second scan
+    stat(10, 901)
+    assert reused(10, {10: leak}, {10: leak}, tmp_path)  # another process since the second scan
+    assert reused(11, {}, {11: leak}, tmp_path)  # gone
+    stat(12, 700)
+    assert not reused(12, {}, {12: leak}, tmp_path)  # born during the window, still there
 
 
 @pytest.mark.asyncio

@@ -54,6 +54,7 @@ class Proc:
     count: int
     unit: str | None
     name: str
+    start: int  # starttime in clock ticks since boot (/proc/PID/stat field 22): the pid's identity
 
 
 def service_unit(cgroup_text: str) -> str | None:
@@ -110,16 +111,28 @@ def scan(table: str, proc: Path) -> dict[int, Proc]:
             continue
         name, _, rest = stat.partition(" (")[2].rpartition(") ")
         fields = rest.split()
-        if len(fields) < 18:
+        if len(fields) < 20:
             continue
-        ppid, threads = int(fields[1]), int(fields[17])
+        ppid, threads, start = int(fields[1]), int(fields[17]), int(fields[19])
         if pid == 2 or ppid == 2:  # kernel threads hold no table entries of their own
             continue
         count = _count(proc, pid, table, threads)
         if count is None:
             continue
-        out[pid] = Proc(ppid, count, service_unit(cgroup), name)
+        out[pid] = Proc(ppid, count, service_unit(cgroup), name, start)
     return out
+
+
+def reused(pid: int, before: Mapping[int, Proc], now: Mapping[int, Proc], proc: Path) -> bool:
+    """Whether ``pid`` named another process in the first scan, or names another one now than in
+    the second: its growth would be two processes' difference, and the signal would hit a stranger."""
+    if pid in before and before[pid].start != now[pid].start:
+        return True
+    try:
+        fields = (proc / f"{pid}/stat").read_text().rpartition(") ")[2].split()
+        return int(fields[19]) != now[pid].start
+    except (OSError, ValueError, IndexError):
+        return True  # gone (or unreadable): nothing to stop
 
 
 def host_count(table: str, sysctl_root: str) -> tuple[int | None, int | None]:
@@ -247,6 +260,10 @@ async def stop_leaker(params: Mapping[str, Any], ctx: ActionContext) -> ActionRe
         victim = psutil.Process(pid)
     except psutil.Error as exc:
         return ActionResult(ok=False, data=data, detail=f"{evidence}; pid {pid}: {exc}")
+    if reused(pid, before, now, proc):
+        return ActionResult(ok=False, data=data, detail=f"{evidence}; not stopped: pid {pid} is not the "
+                                                         "process the scans counted (it exited; the pid "
+                                                         "was reused)")
     why = protection(victim, ctx.settings)
     if why is not None:
         return ActionResult(ok=False, data=data, detail=f"{evidence}; not stopped: {why}")
