@@ -8,6 +8,28 @@ from broker import mosquitto, mosquitto_factory, tls_certs
 
 __all__ = ["mosquitto", "mosquitto_factory", "structlog_defaults", "tls_certs"]
 
+#: The suite runs on several pytest-xdist workers at once (``--dist loadgroup``, pyproject.toml): most
+#: of its time is spent waiting on real daemons, brokers and timers, not on a core. Files whose
+#: tests share one host-wide resource run on one worker, one test after another.
+SHARED = {
+    # heald's own freezer group (/sys/fs/cgroup/freezer/heald-frozen): its records and its removal
+    "test_security_proc.py": "freezer",
+    "test_security_edges.py": "freezer",
+    # both count "heald-zombie-maker" zombies host-wide
+    "test_act_actions.py": "zombies",
+    "test_playbooks_shipped.py": "zombies",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow tests first (a long one started last would be the suite's tail), then the rest;
+    the order within each is the files' own."""
+    for item in items:
+        group = SHARED.get(item.path.name)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
 
 @pytest.fixture(autouse=True)
 def structlog_defaults() -> Iterator[None]:

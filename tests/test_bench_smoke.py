@@ -174,10 +174,11 @@ def test_stage_cost_window_keeps_the_last_samples() -> None:
 
 SCRIPTS: list[Any] = [
     # (script, extra args, text its table prints, starts heald run)
-    pytest.param("agent_overhead.py", [], "heald as fleet nodes run it", True, marks=NEEDS_MOSQUITTO),
-    pytest.param("soak_memory.py", [], "rss_peak_mib", True, marks=NEEDS_MOSQUITTO),
+    pytest.param("agent_overhead.py", [], "heald as fleet nodes run it", True,
+                 marks=[NEEDS_MOSQUITTO, pytest.mark.slow]),
+    pytest.param("soak_memory.py", [], "rss_peak_mib", True, marks=[NEEDS_MOSQUITTO, pytest.mark.slow]),
     pytest.param("pipeline_cost.py", ["--in-daemon"], "score + decide, per sample", True,
-                 marks=NEEDS_MOSQUITTO),
+                 marks=[NEEDS_MOSQUITTO, pytest.mark.slow]),
     pytest.param("pipeline_cost.py", [], "RiskStage.on_sample", False),
     pytest.param("time_to_heal.py", [], "SIGKILL -> new heald-bw", False),
     pytest.param("monit_restart.py", [], "monit", False,
@@ -189,7 +190,7 @@ SCRIPTS: list[Any] = [
     pytest.param("wire_codec.py", [], "mp bytes", False),
     pytest.param("spool_replay.py", [], "replay s", False, marks=NEEDS_MOSQUITTO),
     pytest.param("coordinator_ingest.py", [], "processed/s", False, marks=NEEDS_MOSQUITTO),
-    pytest.param("notify_scan.py", [], "after every node reported again", False),
+    pytest.param("notify_scan.py", [], "after every node reported again", False, marks=pytest.mark.slow),
     pytest.param("security_faultfree.py", [], "| ssh-brute-force | 0 | 0 | security |", True,
                  marks=[ROOT_ONLY, pytest.mark.slow,
                         pytest.mark.skipif(not Path("/usr/sbin/sshd").exists(),

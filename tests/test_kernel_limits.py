@@ -314,6 +314,7 @@ def test_fd_limit_parsing_and_the_host_tables(tmp_path: Path) -> None:
     assert 0 < (m["net.conntrack.eta_s"] or 0) < 10  # 500 left at ~2000/s
 
 
+@pytest.mark.slow
 @pytest.mark.asyncio
 async def test_a_filling_conntrack_table_gets_a_raised_max_then_escalates(tmp_path: Path) -> None:
     """The gentle step of conntrack-table-full, as shipped: before the table is full,
@@ -384,6 +385,7 @@ async def file_table_after_a_raise(tmp_path: Path, *, leak_after_raise: float) -
     return raised_at, ends[0]["outcome"] if ends else "(no verdict)"
 
 
+@pytest.mark.slow
 @pytest.mark.asyncio
 async def test_a_raise_that_leaves_the_leak_going_escalates(tmp_path: Path) -> None:
     """The raise doubles fs.file-max (the table drops to ~30 %, under the ETA branch's 50 % floor)
@@ -395,6 +397,7 @@ async def test_a_raise_that_leaves_the_leak_going_escalates(tmp_path: Path) -> N
     assert outcome == "escalated"
 
 
+@pytest.mark.slow
 @pytest.mark.asyncio
 async def test_a_raise_after_which_the_count_stops_is_healed(tmp_path: Path) -> None:
     raised_at, outcome = await file_table_after_a_raise(tmp_path, leak_after_raise=0.0)

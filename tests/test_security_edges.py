@@ -333,7 +333,10 @@ def test_block_address_with_the_state_dir_full_blocks_and_the_audit_catches_up(t
             disk.fill()
             t_attack = time.time()
             attack(auth_log, 12)
-            wait("the block", lambda: in_set(ns, SRC), 10, 0.1)
+            try:
+                wait("the block", lambda: in_set(ns, SRC), 10, 0.1)
+            except AssertionError as exc:  # a CI failure once: say what the agent did meanwhile
+                raise AssertionError(f"{exc}\n{agent.text()[-6000:]}") from None
             finished = wait("the run's end in the log", lambda: [
                 x for x in agent.lines() if x["event"] == "playbook run finished"], 40, 0.3)
             assert finished[0]["outcome"] == "succeeded", agent.text()[-3000:]
