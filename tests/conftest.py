@@ -18,17 +18,30 @@ SHARED = {
     # both count "heald-zombie-maker" zombies host-wide
     "test_act_actions.py": "zombies",
     "test_playbooks_shipped.py": "zombies",
+    # its module fixture builds the .deb when HEALD_DEB is unset (minutes): once, not once a worker
+    "test_deb.py": "deb",
 }
+#: The files of the longest tests (minutes each, by the --durations of the last runs), started
+#: first in this order: one of them started last would be the whole suite's tail.
+LONGEST = ("test_predictive_heal_bench.py", "test_fleet_chaos.py", "test_demand_e2e.py",
+           "test_degraded_daemon.py", "test_report_transport.py", "test_memory_predicted.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The slow tests first (a long one started last would be the suite's tail), then the rest;
-    the order within each is the files' own."""
+    """The slow tests of the LONGEST files, then the other slow tests, then the rest (a long test
+    started last would be the suite's tail); the order within each is the files' own."""
     for item in items:
         group = SHARED.get(item.path.name)
         if group is not None:
             item.add_marker(pytest.mark.xdist_group(group))
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+    def rank(item: pytest.Item) -> tuple[int, int]:
+        if item.get_closest_marker("slow") is None:
+            return (2, 0)
+        name = item.path.name
+        return (0, LONGEST.index(name)) if name in LONGEST else (1, 0)
+
+    items.sort(key=rank)
 
 
 @pytest.fixture(autouse=True)
