@@ -5,8 +5,9 @@ from collections.abc import Iterator
 import pytest
 import structlog
 from broker import mosquitto, mosquitto_factory, tls_certs
+from exclusive import exclusive_lock
 
-__all__ = ["mosquitto", "mosquitto_factory", "structlog_defaults", "tls_certs"]
+__all__ = ["exclusive_lock", "mosquitto", "mosquitto_factory", "structlog_defaults", "tls_certs"]
 
 #: The suite runs on several pytest-xdist workers at once (``--dist loadgroup``, pyproject.toml): most
 #: of its time is spent waiting on real daemons, brokers and timers, not on a core. Files whose
@@ -27,15 +28,19 @@ LONGEST = ("test_predictive_heal_bench.py", "test_fleet_chaos.py", "test_demand_
            "test_degraded_daemon.py", "test_report_transport.py", "test_memory_predicted.py")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the xdist_group marks
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The slow tests of the LONGEST files, then the other slow tests, then the rest (a long test
-    started last would be the suite's tail); the order within each is the files' own."""
+    started last would be the suite's tail), then the exclusive ones (tests/exclusive.py: when
+    only short tests are left to wait for); the order within each is the files' own."""
     for item in items:
         group = SHARED.get(item.path.name)
         if group is not None:
             item.add_marker(pytest.mark.xdist_group(group))
 
     def rank(item: pytest.Item) -> tuple[int, int]:
+        if item.get_closest_marker("exclusive") is not None:
+            return (3, 0)
         if item.get_closest_marker("slow") is None:
             return (2, 0)
         name = item.path.name

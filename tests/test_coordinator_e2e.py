@@ -161,6 +161,7 @@ async def inject_fault(port: int, node: str) -> None:
     await asyncio.sleep(0.1)  # let paho close its socket before asyncio.run() closes the loop
 
 
+@pytest.mark.exclusive  # a quiet host: see tests/exclusive.py
 def test_two_real_agents_and_a_fault(
     coordinator_proc: CoordinatorProcess,
     agents: dict[str, subprocess.Popen[bytes]],

@@ -80,6 +80,7 @@ def _fleet_cost(coord: CoordinatorProcess, *extra: str) -> subprocess.CompletedP
                           env=dict(os.environ, PYTHONPATH=str(REPO)))
 
 
+@pytest.mark.exclusive  # a quiet host: see tests/exclusive.py
 def test_a_real_agents_cost_summaries_on_the_page_and_in_the_cli(
         coord: CoordinatorProcess, agent: subprocess.Popen[bytes], tmp_path: Path) -> None:
     # at least three summaries (6 s of sample time) stored
