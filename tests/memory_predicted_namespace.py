@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this tree's agent, whatever is installed
 from playbook_kit import idle, make_engine, risk, running, sample
 
 from agent.collect.memory import MemoryCollector

@@ -66,7 +66,7 @@ os.kill(os.getpid(), signal.SIGTERM)
 
 
 async def agent(d: Path) -> None:
-    sys.path.insert(0, str(HERE))
+    sys.path[:0] = [str(HERE.parent), str(HERE)]  # this tree's agent, whatever is installed
     from playbook_kit import risk, sample  # noqa: PLC0415
 
     from agent.act.engine import Engine  # noqa: PLC0415

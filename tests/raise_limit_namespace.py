@@ -61,7 +61,7 @@ exit $rc
 
 
 async def agent(d: Path) -> None:
-    sys.path.insert(0, str(HERE))
+    sys.path[:0] = [str(HERE.parent), str(HERE)]  # this tree's agent, whatever is installed
     from playbook_kit import sample  # noqa: PLC0415
 
     from agent.act.engine import Engine  # noqa: PLC0415

@@ -41,6 +41,7 @@ def _proc_idle_ticks() -> dict[str, int]:
     return out
 
 
+@pytest.mark.exclusive  # a quiet host: see tests/exclusive.py
 @pytest.mark.slow
 def test_idle_core_hours_under_stress_ng_match_proc_stat_within_5_percent() -> None:
     """stress-ng loads cpu0 at 50% for 25 s; the meter, fed by the real cpu collector each second,

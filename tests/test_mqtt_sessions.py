@@ -196,6 +196,7 @@ def scenario(broker: Broker, tmp_path: Path, *, clean: bool) -> Count:
         coord.stop()
 
 
+@pytest.mark.exclusive  # a quiet host: see tests/exclusive.py
 def test_persistent_sessions_lose_nothing_across_broker_and_coordinator_restarts(
         mosquitto_factory: BrokerFactory, tmp_path: Path) -> None:
     """The defaults: persistent sessions on both sides, and a broker with persistence."""
@@ -214,6 +215,7 @@ def test_persistent_sessions_lose_nothing_across_broker_and_coordinator_restarts
     assert broker.starts == 5
 
 
+@pytest.mark.exclusive  # a quiet host: see tests/exclusive.py
 def test_clean_sessions_lose_reports(mosquitto: Broker, tmp_path: Path) -> None:
     """The old default, for contrast, in the same scenario: clean sessions and a broker without
     persistence. At least what the broker acknowledged while the coordinator was away (five

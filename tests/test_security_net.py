@@ -747,6 +747,7 @@ def _counted(log: Path, src: str) -> int:
     return sum(1 for hit in hits if hit is not None and hit[1] == src)
 
 
+@pytest.mark.exclusive  # a quiet host: see tests/exclusive.py
 @pytest.mark.slow
 @needs_sshd
 def test_brute_force_blocked_within_5s_allow_list_never_new_listener_escalates(
