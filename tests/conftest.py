@@ -36,6 +36,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         group = SHARED.get(item.path.name)
         if group is not None:
+            if item.get_closest_marker("exclusive") is not None:
+                # a group is scheduled by its first test: an exclusive one in it would start early,
+                # wait for a long test to end and stall every worker behind the turnstile
+                raise pytest.UsageError(f"{item.nodeid}: an exclusive test cannot be in group {group!r}")
             item.add_marker(pytest.mark.xdist_group(group))
 
     def rank(item: pytest.Item) -> tuple[int, int]:

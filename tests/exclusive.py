@@ -2,8 +2,8 @@
 
 Their premise is a quiet host (a model fitted on the host's own CPU, then a CPU hog that must look
 anomalous; idle core-hours above zero; CPU accounting against stress-ng; a count of reports a
-starved agent does not reach; a block verified before its short test timeout runs out): with three
-other workers busy it does not hold, and each of these failed in a 4-worker run. Every test
+starved agent does not reach; a block verified before its short test timeout runs out): with other
+workers busy it does not hold, and each of these failed in a 4-worker run. Every test
 takes a shared lock for its run, an exclusive one the exclusive lock; a turnstile in front stops new
 tests from starting while an exclusive one waits, so it is not starved. tests/conftest.py orders
 the exclusive tests last, when the other workers only have short tests left (pytest-timeout counts

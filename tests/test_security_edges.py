@@ -310,7 +310,6 @@ def test_block_address_kill9_after_the_add_then_restart_keeps_the_verdict(tmp_pa
                     a.stop()
 
 
-@pytest.mark.exclusive  # a quiet host: see tests/exclusive.py
 @pytest.mark.slow
 @pytest.mark.root
 @needs_netns
