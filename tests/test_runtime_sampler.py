@@ -7,13 +7,18 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from agent.collect.sample import Event, Reading
 from agent.errors import CollectorUnavailable
+from agent.runtime.config import load_config
+from agent.runtime.daemon import Daemon
 from agent.runtime.sampler import Sampler
+from agent.runtime.sdnotify import Notifier
+from devtools.fake_nvml import FakeNVML
 
 
 class Fake:
@@ -188,3 +193,61 @@ def test_a_stop_that_races_a_finished_pass_is_not_swallowed() -> None:
         return swallowed
 
     assert asyncio.run(sweep()) == []
+
+
+class _GatedNVML(FakeNVML):
+    """A GPU whose nvmlInit (the gpu collector's start) waits until the test opens the gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+
+    def nvmlInit(self) -> None:  # noqa: N802 - pynvml names
+        self.entered.set()
+        self.gate.wait(10)
+        super().nvmlInit()
+
+
+class _Notes(Notifier):
+    """The daemon's notifier with no socket (not under systemd), recording what it would send."""
+
+    def __init__(self) -> None:
+        super().__init__("")
+        self.sent: list[dict[str, str | int]] = []
+
+    def notify(self, **fields: str | int) -> bool:
+        self.sent.append(fields)
+        return super().notify(**fields)
+
+
+def test_ready_only_once_every_collector_has_started(tmp_path: Path) -> None:
+    """READY=1 (what `systemctl start` waits for) and "heald ready" come after the last collector's
+    start(): an auth log is followed from where it ends at its collector's start, so a line
+    written after READY must be seen. Before, READY went out with the tasks merely created (a CI
+    run's brute-force lines, written right after start, were skipped as history)."""
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f'[node]\nid = "n1"\n[paths]\nstate_dir = "{tmp_path / "state"}"\n'
+                   f'runtime_dir = "{tmp_path / "run"}"\n[model]\nenabled = false\n')
+    nvml = _GatedNVML()
+    daemon = Daemon(load_config(cfg, env={}), cfg, nvml=nvml)
+    notes = _Notes()
+    daemon.notifier = notes
+    seen: list[tuple[bool, bool]] = []
+
+    async def go() -> int:
+        task = asyncio.create_task(daemon.run())
+        await asyncio.to_thread(nvml.entered.wait, 10)
+        await asyncio.sleep(1.0)  # every other collector has started by now
+        seen.append((any("READY" in n for n in notes.sent), daemon.sampler.statuses()["gpu"] == "starting"))
+        nvml.gate.set()
+        for _ in range(100):
+            if any("READY" in n for n in notes.sent):
+                break
+            await asyncio.sleep(0.05)
+        seen.append((any("READY" in n for n in notes.sent), daemon.sampler.statuses()["gpu"] == "ok"))
+        daemon.request_stop()
+        return await task
+
+    assert asyncio.run(go()) == 0
+    assert seen == [(False, True), (True, True)]

@@ -149,7 +149,9 @@ class Agent:
     def wait_started(self) -> None:
         wait("the agent's start", lambda: "heald starting" in self.text() or self.proc.poll() is not None, 60)
         assert self.proc.poll() is None, self.text()[-3000:]
-        wait("the first sample", lambda: "playbooks loaded" in self.text(), 30)
+        # every collector started: the auth log is followed from here on (lines written before
+        # its collector's start are history, not an attack now)
+        wait("the collectors' start", lambda: '"heald ready"' in self.text(), 30)
 
     def stop(self, sig: int = signal.SIGTERM, within: float = 30) -> int:
         if self.proc.poll() is None:

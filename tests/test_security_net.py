@@ -824,7 +824,7 @@ port = 1883
                              stdout=agent_log, stderr=subprocess.STDOUT)
     procs.append(agent)
     try:
-        _wait("the agent's start", lambda: "heald starting" in (tmp_path / "agent.log").read_text(), 30)
+        _wait("the agent's start", lambda: "heald ready" in (tmp_path / "agent.log").read_text(), 30)
         time.sleep(3.0)  # past the listeners' baseline window (sshd's port is in it)
         known = tmp_path / "known_hosts"
         # A new listener in the node's namespace, after the baseline: escalated once it stays

@@ -176,6 +176,17 @@ class Daemon:
             self._reload.clear()
             await self.reload()
 
+    async def _ready(self) -> None:
+        """READY=1 once every collector has started (each start is bounded by its own timeout):
+        from then on the node is watched, e.g. an auth log is followed from where it ended then,
+        so a caller that waits for READY (``systemctl start``) or for "heald ready" in the log
+        knows that what it writes next is seen. We do not wait for the network or the broker."""
+        await self.sampler.wait_started()
+        statuses = self.sampler.statuses()
+        log.info("heald ready", collectors_ok=sorted(n for n, st in statuses.items() if st == "ok"),
+                 collectors_not_ok={n: st for n, st in statuses.items() if st != "ok"})
+        self.notifier.notify(READY=1, STATUS="sampling", MAINPID=os.getpid())
+
     async def _stop_waiter(self) -> None:
         await self._stop.wait()
         raise _Stop
@@ -261,8 +272,7 @@ class Daemon:
                 for name, factory in self._extra:
                     tg.create_task(factory(), name=name)
                 tg.create_task(self._stop_waiter(), name="stop")
-                # READY once loaded: we do not wait for the network or the broker.
-                self.notifier.notify(READY=1, STATUS="sampling", MAINPID=os.getpid())
+                tg.create_task(self._ready(), name="ready")
         except* _Stop:
             pass
         finally:

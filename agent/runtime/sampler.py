@@ -65,6 +65,12 @@ class Sampler:
         self._executor = ThreadPoolExecutor(max_workers=max(2, len(collectors) + 1),
                                             thread_name_prefix="heald-collect")
         self._pending: dict[str, Future[list[tuple[str, Reading | Exception, float]]]] = {}
+        # Set once every collector has had its start() (ok, absent or disabled): from then on the
+        # node is watched (an auth log is followed from its end as of then: see ``wait_started``).
+        self._unstarted = set(self._slots)
+        self._all_started = asyncio.Event()
+        if not self._unstarted:
+            self._all_started.set()
 
     @property
     def names(self) -> list[str]:
@@ -76,7 +82,22 @@ class Sampler:
         async with asyncio.timeout(budget_s):  # never asyncio.wait_for here (tests/test_architecture.py)
             return await asyncio.shield(fut)
 
+    async def wait_started(self) -> None:
+        """Return once every collector's start() has returned (or failed, or timed out)."""
+        await self._all_started.wait()
+
+    def _started(self, name: str) -> None:
+        self._unstarted.discard(name)
+        if not self._unstarted:
+            self._all_started.set()
+
     async def start_collector(self, name: str) -> bool:
+        try:
+            return await self._start_collector(name)
+        finally:
+            self._started(name)
+
+    async def _start_collector(self, name: str) -> bool:
         slot = self._slots[name]
         c = slot.collector
         try:
@@ -211,6 +232,10 @@ class Sampler:
             else:
                 out.append((name,))
         return [tuple(g) for g in inline.values()] + [tuple(g) for g in groups.values()] + out
+
+    def statuses(self) -> dict[str, str]:
+        """Each collector's status now (starting, ok, late, failing, absent, disabled)."""
+        return {name: slot.status for name, slot in self._slots.items()}
 
     def assemble(self) -> Sample:
         """One Sample from the latest readings; stale collectors' metrics are reported missing."""
