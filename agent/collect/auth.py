@@ -17,7 +17,8 @@ them hostile input directly):
   at most ``max_sources`` sources (least recently failing forgotten first).
 * :class:`FileTail` follows one log file by (device, inode, offset): rotation (the old file is
   read to its end first), truncation (read again from the start, nothing counted twice) and
-  over-long lines (cut) are handled; a pass reads at most a budget.
+  over-long lines (cut) are handled; a pass reads at most a budget. :meth:`FileTail.position`
+  and :meth:`FileTail.resume` let a restart go on where the last run stood.
 * :class:`JournalFollower` keeps one ``journalctl --follow --output=json`` child and resumes it
   at the last cursor if it dies, so no entry is lost or counted twice.
 """
@@ -210,10 +211,12 @@ class _Lines:
         self.max_line = max_line
         self._partial = b""
         self._overflow = False
+        self.pending = 0  # bytes fed since the last newline (the partial line, uncut)
 
     def feed(self, data: bytes) -> list[bytes]:
         out: list[bytes] = []
         parts = data.split(b"\n")
+        self.pending = len(parts[-1]) if len(parts) > 1 else self.pending + len(data)
         for i, part in enumerate(parts):
             last = i == len(parts) - 1
             if not self._overflow:
@@ -230,6 +233,24 @@ class _Lines:
     def reset(self) -> None:
         self._partial = b""
         self._overflow = False
+        self.pending = 0
+
+
+def _checked_position(saved: Any) -> tuple[int, int, int, bytes] | None:
+    """(dev, inode, offset, head) of a saved :meth:`FileTail.position`; None if it is not one."""
+    if not isinstance(saved, dict):
+        return None
+    nums = [saved.get(k) for k in ("dev", "ino", "offset")]
+    head = saved.get("head")
+    if not all(type(n) is int and 0 <= n < 1 << 63 for n in nums) or not isinstance(head, str) \
+            or len(head) > 2 * _HEAD:
+        return None
+    try:
+        raw = bytes.fromhex(head)
+    except ValueError:
+        return None
+    dev, ino, offset = (int(n) for n in nums)  # type: ignore[arg-type]  # checked above
+    return dev, ino, offset, raw
 
 
 class FileTail:
@@ -259,6 +280,115 @@ class FileTail:
         self._head = os.pread(fd, min(_HEAD, self.offset), 0)
         self._from_end = False
         self._lines.reset()
+
+    def position(self) -> dict[str, Any] | None:
+        """Where this tail stands, for a restart: the file followed now (device, inode: while a
+        rotated file is drained, that one), the offset of the first line not read whole (a
+        partial line is read again whole, never half) and the file's first bytes (hex); None
+        while no file is open."""
+        if self._fd is None or self._id is None:
+            return None
+        return {"path": self.path, "dev": self._id[0], "ino": self._id[1],
+                "offset": self.offset - self._lines.pending, "head": self._head.hex()}
+
+    def resume(self, saved: Any, saved_wall: float) -> str:
+        """Before the first :meth:`poll`: go on where a previous run stood (``saved``: what
+        :meth:`position` gave, None when no file was open then; ``saved_wall``: when it was
+        saved). The caller only asks while that is younger than the failure window.
+
+        * the same file (device and inode, the same first bytes, at least as long): from the saved
+          offset: ``"resumed"``;
+        * the saved file renamed in the same directory (``auth.log.1``: rotated while heald was
+          down): its rest from the saved offset, then the new file from its start: ``"rotated"``;
+        * the saved file gone (or no file then), or truncated or rewritten in place (its first
+          bytes differ, shorter than the offset: copytruncate, or its inode reused by a new
+          file): the file now from its start when it was written after the save (``"new..."``),
+          else from its end (``"end..."``);
+        * ``"refused: WHY"`` when the saved position cannot be this file's (garbage, another
+          file's inode): from the end, as a fresh start (the caller warns).
+
+        Nothing is counted twice: the offset is never before what was read into the window that
+        the caller restored with it, and a rotated file's new successor has had no line read yet.
+        """
+        self._from_end = True
+        dev = ino = offset = -1
+        head = b""
+        if saved is not None and (not isinstance(saved, dict) or "dev" in saved):
+            checked = _checked_position(saved)
+            if checked is None:
+                return "refused: not a position heald saved"
+            dev, ino, offset, head = checked
+        try:
+            st: os.stat_result | None = os.stat(self.path)
+        except OSError:
+            st = None
+        # Written (or created) after the save: a file that replaced the saved one then holds no
+        # line the last run read. (Its birth time would say more; Python cannot read it here.)
+        changed = st is None or st.st_mtime >= saved_wall - 1.0
+        if ino < 0 or st is None or (st.st_dev, st.st_ino) != (dev, ino):
+            if ino >= 0:
+                found = self._sibling(dev, ino)
+                if found == "":
+                    return "refused: its inode is another file's"
+                if found is not None and self._open_at(found, (dev, ino), offset, head):
+                    self._from_end = not changed  # for the new file, once the old one is drained
+                    return "rotated"
+                if found is not None:
+                    return "end: the rotated file was rewritten"
+            self._from_end = not changed
+            return "end" if self._from_end else "new"
+        if not self._open_at(self.path, (dev, ino), offset, head):
+            self._from_end = not changed
+            return "end: rewritten before the save" if self._from_end \
+                else "new: rewritten while heald was down"
+        self._from_end = False  # a file rotated in later is new: from its start
+        return "resumed"
+
+    def _sibling(self, dev: int, ino: int) -> str | None:
+        """The path of the file (dev, ino) in this tail's directory when it is named like a
+        rotation of it (``auth.log.1``, ``auth.log-20260101``); "" when another file has it;
+        None when no entry has it (at most 4096 entries are looked at)."""
+        folder, base = os.path.split(self.path)
+        try:
+            with os.scandir(folder or ".") as entries:
+                for i, entry in enumerate(entries):
+                    if i >= 4096:
+                        return None
+                    if entry.inode() != ino or entry.name == base:
+                        continue
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    if st.st_dev != dev:
+                        continue
+                    if entry.name.startswith(base) and entry.name[len(base):len(base) + 1] in {".", "-", "_"}:
+                        return entry.path
+                    return ""
+        except OSError:
+            return None
+        return None
+
+    def _open_at(self, path: str, ident: tuple[int, int], offset: int, head: bytes) -> bool:
+        """Open ``path`` at ``offset`` if it is the file ``ident`` with these first bytes and at
+        least ``offset`` long."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            real = os.fstat(fd)
+            ok = (real.st_dev, real.st_ino) == ident and real.st_size >= offset \
+                and os.pread(fd, len(head), 0) == head
+        except OSError:
+            ok = False
+        if not ok:
+            os.close(fd)
+            return False
+        self.close()
+        self._fd, self._id, self.offset, self._head = fd, ident, offset, head
+        self._lines.reset()
+        return True
 
     def _read(self, budget: int) -> tuple[list[bytes], int]:
         out: list[bytes] = []

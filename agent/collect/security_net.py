@@ -19,6 +19,11 @@ node's baseline; one seen later for the first time is a ``sec.new_listener`` eve
 directory the baseline, when it was first learned and the listeners reported are kept in
 ``STATE/security/listeners.json``: a restart neither learns nor reports them again.
 
+With a state directory where each auth source stood is kept too (``STATE/security/auth_tails.json``
+and inside ``auth_window.json``): a restart younger than ``window_s`` resumes there, so failures
+written while heald was down are counted, once (:meth:`SecurityNetCollector._resume`,
+:meth:`agent.collect.auth.FileTail.resume`).
+
 With a state directory the failure window of the sources reported by label is kept too, in
 ``STATE/security/auth_window.json`` (rewritten when their counts change, so at most once a pass,
 and never while no source fails): a restart (a kill -9 in the middle of a block) goes on counting
@@ -52,10 +57,14 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
+
+import structlog
 
 from agent.collect.auth import LOCAL, OTHER, FailureWindow, FileTail, JournalFollower, parse
 from agent.collect.base import BaseCollector
@@ -68,6 +77,16 @@ _LISTEN = {"tcp": "0A", "udp": "07"}
 _MAX_EXE = 256
 _MAX_NEW_SERIES = 64
 _MAX_WINDOW_FILE = 1 << 20  # auth_window.json holds at most max_series (256) sources of ~31 buckets
+_MAX_TAILS_FILE = 1 << 20  # auth_tails.json: a few paths and a journal cursor
+_TAILS_EVERY_S = 10.0  # positions alone (no count changed) are saved at most this often
+
+log = structlog.get_logger("heald.collect.security_net")
+
+
+def _seq(doc: dict[str, Any]) -> int:
+    """The save number of a state file (0: none, or not one heald wrote)."""
+    seq = doc.get("seq")
+    return seq if type(seq) is int and 0 <= seq < 1 << 62 else 0
 
 
 def _hex_addr(text: str) -> tuple[str, int] | None:
@@ -123,6 +142,16 @@ class SecurityNetCollector(BaseCollector[SecurityNetSettings]):
         self._base_dirty = False
         self._window_path = None if state_dir is None else Path(state_dir) / "security" / "auth_window.json"
         self._window_saved: object = ()  # what the file holds: (source, failures, recent) of each
+        # Where the auth sources stood (file positions, the journal cursor), for a restart: in
+        # auth_tails.json when only they moved (at most every _TAILS_EVERY_S), and in
+        # auth_window.json with every window write, so the newer of the two always matches the
+        # counts restored with it.
+        self._tails_path = None if state_dir is None else Path(state_dir) / "security" / "auth_tails.json"
+        self._tails_saved: object = None
+        self._tails_written = -1e18
+        self._window_positions: tuple[int, float, Any] | None = None  # (seq, wall, positions) in the window
+        self._seq = 0  # both files' saves, numbered: the higher is the newer (a wall clock can step back)
+        self.resumed: dict[str, str] = {}  # auth source -> how it was resumed at start (the detail)
         s = self.settings
         self.window = FailureWindow(s.window_s, s.max_sources)
         self._journal: JournalFollower | None = None
@@ -146,9 +175,10 @@ class SecurityNetCollector(BaseCollector[SecurityNetSettings]):
             self.auth_source = "journal"
         else:
             self._tails = [FileTail(p, max_line=s.max_line_bytes, from_end=True) for p in s.auth_files]
-            for t in self._tails:  # open the existing files now, at their end
-                t.poll(0)
             self.auth_source = "files"
+        self._resume()
+        for t in self._tails:  # open the existing files now: at their end, or where the last run stood
+            t.poll(0)
         if not s.listeners and not self._journal and not self._tails:
             raise CollectorUnavailable("no auth source configured and listeners off")
 
@@ -193,12 +223,15 @@ class SecurityNetCollector(BaseCollector[SecurityNetSettings]):
         m["sec.auth_sources"] = float(len(counts))
         m["sec.auth_failures_total"] = float(self.window.total)
         m["sec.auth_sources_forgotten"] = float(self.window.forgotten)
-        self._save_window(now, tuple((src, total, recent) for src, (total, recent) in ranked[: s.max_series]))
+        state = tuple((src, total, recent) for src, (total, recent) in ranked[: s.max_series])
+        if self._save_window(now, state):
+            self._save_tails(now)  # only behind a window file that holds what was read before them
         reading.detail["auth"] = {
             "source": self.auth_source, "window_s": s.window_s, "recent_s": s.recent_s,
             "sources": sources, "lines": self._counts["lines"], "failures": self._counts["parsed"],
             "files": [{"path": t.path, "offset": t.offset, "rotations": t.rotations,
                        "truncations": t.truncations} for t in self._tails],
+            "resumed": self.resumed,
         }
 
     # ------------------------------------------------------------------ listeners
@@ -343,17 +376,130 @@ class SecurityNetCollector(BaseCollector[SecurityNetSettings]):
             elapsed = max(0.0, time.time() - float(doc["wall"]))
             if self.window.restore(time.monotonic(), doc.get("sources"), elapsed):
                 self._window_saved = None  # rewritten at the first pass
+            if "positions" in doc:
+                self._window_positions = (_seq(doc), float(doc["wall"]), doc["positions"])
 
-    def _save_window(self, now: float, state: tuple[tuple[str, int, int], ...]) -> None:
+    def _save_window(self, now: float, state: tuple[tuple[str, int, int], ...]) -> bool:
+        """Rewrite auth_window.json if the reported counts changed; whether it is up to date."""
         if self._window_path is None or state == self._window_saved:
-            return
-        doc = {"version": 1, "wall": time.time(), "sources": self.window.export(now, (s[0] for s in state))}
+            return True
+        positions = self._positions()
+        self._seq += 1
+        doc = {"version": 1, "wall": time.time(), "sources": self.window.export(now, (s[0] for s in state)),
+               "positions": positions, "seq": self._seq}
         try:
             self._window_path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(self._window_path, json.dumps(doc).encode())
         except OSError:
-            return  # a full or read-only state dir: tried again at the next pass
+            return False  # a full or read-only state dir: tried again at the next pass
         self._window_saved = state
+        self._tails_saved = positions  # the newer file holds them
+        return True
+
+    # ------------------------------------------------------------------ where the auth sources stood
+
+    def _positions(self) -> dict[str, Any]:
+        return {"files": [t.position() or {"path": t.path} for t in self._tails],
+                "journal": self._journal.cursor if self._journal is not None else ""}
+
+    def _save_tails(self, now: float) -> None:
+        """auth_tails.json, when the positions moved and at most every _TAILS_EVERY_S (lines that
+        changed a reported count rewrote auth_window.json, positions included, already)."""
+        if self._tails_path is None or now - self._tails_written < _TAILS_EVERY_S:
+            return
+        positions = self._positions()
+        if positions == self._tails_saved:
+            return
+        self._tails_written = now
+        self._seq += 1
+        try:
+            self._tails_path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(self._tails_path, json.dumps({"version": 1, "wall": time.time(), "seq": self._seq,
+                                                       "positions": positions}).encode())
+        except OSError:
+            return  # a full or read-only state dir: tried again later; the tails go on in memory
+        self._tails_saved = positions
+
+    def _saved_positions(self) -> tuple[float, Any] | str | None:
+        """The newer of the positions in auth_tails.json and in auth_window.json: (wall,
+        positions); None when there are none; a string saying why a file was refused."""
+        found = self._window_positions
+        if found is not None:
+            self._seq = max(self._seq, found[0])
+        if self._tails_path is None:
+            return None if found is None else found[1:]
+        try:
+            with self._tails_path.open("rb") as f:
+                raw = f.read(_MAX_TAILS_FILE + 1)
+        except FileNotFoundError:
+            return None if found is None else found[1:]
+        except OSError as exc:
+            return f"unreadable: {exc}"
+        if len(raw) > _MAX_TAILS_FILE:
+            return "not a file heald wrote (over 1 MiB)"
+        try:
+            doc = json.loads(raw)
+        except (ValueError, RecursionError):
+            return "not a file heald wrote (not JSON)"
+        wall = doc.get("wall") if isinstance(doc, dict) else None
+        if not isinstance(wall, int | float) or isinstance(wall, bool) or not math.isfinite(wall) \
+                or not isinstance(doc.get("positions"), dict):
+            return "not a file heald wrote (no wall time or positions)"
+        seq = _seq(doc)
+        self._seq = max(self._seq, seq)
+        if found is None or seq > found[0] or (seq == found[0] and float(wall) >= found[1]):
+            return float(wall), doc["positions"]
+        return found[1:]
+
+    def _resume(self) -> None:
+        """Go on reading the auth sources where the last run stood when that is younger than the
+        failure window, else from their end (see docs/security.md).
+
+        The lines written while heald was down are counted as failing now, not when they were
+        written: each was written after the saved position, so less than ``window_s`` ago, and
+        is in the window either way; it stays in it at most the downtime longer than it would
+        have (the counts can only be higher by lines that are real and recent, never by history
+        from before the window)."""
+        saved = self._saved_positions()
+        refused: dict[str, str] = {}
+        if isinstance(saved, str):
+            refused["state"] = saved
+            saved = None
+        elif saved is not None:
+            wall, positions = saved
+            age = time.time() - wall
+            if not (math.isfinite(age) and -5.0 <= age < self.settings.window_s):
+                if not (math.isfinite(age) and age >= 0):
+                    refused["state"] = f"saved in the future or at no time ({wall!r})"
+                saved = None
+            elif not isinstance(positions, dict):
+                refused["state"] = "not a file heald wrote"
+                saved = None
+        if saved is not None:
+            wall, positions = saved
+            files = positions.get("files")
+            files = files[:64] if isinstance(files, list) else []
+            by_path = {f["path"]: f for f in files if isinstance(f, dict) and isinstance(f.get("path"), str)}
+            for t in self._tails:
+                if t.path not in by_path:
+                    continue  # not followed then: from its end
+                done = t.resume(by_path[t.path], wall)
+                self.resumed[t.path] = done
+                if done.startswith("refused"):
+                    refused[t.path] = done
+            cursor = positions.get("journal")
+            if self._journal is not None and isinstance(cursor, str) and cursor:
+                if len(cursor) < 1024 and cursor.isprintable() and "=" in cursor:
+                    # journalctl --after-cursor=; one it refuses (vacuumed, another journal): the end
+                    self._journal.cursor = cursor
+                    self.resumed["journal"] = "resumed"
+                else:
+                    refused["journal"] = "refused: not a journal cursor"
+        if refused:
+            log.warning("auth sources not resumed where the last run stood: read from their end",
+                        refused=refused)
+        elif self.resumed:
+            log.info("auth sources resumed where the last run stood", resumed=self.resumed)
 
     def _listener_metrics(self, reading: Reading) -> None:
         if self._created is None:
