@@ -18,7 +18,9 @@ only: the driver, the agent, its tools and the leakers.
 
 ``leakers``: a list of {"kind": "fds"|"threads", "rate": per second, "unit": bool (in the test's
 ``.service`` cgroup), "argv0": its name}. ``kill``: SIGKILL to the agent while its systemctl
-holds the restart, a new agent on the same state dir, then the hold is lifted.
+holds the restart, a new agent on the same state dir, then the hold is lifted. ``state_full``: the
+agent's state dir is a 2 MiB tmpfs (this mount namespace's), filled to the last byte once the
+first step is recorded (the records themselves go to ``records.jsonl`` outside it).
 
 Writes ``out.json``: the records (with the agent's pid), the systemctl log, each leaker's exit
 status (None: still running) and the agents' pids.
@@ -27,6 +29,7 @@ status (None: still running) and the agents' pids.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import signal
@@ -138,6 +141,28 @@ def put(path: Path, text: str) -> None:
         os.close(fd)
 
 
+def fill(path: Path) -> int:
+    """Grow a filler file in ``path`` until its filesystem refuses one more byte; bytes left."""
+    fd = os.open(path / "filler", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        for chunk in (1 << 16, 4096, 1):
+            while True:
+                try:
+                    os.write(fd, b"\0" * chunk)
+                except OSError as exc:
+                    if exc.errno != errno.ENOSPC:
+                        raise
+                    break
+    finally:
+        os.close(fd)
+    return free_bytes(path)
+
+
+def free_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
 def drive(spec: dict[str, Any]) -> dict[str, Any]:
     d = Path(spec["dir"])
     root = d / "root/proc"
@@ -158,6 +183,11 @@ def drive(spec: dict[str, Any]) -> dict[str, Any]:
     (d / "systemctl").chmod(0o755)
     if spec.get("kill"):
         (d / "hold").touch()
+    filled_at, avail = None, None
+    if spec.get("state_full"):
+        (d / "state").mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(d / "state")],
+                       check=True)
 
     def tick(t: float) -> None:
         used = base + int(extra * t) + sum(count(p.pid, lk["kind"]) for p, lk in zip(leaks, spec["leakers"],
@@ -190,6 +220,8 @@ def drive(spec: dict[str, Any]) -> dict[str, Any]:
             if killed_at is not None and (d / "hold").exists() and now - killed_at >= 2.0:
                 (d / "hold").unlink()
             assert agents[-1].poll() is None, (d / "agent.log").read_text()[-3000:]
+            if spec.get("state_full") and filled_at is None and any(r["type"] == "step" for r in records(d)):
+                avail, filled_at = fill(d / "state"), now
             if ended_at is None and any(r["type"] == "run.end" for r in records(d)):
                 ended_at = now
             if ended_at is not None and now - ended_at >= float(spec.get("linger_s", 1.0)):
@@ -203,7 +235,9 @@ def drive(spec: dict[str, Any]) -> dict[str, Any]:
             p.wait()
     log = (d / "systemctl.log").read_text().splitlines() if (d / "systemctl.log").exists() else []
     return {"records": records(d), "systemctl": log, "leaks": codes, "ended_at": ended_at,
-            "killed_at": killed_at, "agents": [a.pid for a in agents], "leak_pids": [p.pid for p in leaks],
+            "killed_at": killed_at, "filled_at": filled_at, "avail_after_fill": avail,
+            "state_avail_at_end": free_bytes(d / "state") if spec.get("state_full") else None,
+            "agents": [a.pid for a in agents], "leak_pids": [p.pid for p in leaks],
             "log": (d / "agent.log").read_text()[-3000:]}
 
 

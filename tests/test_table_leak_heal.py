@@ -181,6 +181,23 @@ def test_a_kill_9_during_the_restart_restarts_once_with_the_same_verdict(tmp_pat
     assert [(e["outcome"], e["agent"]) for e in of(r, "run.end")] == [("succeeded", second)]
 
 
+@pytest.mark.root
+@pytest.mark.slow
+@needs_ns
+def test_the_agents_disk_full_during_stop_leaker_still_stops_the_leak(tmp_path: Path) -> None:
+    """The agent's state dir is a 2 MiB tmpfs filled to the last byte once the first step (the notify) is recorded,
+    so stop_leaker runs (and the run is journalled) on a full disk: the leak is still stopped, the
+    verify sees it, the verdict is succeeded and the agent lives on."""
+    r = case(tmp_path, "task-table-full", [{"kind": "threads", "rate": 10}], state_full=True)
+    assert r["filled_at"] is not None
+    assert r["avail_after_fill"] == 0
+    assert r["state_avail_at_end"] <= 8192, "still (all but) full when the run ended"
+    steps = of(r, "step")
+    assert [(s["action"], s["status"]) for s in steps] == [("notify", "done"), ("stop_leaker", "done")], steps
+    assert r["leaks"] == [-signal.SIGTERM]
+    assert [e["outcome"] for e in of(r, "run.end")] == ["succeeded"]
+
+
 def test_the_unit_of_a_cgroup_path() -> None:
     assert service_unit("0::/system.slice/nginx.service\n") == "nginx.service"
     assert service_unit("1:name=systemd:/system.slice/a@b.service/sub\n0::/\n") == "a@b.service"

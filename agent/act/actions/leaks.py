@@ -29,110 +29,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import psutil
 
+from agent.act import procscan
 from agent.act.actions._common import run_tool
 from agent.act.base import ActionContext, ActionResult
 from agent.act.procs import protection, wait_gone
+from agent.act.procscan import (  # noqa: F401  (Proc, scan, service_unit: this module's API before)
+    HELPER_NAMES,
+    Proc,
+    ScanRefused,
+    reused,
+    scan,
+    service_unit,
+    survey,
+)
 from agent.decide.units import parse_duration
 
 TABLES = ("files", "tasks", "sockets")
 _HOST_NAME = {"files": "file table", "tasks": "task table", "sockets": "conntrack table"}
-
-
-@dataclass(frozen=True, slots=True)
-class Proc:
-    ppid: int
-    count: int
-    unit: str | None
-    name: str
-    start: int  # starttime in clock ticks since boot (/proc/PID/stat field 22): the pid's identity
-
-
-def service_unit(cgroup_text: str) -> str | None:
-    """The system service a process runs in, from ``/proc/PID/cgroup``: the deepest ``.service``
-    of its v2 path (else of v1's ``name=systemd``); None outside one or under a user manager
-    (``user@UID.service``: ``systemctl restart`` would not reach its units)."""
-    paths: dict[str, str] = {}
-    for line in cgroup_text.splitlines():
-        parts = line.split(":", 2)
-        if len(parts) == 3:
-            paths.setdefault(parts[1], parts[2])
-    for key in ("", "name=systemd"):
-        comps = [c for c in paths.get(key, "").split("/") if c]
-        if any(c.startswith("user@") and c.endswith(".service") for c in comps):
-            return None
-        services = [c for c in comps if c.endswith(".service")]
-        if services:
-            return services[-1]
-    return None
-
-
-def _count(proc: Path, pid: int, table: str, threads: int) -> int | None:
-    if table == "tasks":
-        return threads
-    try:
-        names = os.listdir(proc / f"{pid}/fd")
-    except OSError:
-        return None
-    if table == "files":
-        return len(names)
-    n = 0
-    for name in names:
-        with contextlib.suppress(OSError):
-            if os.readlink(proc / f"{pid}/fd/{name}").startswith("socket:"):
-                n += 1
-    return n
-
-
-def scan(table: str, proc: Path) -> dict[int, Proc]:
-    """Every user-space process: its parent, its count in ``table``, its service, its name."""
-    out: dict[int, Proc] = {}
-    try:
-        entries = os.listdir(proc)
-    except OSError:
-        return out
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        pid = int(entry)
-        try:
-            stat = (proc / f"{pid}/stat").read_text()
-            cgroup = (proc / f"{pid}/cgroup").read_text()
-        except OSError:
-            continue
-        name, _, rest = stat.partition(" (")[2].rpartition(") ")
-        fields = rest.split()
-        if len(fields) < 20:
-            continue
-        ppid, threads, start = int(fields[1]), int(fields[17]), int(fields[19])
-        if pid == 2 or ppid == 2:  # kernel threads hold no table entries of their own
-            continue
-        count = _count(proc, pid, table, threads)
-        if count is None:
-            continue
-        out[pid] = Proc(ppid, count, service_unit(cgroup), name, start)
-    return out
-
-
-def reused(pid: int, before: Mapping[int, Proc], now: Mapping[int, Proc], proc: Path) -> bool:
-    """Whether ``pid`` named another process in the first scan, or names another one now than in
-    the second: its growth would be two processes' difference, and the signal would hit a stranger."""
-    if pid in before and before[pid].start != now[pid].start:
-        return True
-    try:
-        fields = (proc / f"{pid}/stat").read_text().rpartition(") ")[2].split()
-        return int(fields[19]) != now[pid].start
-    except (OSError, ValueError, IndexError):
-        return True  # gone (or unreadable): nothing to stop
 
 
 def host_count(table: str, sysctl_root: str) -> tuple[int | None, int | None]:
@@ -185,6 +107,28 @@ def groups(before: Mapping[int, Proc], now: Mapping[int, Proc]) -> dict[str, tup
     return {k: (a, b) for k, (a, b) in out.items()}
 
 
+async def _helper_scan(table: str, proc: Path, ctx: ActionContext) -> tuple[float, dict[int, Proc]] | str:
+    """One scan by the root helper (``systemctl start heald-action@leakscan-….service``): its
+    monotonic time and the processes it counted, each with what this process reads itself (parent,
+    service, name) where its start time matches the helper's (a pid reused in between is left
+    out); or why it cannot be used."""
+    name = HELPER_NAMES[table]
+    unit = f"heald-action@{name}.service"
+    asked = time.monotonic()
+    done = await run_tool(ctx, [*ctx.settings.systemctl, "start", unit])
+    if not done.ok:
+        return f"the root helper's scan failed ({unit}): {done.detail}"
+    try:
+        path = procscan.HELPER_DIR / f"{name}.json"
+        when, counts = await asyncio.to_thread(procscan.load, path, table, asked)
+    except ScanRefused as exc:
+        return f"the root helper's scan ({unit}) is refused: {exc}"
+    meta, _ = await asyncio.to_thread(survey, table, proc, False)
+    procs = {pid: replace(meta[pid], count=count) for pid, (count, start) in counts.items()
+             if pid in meta and meta[pid].start == start}
+    return when, procs
+
+
 async def stop_leaker(params: Mapping[str, Any], ctx: ActionContext) -> ActionResult:
     table = str(params["table"])
     if table not in TABLES:  # the schema's enum already refuses it
@@ -198,15 +142,37 @@ async def stop_leaker(params: Mapping[str, Any], ctx: ActionContext) -> ActionRe
     # the processes of the /proc that sysctl_root is in: a fixture sysctl_root (tests) shows none
     proc = Path(ctx.settings.sysctl_root).parent
     host0, _ = await asyncio.to_thread(host_count, table, ctx.settings.sysctl_root)
-    before = await asyncio.to_thread(scan, table, proc)
+    before, denied = await asyncio.to_thread(survey, table, proc)
+    helper = None
+    t0 = time.monotonic()
+    if denied and table in HELPER_NAMES and proc == Path("/proc"):
+        # Other users' fds are ptrace-guarded (heald.service holds no CAP_SYS_PTRACE): the root
+        # helper counts them, the same scan, and this step reads its result.
+        helper = f"heald-action@{HELPER_NAMES[table]}.service"
+        base = {"table": table, "denied": denied, "helper": helper}
+        if ctx.dry_run:
+            return ActionResult(ok=False, data=base, detail=(
+                f"cannot read the fds of {denied} processes of other users (no CAP_SYS_PTRACE): the "
+                f"scan needs {helper}, which a dry run does not start; nothing stopped"))
+        first = await _helper_scan(table, proc, ctx)
+        if isinstance(first, str):
+            return ActionResult(ok=False, data=base, detail=f"{first}; nothing stopped")
+        t0, before = first
     if not before:
         return ActionResult(ok=False, detail=f"no process to attribute the {_HOST_NAME[table]}'s growth to "
                                              f"under {proc}; nothing stopped", data={"table": table})
-    t0 = time.monotonic()
     await asyncio.sleep(window)
     host1, limit = await asyncio.to_thread(host_count, table, ctx.settings.sysctl_root)
-    now = await asyncio.to_thread(scan, table, proc)
-    span = max(time.monotonic() - t0, 1e-3)
+    if helper is not None:
+        second = await _helper_scan(table, proc, ctx)
+        if isinstance(second, str):
+            return ActionResult(ok=False, data={"table": table, "denied": denied, "helper": helper},
+                                detail=f"{second}; nothing stopped")
+        t1, now = second
+    else:
+        now = await asyncio.to_thread(scan, table, proc)
+        t1 = time.monotonic()
+    span = max(t1 - t0, 1e-3)
 
     deltas = {k: b - a for k, (a, b) in groups(before, now).items()}
     growers = sorted(((d, k) for k, d in deltas.items() if d > 0), reverse=True)
@@ -218,6 +184,8 @@ async def stop_leaker(params: Mapping[str, Any], ctx: ActionContext) -> ActionRe
         "table": table, "window_s": round(span, 2), "host_growth": host_delta, "host_count": host1,
         "host_limit": limit, "growers_growth": summed, "top": top,
     }
+    if helper is not None:
+        data.update(helper=helper, denied=denied)
     if total <= 0 or (host_delta is not None and host_delta <= 0):
         return ActionResult(ok=False, data=data, detail=f"the {what} did not grow over {span:.1f} s: "
                                                          "no leak to attribute, nothing stopped")
