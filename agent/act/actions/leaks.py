@@ -11,6 +11,12 @@ parent). The host's own count is read at both scans too (``file-nr``, ``loadavg`
 that ``sysctl_root`` is in (``/proc/sys`` -> ``/proc``): with a fixture ``sysctl_root`` (tests)
 no process is seen, so none is ever stopped.
 
+Under the shipped unit (user heald, no CAP_SYS_PTRACE) other users' fd links, and without
+CAP_DAC_* their fd directories, are closed to this process: the scan counts those processes as
+denied, and each scan is then made as root by ``heald-action@leakscan-conntrack`` /
+``leakscan-file`` (the same code, :mod:`agent.act.procscan`), whose result file is checked before
+it is used (:func:`agent.act.procscan.load`); a dry run does not start it.
+
 Only when one group explains at least ``min_share_pct`` of the growth (its growth over the larger
 of the host's and the sum of every grower's) is it stopped:
 
