@@ -185,9 +185,9 @@ def test_a_kill_9_during_the_restart_restarts_once_with_the_same_verdict(tmp_pat
 @pytest.mark.slow
 @needs_ns
 def test_the_agents_disk_full_during_stop_leaker_still_stops_the_leak(tmp_path: Path) -> None:
-    """The agent's state dir is a 2 MiB tmpfs filled to the last byte once the first step (the notify) is recorded,
-    so stop_leaker runs (and the run is journalled) on a full disk: the leak is still stopped, the
-    verify sees it, the verdict is succeeded and the agent lives on."""
+    """The agent's state dir is a 2 MiB tmpfs filled to the last byte once the first step (the
+    notify) is recorded, so stop_leaker runs (and the run is journalled) on a full disk: the leak
+    is still stopped, the verify sees it, the verdict is succeeded and the agent lives on."""
     r = case(tmp_path, "task-table-full", [{"kind": "threads", "rate": 10}], state_full=True)
     assert r["filled_at"] is not None
     assert r["avail_after_fill"] == 0
