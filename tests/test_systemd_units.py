@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from agent.decide.settings import PlaybookSettings
+from agent.runtime.units import helper_for
 
 TOP = Path(__file__).resolve().parents[1]
 SYSTEMD = TOP / "systemd"
@@ -330,3 +332,26 @@ def test_install_units_coordinator_when_present(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     text = (tmp_path / "etc/systemd/system/heald-coordinator.service").read_text()
     assert "ExecStart=/opt/venv/bin/heald-coordinator --config /etc/heald/coordinator.toml" in text
+
+
+def test_install_units_points_the_helper_at_this_heald(tmp_path: Path) -> None:
+    """heald-action's leakscan-* run heald's own scan with the interpreter next to heald's real
+    path; for a heald installed elsewhere than /usr/bin or /usr/local/bin (a venv under /opt), the
+    helper that install-units writes must find that one, not report "no heald installation"."""
+    venv = tmp_path / "opt" / "venv" / "bin"
+    exe = venv / "heald"
+    _exe(exe)
+    (venv / "python3").symlink_to(sys.executable)
+    target = tmp_path / "target"
+    _exe(target / str(exe).lstrip("/"))
+    result = install_units("--root", str(target), "--executable", str(exe))
+    assert result.returncode == 0, result.stderr
+    helper = target / "usr/local/lib/heald/heald-action"
+    shown = subprocess.run([str(helper), "--dry-run", "leakscan-file"], capture_output=True, text=True,
+                           timeout=30, check=False)
+    assert shown.returncode == 0, shown.stderr
+    assert shlex.split(shown.stdout)[:5] == [str(venv / "python3"), "-I", "-m", "agent.act.procscan",
+                                             "files"], shown.stdout
+    # the packaged helper is unchanged for the packaged heald
+    shipped = (TOP / "packaging/heald-action").read_text()
+    assert helper_for(shipped, "/usr/bin/heald") == shipped

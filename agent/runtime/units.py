@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import stat
 import sys
@@ -124,6 +125,20 @@ def rewrite_exec(text: str, old: str, new: str) -> str:
     return pattern.sub(lambda m: m.group(1) + new, text)
 
 
+HELPER_EXECUTABLES = "heald_executables=(/usr/bin/heald /usr/local/bin/heald)"
+
+
+def helper_for(text: str, heald: str) -> str:
+    """heald-action with ``heald`` first among the executables whose interpreter runs its scans
+    (leakscan-*: ``python3 -m agent.act.procscan`` next to heald's real path)."""
+    if heald in ("/usr/bin/heald", "/usr/local/bin/heald"):
+        return text
+    if HELPER_EXECUTABLES not in text:
+        raise HealdError("the shipped heald-action has no heald_executables line to point at this heald")
+    return text.replace(HELPER_EXECUTABLES, f"heald_executables=({shlex.quote(heald)} /usr/bin/heald "
+                        "/usr/local/bin/heald)", 1)
+
+
 def _below(root: Path, path: str) -> Path:
     return root / path.lstrip("/")
 
@@ -177,7 +192,8 @@ def plan(args: InstallOptions) -> list[Planned]:
                        ("polkit/60-heald.rules", "/etc/polkit-1/rules.d/60-heald.rules")):
         parts = name.split("/")
         out.append(Planned(name, _below(root, dest), src.joinpath(*parts).read_bytes(), 0o644))
-    out.append(Planned("heald-action", _below(root, action), shipped_packaging_file("heald-action"), 0o755))
+    helper = shipped_packaging_file("heald-action").decode("utf-8")
+    out.append(Planned("heald-action", _below(root, action), helper_for(helper, str(heald)).encode(), 0o755))
     planned = [_with_status(p) for p in out]
     config = _below(root, "/etc/heald/agent.toml")
     # The operator's configuration is never replaced: written only when there is none.
