@@ -97,6 +97,10 @@ class Capture:
                 for s in decoded.samples:
                     self.samples[s.seq] = {"seq": s.seq, "wall": s.wall, "mono": s.mono, "metrics": s.metrics}
 
+    def count(self) -> int:
+        with self.lock:
+            return len(self.samples)
+
     def write(self, path: Path) -> list[dict[str, Any]]:
         with self.lock:
             rows = [self.samples[k] for k in sorted(self.samples)]
@@ -106,6 +110,23 @@ class Capture:
     def close(self) -> None:
         self.client.loop_stop()
         self.client.disconnect()
+
+
+def live_runs(audit: Path) -> dict[str, int]:
+    """Per playbook, the most dry runs the live daemon has started so far on one of its targets."""
+    runs = {"probe-cpu": 0, "probe-disk": 0}
+    per_target: dict[tuple[str, str], int] = {}
+    if audit.exists():
+        for line in audit.read_text().splitlines():
+            try:
+                rec = json.loads(line)["record"]
+            except ValueError:
+                continue  # a line being written
+            if rec["type"] == "run.start" and rec["playbook"] in runs:
+                key = (rec["playbook"], rec["target"])
+                per_target[key] = per_target.get(key, 0) + 1
+                runs[key[0]] = max(runs[key[0]], per_target[key])
+    return runs
 
 
 @pytest.mark.slow
@@ -144,7 +165,12 @@ metrics_interval_s = 1.0
     proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(cfg)],
                             stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
     try:
-        time.sleep(32)
+        # until the captured samples reach the floor asserted below and each playbook has run twice
+        # (a cooldown crossed live), not a fixed 32 s: the same checks, ~10 s sooner
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and not (
+                capture.count() >= 10 and min(live_runs(state / "audit.jsonl").values()) >= 2):
+            time.sleep(0.5)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
