@@ -2,9 +2,10 @@
 a CPU hog, a zombie storm, a failed unit (recording systemctl), a crashed supervised process,
 GPU XIDs (synthetic events; FakeNVML belongs to the collector tests).
 
-The shipped YAML is used as is except for test timing (``for`` and ``verify.settle`` shortened)
-and, where a playbook picks processes host-wide, a ``cmdline``/``cgroup`` scope so that a test
-on a shared machine can only ever touch the processes it started.
+The shipped YAML is used as is except for test timing (``for``, ``verify.settle`` and
+``verify.within`` shortened) and, where a playbook picks processes host-wide, a
+``cmdline``/``cgroup`` scope so that a test on a shared machine can only ever touch the processes
+it started.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ def shipped(
     data = yaml.safe_load(path.read_text())
     _speed_up(data["trigger"], fast)
     data.setdefault("verify", {})["settle"] = fast
+    if "within" in data["verify"]:
+        data["verify"]["within"] = fast
     if patch is not None:
         patch(data)
     pb, problems = parse_playbook(yaml.safe_dump(data), str(path), settings, shipped=True)

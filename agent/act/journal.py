@@ -161,6 +161,9 @@ class Unfinished:
     last_step: int = -1  # highest step with an intent
     verified: dict[int, bool] = field(default_factory=dict)
     details: dict[int, str] = field(default_factory=dict)  # step -> its result's detail
+    # step -> when it ended (its result's wall; its intent's while it has none, or only the
+    # "interrupted" a resume wrote): a resumed verification's window counts from there
+    ended: dict[int, float] = field(default_factory=dict)
     path: Path | None = None
 
     @property
@@ -233,8 +236,11 @@ class Journal:
                 run.done.pop(int(record["step"]), None)
                 run.details.pop(int(record["step"]), None)
                 run.verified.pop(int(record["step"]), None)
+                run.ended[int(record["step"])] = _wall(record)
             elif kind == "result":
                 run.done[int(record["step"])] = str(record.get("status", "done"))
+                if run.done[int(record["step"])] != "interrupted":
+                    run.ended[int(record["step"])] = _wall(record)
                 result = record.get("result")
                 if isinstance(result, dict) and result.get("detail"):
                     run.details[int(record["step"])] = str(result["detail"])
@@ -250,6 +256,11 @@ class Journal:
         pending = sorted(intents - set(run.done))
         run.interrupted = pending[-1] if pending else None
         return run
+
+
+def _wall(record: dict[str, Any]) -> float:
+    wall = record.get("wall")
+    return float(wall) if isinstance(wall, int | float) else time.time()
 
 
 def _remove(path: Path) -> None:

@@ -134,6 +134,9 @@ class Verify(AuditRecord, tag="verify", kw_only=True):
     ok: bool
     reason: str
     inputs: Inputs
+    # verify.within: the samples checked, and the seconds from the first check to the verdict
+    checks: int = 1
+    watched_s: float = 0.0
 
 
 class Escalate(AuditRecord, tag="escalate", kw_only=True):

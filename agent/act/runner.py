@@ -10,6 +10,11 @@ Verified: the run succeeded. Not verified, or the step failed: the next step. Pa
 step: an escalation event for humans that says what each step did, and the failure counts
 towards the target's backoff and circuit breaker.
 
+With ``verify.within`` the check is repeated on each new sample until it passes (verified at
+once) or the window (settle + within after the step ended) is over: a forecast needs minutes of
+new samples to see that a fill stopped. A run resumed in the window goes on with the same
+window, counted from the step's end in the journal, not with a fresh one.
+
 A run resumed from the journal after a crash never re-runs a step that has a result, and
 never blindly re-runs the step that was interrupted: it verifies what that step achieved and
 goes on with the ladder (see :mod:`agent.act.journal`). A run whose last step was verified had
@@ -170,7 +175,8 @@ class Runner:
             verified = run.resume is not None and start >= len(playbook.steps) and last_unverified is None \
                 and run.resume.verified.get(run.resume.last_step, False)
             if last_unverified is not None:
-                verified = await self._verify_step(run, run_journal, last_unverified, log)
+                ended = run.resume.ended.get(last_unverified) if run.resume is not None else None
+                verified = await self._verify_step(run, run_journal, last_unverified, log, ended=ended)
                 last_unverified = None
             next_index = start
             while not verified and next_index < len(playbook.steps):
@@ -350,33 +356,62 @@ class Runner:
         return result
 
     async def _verify_step(
-        self, run: Run, run_journal: RunJournal, step_index: int, log: FilteringBoundLogger
+        self, run: Run, run_journal: RunJournal, step_index: int, log: FilteringBoundLogger,
+        *, ended: float | None = None,
     ) -> bool:
+        """Check the step after ``verify.settle``, then on each new sample until the check passes
+        or ``verify.within`` has passed (the window ends settle + within after the step ended:
+        ``ended``, the step's end in the journal for a resumed run, so a restart never opens a
+        fresh window). One verdict: one journal record, one audit record, one log line."""
         playbook = run.playbook
+        spec = playbook.verify
         latest = self._latest
-        await asyncio.sleep(playbook.verify.settle_s)
-        fresh = await latest.fresh_since(latest.seq, FRESH_SAMPLE_TIMEOUT_S)
-        decider = self._host.decider
-        if not fresh:
-            ok, why = False, "no fresh sample to verify with"
-        elif playbook.verify.expect is not None:
-            ctx = decider.context(time.time(), time.monotonic(), watermark=run.watermark, stateless=True,
-                                  bindings=dict(run.match.bindings))
-            ok = bool(TriggerEvaluator(playbook.verify.expect).evaluate(ctx))
-            why = "verify.expect holds" if ok else "verify.expect does not hold"
+        now = time.monotonic()
+        if ended is None:
+            deadline = now + spec.settle_s + spec.within_s
         else:
-            # The problem's current state, with no timers: a fresh evaluator, the run's bindings.
-            ctx = decider.context(time.time(), time.monotonic(), watermark=run.watermark, verify=True,
-                                  bindings=dict(run.match.bindings))
-            still = bool(TriggerEvaluator(playbook.trigger).evaluate(ctx))
-            ok = not still
-            why = "the trigger's condition is over" if ok else "the trigger's condition still holds"
+            deadline = now + (ended + spec.settle_s + spec.within_s - time.time())
+        await asyncio.sleep(spec.settle_s)
+        seq, wait_s = latest.seq, FRESH_SAMPLE_TIMEOUT_S
+        first, checks = time.monotonic(), 0
+        ok, why = False, "no fresh sample to verify with"
+        while True:
+            # none within FRESH_SAMPLE_TIMEOUT_S for the first check, or before the window's end:
+            # the last check's verdict stands
+            if not await latest.fresh_since(seq, wait_s):
+                break
+            checks += 1
+            seq = latest.seq
+            ok, why = self._check(run)
+            wait_s = deadline - time.monotonic()
+            if ok or wait_s <= 0:
+                break
+        watched = round(time.monotonic() - first, 3)
+        if spec.within_s > 0:
+            why = f"{why} ({checks} check{'s' if checks != 1 else ''} in {watched:g}s)"
         run_journal.verify(step_index, ok)
         self._recorder.record(records.Verify(
             playbook=playbook.name, run_id=run.run_id, target=run.target.key, step=step_index, ok=ok,
-            reason=why, inputs=latest.current_inputs(playbook.name, run.match.bindings)))
-        log.info("verification", step=step_index, ok=ok, reason=why)
+            reason=why, inputs=latest.current_inputs(playbook.name, run.match.bindings), checks=checks,
+            watched_s=watched))
+        log.info("verification", step=step_index, ok=ok, reason=why, checks=checks, watched_s=watched)
         return ok
+
+    def _check(self, run: Run) -> tuple[bool, str]:
+        """One check on the latest sample: verify.expect holds, or the trigger's condition is over."""
+        playbook = run.playbook
+        decider = self._host.decider
+        if playbook.verify.expect is not None:
+            ctx = decider.context(time.time(), time.monotonic(), watermark=run.watermark, stateless=True,
+                                  bindings=dict(run.match.bindings))
+            ok = bool(TriggerEvaluator(playbook.verify.expect).evaluate(ctx))
+            return ok, "verify.expect holds" if ok else "verify.expect does not hold"
+        # The problem's current state, with no timers: a fresh evaluator, the run's bindings.
+        ctx = decider.context(time.time(), time.monotonic(), watermark=run.watermark, verify=True,
+                              bindings=dict(run.match.bindings))
+        still = bool(TriggerEvaluator(playbook.trigger).evaluate(ctx))
+        return (False, "the trigger's condition still holds") if still else \
+            (True, "the trigger's condition is over")
 
     def _step_record(self, run: Run, step: Step, result: ActionResult, status: str) -> None:
         run.tried.append(f"{step.name} ({step.action}): {result.detail or status}")

@@ -17,6 +17,7 @@ from typing import Any
 
 from agent.decide.model import (
     BUILTIN_VARS,
+    MAX_VERIFY_WITHIN_S,
     PLACEHOLDER,
     AllCond,
     AnyCond,
@@ -307,9 +308,12 @@ class PlaybookBuilder:
                 if isinstance(c, MetricCond) and c.for_s:
                     self.err(
                         ("verify", "expect"),
-                        "verify.expect is checked once after settle; 'for' is not allowed",
+                        "verify.expect is checked without timers; 'for' is not allowed",
                     )
-        verify = Verify(self.duration(v.get("settle"), ("verify", "settle"), 10.0), expect)
+        within = self.duration(v.get("within"), ("verify", "within"), 0.0)
+        if within > MAX_VERIFY_WITHIN_S:
+            self.err(("verify", "within"), f"within is at most {MAX_VERIFY_WITHIN_S / 3600:g}h")
+        verify = Verify(self.duration(v.get("settle"), ("verify", "settle"), 10.0), expect, within)
         g = d.get("guards") or {}
         mr = g.get("max_runs") or {}
         br = g.get("breaker") or {}

@@ -166,10 +166,17 @@ class Step:
     verify: bool = True
 
 
+#: The longest ``verify.within``: a run watching longer holds its target (no other run of the
+#: playbook for it) and delays its next step and its escalation.
+MAX_VERIFY_WITHIN_S = 3600.0
+
+
 @dataclass(frozen=True, slots=True)
 class Verify:
     settle_s: float = 10.0
     expect: Condition | None = None
+    # check again on each new sample until it passes or this long after the first check
+    within_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
