@@ -88,17 +88,24 @@ def test_threshold_is_label_free_train_quantile() -> None:
     model = fit_detector(x, NAMES, n_clusters=4)
     raw = combine(model, component_scores(model, x))
     alpha = model.meta.ewma_alpha
-    # Default: each smoother's threshold is the 99.5th percentile of its value on the training data.
-    for smoothed, threshold in ((ewma(raw, alpha), model.meta.threshold),
-                                (geo_ewma(raw, alpha), model.meta.threshold_geo)):
-        assert 0.004 <= float(np.mean(smoothed >= threshold)) <= 0.006
+    # Default: the arithmetic smoother's threshold is the 99.5th percentile of its value on the
+    # training data, the geometric smoother's the 98th (research log #59).
+    for smoothed, threshold, share in ((ewma(raw, alpha), model.meta.threshold, 0.005),
+                                       (geo_ewma(raw, alpha), model.meta.threshold_geo, 0.02)):
+        assert share - 0.001 <= float(np.mean(smoothed >= threshold)) <= share + 0.001
+    # The fast channel's: its EWMA's 99.5th percentile x 1.3.
+    fast = ewma(raw, model.meta.fast_alpha)
+    assert model.meta.fast_alpha == 0.5
+    assert model.meta.threshold_fast == pytest.approx(1.3 * float(np.quantile(fast, 0.995)))
     det = StreamingDetector(model)
     alerts = np.array([det.score(row)[1] for row in x])
-    # An alert needs both, so it is no more frequent than either.
+    # A slow alert needs both (no timestamps: the fast channel never alerts).
     assert alerts.mean() <= 0.006
     margin = fit_detector(x, NAMES, n_clusters=4, threshold_margin=1.5)
     assert margin.meta.threshold == pytest.approx(1.5 * model.meta.threshold)
     assert margin.meta.threshold_geo == pytest.approx(1.5 * model.meta.threshold_geo)
+    assert margin.meta.threshold_fast == pytest.approx(1.5 * model.meta.threshold_fast)
+    assert fit_detector(x, NAMES, n_clusters=4, fast=False).meta.threshold_fast is None
 
 
 def test_missing_values_in_training_are_imputed() -> None:

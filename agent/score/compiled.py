@@ -63,6 +63,14 @@ class ArtifactMeta(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     sklearn_version: str
     numpy_version: str
     created: str  # ISO 8601, UTC
+    # The fast channel (agent.score.detector): an arithmetic EWMA of the raw score with
+    # ``fast_alpha`` over its own threshold, which alerts once it has stayed over it for
+    # ``fast_min_s`` seconds of the samples' own timestamps. None: no fast channel (artifacts
+    # fitted before it had none and score as before).
+    threshold_fast: float | None = None
+    fast_alpha: float = 0.5
+    fast_power: float = 0.2
+    fast_min_s: float = 15.0
 
     @property
     def feature_names(self) -> tuple[str, ...]:
@@ -138,6 +146,15 @@ def validate(meta: ArtifactMeta, arrays: dict[str, F64], where: str) -> None:
             raise ModelError(f"{where}: {name} must be a positive number, got {value}")
     if not 0 < meta.ewma_alpha <= 1:
         raise ModelError(f"{where}: ewma_alpha must be in (0, 1], got {meta.ewma_alpha}")
+    if meta.threshold_fast is not None:
+        if not (np.isfinite(meta.threshold_fast) and meta.threshold_fast > 0):
+            raise ModelError(f"{where}: threshold_fast must be a positive number, got {meta.threshold_fast}")
+        if not 0 < meta.fast_alpha <= 1:
+            raise ModelError(f"{where}: fast_alpha must be in (0, 1], got {meta.fast_alpha}")
+        if not (np.isfinite(meta.fast_power) and meta.fast_power > 0):
+            raise ModelError(f"{where}: fast_power must be positive, got {meta.fast_power}")
+        if not (np.isfinite(meta.fast_min_s) and meta.fast_min_s >= 0):
+            raise ModelError(f"{where}: fast_min_s must be >= 0 seconds, got {meta.fast_min_s}")
     if not 1 <= meta.top_k <= d:
         raise ModelError(f"{where}: top_k must be in [1, {d}], got {meta.top_k}")
 

@@ -19,8 +19,16 @@ own value on the training data (so they are comparable), weighted, summed and sm
   starting: a handful of major faults and zombies) stays under it, a sustained drift does not.
 
 :meth:`StreamingDetector.score` returns ``min(s_t / threshold, g_t / threshold_geo)``: 1.0 is the
-alert threshold, and an alert needs both. Both thresholds are chosen from the training data only
-(see :mod:`agent.score.fit`).
+alert threshold, and an alert needs both.
+
+The fast channel (models that have ``threshold_fast``): ``f_t``, an arithmetic EWMA of ``raw_t``
+with ``fast_alpha`` (0.5), over its own threshold. It alerts only once ``f_t / threshold_fast >= 1``
+has held for ``fast_min_s`` seconds, judged by the samples' own timestamps: a sample stands for
+the interval since the previous one, so one 60-s sample over the line spans a minute, while a
+3-s burst at 1 Hz spans 3 s. While it alerts, the score is ``max(slow, (f_t/threshold_fast) **
+fast_power)``. Without timestamps (``t=None``) a sample spans 0 s and the fast channel never
+alerts (unless ``fast_min_s`` is 0). All thresholds are chosen from the training data only (see
+:mod:`agent.score.fit`).
 
 Missing metrics (NaN, None, +-inf) are imputed with the training median for the level components
 and contribute no change to ``delta``. Nothing here imports scikit-learn.
@@ -104,20 +112,46 @@ def geo_ewma(raw: F64, alpha: float) -> F64:
     return result
 
 
-def smoothed_scores(model: CompiledDetector, raw: F64) -> F64:
-    """The detector's reported scores for consecutive raw scores (1.0 = alert threshold)."""
-    alpha = model.meta.ewma_alpha
-    result: F64 = np.minimum(ewma(raw, alpha) / model.meta.threshold,
-                             geo_ewma(raw, alpha) / model.meta.threshold_geo)
+def fast_run_s(over: npt.NDArray[np.bool_], times: F64 | None) -> F64:
+    """Per sample, how long (seconds of sample time) ``over`` has held up to and including it.
+
+    A sample spans the interval since the previous one (the first one, and any interval that is
+    not a positive finite number, spans 0 s)."""
+    n = over.shape[0]
+    span = np.zeros(n, dtype=np.float64)
+    if times is not None and n > 1:
+        dt = np.diff(np.asarray(times, dtype=np.float64))
+        span[1:] = np.where(np.isfinite(dt) & (dt > 0), dt, 0.0)
+    out = np.zeros(n, dtype=np.float64)
+    run = 0.0
+    for i in range(n):
+        run = run + float(span[i]) if over[i] else 0.0
+        out[i] = run
+    return out
+
+
+def smoothed_scores(model: CompiledDetector, raw: F64, times: F64 | None = None) -> F64:
+    """The detector's reported scores for consecutive raw scores (1.0 = alert threshold), the
+    samples taken at ``times`` (seconds; None: no timestamps, see the module docstring)."""
+    m = model.meta
+    alpha = m.ewma_alpha
+    result: F64 = np.minimum(ewma(raw, alpha) / m.threshold, geo_ewma(raw, alpha) / m.threshold_geo)
+    if m.threshold_fast is not None and raw.size:
+        fr = ewma(raw, m.fast_alpha) / m.threshold_fast
+        over = fr >= 1.0
+        fire = over & (fast_run_s(over, times) >= m.fast_min_s)
+        result = np.where(fire, np.maximum(result, np.where(fire, fr, 1.0) ** m.fast_power), result)
     return result
 
 
 class StreamingDetector:
     """Score one sample at a time with internal causal state (EWMA and previous sample).
 
-    ``score(x)`` returns ``(score, alert)`` where ``score`` is the smaller of the two smoothed
-    anomaly scores, each divided by its threshold (1.0 = threshold), and ``alert`` is
-    ``score >= 1``. ``explain(x)`` names the features that contribute most to the raw score of
+    ``score(x, t)`` returns ``(score, alert)`` where ``score`` is the smaller of the two smoothed
+    anomaly scores, each divided by its threshold (1.0 = threshold), raised to the fast channel's
+    compressed ratio while that alerts (module docstring), and ``alert`` is ``score >= 1``;
+    ``t`` is the sample's time in seconds (any clock; None: unknown). :attr:`channel` says which
+    channel alerted. ``explain(x)`` names the features that contribute most to the raw score of
     ``x`` given the state before ``x`` was scored (call it right after ``score(x)``).
 
     ``native``: score in the C kernel (:mod:`agent.native`) — None = when it is available,
@@ -131,12 +165,17 @@ class StreamingDetector:
         "_bound_keep",
         "_c",
         "_c2",
+        "_channel",
         "_ctb",
         "_ctx",
         "_ctx_ref",
         "_d",
         "_diff",
+        "_f",
         "_fac",
+        "_fast_alpha",
+        "_fast_min_s",
+        "_fast_p",
         "_finite",
         "_g",
         "_has_prev",
@@ -154,10 +193,13 @@ class StreamingDetector:
         "_pca_m",
         "_pca_w",
         "_prev",
+        "_run",
         "_s",
         "_src",
         "_src_idx",
+        "_t",
         "_threshold",
+        "_threshold_fast",
         "_threshold_geo",
         "_use",
         "_x",
@@ -173,6 +215,11 @@ class StreamingDetector:
         self._alpha = float(model.meta.ewma_alpha)
         self._threshold = float(model.meta.threshold)
         self._threshold_geo = float(model.meta.threshold_geo)
+        tf = model.meta.threshold_fast
+        self._threshold_fast = None if tf is None else float(tf)
+        self._fast_alpha = float(model.meta.fast_alpha)
+        self._fast_p = float(model.meta.fast_power)
+        self._fast_min_s = float(model.meta.fast_min_s)
         self._med = a["median"]
         self._inv_scale = 1.0 / a["scale"]
         self._c = a["centroids"]
@@ -278,10 +325,20 @@ class StreamingDetector:
     def samples_seen(self) -> int:
         return self._n
 
+    @property
+    def channel(self) -> str:
+        """Which channel made the last sample's alert: "slow" (the two EWMAs at alpha 0.1), "fast"
+        (the fast channel alone), "both", or "" (no alert)."""
+        return self._channel
+
     def reset(self) -> None:
         """Forget the stream (EWMA and previous sample), e.g. after a gap in sampling."""
         self._s = 0.0
         self._g = 0.0  # the geometric smoother, on the log scale
+        self._f = 0.0  # the fast channel's EWMA
+        self._run = 0.0  # seconds the fast channel has been over its line
+        self._t: float | None = None  # the previous sample's time
+        self._channel = ""
         self._n = 0
         self._has_prev = False
         self._ctx.has_prev = 0
@@ -327,28 +384,48 @@ class StreamingDetector:
             raw += self._fac[PCA] * float(r @ r)
         return raw
 
-    def _smooth(self, raw: float) -> tuple[float, bool]:
+    def _smooth(self, raw: float, t: float | None) -> tuple[float, bool]:
         lg = math.log(max(raw, 0.0) + GEO_EPS)
-        if self._n == 0:
-            s, g = raw, lg
+        first = self._n == 0
+        if first:
+            s, g, f = raw, lg, raw
         else:
             a = self._alpha
             s = a * raw + (1.0 - a) * self._s
             g = a * lg + (1.0 - a) * self._g
-        self._s, self._g = s, g
+            f = self._fast_alpha * raw + (1.0 - self._fast_alpha) * self._f
+        self._s, self._g, self._f = s, g, f
         self._n += 1
         self._has_prev = True
         norm = min(s / self._threshold, math.exp(g) / self._threshold_geo)
-        return norm, norm >= 1.0
+        slow = norm >= 1.0
+        fast = False
+        if self._threshold_fast is not None:
+            # the interval this sample stands for: since the previous sample (0 when unknown)
+            if t is not None and not math.isfinite(t):
+                t = None
+            span = 0.0 if first or t is None or self._t is None else t - self._t
+            fr = f / self._threshold_fast
+            if fr >= 1.0:
+                self._run += max(0.0, span)
+                if self._run >= self._fast_min_s:
+                    fast = True
+                    norm = max(norm, fr ** self._fast_p)
+            else:
+                self._run = 0.0
+            self._t = t
+        self._channel = ("both" if fast else "slow") if slow else ("fast" if fast else "")
+        return norm, slow or fast
 
-    def score_bound(self, vec: npt.NDArray[np.float64], idx: npt.NDArray[np.intp]) -> tuple[float, bool]:
+    def score_bound(self, vec: npt.NDArray[np.float64], idx: npt.NDArray[np.intp],
+                    t: float | None = None) -> tuple[float, bool]:
         """:meth:`score` of ``vec[idx]``; with the kernel, read in place from the arrays given to
         :meth:`bind` (which must be ``vec`` and ``idx``)."""
         if self._kern is None:
-            return self.score(vec[idx])
+            return self.score(vec[idx], t)
         c = self._ctx
         c.vec, c.idx = self._bound
-        return self._smooth(self._kern.det_score(self._ctx_ref))
+        return self._smooth(self._kern.det_score(self._ctx_ref), t)
 
     def explain_bound(self, vec: npt.NDArray[np.float64], idx: npt.NDArray[np.intp],
                       top_k: int = 3) -> list[Contribution]:
@@ -373,11 +450,12 @@ class StreamingDetector:
         return [Contribution(feature=self._names[i], share=float(ct[i] / total))
                 for i in self._order[:n].tolist()]
 
-    def score(self, x: SampleLike) -> tuple[float, bool]:
-        """Score one sample (in the model's feature order); update the causal state."""
+    def score(self, x: SampleLike, t: float | None = None) -> tuple[float, bool]:
+        """Score one sample (in the model's feature order) taken at time ``t`` (seconds, any
+        clock; None: unknown); update the causal state."""
         if self._kern is not None:
             self._copy_in(x)
-            return self._smooth(self._kern.det_score(self._ctx_ref))
+            return self._smooth(self._kern.det_score(self._ctx_ref), t)
         missing = self._load(x)
         raw = self._raw(missing)
         # Remember what delta was measured against (for explain), then advance the state.
@@ -388,7 +466,7 @@ class StreamingDetector:
             np.copyto(self._prev, self._x, where=~missing)
         else:
             self._prev[:] = self._x
-        return self._smooth(raw)
+        return self._smooth(raw, t)
 
     def explain(self, x: SampleLike, top_k: int = 3) -> list[Contribution]:
         """The ``top_k`` features contributing most to the raw score of ``x`` (shares sum to <= 1).
@@ -428,10 +506,12 @@ class StreamingDetector:
         return [Contribution(feature=self._names[i], share=float(contrib[i] / total))
                 for i in order if contrib[i] > 0.0]
 
-    def score_many(self, rows: npt.ArrayLike) -> F64:
-        """Score consecutive rows one at a time (the streaming path); return the scores."""
+    def score_many(self, rows: npt.ArrayLike, times: npt.ArrayLike | None = None) -> F64:
+        """Score consecutive rows one at a time (the streaming path), taken at ``times``; return
+        the scores."""
         x = np.asarray(rows, dtype=np.float64)
+        ts = None if times is None else np.asarray(times, dtype=np.float64)
         out = np.empty(x.shape[0], dtype=np.float64)
         for i in range(x.shape[0]):
-            out[i] = self.score(x[i])[0]
+            out[i] = self.score(x[i], None if ts is None else float(ts[i]))[0]
         return out

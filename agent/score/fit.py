@@ -9,8 +9,9 @@ loads the artifact with :func:`agent.score.compiled.load` and never pays for sci
 The method (chosen by measurement on SMD, see ``docs/model.md``): per-feature robust z-scores
 (median/MAD, top-5 mean), distance to the nearest of 16 k-means centroids, and the squared norm
 of the first difference, each normalised by its 99th training percentile, summed and smoothed
-by an arithmetic and a geometric EWMA (alpha 0.1). Each smoother's alert threshold is a high
-quantile of its value over the training data times a margin: no labels are involved.
+by an arithmetic and a geometric EWMA (alpha 0.1), plus a fast channel (an EWMA with alpha 0.5 that
+alerts only when over its line for ``fast_min_s`` seconds). Each alert threshold is a high quantile
+of its smoother's value over the training data times a margin: no labels are involved.
 """
 
 from __future__ import annotations
@@ -45,8 +46,17 @@ class FitOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
     scale_min: float = 1e-3  # and >= this absolute value (in the feature's unit)
     ewma_alpha: float = 0.1
     divisor_quantile: float = 0.99
-    threshold_quantile: float = 0.995
-    threshold_margin: float = 1.0
+    threshold_quantile: float = 0.995  # the arithmetic EWMA's threshold (and the fast channel's)
+    geo_quantile: float = 0.98  # the geometric EWMA's threshold (research log #59)
+    threshold_margin: float = 1.0  # on every threshold
+    # The fast channel (research log #61): an arithmetic EWMA with fast_alpha of the raw score over
+    # its own threshold (train threshold_quantile x fast_margin x threshold_margin); it alerts once
+    # over the line for fast_min_s seconds of sample time. fast=False fits without it.
+    fast: bool = True
+    fast_alpha: float = 0.5
+    fast_margin: float = 1.3
+    fast_power: float = 0.2
+    fast_min_s: float = 15.0
     # Weights of robust_z, kmeans, delta, pca (0 switches a component off).
     weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 0.0)
     pca_variance: float = 0.95
@@ -72,11 +82,14 @@ def check_options(opts: FitOptions) -> None:
         problems.append(Problem("fit options", "ewma_alpha", "must be in (0, 1]"))
     problems.extend(
         Problem("fit options", key, "must be in (0, 1]")
-        for key in ("divisor_quantile", "threshold_quantile", "pca_variance")
+        for key in ("divisor_quantile", "threshold_quantile", "geo_quantile", "pca_variance", "fast_alpha")
         if not 0 < getattr(opts, key) <= 1
     )
-    if not opts.threshold_margin > 0:
-        problems.append(Problem("fit options", "threshold_margin", "must be positive"))
+    problems.extend(Problem("fit options", key, "must be positive")
+                    for key in ("threshold_margin", "fast_margin", "fast_power")
+                    if not (np.isfinite(getattr(opts, key)) and getattr(opts, key) > 0))
+    if not (np.isfinite(opts.fast_min_s) and opts.fast_min_s >= 0):
+        problems.append(Problem("fit options", "fast_min_s", "must be >= 0 seconds"))
     if any(w < 0 for w in opts.weights) or not any(w > 0 for w in opts.weights):
         problems.append(Problem("fit options", "weights", "must be >= 0 with at least one > 0"))
     if opts.scale_floor < 0:
@@ -192,7 +205,8 @@ def fit_detector(
     # the training summary that live drift is measured against (agent.score.drift)
     arrays["drift_edges"], arrays["drift_expected"], arrays["drift_stable"] = drift.summarize(x)
 
-    def meta(threshold: float, threshold_geo: float = 1.0) -> ArtifactMeta:
+    def meta(threshold: float, threshold_geo: float = 1.0, threshold_fast: float | None = None,
+             ) -> ArtifactMeta:
         return ArtifactMeta(
             format_version=art.FORMAT_VERSION,
             kind=art.KIND,
@@ -206,6 +220,10 @@ def fit_detector(
             sklearn_version=sklearn.__version__,
             numpy_version=np.__version__,
             created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            threshold_fast=threshold_fast,
+            fast_alpha=options.fast_alpha,
+            fast_power=options.fast_power,
+            fast_min_s=options.fast_min_s,
         )
 
     provisional = art.build(meta(1.0), arrays)
@@ -216,12 +234,14 @@ def fit_detector(
     provisional = art.build(meta(1.0), arrays)
     raw = combine(provisional, comps)
 
-    def limit(smoothed: F64) -> float:
-        t = float(np.quantile(smoothed, options.threshold_quantile)) * options.threshold_margin
+    def limit(smoothed: F64, quantile: float, margin: float = 1.0) -> float:
+        t = float(np.quantile(smoothed, quantile)) * options.threshold_margin * margin
         return t if t > 0 and np.isfinite(t) else 1.0
 
-    return art.build(meta(limit(ewma(raw, options.ewma_alpha)), limit(geo_ewma(raw, options.ewma_alpha))),
-                     arrays)
+    alpha, q = options.ewma_alpha, options.threshold_quantile
+    fast = limit(ewma(raw, options.fast_alpha), q, options.fast_margin) if options.fast else None
+    geo = limit(geo_ewma(raw, alpha), options.geo_quantile)
+    return art.build(meta(limit(ewma(raw, alpha), q), geo, fast), arrays)
 
 
 def load_training(path: str | os.PathLike[str]) -> tuple[F64, list[str], list[str] | None]:

@@ -239,7 +239,7 @@ class RiskStage:
         explanation: tuple[Contribution, ...] = ()
         det = self.detector
         if det is not None and self._det_idx is not None:
-            anomaly, alert = det.score_bound(vec, self._det_idx)
+            anomaly, alert = det.score_bound(vec, self._det_idx, sample.mono)
             if anomaly >= self.explain_above:
                 explanation = tuple(det.explain_bound(vec, self._det_idx))
             if self.drift is not None:
