@@ -96,6 +96,7 @@ def test_refit_persist_reload_and_refusals(tmp_path: Path) -> None:
     assert r.alert
     assert r.explanation
     assert 0 < r.explanation[0].share <= 1
+    assert r.anomaly_channel in ("slow", "fast", "both")  # which channel alerted
 
     # corrupt artifact: refused, rules only, no crash; check_model reports it
     artifact.write_bytes(artifact.read_bytes()[:100])

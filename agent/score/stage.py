@@ -237,17 +237,19 @@ class RiskStage:
         anomaly: float | None = None
         alert = False
         explanation: tuple[Contribution, ...] = ()
+        channel = ""
         det = self.detector
         if det is not None and self._det_idx is not None:
             anomaly, alert = det.score_bound(vec, self._det_idx, sample.mono)
+            channel = det.channel
             if anomaly >= self.explain_above:
                 explanation = tuple(det.explain_bound(vec, self._det_idx))
             if self.drift is not None:
                 self._drift(det, vec[self._det_idx])
         demand = self.demand.on_sample(sample.metrics, sample.wall) if self.demand is not None else ()
         return Risk(seq=sample.seq, wall=sample.wall, anomaly=anomaly, alert=alert, cold=det is None,
-                    model_version=self._version, explanation=explanation, failure=failure,
-                    forecasts=self.forecaster.forecasts, gpu=gpus, drift=self.drift_score,
+                    model_version=self._version, explanation=explanation, anomaly_channel=channel,
+                    failure=failure, forecasts=self.forecaster.forecasts, gpu=gpus, drift=self.drift_score,
                     demand=demand)
 
     def _drift(self, det: StreamingDetector, vec: npt.NDArray[np.float64]) -> None:

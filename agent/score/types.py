@@ -56,6 +56,9 @@ class Risk(msgspec.Struct, frozen=True, kw_only=True):
     cold: bool  # still inside the cold-start window: rules only
     model_version: str
     explanation: tuple[Contribution, ...] = ()
+    # which of the detector's channels made the anomaly alert: "slow", "fast", "both"; "" when none
+    # (agent.score.detector.StreamingDetector.channel)
+    anomaly_channel: str = ""
     # failure class -> probability within the horizon
     failure: dict[str, float] = msgspec.field(default_factory=dict)
     forecasts: tuple[Forecast, ...] = ()
