@@ -67,6 +67,8 @@ def test_evaluate_json(datasets: Path) -> None:
     assert heald_auc > 0.5
     assert heald_auc > result["mean"]["random"]["auc_pr"]
     assert result["mean"]["heald"]["event_recall"] == 1.0
+    for f in ("a", "b"):  # the share of heald's alerts that its fast channel made alone
+        assert 0.0 <= result["files"][f]["heald"]["fast_only"] <= 1.0
 
 
 def test_evaluate_table(datasets: Path) -> None:
@@ -74,6 +76,7 @@ def test_evaluate_table(datasets: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "AUC-PR" in proc.stdout
     assert "MEAN" in proc.stdout
+    assert "fast channel alone" in proc.stdout
     for det in DETECTORS:
         assert det in proc.stdout
 
@@ -109,10 +112,13 @@ def test_train_and_info(tmp_path: Path) -> None:
     assert info["training"]["rows"] == 400
     assert info["format_version"] == art.FORMAT_VERSION == 2
     assert info["threshold_geo"] > 0
+    assert info["threshold_fast"] > 0
+    assert info["fast_min_s"] == 15.0
     assert len(info["sha256"]) == 64
     proc = heald("model", "info", str(out))
     assert proc.returncode == 0
     assert "threshold" in proc.stdout
+    assert "alerts when over it for 15 s" in proc.stdout
 
 
 def test_train_bad_input_and_info_bad_file(tmp_path: Path) -> None:

@@ -119,8 +119,12 @@ def evaluate_cmd(args: argparse.Namespace) -> int:
             rows.append([name, det, _fmt(m["auc_pr"]), _fmt(m["f1"]), _fmt(m["event_recall"]),
                          _fmt(m["delay_mean"], 1), _fmt(m["us_per_sample"], 1)])
     out(table(headers, rows, rule=True))
+    fast = [per["heald"].get("fast_only") for per in result["files"].values()]
+    share = [f for f in fast if f is not None]
     out(f"{len(result['files'])} files in {wall:.1f} s. heald is scored one row at a time; "
-           "baseline µs/sample is sklearn single-row latency.")
+           "baseline µs/sample is sklearn single-row latency."
+        + (f" Alerts made by heald's fast channel alone: {sum(share) / len(share):.0%} (mean over files)."
+           if share else ""))
     return 0
 
 
@@ -179,6 +183,9 @@ def _print_meta(info: dict[str, Any], as_json: bool) -> None:
          + (f", {tr['start']} .. {tr['end']}" if tr["start"] is not None else "")],
         ["threshold", (f"{info['threshold']:.6g} (arithmetic EWMA), {info['threshold_geo']:.6g} "
                        "(geometric EWMA); reported score 1.0 = both reached")],
+        ["fast channel", "none (fitted before it)" if info.get("threshold_fast") is None else
+         (f"{info['threshold_fast']:.6g} (EWMA alpha {info['fast_alpha']}); alerts when over it for "
+          f"{info['fast_min_s']:g} s")],
         ["ewma_alpha", str(info["ewma_alpha"])],
         ["top_k", str(info["top_k"])],
         ["options", json.dumps(info["options"], sort_keys=True)],
