@@ -214,3 +214,58 @@ def test_within_is_in_the_schema_and_bounded() -> None:
     assert any("within is at most 1h" in str(p) for p in problems), [str(p) for p in problems]
     pb, problems = parse_playbook(text.replace("within: 90s", "within: soon"), "t.yaml", None)
     assert pb is None
+
+
+@pytest.mark.asyncio
+async def test_a_one_sample_flicker_in_the_window_is_not_a_fix(tmp_path: Path) -> None:
+    """The value dips under its line for one sample now and then (a forecast's confidence, a
+    bursty writer) while the problem goes on: the window must not take one passing check for a
+    fix; a real fix (three passing samples in a row) verifies."""
+    marker = tmp_path / "m"
+    eng, rec = make_engine(tmp_path, [playbook(ladder(marker, within="2s"))])
+    n = [0]
+
+    def bad() -> dict[str, float | None]:
+        if not marker.exists():
+            return {"app.bad": 1.0}
+        n[0] += 1
+        return {"app.bad": 0.0 if n[0] % 3 == 0 else 1.0}  # every third sample under the line
+
+    async with running(eng):
+        await drive(eng, bad, lambda: bool(rec.of("run.end")), limit_s=15)
+    (v,) = rec.of("verify")
+    assert v["ok"] is False, v
+    assert [e["outcome"] for e in rec.of("run.end")] == ["escalated"]
+
+
+def forecast_ladder(marker: Path) -> str:
+    code = f"open({str(marker)!r}, 'a').write('x')"
+    return (
+        "name: fill\ndescription: test forecast ladder\nmode: enforce\ntrigger:\n"
+        "  forecast: 'disk.free_bytes[/data]'\n  eta_below: 15m\n  min_confidence: 0.6\nsteps:\n"
+        f"  - action: run_command\n    params: {{argv: [{PY!r}, '-c', {code!r}]}}\n    timeout: 5s\n"
+        "verify:\n  settle: 50ms\n  within: 1h\nguards:\n  cooldown: 1h\nescalate:\n  event: fill.unfixed\n"
+    )
+
+
+@pytest.mark.asyncio
+async def test_a_failure_forecast_before_the_window_ends_ends_the_window(tmp_path: Path) -> None:
+    """Watching an hour for a fill to stop while the forecast says full in 5 minutes would tell
+    the humans after the failure: the window ends at the first check that forecasts the failure
+    before the window's end (not verified: escalated now)."""
+    from playbook_kit import risk  # noqa: PLC0415
+
+    from agent.score.types import Forecast  # noqa: PLC0415 - only this test builds a Risk
+
+    marker = tmp_path / "m"
+    eng, rec = make_engine(tmp_path, [playbook(forecast_ladder(marker))])
+    full = risk(forecasts=[Forecast(resource="disk.free_bytes[/data]", eta_s=300.0, confidence=0.9,
+                                    rate_per_s=-1e6)])
+    async with running(eng):
+        took = await drive(eng, lambda: {"disk.free_bytes[/data]": 1e9}, lambda: bool(rec.of("run.end")),
+                           limit_s=15, risk_fn=lambda: full)
+    (v,) = rec.of("verify")
+    assert v["ok"] is False
+    assert "forecast to fail in 300s, before the window's end" in v["reason"], v
+    assert [e["outcome"] for e in rec.of("run.end")] == ["escalated"]
+    assert took < 5, "escalated at once, not after the hour's window"

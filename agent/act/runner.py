@@ -10,9 +10,11 @@ Verified: the run succeeded. Not verified, or the step failed: the next step. Pa
 step: an escalation event for humans that says what each step did, and the failure counts
 towards the target's backoff and circuit breaker.
 
-With ``verify.within`` the check is repeated on each new sample until it passes (verified at
-once) or the window (settle + within after the step ended) is over: a forecast needs minutes of
-new samples to see that a fill stopped. A run resumed in the window goes on with the same
+With ``verify.within`` the check is repeated on each new sample until it passes on HOLD_CHECKS
+samples in a row (verified) or the window (settle + within after the step ended) is over: a
+forecast needs minutes of new samples to see that a fill stopped. A check whose forecast says the
+failure comes before the window's end ends the window at once (not verified: the next step or the
+humans now, not after the failure). A run resumed in the window goes on with the same
 window, counted from the step's end in the journal, not with a fresh one.
 
 A run resumed from the journal after a crash never re-runs a step that has a result, and
@@ -52,6 +54,9 @@ from agent.errors import HealdError
 
 # How long verification waits for a sample newer than the step (samples come every second).
 FRESH_SAMPLE_TIMEOUT_S = 10.0
+#: In a verify.within window a check must pass on this many samples in a row to verify the step:
+#: one sample where a forecast's confidence dips, or a value flickers under its line, is not a fix.
+HOLD_CHECKS = 3
 
 
 def substitute(value: Any, values: Mapping[str, str], *, argv: bool = False, url: bool = False) -> Any:
@@ -373,7 +378,7 @@ class Runner:
             deadline = now + (ended + spec.settle_s + spec.within_s - time.time())
         await asyncio.sleep(spec.settle_s)
         seq, wait_s = latest.seq, FRESH_SAMPLE_TIMEOUT_S
-        first, checks = time.monotonic(), 0
+        first, checks, passes = time.monotonic(), 0, 0
         ok, why = False, "no fresh sample to verify with"
         while True:
             # none within FRESH_SAMPLE_TIMEOUT_S for the first check, or before the window's end:
@@ -382,9 +387,16 @@ class Runner:
                 break
             checks += 1
             seq = latest.seq
-            ok, why = self._check(run)
+            ok, why, eta = self._check(run)
+            passes = passes + 1 if ok else 0
             wait_s = deadline - time.monotonic()
-            if ok or wait_s <= 0:
+            if wait_s <= 0 or spec.within_s <= 0:
+                break
+            if passes >= HOLD_CHECKS:  # in a window: passed on consecutive samples, not a flicker
+                break
+            if eta is not None and eta <= wait_s:
+                # the failure is forecast before the window ends: no point watching for it to clear
+                why = f"{why}; forecast to fail in {eta:.0f}s, before the window's end"
                 break
         watched = round(time.monotonic() - first, 3)
         if spec.within_s > 0:
@@ -397,21 +409,25 @@ class Runner:
         log.info("verification", step=step_index, ok=ok, reason=why, checks=checks, watched_s=watched)
         return ok
 
-    def _check(self, run: Run) -> tuple[bool, str]:
-        """One check on the latest sample: verify.expect holds, or the trigger's condition is over."""
+    def _check(self, run: Run) -> tuple[bool, str, float | None]:
+        """One check on the latest sample: verify.expect holds, or the trigger's condition is over;
+        and, when the trigger still holds on a forecast, its shortest time to failure (seconds)."""
         playbook = run.playbook
         decider = self._host.decider
         if playbook.verify.expect is not None:
             ctx = decider.context(time.time(), time.monotonic(), watermark=run.watermark, stateless=True,
                                   bindings=dict(run.match.bindings))
             ok = bool(TriggerEvaluator(playbook.verify.expect).evaluate(ctx))
-            return ok, "verify.expect holds" if ok else "verify.expect does not hold"
+            return ok, "verify.expect holds" if ok else "verify.expect does not hold", None
         # The problem's current state, with no timers: a fresh evaluator, the run's bindings.
         ctx = decider.context(time.time(), time.monotonic(), watermark=run.watermark, verify=True,
                               bindings=dict(run.match.bindings))
-        still = bool(TriggerEvaluator(playbook.trigger).evaluate(ctx))
-        return (False, "the trigger's condition still holds") if still else \
-            (True, "the trigger's condition is over")
+        still = TriggerEvaluator(playbook.trigger).evaluate(ctx)
+        if not still:
+            return True, "the trigger's condition is over", None
+        etas = [float(v) for m in still for k, v in m.inputs.items()
+                if k.startswith("forecast[") and k.endswith("].eta_s") and isinstance(v, int | float)]
+        return False, "the trigger's condition still holds", min(etas) if etas else None
 
     def _step_record(self, run: Run, step: Step, result: ActionResult, status: str) -> None:
         run.tried.append(f"{step.name} ({step.action}): {result.detail or status}")
