@@ -81,6 +81,23 @@ def test_evaluate_table(datasets: Path) -> None:
         assert det in proc.stdout
 
 
+def test_evaluate_interval_is_the_time_between_rows(datasets: Path) -> None:
+    """At 1 s a row the fast channel needs 15 rows over its line: it makes no alert alone on the
+    40-row anomalies it catches in one 60-s row; nonsense intervals are refused in one line."""
+    minute = json.loads(heald("model", "evaluate", str(datasets), "--json").stdout)
+    second = heald("model", "evaluate", str(datasets), "--json", "--interval", "1")
+    assert second.returncode == 0, second.stderr
+    per_s = json.loads(second.stdout)
+    assert all(per_s["files"][f]["heald"]["fast_only"] == 0.0 for f in ("a", "b")), per_s
+    for det in ("random", "pca", "iforest"):  # only heald depends on the interval
+        assert per_s["mean"][det]["auc_pr"] == minute["mean"][det]["auc_pr"]
+    for bad in ("0", "-5", "nan", "inf", "1e9"):
+        proc = heald("model", "evaluate", str(datasets), "--interval", bad)
+        assert proc.returncode == 2, (bad, proc.stderr)
+        assert proc.stderr.strip().splitlines() == [
+            "heald: --interval: must be a number of seconds in (0, 86400]"]
+
+
 def test_evaluate_bad_input(tmp_path: Path) -> None:
     proc = heald("model", "evaluate", str(tmp_path / "absent"))
     assert proc.returncode == 2
