@@ -249,23 +249,33 @@ def forecast_ladder(marker: Path) -> str:
 
 
 @pytest.mark.asyncio
-async def test_a_failure_forecast_before_the_window_ends_ends_the_window(tmp_path: Path) -> None:
-    """Watching an hour for a fill to stop while the forecast says full in 5 minutes would tell
-    the humans after the failure: the window ends at the first check that forecasts the failure
-    before the window's end (not verified: escalated now)."""
+async def test_a_failure_forecast_inside_the_window_warns_at_once_and_keeps_watching(tmp_path: Path) -> None:
+    """Watching 3 s (in the field: minutes) for a fill to stop while the forecast says full in 5
+    minutes sooner than that: one playbook.verify_at_risk event at the first check, not the news
+    after the failure; the window goes on (the writer may stop) and the verdict is the checks'."""
     from playbook_kit import risk  # noqa: PLC0415
 
     from agent.score.types import Forecast  # noqa: PLC0415 - only this test builds a Risk
 
     marker = tmp_path / "m"
-    eng, rec = make_engine(tmp_path, [playbook(forecast_ladder(marker))])
-    full = risk(forecasts=[Forecast(resource="disk.free_bytes[/data]", eta_s=300.0, confidence=0.9,
-                                    rate_per_s=-1e6)])
+    eng, rec = make_engine(tmp_path, [playbook(forecast_ladder(marker).replace("within: 1h", "within: 3s"))])
+    eta = [2.0]
+    stop_at: list[float] = []
+
+    def forecast() -> Any:
+        if marker.exists() and not stop_at:
+            stop_at.append(time.monotonic())
+        ok = bool(stop_at) and time.monotonic() - stop_at[0] > 1.5  # the writer stopped 1.5 s later
+        return risk(forecasts=[Forecast(resource="disk.free_bytes[/data]", eta_s=None if ok else eta[0],
+                                        confidence=0.9, rate_per_s=0.0 if ok else -1e6)])
+
     async with running(eng):
-        took = await drive(eng, lambda: {"disk.free_bytes[/data]": 1e9}, lambda: bool(rec.of("run.end")),
-                           limit_s=15, risk_fn=lambda: full)
+        await drive(eng, lambda: {"disk.free_bytes[/data]": 1e9}, lambda: bool(rec.of("run.end")),
+                    limit_s=15, risk_fn=forecast)
+    warned = [e for e in rec.events if e["kind"] == "playbook.verify_at_risk"]
+    assert len(warned) == 1, rec.events
+    assert "forecast to fail in 2 s" in warned[0]["message"]
     (v,) = rec.of("verify")
-    assert v["ok"] is False
-    assert "forecast to fail in 300s, before the window's end" in v["reason"], v
-    assert [e["outcome"] for e in rec.of("run.end")] == ["escalated"]
-    assert took < 5, "escalated at once, not after the hour's window"
+    assert v["ok"] is True, v  # the fill stopped inside the window: succeeded, after the warning
+    assert "warned: forecast to fail in 2s" in v["reason"], v
+    assert [e["outcome"] for e in rec.of("run.end")] == ["succeeded"]

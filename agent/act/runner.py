@@ -13,9 +13,10 @@ towards the target's backoff and circuit breaker.
 With ``verify.within`` the check is repeated on each new sample until it passes on HOLD_CHECKS
 samples in a row (verified) or the window (settle + within after the step ended) is over: a
 forecast needs minutes of new samples to see that a fill stopped. A check whose forecast says the
-failure comes before the window's end ends the window at once (not verified: the next step or the
-humans now, not after the failure). A run resumed in the window goes on with the same
-window, counted from the step's end in the journal, not with a fresh one.
+failure comes before the window's end sends one ``playbook.verify_at_risk`` event (the humans hear
+it now, not after the failure) and the window goes on: the verdict is what happened. A run
+resumed in the window goes on with the same window, counted from the step's end in the journal,
+not with a fresh one.
 
 A run resumed from the journal after a crash never re-runs a step that has a result, and
 never blindly re-runs the step that was interrupted: it verifies what that step achieved and
@@ -379,6 +380,7 @@ class Runner:
         await asyncio.sleep(spec.settle_s)
         seq, wait_s = latest.seq, FRESH_SAMPLE_TIMEOUT_S
         first, checks, passes = time.monotonic(), 0, 0
+        warned: float | None = None
         ok, why = False, "no fresh sample to verify with"
         while True:
             # none within FRESH_SAMPLE_TIMEOUT_S for the first check, or before the window's end:
@@ -394,13 +396,16 @@ class Runner:
                 break
             if passes >= HOLD_CHECKS:  # in a window: passed on consecutive samples, not a flicker
                 break
-            if eta is not None and eta <= wait_s:
-                # the failure is forecast before the window ends: no point watching for it to clear
-                why = f"{why}; forecast to fail in {eta:.0f}s, before the window's end"
-                break
+            if eta is not None and eta <= wait_s and warned is None:
+                # The failure is forecast before the window ends: the humans hear it now, not after
+                # the failure; the window goes on (the writer may stop: a verdict is what happened).
+                warned = eta
+                self._warn_at_risk(run, step_index, eta, wait_s, log)
         watched = round(time.monotonic() - first, 3)
         if spec.within_s > 0:
             why = f"{why} ({checks} check{'s' if checks != 1 else ''} in {watched:g}s)"
+        if warned is not None:
+            why = f"{why}; warned: forecast to fail in {warned:.0f}s, before the window's end"
         run_journal.verify(step_index, ok)
         self._recorder.record(records.Verify(
             playbook=playbook.name, run_id=run.run_id, target=run.target.key, step=step_index, ok=ok,
@@ -408,6 +413,24 @@ class Runner:
             watched_s=watched))
         log.info("verification", step=step_index, ok=ok, reason=why, checks=checks, watched_s=watched)
         return ok
+
+    def _warn_at_risk(self, run: Run, step_index: int, eta: float, left_s: float,
+                      log: FilteringBoundLogger) -> None:
+        """One event while a step is watched: the trigger still holds and its forecast says the
+        failure comes before the verify window ends."""
+        playbook, key = run.playbook, run.target.key
+        message = (f"{playbook.name}: {key} is forecast to fail in {eta:.0f} s while step {step_index} "
+                   f"is verified (watching {left_s:.0f} s more: the fix may not have worked)")
+        self._recorder.emit({
+            "kind": "playbook.verify_at_risk",
+            "severity": playbook.escalate.severity,
+            "playbook": playbook.name,
+            "run_id": run.run_id,
+            "message": message,
+            "labels": {**run.match.bindings, "target": key},
+        })
+        log.warning("failure forecast inside the verify window", step=step_index, eta_s=round(eta, 1),
+                    window_left_s=round(left_s, 1))
 
     def _check(self, run: Run) -> tuple[bool, str, float | None]:
         """One check on the latest sample: verify.expect holds, or the trigger's condition is over;
