@@ -1,0 +1,127 @@
+"""bench/faultfree_load.py: the fault-free bench under benign loads (issue 20).
+
+The smoke run (each of the eight loads 12 s) must print one row per load, every load having run,
+the agent's audit log holding no enforced run, and nothing written to bench/results/; a SIGTERM
+mid-run must stop the loads, the agent and the namespace and remove the bench's cgroup and files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+sys.path.insert(0, str(BENCH))
+
+import faultfree_load as ffl  # noqa: E402
+import healdbench as hb  # noqa: E402
+
+NEEDS = pytest.mark.skipif(
+    os.geteuid() != 0 or not all(shutil.which(t) for t in ffl.TOOLS) or not Path(hb.MOSQUITTO).exists(),
+    reason="needs root, stress-ng, gcc, make, tar, unshare and mosquitto")
+
+
+def bench_env(audits: Path) -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **{hb.AUDIT_COPY_ENV: str(audits)})
+    env.pop(hb.NS_ENV, None)
+    return env
+
+
+def cgroups_of(pid: int) -> list[Path]:
+    name = f"heald-ffload-{pid}"
+    return [p for p in (Path("/sys/fs/cgroup") / name, Path("/sys/fs/cgroup/memory") / name,
+                        Path("/sys/fs/cgroup/pids") / name) if p.exists()]
+
+
+def test_episodes_merge_gaps_under_30s() -> None:
+    samples = [(100.0, ["anomaly"]), (101.0, []), (120.0, ["failure[x]"]), (149.9, ["anomaly"]),
+               (180.0, ["forecast[mem.used_pct]"]), (300.0, [])]
+    eps = ffl.episodes(samples)
+    assert [(e["start"], e["end"], e["samples"]) for e in eps] == [(100.0, 149.9, 3), (180.0, 180.0, 1)]
+    assert eps[0]["reasons"] == {"anomaly": 2, "failure[x]": 1}
+
+
+@pytest.mark.slow
+@pytest.mark.root
+@NEEDS
+def test_smoke_every_load_runs_nothing_enforced(tmp_path: Path) -> None:
+    result = ffl.RESULT  # the one file this bench writes (others may write bench/results/ meanwhile)
+    before = result.stat().st_mtime_ns if result.exists() else None
+    work, audits = tmp_path / "work", tmp_path / "audits"
+    work.mkdir()
+    proc = subprocess.run([sys.executable, str(BENCH / "faultfree_load.py"), "--smoke", "--dir", str(work)],
+                          cwd=ROOT, env=bench_env(audits), capture_output=True, text=True, timeout=280,
+                          check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    header = ("| phase | minutes | iterations (failed) | would-be actions | approval requests "
+              "| alert episodes | per 3 h | alert samples (anomaly / classifier / forecast) | risk samples "
+              "| notes |")
+    assert header in proc.stdout, out[-4000:]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in proc.stdout.splitlines() if line.startswith("| ") and not line.startswith("| phase")}
+    assert set(rows) == {*ffl.LOADS, "settle", "idle gap"}, rows
+    for name in ffl.LOADS:
+        cells = rows[name]
+        assert len(cells) == 9, (name, cells)
+        assert 0.15 <= float(cells[0]) <= 1.0, (name, cells)  # minutes: 12 s, stopped on time
+        runs, failed = cells[1].replace("(", "").replace(")", "").split()
+        assert int(runs) >= 1, (name, cells)  # every load ran
+        assert int(failed) == 0, (name, cells)
+        assert int(cells[7]) >= 5, (name, cells)  # the node's risk reports arrived during the load
+    assert "enforced runs: 0" in proc.stdout
+    assert "loaded: True" in proc.stdout  # the detector was fitted before the start
+    logs = sorted(audits.glob("*-audit.jsonl"))
+    assert logs, "the bench did not hand over its audit log"
+    entries = [json.loads(line)["record"] for log in logs for line in log.read_text().splitlines()]
+    assert not [r for r in entries if r.get("type") == "run.start" and r.get("dry_run") is not True]
+    after = result.stat().st_mtime_ns if result.exists() else None
+    assert after == before, f"a --smoke run must not write {result}"
+    assert list(work.iterdir()) == [], "the bench left files behind"
+
+
+@pytest.mark.slow
+@pytest.mark.root
+@NEEDS
+def test_sigterm_stops_loads_and_cleans_up(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = subprocess.Popen([sys.executable, str(BENCH / "faultfree_load.py"), "--smoke", "--dir", str(work),
+                             "--loads", "stress-cpu", "--minutes-per-load", "3"], cwd=ROOT,
+                            env=bench_env(tmp_path / "audits"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    seen = []
+    deadline = time.monotonic() + 90
+    for line in proc.stdout:
+        seen.append(line)
+        if "stress-cpu for" in line or time.monotonic() > deadline:
+            break
+    assert any("stress-cpu for" in s for s in seen), "".join(seen)[-3000:]
+    time.sleep(3)
+    groups = cgroups_of(proc.pid)
+    assert groups, "the loads' cgroup should exist while the bench runs"
+    loads = {int(x) for x in (groups[0] / "cgroup.procs").read_text().split()}
+    stress = [pid for pid in loads if b"stress-ng" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert stress, "stress-ng should be running in the bench's cgroup"
+    proc.send_signal(signal.SIGTERM)
+    try:  # at once, not at the end of the load's 3 minutes
+        rest, _ = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate(timeout=200)
+        raise
+    assert proc.returncode != 0, "".join(seen) + rest
+    assert cgroups_of(proc.pid) == [], "the cgroup was left behind"
+    assert list(work.iterdir()) == [], "the bench left files behind"
+    for pid in loads:  # every process of the loads is gone
+        assert not Path(f"/proc/{pid}").exists(), pid
