@@ -77,6 +77,22 @@ def test_one_60s_sample_over_the_line_alerts(use_native: bool) -> None:
     assert channels[4] == "fast"
 
 
+def test_a_stalled_sampler_does_not_turn_one_sample_into_a_long_deviation() -> None:
+    """The daemon bounds one sample's span at twice its interval: after a 20-s stall (the host
+    too busy to sample) one deviated sample counts 2 s, not 20; without the bound it alerts."""
+    model, normal, dev = _controlled()
+    rows = [normal] * 3 + [dev]
+    times = [0.0, 1.0, 2.0, 22.0]
+    assert _run(StreamingDetector(model), rows, list(times))[0][-1] is True  # unbounded: 20 s
+    bounded = StreamingDetector(model, max_span_s=2.0)
+    alerts, _ = _run(bounded, rows, list(times))
+    assert alerts == [False] * 4
+    more = [dev] * 13  # 2 s + 13 x 1 s = 15 s over the line: now it alerts
+    alerts, _ = _run(bounded, more, [22.0 + i + 1 for i in range(13)])
+    assert alerts[-1] is True
+    assert not any(alerts[:-1])
+
+
 def test_the_duration_is_judged_by_irregular_timestamps() -> None:
     model, normal, dev = _controlled()
     det = StreamingDetector(model, native=False)

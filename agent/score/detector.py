@@ -204,9 +204,15 @@ class StreamingDetector:
         "_use",
         "_x",
         "_z",
+        "max_span_s",
     )
 
-    def __init__(self, model: CompiledDetector, *, native: bool | None = None) -> None:
+    def __init__(self, model: CompiledDetector, *, native: bool | None = None,
+                 max_span_s: float | None = None) -> None:
+        # The longest interval one sample stands for in the fast channel's duration (None: no
+        # bound): a sampler stalled for 20 s must not let the one sample after the stall count
+        # as 20 s of deviation. The daemon passes twice its sample interval.
+        self.max_span_s = max_span_s
         a = model.arrays
         self._model = model
         self._names = model.meta.feature_names
@@ -405,6 +411,8 @@ class StreamingDetector:
             if t is not None and not math.isfinite(t):
                 t = None
             span = 0.0 if first or t is None or self._t is None else t - self._t
+            if self.max_span_s is not None and span > self.max_span_s:
+                span = self.max_span_s
             fr = f / self._threshold_fast
             if fr >= 1.0:
                 self._run += max(0.0, span)

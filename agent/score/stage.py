@@ -193,7 +193,7 @@ class RiskStage:
             raise ModelError(f"model {model.version}: feature schema mismatch: features {missing[:5]} "
                              f"are not produced by this node's schema")
         self._det_idx = np.array([pos[n] for n in model.meta.feature_names], dtype=np.intp)
-        self.detector = StreamingDetector(model)
+        self.detector = StreamingDetector(model, max_span_s=2.0 * self.sample_interval_s)
         self.detector.bind(self.window.output, self._det_idx)  # read in place from the window
         edges, expected = model.arrays.get("drift_edges"), model.arrays.get("drift_expected")
         self.drift = DriftMonitor(edges, expected, model.arrays.get("drift_stable"), every=self.drift_every,
