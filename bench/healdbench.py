@@ -303,7 +303,9 @@ def confine(argv: list[str] | None = None) -> None:
     if unshare is None:
         raise SystemExit("unshare (util-linux) is missing: cannot confine the bench")
     user = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
-    cmd = [unshare, *user, "--pid", "--fork", "--mount", "--mount-proc", "--propagation", "private",
+    # --kill-child (implies --fork): when unshare dies (a timeout kills it), the namespace's PID 1
+    # dies too and with it every process in the namespace; unshare itself ignores SIGTERM/SIGINT.
+    cmd = [unshare, *user, "--pid", "--kill-child", "--mount", "--mount-proc", "--propagation", "private",
            sys.executable, *(argv if argv is not None else sys.argv)]
     env = dict(os.environ, **{NS_ENV: _ns()})
     rc = subprocess.run(cmd, env=env, check=False).returncode

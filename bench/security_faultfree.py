@@ -97,7 +97,7 @@ def outer(args: argparse.Namespace) -> int:
         spec = {"work": str(work), "minutes": args.minutes, "learn_s": args.learn_s, **prepare(work)}
         (work / "spec.json").write_text(json.dumps(spec))
         t0 = time.time()
-        done = subprocess.run(["unshare", "--net", "--pid", "--fork", "--mount", "--mount-proc",
+        done = subprocess.run(["unshare", "--net", "--pid", "--kill-child", "--mount", "--mount-proc",
                                sys.executable, __file__, "--inner", str(work / "spec.json")],
                               timeout=args.learn_s + args.minutes * 60 + 600, check=False)
         if done.returncode != 0 or not (work / "result.json").exists():

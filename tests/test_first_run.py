@@ -73,7 +73,7 @@ def test_quickstart_as_written_acts_on_nothing(tmp_path: Path) -> None:
     work.mkdir()
     spec = {"repo": str(REPO_ROOT), "work": str(work), "argv": argv, "timeout_s": 100}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
-    subprocess.run(["unshare", "--pid", "--fork", "--mount", "--mount-proc", sys.executable,
+    subprocess.run(["unshare", "--pid", "--kill-child", "--mount", "--mount-proc", sys.executable,
                     str(REPO_ROOT / "tests" / "first_run_namespace.py"), str(tmp_path / "spec.json")],
                    check=True, timeout=180)
     result = json.loads((work / "result.json").read_text())

@@ -93,7 +93,7 @@ def test_stop_leaker_as_the_unit_runs_it_attributes_through_the_root_helper(tmp_
     count read 0, the table's growth was nobody's, nothing was stopped."""
     spec = {"dir": str(tmp_path), "limit": 2000, "base": 1100, "rate": 40, "window": "2s"}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
-    argv = ["unshare", "--pid", "--fork", "--mount", "--mount-proc", "--propagation", "private",
+    argv = ["unshare", "--pid", "--kill-child", "--mount", "--mount-proc", "--propagation", "private",
             sys.executable, str(SCRIPT), str(tmp_path / "spec.json")]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False, cwd=REPO)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]

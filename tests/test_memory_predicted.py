@@ -36,7 +36,7 @@ def run_case(tmp_path: Path, *, rate: float, cap: int, seconds: float) -> dict[s
     spec = {"out": str(tmp_path / "out.json"), "state": str(tmp_path / "state"), "rate_mib_s": rate,
             "cap_mib": cap, "total_mib": TOTAL, "base_mib": BASE, "seconds": seconds}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
-    argv = ["unshare", "--pid", "--fork", "--mount", "--mount-proc", sys.executable, str(SCRIPT),
+    argv = ["unshare", "--pid", "--kill-child", "--mount", "--mount-proc", sys.executable, str(SCRIPT),
             str(tmp_path / "spec.json")]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 90, check=False)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]

@@ -214,7 +214,7 @@ def memory_case(tmp_path: Path, mode: str, **extra: Any) -> dict[str, Any]:
     spec = {"dir": str(d), "mode": mode, "seconds": 55, "kill_after_term_s": 1.0, "fill_at_pct": 80.0,
             **HOST, **extra}
     (d / "spec.json").write_text(json.dumps(spec))
-    argv = ["unshare", "--pid", "--fork", "--mount", "--mount-proc", "--propagation", "private",
+    argv = ["unshare", "--pid", "--kill-child", "--mount", "--mount-proc", "--propagation", "private",
             sys.executable, str(NAMESPACE), str(d / "spec.json")]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False, cwd=REPO)
     log = (d / "agent.log").read_text()[-3000:] if (d / "agent.log").exists() else ""
@@ -306,7 +306,7 @@ def raise_case(tmp_path: Path, mode: str) -> dict[str, Any]:
     d.mkdir()
     (d / "spec.json").write_text(json.dumps({"dir": str(d), "mode": mode, "seconds": 50,
                                              "release_after_s": 4.0, "linger_s": 3.0}))
-    argv = ["unshare", "--pid", "--fork", "--mount", "--mount-proc", "--propagation", "private",
+    argv = ["unshare", "--pid", "--kill-child", "--mount", "--mount-proc", "--propagation", "private",
             sys.executable, str(RAISE), str(d / "spec.json")]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False, cwd=REPO)
     log = (d / "agent.log").read_text()[-3000:] if (d / "agent.log").exists() else ""

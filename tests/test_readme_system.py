@@ -89,7 +89,7 @@ def test_readme_one_machine_commands_show_the_node_within_10s(tmp_path: Path) ->
     }
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     driver = subprocess.run(
-        ["unshare", "--net", "--mount", "--pid", "--fork", "--mount-proc", "--",
+        ["unshare", "--net", "--mount", "--pid", "--kill-child", "--mount-proc", "--",
          sys.executable, str(Path(__file__).with_name("readme_namespace.py")), str(tmp_path / "spec.json")],
         capture_output=True, text=True, timeout=180, check=False, cwd=tmp_path,
     )

@@ -68,7 +68,7 @@ def case(tmp_path: Path, playbook: str, leakers: list[dict[str, Any]], **kw: Any
             "limit": 2000 if playbook == "file-table-full" else 1000,
             "base": 1500 if playbook == "file-table-full" else 700, **kw}
     (d / "spec.json").write_text(json.dumps(spec))
-    argv = ["unshare", "--pid", "--fork", "--mount", "--mount-proc", "--propagation", "private",
+    argv = ["unshare", "--pid", "--kill-child", "--mount", "--mount-proc", "--propagation", "private",
             sys.executable, str(SCRIPT), str(d / "spec.json")]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False, cwd=REPO)
     log = (d / "agent.log").read_text()[-3000:] if (d / "agent.log").exists() else ""
