@@ -25,6 +25,12 @@ max(``every``, S/20) samples), each subsampled to at most ``max_points`` points:
 4. the window with the highest confidence wins (a fresh fill is clean on the short window, a slow
    noisy leak on the long one); ETA = (level - limit) / -slope for a resource falling to its
    limit, (limit - level) / slope for one rising to it, 0 once at the limit.
+5. the last ``recent_s`` (15 s) are fitted on their own: where they made less than half the
+   progress the chosen trend says they should have, by more than three times their own noise
+   and resolution, the trend has stopped and the confidence is scaled by observed / expected
+   progress (:meth:`Forecaster._stopped`). A window remembers a fall for as long as the fall is
+   in it: without this a job that allocated a quarter of the RAM in ten seconds and held it
+   read as a leak for a minute and more after it stopped.
 
 A sudden cleanup (step up in free space) reads as not trending; a single step down reads as low
 confidence. Cost: O(1) per sample (one itemgetter over the tracked keys into the ring) plus the
@@ -151,7 +157,7 @@ class Forecaster:
     def __init__(self, resources: Sequence[Resource] = DEFAULT_RESOURCES, *, window_s: float = 600.0,
                  spans: Sequence[float] = (30.0, 120.0), every: int = 10, max_points: int = 30,
                  capacity: int = 600,
-                 max_eta_s: float = 2 * 86400.0, min_points: int = 8,
+                 max_eta_s: float = 2 * 86400.0, min_points: int = 8, recent_s: float = 15.0,
                  native: bool | None = None) -> None:
         self._kern: Kernels | None = None if native is False else kernels()
         if native and self._kern is None:
@@ -163,6 +169,7 @@ class Forecaster:
         self.max_points = max_points
         self.max_eta_s = max_eta_s
         self.min_points = min_points
+        self.recent_s = recent_s
         self._cap = capacity
         self._exact = {r.key: r for r in self.resources if not r.key.endswith("[*]")}
         self._wild = {split_key(r.key)[0]: r for r in self.resources if r.key.endswith("[*]")}
@@ -407,8 +414,54 @@ class Forecaster:
             best_rate[better] = rate_s[better]
         self._show(best_eta, best_conf, best_rate, k)
 
+    def _stopped(self, best_eta: F64, best_conf: F64, best_rate: F64) -> F64:
+        """``best_conf`` lowered where the last ``recent_s`` seconds contradict the chosen trend.
+
+        A window's fit remembers a fall for as long as the fall is in the window: a job that
+        allocates a quarter of the RAM in ten seconds and then holds it read as a leak for a
+        minute after it stopped (the 120-s window). Here the most recent points are fitted on their
+        own (Theil-Sen, at least ``min_points`` of them): where they made less than half the
+        progress towards the limit that the chosen trend says they should have, by more than three
+        times their own noise (1.4826 MAD of the residuals) and their resolution (the median
+        step between distinct values: a staircase of whole PIDs is not noise), the confidence is
+        scaled by observed / expected progress (0 when the resource moved away from its limit).
+        A leak that goes on keeps its confidence; a slow leak lost in noise is not judged by
+        its last seconds (its expected progress there is within the noise)."""
+        cand = np.flatnonzero(np.isfinite(best_eta) & (best_conf > 0))
+        n = min(self._n, self._cap)
+        if cand.size == 0 or n < self.min_points:
+            return best_conf
+        order = (self._pos - n + self._ages[:n]) % self._cap
+        t_all = self._t[order]
+        sel = order[t_all >= t_all[-1] - self.recent_s]
+        if sel.size < self.min_points:
+            return best_conf
+        if sel.size > self.max_points:
+            sel = sel[self._points(sel.size)]
+        t = self._t[sel]
+        y = self._ring[sel][:, cand].T  # (candidates, points)
+        slope, level, _ = robust_trend(t, y)
+        span = t[-1] - t[0]
+        sign = self._sign[cand]
+        expected = -best_rate[cand] * sign * span  # progress towards the limit the trend says
+        observed = np.where(np.isfinite(slope), -slope * sign * span, 0.0)
+        with np.errstate(invalid="ignore"):
+            sigma = 1.4826 * _nanmedian_rows(np.abs(y - level[:, None] - slope[:, None] * (t - t[-1])))[0]
+            d = np.abs(np.diff(y, axis=1))
+            d[~(d > 0)] = np.nan
+        res = _nanmedian_rows(d)[0]
+        floor = 3.0 * np.fmax(np.nan_to_num(sigma), np.nan_to_num(res))
+        bad = (expected > 0) & (observed < 0.5 * expected) & (expected - observed > floor)
+        if not bad.any():
+            return best_conf
+        out = best_conf.copy()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[cand[bad]] *= np.clip(observed[bad] / expected[bad], 0.0, 1.0)
+        return out
+
     def _show(self, best_eta: F64, best_conf: F64, best_rate: F64, k: int) -> None:
         """Publish the chosen forecasts, rebuilding only the changed ones."""
+        best_conf = self._stopped(best_eta, best_conf, best_rate)
         shown = self._shown
         if len(shown) != k:
             shown[:] = [Forecast(resource=key, eta_s=None, confidence=0.0, rate_per_s=0.0)
