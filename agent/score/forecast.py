@@ -170,6 +170,7 @@ class Forecaster:
         self.max_eta_s = max_eta_s
         self.min_points = min_points
         self.recent_s = recent_s
+        self.recent_eta_s = 4 * 3600.0  # the check looks at ETAs up to 4 h, confidence >= 0.25
         self._cap = capacity
         self._exact = {r.key: r for r in self.resources if not r.key.endswith("[*]")}
         self._wild = {split_key(r.key)[0]: r for r in self.resources if r.key.endswith("[*]")}
@@ -419,44 +420,41 @@ class Forecaster:
 
         A window's fit remembers a fall for as long as the fall is in the window: a job that
         allocates a quarter of the RAM in ten seconds and then holds it read as a leak for a
-        minute after it stopped (the 120-s window). Here the most recent points are fitted on their
-        own (Theil-Sen, at least ``min_points`` of them): where they made less than half the
-        progress towards the limit that the chosen trend says they should have, by more than three
-        times their own noise (1.4826 MAD of the residuals) and their resolution (the median
-        step between distinct values: a staircase of whole PIDs is not noise), the confidence is
-        scaled by observed / expected progress (0 when the resource moved away from its limit).
-        A leak that goes on keeps its confidence; a slow leak lost in noise is not judged by
-        its last seconds (its expected progress there is within the noise)."""
-        cand = np.flatnonzero(np.isfinite(best_eta) & (best_conf > 0))
-        n = min(self._n, self._cap)
+        minute after it stopped (the 120-s window). Here the progress of the most recent points
+        (at least ``min_points``) is read from themselves: the median of their last third minus
+        the median of their first third. Where that is less than half the progress the chosen
+        trend says they should have made, by more than three times their step noise (the median
+        absolute step) and their resolution (the smallest step: a staircase of whole PIDs is not
+        noise), the trend has stopped and the confidence is scaled by observed / expected
+        progress (0 when the resource moved away from its limit). A leak that goes on keeps its
+        confidence; a slow leak lost in noise is not judged by its last seconds (its expected
+        progress there is within the noise). Checked for the forecasts some line may read
+        (ETA <= 4 h, confidence >= 0.25), at each refit."""
+        with np.errstate(invalid="ignore"):
+            cand = np.flatnonzero((best_eta <= self.recent_eta_s) & (best_conf >= 0.25))
+        n = min(self._n, self._cap, self.max_points)
         if cand.size == 0 or n < self.min_points:
             return best_conf
-        order = (self._pos - n + self._ages[:n]) % self._cap
-        t_all = self._t[order]
-        sel = order[t_all >= t_all[-1] - self.recent_s]
-        if sel.size < self.min_points:
+        idx = (self._pos - n + self._ages[:n]) % self._cap  # the last n samples, oldest first
+        t = self._t[idx]
+        keep = t >= t[-1] - self.recent_s
+        m = int(keep.sum())
+        if m < self.min_points:
             return best_conf
-        if sel.size > self.max_points:
-            sel = sel[self._points(sel.size)]
-        t = self._t[sel]
-        y = self._ring[sel][:, cand].T  # (candidates, points)
-        slope, level, _ = robust_trend(t, y)
-        span = t[-1] - t[0]
+        idx, t = idx[keep], t[keep]
+        y = self._ring[idx[None, :], cand[:, None]]  # (candidates, points)
+        h = m // 3
         sign = self._sign[cand]
-        expected = -best_rate[cand] * sign * span  # progress towards the limit the trend says
-        observed = np.where(np.isfinite(slope), -slope * sign * span, 0.0)
+        observed = (_nanmedian_rows(y[:, :h])[0] - _nanmedian_rows(y[:, -h:])[0]) * sign  # NaN: no verdict
+        expected = -best_rate[cand] * sign * float(t[-h:].mean() - t[:h].mean())
+        d = np.abs(np.diff(y, axis=1))
+        floor = 3.0 * np.fmax(_nanmedian_rows(d)[0], np.where(d > 0, d, np.inf).min(axis=1))
         with np.errstate(invalid="ignore"):
-            sigma = 1.4826 * _nanmedian_rows(np.abs(y - level[:, None] - slope[:, None] * (t - t[-1])))[0]
-            d = np.abs(np.diff(y, axis=1))
-            d[~(d > 0)] = np.nan
-        res = _nanmedian_rows(d)[0]
-        floor = 3.0 * np.fmax(np.nan_to_num(sigma), np.nan_to_num(res))
-        bad = (expected > 0) & (observed < 0.5 * expected) & (expected - observed > floor)
+            bad = (expected > 0) & (observed < 0.5 * expected) & (expected - observed > floor)
         if not bad.any():
             return best_conf
         out = best_conf.copy()
-        with np.errstate(invalid="ignore", divide="ignore"):
-            out[cand[bad]] *= np.clip(observed[bad] / expected[bad], 0.0, 1.0)
+        out[cand[bad]] *= np.clip(observed[bad] / expected[bad], 0.0, 1.0)
         return out
 
     def _show(self, best_eta: F64, best_conf: F64, best_rate: F64, k: int) -> None:
