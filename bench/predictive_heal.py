@@ -925,6 +925,9 @@ class Row:
             before = "" if fail is None else (
                 f", {fail - t:.0f} s before the failure (unremediated run)" if t <= fail else
                 f", {t - fail:.0f} s past the unremediated run's failure: time the first step bought")
+            if st.get("action") != "stop_leaker":  # e.g. a forker whose first stop left a child going
+                return (f"healed: {len(h.steps)} steps, the last {st.get('action')} stopped pid "
+                        f"{data.get('pids')} at {t:.0f} s{before}")
             return (f"healed: {st.get('action')} stopped pid {data.get('pids')} at {t:.0f} s "
                     f"({data.get('share_pct')}% of the growth, full in {data.get('eta_s')} s){before}")
         return "healed"
