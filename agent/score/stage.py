@@ -6,6 +6,8 @@
    appended to the on-disk history (:mod:`agent.features.history`);
 2. :class:`~agent.score.forecast.Forecaster` -> exhaustion forecasts (refreshed every 10 samples);
 3. the failure classifier (compiled, :mod:`agent.score.classifier`) -> class probabilities;
+   ``memory_exhaustion`` is capped below the alert line without evidence that memory is really
+   running out (:mod:`agent.score.mem_evidence`);
 4. the node's anomaly detector (:class:`~agent.score.detector.StreamingDetector`) -> normalised
    score, alert and, when the score is at or above ``explain_above``, the top features.
 5. :class:`~agent.score.gpu_risk.GpuRiskScorer` -> per-GPU failure risk (``Risk.gpu``, and
@@ -60,6 +62,7 @@ from agent.score.detector import StreamingDetector
 from agent.score.drift import DRIFT_EVERY, DRIFT_LINE, DriftMonitor
 from agent.score.forecast import Forecaster
 from agent.score.gpu_risk import GpuRiskScorer, failure_key
+from agent.score.mem_evidence import MemoryEvidence
 from agent.score.settings import ModelSettings
 from agent.score.types import Contribution, Forecast, Risk
 
@@ -112,6 +115,7 @@ class RiskStage:
         self.schema = schema or FeatureSchema()
         self.window = FeatureWindow(self.schema)
         self.forecaster = Forecaster()
+        self.mem_evidence = MemoryEvidence()  # the classifier's memory_exhaustion needs evidence
         self.gpu_risk = GpuRiskScorer()  # per-GPU failure risk from the health counters
         self.sample_interval_s = sample_interval_s
         self.forecast_alert_s = forecast_alert_s
@@ -230,7 +234,8 @@ class RiskStage:
         if self.history is not None:
             self.history.append(sample.wall, vec)
         self.forecaster.push(sample.metrics, sample.mono)
-        failure = self.scorer.failure(vec) if self.scorer is not None else {}
+        self.mem_evidence.push(sample.metrics, sample.mono)
+        failure = self.mem_evidence.gate(self.scorer.failure(vec)) if self.scorer is not None else {}
         gpus = self.gpu_risk.push(sample)
         if gpus:
             failure = {**failure, **{failure_key(g): g.score for g in gpus}}
