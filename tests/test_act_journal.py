@@ -128,3 +128,18 @@ def test_kill_9_mid_step_then_restart_runs_no_step_twice(tmp_path: Path) -> None
     assert [r["outcome"] for r in recs if r["type"] == "run.end"] == ["succeeded"]
     assert Journal(tmp_path / "state" / "journal").unfinished() == []
     assert verify(tmp_path / "state" / "audit.jsonl").ok
+
+
+@pytest.mark.parametrize("wall", ["NaN", "Infinity", "1e18", "true", "\"x\""])
+def test_a_damaged_or_future_wall_does_not_stretch_a_resumed_window(tmp_path: Path, wall: str) -> None:
+    """A resumed verification's window counts from the step's end in the journal: a line whose
+    wall is not a finite time in the past (a damaged file, a clock step) counts as now."""
+    d = tmp_path / "journal"
+    d.mkdir()
+    (d / "r1.jsonl").write_text(
+        '{"t": "run", "run_id": "r1", "wall": 1.0}\n'
+        f'{{"t": "intent", "step": 0, "action": "run_command", "wall": {wall}}}\n'
+        f'{{"t": "result", "step": 0, "status": "done", "result": {{}}, "wall": {wall}}}\n')
+    before = time.time()
+    (run,) = Journal(d).unfinished()
+    assert before <= run.ended[0] <= time.time()

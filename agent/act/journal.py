@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -259,8 +260,13 @@ class Journal:
 
 
 def _wall(record: dict[str, Any]) -> float:
+    """The record's wall time; now when it has none, is not finite or lies in the future (a
+    damaged line or a clock step must not stretch a resumed verification's window)."""
+    now = time.time()
     wall = record.get("wall")
-    return float(wall) if isinstance(wall, int | float) else time.time()
+    if isinstance(wall, int | float) and not isinstance(wall, bool) and math.isfinite(wall):
+        return min(float(wall), now)
+    return now
 
 
 def _remove(path: Path) -> None:
