@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -43,12 +44,22 @@ SYSTEM_PYTHON = "/usr/bin/python3"
 
 
 def _as_nobody(code: str, caps: str = "") -> dict[str, Any]:
-    """Run ``code`` (stdlib + agent.act.procscan) as user nobody, optionally with ambient caps."""
+    """Run ``code`` (stdlib + agent.act.procscan) as user nobody, optionally with ambient caps.
+
+    From a world-readable copy of the package: the checkout may sit in a 0700 directory (a CI
+    clone in ``mktemp -d``), which nobody cannot enter."""
     extra = [f"--inh-caps={caps}", f"--ambient-caps={caps}"] if caps else []
-    prog = f"import sys, json; sys.path.insert(0, {str(REPO)!r})\n{code}"
-    done = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", *extra,
-                           SYSTEM_PYTHON, "-I", "-c", prog], capture_output=True, text=True, timeout=30,
-                          check=False, cwd="/")
+    with tempfile.TemporaryDirectory(prefix="heald-nobody-") as tmp:
+        top = Path(tmp)
+        shutil.copytree(REPO / "agent", top / "agent", ignore=shutil.ignore_patterns("__pycache__"))
+        for d, _dirs, files in os.walk(top):
+            os.chmod(d, 0o755)  # noqa: S103 - nobody must enter the copy
+            for f in files:
+                os.chmod(os.path.join(d, f), 0o644)
+        prog = f"import sys, json; sys.path.insert(0, {tmp!r})\n{code}"
+        done = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", *extra,
+                               SYSTEM_PYTHON, "-I", "-c", prog], capture_output=True, text=True, timeout=30,
+                              check=False, cwd="/")
     assert done.returncode == 0, done.stderr
     out: dict[str, Any] = json.loads(done.stdout)
     return out
