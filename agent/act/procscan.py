@@ -3,7 +3,8 @@
 ``leakscan-conntrack``, which runs ``python3 -I -m agent.act.procscan TABLE OUT``).
 
 Standard library only (plus :mod:`agent.errors`): the helper runs it as root from the installed
-package without importing the rest of heald.
+package without importing the rest of heald; only :func:`dump` (the helper's side, run by the
+installed heald's interpreter) imports :mod:`agent.fsutil` (and with it structlog) for its write.
 
 Why a helper: ``/proc/PID/fd`` of another user's process is mode 0500 (listing it needs
 CAP_DAC_READ_SEARCH or CAP_DAC_OVERRIDE) and its links (``socket:[…]``) are ptrace-guarded
@@ -21,7 +22,6 @@ import math
 import os
 import stat
 import sys
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -189,27 +189,18 @@ def reused(pid: int, before: Mapping[int, Proc], now: Mapping[int, Proc], proc: 
 # --- the helper's side ------------------------------------------------------------------------
 
 def dump(table: str, proc: Path, out: Path) -> int:
-    """Scan ``table`` under ``proc`` and write the result to ``out`` atomically (tmp + rename),
-    mode 0644: ``{"format", "table", "monotonic", "denied", "pids": {pid: [count, start]}}``."""
+    """Scan ``table`` under ``proc`` and write the result to ``out`` atomically
+    (:func:`agent.fsutil.atomic_write`: tmp + fsync + rename), mode 0644:
+    ``{"format", "table", "monotonic", "denied", "pids": {pid: [count, start]}}``."""
     procs, denied = survey(table, proc)
     payload = {"format": FORMAT, "table": table, "monotonic": time.monotonic(), "denied": denied,
                "pids": {str(pid): [p.count, p.start] for pid, p in procs.items()}}
     data = json.dumps(payload, separators=(",", ":")).encode()
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fchmod(fd, 0o644)
-        os.close(fd)
-        fd = -1
-        os.replace(tmp, out)
-    except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    # Imported here: agent.fsutil needs structlog, which the agent's own scan (survey, load) does
+    # not; a bare system python3 can import this module without it (tests/test_leak_scan_helper).
+    from agent.fsutil import atomic_write  # noqa: PLC0415
+
+    atomic_write(out, data, mode=0o644)
     return len(procs)
 
 
