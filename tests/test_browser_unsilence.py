@@ -13,6 +13,7 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 import pytest
@@ -24,6 +25,9 @@ from agent.wire import CommandName
 from agent.wire.signing import load_private_key
 from devtools.coordinator_proc import PASSWORD, CoordinatorProcess, free_port, write_config
 from devtools.fleet_sim import SimAgent, SimNode
+
+if TYPE_CHECKING:
+    from playwright.async_api import Page
 
 pytestmark = pytest.mark.slow
 
@@ -57,6 +61,15 @@ async def received(agent: SimAgent, names: list[str]) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"the node got {[c.name for c in agent.accepted]}, not {names}")
         await asyncio.sleep(0.05)
+
+
+async def live_rerender(page: Page, agent: SimAgent) -> None:
+    """The node reports; wait until the page has re-rendered from the live stream since."""
+    from playwright.async_api import expect  # noqa: PLC0415
+
+    before = await page.evaluate("document.body.dataset.rendered")
+    await agent.send(agent.node.metrics(20))
+    await expect(page.locator("body")).not_to_have_attribute("data-rendered", before)
 
 
 @pytest.mark.asyncio
@@ -102,13 +115,20 @@ async def test_unsilence_button_and_a_denied_approval(coord: CoordinatorProcess,
                     await page.click("#unsilence")
                     await expect(page.locator("#unsilence")).to_have_count(0)
                     await expect(page.locator("#node-silenced")).to_have_text(NONE)
-                    await expect(page.locator(".flash")).to_contain_text("Lifted the silence on web-1")
+                    lifted = page.locator(".flash", has_text="Lifted the silence on web-1; signed command")
+                    await expect(lifted).to_be_visible()
                     await received(web, [CommandName.SILENCE, CommandName.UNSILENCE])
-                    await expect(page.locator("#commands")).to_contain_text("unsilence")
                     await expect(page.locator("#audit")).to_contain_text("unsilence")
+                    # the node's ack and its next report re-render the page live: the operator's
+                    # confirmation stays (it was lost to the first live re-render after it: a CI flake)
+                    await expect(page.locator("#commands tr", has_text="unsilence")).to_contain_text("done")
+                    await live_rerender(page, web)
+                    await expect(lifted).to_be_visible()
 
                     # deny the pending approval; the node's engine records the denial and reports it
                     await page.click("#node-approvals button.deny")
+                    denied = page.locator(".flash", has_text="Denied web-1-deny-me; signed command sent.")
+                    await expect(denied).to_be_visible()
                     await received(web, [CommandName.SILENCE, CommandName.UNSILENCE, CommandName.DENY])
                     deny = web.accepted[-1]
                     assert deny.args["request_id"] == "deny-me"
@@ -124,12 +144,18 @@ async def test_unsilence_button_and_a_denied_approval(coord: CoordinatorProcess,
                     await expect(refused).to_contain_text("finished")
                     await expect(page.locator("#node-last-action")).to_have_text(
                         "runaway-cpu/approval.denied: refused")
+                    await expect(denied).to_be_visible()  # across the live re-renders the denial caused
+                    await expect(lifted).to_be_visible()
                     await page.screenshot(path=str(artifacts / "dashboard-node-unsilenced-denied.png"),
                                           full_page=True)
+                    await lifted.locator("button.flash-dismiss").click()  # the operator dismisses one
+                    await expect(lifted).to_have_count(0)
+                    await expect(denied).to_be_visible()
 
                     await page.click("#nav-fleet")
                     await expect(page.locator("#node-web-1")).to_be_visible()
                     await expect(page.locator("#node-web-1")).not_to_contain_text("silenced")
+                    await expect(page.locator(".flash")).to_have_count(0)  # they belonged to the node page
                 finally:
                     await browser.close()
             assert web.rejected == []

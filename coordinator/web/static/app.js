@@ -3,7 +3,7 @@
 // Server-Sent Events stream (/api/stream) says what changed and the current view re-fetches it.
 "use strict";
 
-const state = { csrf: "", fleet: { site: "", label: "", q: "", status: "", sort: "risk", order: "desc", offset: 0, limit: 50 } };
+const state = { csrf: "", flashes: [], fleet: { site: "", label: "", q: "", status: "", sort: "risk", order: "desc", offset: 0, limit: 50 } };
 const SVG = "http://www.w3.org/2000/svg";
 
 function el(tag, attrs, ...children) {
@@ -91,9 +91,22 @@ function unitFormat(name) {
   if (/_mhz$/.test(family)) return (v) => `${num(v)} MHz`;
   return num;
 }
+// An operator's confirmation (or an action's error) is kept in state, not only in the DOM: every
+// render replaces the view's children, and the live stream re-renders the page as soon as the
+// action's own command, audit record or the node's ack land (a flash only prepended was gone
+// within the 250 ms debounce, or at once when a live render was already in flight). Kept until
+// the operator dismisses it or leaves the page; the newest first, five at most.
+function paintFlashes(view) {
+  for (const old of view.querySelectorAll(":scope > .flash")) old.remove();
+  view.prepend(...state.flashes.map((f) => el("div", { class: "flash", role: "status" }, f.text, " ",
+    el("button", { type: "button", class: "flash-dismiss", title: "dismiss", "aria-label": "dismiss", onclick: () => {
+      state.flashes = state.flashes.filter((g) => g !== f);
+      paintFlashes(document.getElementById("view"));
+    } }, "\u00d7"))));
+}
 function flash(message) {
-  const view = document.getElementById("view");
-  view.prepend(el("div", { class: "flash" }, message));
+  state.flashes = [{ text: message }, ...state.flashes].slice(0, 5);
+  paintFlashes(document.getElementById("view"));
 }
 
 // ------------------------------------------------------------------------------------ fleet
@@ -346,9 +359,10 @@ async function render() {
       else if (hash.startsWith("#/cost")) await renderCost(view);
       else if (hash.startsWith("#/demand")) await renderDemand(view);
       else await renderFleet(view);
+      paintFlashes(view);
       document.body.dataset.view = hash.split("/")[1] || "fleet";
       document.body.dataset.rendered = String(Date.now());
-    } catch (e) { view.replaceChildren(el("p", { class: "error" }, e.message)); }
+    } catch (e) { view.replaceChildren(el("p", { class: "error" }, e.message)); paintFlashes(view); }
     try {
       const a = await api("/api/approvals?limit=1000");
       document.getElementById("pending-count").textContent = a.items.length ? String(a.items.length) : "";
@@ -382,7 +396,7 @@ async function main() {
   const session = await api("/api/session");
   state.csrf = session.csrf || "";
   document.getElementById("logout-csrf").value = state.csrf;
-  window.addEventListener("hashchange", () => { state.fleet.offset = state.fleet.offset; render(); });
+  window.addEventListener("hashchange", () => { state.flashes = []; render(); });
   await render();
   connectStream();
 }
