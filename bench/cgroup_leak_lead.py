@@ -8,8 +8,8 @@ real cgroup collector read once a second, as the daemon does. Nothing is remedia
 runs into the kernel's OOM kill, and the bench records when each trigger of the shipped
 ``cgroup-memory-leak`` playbook would first have held:
 
-- predicted: ``cgroup.mem.eta_s[CG] < 60`` held for 2 s with ``cgroup.mem.used_pct[CG] >= 50``
-  (the playbook's first condition);
+- predicted: ``cgroup.mem.eta_s[CG] < LINE`` held for 2 s with ``cgroup.mem.used_pct[CG] >= 50``
+  (the playbook's first condition; LINE read from the shipped playbook, 10 s);
 - threshold: ``cgroup.mem.used_pct[CG] >= 95`` (the static backstop, like memory-exhaustion's).
 
 Lead time = OOM kill - trigger time (seconds). A threshold that never held before the kill
@@ -38,6 +38,19 @@ from agent.collect.cgroups import CgroupCollector
 from agent.collect.settings import CgroupSettings
 
 MIB = 1 << 20
+PLAYBOOK = Path(__file__).resolve().parents[1] / "remediations" / "cgroup-memory-leak.yaml"
+
+
+def eta_line() -> float:
+    """The shipped playbook's fast-leak line (``cgroup.mem.eta_s[...] < LINE``), read from its YAML."""
+    import yaml  # noqa: PLC0415 - only the bench needs it
+
+    fast = yaml.safe_load(PLAYBOOK.read_text())["trigger"]["any"][0]["all"][0]
+    if not fast["metric"].startswith("cgroup.mem.eta_s") or fast["op"] != "<":
+        raise SystemExit(f"{PLAYBOOK}: its first fast-leak condition is not cgroup.mem.eta_s < LINE")
+    return float(fast["value"])
+
+
 LEAK = """
 import sys, time
 rate = float(sys.argv[1])
@@ -83,12 +96,13 @@ def one(rate: int, limit: int) -> tuple[float | None, float | None, float, float
         predicted = threshold = None
         pct_at_predicted = 0.0
         n = 0
+        line = eta_line()
         while proc.poll() is None and time.monotonic() - t0 < 4 * limit / rate + 30:
             m = col.collect().metrics
             now = time.monotonic() - t0
             eta = m.get(f"cgroup.mem.eta_s[{label}]")
             pct = m.get(f"cgroup.mem.used_pct[{label}]") or 0.0
-            if eta is not None and eta < 60:
+            if eta is not None and eta < line:
                 eta_since = now if eta_since is None else eta_since
                 if predicted is None and now - eta_since >= 2 and pct >= 50:
                     predicted, pct_at_predicted = now, pct

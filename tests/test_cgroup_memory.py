@@ -72,6 +72,25 @@ while True:  # a backup-like job: writes far more than the limit through the pag
             time.sleep(0.01)
     os.unlink(path)
 """
+REREAD = """
+import sys
+sys.stdin.readline()
+while True:  # reads the same file again and again: its pages go to the ACTIVE file list
+    with open(sys.argv[1], "rb") as fh:
+        while fh.read(1 << 20):
+            pass
+"""
+
+
+def cold_file(path: Path, mib: int) -> Path:
+    """A file of ``mib`` MiB on disk and not in the page cache, so that its pages are charged to
+    the cgroup of the process that reads them."""
+    with path.open("wb") as fh:
+        fh.write(os.urandom(mib * MIB))
+        fh.flush()
+        os.fsync(fh.fileno())
+        os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    return path
 
 
 @dataclass
@@ -209,35 +228,80 @@ async def test_a_leak_in_a_limited_cgroup_is_stopped_before_the_oom_kill(
 @pytest.mark.asyncio
 async def test_only_the_leaking_cgroup_is_touched(tmp_path: Path,
                                                   children: list[subprocess.Popen[bytes]]) -> None:
-    """Three limited cgroups at once: one leaking (healed), one holding 80% of its limit and
+    """Five limited cgroups at once: one leaking (healed), one holding 80% of its limit and
     flat (left alone), one writing ten times its limit through the page cache like a backup job
-    (left alone: cache the kernel reclaims is not a leak)."""
+    and one re-reading a file of 60% of its limit (both left alone: cache the kernel reclaims is
+    not a leak, whether on the inactive or the active file list), and one ramping up to 55% of its
+    limit at 8 MiB/s and holding there, as a JVM heap or `stress-ng --vm` does (left alone: at that
+    rate the limit is still 14 s away when it stops). Old: the re-reader's active file pages
+    counted as used (66% in a second: "a leak") and the ramp was stopped as it crossed half its
+    limit (the fast line was "full within 60 s")."""
     pid = os.getpid()
-    with (memory_cgroup(f"heald-test-leaky-{pid}", 256) as leaky,
+    with (tempfile.TemporaryDirectory(dir="/var/tmp") as scratch,  # removed after the cgroups' processes
+          memory_cgroup(f"heald-test-leaky-{pid}", 256) as leaky,
           memory_cgroup(f"heald-test-steady-{pid}", 256) as steady,
           memory_cgroup(f"heald-test-cache-{pid}", 128) as cache,
-          tempfile.TemporaryDirectory(dir="/var/tmp") as scratch):
+          memory_cgroup(f"heald-test-reread-{pid}", 128) as reread,
+          memory_cgroup(f"heald-test-ramp-{pid}", 256) as ramp):
         collector = CgroupCollector(CgroupSettings(rescan_s=0.5))
         collector.start()
         eng, rec = make_engine(tmp_path, shipped_playbook(), PlaybookSettings(dirs=()))  # type: ignore[arg-type]
         holder = start(children, steady, STEADY, "205")
         writer = start(children, cache, CACHE, str(Path(scratch) / "backup.bin"), "1280")
+        reader = start(children, reread, REREAD, str(cold_file(Path(scratch) / "data.bin", 80)))
+        ramper = start(children, ramp, LEAK, "8", "140")
         await asyncio.sleep(3)
         leak = start(children, leaky, LEAK, "25", "512")
+        ours = [leaky, steady, cache, reread, ramp]
         async with running(eng):
-            peak = await watch(collector, eng, [leaky, steady, cache], 30)
+            peak = await watch(collector, eng, ours, 30)
             await idle(eng)
         assert leak.wait(10) == -signal.SIGTERM
         assert holder.poll() is None, "the steady cgroup was touched"
         assert writer.poll() is None, "the page-cache writer was touched"
+        assert reader.poll() is None, "the re-reader was touched"
+        assert ramper.poll() is None, "the ramp that stopped at 55% was touched"
         assert [r["bindings"] for r in rec.of("run.start")] == [{"cgroup": leaky.label}]
-        assert (leaky.oom_kills(), steady.oom_kills(), cache.oom_kills()) == (0, 0, 0)
+        assert [cg.oom_kills() for cg in ours] == [0] * len(ours)
         assert peak[steady.label] > 70
+        assert peak[ramp.label] > 50, "the ramp must cross the fast line's 50% floor (or this means nothing)"
         print(f"peaks (used % of limit): {peak}")
 
 
+def test_file_cache_on_the_active_list_is_not_used_memory() -> None:
+    """A process re-reading an 80 MiB file in a 128 MiB cgroup: the kernel charges the file's
+    pages to the cgroup (usage ~85 MiB) and puts them on the ACTIVE file list (read twice).
+    Old: working set = usage - inactive file = 66% of the limit, reached within a second."""
+    name = f"heald-test-active-{os.getpid()}"
+    with (memory_cgroup(name, 128) as cg, tempfile.TemporaryDirectory(dir="/var/tmp") as scratch):
+        reader = subprocess.Popen([PY, "-c", REREAD, str(cold_file(Path(scratch) / "data.bin", 80))],
+                                  stdin=subprocess.PIPE)
+        try:
+            cg.enter(reader)
+            collector = CgroupCollector(CgroupSettings(rescan_s=0.5))
+            collector.start()
+            stat = "memory.current" if cg.v2 else "memory.usage_in_bytes"
+            deadline = time.monotonic() + 15
+            while int((cg.dir / stat).read_text()) < 70 * MIB:  # the file read once, charged here
+                assert time.monotonic() < deadline, "the reader never brought its file into the cache"
+                time.sleep(0.2)
+            time.sleep(1)  # read again: active
+            metrics = collector.collect().metrics
+            collector.close()
+            assert int((cg.dir / stat).read_text()) >= 70 * MIB
+            used = metrics[f"cgroup.mem.used_pct[{cg.label}]"]
+            assert used is not None
+            assert used < 20
+        finally:
+            reader.kill()
+            reader.wait()
+            assert reader.stdin is not None
+            reader.stdin.close()
+
+
 def test_growth_slope_and_eta_from_a_fixture_tree(tmp_path: Path) -> None:
-    """The v1 file formats, read from a fixture tree: working set = usage - inactive file, the
+    """The v1 file formats, read from a fixture tree: working set = usage - file cache (inactive
+    and active), the
     OOM-kill event once per increase, no ETA while the working set does not grow."""
     cg = tmp_path / "sys/fs/cgroup/memory/app"
     cg.mkdir(parents=True)
@@ -249,7 +313,8 @@ def test_growth_slope_and_eta_from_a_fixture_tree(tmp_path: Path) -> None:
 
     def write(usage_mib: int, inactive_mib: int, kills: int) -> None:
         (cg / "memory.usage_in_bytes").write_text(str(usage_mib * MIB))
-        (cg / "memory.stat").write_text(f"cache 1\ntotal_inactive_file {inactive_mib * MIB}\n")
+        (cg / "memory.stat").write_text(f"cache 1\ntotal_inactive_file {inactive_mib * MIB}\n"
+                                        f"total_active_file {5 * MIB}\n")
         (cg / "memory.oom_control").write_text(f"oom_kill_disable 0\nunder_oom 0\noom_kill {kills}\n")
 
     c = CgroupCollector(CgroupSettings(), root=str(tmp_path))
@@ -258,9 +323,9 @@ def test_growth_slope_and_eta_from_a_fixture_tree(tmp_path: Path) -> None:
     r = c.collect()
     assert r.detail == {"watched": ["/app"]}  # not the unlimited one
     assert all(isinstance(v, float | None) for v in r.metrics.values())  # what the wire and engine take
-    assert r.metrics["cgroup.mem.used_bytes[/app]"] == 40 * MIB
-    assert r.metrics["cgroup.mem.used_pct[/app]"] == pytest.approx(40.0)
-    assert r.metrics["cgroup.mem.headroom_bytes[/app]"] == 60 * MIB
+    assert r.metrics["cgroup.mem.used_bytes[/app]"] == 35 * MIB
+    assert r.metrics["cgroup.mem.used_pct[/app]"] == pytest.approx(35.0)
+    assert r.metrics["cgroup.mem.headroom_bytes[/app]"] == 65 * MIB
     assert "cgroup.mem.eta_s[/app]" not in r.metrics
     for _ in range(3):
         c.collect()

@@ -21,8 +21,17 @@ so a playbook step can pick processes in it (``target: {cgroup: "{cgroup}"}``).
 Metrics (``CG`` = the cgroup path):
 
 ======================================= ==================================================================
-``cgroup.mem.used_bytes[CG]``           working set: current usage - inactive file cache, bytes
-                                        (the cache the kernel drops before it OOM-kills is not "used")
+``cgroup.mem.used_bytes[CG]``           working set: current usage - file cache (the active and
+                                        inactive file LRU lists), bytes: the cache the kernel reclaims
+                                        or writes back before it OOM-kills is not "used". Anonymous
+                                        memory, shmem/tmpfs (on the anon lists) and kernel memory are.
+                                        Not usage - inactive_file (cAdvisor's working set): freshly
+                                        written or twice-read file pages sit on the ACTIVE list (with
+                                        the multi-gen LRU, the youngest generations are reported as
+                                        active), so a backup job writing through a 128 MiB cgroup
+                                        looked like a leak heading for its limit and was stopped
+                                        (the CI run of 2026-12-05 stopped this
+                                        test suite's page-cache writer)
 ``cgroup.mem.limit_bytes[CG]``          memory.max / memory.limit_in_bytes, bytes (absent: no limit)
 ``cgroup.mem.used_pct[CG]``             working set / limit, %
 ``cgroup.mem.headroom_bytes[CG]``       limit - working set, bytes (the forecaster's resource -> 0)
@@ -243,16 +252,18 @@ class CgroupCollector(BaseCollector[CgroupSettings]):
             return
         if w.v2:
             usage = _int(read_bytes(os.path.join(d, "memory.current")))
-            inactive = _field(read_bytes(os.path.join(d, "memory.stat")), b"inactive_file")
+            stat = read_bytes(os.path.join(d, "memory.stat"))
+            cache = (_field(stat, b"inactive_file") or 0) + (_field(stat, b"active_file") or 0)
             events = read_bytes(os.path.join(d, "memory.events"))
             m[key("cgroup.psi.mem_some_avg10_pct", label)] = _psi_some_avg10(
                 read_bytes(os.path.join(d, "memory.pressure")))
         else:
             usage = _int(read_bytes(os.path.join(d, "memory.usage_in_bytes")))
-            inactive = _field(read_bytes(os.path.join(d, "memory.stat")), b"total_inactive_file")
+            stat = read_bytes(os.path.join(d, "memory.stat"))
+            cache = (_field(stat, b"total_inactive_file") or 0) + (_field(stat, b"total_active_file") or 0)
             events = read_bytes(os.path.join(d, "memory.oom_control"))
         limit = self._limit_of(w)
-        used = None if usage is None else max(0, usage - (inactive or 0))
+        used = None if usage is None else max(0, usage - cache)
         m[key("cgroup.mem.used_bytes", label)] = None if used is None else float(used)
         m[key("cgroup.mem.limit_bytes", label)] = None if limit is None else float(limit)
         kills = _field(events, b"oom_kill")
