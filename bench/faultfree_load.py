@@ -2,6 +2,7 @@
 
     sudo python3 bench/faultfree_load.py [--minutes-per-load 25] [--loads compile,tests,...]
         [--gap-s 60] [--settle-s 120] [--disk-cap-gib 8] [--dir /var/tmp] [--smoke]
+    python3 bench/faultfree_load.py --combine [--product TREE]
 
 A real ``heald run`` (this checkout) as a fleet node, through ``bench/healdbench.py``: MQTT on to a
 private mosquitto on a free loopback port, the anomaly detector fitted before the start (1800
@@ -44,6 +45,14 @@ every 1 Hz sample; with the default 10 s only changes of the anomaly or the clas
 sent); an episode is a run of alert samples, gaps < 30 s merged, counted in the phase it starts
 in. The table (date, machine) is printed and written to ``bench/results/faultfree_load.txt``
 (not with ``--smoke``: each load 12 s). Needs root, stress-ng, gcc, make, mosquitto, paho-mqtt.
+
+Recordings add up: a run (not ``--smoke``) also keeps its raw result (phases, would-be actions,
+risk samples) in ``bench/results/faultfree_load/`` under the PRODUCT TREE it ran: a hash of what
+decides what heald does (``agent/``, ``remediations/``, ``pyproject.toml``, as committed: a run
+from a tree with uncommitted changes there is marked dirty and never combined). ``--combine``
+prints one table over every kept run of the current product tree (or ``--product TREE``): the
+same heald on the same host type, recorded in pieces, e.g. one run per working session. Runs of
+different trees are never added together.
 """
 
 from __future__ import annotations
@@ -51,6 +60,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import gzip
+import hashlib
 import inspect
 import json
 import os
@@ -75,6 +86,8 @@ sys.path.insert(0, str(ROOT))
 import healdbench as hb  # noqa: E402
 
 RESULT = ROOT / "bench" / "results" / "faultfree_load.txt"
+RUNS = ROOT / "bench" / "results" / "faultfree_load"
+PRODUCT_PATHS = ("agent", "remediations", "pyproject.toml")
 LOADS = ("compile", "tests", "stress-io", "stress-vm", "stress-cpu", "proc-burst", "copy", "backup")
 TOOLS = ("stress-ng", "gcc", "make", "tar", "unshare")
 GAP = "idle gap"
@@ -514,6 +527,7 @@ def outer(args: argparse.Namespace, loads: list[str]) -> int:
     base = Path(args.dir)
     free = shutil.disk_usage(base).free
     disk = min(int(args.disk_cap_gib * GIB), free // 4)
+    product = product_tree()
     work = Path(tempfile.mkdtemp(prefix="heald-ffload-", dir=base))
     cg = LoadCgroup(f"heald-ffload-{os.getpid()}", meminfo("MemTotal") // 2)
     proc: subprocess.Popen[bytes] | None = None
@@ -542,7 +556,10 @@ def outer(args: argparse.Namespace, loads: list[str]) -> int:
         if rc != 0 or not (work / "result.json").exists():
             print(f"the namespace run failed ({rc})", file=sys.stderr)
             return 3 if rc == 3 else 1
-        text = report(json.loads((work / "result.json").read_text()), args, loads)
+        result = json.loads((work / "result.json").read_text())
+        after = product_tree()  # the product changed under the run: it is not one tree's recording
+        result["product"] = product if after == product else f"{product}-changed-dirty"
+        text = report(result, args, loads)
     except Stop:
         print("stopped by a signal: cleaning up", file=sys.stderr, flush=True)
         return 130
@@ -558,7 +575,77 @@ def outer(args: argparse.Namespace, loads: list[str]) -> int:
     if not args.smoke:
         RESULT.parent.mkdir(parents=True, exist_ok=True)
         RESULT.write_text(text + "\n")
+        kept = keep_run(result, args, loads)
+        print(f"kept as {kept.relative_to(ROOT)} (product tree {result['product']}); "
+              "`python3 bench/faultfree_load.py --combine` adds up the runs of this tree", flush=True)
     return 0
+
+
+def product_tree() -> str:
+    """A hash of the committed product paths (git tree ids), with ``-dirty`` when any of them has
+    uncommitted changes: the identity under which runs may be added together."""
+    def git(*a: str) -> str:
+        return subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True, text=True, check=True,
+                              timeout=30).stdout.strip()
+    try:
+        ids = [git("rev-parse", f"HEAD:{p}") for p in PRODUCT_PATHS]
+        dirty = git("status", "--porcelain", "--", *PRODUCT_PATHS)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown-dirty"
+    tree = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:12]
+    return f"{tree}-dirty" if dirty else tree
+
+
+def keep_run(result: dict[str, Any], args: argparse.Namespace, loads: list[str]) -> Path:
+    RUNS.mkdir(parents=True, exist_ok=True)
+    when = dt.datetime.fromtimestamp(result["started"], dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    out = RUNS / f"{when}-{result['product']}.json.gz"
+    result = dict(result, argv={"minutes_per_load": args.minutes_per_load, "loads": loads,
+                                "gap_s": args.gap_s, "settle_s": args.settle_s},
+                  machine={"node": platform.node(), "cpus": os.cpu_count(), "release": platform.release(),
+                           "mem_gib": round(meminfo("MemTotal") / GIB, 1)})
+    out.write_bytes(gzip.compress(json.dumps(result).encode()))
+    return out
+
+
+def combine(product: str | None) -> int:
+    """One table over every kept run of ``product`` (default: this checkout's product tree)."""
+    product = product or product_tree()
+    if product.endswith("-dirty"):
+        print(f"the product paths ({', '.join(PRODUCT_PATHS)}) have uncommitted changes: no runs to combine "
+              "(commit, or name a tree with --product)", file=sys.stderr)
+        return 2
+    runs = [json.loads(gzip.decompress(f.read_bytes())) for f in sorted(RUNS.glob(f"*-{product}.json.gz"))]
+    if not runs:
+        print(f"no kept run of product tree {product} in {RUNS}", file=sys.stderr)
+        return 1
+    merged = merge(runs)
+    loads = list(dict.fromkeys(n for r in runs for n in r["argv"]["loads"]))
+    header = [f"# python3 bench/faultfree_load.py --combine: {len(runs)} run(s) of product tree {product}:"]
+    for r in runs:
+        a, m = r["argv"], r["machine"]
+        when = dt.datetime.fromtimestamp(r["started"], dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+        header.append(f"#   {when} on {m['node']} ({m['cpus']} cpu, {m['mem_gib']} GiB, {m['release']}): "
+                      f"--minutes-per-load {a['minutes_per_load']:g} --loads {','.join(a['loads'])} "
+                      f"--gap-s {a['gap_s']:g} --settle-s {a['settle_s']:g}")
+    text = "\n".join(header) + "\n" + report(merged, None, loads)
+    print(text, flush=True)
+    return 0
+
+
+def merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Runs as one recording: phases, would-be actions and risk samples side by side (the runs are
+    hours apart, so no alert episode spans two of them), the safety counts added."""
+    checked: dict[str, Any] = {}
+    for r in runs:
+        for k, v in r["checked"].items():
+            checked[k] = checked.get(k, 0) + v if isinstance(v, int | float) and k != "playbooks" else v
+    return {"phases": [ph for r in runs for ph in r["phases"]],
+            "audit": [a for r in runs for a in r["audit"]],
+            "risk": sorted((tuple(x) for r in runs for x in r["risk"]), key=lambda x: x[0]),
+            "checked": checked, "started": min(r["started"] for r in runs),
+            "model_loaded": all(r["model_loaded"] for r in runs), "alert_lines": runs[0]["alert_lines"],
+            "product": runs[0]["product"]}
 
 
 def stop_namespace(proc: subprocess.Popen[bytes]) -> None:
@@ -578,16 +665,18 @@ def stop_namespace(proc: subprocess.Popen[bytes]) -> None:
             return
 
 
-def report(result: dict[str, Any], args: argparse.Namespace, loads: list[str]) -> str:
+def report(result: dict[str, Any], args: argparse.Namespace | None, loads: list[str]) -> str:
+    """The table; ``args`` None: a combination of kept runs (the caller prints their header)."""
     when = dt.datetime.fromtimestamp(result["started"], dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    smoke = " --smoke" if args.smoke else ""
     p, eta, conf = result["alert_lines"]
-    lines = [(f"# sudo python3 bench/faultfree_load.py --minutes-per-load {args.minutes_per_load:g} --loads "
-              f"{','.join(loads)} --gap-s {args.gap_s:g} --settle-s {args.settle_s:g}{smoke}"),
-             (f"# {when}, {platform.node()}, {os.cpu_count()} cpu, {meminfo('MemTotal') / GIB:.1f} GiB, "
-              f"{platform.release()}; heald run (this checkout) as a fleet node: MQTT on, detector fitted "
-              f"before start (loaded: {result['model_loaded']}), all shipped playbooks forced dry-run, "
-              "private PID+mount namespace"),
+    lines = [] if args is None else [
+        (f"# sudo python3 bench/faultfree_load.py --minutes-per-load {args.minutes_per_load:g} --loads "
+         f"{','.join(loads)} --gap-s {args.gap_s:g} --settle-s {args.settle_s:g}{' --smoke' * args.smoke}"),
+        (f"# {when}, {platform.node()}, {os.cpu_count()} cpu, {meminfo('MemTotal') / GIB:.1f} GiB, "
+         f"{platform.release()}; product tree {result.get('product', '?')}")]
+    lines += [("# heald run (this checkout) as a fleet node: MQTT on, detector fitted "
+               f"before start (loaded: {result['model_loaded']}), all shipped playbooks forced dry-run, "
+               "private PID+mount namespace"),
              (f"# alert = anomaly >= threshold | failure p >= {p:g} | forecast ETA <= {eta:g} s with "
               f"confidence >= {conf:g}; episode = alert samples with gaps < {MERGE_S:g} s merged, counted "
               "where it starts; a load's row counts what starts during it and in the idle gap after it"),
@@ -675,10 +764,16 @@ def main() -> int:
                     "(a disk, not a tmpfs: default the temp dir)")
     ap.add_argument("--smoke", action="store_true", help="each load 12 s (unless --minutes-per-load), gaps "
                     "3 s, settle 5 s; writes no result")
+    ap.add_argument("--combine", action="store_true", help="one table over the kept runs of this product "
+                    "tree (bench/results/faultfree_load/); runs nothing")
+    ap.add_argument("--product", help="with --combine: the product tree to combine (default: this "
+                    "checkout's)")
     ap.add_argument("--inner", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.inner is not None:
         return inner(args.inner)
+    if args.combine:
+        return combine(args.product)
     loads = [x.strip() for x in args.loads.split(",") if x.strip()]
     unknown = [x for x in loads if x not in LOAD_FNS]
     if unknown or not loads:

@@ -50,6 +50,56 @@ def test_episodes_merge_gaps_under_30s() -> None:
     assert eps[0]["reasons"] == {"anomaly": 2, "failure[x]": 1}
 
 
+def fake_run(start: float, product: str, *, acts: int, alert_at: list[float]) -> dict[str, object]:
+    """A kept run as keep_run writes it: settle 60 s, `compile` 600 s, a gap of 60 s."""
+    phases = [{"name": "settle", "start": start, "end": start + 60, "runs": 0, "failed": 0, "note": "",
+               "load": False},
+              {"name": "compile", "start": start + 60, "end": start + 660, "runs": 7, "failed": 0, "note": "",
+               "load": True},
+              {"name": ffl.GAP, "start": start + 660, "end": start + 720, "runs": 0, "failed": 0, "note": "",
+               "load": False}]
+    audit = [{"ts": start + 100 + i, "type": "run.start", "playbook": "x", "target": "x[]", "dry_run": True}
+             for i in range(acts)]
+    risk = [[start + t, ["anomaly"] if t in alert_at else []] for t in range(720)]
+    return {"phases": phases, "audit": audit, "risk": risk, "model_loaded": True, "started": start,
+            "alert_lines": [0.5, 1800.0, 0.5], "product": product,
+            "checked": {"playbooks": 25, "audit_records": 10, "dry_runs": acts, "enforced_runs": 0},
+            "argv": {"minutes_per_load": 10.0, "loads": ["compile"], "gap_s": 60.0, "settle_s": 60.0},
+            "machine": {"node": "vm", "cpus": 2, "release": "6.x", "mem_gib": 23.5}}
+
+
+def test_combine_adds_up_the_runs_of_one_product_tree_only(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Two 10-minute runs of tree A (one alert episode, 2 would-be actions in the second) make one
+    20-minute compile row; a run of tree B (5 would-be actions) is left out; a checkout with
+    uncommitted product changes combines nothing."""
+    import gzip  # noqa: PLC0415
+
+    monkeypatch.setattr(ffl, "RUNS", tmp_path)
+    a, b, day = "aaaaaaaaaaaa", "bbbbbbbbbbbb", 86400
+    for start, product, acts, alerts in ((1.0e9, a, 0, []), (1.0e9 + day, a, 2, [200.0]),
+                                         (1.0e9 + 2 * day, b, 5, [])):
+        run = fake_run(start, product, acts=acts, alert_at=alerts)
+        (tmp_path / f"{int(start)}-{product}.json.gz").write_bytes(gzip.compress(json.dumps(run).encode()))
+    assert ffl.combine("aaaaaaaaaaaa") == 0
+    out = capsys.readouterr().out
+    assert "2 run(s) of product tree aaaaaaaaaaaa" in out
+    row = next(line for line in out.splitlines() if line.startswith("| compile |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    # minutes, iterations, would-be actions, approval requests, episodes, episodes per 3 h
+    assert cells[1:7] == ["20.0", "14 (0)", "2", "0", "1", "9.0"]
+    assert "enforced runs: 0" in out
+    monkeypatch.setattr(ffl, "product_tree", lambda: "aaaaaaaaaaaa-dirty")
+    assert ffl.combine(None) == 2
+    assert ffl.combine("cccccccccccc") == 1
+
+
+def test_the_product_tree_names_committed_product_paths() -> None:
+    tree = ffl.product_tree()
+    assert tree.removesuffix("-dirty") != "unknown"
+    assert len(tree.removesuffix("-dirty")) == 12
+
+
 @pytest.mark.slow
 @pytest.mark.root
 @NEEDS
