@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from playbook_kit import idle, make_engine, running, sample
+from playbook_kit import idle, make_engine, risk, running, sample
 
 from agent.collect.cgroups import CgroupCollector
 from agent.collect.counters import slope
@@ -32,6 +32,7 @@ from agent.collect.sample import Event
 from agent.collect.settings import CgroupSettings
 from agent.decide.loader import load_playbooks
 from agent.decide.settings import PlaybookSettings
+from agent.score.forecast import Forecaster
 
 pytestmark = [
     pytest.mark.root,
@@ -169,10 +170,13 @@ def shipped_playbook() -> list[object]:
 
 
 async def watch(collector: CgroupCollector, eng: object, ours: list[Cgroup], seconds: float, *,
-                done: object = None, after: float = 8.0) -> dict[str, float]:
+                done: object = None, after: float = 8.0, forecast: bool = False) -> dict[str, float]:
     """Feed the engine one sample a second for ``seconds`` (as the daemon's 1 Hz sampler does),
     with only our cgroups' metrics and events, and ``after`` seconds more once ``done()`` (the
-    run verifies on samples newer than its step); returns each cgroup's peak used %."""
+    run verifies on samples newer than its step); with ``forecast``, the daemon's forecaster
+    (its settings) reads the same metrics and its forecasts go with each sample, as the risk
+    stage sends them; returns each cgroup's peak used %."""
+    fc = Forecaster() if forecast else None
     labels = {cg.label for cg in ours}
     peak = dict.fromkeys(labels, 0.0)
     t0 = time.monotonic()
@@ -183,7 +187,10 @@ async def watch(collector: CgroupCollector, eng: object, ours: list[Cgroup], sec
         events = [e for e in reading.events if e.labels.get("cgroup") in labels]
         for label in labels:
             peak[label] = max(peak[label], metrics.get(f"cgroup.mem.used_pct[{label}]") or 0.0)
-        await eng.evaluate(sample(metrics, events), None)  # type: ignore[attr-defined]
+        if fc is not None:
+            fc.push(dict(metrics), time.monotonic())
+        await eng.evaluate(sample(metrics, events),  # type: ignore[attr-defined]
+                           None if fc is None else risk(forecasts=fc.forecasts))
         if callable(done) and done():
             seconds = min(seconds, time.monotonic() - t0 + after)
             done = None
@@ -233,9 +240,11 @@ async def test_only_the_leaking_cgroup_is_touched(tmp_path: Path,
     and one re-reading a file of 60% of its limit (both left alone: cache the kernel reclaims is
     not a leak, whether on the inactive or the active file list), and one ramping up to 55% of its
     limit at 8 MiB/s and holding there, as a JVM heap or `stress-ng --vm` does (left alone: at that
-    rate the limit is still 14 s away when it stops). Old: the re-reader's active file pages
-    counted as used (66% in a second: "a leak") and the ramp was stopped as it crossed half its
-    limit (the fast line was "full within 60 s")."""
+    rate the limit is still 14 s away when it stops). The daemon's forecaster runs beside (the
+    slow-leak branch). Old: the re-reader's active file pages counted as used (66% in a second:
+    "a leak"); the ramp was stopped as it crossed half its limit, by the fast line ("full within
+    60 s") and, with that line at 10 s, by the forecast branch (a forecast fitted on the ramp, "full
+    in 14 s", still shown as it stopped: the branch now needs 20 s past half the limit)."""
     pid = os.getpid()
     with (tempfile.TemporaryDirectory(dir="/var/tmp") as scratch,  # removed after the cgroups' processes
           memory_cgroup(f"heald-test-leaky-{pid}", 256) as leaky,
@@ -254,7 +263,7 @@ async def test_only_the_leaking_cgroup_is_touched(tmp_path: Path,
         leak = start(children, leaky, LEAK, "25", "512")
         ours = [leaky, steady, cache, reread, ramp]
         async with running(eng):
-            peak = await watch(collector, eng, ours, 30)
+            peak = await watch(collector, eng, ours, 40, forecast=True)
             await idle(eng)
         assert leak.wait(10) == -signal.SIGTERM
         assert holder.poll() is None, "the steady cgroup was touched"
