@@ -31,6 +31,13 @@ max(``every``, S/20) samples), each subsampled to at most ``max_points`` points:
    progress (:meth:`Forecaster._stopped`). A window remembers a fall for as long as the fall is
    in it: without this a job that allocated a quarter of the RAM in ten seconds and held it
    read as a leak for a minute and more after it stopped.
+6. for a resource with ``min_fill`` (disks: free bytes and inodes, 0.1): the fill must already
+   have taken that share of the room still left, counted from the lowest room the resource had
+   before it (:meth:`Forecaster._unproven`); until it has, the confidence is 0. A page-cache
+   copy that writes a few GB in seconds and then deletes or overwrites them, or a backup that
+   fills up to a cap and deletes, read as a fill of hundreds of MB/s with minutes to go on a
+   big disk; a fill that keeps coming back never goes below its last low, and a first burst is
+   a small share of a big disk's room.
 
 A sudden cleanup (step up in free space) reads as not trending; a single step down reads as low
 confidence. Cost: O(1) per sample (one itemgetter over the tracked keys into the ring) plus the
@@ -65,11 +72,18 @@ class Resource(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     key: str  # exact key or "family[*]" (every label)
     direction: Literal["down", "up"] = "down"  # falls to / rises to the limit
     limit: float = 0.0
+    # > 0: no confident forecast before the fill has taken this share of the room still left,
+    # past the lowest room of the samples before it (:meth:`Forecaster._unproven`); 0: no check
+    min_fill: float = 0.0
 
+
+# A disk's (and its inodes') forecast must have seen a tenth of what it extrapolates: copies,
+# backups and spools that fill and then delete are the common case on disks, not leaks.
+DISK_MIN_FILL = 0.1
 
 DEFAULT_RESOURCES: tuple[Resource, ...] = (
-    Resource(key="disk.free_bytes[*]"),
-    Resource(key="disk.inodes_free[*]"),
+    Resource(key="disk.free_bytes[*]", min_fill=DISK_MIN_FILL),
+    Resource(key="disk.inodes_free[*]", min_fill=DISK_MIN_FILL),
     Resource(key="mem.available_bytes"),
     Resource(key="mem.swap_used_pct", direction="up", limit=100.0),
     # a memory-limited cgroup's room left under its limit (agent.collect.cgroups)
@@ -226,14 +240,18 @@ class Forecaster:
         self._keys = [self._keys[i] for i in keep]
         self._spec = [self._spec[i] for i in keep]
         self._ring = np.ascontiguousarray(self._ring[:, keep])  # new: the kernel is re-pointed below
-        self._sign = np.array([1.0 if s.direction == "down" else -1.0 for s in self._spec])
-        self._limit = np.array([s.limit for s in self._spec])
+        self._set_spec()
         self._shown = []
         self._results.clear()
         self._res = np.zeros((0, 3, 0))  # the native path re-points at the new arrays at its next fit
         kept = set(self._keys)
         self.forecasts = tuple(f for f in self.forecasts if f.resource in kept)
         self._get = lambda _m: ()
+
+    def _set_spec(self) -> None:
+        self._sign = np.array([1.0 if s.direction == "down" else -1.0 for s in self._spec])
+        self._limit = np.array([s.limit for s in self._spec])
+        self._min_fill = np.array([s.min_fill for s in self._spec])
 
     def _scan(self, metrics: dict[str, float | None]) -> None:
         if self._n % 300 == 0:  # not on every change of the key count: a churning host rescans often
@@ -254,8 +272,7 @@ class Forecaster:
                 self._keys.append(k)
                 self._spec.append(spec)
             self._ring = np.pad(self._ring, ((0, 0), (0, len(new))), constant_values=np.nan)
-            self._sign = np.array([1.0 if s.direction == "down" else -1.0 for s in self._spec])
-            self._limit = np.array([s.limit for s in self._spec])
+            self._set_spec()
             self._shown = []
         keys = self._keys
         if len(keys) >= 2:
@@ -457,9 +474,54 @@ class Forecaster:
         out[cand[bad]] *= np.clip(observed[bad] / expected[bad], 0.0, 1.0)
         return out
 
+    def _unproven(self, best_eta: F64, best_conf: F64, best_rate: F64) -> F64:
+        """``best_conf`` lowered where a resource with ``min_fill`` has not yet filled that share
+        of the room it still has.
+
+        The fill so far is the room the resource had before the last 2 x ``min_fill`` x ETA
+        seconds (the lowest of those samples; the oldest sample where the ring is younger) minus
+        the room now (the chosen trend's level). A steady fill of any speed on a disk of any size
+        passes once it has run ``min_fill`` of its time to full (the lead keeps 1 / (1 +
+        ``min_fill``) of it: 91 % at 0.1). It does not pass while the fill is a small share of
+        the room (a copy of 4 GB in 10 s with 80 GB free: ETA 3 min, 5 % of the room) or while
+        the room is not below its earlier low (a copy that deletes or truncates its file and
+        writes it again, a backup that fills to a cap and deletes: the fill keeps coming back).
+        Until it passes, the confidence is 0: a gate, not a scale (scaled by the share seen, the
+        4-GB copy's 5 % of 10 % kept half its confidence, and a forecaster that was sure of the
+        burst would still say so at 0.5). Checked for the forecasts some line may read (ETA <= 4
+        h, confidence >= 0.25) whose look-back fits in a full ring (2 x ``min_fill`` x ETA <= the
+        ring's time: ETAs up to 50 min at 1 Hz); beyond that the ring cannot show the share."""
+        if not self._min_fill.any():
+            return best_conf
+        with np.errstate(invalid="ignore"):
+            cand = np.flatnonzero((self._min_fill > 0) & (best_eta <= self.recent_eta_s)
+                                  & (best_conf >= 0.25))
+        n = min(self._n, self._cap)
+        if cand.size == 0 or n < 2:
+            return best_conf
+        idx = (self._pos - n + self._ages[:n]) % self._cap  # oldest first
+        t = self._t[idx]
+        full = (t[-1] - t[0]) / (n - 1) * self._cap  # the time a full ring covers
+        share = self._min_fill[cand]
+        eta = best_eta[cand]
+        sign = self._sign[cand]
+        room = eta * np.maximum(-best_rate[cand] * sign, 0.0)  # the trend's room left now
+        back = 2.0 * share * eta
+        split = np.maximum(np.searchsorted(t, t[-1] - back, side="right"), 1)  # samples before it
+        y = (self._ring[idx[:, None], cand[None, :]] - self._limit[cand]) * sign  # (n, candidates)
+        older = (np.arange(n)[:, None] < split[None, :]) & ~np.isnan(y)
+        low = np.where(older, y, np.inf).min(axis=0)  # inf: no valid sample before the split
+        with np.errstate(invalid="ignore"):
+            short = (back <= full) & np.isfinite(low) & (low - room < share * room)
+        if not short.any():
+            return best_conf
+        out = best_conf.copy()
+        out[cand[short]] = 0.0
+        return out
+
     def _show(self, best_eta: F64, best_conf: F64, best_rate: F64, k: int) -> None:
         """Publish the chosen forecasts, rebuilding only the changed ones."""
-        best_conf = self._stopped(best_eta, best_conf, best_rate)
+        best_conf = self._unproven(best_eta, self._stopped(best_eta, best_conf, best_rate), best_rate)
         shown = self._shown
         if len(shown) != k:
             shown[:] = [Forecast(resource=key, eta_s=None, confidence=0.0, rate_per_s=0.0)
