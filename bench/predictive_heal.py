@@ -789,6 +789,10 @@ async def drive(rig: Rig, books: list[Playbook], settings: PlaybookSettings, sta
         for _ in range(200):  # the run in flight (a step's grace period) finishes
             if not any(s["running"] for s in eng.status()):
                 break
+            if settle_s == 0 and over_at is not None and out.steps:
+                # --smoke's disk and inodes: the job is done, its step long over, and the run is in
+                # its 1-min verify, which the smoke does not wait for (it would wait out all 10 s)
+                break
             await asyncio.sleep(0.05)
     finally:
         task.cancel()
@@ -902,8 +906,8 @@ class Row:
         if started is not None and not any(k for k in inputs if "eta" in k or "forecast" in k):
             return "healed (static branch)"
         if notify:
-            fail = "" if h.failed_at is None else f", {h.failed_at - h.steps[0][0]:.0f} s before the failure"
-            return f"human told{fail} (notify only: the leak runs on)"
+            told = "" if h.failed_at is None else f", {h.failed_at - h.steps[0][0]:.0f} s before the failure"
+            return f"human told{told} (notify only: the leak runs on)"
         if self.fault.kind == "raise":
             data = first.get("data") or {}
             ends = ", ".join(e.get("outcome", "?") for e in h.ends) or "verifying"
