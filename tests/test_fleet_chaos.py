@@ -238,6 +238,22 @@ def acknowledged(state_dir: Path) -> dict[str, set[int]]:
     return out
 
 
+def acked_seq(state_dir: Path) -> int:
+    """The agent's acknowledged cursor (written at most a second late; -1 before the first)."""
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        return int(json.loads((state_dir / "spool" / "cursor").read_text())["acked_seq"])
+    return -1
+
+
+def spool_head(state_dir: Path) -> int:
+    """The seq of the last record in the agent's spool (-1 for none), read while it writes."""
+    head = -1
+    for segment in (state_dir / "spool").glob("*.seg"):
+        with contextlib.suppress(FileNotFoundError):  # an acknowledged segment deleted meanwhile
+            head = max([head, *(seq for _, seq, _, _ in scan(segment.read_bytes()).records)])
+    return head
+
+
 def rss_mib(pid: int) -> float:
     return psutil.Process(pid).memory_info().rss / 2**20
 
@@ -287,19 +303,27 @@ def test_chaos_loses_nothing_and_counts_everything(broker: Broker, tmp_path: Pat
         time.sleep(3)
         broker.stop()  # down for a minute: the agents spool, the hostile client is refused
         time.sleep(60)
-        broker.start()
-        back = time.time()
         # everything replays: each agent reconnects (its jittered backoff after a minute's outage
-        # can run past a fixed wait) and moves its acknowledged cursor past the outage
+        # can run past a fixed wait) and its acknowledged cursor reaches the last record its spool
+        # held when the broker came back (all it spooled through the outage, and before)
+        heads = {node: spool_head(a.dir / "state") for node, a in agents.items()}
+        broker.start()
         deadline = time.monotonic() + 150
-        cursors = [a.dir / "state" / "spool" / "cursor" for a in agents.values()]
         while time.monotonic() < deadline and not all(
-                c.exists() and c.stat().st_mtime > back for c in cursors):
-            time.sleep(1)
-        time.sleep(15)
+                acked_seq(a.dir / "state") >= heads[node] for node, a in agents.items()):
+            time.sleep(0.5)
+        replayed = {node: (acked_seq(a.dir / "state"), heads[node]) for node, a in agents.items()}
+        assert all(acked >= head for acked, head in replayed.values()), f"not replayed in 150 s: {replayed}"
         phase("replayed")
         hostile.stop()
-        time.sleep(5)
+
+        def rejects_counted(c: CoordinatorProcess) -> object:  # the hostile's last messages are in
+            status, body = c.api("GET", "/api/info")
+            nodes = body["ingest"]["rejected"]["nodes"] if status == 200 else {}
+            return status == 200 and all(nodes.get(node, {}).get("total", 0) >= n
+                                         for node, n in hostile.acked.items())
+
+        coord.wait_for(rejects_counted, timeout=30)
         for a in agents.values():
             a.stop()
         phase("stopped")
