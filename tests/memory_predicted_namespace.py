@@ -25,7 +25,6 @@ holds it). Writes ``out`` (JSON).
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import subprocess
@@ -121,7 +120,6 @@ async def main(spec: dict[str, object]) -> dict[str, object]:
 
 
 if __name__ == "__main__":
-    spec = json.loads(Path(sys.argv[1]).read_text())
-    assert os.getpid() == 1, "run me in a private PID namespace (unshare --pid --fork --mount-proc)"
-    result = asyncio.run(main(spec))
-    Path(str(spec["out"])).write_text(json.dumps(result, default=str))
+    from playbook_kit import namespace_main
+
+    namespace_main(main)

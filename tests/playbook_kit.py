@@ -1,12 +1,17 @@
-"""Helpers for the decide/act tests: build samples, run an engine, load playbooks from text."""
+"""Helpers for the decide/act tests: build samples, run an engine, load playbooks from text; the
+``__main__`` of the tests/*_namespace.py drivers (:func:`namespace_main`)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import itertools
+import json
+import os
+import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -142,3 +147,34 @@ async def idle(engine: Engine) -> None:
             return
         await asyncio.sleep(0.01)
     raise AssertionError("runs still in flight")
+
+
+def namespace_main(
+    drive: Callable[[dict[str, Any]], dict[str, Any] | Awaitable[dict[str, Any]]],
+    agent: Callable[[Path], Awaitable[None]] | None = None,
+) -> None:
+    """The ``__main__`` of a tests/*_namespace.py driver, from ``sys.argv``:
+
+    * ``THIS --agent DIR``: the agent's side, a process of its own: ``agent(DIR)`` until it returns
+      (a KeyboardInterrupt ends it quietly);
+    * ``THIS SPEC.json``: the driver, which must be PID 1 of a private PID namespace (``unshare
+      --pid --kill-child --mount --mount-proc``): ``drive(spec)`` (run to its end when it is a
+      coroutine), its result as JSON to the spec's ``out``, else to ``DIR/out.json`` (``dir``).
+    """
+    if sys.argv[1] == "--agent":
+        if agent is None:
+            raise SystemExit(f"{sys.argv[0]} has no agent side")
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(_awaited(agent(Path(sys.argv[2]))))
+        return
+    assert os.getpid() == 1, "run me in a private PID namespace (unshare --pid --fork --mount-proc)"
+    spec: dict[str, Any] = json.loads(Path(sys.argv[1]).read_text())
+    result = drive(spec)
+    if inspect.isawaitable(result):
+        result = asyncio.run(_awaited(result))
+    out = Path(str(spec["out"])) if "out" in spec else Path(spec["dir"]) / "out.json"
+    out.write_text(json.dumps(result, default=str))
+
+
+async def _awaited(aw: Awaitable[Any]) -> Any:
+    return await aw

@@ -30,7 +30,6 @@ The episode ends when the agent has recorded a ``run.end`` and the workload is g
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import json
 import os
@@ -221,11 +220,7 @@ def drive(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "--agent":
-        with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(agent(Path(sys.argv[2])))
-    else:
-        assert os.getpid() == 1, "run me in a private PID namespace (unshare --pid --fork --mount-proc)"
-        spec = json.loads(Path(sys.argv[1]).read_text())
-        result = drive(spec)
-        (Path(spec["dir"]) / "out.json").write_text(json.dumps(result, default=str))
+    sys.path[:0] = [str(HERE.parent), str(HERE)]  # this tree's agent, whatever is installed; playbook_kit
+    from playbook_kit import namespace_main
+
+    namespace_main(drive, agent)

@@ -242,9 +242,7 @@ def drive(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "--agent":
-        asyncio.run(agent(Path(sys.argv[2])))
-    else:
-        assert os.getpid() == 1, "run me in a private PID namespace (unshare --pid --fork --mount-proc)"
-        spec = json.loads(Path(sys.argv[1]).read_text())
-        (Path(spec["dir"]) / "out.json").write_text(json.dumps(drive(spec), default=str))
+    sys.path[:0] = [str(HERE.parent), str(HERE)]  # this tree's agent, whatever is installed; playbook_kit
+    from playbook_kit import namespace_main
+
+    namespace_main(drive, agent)
