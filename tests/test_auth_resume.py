@@ -9,19 +9,17 @@ too big, NaN, another file's inode) is refused with one warning: from the end, a
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
 import stat
-import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from heald_kit import Heald
 from structlog.testing import capture_logs
 from test_degraded_storage import Tmpfs, mount_tmpfs, unmount
 
@@ -319,24 +317,6 @@ def test_a_full_state_dir_keeps_following_and_saves_once_there_is_room(tmp_path:
 # --------------------------------------------------------------------------- a real heald, kill -9
 
 
-@contextlib.contextmanager
-def heald(cfg: Path, log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(cfg), "--dry-run"],
-                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 60
-            while '"heald ready"' not in log.read_text(errors="replace"):
-                assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
-                assert time.monotonic() < deadline, "no 'heald ready' within 60 s"
-                time.sleep(0.1)
-            yield proc
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(30)
-
-
 def saved_count(state: Path, src: str = SRC) -> float:
     try:
         doc = json.loads((state / "security" / "auth_window.json").read_text())
@@ -379,18 +359,18 @@ enabled = false
             assert time.monotonic() < deadline, f"the window file says {saved_count(state)}, not {n}"
             time.sleep(0.1)
 
-    with heald(cfg, tmp_path / "agent-1.log") as first:
+    with Heald(cfg, tmp_path / "agent-1.log", args=("--dry-run",)) as first:
+        first.wait_started()
         attack(log, 5)
         wait_count(5)
-        first.send_signal(signal.SIGKILL)
-        assert first.wait(30) == -signal.SIGKILL
+        assert first.kill() == -signal.SIGKILL
     attack(log, 7, start=10)
-    with heald(cfg, tmp_path / "agent-2.log") as second:
+    with Heald(cfg, tmp_path / "agent-2.log", args=("--dry-run",)) as second:
+        second.wait_started()
         wait_count(12)
         time.sleep(3)  # a few more passes: nothing read twice
         assert saved_count(state) == 12
-        text = (tmp_path / "agent-2.log").read_text()
+        text = second.text()
         assert "auth sources resumed" in text, text[-3000:]
-        second.send_signal(signal.SIGTERM)
-        assert second.wait(30) == 0
+        assert second.stop() == 0
     assert os.path.exists(state / "security" / "auth_window.json")

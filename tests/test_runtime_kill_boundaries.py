@@ -16,26 +16,18 @@ library is not loaded.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import signal
-import subprocess
-import sys
-import tempfile
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import heald_kit
 import pytest
+from heald_kit import Heald, audit, fill_with_stale_files, tmpfs, wait_for
 
 from agent.act.audit import verify
 
 pytestmark = [pytest.mark.slow, pytest.mark.root,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount a tmpfs")]
-
-REPO = Path(__file__).resolve().parents[1]
 
 PLAYBOOK = """
 name: clean-test-mount
@@ -68,105 +60,9 @@ guards:
 """
 
 
-@contextlib.contextmanager
-def tmpfs(size: str = "30m") -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="heald-kill-"))
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)], check=True)
-    try:
-        yield d
-    finally:
-        subprocess.run(["umount", "-l", str(d)], check=False)
-        d.rmdir()
-
-
-def fill_with_stale_files(mount: Path, to_pct: float = 94.0) -> None:
-    cache = mount / "cache"
-    cache.mkdir()
-    i = 0
-    while True:
-        st = os.statvfs(mount)
-        used = (st.f_blocks - st.f_bfree) / st.f_blocks * 100
-        if used >= to_pct:
-            return
-        f = cache / f"blob-{i}.bin"
-        f.write_bytes(b"s" * (1 << 20))
-        old = time.time() - 2 * 86400
-        os.utime(f, (old, old))
-        i += 1
-
-
 def write_config(tmp: Path, mount: Path) -> Path:
-    playbooks = tmp / "playbooks"
-    playbooks.mkdir(parents=True)
-    (playbooks / "clean.yaml").write_text(PLAYBOOK)
-    cfg = tmp / "agent.toml"
-    cfg.write_text(f"""
-[node]
-id = "kill-test"
-[paths]
-state_dir = "{tmp / 'state'}"
-[sample]
-interval_s = 0.5
-[collect.disk]
-interval_s = 0.5
-include_mounts = ["{mount}"]
-[collect.processes]
-enabled = false
-[collect.gpu]
-enabled = false
-[collect.network]
-enabled = false
-[model]
-enabled = false
-[playbooks]
-load_shipped = false
-dirs = ["{playbooks}"]
-clean_roots = ["{mount}"]
-journalctl = ["true"]
-""")
-    return cfg
-
-
-class Daemon:
-    def __init__(self, cfg: Path, log: Path) -> None:
-        self.log = log.open("ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(cfg)], cwd=REPO,
-                                     stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(30)
-        self.log.close()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.log.close()
-
-
-def audit(state: Path) -> list[dict[str, Any]]:
-    path = state / "audit.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line)["record"] for line in path.read_text().splitlines() if line.strip()]
-
-
-def wait_for(what: str, cond: Any, limit_s: float, daemon: Daemon, log: Path) -> Any:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < limit_s:
-        got = cond()
-        if got:
-            return got
-        tail = log.read_text()[-3000:] if daemon.proc.poll() is not None else ""
-        assert not tail, f"heald exited while waiting for {what}:\n{tail}"
-        time.sleep(0.02)
-    raise AssertionError(f"{what} not reached in {limit_s}s:\n{log.read_text()[-3000:]}")
+    return heald_kit.write_config(tmp, mount, node="kill-test", playbook=("clean.yaml", PLAYBOOK),
+                                 playbooks_extra='journalctl = ["true"]\n')
 
 
 def run_once(tmp: Path, kill_at: int | None) -> dict[str, Any]:
@@ -177,7 +73,7 @@ def run_once(tmp: Path, kill_at: int | None) -> dict[str, Any]:
         cfg = write_config(tmp, mount)
         state, log = tmp / "state", tmp / "heald.log"
         journal = state / "journal"
-        daemon = Daemon(cfg, log)
+        daemon = Heald(cfg, log)
         killed_at = None
         try:
             if kill_at is not None:
@@ -192,7 +88,7 @@ def run_once(tmp: Path, kill_at: int | None) -> dict[str, Any]:
 
                 killed_at = wait_for(f"journal record {kill_at}", journal_records, 60, daemon, log)
                 daemon.kill()
-                daemon = Daemon(cfg, log)  # the same state dir, the disk as the kill left it
+                daemon = Heald(cfg, log)  # the same state dir, the disk as the kill left it
 
             def ended() -> list[dict[str, Any]]:
                 return [r for r in audit(state) if r["type"] == "run.end"]

@@ -33,12 +33,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import pytest
 import structlog
+from heald_kit import Heald, audit, wait
 from test_degraded_storage import Tmpfs, mount_tmpfs, unmount
 
 from agent.act import records
@@ -101,69 +102,10 @@ def seconds(text: str | None) -> float:
     return total
 
 
-def wait(what: str, pred: Callable[[], Any], within: float, tick: float = 0.1) -> Any:
-    deadline = time.monotonic() + within
-    while True:
-        got = pred()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within:g}s waiting for {what}")
-        time.sleep(tick)
-
-
-def audit(state: Path) -> list[dict[str, Any]]:
-    path = state / "audit.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line)["record"] for line in path.read_text().splitlines() if line.strip()]
-
-
 def verify_chain(state: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "agent", "audit", "verify", str(state / "audit.jsonl")],
                        capture_output=True, text=True, check=False, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
-
-
-class Agent:
-    """``heald run`` in the namespace ``ns``, its log in a file outside the state dir."""
-
-    def __init__(self, ns: str, config: Path, log: Path) -> None:
-        self.log_path = log
-        self._log: TextIO = log.open("w")
-        self.proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "agent", "run",
-                                      "--config", str(config)], stdout=self._log, stderr=subprocess.STDOUT)
-
-    def text(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def lines(self) -> list[dict[str, Any]]:
-        out = []
-        for line in self.text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                out.append({"event": "(not json)", "raw": line, "level": "error"})
-        return out
-
-    def wait_started(self) -> None:
-        wait("the agent's start", lambda: "heald starting" in self.text() or self.proc.poll() is not None, 60)
-        assert self.proc.poll() is None, self.text()[-3000:]
-        # every collector started: the auth log is followed from here on (lines written before
-        # its collector's start are history, not an attack now)
-        wait("the collectors' start", lambda: '"heald ready"' in self.text(), 30)
-
-    def stop(self, sig: int = signal.SIGTERM, within: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            rc = self.proc.wait(within)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait(10)
-            self._log.close()
-        return rc
 
 
 def config(tmp: Path, state: Path, auth_log: Path, pbdir: Path, nft: list[str], *, timeout_s: int) -> Path:
@@ -258,8 +200,8 @@ def test_block_address_kill9_after_the_add_then_restart_keeps_the_verdict(tmp_pa
         cfg = config(tmp_path, state, auth_log, shipped(tmp_path, "ssh-brute-force"), [str(wrapper)],
                      timeout_s=30)
         sec = SecuritySettings(nft=("ip", "netns", "exec", ns, "nft"))
-        first = Agent(ns, cfg, tmp_path / "agent-1.log")
-        second: Agent | None = None
+        first = Heald(cfg, tmp_path / "agent-1.log", ns=ns)
+        second: Heald | None = None
         try:
             first.wait_started()
             attack(auth_log, 12, base)
@@ -278,7 +220,7 @@ def test_block_address_kill9_after_the_add_then_restart_keeps_the_verdict(tmp_pa
             assert kinds == ["run", "intent"], kinds  # killed between the add and the step's result
             assert shape(run_records(state, SRC)) == [("run.start",)]
 
-            second = Agent(ns, cfg, tmp_path / "agent-2.log")
+            second = Heald(cfg, tmp_path / "agent-2.log", ns=ns)
             second.wait_started()
             wait("the resumed run's end",
                  lambda: any(r["type"] == "run.end" for r in run_records(state, SRC)), 60, 0.3)
@@ -324,10 +266,10 @@ def test_block_address_with_the_state_dir_full_blocks_and_the_audit_catches_up(t
         auth_log.write_text("")
         cfg = config(tmp_path, state, auth_log, shipped(tmp_path, "ssh-brute-force"), ["nft"], timeout_s=60)
         mount_tmpfs(state)
-        agent: Agent | None = None
+        agent: Heald | None = None
         try:
             disk = Tmpfs(state)
-            agent = Agent(ns, cfg, tmp_path / "agent.log")
+            agent = Heald(cfg, tmp_path / "agent.log", ns=ns)
             agent.wait_started()
             # No record yet: the audit file is empty, so no page of it has room left for one (a
             # file's last page takes bytes on a tmpfs filled to its last block).

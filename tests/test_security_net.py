@@ -30,11 +30,12 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from heald_kit import Heald, audit, wait
 
 from agent.act.actions.nftables import block_address, element, remove_table, table_script
 from agent.act.base import ActionContext
@@ -346,13 +347,13 @@ def test_a_real_journal_is_followed_and_resumed_at_its_cursor(tmp_path: Path) ->
     _journal_append(jfile, [(10, failed("192.0.2.2")), (4, failed("192.0.2.2")), (3, failed("192.0.2.9")),
                             (10, failed("192.0.2.2"))])
     try:
-        _wait("3 failures from the auth facilities",
-              lambda: c.collect().metrics["sec.auth_failures_total"] == 3, 15)
+        wait("3 failures from the auth facilities",
+             lambda: c.collect().metrics["sec.auth_failures_total"] == 3, 15)
         assert c._journal is not None
         assert c._journal._proc is not None
         c._journal._proc.kill()  # journalctl dies
         _journal_append(jfile, [(10, failed("192.0.2.3"))] * 2)
-        _wait("the 2 written meanwhile", lambda: c.collect().metrics["sec.auth_failures_total"] == 5, 20)
+        wait("the 2 written meanwhile", lambda: c.collect().metrics["sec.auth_failures_total"] == 5, 20)
         time.sleep(1.0)
         m = c.collect().metrics
         assert m["sec.auth_failures_total"] == 5  # nothing twice
@@ -368,12 +369,12 @@ def test_a_real_journal_is_followed_and_resumed_at_its_cursor(tmp_path: Path) ->
                         restart_s=0.0)
     j.cursor = "s=0000;i=1"
     try:
-        _wait("journalctl to refuse the cursor", lambda: j.poll(1 << 20) == [] and not j.cursor, 15)
+        wait("journalctl to refuse the cursor", lambda: j.poll(1 << 20) == [] and not j.cursor, 15)
         j.poll(1 << 20)  # started again, at the end
         time.sleep(2.0)
         _journal_append(jfile, [(10, failed("192.0.2.4"))])
         got: list[str] = []
-        _wait("the entry after the restart", lambda: got.extend(j.poll(1 << 20)) or got, 15)
+        wait("the entry after the restart", lambda: got.extend(j.poll(1 << 20)) or got, 15)
         assert [parse(g) for g in got] == [("failed", "192.0.2.4")]
     finally:
         j.close()
@@ -632,17 +633,14 @@ keep_blocks_on_stop = {str(keep).lower()}
 
         write(False)
         log = tmp_path / "agent.log"
-        with log.open("w") as out:
-            agent = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "agent", "run",
-                                      "--config", str(cfg)], stdout=out, stderr=subprocess.STDOUT)
-            try:
-                _wait("the agent's start", lambda: "heald starting" in log.read_text(), 30)
-                write(True)
-                agent.send_signal(signal.SIGHUP)
-                _wait("the reload", lambda: "configuration reloaded" in log.read_text(), 30)
-            finally:
-                agent.send_signal(signal.SIGTERM)
-                rc = agent.wait(30)
+        agent = Heald(cfg, log, ns=ns)
+        try:
+            wait("the agent's start", lambda: "heald starting" in agent.text(), 30)
+            write(True)
+            agent.proc.send_signal(signal.SIGHUP)
+            wait("the reload", lambda: "configuration reloaded" in agent.text(), 30)
+        finally:
+            rc = agent.stop()
         assert rc in {0, 130}, log.read_text()[-3000:]
         assert "security" in [r for line in log.read_text().splitlines() if "configuration reloaded" in line
                               for r in json.loads(line).get("applied", [])]
@@ -657,24 +655,6 @@ def test_table_script_names_only_heald_objects() -> None:
 
 
 # --------------------------------------------------------------------------- end to end
-
-
-def _wait(what: str, pred: Callable[[], Any], within: float, tick: float = 0.1) -> Any:
-    deadline = time.monotonic() + within
-    while True:
-        got = pred()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within:g}s waiting for {what}")
-        time.sleep(tick)
-
-
-def _audit(state: Path) -> list[dict[str, Any]]:
-    path = state / "audit.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line)["record"] for line in path.read_text().splitlines() if line.strip()]
 
 
 def _in_set(node: str, addr: str) -> bool:
@@ -766,7 +746,7 @@ def test_brute_force_blocked_within_5s_allow_list_never_new_listener_escalates(
     procs.append(subprocess.Popen(["ip", "netns", "exec", node, str(SSHD),
                                    "-f", str(tmp_path / "sshd_config"),
                                    "-E", str(auth_log), "-D"]))
-    _wait("sshd listening", lambda: auth_log.exists() and "Server listening" in auth_log.read_text(), 15)
+    wait("sshd listening", lambda: auth_log.exists() and "Server listening" in auth_log.read_text(), 15)
     askpass = tmp_path / "askpass"
     askpass.write_text("#!/bin/sh\necho wrong-password\n")
     askpass.chmod(0o755)
@@ -782,12 +762,12 @@ def test_brute_force_blocked_within_5s_allow_list_never_new_listener_escalates(
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     events = tmp_path / "events.jsonl"
     (tmp_path / "sub.py").write_text(SUBSCRIBER.format(out=str(events)))
-    _wait("the broker", lambda: _connects(attacker, "10.77.0.4", "10.77.0.4", 1883), 15, tick=0.3)
+    wait("the broker", lambda: _connects(attacker, "10.77.0.4", "10.77.0.4", 1883), 15, tick=0.3)
     with (tmp_path / "sub.log").open("w") as sub_log:
         procs.append(subprocess.Popen(["ip", "netns", "exec", attacker, sys.executable,
                                        str(tmp_path / "sub.py")], cwd=Path(__file__).resolve().parents[1],
                                       stdout=sub_log, stderr=sub_log))
-    _wait("the subscriber", events.exists, 15)
+    wait("the subscriber", events.exists, 15)
     state = tmp_path / "state"
     cfg = tmp_path / "agent.toml"
     cfg.write_text(f"""
@@ -818,13 +798,10 @@ enabled = true
 host = "10.77.0.4"
 port = 1883
 """)
-    agent_log = (tmp_path / "agent.log").open("w")
-    agent = subprocess.Popen(["ip", "netns", "exec", node, sys.executable, "-m", "agent", "run",
-                              "--config", str(cfg)],
-                             stdout=agent_log, stderr=subprocess.STDOUT)
-    procs.append(agent)
+    agent = Heald(cfg, tmp_path / "agent.log", ns=node)
+    procs.append(agent.proc)
     try:
-        _wait("the agent's start", lambda: "heald ready" in (tmp_path / "agent.log").read_text(), 30)
+        agent.wait_started()
         time.sleep(3.0)  # past the listeners' baseline window (sshd's port is in it)
         known = tmp_path / "known_hosts"
         # A new listener in the node's namespace, after the baseline: escalated once it stays
@@ -844,16 +821,16 @@ port = 1883
                              "-o", f"UserKnownHostsFile={known}", "root@10.77.0.1", "true"],
                             capture_output=True, text=True, check=False, timeout=30)
         assert ok.returncode == 0, ok.stderr
-        _wait("sshd to log the session's end",
-              lambda: "Disconnected from user root" in auth_log.read_text(), 10)
+        wait("sshd to log the session's end",
+             lambda: "Disconnected from user root" in auth_log.read_text(), 10)
         assert _counted(auth_log, "10.77.0.2") == 0, auth_log.read_text()
         # The allow-listed address fails just as often: never blocked.
         attack("10.77.0.3", 4)
         attack("10.77.0.4", 4)  # the broker's address
         attack("10.77.0.2", 4)
-        _wait("10 failures from 10.77.0.2 in sshd's log", lambda: _counted(auth_log, "10.77.0.2") >= 10, 30)
+        wait("10 failures from 10.77.0.2 in sshd's log", lambda: _counted(auth_log, "10.77.0.2") >= 10, 30)
         t10 = time.monotonic()
-        _wait("10.77.0.2 in heald's set", lambda: _in_set(node, "10.77.0.2"), 5.0, tick=0.05)
+        wait("10.77.0.2 in heald's set", lambda: _in_set(node, "10.77.0.2"), 5.0, tick=0.05)
         blocked_after = time.monotonic() - t10
         assert _counted(auth_log, "10.77.0.3") >= 10
         refused = _connect(attacker, "10.77.0.2", "10.77.0.1", 2222)
@@ -863,16 +840,16 @@ port = 1883
         assert not _in_set(node, "10.77.0.3")
         assert not _in_set(node, "10.77.0.4")
         assert _counted(auth_log, "10.77.0.4") >= 10
-        escalations = _wait("the new listener's escalation", lambda: [
-            r for r in _audit(state)
+        escalations = wait("the new listener's escalation", lambda: [
+            r for r in audit(state)
             if r.get("type") == "escalate" and r.get("playbook") == "new-listener"], 25)
         assert "18099" in json.dumps(escalations[0])
         assert "python" in json.dumps(escalations[0])
         # The block expires by itself (block_timeout_s = 8), the source connects again.
-        _wait("the block to expire", lambda: not _in_set(node, "10.77.0.2"), 15, tick=0.2)
+        wait("the block to expire", lambda: not _in_set(node, "10.77.0.2"), 15, tick=0.2)
         assert _connects(attacker, "10.77.0.2", "10.77.0.1", 2222)
         # Audit: the block with its evidence, verified; the allow-listed source refused, escalated.
-        records = _audit(state)
+        records = audit(state)
         steps = [r for r in records if r.get("type") == "step" and r.get("playbook") == "ssh-brute-force"]
         by_src = {r["data"]["address"]: r for r in steps if "address" in r.get("data", {})}
         assert by_src["10.77.0.2"]["ok"] is True
@@ -884,16 +861,16 @@ port = 1883
         assert "allow_list" in by_src["10.77.0.3"]["detail"]
 
         def ends() -> dict[str, Any]:  # the block's verification may land after the audit read above
-            return {json.dumps(r.get("target")): r.get("outcome") for r in _audit(state)
+            return {json.dumps(r.get("target")): r.get("outcome") for r in audit(state)
                     if r.get("type") == "run.end" and r.get("playbook") == "ssh-brute-force"}
 
-        _wait("the block's run.end", lambda: any("10.77.0.2" in k for k in ends()), 20)
+        wait("the block's run.end", lambda: any("10.77.0.2" in k for k in ends()), 20)
         assert any("10.77.0.2" in k and v == "succeeded" for k, v in ends().items()), ends()
         assert any(r.get("type") == "escalate" and "10.77.0.3" in json.dumps(r) for r in records)
         assert by_src["10.77.0.4"]["ok"] is False
         assert "MQTT broker" in by_src["10.77.0.4"]["detail"]
         # The escalations reached the broker (the coordinator's side) as wire events.
-        names = _wait("the escalations on the broker", lambda: {
+        names = wait("the escalations on the broker", lambda: {
             # an event without labels has none on the wire (omit_defaults)
             (e["name"], e.get("labels", {}).get("src") or e.get("labels", {}).get("port"))
             for e in map(json.loads, events.read_text().splitlines())}
@@ -901,9 +878,7 @@ port = 1883
                 ("security.new_listener", "18099")}, 20)
         assert names
     finally:
-        agent.send_signal(signal.SIGTERM)
-        rc = agent.wait(30)
-        agent_log.close()
+        rc = agent.stop()
     assert rc in {0, 130}, (tmp_path / "agent.log").read_text()[-3000:]
     assert _nft_in(node, "list", "table", "inet", "heald").returncode != 0, "heald's table outlived the agent"
     print(f"blocked {blocked_after:.2f}s after the 10th failure line")

@@ -20,8 +20,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import heald_kit
 import pytest
-from test_runtime_kill_boundaries import Daemon, audit, fill_with_stale_files, tmpfs, wait_for
+from heald_kit import Heald, audit, fill_with_stale_files, tmpfs, wait_for
 
 from agent.act.audit import verify
 
@@ -55,34 +56,7 @@ guards:
 
 
 def write_config(tmp: Path, mount: Path) -> Path:
-    playbooks = tmp / "playbooks"
-    playbooks.mkdir(parents=True)
-    (playbooks / "watch.yaml").write_text(PLAYBOOK)
-    cfg = tmp / "agent.toml"
-    cfg.write_text(f"""
-[node]
-id = "within-kill-test"
-[paths]
-state_dir = "{tmp / 'state'}"
-[sample]
-interval_s = 0.5
-[collect.disk]
-interval_s = 0.5
-include_mounts = ["{mount}"]
-[collect.processes]
-enabled = false
-[collect.gpu]
-enabled = false
-[collect.network]
-enabled = false
-[model]
-enabled = false
-[playbooks]
-load_shipped = false
-dirs = ["{playbooks}"]
-clean_roots = ["{mount}"]
-""")
-    return cfg
+    return heald_kit.write_config(tmp, mount, node="within-kill-test", playbook=("watch.yaml", PLAYBOOK))
 
 
 def episode(tmp: Path, *, kill: bool, clears_after_s: float | None) -> dict[str, Any]:
@@ -93,7 +67,7 @@ def episode(tmp: Path, *, kill: bool, clears_after_s: float | None) -> dict[str,
         cfg = write_config(tmp, mount)
         state, log = tmp / "state", tmp / "heald.log"
         journal = state / "journal"
-        daemon = Daemon(cfg, log)
+        daemon = Heald(cfg, log)
         try:
             def step_result() -> float | None:
                 for path in journal.glob("*.jsonl") if journal.is_dir() else []:
@@ -111,7 +85,7 @@ def episode(tmp: Path, *, kill: bool, clears_after_s: float | None) -> dict[str,
             def ended() -> list[dict[str, Any]]:
                 nonlocal freed, daemon
                 if kill and daemon.proc.poll() is not None and time.time() >= result_wall + DOWN_S:
-                    daemon = Daemon(cfg, log)  # the same state dir, the disk as the kill left it
+                    daemon = Heald(cfg, log)  # the same state dir, the disk as the kill left it
                 if clears_after_s is not None and not freed and time.time() >= result_wall + clears_after_s:
                     for f in (mount / "cache").iterdir():
                         f.unlink()
