@@ -45,6 +45,9 @@ every 1 Hz sample; with the default 10 s only changes of the anomaly or the clas
 sent); an episode is a run of alert samples, gaps < 30 s merged, counted in the phase it starts
 in. The table (date, machine) is printed and written to ``bench/results/faultfree_load.txt``
 (not with ``--smoke``: each load 12 s). Needs root, stress-ng, gcc, make, mosquitto, paho-mqtt.
+``--samples X.jsonl`` also keeps the node's raw samples (its MQTT ``metrics`` messages, one sample
+a line): ``heald replay X.jsonl`` replays them through features, score and decide, e.g. to study
+alert lines on benign load offline.
 
 Recordings add up: a run (not ``--smoke``) also keeps its raw result (phases, would-be actions,
 risk samples) in ``bench/results/faultfree_load/`` under the PRODUCT TREE it ran: a hash of what
@@ -367,7 +370,8 @@ def alert_lines() -> tuple[float, float, float]:
 class RiskListener:
     """Subscribes to the node's MQTT messages; keeps (time, reasons) of each risk message."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, samples_to: Path | None = None) -> None:
+        import msgspec  # noqa: PLC0415
         import paho.mqtt.client as mqtt  # noqa: PLC0415
 
         from agent import wire  # noqa: PLC0415
@@ -375,10 +379,18 @@ class RiskListener:
         self.p, self.eta, self.conf = alert_lines()
         self.samples: dict[int, tuple[float, list[str]]] = {}  # sample seq -> (time, reasons)
         self.lock = threading.Lock()
+        # the node's raw samples (its metrics messages), one a line as `heald replay` reads them
+        self.out = None if samples_to is None else samples_to.open("wb")
+        enc = msgspec.json.Encoder()
 
         def on_message(_c: object, _u: object, msg: Any) -> None:
             with contextlib.suppress(Exception):
                 m = wire.decode(msg.payload)
+                if isinstance(m, wire.Metrics) and self.out is not None:
+                    with self.lock:
+                        for smp in m.samples:
+                            self.out.write(enc.encode({"seq": smp.seq, "wall": smp.wall, "mono": smp.mono,
+                                                       "metrics": smp.metrics}) + b"\n")
                 if isinstance(m, wire.Risk):
                     why = ["anomaly"] if m.alert else []
                     why += [f"failure[{c}]" for c, v in m.failure.items() if v >= self.p]
@@ -397,6 +409,10 @@ class RiskListener:
         self.client.loop_stop()
         with contextlib.suppress(Exception):
             self.client.disconnect()
+        with self.lock:
+            if self.out is not None:
+                self.out.close()
+                self.out = None
 
 
 def episodes(samples: list[tuple[float, list[str]]]) -> list[dict[str, Any]]:
@@ -442,7 +458,7 @@ def inner(spec_path: Path) -> int:
         hb.fit_detector(d / "state")
         config = hb.write_config(d, mqtt_port=broker.port, node="faultfree-load")
         os.environ["HEALD_MQTT__METRICS_INTERVAL_S"] = "0.5"  # a risk message for every 1 Hz sample
-        listener = RiskListener(broker.port)
+        listener = RiskListener(broker.port, Path(spec["samples"]) if spec.get("samples") else None)
         agent = hb.start_heald(d, config, log, cwd=ROOT)
         deadline = time.monotonic() + 120
         while not any(r.get("event") == "heald ready" for r in hb.log_records(log)):
@@ -539,7 +555,8 @@ def outer(args: argparse.Namespace, loads: list[str]) -> int:
     try:
         spec = {"work": str(work), "minutes": args.minutes_per_load, "loads": loads, "gap_s": args.gap_s,
                 "settle_s": args.settle_s, "disk_bytes": disk, "smoke": args.smoke,
-                "cgroup": [str(p) for p in cg.dirs]}
+                "cgroup": [str(p) for p in cg.dirs],
+                "samples": str(work / "samples.jsonl") if args.samples else None}
         (work / "spec.json").write_text(json.dumps(spec))
         print(f"faultfree_load: {', '.join(loads)}, {args.minutes_per_load:g} min each; disk for the loads "
               f"{disk / GIB:.1f} GiB (free {free / GIB:.1f} GiB in {base}); planned "
@@ -557,6 +574,11 @@ def outer(args: argparse.Namespace, loads: list[str]) -> int:
             print(f"the namespace run failed ({rc})", file=sys.stderr)
             return 3 if rc == 3 else 1
         result = json.loads((work / "result.json").read_text())
+        if args.samples:
+            args.samples.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(work / "samples.jsonl", args.samples)
+            print(f"the node's samples: {args.samples} (`heald replay {args.samples}` replays them)",
+                  flush=True)
         after = product_tree()  # the product changed under the run: it is not one tree's recording
         result["product"] = product if after == product else f"{product}-changed-dirty"
         text = report(result, args, loads)
@@ -764,6 +786,8 @@ def main() -> int:
                     "(a disk, not a tmpfs: default the temp dir)")
     ap.add_argument("--smoke", action="store_true", help="each load 12 s (unless --minutes-per-load), gaps "
                     "3 s, settle 5 s; writes no result")
+    ap.add_argument("--samples", type=Path, help="also keep the node's raw samples (its MQTT metrics "
+                    "messages, one a line) in this .jsonl, for `heald replay` and alert-line studies")
     ap.add_argument("--combine", action="store_true", help="one table over the kept runs of this product "
                     "tree (bench/results/faultfree_load/); runs nothing")
     ap.add_argument("--product", help="with --combine: the product tree to combine (default: this "

@@ -7,6 +7,7 @@ mid-run must stop the loads, the agent and the namespace and remove the bench's 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -108,7 +109,9 @@ def test_smoke_every_load_runs_nothing_enforced(tmp_path: Path) -> None:
     before = result.stat().st_mtime_ns if result.exists() else None
     work, audits = tmp_path / "work", tmp_path / "audits"
     work.mkdir()
-    proc = subprocess.run([sys.executable, str(BENCH / "faultfree_load.py"), "--smoke", "--dir", str(work)],
+    kept = tmp_path / "samples.jsonl"
+    proc = subprocess.run([sys.executable, str(BENCH / "faultfree_load.py"), "--smoke", "--dir", str(work),
+                           "--samples", str(kept)],
                           cwd=ROOT, env=bench_env(audits), capture_output=True, text=True, timeout=280,
                           check=False)
     out = proc.stdout + proc.stderr
@@ -130,6 +133,13 @@ def test_smoke_every_load_runs_nothing_enforced(tmp_path: Path) -> None:
         assert int(cells[7]) >= 5, (name, cells)  # the node's risk reports arrived during the load
     assert "enforced runs: 0" in proc.stdout
     assert "loaded: True" in proc.stdout  # the detector was fitted before the start
+    # the node's raw samples, as `heald replay` reads them: one a second through the whole run
+    from agent.decide.replay import samples  # noqa: PLC0415
+
+    got = list(samples(kept))
+    assert len(got) >= 100, len(got)
+    assert all(b.seq > a.seq and b.mono > a.mono for a, b in itertools.pairwise(got))
+    assert all("mem.available_bytes" in s.metrics for s in got)
     logs = sorted(audits.glob("*-audit.jsonl"))
     assert logs, "the bench did not hand over its audit log"
     entries = [json.loads(line)["record"] for log in logs for line in log.read_text().splitlines()]
