@@ -33,7 +33,7 @@ max(``every``, S/20) samples), each subsampled to at most ``max_points`` points:
    read as a leak for a minute and more after it stopped.
 6. for a resource with ``min_fill`` (disks: free bytes and inodes, 0.1): the fill must already
    have taken that share of the room still left, counted from the lowest room the resource had
-   before it (:meth:`Forecaster._unproven`); until it has, the confidence is 0. A page-cache
+   shortly before it (:meth:`Forecaster._unproven`); until it has, the confidence is 0. A page-cache
    copy that writes a few GB in seconds and then deletes or overwrites them, or a backup that
    fills up to a cap and deletes, read as a fill of hundreds of MB/s with minutes to go on a
    big disk; a fill that keeps coming back never goes below its last low, and a first burst is
@@ -478,14 +478,17 @@ class Forecaster:
         """``best_conf`` lowered where a resource with ``min_fill`` has not yet filled that share
         of the room it still has.
 
-        The fill so far is the room the resource had before the last 2 x ``min_fill`` x ETA
-        seconds (the lowest of those samples; the oldest sample where the ring is younger) minus
-        the room now (the chosen trend's level). A steady fill of any speed on a disk of any size
-        passes once it has run ``min_fill`` of its time to full (the lead keeps 1 / (1 +
-        ``min_fill``) of it: 91 % at 0.1). It does not pass while the fill is a small share of
-        the room (a copy of 4 GB in 10 s with 80 GB free: ETA 3 min, 5 % of the room) or while
-        the room is not below its earlier low (a copy that deletes or truncates its file and
+        The fill so far is the room the resource had from 4 to 2 x ``min_fill`` x ETA seconds ago
+        (the lowest of those samples; the oldest sample while the ring is younger) minus the room
+        now (the chosen trend's level). A steady fill of any speed on a disk of any size passes
+        once it has run ``min_fill`` of its time to full (the lead keeps 1 / (1 + ``min_fill``)
+        of it: 91 % at 0.1). It does not pass while the fill is a small share of the room (a copy
+        of 4 GB in 10 s with 80 GB free: ETA 3 min, 5 % of the room) or while the room is not
+        below its low of that earlier stretch (a copy that deletes or truncates its file and
         writes it again, a backup that fills to a cap and deletes: the fill keeps coming back).
+        The stretch ends 4 x ``min_fill`` x ETA back, not at the ring's start: a disk that was
+        full minutes ago (ENOSPC, then cleaned) and fills again is heading for full again, and a
+        low that old must not hide it.
         Until it passes, the confidence is 0: a gate, not a scale (scaled by the share seen, the
         4-GB copy's 5 % of 10 % kept half its confidence, and a forecaster that was sure of the
         burst would still say so at 0.5). Checked for the forecasts some line may read (ETA <= 4
@@ -507,10 +510,14 @@ class Forecaster:
         sign = self._sign[cand]
         room = eta * np.maximum(-best_rate[cand] * sign, 0.0)  # the trend's room left now
         back = 2.0 * share * eta
-        split = np.maximum(np.searchsorted(t, t[-1] - back, side="right"), 1)  # samples before it
+        # the reference: samples from 2 x back to back seconds ago (the oldest one while the ring
+        # is younger than back; the last one before it where sampling paused)
+        hi = np.maximum(np.searchsorted(t, t[-1] - back, side="right"), 1)
+        lo = np.minimum(np.searchsorted(t, t[-1] - 2.0 * back, side="left"), hi - 1)
         y = (self._ring[idx[:, None], cand[None, :]] - self._limit[cand]) * sign  # (n, candidates)
-        older = (np.arange(n)[:, None] < split[None, :]) & ~np.isnan(y)
-        low = np.where(older, y, np.inf).min(axis=0)  # inf: no valid sample before the split
+        at = np.arange(n)[:, None]
+        ref = (at >= lo[None, :]) & (at < hi[None, :]) & ~np.isnan(y)
+        low = np.where(ref, y, np.inf).min(axis=0)  # inf: no valid sample there
         with np.errstate(invalid="ignore"):
             short = (back <= full) & np.isfinite(low) & (low - room < share * room)
         if not short.any():
