@@ -143,3 +143,23 @@ def test_a_damaged_or_future_wall_does_not_stretch_a_resumed_window(tmp_path: Pa
     before = time.time()
     (run,) = Journal(d).unfinished()
     assert before <= run.ended[0] <= time.time()
+
+
+def test_a_commit_record_marks_a_step_that_began_to_change_the_host(tmp_path: Path) -> None:
+    """stop_leaker / stop_process write ``commit`` right before they signal: a step with an intent
+    and no commit changed nothing (resume runs it again), one with a commit did (never again); a
+    step started again (a second intent) is uncommitted until it commits anew."""
+    from agent.act.actions import REPEATABLE, UNTIL_COMMIT  # noqa: PLC0415
+    from agent.act.journal import RunJournal  # noqa: PLC0415
+
+    assert {"stop_leaker", "stop_process"} <= UNTIL_COMMIT
+    assert not UNTIL_COMMIT & REPEATABLE
+    j = Journal(tmp_path / "journal")
+    for run_id, records in (("a", [("intent", 0)]), ("b", [("intent", 0), ("commit", 0)]),
+                            ("c", [("intent", 0), ("commit", 0), ("intent", 0)])):
+        rj: RunJournal = j.open_run(run_id, {"playbook": "p"})
+        for kind, step in records:
+            rj.write({"t": kind, "step": step, "action": "stop_leaker"})
+        rj.close()
+    got = {u.run_id: (u.interrupted, u.committed) for u in j.unfinished()}
+    assert got == {"a": (0, set()), "b": (0, {0}), "c": (0, set())}

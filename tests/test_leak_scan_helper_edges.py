@@ -65,49 +65,49 @@ PROTECTED = {"rate": 40, "argv0": "heald-test-protected"}
 @pytest.mark.parametrize("leaker", ["healable", "protected"])
 def test_a_kill_9_between_the_helpers_two_scans(tmp_path: Path, leaker: str, kill: bool) -> None:
     """The agent killed -9 inside the step's window, after the helper's first scan and before its
-    second, started again on the same state dir. stop_leaker is not repeatable: the resumed run
-    never starts the helper again nor signals anything, and goes on to the verify.
+    second, started again on the same state dir. The kill came before the step's commit (the
+    journal record stop_leaker writes right before it signals or restarts): it had changed
+    nothing, so the resumed run checks, then runs the step again from its first scan.
 
-    A protected leaker: the uninterrupted run escalates (found, not stopped) and so does the killed
-    one: the same verdict. A healable one: the uninterrupted run TERMs it and succeeds; the kill
-    came before the TERM, so the resumed run's verify sees the table still growing and escalates
-    (a human is called; never a second, blind signal)."""
+    The verdict is the uninterrupted run's: a healable leaker is TERMed and the run succeeds; a
+    protected one is found, not stopped, and the run escalates. Old: stop_leaker was never run
+    again after a kill, so the killed healable case escalated (a human called for a leak heald
+    could heal) where the uninterrupted one succeeded."""
     out = case(tmp_path, [LEAK if leaker == "healable" else PROTECTED], kill=kill,
                protect=[PROTECTED["argv0"]])
     steps = of(out, "step")
     ends = [(e["outcome"], e["agent"]) for e in of(out, "run.end")]
     last = out["agents"][-1]
-    if not kill:
-        assert [r.split()[:2] for r in out["helper_runs"]] == [["leakscan-conntrack:", "0"]] * 2, out
-        assert out["systemctl"] == [HELPER] * 2
-        (step,) = steps
-        assert step["data"]["helper"] == "heald-action@leakscan-conntrack.service", step
-        assert step["data"]["pids"] == out["leak_pids"], step
-        assert step["data"]["share_pct"] >= 50, step
-        if leaker == "healable":
-            assert step["status"] == "done", step
-            assert out["leaks"] == [-signal.SIGTERM]
-            assert ends == [("succeeded", last)], ends
-        else:
-            assert step["status"] == "failed", step
-            assert "protected process" in step["detail"], step
-            assert out["leaks"] == [None], "never signalled"
-            assert ends == [("escalated", last)], ends
-        return
-    assert out["killed_at"] is not None
-    assert out["scans_at_kill"] == 1, "killed between the helper's two scans"
-    first, second = out["agents"]
-    assert out["systemctl"] == [HELPER], "the helper is never started again by the resumed run"
-    (recovered,) = of(out, "run.recovered")
-    assert recovered["agent"] == second
-    assert recovered["interrupted_step"] == 0
-    assert [(s["action"], s["status"], s["agent"]) for s in steps] == [("stop_leaker", "interrupted", second)]
-    assert "not run again" in steps[0]["detail"]
-    (verify,) = of(out, "verify")
-    assert verify["ok"] is False, verify
-    assert out["leaks"] == [None], "nothing was signalled: the kill came before the TERM"
-    assert ends == [("escalated", second)], ends
-    assert not [r for r in out["records"] if r["agent"] == first and r["type"] in ("step", "run.end")]
+    if kill:
+        assert out["killed_at"] is not None
+        assert out["scans_at_kill"] == 1, "killed between the helper's two scans"
+        first, second = out["agents"]
+        assert last == second
+        (recovered,) = of(out, "run.recovered")
+        assert recovered["agent"] == second
+        assert recovered["interrupted_step"] == 0
+        interrupted, steps = steps[0], steps[1:]
+        assert (interrupted["action"], interrupted["status"], interrupted["agent"]) == \
+            ("stop_leaker", "interrupted", second)
+        assert "before it changed anything; run again" in interrupted["detail"]
+        assert of(out, "verify")[0]["ok"] is False, "the check before the step goes again"
+        assert [s["agent"] for s in steps] == [second]
+        assert not [r for r in out["records"] if r["agent"] == first and r["type"] in ("step", "run.end")]
+    assert [r.split()[:2] for r in out["helper_runs"]][-2:] == [["leakscan-conntrack:", "0"]] * 2, out
+    assert out["systemctl"] == [HELPER] * (3 if kill else 2)  # a kill: one scan, then two again
+    (step,) = steps
+    assert step["data"]["helper"] == "heald-action@leakscan-conntrack.service", step
+    assert step["data"]["pids"] == out["leak_pids"], step
+    assert step["data"]["share_pct"] >= 50, step
+    if leaker == "healable":
+        assert step["status"] == "done", step
+        assert out["leaks"] == [-signal.SIGTERM]
+        assert ends == [("succeeded", last)], ends
+    else:
+        assert step["status"] == "failed", step
+        assert "protected process" in step["detail"], step
+        assert out["leaks"] == [None], "never signalled"
+        assert ends == [("escalated", last)], ends
 
 
 def test_two_leakers_at_once_the_healable_one_is_stopped_the_protected_one_is_not(tmp_path: Path) -> None:

@@ -57,6 +57,11 @@ class ActionContext:
     # besides it: the MQTT broker's host, as configured
     security: SecuritySettings = field(default_factory=SecuritySettings)
     protected_hosts: tuple[str, ...] = ()
+    # Called by an action right before its first change to the host (the signal, the restart):
+    # the runner writes the step's ``commit`` to the journal (fsync'd). A step of
+    # ``agent.act.actions.UNTIL_COMMIT`` that a crash cut off before its commit is run again on
+    # resume: it had only looked (a leak scan, a pick), and not running it would lose its effect.
+    commit: Callable[[], None] = field(default=lambda: None)
 
     def env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         """The environment for a child: the allowlisted variables of ours plus explicit ones."""

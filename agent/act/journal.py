@@ -4,6 +4,7 @@ Records of a run, in order::
 
     {"t": "run", run_id, playbook, bindings, inputs, dry_run, trigger, wall}
     {"t": "intent", step, action, wall}          # written and fsync'd BEFORE the action starts
+    {"t": "commit", step, wall}                  # by an action, BEFORE its first change to the host
     {"t": "result", step, status, result, wall}  # status: done | failed | interrupted
     {"t": "verify", step, ok, wall}
     {"t": "end", outcome, wall}                  # then the file is removed
@@ -12,7 +13,10 @@ Recovery (on start): a file without ``end`` is an unfinished run. A step with a 
 never executed again. A step with an ``intent`` but no ``result`` was interrupted by the crash:
 it is NOT re-run blindly (it may have half-happened, or fully happened without being
 recorded); it is marked ``interrupted`` and the run continues with verification, then with
-the next step of the ladder if the problem is still there.
+the next step of the ladder if the problem is still there. Two exceptions, by action
+(:mod:`agent.act.actions`): a ``REPEATABLE`` one is run again; an ``UNTIL_COMMIT`` one
+(``stop_leaker``, ``stop_process``: they look first, for seconds, then act) is run again when
+it has no ``commit`` record, i.e. the crash came before it changed anything.
 
 A full or read-only state dir (issue 17) never stops a run: no method here raises ``OSError``.
 A record that cannot be written is kept in memory with the ones after it and written, in order,
@@ -121,6 +125,9 @@ class RunJournal:
     def intent(self, step: int, action: str) -> None:
         self.write({"t": "intent", "step": step, "action": action})
 
+    def commit(self, step: int) -> None:
+        self.write({"t": "commit", "step": step})
+
     def result(self, step: int, status: str, result: dict[str, Any]) -> None:
         self.write({"t": "result", "step": step, "status": status, "result": result})
 
@@ -161,6 +168,7 @@ class Unfinished:
     interrupted: int | None = None  # step with intent but no result
     last_step: int = -1  # highest step with an intent
     verified: dict[int, bool] = field(default_factory=dict)
+    committed: set[int] = field(default_factory=set)  # steps that began to change the host
     details: dict[int, str] = field(default_factory=dict)  # step -> its result's detail
     # step -> when it ended (its result's wall; its intent's while it has none, or only the
     # "interrupted" a resume wrote): a resumed verification's window counts from there
@@ -237,7 +245,10 @@ class Journal:
                 run.done.pop(int(record["step"]), None)
                 run.details.pop(int(record["step"]), None)
                 run.verified.pop(int(record["step"]), None)
+                run.committed.discard(int(record["step"]))
                 run.ended[int(record["step"])] = _wall(record)
+            elif kind == "commit":
+                run.committed.add(int(record["step"]))
             elif kind == "result":
                 run.done[int(record["step"])] = str(record.get("status", "done"))
                 if run.done[int(record["step"])] != "interrupted":

@@ -27,6 +27,7 @@ succeeded (the crash only cut off its end): it ends as succeeded, with no furthe
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import time
 import urllib.parse
@@ -38,7 +39,7 @@ from typing import Any, Protocol
 from structlog.typing import FilteringBoundLogger
 
 from agent.act import records
-from agent.act.actions import REGISTRY, REPEATABLE
+from agent.act.actions import REGISTRY, REPEATABLE, UNTIL_COMMIT
 from agent.act.base import ActionContext, ActionResult
 from agent.act.journal import Journal, RunJournal, Unfinished
 from agent.act.lease import DISRUPTIVE_ACTIONS, LeaseGate, LeaseHeld
@@ -193,7 +194,8 @@ class Runner:
                     self._step_record(run, step, result, "dry-run")
                     continue
                 run_journal.intent(step.index, step.action)
-                result = await self._execute(run, step, values, dry_run=False)
+                result = await self._execute(run, step, values, dry_run=False,
+                                             commit=functools.partial(run_journal.commit, step.index))
                 status = "done" if result.ok else "failed"
                 run_journal.result(step.index, status, result.as_dict())
                 run.watermark = time.time()
@@ -302,9 +304,11 @@ class Runner:
         interrupted = unfinished.interrupted
         if interrupted is not None and interrupted < len(steps):
             step = steps[interrupted]
-            again = step.action in REPEATABLE
-            detail = ("interrupted by a crash or restart; run again (repeatable)" if again
-                      else "interrupted by a crash or restart; not run again")
+            before_commit = step.action in UNTIL_COMMIT and interrupted not in unfinished.committed
+            again = step.action in REPEATABLE or before_commit
+            detail = ("interrupted by a crash or restart; run again (repeatable)" if step.action in REPEATABLE
+                      else "interrupted by a crash or restart before it changed anything; run again"
+                      if before_commit else "interrupted by a crash or restart; not run again")
             result = ActionResult(ok=False, detail=detail)
             run_journal.result(interrupted, "interrupted", result.as_dict())
             self._step_record(run, step, result, "interrupted")
@@ -321,7 +325,8 @@ class Runner:
         return last + 1, None
 
     async def _execute(
-        self, run: Run, step: Step, values: Mapping[str, str], *, dry_run: bool
+        self, run: Run, step: Step, values: Mapping[str, str], *, dry_run: bool,
+        commit: Callable[[], None] | None = None,
     ) -> ActionResult:
         host = self._host
         ctx = ActionContext(
@@ -339,6 +344,7 @@ class Runner:
             state_dir=host.state_dir,
             security=host.security,
             protected_hosts=host.protected_hosts,
+            commit=commit or (lambda: None),
         )
         release: Callable[[], None] | None = None
         if not dry_run and host.lease_gate is not None and step.action in DISRUPTIVE_ACTIONS:

@@ -72,6 +72,14 @@ REPEATABLE: frozenset[str] = frozenset({
 })
 
 
+#: Actions that look before they act (a leak scan of seconds, a pick of the process) and call
+#: ``ActionContext.commit`` right before their first change to the host: one that a crash cut
+#: off before that commit had changed nothing and is run again on resume (else a ``kill -9``
+#: during stop_leaker's scans turned a healable leak into an escalation); after it, as any
+#: other action, it is never started twice (a second signal, a re-picked process).
+UNTIL_COMMIT: frozenset[str] = frozenset({"stop_leaker", "stop_process"})
+
+
 def check_registry() -> None:
     """The implementations match the schema's action vocabulary exactly."""
     if set(REGISTRY) != set(action_names()):
@@ -80,6 +88,8 @@ def check_registry() -> None:
         raise RuntimeError(f"action registry mismatch: missing {sorted(missing)}, extra {sorted(extra)}")
     if not set(REGISTRY) >= REPEATABLE:
         raise RuntimeError(f"REPEATABLE names unknown actions: {sorted(REPEATABLE - set(REGISTRY))}")
+    if not set(REGISTRY) >= UNTIL_COMMIT or UNTIL_COMMIT & REPEATABLE:
+        raise RuntimeError(f"UNTIL_COMMIT: unknown or also REPEATABLE: {sorted(UNTIL_COMMIT)}")
 
 
 check_registry()

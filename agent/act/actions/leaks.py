@@ -28,7 +28,9 @@ of the host's and the sum of every grower's) is it stopped:
 
 Otherwise the step fails (nothing touched) and the ladder goes on: the run escalates. The result
 names the target and the evidence (its growth against the host's, the top growers). Not in
-``REPEATABLE``: a run cut off by a ``kill -9`` never restarts or signals a second time.
+``REPEATABLE`` but ``UNTIL_COMMIT``: a run cut off by a ``kill -9`` during the scans (nothing
+restarted or signalled yet) scans again on resume; one cut off after the step's commit (right
+before the restart or the signal) never restarts or signals a second time.
 """
 
 from __future__ import annotations
@@ -217,6 +219,8 @@ async def stop_leaker(params: Mapping[str, Any], ctx: ActionContext) -> ActionRe
                 if why is not None and why != "gone":
                     return ActionResult(ok=False, data=data,
                                         detail=f"{evidence}; not restarted: pid {pid} of it: {why}")
+        if not ctx.dry_run:
+            ctx.commit()
         done = await run_tool(ctx, [*ctx.settings.systemctl, "restart", unit])
         data.update(done.data)
         verb = "would restart" if ctx.dry_run else "restarted"
@@ -245,6 +249,7 @@ async def stop_leaker(params: Mapping[str, Any], ctx: ActionContext) -> ActionRe
         return ActionResult(ok=True, data=data,
                             detail=f"would send TERM to pid {pid} ({now[pid].name}), KILL after "
                                    f"{grace:g}s: {evidence}, full in {eta:.0f} s")
+    ctx.commit()
     with contextlib.suppress(psutil.NoSuchProcess):
         victim.send_signal(signal.SIGTERM)
     alive = await asyncio.to_thread(wait_gone, [victim], grace)

@@ -47,6 +47,7 @@ async def stop_process(params: Mapping[str, Any], ctx: ActionContext) -> ActionR
             detail=f"would send {sig.name} to {_describe(candidates)}, KILL after {grace:g}s",
             data=data,
         )
+    ctx.commit()
     for c in candidates:
         with contextlib.suppress(psutil.NoSuchProcess):
             c.proc.send_signal(sig)
