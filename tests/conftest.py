@@ -24,8 +24,9 @@ SHARED = {
 }
 #: The files of the longest tests (minutes each, by the --durations of the last runs), started
 #: first in this order: one of them started last would be the whole suite's tail.
-LONGEST = ("test_predictive_heal_bench.py", "test_fleet_chaos.py", "test_demand_e2e.py",
-           "test_degraded_daemon.py", "test_report_transport.py", "test_memory_predicted.py")
+LONGEST = ("test_faultfree_load.py", "test_fleet_chaos.py", "test_degraded_daemon.py",
+           "test_report_transport.py", "test_memory_predicted.py", "test_predictive_heal_bench.py",
+           "test_demand_e2e.py")
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the xdist_group marks
