@@ -7,7 +7,8 @@
 2. :class:`~agent.score.forecast.Forecaster` -> exhaustion forecasts (refreshed every 10 samples);
 3. the failure classifier (compiled, :mod:`agent.score.classifier`) -> class probabilities;
    ``memory_exhaustion`` is capped below the alert line without evidence that memory is really
-   running out (:mod:`agent.score.mem_evidence`);
+   running out (:mod:`agent.score.mem_evidence`), ``disk_full`` without evidence that a file
+   system is really filling (:mod:`agent.score.disk_evidence`);
 4. the node's anomaly detector (:class:`~agent.score.detector.StreamingDetector`) -> normalised
    score, alert and, when the score is at or above ``explain_above``, the top features.
 5. :class:`~agent.score.gpu_risk.GpuRiskScorer` -> per-GPU failure risk (``Risk.gpu``, and
@@ -59,6 +60,7 @@ from agent.fsutil import FailureStreak
 from agent.score import classifier as clf
 from agent.score import compiled as art
 from agent.score.detector import StreamingDetector
+from agent.score.disk_evidence import DiskEvidence
 from agent.score.drift import DRIFT_EVERY, DRIFT_LINE, DriftMonitor
 from agent.score.forecast import Forecaster
 from agent.score.gpu_risk import GpuRiskScorer, failure_key
@@ -116,6 +118,7 @@ class RiskStage:
         self.window = FeatureWindow(self.schema)
         self.forecaster = Forecaster()
         self.mem_evidence = MemoryEvidence()  # the classifier's memory_exhaustion needs evidence
+        self.disk_evidence = DiskEvidence()  # and its disk_full (agent.score.disk_evidence)
         self.gpu_risk = GpuRiskScorer()  # per-GPU failure risk from the health counters
         self.sample_interval_s = sample_interval_s
         self.forecast_alert_s = forecast_alert_s
@@ -235,7 +238,9 @@ class RiskStage:
             self.history.append(sample.wall, vec)
         self.forecaster.push(sample.metrics, sample.mono)
         self.mem_evidence.push(sample.metrics, sample.mono)
-        failure = self.mem_evidence.gate(self.scorer.failure(vec)) if self.scorer is not None else {}
+        self.disk_evidence.push(sample.metrics)
+        failure = self.disk_evidence.gate(self.mem_evidence.gate(self.scorer.failure(vec))) \
+            if self.scorer is not None else {}
         gpus = self.gpu_risk.push(sample)
         if gpus:
             failure = {**failure, **{failure_key(g): g.score for g in gpus}}
