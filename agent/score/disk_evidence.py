@@ -25,7 +25,8 @@ free inodes (``disk.free_bytes[M]``, ``disk.inodes_free[M]``):
   (``disk.used_pct[M]``, ``disk.inodes_used_pct[M]``).
 
 Cost: :meth:`DiskEvidence.push` appends one value per tracked series (at most ``max_series``:
-the mounts a node has); the checks run only when the classifier's probability would be capped.
+the mounts a node has), found by a scan of the sample's keys only when they change; the checks
+run only when the classifier's probability would be capped.
 """
 
 from __future__ import annotations
@@ -42,31 +43,37 @@ _LEVEL = ("disk.used_pct[", "disk.inodes_used_pct[")
 
 
 class DiskEvidence:
-    __slots__ = ("_last", "_room", "full_pct", "max_series", "min_fill", "recent", "renewals", "window")
+    __slots__ = ("_keys", "_last", "_n", "_pushes", "_room", "full_pct", "max_series", "min_fill", "recent",
+                 "renewals", "window")
 
     def __init__(self, *, window: int = 16, renewals: int = 8, recent: int = 3, min_fill: float = 0.1,
                  full_pct: float = 90.0, max_series: int = 256) -> None:
         self.window, self.renewals, self.recent = max(2, window), renewals, recent
         self.min_fill, self.full_pct, self.max_series = min_fill, full_pct, max_series
         self._room: dict[str, deque[float]] = {}
+        self._keys: list[str] = []  # the sample's room keys, found again when the key set changes
+        self._n = -1
+        self._pushes = 0
         self._last: Mapping[str, float | None] = {}
 
     def push(self, metrics: Mapping[str, float | None]) -> None:
+        """One sample: a dict lookup per tracked room series. The sample's keys are scanned only
+        when their count changed (a mount came or went) or every 60 samples (one replaced by
+        another): not a pass over every metric each second."""
+        self._pushes += 1
+        if len(metrics) != self._n or self._pushes % 60 == 0:
+            self._n = len(metrics)
+            self._keys = [k for k in metrics if k.startswith(_ROOM)][:self.max_series]
+            keep = set(self._keys)
+            for k in [k for k in self._room if k not in keep]:  # a mount gone (unmounted): forget it
+                del self._room[k]
         room = self._room
-        seen = 0
-        for k, v in metrics.items():
-            if not k.startswith(_ROOM):
-                continue
-            seen += 1
+        for k in self._keys:
             series = room.get(k)
             if series is None:
-                if len(room) >= self.max_series:
-                    continue
                 series = room[k] = deque(maxlen=self.window)
+            v = metrics.get(k)
             series.append(math.nan if v is None else float(v))
-        if len(room) > seen:  # a mount gone (unmounted): forget it
-            for k in [k for k in room if k not in metrics]:
-                del room[k]
         self._last = metrics
 
     def gate(self, failure: dict[str, float]) -> dict[str, float]:
