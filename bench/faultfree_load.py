@@ -2,11 +2,13 @@
 
     sudo python3 bench/faultfree_load.py [--minutes-per-load 25] [--loads compile,tests,...]
         [--gap-s 60] [--settle-s 120] [--disk-cap-gib 8] [--dir /var/tmp] [--smoke]
-    python3 bench/faultfree_load.py --combine [--product TREE]
+        [--samples X.jsonl] [--fit-from RECORDING]
+    python3 bench/faultfree_load.py --combine [--product TREE] [--fit-from RECORDING]
 
 A real ``heald run`` (this checkout) as a fleet node, through ``bench/healdbench.py``: MQTT on to a
 private mosquitto on a free loopback port, the anomaly detector fitted before the start (1800
-recorded fault-free samples through ``heald model train``: scoring is live from the first sample),
+recorded fault-free samples through ``heald model train``: scoring is live from the first sample;
+``--fit-from`` below),
 ALL shipped playbooks loaded and forced to dry-run three ways (every would-be action is written to
 the audit log, nothing is done), the shipped unit's environment. The whole bench runs in a
 private PID + mount namespace (``unshare --pid --fork --mount --mount-proc``, with
@@ -56,6 +58,18 @@ from a tree with uncommitted changes there is marked dirty and never combined). 
 prints one table over every kept run of the current product tree (or ``--product TREE``): the
 same heald on the same host type, recorded in pieces, e.g. one run per working session. Runs of
 different trees are never added together.
+
+The node's past (``--fit-from RECORDING``): by default the agent starts as a NEW node: an empty
+feature history and a detector fitted on 30 min of another recording (idle, then stress-ng
+--cpu); its own refits then fit on what it has seen so far (at 10, 20, 40, 80 min: the early-life
+rule), so every load it has not met yet is novel to it. A node that has run for a while has its
+usual loads in its 24-h history window. ``--fit-from`` starts the agent as that node: the detector
+is fitted on the whole recording (a ``--samples`` file of an EARLIER run of this bench on this
+host, ``.jsonl`` or ``.jsonl.gz``, or a ``bench/faults`` ``.npz``) and the node's feature history
+is seeded with it (the daemon's own on-disk format, re-timed to end at the start); from there the
+daemon refits as it always does (at start, when its history has doubled, on drift). The fit
+source (file and hash) is kept with the run; ``--combine`` adds up only runs fitted on the same
+recording (``--fit-from`` names it there too; default: the default recording).
 """
 
 from __future__ import annotations
@@ -455,7 +469,12 @@ def inner(spec_path: Path) -> int:
     ctx: Ctx | None = None
     t_start = time.time()
     try:
-        hb.fit_detector(d / "state")
+        if spec.get("fit_from"):  # a node that has lived through that recording (its history and model)
+            fit = Path(spec["fit_from"])
+            hb.fit_detector(d / "state", rows=None, recording=fit)
+            hb.seed_history(d / "state", fit)
+        else:
+            hb.fit_detector(d / "state")
         config = hb.write_config(d, mqtt_port=broker.port, node="faultfree-load")
         os.environ["HEALD_MQTT__METRICS_INTERVAL_S"] = "0.5"  # a risk message for every 1 Hz sample
         listener = RiskListener(broker.port, Path(spec["samples"]) if spec.get("samples") else None)
@@ -556,7 +575,8 @@ def outer(args: argparse.Namespace, loads: list[str]) -> int:
         spec = {"work": str(work), "minutes": args.minutes_per_load, "loads": loads, "gap_s": args.gap_s,
                 "settle_s": args.settle_s, "disk_bytes": disk, "smoke": args.smoke,
                 "cgroup": [str(p) for p in cg.dirs],
-                "samples": str(work / "samples.jsonl") if args.samples else None}
+                "samples": str(work / "samples.jsonl") if args.samples else None,
+                "fit_from": str(args.fit_from.resolve()) if args.fit_from else None}
         (work / "spec.json").write_text(json.dumps(spec))
         print(f"faultfree_load: {', '.join(loads)}, {args.minutes_per_load:g} min each; disk for the loads "
               f"{disk / GIB:.1f} GiB (free {free / GIB:.1f} GiB in {base}); planned "
@@ -581,6 +601,7 @@ def outer(args: argparse.Namespace, loads: list[str]) -> int:
                   flush=True)
         after = product_tree()  # the product changed under the run: it is not one tree's recording
         result["product"] = product if after == product else f"{product}-changed-dirty"
+        result["fit"] = fit_source(args.fit_from)
         text = report(result, args, loads)
     except Stop:
         print("stopped by a signal: cleaning up", file=sys.stderr, flush=True)
@@ -630,20 +651,48 @@ def keep_run(result: dict[str, Any], args: argparse.Namespace, loads: list[str])
     return out
 
 
-def combine(product: str | None) -> int:
-    """One table over every kept run of ``product`` (default: this checkout's product tree)."""
+def fit_source(path: Path | None) -> dict[str, Any]:
+    """What the node's detector was fitted on (and its history seeded with): runs are added
+    together only where this is the same recording."""
+    if path is None:
+        return {"source": str(hb.RECORDING.relative_to(ROOT)), "sha256": file_sha(hb.RECORDING),
+                "rows": 1800, "seeded": False}
+    try:
+        name = str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        name = str(path)
+    return {"source": name, "sha256": file_sha(path), "seeded": True}
+
+
+def file_sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+
+
+def run_fit(run: dict[str, Any]) -> dict[str, Any]:
+    """A kept run's fit source (runs kept before it was recorded used the default recording)."""
+    return run.get("fit") or fit_source(None)
+
+
+def combine(product: str | None, fit_from: Path | None = None) -> int:
+    """One table over every kept run of ``product`` (default: this checkout's product tree) whose
+    detector was fitted on ``fit_from`` (default: the default recording)."""
     product = product or product_tree()
     if product.endswith("-dirty"):
         print(f"the product paths ({', '.join(PRODUCT_PATHS)}) have uncommitted changes: no runs to combine "
               "(commit, or name a tree with --product)", file=sys.stderr)
         return 2
+    fit = fit_source(fit_from)
     runs = [json.loads(gzip.decompress(f.read_bytes())) for f in sorted(RUNS.glob(f"*-{product}.json.gz"))]
+    runs = [r for r in runs if run_fit(r)["sha256"] == fit["sha256"]]
     if not runs:
-        print(f"no kept run of product tree {product} in {RUNS}", file=sys.stderr)
+        print(f"no kept run of product tree {product} with the detector fitted on {fit['source']} in {RUNS}",
+              file=sys.stderr)
         return 1
     merged = merge(runs)
     loads = list(dict.fromkeys(n for r in runs for n in r["argv"]["loads"]))
-    header = [f"# python3 bench/faultfree_load.py --combine: {len(runs)} run(s) of product tree {product}:"]
+    header = [(f"# python3 bench/faultfree_load.py --combine: {len(runs)} run(s) of product tree {product}, "
+               f"detector fitted on {fit['source']} ({fit['sha256']}"
+               f"{'; the history seeded with it' if fit['seeded'] else ''}):")]
     for r in runs:
         a, m = r["argv"], r["machine"]
         when = dt.datetime.fromtimestamp(r["started"], dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -667,7 +716,7 @@ def merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "risk": sorted((tuple(x) for r in runs for x in r["risk"]), key=lambda x: x[0]),
             "checked": checked, "started": min(r["started"] for r in runs),
             "model_loaded": all(r["model_loaded"] for r in runs), "alert_lines": runs[0]["alert_lines"],
-            "product": runs[0]["product"]}
+            "product": runs[0]["product"], "fit": run_fit(runs[0])}
 
 
 def stop_namespace(proc: subprocess.Popen[bytes]) -> None:
@@ -696,6 +745,11 @@ def report(result: dict[str, Any], args: argparse.Namespace | None, loads: list[
          f"{','.join(loads)} --gap-s {args.gap_s:g} --settle-s {args.settle_s:g}{' --smoke' * args.smoke}"),
         (f"# {when}, {platform.node()}, {os.cpu_count()} cpu, {meminfo('MemTotal') / GIB:.1f} GiB, "
          f"{platform.release()}; product tree {result.get('product', '?')}")]
+    fit = run_fit(result)
+    lines.append(f"# detector fitted before start on {fit['source']} ({fit['sha256']})"
+                 + ("; the node's feature history seeded with it (re-timed to end at the start): the "
+                    "daemon's own refits (at start, as its history doubles, on drift) fit on it plus "
+                    "what it sees" if fit["seeded"] else f", its first {fit.get('rows', 1800)} samples"))
     lines += [("# heald run (this checkout) as a fleet node: MQTT on, detector fitted "
                f"before start (loaded: {result['model_loaded']}), all shipped playbooks forced dry-run, "
                "private PID+mount namespace"),
@@ -792,12 +846,18 @@ def main() -> int:
                     "tree (bench/results/faultfree_load/); runs nothing")
     ap.add_argument("--product", help="with --combine: the product tree to combine (default: this "
                     "checkout's)")
+    ap.add_argument("--fit-from", type=Path, help="a fault-free recording of this host under its usual "
+                    "loads (a --samples .jsonl[.gz], or a bench/faults .npz): the detector is fitted on "
+                    "all of it and the node's feature history seeded with it, so the agent starts as a "
+                    "node that has lived through it (default: the first 1800 samples of "
+                    "bench/faults/data/faultfree-71min.npz, idle and stress-ng --cpu, history empty); "
+                    "with --combine: the runs fitted on it")
     ap.add_argument("--inner", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.inner is not None:
         return inner(args.inner)
     if args.combine:
-        return combine(args.product)
+        return combine(args.product, args.fit_from)
     loads = [x.strip() for x in args.loads.split(",") if x.strip()]
     unknown = [x for x in loads if x not in LOAD_FNS]
     if unknown or not loads:

@@ -20,6 +20,7 @@ live from the first sample), the shipped playbooks loaded (dry-run).
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import os
 import shlex
@@ -96,25 +97,56 @@ class Mosquitto:
         self.stop()
 
 
-def fit_detector(state_dir: Path, rows: int = 1800, recording: Path = RECORDING) -> Path:
-    """Fit the node's anomaly detector before the agent starts: the first ``rows`` recorded
-    fault-free samples through the feature window (as the daemon's history holds them), the
-    daemon's usable-column rule, then ``python -m agent model train`` (what the daemon's refit runs,
-    with its fit options) into ``<state_dir>/models/detector.npz``. Returns the artifact's path."""
+def recording_features(recording: Path, rows: int | None = None) -> tuple[Any, Any]:
+    """The feature rows of a fault-free recording as the daemon's history holds them: each sample
+    through a fresh feature window, float32. ``recording``: a ``bench/faults`` ``.npz`` or a
+    ``.jsonl`` / ``.jsonl.gz`` of raw samples (one ``{"seq", "wall", "mono", "metrics"}`` a line,
+    as ``bench/faultfree_load.py --samples`` keeps them). Returns (x, wall) of the first ``rows``
+    samples (all where None)."""
     sys.path.insert(0, str(ROOT / "bench" / "faults"))
     sys.path.insert(0, str(ROOT))
-    import dataset  # noqa: PLC0415 - the recordings' loader
+    import numpy as np  # noqa: PLC0415
+
+    from agent.features.schema import FeatureSchema  # noqa: PLC0415
+    from agent.features.window import FeatureWindow  # noqa: PLC0415
+
+    schema = FeatureSchema()
+    if recording.suffix == ".npz":
+        import dataset  # noqa: PLC0415 - the recordings' loader
+
+        rec = dataset.load(recording)
+        rec.x, rec.mono, rec.wall = rec.x[:rows], rec.mono[:rows], rec.wall[:rows]
+        x = dataset.features(rec, schema)
+        wall = np.asarray(rec.wall, dtype=np.float64)
+    else:
+        opener = gzip.open if recording.name.endswith(".gz") else open
+        with opener(recording, "rt", encoding="utf-8") as f:
+            lines = [json.loads(line) for line in f if line.strip()]
+        lines.sort(key=lambda r: r["seq"])
+        lines = lines[:rows]
+        fw = FeatureWindow(schema)
+        x = np.empty((len(lines), schema.dim))
+        for i, r in enumerate(lines):
+            metrics = {k: (None if v is None else float(v)) for k, v in r["metrics"].items()}
+            x[i] = fw.push_metrics(metrics, float(r["mono"]))
+        wall = np.asarray([float(r["wall"]) for r in lines], dtype=np.float64)
+    return x.astype(np.float32).astype(np.float64), wall
+
+
+def fit_detector(state_dir: Path, rows: int | None = 1800, recording: Path = RECORDING) -> Path:
+    """Fit the node's anomaly detector before the agent starts: the first ``rows`` recorded
+    fault-free samples (all where None; :func:`recording_features`) through the feature window
+    (as the daemon's history holds them), the daemon's usable-column rule, then
+    ``python -m agent model train`` (what the daemon's refit runs, with its fit options) into
+    ``<state_dir>/models/detector.npz``. Returns the artifact's path."""
     import numpy as np  # noqa: PLC0415
 
     from agent.features.history import usable_columns  # noqa: PLC0415
     from agent.features.schema import FeatureSchema  # noqa: PLC0415
     from agent.score.stage import DEFAULT_FIT_OPTIONS, DETECTOR_FILE  # noqa: PLC0415
 
-    rec = dataset.load(recording)
-    rec.x = rec.x[:rows]
-    rec.mono = rec.mono[:rows]
+    x, _wall = recording_features(recording, rows)
     schema = FeatureSchema()
-    x = dataset.features(rec, schema).astype(np.float32).astype(np.float64)  # the history's float32
     keep = usable_columns(x)
     work = state_dir / "models" / "work"
     work.mkdir(parents=True, exist_ok=True)
@@ -130,6 +162,27 @@ def fit_detector(state_dir: Path, rows: int = 1800, recording: Path = RECORDING)
     if proc.returncode != 0 or not out.exists():
         raise SystemExit(f"heald model train failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
     return out
+
+
+def seed_history(state_dir: Path, recording: Path, end_wall: float | None = None) -> int:
+    """Put a fault-free recording into the node's feature history (``<state_dir>/history``, the
+    daemon's own on-disk format, :class:`agent.features.history.HistoryWriter`), re-timed to end
+    one second before ``end_wall`` (default now) with its spacing kept: the agent then starts as a
+    node that has lived through that recording, and its own refits (at start, on its schedule,
+    on drift) fit on it plus what it sees next, as a long-running node's 24-h window holds its
+    usual workloads. Returns the rows written."""
+    from agent.features.history import HistoryWriter  # noqa: PLC0415
+    from agent.features.schema import FeatureSchema  # noqa: PLC0415
+    from agent.score.settings import ModelSettings  # noqa: PLC0415
+
+    x, wall = recording_features(recording)
+    end = time.time() if end_wall is None else end_wall
+    shift = end - 1.0 - float(wall[-1])
+    hist = HistoryWriter(state_dir / "history", FeatureSchema(), ModelSettings().window_s)
+    for w, row in zip(wall.tolist(), x, strict=True):
+        hist.append(w + shift, row)
+    hist.flush()
+    return len(x)
 
 
 def write_config(d: Path, *, mqtt_port: int | None = None, prometheus_port: int | None = None,

@@ -95,6 +95,76 @@ def test_combine_adds_up_the_runs_of_one_product_tree_only(
     assert ffl.combine("cccccccccccc") == 1
 
 
+def test_combine_adds_up_only_the_runs_fitted_on_one_recording(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Runs of one product tree whose detector was fitted on different recordings are different
+    nodes: a run kept without a fit source (the default recording) and one fitted on a varied-load
+    recording (--fit-from) are never added together."""
+    import gzip  # noqa: PLC0415
+
+    runs_dir = tmp_path / "runs"
+    runs_dir.mkdir()
+    monkeypatch.setattr(ffl, "RUNS", runs_dir)
+    varied = tmp_path / "varied.jsonl"
+    varied.write_text('{"seq": 1, "wall": 1.0, "mono": 1.0, "metrics": {}}\n')
+    a, day = "aaaaaaaaaaaa", 86400
+    old = fake_run(1.0e9, a, acts=3, alert_at=[])  # kept before fit sources were recorded
+    new = fake_run(1.0e9 + day, a, acts=0, alert_at=[100.0])
+    new["fit"] = ffl.fit_source(varied)
+    for run in (old, new):
+        (runs_dir / f"{int(run['started'])}-{a}.json.gz").write_bytes(gzip.compress(json.dumps(run).encode()))
+    assert ffl.combine(a, varied) == 0
+    out = capsys.readouterr().out
+    assert f"1 run(s) of product tree {a}, detector fitted on {varied}" in out
+    assert "the history seeded with it" in out
+    row = next(ln for ln in out.splitlines() if ln.startswith("| compile |"))
+    cells = [c.strip() for c in row.split("|")]
+    assert cells[2:8] == ["10.0", "7 (0)", "0", "0", "1", "18.0"]
+    assert ffl.combine(a) == 0  # the default recording: the old run alone
+    out = capsys.readouterr().out
+    assert "1 run(s) of product tree" in out
+    assert "faultfree-71min.npz" in out
+    assert "| compile | 10.0 | 7 (0) | 3 |" in out
+    varied.write_text("another recording\n")
+    assert ffl.combine(a, varied) == 1
+
+
+def test_seeded_history_is_the_daemons_own_and_ends_before_the_start(tmp_path: Path) -> None:
+    """--fit-from seeds the node's feature history with the recording, in the daemon's format and
+    feature schema, re-timed to end a second before the start with its spacing kept: the score
+    stage counts the rows, is due a refit at start, and its export reads them back."""
+    import numpy as np  # noqa: PLC0415
+
+    from agent.features.history import read  # noqa: PLC0415
+    from agent.features.schema import FeatureSchema  # noqa: PLC0415
+    from agent.score.settings import ModelSettings  # noqa: PLC0415
+    from agent.score.stage import RiskStage  # noqa: PLC0415
+
+    rec = tmp_path / "rec.jsonl"
+    with rec.open("w") as f:  # 700 samples, 1 s apart, a day ago; counters rising
+        for i in range(700):
+            metrics = {"cpu.util_pct": 10.0 + i % 7, "mem.used_pct": 20.0 + i * 0.001,
+                       "net.rx_bytes[eth0]": 1000.0 * i, "proc.count": None}
+            f.write(json.dumps({"seq": i, "wall": 1.7e9 + i, "mono": 50.0 + i, "metrics": metrics}) + "\n")
+    state = tmp_path / "state"
+    end = 1.8e9
+    assert hb.seed_history(state, rec, end_wall=end) == 700
+    schema = FeatureSchema()
+    wall, x = read(state / "history", schema.digest)
+    assert wall.size == 700
+    assert x.shape == (700, schema.dim)
+    assert wall[-1] == pytest.approx(end - 1.0)
+    assert np.diff(wall) == pytest.approx(np.ones(699))
+    want, _ = hb.recording_features(rec)
+    assert np.allclose(x, want, equal_nan=True)
+    stage = RiskStage(ModelSettings(), state)
+    try:
+        assert stage.history_rows() == 700
+        assert stage.refit_due()  # 700 s of history >= cold_start_s: the daemon fits on it at start
+    finally:
+        stage.close()
+
+
 def test_the_product_tree_names_committed_product_paths() -> None:
     tree = ffl.product_tree()
     assert tree.removesuffix("-dirty") != "unknown"
