@@ -99,37 +99,31 @@ class Mosquitto:
 
 def recording_features(recording: Path, rows: int | None = None) -> tuple[Any, Any]:
     """The feature rows of a fault-free recording as the daemon's history holds them: each sample
-    through a fresh feature window, float32. ``recording``: a ``bench/faults`` ``.npz`` or a
-    ``.jsonl`` / ``.jsonl.gz`` of raw samples (one ``{"seq", "wall", "mono", "metrics"}`` a line,
-    as ``bench/faultfree_load.py --samples`` keeps them). Returns (x, wall) of the first ``rows``
-    samples (all where None)."""
-    sys.path.insert(0, str(ROOT / "bench" / "faults"))
+    through a fresh feature window, float32. ``recording``: whatever ``heald replay`` reads
+    (:func:`agent.decide.replay.samples`: a ``bench/faults`` ``.npz`` or a ``.jsonl`` of raw
+    samples, as ``bench/faultfree_load.py --samples`` keeps them), or that ``.jsonl`` gzipped.
+    Returns (x, wall) of the first ``rows`` samples by sequence number (all where None)."""
     sys.path.insert(0, str(ROOT))
+    import tempfile  # noqa: PLC0415
+
     import numpy as np  # noqa: PLC0415
 
+    from agent.decide.replay import samples  # noqa: PLC0415
     from agent.features.schema import FeatureSchema  # noqa: PLC0415
     from agent.features.window import FeatureWindow  # noqa: PLC0415
 
+    with tempfile.TemporaryDirectory(prefix="heald-bench-rec-") as tmp:
+        path = recording
+        if recording.name.endswith(".gz"):  # heald replay reads it unzipped
+            path = Path(tmp) / recording.name.removesuffix(".gz")
+            path.write_bytes(gzip.decompress(recording.read_bytes()))
+        recorded = sorted(samples(path), key=lambda smp: smp.seq)[:rows]
     schema = FeatureSchema()
-    if recording.suffix == ".npz":
-        import dataset  # noqa: PLC0415 - the recordings' loader
-
-        rec = dataset.load(recording)
-        rec.x, rec.mono, rec.wall = rec.x[:rows], rec.mono[:rows], rec.wall[:rows]
-        x = dataset.features(rec, schema)
-        wall = np.asarray(rec.wall, dtype=np.float64)
-    else:
-        opener = gzip.open if recording.name.endswith(".gz") else open
-        with opener(recording, "rt", encoding="utf-8") as f:
-            lines = [json.loads(line) for line in f if line.strip()]
-        lines.sort(key=lambda r: r["seq"])
-        lines = lines[:rows]
-        fw = FeatureWindow(schema)
-        x = np.empty((len(lines), schema.dim))
-        for i, r in enumerate(lines):
-            metrics = {k: (None if v is None else float(v)) for k, v in r["metrics"].items()}
-            x[i] = fw.push_metrics(metrics, float(r["mono"]))
-        wall = np.asarray([float(r["wall"]) for r in lines], dtype=np.float64)
+    fw = FeatureWindow(schema)
+    x = np.empty((len(recorded), schema.dim))
+    for i, smp in enumerate(recorded):
+        x[i] = fw.push_metrics(smp.metrics, smp.mono)
+    wall = np.asarray([smp.wall for smp in recorded], dtype=np.float64)
     return x.astype(np.float32).astype(np.float64), wall
 
 
