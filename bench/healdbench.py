@@ -164,7 +164,7 @@ def seed_history(state_dir: Path, recording: Path, end_wall: float | None = None
     one second before ``end_wall`` (default now) with its spacing kept: the agent then starts as a
     node that has lived through that recording, and its own refits (at start, on its schedule,
     on drift) fit on it plus what it sees next, as a long-running node's 24-h window holds its
-    usual workloads. Returns the rows written."""
+    usual workloads. Returns the rows written; all of them or SystemExit (a full disk)."""
     from agent.features.history import HistoryWriter  # noqa: PLC0415
     from agent.features.schema import FeatureSchema  # noqa: PLC0415
     from agent.score.settings import ModelSettings  # noqa: PLC0415
@@ -176,7 +176,10 @@ def seed_history(state_dir: Path, recording: Path, end_wall: float | None = None
     for w, row in zip(wall.tolist(), x, strict=True):
         hist.append(w + shift, row)
     hist.flush()
-    return len(x)
+    if hist.rows_on_disk < len(x):  # a full or read-only state dir: the node would not have this past
+        raise SystemExit(f"the feature history in {hist.dir} took {hist.rows_on_disk} of {len(x)} rows "
+                         "(full or read-only?): not seeded")
+    return hist.rows_on_disk
 
 
 def write_config(d: Path, *, mqtt_port: int | None = None, prometheus_port: int | None = None,

@@ -165,6 +165,23 @@ def test_seeded_history_is_the_daemons_own_and_ends_before_the_start(tmp_path: P
         stage.close()
 
 
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs")
+def test_seeding_a_full_state_dir_says_so(tmp_path: Path) -> None:
+    """A state dir too small for the recording (a real 64 KiB tmpfs) fails the seed with one line
+    naming the history dir, instead of starting a node with a part of its past."""
+    from heald_kit import tmpfs  # noqa: PLC0415
+
+    rec = tmp_path / "rec.jsonl"
+    with rec.open("w") as f:
+        for i in range(700):
+            f.write(json.dumps({"seq": i, "wall": 1.7e9 + i, "mono": 50.0 + i,
+                                "metrics": {"cpu.util_pct": 10.0 + i % 7}}) + "\n")
+    with tmpfs("64k") as state, \
+            pytest.raises(SystemExit, match=r"feature history in .*/history took \d+ of 700 rows"):
+        hb.seed_history(state, rec, end_wall=1.8e9)
+
+
 def test_the_product_tree_names_committed_product_paths() -> None:
     tree = ffl.product_tree()
     assert tree.removesuffix("-dirty") != "unknown"
