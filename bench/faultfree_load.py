@@ -856,6 +856,19 @@ def main() -> int:
     args = ap.parse_args()
     if args.inner is not None:
         return inner(args.inner)
+    if args.fit_from is not None:  # read here: a bad recording is one line, not a namespace's traceback
+        from agent.errors import HealdError  # noqa: PLC0415
+
+        if not args.fit_from.is_file():
+            ap.error(f"--fit-from {args.fit_from}: no such file")
+        try:
+            x, _wall = hb.recording_features(args.fit_from)
+        except HealdError as exc:
+            ap.error(f"--fit-from: {exc}")
+        except (OSError, EOFError) as exc:  # gzip: not a gzip file, truncated
+            ap.error(f"--fit-from {args.fit_from}: {exc}")
+        if not len(x):
+            ap.error(f"--fit-from {args.fit_from}: no samples")
     if args.combine:
         return combine(args.product, args.fit_from)
     loads = [x.strip() for x in args.loads.split(",") if x.strip()]

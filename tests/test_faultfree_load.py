@@ -182,6 +182,29 @@ def test_seeding_a_full_state_dir_says_so(tmp_path: Path) -> None:
         hb.seed_history(state, rec, end_wall=1.8e9)
 
 
+@pytest.mark.parametrize(("content", "says"), [
+    (None, "no such file"),
+    (b"", "no samples"),
+    (b'{"seq": 1, "wall": 1.0, "mono": 1.0, "metrics": {}}\n{"seq": 2, "wall": "x"}\n', ":2: "),
+    (b'{"seq": 1, "wall": NaN, "mono": 1.0, "metrics": {}}\n', "wall and mono must be finite"),
+    (b"\x1f\x8b\x08 truncated", "--fit-from"),
+])
+def test_a_bad_fit_from_recording_is_one_line_and_exit_2(
+        tmp_path: Path, content: bytes | None, says: str) -> None:
+    """Checked before anything starts (also for --combine): a missing, empty, malformed (with its
+    line), non-finite or broken gzip recording is one line on stderr and exit 2, no traceback."""
+    rec = tmp_path / ("rec.jsonl.gz" if content and content.startswith(b"\x1f") else "rec.jsonl")
+    if content is not None:
+        rec.write_bytes(content)
+    for extra in ([], ["--combine"]):
+        argv = [sys.executable, str(BENCH / "faultfree_load.py"), "--fit-from", str(rec), *extra]
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False,
+                              env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        assert proc.returncode == 2, proc.stderr
+        assert says in proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
 def test_the_product_tree_names_committed_product_paths() -> None:
     tree = ffl.product_tree()
     assert tree.removesuffix("-dirty") != "unknown"
