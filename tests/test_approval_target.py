@@ -22,13 +22,13 @@ TOP = {"pid": 4242, "name": "stress-ng", "cpu_pct": 97.4, "rss_bytes": 3 * 2**30
 
 def _runaway_cpu() -> str:
     text = (REPO / "remediations" / "runaway-cpu.yaml").read_text()
-    assert "for: 10m" in text
+    assert text.count("for: 10m") == 2  # a CPU pegged, and tasks waiting for a CPU, for ten minutes
     return text.replace("for: 10m", "for: 0s")  # the same playbook, without ten minutes of waiting
 
 
 def _sample(seq: int) -> Sample:
     return Sample(node="n1", seq=seq, wall=time.time(), mono=time.monotonic(),
-                  metrics={"proc.top_cpu_pct": 97.4},
+                  metrics={"proc.top_cpu_pct": 97.4, "psi.some_avg60_pct[cpu]": 31.0},
                   detail={"processes": {"top_cpu": [TOP], "top_mem": [TOP]}})
 
 
