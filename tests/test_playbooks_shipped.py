@@ -363,10 +363,6 @@ async def test_memory_hog_killed_before_the_oom_killer(tmp_path: Path, children:
 # --------------------------------------------------------------------------- cpu, zombies
 
 
-def _pin(pid: int, cpu: int) -> None:
-    os.sched_setaffinity(pid, {cpu})
-
-
 @pytest.mark.slow
 @pytest.mark.asyncio
 async def test_cpu_hog_stopped_after_approval(tmp_path: Path, children: list[Any]) -> None:
@@ -376,8 +372,8 @@ async def test_cpu_hog_stopped_after_approval(tmp_path: Path, children: list[Any
     cpu = min(os.sched_getaffinity(0))
     hog = spawn(children, [PY, "-c", "while True: pass", "heald-cpu-hog"])
     rival = spawn(children, [PY, "-c", "while True: pass", "heald-cpu-rival"])
-    _pin(hog.pid, cpu)
-    _pin(rival.pid, cpu)
+    os.sched_setaffinity(hog.pid, {cpu})
+    os.sched_setaffinity(rival.pid, {cpu})
     settings = PlaybookSettings(dirs=())
     def patch(d: dict[str, Any]) -> None:
         scope(d, cmdline="heald-cpu-hog", measure="500ms", min_cpu_pct=20)
@@ -428,13 +424,13 @@ async def test_cpu_hog_alone_is_not_a_runaway(tmp_path: Path) -> None:
     same samples with tasks waiting for a CPU (pressure 20 % and over, as long) do ask; pressure
     alone, with no process pegging a core, does not."""
     settings = PlaybookSettings(dirs=())
-    for stream, asks in (([_runaway(2.0)] * 30, False),
+    for case, (stream, asks) in enumerate((([_runaway(2.0)] * 30, False),
                          ([_runaway(35.0)] * 30, True),
                          ([{"proc.top_cpu_pct": 60.0, "psi.some_avg60_pct[cpu]": 80.0}] * 30, False),
                          # pressure through only part of the window: the clock starts again
-                         ([_runaway(35.0)] * 6 + [_runaway(5.0)] + [_runaway(35.0)] * 6, False)):
+                         ([_runaway(35.0)] * 6 + [_runaway(5.0)] + [_runaway(35.0)] * 6, False))):
         pb = shipped("runaway-cpu", settings, fast="2s")
-        eng, _rec = make_engine(tmp_path / str(len(stream)) / str(asks), [pb], settings)
+        eng, _rec = make_engine(tmp_path / f"case{case}", [pb], settings)  # a state dir each
         async with running(eng):
             t0 = time.time() - len(stream) * 0.25  # samples 250 ms apart, the last one now
             for i, m in enumerate(stream):
