@@ -2,8 +2,8 @@
 
     sudo python3 bench/faultfree_load.py [--minutes-per-load 25] [--loads compile,tests,...]
         [--gap-s 60] [--settle-s 120] [--disk-cap-gib 8] [--dir /var/tmp] [--smoke]
-        [--samples X.jsonl] [--fit-from RECORDING]
-    python3 bench/faultfree_load.py --combine [--product TREE] [--fit-from RECORDING]
+        [--samples X.jsonl] [--fit-from RECORDING [--fit-from RECORDING ...]]
+    python3 bench/faultfree_load.py --combine [--product TREE] [--fit-from RECORDING ...]
 
 A real ``heald run`` (this checkout) as a fleet node, through ``bench/healdbench.py``: MQTT on to a
 private mosquitto on a free loopback port, the anomaly detector fitted before the start (1800
@@ -69,7 +69,11 @@ host, ``.jsonl`` or ``.jsonl.gz``, or a ``bench/faults`` ``.npz``) and the node'
 is seeded with it (the daemon's own on-disk format, re-timed to end at the start); from there the
 daemon refits as it always does (at start, when its history has doubled, on drift). The fit
 source (file and hash) is kept with the run; ``--combine`` adds up only runs fitted on the same
-recording (``--fit-from`` names it there too; default: the default recording).
+recording (``--fit-from`` names it there too; default: the default recording). ``--fit-from``
+given several times (``.jsonl[.gz]`` recordings of this host, oldest first): the node has lived
+through all of them, one after the other with the time between them kept (its 24-h window);
+they are joined into one recording (sequence numbers renumbered in that order) and the source
+is the list, its hash that of their hashes in that order.
 """
 
 from __future__ import annotations
@@ -576,7 +580,8 @@ def outer(args: argparse.Namespace, loads: list[str]) -> int:
                 "settle_s": args.settle_s, "disk_bytes": disk, "smoke": args.smoke,
                 "cgroup": [str(p) for p in cg.dirs],
                 "samples": str(work / "samples.jsonl") if args.samples else None,
-                "fit_from": str(args.fit_from.resolve()) if args.fit_from else None}
+                "fit_from": str(join_recordings(args.fit_from, work / "fit-from.jsonl"))
+                if args.fit_from else None}
         (work / "spec.json").write_text(json.dumps(spec))
         print(f"faultfree_load: {', '.join(loads)}, {args.minutes_per_load:g} min each; disk for the loads "
               f"{disk / GIB:.1f} GiB (free {free / GIB:.1f} GiB in {base}); planned "
@@ -651,17 +656,43 @@ def keep_run(result: dict[str, Any], args: argparse.Namespace, loads: list[str])
     return out
 
 
-def fit_source(path: Path | None) -> dict[str, Any]:
+def join_recordings(paths: list[Path], out: Path) -> Path:
+    """One recording of several: the only one as it is; else their samples, file by file in the
+    order given, into ``out`` (``.jsonl``) with sequence numbers 1, 2, ... in that order (each
+    run's own start at 1; :func:`healdbench.recording_features` orders by them)."""
+    if len(paths) == 1:
+        return paths[0].resolve()
+    seq = 0
+    with out.open("w") as f:
+        for path in paths:
+            raw = path.read_bytes()
+            for line in (gzip.decompress(raw) if path.name.endswith(".gz") else raw).splitlines():
+                if not line.strip():
+                    continue
+                smp = json.loads(line)
+                seq += 1
+                smp["seq"] = seq
+                f.write(json.dumps(smp) + "\n")
+    return out
+
+
+def fit_source(paths: list[Path] | None) -> dict[str, Any]:
     """What the node's detector was fitted on (and its history seeded with): runs are added
-    together only where this is the same recording."""
-    if path is None:
+    together only where this is the same recording (the same recordings, in the same order)."""
+    if not paths:
         return {"source": str(hb.RECORDING.relative_to(ROOT)), "sha256": file_sha(hb.RECORDING),
                 "rows": 1800, "seeded": False}
-    try:
-        name = str(path.resolve().relative_to(ROOT))
-    except ValueError:
-        name = str(path)
-    return {"source": name, "sha256": file_sha(path), "seeded": True}
+    names, shas = [], []
+    for path in paths:
+        try:
+            names.append(str(path.resolve().relative_to(ROOT)))
+        except ValueError:
+            names.append(str(path))
+        shas.append(file_sha(path))
+    if len(paths) == 1:
+        return {"source": names[0], "sha256": shas[0], "seeded": True}
+    return {"source": " + ".join(names), "sha256": hashlib.sha256(" ".join(shas).encode()).hexdigest()[:12],
+            "seeded": True}
 
 
 def file_sha(path: Path) -> str:
@@ -673,7 +704,7 @@ def run_fit(run: dict[str, Any]) -> dict[str, Any]:
     return run.get("fit") or fit_source(None)
 
 
-def combine(product: str | None, fit_from: Path | None = None) -> int:
+def combine(product: str | None, fit_from: list[Path] | None = None) -> int:
     """One table over every kept run of ``product`` (default: this checkout's product tree) whose
     detector was fitted on ``fit_from`` (default: the default recording)."""
     product = product or product_tree()
@@ -846,12 +877,13 @@ def main() -> int:
                     "tree (bench/results/faultfree_load/); runs nothing")
     ap.add_argument("--product", help="with --combine: the product tree to combine (default: this "
                     "checkout's)")
-    ap.add_argument("--fit-from", type=Path, help="a fault-free recording of this host under its usual "
-                    "loads (a --samples .jsonl[.gz], or a bench/faults .npz): the detector is fitted on "
-                    "all of it and the node's feature history seeded with it, so the agent starts as a "
-                    "node that has lived through it (default: the first 1800 samples of "
-                    "bench/faults/data/faultfree-71min.npz, idle and stress-ng --cpu, history empty); "
-                    "with --combine: the runs fitted on it")
+    ap.add_argument("--fit-from", type=Path, action="append", help="a fault-free recording of this host "
+                    "under its usual loads (a --samples .jsonl[.gz], or a bench/faults .npz): the "
+                    "detector is fitted on all of it and the node's feature history seeded with it, so "
+                    "the agent starts as a node that has lived through it (default: the first 1800 samples "
+                    "of bench/faults/data/faultfree-71min.npz, idle and stress-ng --cpu, history empty); "
+                    "with --combine: the runs fitted on it. Several times (.jsonl[.gz] recordings, "
+                    "oldest first): a node that has lived through all of them, one after the other")
     ap.add_argument("--inner", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.inner is not None:
@@ -859,16 +891,19 @@ def main() -> int:
     if args.fit_from is not None:  # read here: a bad recording is one line, not a namespace's traceback
         from agent.errors import HealdError  # noqa: PLC0415
 
-        if not args.fit_from.is_file():
-            ap.error(f"--fit-from {args.fit_from}: no such file")
-        try:
-            x, _wall = hb.recording_features(args.fit_from)
-        except HealdError as exc:
-            ap.error(f"--fit-from: {exc}")
-        except (OSError, EOFError) as exc:  # gzip: not a gzip file, truncated
-            ap.error(f"--fit-from {args.fit_from}: {exc}")
-        if not len(x):
-            ap.error(f"--fit-from {args.fit_from}: no samples")
+        for fit_from in args.fit_from:
+            if not fit_from.is_file():
+                ap.error(f"--fit-from {fit_from}: no such file")
+            if len(args.fit_from) > 1 and not fit_from.name.endswith((".jsonl", ".jsonl.gz")):
+                ap.error(f"--fit-from {fit_from}: several recordings are joined only as .jsonl[.gz]")
+            try:
+                x, _wall = hb.recording_features(fit_from)
+            except HealdError as exc:
+                ap.error(f"--fit-from: {exc}")
+            except (OSError, EOFError) as exc:  # gzip: not a gzip file, truncated
+                ap.error(f"--fit-from {fit_from}: {exc}")
+            if not len(x):
+                ap.error(f"--fit-from {fit_from}: no samples")
     if args.combine:
         return combine(args.product, args.fit_from)
     loads = [x.strip() for x in args.loads.split(",") if x.strip()]

@@ -7,6 +7,7 @@ mid-run must stop the loads, the agent and the namespace and remove the bench's 
 
 from __future__ import annotations
 
+import gzip
 import itertools
 import json
 import os
@@ -17,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,10 +112,10 @@ def test_combine_adds_up_only_the_runs_fitted_on_one_recording(
     a, day = "aaaaaaaaaaaa", 86400
     old = fake_run(1.0e9, a, acts=3, alert_at=[])  # kept before fit sources were recorded
     new = fake_run(1.0e9 + day, a, acts=0, alert_at=[100.0])
-    new["fit"] = ffl.fit_source(varied)
+    new["fit"] = ffl.fit_source([varied])
     for run in (old, new):
         (runs_dir / f"{int(run['started'])}-{a}.json.gz").write_bytes(gzip.compress(json.dumps(run).encode()))
-    assert ffl.combine(a, varied) == 0
+    assert ffl.combine(a, [varied]) == 0
     out = capsys.readouterr().out
     assert f"1 run(s) of product tree {a}, detector fitted on {varied}" in out
     assert "the history seeded with it" in out
@@ -125,8 +127,49 @@ def test_combine_adds_up_only_the_runs_fitted_on_one_recording(
     assert "1 run(s) of product tree" in out
     assert "faultfree-71min.npz" in out
     assert "| compile | 10.0 | 7 (0) | 3 |" in out
+    assert ffl.combine(a, [varied, varied]) == 1  # a node that lived through it twice: another node
     varied.write_text("another recording\n")
-    assert ffl.combine(a, varied) == 1
+    assert ffl.combine(a, [varied]) == 1
+
+
+def test_several_fit_from_recordings_are_one_history_in_the_order_given(tmp_path: Path) -> None:
+    """--fit-from twice: the node lived through both, the first first; the joined recording
+    numbers the samples in that order (each run starts at seq 1, and the features are built in
+    seq order), and its fit source names both, its hash depending on the order."""
+    import gzip  # noqa: PLC0415
+
+    def rec(name: str, t0: float, n: int) -> Path:
+        lines = [json.dumps({"seq": i + 1, "wall": t0 + i, "mono": t0 + i,
+                             "metrics": {"mem.used_pct": t0 + i, "cpu.load1": 1.0}}) for i in range(n)]
+        path = tmp_path / name
+        data = ("\n".join(lines) + "\n").encode()
+        path.write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+        return path
+
+    first, second = rec("a.jsonl.gz", 1000.0, 5), rec("b.jsonl", 5000.0, 3)
+    assert ffl.join_recordings([first], tmp_path / "j.jsonl") == first.resolve()  # one: as it is
+    joined = ffl.join_recordings([first, second], tmp_path / "j.jsonl")
+    rows = [json.loads(ln) for ln in joined.read_text().splitlines()]
+    assert [r["seq"] for r in rows] == list(range(1, 9))
+    assert [r["wall"] for r in rows] == [1000.0, 1001.0, 1002.0, 1003.0, 1004.0, 5000.0, 5001.0, 5002.0]
+    _x, wall = hb.recording_features(joined)
+    assert wall.tolist() == [r["wall"] for r in rows]
+    one, two = ffl.fit_source([first, second]), ffl.fit_source([second, first])
+    assert one["source"] == f"{first} + {second}"
+    assert one["sha256"] != two["sha256"]
+    assert len(one["sha256"]) == 12
+    assert ffl.fit_source([first])["sha256"] == ffl.file_sha(first)  # one recording: its own hash, as before
+    proc = subprocess.run([sys.executable, str(BENCH / "faultfree_load.py"), "--fit-from", str(first),
+                           "--fit-from", str(tmp_path / "x.npz"), "--combine"], capture_output=True,
+                          text=True, timeout=60, check=False, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 2
+    assert "no such file" in proc.stderr
+    (tmp_path / "x.npz").write_bytes(b"")
+    proc = subprocess.run([sys.executable, str(BENCH / "faultfree_load.py"), "--fit-from", str(first),
+                           "--fit-from", str(tmp_path / "x.npz"), "--combine"], capture_output=True,
+                          text=True, timeout=60, check=False, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 2
+    assert "joined only as .jsonl" in proc.stderr
 
 
 def test_seeded_history_is_the_daemons_own_and_ends_before_the_start(tmp_path: Path) -> None:
@@ -209,6 +252,57 @@ def test_the_product_tree_names_committed_product_paths() -> None:
     tree = ffl.product_tree()
     assert tree.removesuffix("-dirty") != "unknown"
     assert len(tree.removesuffix("-dirty")) == 12
+
+
+RESULTS = BENCH / "results" / "faultfree_load"
+
+
+def _phase(run: str, name: str) -> dict[str, float]:
+    meta = json.loads(gzip.decompress((RESULTS / f"{run}.json.gz").read_bytes()))
+    return next(p for p in meta["phases"] if p["name"] == name)
+
+
+@pytest.mark.slow
+def test_process_churn_is_not_an_anomaly_on_the_recorded_proc_burst() -> None:
+    """The node's detector on the kept recordings, fitted as the daemon fits it (its usable-column
+    rule and DEFAULT_FIT_OPTIONS) on what a node seeded from the 15:07 run had seen when the 18:44
+    run reached proc-burst (the seed, then that run's own samples), then scoring the 16 min of
+    proc-burst sample by sample: with process churn left out, no alert. With ``proc.zombies`` in
+    (the exclude list before it), the same fit alerts there: that run's 4 live alert episodes on
+    proc-burst were these (the children of a burst are zombies until the parent waits)."""
+    from agent.features.history import usable_columns  # noqa: PLC0415
+    from agent.features.schema import FeatureSchema  # noqa: PLC0415
+    from agent.score.detector import StreamingDetector  # noqa: PLC0415
+    from agent.score.fit import fit_detector  # noqa: PLC0415
+    from agent.score.stage import DEFAULT_FIT_OPTIONS, PROCESS_CHURN  # noqa: PLC0415
+
+    seed_run, run = "20261206T150750Z-297288f851e6", "20261206T184422Z-f8622b19f5d6"
+    burst = _phase(run, "proc-burst")
+    x_seed, _ = hb.recording_features(RESULTS / f"{seed_run}.samples.jsonl.gz")
+    x_run, wall = hb.recording_features(RESULTS / f"{run}.samples.jsonl.gz")
+    train = np.vstack([x_seed, x_run[wall < burst["start"]]])
+    names = FeatureSchema().names
+    keep = usable_columns(train)
+    during = np.nonzero((wall >= burst["start"]) & (wall <= burst["end"]))[0]
+    assert len(during) > 900  # 16 min at 1 Hz
+
+    def alerts(exclude: list[str]) -> list[str]:
+        model = fit_detector(train[:, keep], [names[j] for j in keep],
+                             **{**DEFAULT_FIT_OPTIONS, "exclude": exclude})
+        det = StreamingDetector(model)
+        cols = [names.index(n) for n in model.meta.feature_names]
+        why = []
+        for i in during:
+            if det.score(x_run[i, cols], float(wall[i]))[1]:
+                why.extend(c.feature for c in det.explain(x_run[i, cols], top_k=1))
+        return why
+
+    shipped = list(DEFAULT_FIT_OPTIONS["exclude"])  # type: ignore[call-overload]
+    assert "proc.zombies" in shipped
+    assert alerts(shipped) == []
+    before = alerts([e for e in shipped if e not in PROCESS_CHURN])
+    assert len(before) > 10
+    assert all(f.startswith("proc.zombies:") for f in before), set(before)
 
 
 @pytest.mark.slow

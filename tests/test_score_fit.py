@@ -241,7 +241,8 @@ def _meta_fields(m: art.CompiledDetector) -> dict[str, object]:
 
 
 def test_exclude_leaves_workload_levels_out_of_the_model() -> None:
-    """The stage's default fit leaves workload levels and CPU contention out; the rest scores."""
+    """The stage's default fit leaves workload levels, CPU contention and process churn out; the
+    rest scores."""
     from agent.features.schema import FeatureSchema  # noqa: PLC0415
     from agent.score.stage import DEFAULT_FIT_OPTIONS  # noqa: PLC0415
 
@@ -258,10 +259,12 @@ def test_exclude_leaves_workload_levels_out_of_the_model() -> None:
     assert "cpu.steal_pct:ewma" not in kept
     assert "psi.some_avg10_pct[cpu]:value" not in kept
     assert "psi.some_avg10_pct[io]:value" in kept
+    assert "proc.zombies:ewma" not in kept  # process churn (a burst's children before the wait)
+    assert "proc.blocked:ewma" in kept
     assert "sum(gpu.pcie_replays[*]):value" not in kept  # a GPU counter's level: its rate stays
     assert "sum(gpu.pcie_replays[*]):rate" in kept
-    # nine inputs x six transforms, and value + ewma of the nine GPU counters
-    assert len(kept) == len(names) - 6 * 9 - 2 * 9
+    # ten inputs x six transforms, and value + ewma of the nine GPU counters
+    assert len(kept) == len(names) - 6 * 10 - 2 * 9
     d = StreamingDetector(model)
     assert np.isfinite(d.score(x[0, [names.index(n) for n in model.meta.feature_names]])[0])
     with pytest.raises(InputError, match="every feature is excluded"):
