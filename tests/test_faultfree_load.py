@@ -7,7 +7,6 @@ mid-run must stop the loads, the agent and the namespace and remove the bench's 
 
 from __future__ import annotations
 
-import gzip
 import itertools
 import json
 import os
@@ -18,7 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -254,55 +252,33 @@ def test_the_product_tree_names_committed_product_paths() -> None:
     assert len(tree.removesuffix("-dirty")) == 12
 
 
-RESULTS = BENCH / "results" / "faultfree_load"
-
-
-def _phase(run: str, name: str) -> dict[str, float]:
-    meta = json.loads(gzip.decompress((RESULTS / f"{run}.json.gz").read_bytes()))
-    return next(p for p in meta["phases"] if p["name"] == name)
-
-
 @pytest.mark.slow
 def test_process_churn_is_not_an_anomaly_on_the_recorded_proc_burst() -> None:
-    """The node's detector on the kept recordings, fitted as the daemon fits it (its usable-column
-    rule and DEFAULT_FIT_OPTIONS) on what a node seeded from the 15:07 run had seen when the 18:44
-    run reached proc-burst (the seed, then that run's own samples), then scoring the 16 min of
-    proc-burst sample by sample: with process churn left out, no alert. With ``proc.zombies`` in
-    (the exclude list before it), the same fit alerts there: that run's 4 live alert episodes on
-    proc-burst were these (the children of a burst are zombies until the parent waits)."""
-    from agent.features.history import usable_columns  # noqa: PLC0415
-    from agent.features.schema import FeatureSchema  # noqa: PLC0415
-    from agent.score.detector import StreamingDetector  # noqa: PLC0415
-    from agent.score.fit import fit_detector  # noqa: PLC0415
-    from agent.score.stage import DEFAULT_FIT_OPTIONS, PROCESS_CHURN  # noqa: PLC0415
+    """bench/faultfree_replay.py on the kept 18:44 run: the node's detector, fitted as the daemon
+    fits it on what a node seeded from the 15:07 run had seen when proc-burst began, scores the
+    16 min of proc-burst (and the idle minute after it): with process churn left out (the shipped
+    options), no alert. With ``proc.zombies`` put back (the options before), the same fit alerts
+    there, on zombie features only: that run's 4 live proc-burst episodes were these (a burst's
+    children are zombies until the parent waits for them)."""
+    def replay(*extra: str) -> list[str]:
+        argv = [sys.executable, str(BENCH / "faultfree_replay.py"), "20261206T184422Z-f8622b19f5d6",
+                "--fit-from", "bench/results/faultfree_load/20261206T150750Z-297288f851e6.samples.jsonl.gz",
+                "--loads", "proc-burst", *extra]
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=240, check=False, cwd=ROOT,
+                              env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        assert proc.returncode == 0, proc.stderr
+        row = next(ln for ln in proc.stdout.splitlines() if ln.startswith("| proc-burst |"))
+        return [c.strip() for c in row.split("|")[1:-1]]
 
-    seed_run, run = "20261206T150750Z-297288f851e6", "20261206T184422Z-f8622b19f5d6"
-    burst = _phase(run, "proc-burst")
-    x_seed, _ = hb.recording_features(RESULTS / f"{seed_run}.samples.jsonl.gz")
-    x_run, wall = hb.recording_features(RESULTS / f"{run}.samples.jsonl.gz")
-    train = np.vstack([x_seed, x_run[wall < burst["start"]]])
-    names = FeatureSchema().names
-    keep = usable_columns(train)
-    during = np.nonzero((wall >= burst["start"]) & (wall <= burst["end"]))[0]
-    assert len(during) > 900  # 16 min at 1 Hz
-
-    def alerts(exclude: list[str]) -> list[str]:
-        model = fit_detector(train[:, keep], [names[j] for j in keep],
-                             **{**DEFAULT_FIT_OPTIONS, "exclude": exclude})
-        det = StreamingDetector(model)
-        cols = [names.index(n) for n in model.meta.feature_names]
-        why = []
-        for i in during:
-            if det.score(x_run[i, cols], float(wall[i]))[1]:
-                why.extend(c.feature for c in det.explain(x_run[i, cols], top_k=1))
-        return why
-
-    shipped = list(DEFAULT_FIT_OPTIONS["exclude"])  # type: ignore[call-overload]
-    assert "proc.zombies" in shipped
-    assert alerts(shipped) == []
-    before = alerts([e for e in shipped if e not in PROCESS_CHURN])
-    assert len(before) > 10
-    assert all(f.startswith("proc.zombies:") for f in before), set(before)
+    _, past, top, samples, eps, lead = replay()
+    assert int(past) > 8000 + 5 * 900  # the 15:07 run, then 18:44's first five loads
+    assert float(top) < 1.0
+    assert (samples, eps, lead) == ("0", "0", "-")
+    _, past, top, samples, eps, lead = replay("--keep", "proc.zombies")
+    assert float(top) > 1.0
+    assert int(samples) > 10
+    assert int(eps.split()[0]) >= 2
+    assert all(f.split()[0].startswith("proc.zombies:") for f in lead.split(", ")), lead
 
 
 @pytest.mark.slow
