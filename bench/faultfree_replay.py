@@ -70,13 +70,18 @@ def main() -> int:
 
     import numpy as np  # noqa: PLC0415
 
+    from agent.errors import HealdError  # noqa: PLC0415
     from agent.features.history import usable_columns  # noqa: PLC0415
     from agent.features.schema import FeatureSchema  # noqa: PLC0415
     from agent.score.detector import StreamingDetector  # noqa: PLC0415
     from agent.score.fit import fit_detector  # noqa: PLC0415
     from agent.score.stage import DEFAULT_FIT_OPTIONS  # noqa: PLC0415
 
-    meta: dict[str, Any] = json.loads(gzip.decompress(meta_path.read_bytes()))
+    try:
+        meta: dict[str, Any] = json.loads(gzip.decompress(meta_path.read_bytes()))
+        phases = meta["phases"]
+    except (OSError, EOFError, ValueError, KeyError, TypeError) as exc:  # not a kept run's .json.gz
+        ap.error(f"{meta_path}: not a kept run ({exc!r})")
     fit = ffl.run_fit(meta)
     seeds = args.fit_from
     if seeds is None:
@@ -93,10 +98,14 @@ def main() -> int:
     exclude = [e for e in exclude if e not in args.keep]
     opts = {**DEFAULT_FIT_OPTIONS, "exclude": exclude}
 
-    past = np.vstack([hb.recording_features(s)[0] for s in seeds])
-    x, wall = hb.recording_features(samples_path)
+    try:
+        past = np.vstack([hb.recording_features(s)[0] for s in seeds])
+        x, wall = hb.recording_features(samples_path)
+    except HealdError as exc:
+        ap.error(str(exc))
+    except (OSError, EOFError) as exc:  # gzip: not a gzip file, truncated
+        ap.error(f"a recording: {exc}")
     names = FeatureSchema().names
-    phases = meta["phases"]
     run_loads = [ph["name"] for ph in phases if ph.get("load")]
     only = [w.strip() for w in args.loads.split(",") if w.strip()] if args.loads else run_loads
     if not only or any(w not in run_loads for w in only):

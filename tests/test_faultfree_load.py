@@ -252,6 +252,27 @@ def test_the_product_tree_names_committed_product_paths() -> None:
     assert len(tree.removesuffix("-dirty")) == 12
 
 
+def test_faultfree_replay_of_a_bad_run_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    """A kept run that is not one (not gzip, gzip of garbage) or whose samples are malformed:
+    one line on stderr and exit 2, no traceback."""
+    import gzip  # noqa: PLC0415
+
+    good = json.dumps({"phases": [], "fit": {"source": "x", "sha256": "0", "seeded": False}}).encode()
+    for meta, samples, says in ((b"not gzip", b"", "not a kept run"),
+                                (gzip.compress(b"[1, 2"), b"", "not a kept run"),
+                                (gzip.compress(good), gzip.compress(b'{"seq": 1, "wall": "x"}\n'), ":1: ")):
+        (tmp_path / "r.json.gz").write_bytes(meta)
+        (tmp_path / "r.samples.jsonl.gz").write_bytes(samples)
+        argv = [sys.executable, str(BENCH / "faultfree_replay.py"), str(tmp_path / "r.json.gz"),
+                "--fit-from", str(tmp_path / "r.samples.jsonl.gz")]
+        proc = subprocess.run(argv,
+                              capture_output=True, text=True, timeout=120, check=False,
+                              env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        assert proc.returncode == 2, proc.stderr
+        assert says in proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
 @pytest.mark.slow
 def test_process_churn_is_not_an_anomaly_on_the_recorded_proc_burst() -> None:
     """bench/faultfree_replay.py on the kept 18:44 run: the node's detector, fitted as the daemon
