@@ -14,14 +14,16 @@ idle gap after it one by one; the alert samples are merged into episodes as the 
 detector (``--keep proc.zombies``: the options before it was left out), to measure what leaving
 it out changes.
 
-It answers "what drove the detector here" without a 2-hour rerun, and only for the detector: the
-classifier and the forecasts read the same samples but are not replayed here (the live run's
-table has them). A fit per load is closer to the daemon than one fit for the run (the daemon
-refits at start, as its history doubles and on drift), not the same: the live run's episodes are
-the measurement; this names their features.
+It answers "what drove the detector here" without a 2-hour rerun. A fit per load is closer to the
+daemon than one fit for the run (the daemon refits at start, as its history doubles and on
+drift), not the same: the live run's episodes are the measurement; this names their features.
 
 Prints a table per load: the largest score (1 = the alert line), alert samples, episodes (with
 their length), the features that lead the explanation of the alert samples (top ``--top`` each).
+Then the other alert sources on the same samples: the whole run through the daemon's score stage
+(``agent.score.stage.RiskStage`` with its shipped classifier, forecaster and evidence gates, no
+detector), per load the samples with a failure-class or forecast alert (the stage's own
+``risk_alert`` lines), their episodes and reasons. ``--no-risk`` leaves that table out.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ def main() -> int:
                     help="an input the shipped fit options leave out, put back in (repeatable)")
     ap.add_argument("--top", type=int, default=3, help="features per alert sample's explanation")
     ap.add_argument("--loads", help="only these loads (comma-separated; default: every load of the run)")
+    ap.add_argument("--no-risk", action="store_true", help="the detector's table only")
     args = ap.parse_args()
     meta_path, samples_path = run_paths(args.run)
     for p in (meta_path, samples_path):
@@ -152,7 +155,55 @@ def main() -> int:
               f"{f' ({lens})' if eps else ''} | {lead} |")
     print()
     print(f"detector alert episodes over the loads: {total_eps}")
+    if not args.no_risk:
+        try:
+            risk_table(samples_path, phases, only)
+        except HealdError as exc:
+            ap.error(str(exc))
     return 0
+
+
+def risk_table(samples_path: Path, phases: list[dict[str, Any]], only: list[str]) -> None:
+    """Per load: the samples where the score stage's classifier or forecasts alert (no detector)."""
+    import tempfile  # noqa: PLC0415
+
+    from agent.decide.replay import samples  # noqa: PLC0415
+    from agent.score.settings import ModelSettings  # noqa: PLC0415
+    from agent.score.stage import RiskStage  # noqa: PLC0415
+
+    spans = []  # (name, start, end with the idle gap after it)
+    for k, ph in enumerate(phases):
+        if ph.get("load") and ph["name"] in only:
+            nxt = phases[k + 1] if k + 1 < len(phases) else None
+            spans.append((ph["name"], ph["start"], nxt["end"] if nxt is not None and not nxt.get("load")
+                          else ph["end"]))
+    alerts: dict[str, list[tuple[float, list[str]]]] = {name: [] for name, _, _ in spans}
+    with tempfile.TemporaryDirectory(prefix="heald-ffreplay-") as tmp:
+        path = Path(tmp) / samples_path.name.removesuffix(".gz")
+        path.write_bytes(gzip.decompress(samples_path.read_bytes()))
+        stage = RiskStage(ModelSettings(cold_start_s=1e12), Path(tmp) / "state", history=False)
+        for smp in sorted(samples(path), key=lambda x: x.seq):
+            why = [w for w in stage.risk_alert(stage.on_sample(smp)) if w != "anomaly"]
+            if why:
+                for name, start, end in spans:
+                    if start <= smp.wall <= end:
+                        alerts[name].append((smp.wall, why))
+        stage.close()
+    print()
+    print("The classifier and the forecasts (the score stage's alert lines, the whole run in order):")
+    print()
+    print("| load | alert samples | episodes (s) | reasons |")
+    print("|---|---|---|---|")
+    total = 0
+    for name, _, _ in spans:
+        eps = ffl.episodes(alerts[name])
+        total += len(eps)
+        lens = ", ".join(f"{e['end'] - e['start'] + 1:.0f}" for e in eps)
+        why: collections.Counter[str] = collections.Counter(w for _, ws in alerts[name] for w in ws)
+        print(f"| {name} | {len(alerts[name])} | {len(eps)}{f' ({lens})' if eps else ''} | "
+              f"{', '.join(f'{w} {n}' for w, n in why.most_common(4)) or '-'} |")
+    print()
+    print(f"classifier and forecast alert episodes over the loads: {total}")
 
 
 if __name__ == "__main__":

@@ -65,8 +65,8 @@ def relevant(reason: str, fault: dict[str, object]) -> bool:
     if reason.startswith("failure["):
         return reason == f"failure[{fault['cls']}]"
     res = reason[len("forecast["):-1]
-    if fault["cls"] == "memory_exhaustion":
-        return res.startswith("mem.")
+    if fault["cls"] == "memory_exhaustion":  # host memory, or a memory-limited cgroup's headroom
+        return res.startswith(("mem.", "cgroup.mem."))
     if fault["cls"] == "disk_full":
         mount = MOUNT_OF.get(str(fault["name"]).split(":")[1], "?")
         return res.endswith(f"[{mount}]")
