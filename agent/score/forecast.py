@@ -38,15 +38,8 @@ max(``every``, S/20) samples), each subsampled to at most ``max_points`` points:
    fills up to a cap and deletes, read as a fill of hundreds of MB/s with minutes to go on a
    big disk; a fill that keeps coming back never goes below its last low, and a first burst is
    a small share of a big disk's room.
-7. for a resource with ``min_used`` (memory: the host's available memory and each limited
-   cgroup's headroom, 2/3): the resource must already be past that share of the room it has in
-   all (``total``: ``mem.total_bytes``, the cgroup's ``cgroup.mem.limit_bytes``); until it is, the
-   confidence is 0 (:meth:`Forecaster._unused`). A job that allocates its working set at
-   hundreds of MB/s reads, while it allocates, exactly as a leak of that rate would, with an ETA
-   of a minute; what it cannot be is far into its room: in the fault-free recordings under load
-   (bench/faultfree_load.py, four runs, 8.6 h) memory never went past 57 % of a cgroup's limit
-   (stress-ng --vm at a quarter of the RAM in a cgroup limited to half of it) or 34 % of the
-   host's; the leaks of bench/faults run to 100 % of theirs.
+7. memory (``min_used`` 2/3 of ``total``): confidence 0 until past two thirds of the host's
+   memory or the cgroup's limit (:meth:`Forecaster._unused`; why: docs/risk.md, Forecaster).
 
 A sudden cleanup (step up in free space) reads as not trending; a single step down reads as low
 confidence. Cost: O(1) per sample (one itemgetter over the tracked keys into the ring) plus the
@@ -85,9 +78,7 @@ class Resource(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     # > 0: no confident forecast before the fill has taken this share of the room still left,
     # past the lowest room of the samples before it (:meth:`Forecaster._unproven`); 0: no check
     min_fill: float = 0.0
-    # > 0: no confident forecast while the resource has used less than this share of ``total``
-    # (:meth:`Forecaster._unused`); ``total``: the key of the room in all, for a "family[*]"
-    # resource "family2[*]" read with the same label; not reported: no check
+    # > 0: not confident below this share of ``total`` used (a key; "[*]": the same label)
     min_used: float = 0.0
     total: str = ""
 
@@ -96,9 +87,7 @@ class Resource(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
 # backups and spools that fill and then delete are the common case on disks, not leaks.
 DISK_MIN_FILL = 0.1
 
-# Memory's forecast must be past two thirds of the room (host memory, a cgroup's limit): a job
-# allocating its working set is a leak's look-alike while it allocates, but never that far in
-# the fault-free recordings (57 % of a cgroup's limit at most; see 7. above).
+# Memory forecasts past two thirds of the room only (fault-free under load: 57 % at most).
 MEM_MIN_USED = 2.0 / 3.0
 
 DEFAULT_RESOURCES: tuple[Resource, ...] = (
@@ -276,10 +265,8 @@ class Forecaster:
         self._limit = np.array([s.limit for s in self._spec])
         self._min_fill = np.array([s.min_fill for s in self._spec])
         self._min_used = np.array([s.min_used if s.total else 0.0 for s in self._spec])
-        # (index, key of its room in all) of the resources with min_used; read on each push
-        self._total_keys = [(i, _total_key(s.total, k)) for i, (k, s) in enumerate(zip(self._keys, self._spec,
-                                                                                         strict=True))
-                            if s.min_used > 0 and s.total]
+        self._total_keys = [(i, _total_key(s.total, k)) for i, (k, s) in  # (index, key of its total)
+                            enumerate(zip(self._keys, self._spec, strict=True)) if s.min_used > 0 and s.total]
         self._totals = np.full(len(self._keys), np.nan)
 
     def _scan(self, metrics: dict[str, float | None]) -> None:
@@ -325,12 +312,8 @@ class Forecaster:
                 row[:] = vals  # None -> NaN
             else:
                 row[:] = np.fromiter(vals, np.float64, len(vals))
-        if self._total_keys:
-            get = metrics.get
-            totals = self._totals
-            for i, tk in self._total_keys:
-                v = get(tk)
-                totals[i] = math.nan if v is None else v
+        for i, tk in self._total_keys:
+            self._totals[i] = math.nan if (v := metrics.get(tk)) is None else v
         self._t[self._pos] = mono
         self._pos = (self._pos + 1) % self._cap
         self._n += 1
@@ -562,11 +545,8 @@ class Forecaster:
         return out
 
     def _unused(self, best_conf: F64) -> F64:
-        """``best_conf`` set to 0 where a resource with ``min_used`` has used less than that share
-        of its room in all: its latest value is still above (1 - ``min_used``) x ``total`` from its
-        limit (memory: more than a third of the host's memory available, more than a third of a
-        cgroup's limit left). Where ``total`` is not reported (or the latest value is missing) there
-        is no verdict and the confidence stays."""
+        """``best_conf`` 0 where the latest value is more than (1 - ``min_used``) x ``total`` from
+        its limit; no verdict where either is missing."""
         if not self._total_keys:
             return best_conf
         with np.errstate(invalid="ignore"):
@@ -605,11 +585,8 @@ class Forecaster:
 
 
 def _total_key(total: str, resource_key: str) -> str:
-    """The key of a resource's room in all: ``total`` itself, or for ``family[*]`` the family with
-    the resource's label."""
-    if not total.endswith("[*]"):
-        return total
-    return metric_key(total[:-3], split_key(resource_key)[1])
+    """``total``, or for ``family[*]`` the family with the resource's label."""
+    return metric_key(total[:-3], split_key(resource_key)[1]) if total.endswith("[*]") else total
 
 
 def soonest(forecasts: Sequence[Forecast], min_confidence: float = 0.5) -> Forecast | None:
