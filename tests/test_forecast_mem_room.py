@@ -94,3 +94,23 @@ def test_without_the_total_there_is_no_verdict() -> None:
 
     assert over(s, bare, "mem.available_bytes") == over(s, bare, "mem.available_bytes", ungated())
     assert over(s, bare, "mem.available_bytes")
+
+
+def test_two_cgroups_at_once_and_a_hostile_total() -> None:
+    """Two limited cgroups in one stream: the one past two thirds is forecast, the ramp that stops
+    at half is not; a NaN or infinite limit is no verdict (forecast as without the gate)."""
+    fc = Forecaster()
+    leak_s, ramp_s = leak(1.5e9, 40e6), ramp(12.6e9, 0.3e9, 21)
+    n = min(len(leak_s), len(ramp_s))
+    hits: dict[str, int] = {}
+    for i in range(n):
+        fc.push({"cgroup.mem.limit_bytes[/a]": 1.5e9, "cgroup.mem.headroom_bytes[/a]": leak_s[i],
+                 "cgroup.mem.limit_bytes[/b]": 12.6e9, "cgroup.mem.headroom_bytes[/b]": ramp_s[i]}, float(i))
+        for f in fc.forecasts:
+            if f.eta_s is not None and f.eta_s <= ALERT[0] and f.confidence >= ALERT[1]:
+                hits[f.resource] = hits.get(f.resource, 0) + 1
+    assert set(hits) == {"cgroup.mem.headroom_bytes[/a]"}
+    s = ramp(12.6e9, 0.3e9, 21)
+    for bad in (float("nan"), float("inf")):
+        m, key = cgroup(bad), f"cgroup.mem.headroom_bytes[{CG}]"
+        assert over(s, m, key) == over(s, m, key, ungated())
