@@ -57,7 +57,12 @@ decides what heald does (``agent/``, ``remediations/``, ``pyproject.toml``, as c
 from a tree with uncommitted changes there is marked dirty and never combined). ``--combine``
 prints one table over every kept run of the current product tree (or ``--product TREE``): the
 same heald on the same host type, recorded in pieces, e.g. one run per working session. Runs of
-different trees are never added together.
+different trees are never added together, with one exception: a commit that changes product files
+without changing behaviour (a file shortened, a comment) and is shown to by ``bench/same_behaviour.py
+OLD NEW`` (every kept run replayed through both commits' score stage, byte for byte, every changed
+file loaded by it; its record in ``bench/results/faultfree_load/same/OLDTREE-NEWTREE.json``): the
+old tree's runs whose own samples that record replayed count with the new tree's, and the table's
+header says so.
 
 The node's past (``--fit-from RECORDING``): by default the agent starts as a NEW node: an empty
 feature history and a detector fitted on 30 min of another recording (idle, then stress-ng
@@ -713,7 +718,11 @@ def combine(product: str | None, fit_from: list[Path] | None = None) -> int:
               "(commit, or name a tree with --product)", file=sys.stderr)
         return 2
     fit = fit_source(fit_from)
-    runs = [json.loads(gzip.decompress(f.read_bytes())) for f in sorted(RUNS.glob(f"*-{product}.json.gz"))]
+    same = same_as(product)
+    files = sorted(RUNS.glob(f"*-{product}.json.gz"))
+    files += sorted(f for tree, (_, replayed) in same.items() for f in RUNS.glob(f"*-{tree}.json.gz")
+                    if f.name.removesuffix(".json.gz") in replayed)
+    runs = [json.loads(gzip.decompress(f.read_bytes())) for f in sorted(files, key=lambda f: f.name)]
     runs = [r for r in runs if run_fit(r)["sha256"] == fit["sha256"]]
     if not runs:
         print(f"no kept run of product tree {product} with the detector fitted on {fit['source']} in {RUNS}",
@@ -729,10 +738,36 @@ def combine(product: str | None, fit_from: list[Path] | None = None) -> int:
         when = dt.datetime.fromtimestamp(r["started"], dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
         header.append(f"#   {when} on {m['node']} ({m['cpus']} cpu, {m['mem_gib']} GiB, {m['release']}): "
                       f"--minutes-per-load {a['minutes_per_load']:g} --loads {','.join(a['loads'])} "
-                      f"--gap-s {a['gap_s']:g} --settle-s {a['settle_s']:g}")
+                      f"--gap-s {a['gap_s']:g} --settle-s {a['settle_s']:g}"
+                      + (f" [product tree {r['product']}]" if r["product"] != product else ""))
+    for tree, (rec, _) in same.items():
+        if any(r["product"] == tree for r in runs):
+            n = sum(row["samples"] for row in rec["runs"])
+            header.append(f"# runs of product tree {tree} count with {product}: same behaviour shown by "
+                          f"bench/same_behaviour.py {rec['old']['commit'][:7]} {rec['new']['commit'][:7]} "
+                          f"({rec['when']}; changed: {', '.join(rec['changed'])}; every Risk of the score "
+                          f"stage identical on {n} samples of {len(rec['runs'])} kept runs, "
+                          f"{'native and numpy paths' if rec['native'] else 'numpy path'})")
     text = "\n".join(header) + "\n" + report(merged, None, loads)
     print(text, flush=True)
     return 0
+
+
+def same_as(product: str) -> dict[str, tuple[dict[str, Any], set[str]]]:
+    """Older product trees shown to behave as ``product`` (bench/same_behaviour.py's kept records
+    with the verdict, over whole runs): tree -> (record, the kept runs it replayed)."""
+    out: dict[str, tuple[dict[str, Any], set[str]]] = {}
+    for f in sorted((RUNS / "same").glob(f"*-{product}.json")):
+        try:
+            rec = json.loads(f.read_text())
+            ok = (rec["same"] is True and rec["new"]["tree"] == product and not rec["limit"]
+                  and not rec["not_loaded"] and rec["first_difference"] is None
+                  and f.name == f"{rec['old']['tree']}-{product}.json")
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if ok:
+            out[rec["old"]["tree"]] = (rec, {row["run"] for row in rec["runs"]})
+    return out
 
 
 def merge(runs: list[dict[str, Any]]) -> dict[str, Any]:

@@ -188,6 +188,7 @@ SCRIPTS: list[Any] = [
     pytest.param("limits_lead.py", [], "fd leak (EMFILE)", False, marks=ROOT_ONLY),
     pytest.param("scoring.py", [], "heald StreamingDetector.score", False, marks=pytest.mark.slow),
     pytest.param("wire_codec.py", [], "mp bytes", False),
+    pytest.param("same_behaviour.py", [], "SAME BEHAVIOUR: every Risk of the score stage on 300", False),
     pytest.param("spool_replay.py", [], "replay s", False, marks=NEEDS_MOSQUITTO),
     pytest.param("coordinator_ingest.py", [], "processed/s", False, marks=NEEDS_MOSQUITTO),
     pytest.param("notify_scan.py", [], "after every node reported again", False, marks=pytest.mark.slow),
