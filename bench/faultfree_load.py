@@ -839,6 +839,8 @@ def report(result: dict[str, Any], args: argparse.Namespace | None, loads: list[
             r = rows[name] = {"s": 0.0, "runs": 0, "failed": 0, "acts": 0, "asks": 0, "eps": 0,
                               "src": [0, 0, 0], "n": 0, "note": ph["note"], "load": ph["load"]}
             order.append(name)
+        if ph["note"] and ph["note"] not in r["note"].split("; "):  # combined runs: each run's own
+            r["note"] = f"{r['note']}; {ph['note']}" if r["note"] else ph["note"]
         r["s"] += ph["end"] - ph["start"]
         r["runs"] += ph["runs"]
         r["failed"] += ph["failed"]

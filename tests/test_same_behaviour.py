@@ -113,8 +113,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path) -> None:
         assert "Traceback" not in proc.stderr
 
 
-def fake_run(start: float, product: str, fit: dict[str, object], acts: int) -> dict[str, object]:
-    phases = [{"name": "compile", "start": start, "end": start + 600, "runs": 7, "failed": 0, "note": "",
+def fake_run(start: float, product: str, fit: dict[str, object], acts: int, note: str) -> dict[str, object]:
+    phases = [{"name": "compile", "start": start, "end": start + 600, "runs": 7, "failed": 0, "note": note,
                "load": True}]
     audit = [{"ts": start + 1 + i, "type": "run.start", "playbook": "x", "target": "x[]", "dry_run": True}
              for i in range(acts)]
@@ -138,7 +138,7 @@ def test_combine_counts_an_old_trees_runs_only_through_a_record_that_replayed_th
     o, n, x, day = "oooooooooooo", "nnnnnnnnnnnn", "xxxxxxxxxxxx", 86400
     names = {}
     for k, (tree, acts) in enumerate(((o, 0), (o, 3), (n, 0), (x, 5))):
-        run = fake_run(1.0e9 + k * day, tree, fit, acts)
+        run = fake_run(1.0e9 + k * day, tree, fit, acts, f"{100 + k % 2} process starts")
         names[k] = f"{int(run['started'])}-{tree}"  # type: ignore[call-overload]
         (runs_dir / f"{names[k]}.json.gz").write_bytes(gzip.compress(json.dumps(run).encode()))
 
@@ -160,6 +160,12 @@ def test_combine_counts_an_old_trees_runs_only_through_a_record_that_replayed_th
     assert f"runs of product tree {o} count with {n}: same behaviour" in out
     assert x not in out
     assert "| compile | 20.0 | 14 (0) | 0 |" in out  # r2's 3 and X's 5 would-be actions are not in it
+    assert "| 100 process starts |" in out  # the same note once
+    run = json.loads(gzip.decompress((runs_dir / f"{names[2]}.json.gz").read_bytes()))
+    run["phases"][0]["note"] = "101 process starts"
+    (runs_dir / f"{names[2]}.json.gz").write_bytes(gzip.compress(json.dumps(run).encode()))
+    assert ffl.combine(n, [varied]) == 0
+    assert "| 100 process starts; 101 process starts |" in capsys.readouterr().out  # each run's own
     (runs_dir / "same" / f"{o}-{n}.json").write_text("{not json")
     assert ffl.combine(n, [varied]) == 0
     assert "1 run(s) of product tree" in capsys.readouterr().out
