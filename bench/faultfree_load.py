@@ -637,16 +637,24 @@ def outer(args: argparse.Namespace, loads: list[str]) -> int:
 def product_tree() -> str:
     """A hash of the committed product paths (git tree ids), with ``-dirty`` when any of them has
     uncommitted changes: the identity under which runs may be added together."""
-    def git(*a: str) -> str:
-        return subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True, text=True, check=True,
-                              timeout=30).stdout.strip()
     try:
-        ids = [git("rev-parse", f"HEAD:{p}") for p in PRODUCT_PATHS]
-        dirty = git("status", "--porcelain", "--", *PRODUCT_PATHS)
+        tree = tree_id("HEAD")
+        dirty = _git(ROOT, "status", "--porcelain", "--", *PRODUCT_PATHS)
     except (OSError, subprocess.SubprocessError):
         return "unknown-dirty"
-    tree = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:12]
     return f"{tree}-dirty" if dirty else tree
+
+
+def _git(repo: Path, *a: str) -> str:
+    return subprocess.run(["git", "-C", str(repo), *a], capture_output=True, text=True, check=True,
+                          timeout=30).stdout.strip()
+
+
+def tree_id(commit: str, repo: Path = ROOT) -> str:
+    """The product tree of ``commit``: a hash of its product paths' git tree ids (raises
+    ``subprocess.CalledProcessError`` when one is missing)."""
+    ids = [_git(repo, "rev-parse", f"{commit}:{p}") for p in PRODUCT_PATHS]
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:12]
 
 
 def keep_run(result: dict[str, Any], args: argparse.Namespace, loads: list[str]) -> Path:

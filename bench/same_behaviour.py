@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import gzip
-import hashlib
 import json
 import os
 import platform
@@ -110,8 +109,10 @@ def commit_of(repo: Path, rev: str) -> str:
 
 def tree_of(repo: Path, commit: str) -> str:
     """The product tree id of ``commit`` as ``faultfree_load.product_tree`` names a checkout's."""
-    ids = [git(repo, "rev-parse", f"{commit}:{p}") for p in ffl.PRODUCT_PATHS]
-    return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:12]
+    try:
+        return ffl.tree_id(commit, repo)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise BadInput(f"{commit}: no product tree ({', '.join(ffl.PRODUCT_PATHS)}) in {repo}") from exc
 
 
 def changed_files(repo: Path, old: str, new: str) -> list[str]:
@@ -137,7 +138,9 @@ def extract(repo: Path, commit: str, dest: Path) -> bool:
 
 
 def replay(tree: Path, samples: Path, native: bool, limit: int, work: Path) -> dict[str, Any]:
-    out = work / f"out-{os.getpid()}-{len(list(work.iterdir()))}.json"
+    fd, name = tempfile.mkstemp(suffix=".json", dir=work)
+    os.close(fd)
+    out = Path(name)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
     env.update(PYTHONPATH=str(tree), HEALD_KERNELS="1" if native else "0", PYTHONDONTWRITEBYTECODE="1")
     proc = subprocess.run([sys.executable, "-c", CHILD, str(tree), str(samples), str(out), str(limit)],
