@@ -155,10 +155,16 @@ def children() -> Iterator[list[subprocess.Popen[bytes]]]:
             p.stdin.close()
 
 
-def start(children: list[subprocess.Popen[bytes]], cg: Cgroup, code: str,
-          *args: str) -> subprocess.Popen[bytes]:
+def spawn(children: list[subprocess.Popen[bytes]], code: str, *args: str) -> subprocess.Popen[bytes]:
+    """A child that waits on its stdin (``Cgroup.enter``) before it does anything."""
     p = subprocess.Popen([PY, "-c", code, *args], stdin=subprocess.PIPE)
     children.append(p)
+    return p
+
+
+def start(children: list[subprocess.Popen[bytes]], cg: Cgroup, code: str,
+          *args: str) -> subprocess.Popen[bytes]:
+    p = spawn(children, code, *args)
     cg.enter(p)
     return p
 
@@ -172,42 +178,61 @@ def shipped_playbook() -> list[object]:
 async def watch(collector: CgroupCollector, eng: object, ours: list[Cgroup], seconds: float, *,
                 done: object = None, after: float = 8.0, forecast: bool = False) -> dict[str, float]:
     """Feed the engine one sample a second for ``seconds`` (as the daemon's 1 Hz sampler does),
-    with only our cgroups' metrics and events, and ``after`` seconds more once ``done()`` (the
-    run verifies on samples newer than its step); with ``forecast``, the daemon's forecaster
-    (its settings) reads the same metrics and its forecasts go with each sample, as the risk
-    stage sends them; returns each cgroup's peak used %."""
+    with only our cgroups' metrics and events, and between two samples, while the collector says
+    a cgroup is hot, its fast path every ``fast_interval_s`` (the daemon's ``fast`` task: the
+    last sample's metrics with the hot cgroups' read anew, evaluated with the last risk); and
+    ``after`` seconds more once ``done()`` (the run verifies on samples newer than its step); with
+    ``forecast``, the daemon's forecaster (its settings) reads the same metrics and its forecasts go
+    with each sample, as the risk stage sends them; returns each cgroup's peak used %."""
     fc = Forecaster() if forecast else None
     labels = {cg.label for cg in ours}
     peak = dict.fromkeys(labels, 0.0)
+    interval = collector.settings.fast_interval_s
+
+    def ours_only(metrics: dict[str, float | None]) -> dict[str, float | None]:
+        return {k: v for k, v in metrics.items() if k.partition("[")[2][:-1] in labels}
+
+    def note_peaks(metrics: dict[str, float | None]) -> None:
+        for label in labels:
+            peak[label] = max(peak[label], metrics.get(f"cgroup.mem.used_pct[{label}]") or 0.0)
+
     t0 = time.monotonic()
     n = 0
     while time.monotonic() - t0 < seconds:
-        reading = await asyncio.to_thread(collector.collect)
-        metrics = {k: v for k, v in reading.metrics.items() if k.partition("[")[2][:-1] in labels}
+        reading = collector.collect()  # inline, on the event loop, as the daemon runs it
+        metrics = ours_only(reading.metrics)
         events = [e for e in reading.events if e.labels.get("cgroup") in labels]
-        for label in labels:
-            peak[label] = max(peak[label], metrics.get(f"cgroup.mem.used_pct[{label}]") or 0.0)
+        note_peaks(metrics)
         if fc is not None:
             fc.push(dict(metrics), time.monotonic())
-        await eng.evaluate(sample(metrics, events),  # type: ignore[attr-defined]
-                           None if fc is None else risk(forecasts=fc.forecasts))
+        last_risk = None if fc is None else risk(forecasts=fc.forecasts)
+        await eng.evaluate(sample(metrics, events), last_risk)  # type: ignore[attr-defined]
         if callable(done) and done():
             seconds = min(seconds, time.monotonic() - t0 + after)
             done = None
         n += 1
+        while interval > 0 and collector.hot and time.monotonic() + interval < t0 + n:
+            await asyncio.sleep(interval)
+            metrics = ours_only(collector.collect_hot().metrics)
+            note_peaks(metrics)
+            await eng.evaluate(sample(metrics), last_risk)  # type: ignore[attr-defined]
         await asyncio.sleep(max(0.0, t0 + n - time.monotonic()))
     return peak
 
 
 @pytest.mark.slow
 @pytest.mark.asyncio
-@pytest.mark.parametrize(("rate", "limit"), [(20, 256), (60, 512)])
+@pytest.mark.parametrize(("rate", "limit"), [(20, 256), (60, 512), (60, 256), (100, 256)])
 async def test_a_leak_in_a_limited_cgroup_is_stopped_before_the_oom_kill(
         tmp_path: Path, children: list[subprocess.Popen[bytes]], rate: int, limit: int) -> None:
     """Old: every memory trigger was host-wide; a unit leaking inside MemoryMax= was OOM-killed
     by the kernel while heald saw host memory at a few percent and never ran. The collector runs
     with its defaults (a 30 s rescan) and has made its first pass before the cgroup exists, as a
-    container started after heald: the cgroup is found through the inotify watch, at once."""
+    container started after heald: the cgroup is found through the inotify watch, at once.
+    60 and 100 MiB/s into 256 MiB (the OOM kill 4-5 s and 2.6 s after the start) are stopped
+    only with the fast path (the cgroup read every 0.1 s while it is hot) and, at 100 MiB/s, the
+    playbook's "full within 3 s right now, past 60 %" branch; old (once a second, the 2 s branch
+    only): both OOM-killed by the kernel."""
     collector = CgroupCollector(CgroupSettings())
     collector.start()
     collector.collect()
@@ -235,16 +260,19 @@ async def test_a_leak_in_a_limited_cgroup_is_stopped_before_the_oom_kill(
 @pytest.mark.asyncio
 async def test_only_the_leaking_cgroup_is_touched(tmp_path: Path,
                                                   children: list[subprocess.Popen[bytes]]) -> None:
-    """Five limited cgroups at once: one leaking (healed), one holding 80% of its limit and
-    flat (left alone), one writing ten times its limit through the page cache like a backup job
-    and one re-reading a file of 60% of its limit (both left alone: cache the kernel reclaims is
-    not a leak, whether on the inactive or the active file list), and one ramping up to 55% of its
-    limit at 8 MiB/s and holding there, as a JVM heap or `stress-ng --vm` does (left alone: at that
-    rate the limit is still 14 s away when it stops). The daemon's forecaster runs beside (the
-    slow-leak branch). Old: the re-reader's active file pages counted as used (66% in a second:
-    "a leak"); the ramp was stopped as it crossed half its limit, by the fast line ("full within
-    60 s") and, with that line at 10 s, by the forecast branch (a forecast fitted on the ramp, "full
-    in 14 s", still shown as it stopped: the branch now needs 20 s past half the limit)."""
+    """Five limited cgroups at once: one leaking (healed), one that jumps to 80% of its limit in one
+    step, 4.5 s in (between two readings, as a heap pre-touched at start), and holds there (left
+    alone: the fast path reads it every 0.1 s while it looks hot, and both fast branches need it to
+    grow right now, over the last 0.3 s; on the 8 s slope alone it was "full in 1.3 s" 2 s after the
+    jump, and stopped), one writing ten times its limit through the page cache like a backup job and
+    one re-reading a file of 60% of its limit (both left alone: cache the kernel reclaims is not a
+    leak, whether on the inactive or the active file list), and one ramping up to 55% of its limit at
+    8 MiB/s and holding there, as a JVM heap or `stress-ng --vm` does (left alone: at that rate the
+    limit is still 14 s away when it stops). The daemon's forecaster runs beside (the slow-leak
+    branch). Old: the re-reader's active file pages counted as used (66% in a second: "a leak"); the
+    ramp was stopped as it crossed half its limit, by the fast line ("full within 60 s") and, with
+    that line at 10 s, by the forecast branch (a forecast fitted on the ramp, "full in 14 s", still
+    shown as it stopped: the branch now needs 20 s past half the limit)."""
     pid = os.getpid()
     with (tempfile.TemporaryDirectory(dir="/var/tmp") as scratch,  # removed after the cgroups' processes
           memory_cgroup(f"heald-test-leaky-{pid}", 256) as leaky,
@@ -255,7 +283,7 @@ async def test_only_the_leaking_cgroup_is_touched(tmp_path: Path,
         collector = CgroupCollector(CgroupSettings(rescan_s=0.5))
         collector.start()
         eng, rec = make_engine(tmp_path, shipped_playbook(), PlaybookSettings(dirs=()))  # type: ignore[arg-type]
-        holder = start(children, steady, STEADY, "205")
+        holder = spawn(children, STEADY, "205")  # enters its cgroup 4.5 s into the watch
         writer = start(children, cache, CACHE, str(Path(scratch) / "backup.bin"), "1280")
         reader = start(children, reread, REREAD, str(cold_file(Path(scratch) / "data.bin", 80)))
         ramper = start(children, ramp, LEAK, "8", "140")
@@ -263,6 +291,7 @@ async def test_only_the_leaking_cgroup_is_touched(tmp_path: Path,
         leak = start(children, leaky, LEAK, "25", "512")
         ours = [leaky, steady, cache, reread, ramp]
         async with running(eng):
+            asyncio.get_running_loop().call_later(4.5, steady.enter, holder)
             peak = await watch(collector, eng, ours, 40, forecast=True)
             await idle(eng)
         assert leak.wait(10) == -signal.SIGTERM

@@ -47,6 +47,19 @@ class Collector(Protocol):
         """Release handles (NVML shutdown, open files)."""
 
 
+@runtime_checkable
+class FastCollector(Protocol):
+    """A collector with a fast path (:class:`agent.collect.cgroups.CgroupCollector`): while ``hot``,
+    ``collect_hot()`` reads again, out of its schedule, the few metrics that cannot wait for the
+    next pass, and returns the whole reading's metrics as they are now (the last pass's with
+    those replaced) and the new events only."""
+
+    @property
+    def hot(self) -> bool: ...
+
+    def collect_hot(self) -> Reading: ...
+
+
 S = TypeVar("S", bound=CollectorSettings)
 
 

@@ -39,6 +39,12 @@ Metrics (``CG`` = the cgroup path):
                                         ``slope_window_s``, bytes/s
 ``cgroup.mem.eta_s[CG]``                headroom / growth while the working set grows (absent when it
                                         does not): seconds until the limit at the current rate
+``cgroup.mem.eta_now_s[CG]``            headroom / the growth since the newest reading at least
+                                        ``NOW_S`` (0.3 s) older: seconds until the limit at the rate
+                                        of right now (absent when it does not grow now). The slope
+                                        remembers a jump for its whole window (a heap pre-touched
+                                        to 80 % in one step keeps eta_s short for seconds after it
+                                        stopped); this one forgets it 0.3 s later
 ``cgroup.mem.oom_kills[CG]``            OOM kills inside the cgroup (memory.events oom_kill; v1
                                         memory.oom_control oom_kill, kernels >= 4.13)
 ``cgroup.psi.mem_some_avg10_pct[CG]``   the cgroup's own memory PSI, "some" 10 s average, % (v2)
@@ -51,6 +57,15 @@ Metrics (``CG`` = the cgroup path):
 ======================================= ==================================================================
 
 Events: ``cgroup.oom_kill`` (labels ``cgroup``; ``value`` = new kills) when the count increases.
+
+The fast path: once a second is too slow for a leak that fills a small limit in a few seconds
+(60 MiB/s into 256 MiB: the OOM kill 4-5 s after the start, three or four passes in all, the
+ETA's slope needs three of them). A cgroup whose working set would reach its limit within
+``fast_eta_s`` at its present rate (over the last two readings, or the slope) is *hot*:
+:meth:`CgroupCollector.collect_hot` reads its memory files again (only the hot cgroups', only
+the memory files), every ``fast_interval_s`` while it stays hot, and the daemon evaluates the
+playbooks on each such reading (:meth:`agent.runtime.sampler.Sampler.fast_pass`). A node whose
+limited cgroups are calm pays nothing for it: no timer runs while none is hot.
 """
 
 from __future__ import annotations
@@ -70,6 +85,13 @@ from agent.errors import CollectorUnavailable
 
 # v1 reports "no limit" as the largest page-aligned 63-bit value; anything this big is no limit.
 _V1_UNLIMITED = 1 << 60
+#: cgroup.mem.eta_now_s: the rate against the newest reading at least this much older, seconds.
+NOW_S = 0.3
+#: What a pass writes for a cgroup's memory (:meth:`CgroupCollector._memory`): the fast path
+#: drops a hot cgroup's last values of these before it reads them anew (an ETA absent now is absent).
+_MEM_FAMILIES = ("cgroup.mem.used_bytes", "cgroup.mem.limit_bytes", "cgroup.mem.used_pct",
+                 "cgroup.mem.headroom_bytes", "cgroup.mem.growth_bytes_per_s", "cgroup.mem.eta_s",
+                 "cgroup.mem.eta_now_s", "cgroup.mem.oom_kills", "cgroup.psi.mem_some_avg10_pct")
 
 
 def _int(data: bytes | None) -> int | None:
@@ -122,10 +144,12 @@ class _Watched:
     pids: str | None
     cpu: str | None
     v2: bool
-    used: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=64))
+    # 8 s of readings at 1 Hz, or of the fast path's 10 Hz (a shorter window while hot)
+    used: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=96))
     tasks: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=64))
     oom_kills: int | None = None
     throttled: tuple[float, float] | None = None  # (mono, throttled seconds so far)
+    hot: bool = False  # heading for its limit within fast_eta_s: read on the fast path
 
 
 class CgroupCollector(BaseCollector[CgroupSettings]):
@@ -140,6 +164,7 @@ class CgroupCollector(BaseCollector[CgroupSettings]):
         self._scanned = -1e18
         self._follow_up: float | None = None  # a second walk after a change (limits set after mkdir)
         self._dirs = DirWatch() if self.settings.watch_changes else None
+        self._last: Metrics = {}  # the last reading's metrics (the fast path reads over them)
 
     # ------------------------------------------------------------------ discovery
     def start(self) -> None:
@@ -244,6 +269,28 @@ class CgroupCollector(BaseCollector[CgroupSettings]):
             self._pids(w, now, reading.metrics)
             self._cpu(w, now, reading.metrics)
         reading.detail = {"watched": sorted(self._watched)}
+        self._last = reading.metrics
+        return reading
+
+    @property
+    def hot(self) -> bool:
+        """Whether a watched cgroup heads for its memory limit within ``fast_eta_s`` (and the
+        fast path is on): :meth:`collect_hot` is then worth calling every ``fast_interval_s``."""
+        return self.settings.fast_interval_s > 0 and any(w.hot for w in self._watched.values())
+
+    def collect_hot(self) -> Reading:
+        """The fast path: the last reading's metrics with the hot cgroups' memory read anew (a
+        value the new reading lacks, such as an ETA that is over, is gone), and the new OOM-kill
+        events only; no detail (the last pass's stands)."""
+        now = time.monotonic()
+        hot = [w for w in self._watched.values() if w.hot]
+        reading = Reading(metrics=dict(self._last))
+        for w in hot:
+            for family in _MEM_FAMILIES:
+                reading.metrics.pop(key(family, w.label), None)
+        for w in hot:
+            self._memory(w, now, reading)
+        self._last = reading.metrics
         return reading
 
     def _memory(self, w: _Watched, now: float, reading: Reading) -> None:
@@ -275,14 +322,26 @@ class CgroupCollector(BaseCollector[CgroupSettings]):
         w.oom_kills = kills
         if used is None or limit is None or limit <= 0:
             w.used.clear()
+            w.hot = False
             return
         headroom = max(0, limit - used)
         m[key("cgroup.mem.used_pct", label)] = 100.0 * used / limit
         m[key("cgroup.mem.headroom_bytes", label)] = float(headroom)
+        last = w.used[-1] if w.used else None
         rate = growth(w.used, now, float(used), self.settings.slope_window_s)
         m[key("cgroup.mem.growth_bytes_per_s", label)] = rate
         if rate is not None and rate > 0:
             m[key("cgroup.mem.eta_s", label)] = headroom / rate
+        for t, v in reversed(w.used):
+            if now - t >= NOW_S:
+                if used > v:
+                    m[key("cgroup.mem.eta_now_s", label)] = headroom * (now - t) / (used - v)
+                break
+        # Hot: the limit within fast_eta_s at the slope's rate or at the last step's (the slope
+        # needs three readings: the second pass of a fast leak already says where it goes).
+        step = (used - last[1]) / (now - last[0]) if last is not None and now > last[0] else 0.0
+        fastest = max(rate or 0.0, step)
+        w.hot = fastest > 0 and headroom < fastest * self.settings.fast_eta_s
 
     def _pids(self, w: _Watched, now: float, m: Metrics) -> None:
         if w.pids is None:

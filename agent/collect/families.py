@@ -29,7 +29,8 @@ METRIC_FAMILIES: Final[frozenset[str]] = frozenset({
     "mem.growth_bytes_per_s", "mem.eta_s",
     *(f"psi.{f}_pct" for f in _PSI),
     "cgroup.mem.used_bytes", "cgroup.mem.limit_bytes", "cgroup.mem.used_pct", "cgroup.mem.headroom_bytes",
-    "cgroup.mem.growth_bytes_per_s", "cgroup.mem.eta_s", "cgroup.mem.oom_kills", "cgroup.cpu.throttled_pct",
+    "cgroup.mem.growth_bytes_per_s", "cgroup.mem.eta_s", "cgroup.mem.eta_now_s",
+    "cgroup.mem.oom_kills", "cgroup.cpu.throttled_pct",
     "cgroup.pids.used_pct", "cgroup.pids.headroom", "cgroup.pids.eta_s", "cgroup.psi.mem_some_avg10_pct",
     # kernel tables vs their limits (agent.collect.limits)
     "fd.used_pct", "fd.headroom", "fd.eta_s", "proc.fd.count", "proc.fd.used_pct", "proc.fd.headroom",

@@ -91,6 +91,12 @@ class CgroupSettings(CollectorSettings, frozen=True, forbid_unknown_fields=True,
     max_cgroups: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 64
     # The window of the working set's growth rate (cgroup.mem.growth_bytes_per_s, cgroup.mem.eta_s).
     slope_window_s: Annotated[float, msgspec.Meta(ge=2, le=600)] = 8.0
+    # The fast path: a cgroup whose working set would reach its limit within fast_eta_s at its
+    # present rate is read again every fast_interval_s (its memory files only), and the playbooks
+    # are evaluated on each such reading, not only once a sample: a leak that fills a small limit
+    # in a few seconds is seen while there is time to act (0 turns the fast path off).
+    fast_interval_s: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.1
+    fast_eta_s: Annotated[float, msgspec.Meta(ge=1, le=600)] = 30.0
 
 
 class LimitSettings(CollectorSettings, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -4,6 +4,9 @@ Tasks (all named, all children of the root TaskGroup):
   collect:<name>  one per collector, at its own interval
   sample          assembles a Sample every ``sample.interval_s`` and runs it through the
                   pipeline (features -> score -> decide -> report), marks the loop alive
+  fast            the fast path: while a limited cgroup heads for its memory limit within
+                  seconds, its memory is read again every ``collect.cgroups.fast_interval_s``
+                  and the playbooks evaluated on it (:meth:`Sampler.fast_pass`); idle otherwise
   watchdog        WATCHDOG=1 to systemd only while ``sample`` is alive
   reload          applies SIGHUP reloads (an invalid config keeps the old one, logged)
   stop            waits for SIGTERM/SIGINT and ends the group
@@ -150,6 +153,16 @@ class Daemon:
             await self.pipeline.process(sample)
             self._last_tick = time.monotonic()
 
+    async def _fast_loop(self) -> None:
+        while True:
+            sampler = self.sampler
+            await sampler.hot.wait()
+            sampler.hot.clear()
+            while (sampler is self.sampler and (interval := self.settings.collect.cgroups.fast_interval_s) > 0
+                   and sampler.fast_pass()):
+                await self.pipeline.process_fast(sampler.assemble(fast=True))
+                await asyncio.sleep(interval)
+
     async def _watchdog_loop(self) -> None:
         interval = self.notifier.watchdog_interval()
         if interval is None:
@@ -224,8 +237,10 @@ class Daemon:
         if new.collect != old.collect or new.sample.stale_after != old.sample.stale_after:
             seq = self.sampler.seq
             await self._stop_collectors()
+            old_hot = self.sampler.hot
             self.sampler = self._build_sampler(new)
             self.sampler.seq = seq
+            old_hot.set()  # the fast path waits on the new sampler from now on
             self._start_collectors()
         failed = []
         for section in sections:
@@ -266,6 +281,7 @@ class Daemon:
                 self._tg = tg
                 self._start_collectors()
                 tg.create_task(self._sample_loop(), name="sample")
+                tg.create_task(self._fast_loop(), name="fast")
                 tg.create_task(self._watchdog_loop(), name="watchdog")
                 tg.create_task(self._status_loop(), name="status")
                 tg.create_task(self._reload_loop(), name="reload")

@@ -138,6 +138,20 @@ class Pipeline:
         self.last_risk: Risk | None = None
         self.stage_cost = StageCost()
 
+    async def process_fast(self, sample: Sample) -> None:
+        """The fast path's sample (:meth:`agent.runtime.sampler.Sampler.fast_pass`): the playbooks
+        only, with the last sample's risk; nothing is scored, counted or reported (the next
+        sample carries the same readings)."""
+        if self.decider is None:
+            return
+        self.decider.set_auto_hold(self.hold is not None and self.hold.holds(sample.wall))
+        if self.reporter is not None:
+            self.decider.set_connected(self.reporter.connected)
+        try:
+            await self.decider.evaluate(sample, self.last_risk)
+        except Exception:  # a playbook bug must not stop sampling or reporting
+            log.exception("playbook evaluation failed on the fast path", seq=sample.seq)
+
     async def process(self, sample: Sample) -> None:
         if self.cost is not None:
             try:

@@ -10,6 +10,13 @@ hand-off, no wake-up of a worker and of the loop again, and those sharing an int
 task (one timer). An inline pass that ever takes longer than :data:`INLINE_MAX_S` (a slow
 sensor, a loaded host) moves that collector to a worker thread for good, logged once. A collector
 that cannot start is disabled and logged once.
+
+The fast path: a collector with one (:class:`agent.collect.base.FastCollector`: the cgroup
+collector, while a limited cgroup heads for its limit within seconds) sets :attr:`Sampler.hot`
+after a pass; the daemon then calls :meth:`Sampler.fast_pass` every few tenths of a second, on
+the event loop, and evaluates the playbooks on :meth:`Sampler.assemble` ``(fast=True)``: the
+latest readings with the hot metrics read anew, the same sequence number, no events (they go
+with the next sample), not scored and not reported.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from typing import TypeVar
 import structlog
 
 from agent.collect import registry
-from agent.collect.base import Collector
+from agent.collect.base import Collector, FastCollector
 from agent.collect.sample import CollectorState, Event, Reading, Sample
 from agent.collect.settings import CollectSettings
 from agent.errors import CollectorUnavailable
@@ -49,6 +56,7 @@ class _Slot:
     failures: int = 0
     known_keys: set[str] = field(default_factory=set)
     inline: bool = False  # collect() runs on the event loop (see the module docstring)
+    fast: bool = False  # it has a fast path (a FastCollector)
 
 
 class Sampler:
@@ -59,7 +67,8 @@ class Sampler:
         self.node = node
         self.stale_after = stale_after
         self.seq = 0
-        self._slots = {c.name: _Slot(c, inline=getattr(c, "inline", False) is True) for c in collectors}
+        self._slots = {c.name: _Slot(c, inline=getattr(c, "inline", False) is True,
+                                     fast=isinstance(c, FastCollector)) for c in collectors}
         self._absent = dict(absent or {})
         self._events: list[Event] = []
         self._executor = ThreadPoolExecutor(max_workers=max(2, len(collectors) + 1),
@@ -69,6 +78,8 @@ class Sampler:
         # node is watched (an auth log is followed from its end as of then: see ``wait_started``).
         self._unstarted = set(self._slots)
         self._all_started = asyncio.Event()
+        #: Set after a pass of a collector whose fast path is hot (see the module docstring).
+        self.hot = asyncio.Event()
         if not self._unstarted:
             self._all_started.set()
 
@@ -142,6 +153,34 @@ class Sampler:
         if result.events:
             self._events.extend(result.events)
             del self._events[:-1000]  # bounded if nobody drains (never in the daemon)
+        if slot.fast and slot.inline and slot.collector.hot:  # type: ignore[attr-defined]
+            self.hot.set()
+
+    def fast_pass(self) -> bool:
+        """One fast-path reading of every hot collector that runs on the event loop (one moved to
+        a worker thread has none: its state is not shared across threads): its metrics as they
+        are now replace its last reading's. False when none is hot (the fast path then waits for
+        :attr:`hot` again)."""
+        any_hot = False
+        for name, slot in self._slots.items():
+            c = slot.collector
+            if (not slot.fast or slot.status != "ok" or slot.reading is None or not slot.inline
+                    or not isinstance(c, FastCollector) or not c.hot):
+                continue
+            try:
+                extra = c.collect_hot()
+            except Exception as exc:  # noqa: BLE001 - a collector bug costs its fast path, not the daemon
+                log.warning("collector fast path failed", collector=name,
+                            error=f"{type(exc).__name__}: {exc}")
+                continue
+            any_hot = True
+            last = slot.reading
+            slot.reading = Reading(metrics=extra.metrics, events=last.events, detail=last.detail)
+            slot.known_keys.update(extra.metrics)
+            if extra.events:
+                self._events.extend(extra.events)
+                del self._events[:-1000]
+        return any_hot
 
     def _collect_many(self, names: tuple[str, ...]) -> list[tuple[str, Reading | Exception, float]]:
         """Worker-thread side: one pass of each collector in turn, each timed on its own."""
@@ -237,8 +276,10 @@ class Sampler:
         """Each collector's status now (starting, ok, late, failing, absent, disabled)."""
         return {name: slot.status for name, slot in self._slots.items()}
 
-    def assemble(self) -> Sample:
-        """One Sample from the latest readings; stale collectors' metrics are reported missing."""
+    def assemble(self, *, fast: bool = False) -> Sample:
+        """One Sample from the latest readings; stale collectors' metrics are reported missing.
+        ``fast``: for the fast path's evaluation only: the sequence number is not advanced and the
+        events stay for the next sample."""
         now = time.monotonic()
         metrics: dict[str, float | None] = {}
         states: dict[str, CollectorState] = {}
@@ -260,6 +301,9 @@ class Sampler:
                                           duration_ms=slot.duration_ms)
         for name, reason in self._absent.items():
             states[name] = CollectorState(status="absent", reason=reason)
+        if fast:
+            return Sample(node=self.node, seq=self.seq, wall=time.time(), mono=now, metrics=metrics,
+                          events=(), collectors=states, detail=detail)
         events, self._events = tuple(self._events), []
         self.seq += 1
         return Sample(node=self.node, seq=self.seq, wall=time.time(), mono=now, metrics=metrics,
