@@ -6,7 +6,8 @@ playbook as shipped, in enforce (issue 20).
 For each fault class it can inject safely on a shared machine, the bench runs the fault twice:
 
 1. **healed**: the shipped predictive playbook exactly as shipped, in ENFORCE, through the real
-   engine, the real collectors read once a second (as the daemon's sampler does) and the
+   engine, the real collectors read once a second (as the daemon's sampler does; and the cgroup
+   collector's fast path every 0.1 s while a cgroup is hot, as the daemon's ``fast`` task) and the
    daemon's forecaster (``agent.score.forecast.Forecaster()``, its default settings). Did it act
    before the failure (the OOM kill, ENOSPC, EMFILE, EAGAIN never happened; the leaking process
    was stopped, or the space cleaned and the writer finished), when, with which step, and the
@@ -93,6 +94,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from healdbench import check_confined_audit, confine, confined
 
 from agent.act.engine import Engine
+from agent.collect.base import FastCollector
 from agent.collect.cgroups import CgroupCollector
 from agent.collect.disk import DiskCollector
 from agent.collect.limits import LimitCollector
@@ -766,18 +768,35 @@ async def drive(rig: Rig, books: list[Playbook], settings: PlaybookSettings, sta
     try:
         while (now := time.monotonic() - t0) < budget_s:
             rig.tick()
-            metrics: dict[str, float | None] = {}
+            per: dict[str, dict[str, float | None]] = {}  # by collector (the fast path replaces one's)
             events: list[Event] = []
             for c in rig.collectors:
                 reading = await asyncio.to_thread(c.collect)
-                metrics.update({k: v for k, v in reading.metrics.items() if rig.keep(k)})
+                per[c.name] = {k: v for k, v in reading.metrics.items() if rig.keep(k)}
                 events += [e for e in reading.events if any(rig.keep(f"x[{v}]") for v in e.labels.values())]
+            metrics = {k: v for m in per.values() for k, v in m.items()}
             last = metrics
             fc.push(metrics, time.monotonic())
             n += 1
             await eng.evaluate(Sample(node="bench", seq=n, wall=time.time(), mono=time.monotonic(),
                                       metrics=metrics, events=tuple(events)), risk_of(fc, n))
             failed = rig.failure()
+            # the daemon's fast path (agent.runtime.sampler.Sampler.fast_pass): while a collector
+            # is hot, its fast reading every fast_interval_s, evaluated with the same number and
+            # the last risk (the forecaster is not fed: the daemon does not score these)
+            while failed is None and (hot := [c for c in rig.collectors
+                                              if isinstance(c, FastCollector) and c.hot]):
+                interval = float(getattr(getattr(hot[0], "settings", None), "fast_interval_s", 0.1))
+                if time.monotonic() + interval >= t0 + n:
+                    break
+                await asyncio.sleep(interval)
+                for c in hot:
+                    fresh = c.collect_hot().metrics
+                    per[getattr(c, "name", "")] = {k: v for k, v in fresh.items() if rig.keep(k)}
+                last = metrics = {k: v for m in per.values() for k, v in m.items()}
+                await eng.evaluate(Sample(node="bench", seq=n, wall=time.time(), mono=time.monotonic(),
+                                          metrics=metrics), risk_of(fc, n))
+                failed = rig.failure()
             if failed is not None:
                 out.failed_at = failed - t0
                 break

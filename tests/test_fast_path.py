@@ -64,6 +64,22 @@ def test_a_calm_node_is_never_hot(tmp_path: Path) -> None:
                                root=str(tmp_path)).hot
 
 
+def test_a_cgroup_sitting_at_its_limit_with_jitter_is_not_hot(tmp_path: Path) -> None:
+    """Within 30 s of its limit by any positive step, it would keep ten evaluations a second
+    going for as long as it sits there: hot needs growth of at least 2 % of the limit a second."""
+    app, _ = v1_tree(tmp_path)
+    c = CgroupCollector(CgroupSettings(watch_changes=False), root=str(tmp_path))
+    c.start()
+    for mib in (97, 97.5, 97.2, 97.7, 97.3, 97.8):  # steps of +0.5 MiB in 0.4 s: 1.25 MiB/s
+        use(app, mib)
+        c.collect()
+        assert not c.hot, mib
+        time.sleep(0.4)
+    use(app, 98.8)  # +1 MiB in 0.4 s: 2.5 % of the limit a second, 1.2 MiB left: hot
+    c.collect()
+    assert c.hot
+
+
 def test_the_second_reading_of_a_fast_leak_is_hot_and_a_fast_reading_replaces_only_its_memory(
         tmp_path: Path) -> None:
     app, calm = v1_tree(tmp_path)

@@ -61,7 +61,8 @@ Events: ``cgroup.oom_kill`` (labels ``cgroup``; ``value`` = new kills) when the 
 The fast path: once a second is too slow for a leak that fills a small limit in a few seconds
 (60 MiB/s into 256 MiB: the OOM kill 4-5 s after the start, three or four passes in all, the
 ETA's slope needs three of them). A cgroup whose working set would reach its limit within
-``fast_eta_s`` at its present rate (over the last two readings, or the slope) is *hot*:
+``fast_eta_s`` at its present rate (over the last two readings, or the slope), growing by at least
+``HOT_MIN_PCT_S`` (2 %) of its limit a second, is *hot*:
 :meth:`CgroupCollector.collect_hot` reads its memory files again (only the hot cgroups', only
 the memory files), every ``fast_interval_s`` while it stays hot, and the daemon evaluates the
 playbooks on each such reading (:meth:`agent.runtime.sampler.Sampler.fast_pass`). A node whose
@@ -87,6 +88,11 @@ from agent.errors import CollectorUnavailable
 _V1_UNLIMITED = 1 << 60
 #: cgroup.mem.eta_now_s: the rate against the newest reading at least this much older, seconds.
 NOW_S = 0.3
+#: Hot needs growth of at least this share of the limit a second (%/s): a cgroup sitting at its
+#: limit with a little jitter is always "within 30 s" of it, and would keep the fast path (ten
+#: playbook evaluations a second) running for as long as it sits there. A leak slower than this
+#: gives the once-a-second lines their time (at 2 %/s, 25 s from half the limit to the limit).
+HOT_MIN_PCT_S = 2.0
 #: What a pass writes for a cgroup's memory (:meth:`CgroupCollector._memory`): the fast path
 #: drops a hot cgroup's last values of these before it reads them anew (an ETA absent now is absent).
 _MEM_FAMILIES = ("cgroup.mem.used_bytes", "cgroup.mem.limit_bytes", "cgroup.mem.used_pct",
@@ -341,7 +347,8 @@ class CgroupCollector(BaseCollector[CgroupSettings]):
         # needs three readings: the second pass of a fast leak already says where it goes).
         step = (used - last[1]) / (now - last[0]) if last is not None and now > last[0] else 0.0
         fastest = max(rate or 0.0, step)
-        w.hot = fastest > 0 and headroom < fastest * self.settings.fast_eta_s
+        w.hot = (fastest >= limit * HOT_MIN_PCT_S / 100.0
+                 and headroom < fastest * self.settings.fast_eta_s)
 
     def _pids(self, w: _Watched, now: float, m: Metrics) -> None:
         if w.pids is None:
