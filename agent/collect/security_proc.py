@@ -16,10 +16,12 @@ process whose executable is
 Only suspicious processes cost more than the readlink: their ``/proc/PID/stat`` (CPU, state) and,
 when frozen by heald, their freezer cgroup. ``allow_sha256`` exempts a binary wherever it runs.
 
-Egress (every ``egress_interval_s`` while there is a suspect, where ``ss`` exists): one
-``ss -tinHe state established`` lists the TCP sockets with their inode and ``bytes_acked``;
-sockets to a loopback peer are not egress. The sockets of each suspicious process are found
-through its ``/proc/PID/fd`` links (``socket:[INODE]``), so only those few directories are read.
+Egress (every ``egress_interval_s`` while there is a suspect): the established TCP sockets with
+their inode and ``bytes_acked``, read in-process from netlink sock_diag
+(:mod:`agent.collect.sockdiag`; where that fails, or below a fixture root, one
+``ss -tinHe state established``, where ``ss`` exists); sockets to a loopback peer are not
+egress. The sockets of each suspicious process are found through its ``/proc/PID/fd`` links
+(``socket:[INODE]``), so only those few directories are read.
 A process's first egress pass sets its base. A spike is ``egress_min_bytes_per_s`` and
 ``egress_factor`` times the process's own average of the passes before (with no average yet,
 the absolute floor alone decides), or ``egress_min_new_conns`` new connections in one pass.
@@ -66,6 +68,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
+import structlog
+
+from agent.collect import sockdiag
 from agent.collect.base import BaseCollector
 from agent.collect.processes import parse_pid_stat
 from agent.collect.procfs import read_bytes
@@ -140,6 +145,9 @@ def file_digest(path: str, limit: int = _FILE_MAX) -> str | None:
         return None
     finally:
         os.close(fd)
+
+
+log = structlog.get_logger("heald.collect.security_proc")
 
 
 def _head(path: str, limit: int) -> bytes:
@@ -229,6 +237,8 @@ class SecurityProcCollector(BaseCollector[SecurityProcSettings]):
         self._node_rate: float | None = None
         self._files_t = -1e18
         self._ss_ok = s.egress
+        # the host's own sockets in-process (agent/collect/sockdiag.py); fixture roots use ss
+        self._diag = s.egress and root == "/"
         self._unreadable = 0  # processes whose executable could not be read in the last pass
 
     # ------------------------------------------------------------------ baseline
@@ -444,17 +454,30 @@ class SecurityProcCollector(BaseCollector[SecurityProcSettings]):
         return False
 
     # ------------------------------------------------------------------ egress
-    def _egress(self, mono: float, pids: list[str]) -> None:
+    def _sockets(self) -> dict[int, tuple[bool, int]] | None:
+        """The established TCP sockets: from netlink sock_diag in-process where this collector
+        reads the host's own /proc, else (or where sock_diag fails) from ``ss``; None this pass."""
         s = self.settings
+        if self._diag:
+            try:
+                return sockdiag.established(timeout_s=max(0.2, s.timeout_s / 2))
+            except OSError as exc:  # TimeoutError included: ss from now on
+                self._diag = False
+                log.info("netlink sock_diag unavailable; egress read with ss", error=str(exc))
         try:
             done = subprocess.run([*s.ss, "-tinHe", "state", "established"], capture_output=True,
                                   timeout=max(0.2, s.timeout_s / 2), check=False)
         except (OSError, subprocess.TimeoutExpired):
             self._ss_ok = isinstance(self._egress_t, float)  # missing at the first try: off
-            return
+            return None
         if done.returncode != 0:
+            return None
+        return parse_ss(done.stdout.decode("utf-8", "replace"))
+
+    def _egress(self, mono: float, pids: list[str]) -> None:
+        socks = self._sockets()
+        if socks is None:
             return
-        socks = parse_ss(done.stdout.decode("utf-8", "replace"))
         dt = mono - self._egress_t if self._egress_t is not None else 0.0
         self._egress_t = mono
         total = 0

@@ -1,0 +1,197 @@
+"""agent/collect/sockdiag.py: the established TCP sockets read from netlink sock_diag, in-process.
+
+Against the real kernel: real connections over loopback (IPv4, IPv6, a v4-mapped IPv6 socket)
+and to this host's own non-loopback address, their inodes and the bytes the peer acknowledged,
+and the same socket set as ``ss -tinHe state established`` where ss exists. The parser: kernel
+answers built byte for byte, and any bytes at all (truncated, lying lengths) parse without an
+exception other than the OSError of an error answer.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.collect import sockdiag
+from agent.collect.security_proc import parse_ss
+
+
+@contextmanager
+def _pair(family: int, host: str) -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A connected (client, server side) TCP pair to ``host``."""
+    with socket.socket(family, socket.SOCK_STREAM) as server:
+        server.bind((host, 0))
+        server.listen(1)
+        client = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            client.connect(server.getsockname()[:2])
+            conn, _ = server.accept()
+            with conn:
+                yield client, conn
+        finally:
+            client.close()
+
+
+def _inode(s: socket.socket) -> int:
+    return os.fstat(s.fileno()).st_ino
+
+
+def _acked(client: socket.socket, conn: socket.socket, payload: bytes) -> dict[int, tuple[bool, int]]:
+    """Send ``payload``, let the peer read it all, and read the sockets until the kernel says acked."""
+    client.sendall(payload)
+    got = 0
+    while got < len(payload):
+        got += len(conn.recv(1 << 20))
+    deadline = time.monotonic() + 5
+    while True:
+        socks = sockdiag.established()
+        if socks.get(_inode(client), (False, 0))[1] >= len(payload) or time.monotonic() > deadline:
+            return socks
+
+
+@pytest.mark.parametrize(("family", "host"), [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")])
+def test_a_loopback_connection_is_seen_with_its_acknowledged_bytes(family: int, host: str) -> None:
+    if family == socket.AF_INET6 and not socket.has_ipv6:
+        pytest.skip("no IPv6 here")
+    with _pair(family, host) as (client, conn):
+        socks = _acked(client, conn, b"x" * 300_000)
+        assert socks[_inode(client)] == (True, pytest.approx(300_000, abs=1))
+        assert socks[_inode(conn)][0] is True  # the server side: a loopback peer too
+        assert socks[_inode(conn)][1] <= 1  # it sent nothing (the SYN-ACK's sequence number at most)
+
+
+def test_a_v4_mapped_ipv6_socket_to_127_is_loopback() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as client:
+            client.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            client.connect(("::ffff:127.0.0.1", server.getsockname()[1]))
+            conn, _ = server.accept()
+            with conn:
+                assert sockdiag.established()[_inode(client)][0] is True
+
+
+def _own_address() -> str | None:
+    """This host's first non-loopback IPv4 address (a route's source address), if it has one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # TEST-NET-1: nothing is sent, only a route looked up
+        except OSError:
+            return None
+        address = str(probe.getsockname()[0])
+    return None if address.startswith("127.") else address
+
+
+def test_a_connection_to_a_non_loopback_address_is_egress() -> None:
+    address = _own_address()
+    if address is None:
+        pytest.skip("no non-loopback IPv4 address on this host")
+    with _pair(socket.AF_INET, address) as (client, conn):
+        socks = _acked(client, conn, b"y" * 50_000)
+        assert socks[_inode(client)] == (False, pytest.approx(50_000, abs=1))
+
+
+def test_the_same_sockets_as_ss() -> None:
+    ss = shutil.which("ss")
+    if ss is None:
+        pytest.skip("no ss here")
+    with _pair(socket.AF_INET, "127.0.0.1") as (client, _conn):
+        inode = _inode(client)
+        for _ in range(5):  # other processes' sockets come and go between the three reads
+            ours = sockdiag.established()
+            theirs = parse_ss(subprocess.run([ss, "-tinHe", "state", "established"], capture_output=True,
+                                             text=True, check=True).stdout)
+            ours_again = sockdiag.established()
+            assert ours[inode] == theirs[inode] == ours_again[inode]  # loopback, nothing sent
+            # what ss saw, one of our reads saw; what both of ours saw, ss saw
+            if set(theirs) <= set(ours) | set(ours_again) and set(ours) & set(ours_again) <= set(theirs):
+                break
+        else:
+            pytest.fail(f"ss {sorted(theirs)} vs ours {sorted(ours)} and {sorted(ours_again)}")
+    for common in set(theirs) & set(ours):
+        assert theirs[common][0] == ours[common][0]
+
+
+# ---------------------------------------------------------------------------- the parser
+
+_HDR = struct.Struct("=IHHII")
+
+
+def _message(inode: int, dst: bytes, family: int, acked: int | None, *, info_len: int = 232) -> bytes:
+    body = sockdiag._MSG.pack(family, 1, 0, 0, b"\0\1", b"\0\2", bytes(16), dst.ljust(16, b"\0"), 0,
+                              bytes(8), 0, 0, 0, 0, inode)
+    if acked is not None:
+        info = bytearray(info_len)
+        if info_len >= 128:
+            struct.pack_into("=Q", info, 120, acked)
+        attr = struct.pack("=HH", 4 + info_len, sockdiag.INET_DIAG_INFO) + bytes(info)
+        body += attr + bytes(-len(attr) % 4)
+    return _HDR.pack(_HDR.size + len(body), sockdiag.SOCK_DIAG_BY_FAMILY, 2, 1, 0) + body
+
+
+_DONE = _HDR.pack(_HDR.size + 4, sockdiag.NLMSG_DONE, 2, 1, 0) + bytes(4)
+
+
+def test_the_parser_reads_each_socket_and_stops_at_done() -> None:
+    data = (_message(11, bytes([127, 0, 0, 1]), socket.AF_INET, 5)
+            + _message(12, bytes([10, 0, 0, 7]), socket.AF_INET, 2**40)
+            + _message(13, socket.inet_pton(socket.AF_INET6, "::1"), socket.AF_INET6, 0)
+            + _message(14, socket.inet_pton(socket.AF_INET6, "::ffff:127.0.0.9"), socket.AF_INET6, 7)
+            + _message(15, socket.inet_pton(socket.AF_INET6, "2001:db8::1"), socket.AF_INET6, None)
+            + _message(16, bytes([10, 0, 0, 8]), socket.AF_INET, 9, info_len=120))  # too old: no field
+    out: dict[int, tuple[bool, int]] = {}
+    assert sockdiag.parse_dump(data, out) is False  # more to come
+    assert out == {11: (True, 5), 12: (False, 2**40), 13: (True, 0), 14: (True, 7), 15: (False, 0),
+                   16: (False, 0)}
+    assert sockdiag.parse_dump(_DONE, out) is True
+
+
+def test_an_error_answer_is_an_oserror() -> None:
+    error = _HDR.pack(_HDR.size + 4, sockdiag.NLMSG_ERROR, 0, 1, 0) + struct.pack("=i", -22)
+    with pytest.raises(OSError, match="Invalid argument"):
+        sockdiag.parse_dump(error, {})
+
+
+def test_a_message_longer_than_the_read_ends_the_dump() -> None:
+    whole = _message(21, bytes([127, 0, 0, 1]), socket.AF_INET, 1)
+    out: dict[int, tuple[bool, int]] = {}
+    assert sockdiag.parse_dump(whole + whole[:-8], out) is True
+    assert out == {21: (True, 1)}
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=600))
+def test_any_bytes_parse_without_an_exception_but_an_error_answers(data: bytes) -> None:
+    out: dict[int, tuple[bool, int]] = {}
+    try:
+        done = sockdiag.parse_dump(data, out)
+    except OSError:
+        return  # an NLMSG_ERROR with an errno: the kernel's no
+    assert isinstance(done, bool)
+    assert all(isinstance(k, int) and k > 0 for k in out)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 2**32 - 1), st.binary(min_size=4, max_size=4),
+                          st.integers(0, 2**64 - 1)), max_size=20, unique_by=lambda t: t[0]),
+       st.integers(0, 200))
+def test_built_answers_round_trip_and_any_cut_keeps_a_prefix(
+        socks: list[tuple[int, bytes, int]], cut: int) -> None:
+    data = b"".join(_message(i, d, socket.AF_INET, a) for i, d, a in socks)
+    out: dict[int, tuple[bool, int]] = {}
+    sockdiag.parse_dump(data, out)
+    assert out == {i: (d[0] == 127, a) for i, d, a in socks}
+    cut_out: dict[int, tuple[bool, int]] = {}
+    sockdiag.parse_dump(data[: max(0, len(data) - cut)], cut_out)
+    assert all(out[k] == v for k, v in cut_out.items())
