@@ -84,6 +84,11 @@ class Row:
     received: int = 0  # what the broker delivered to the coordinator(s)
     shed_by_kind: dict[str, int] | None = None
     load_cores: float = 0.0  # the publisher's and mosquitto's CPU over the window, in cores
+    replica_cpus: float | None = None  # each replica's CPU cap in cores (a cgroup of its own), None: none
+    published_window_per_s: float = 0.0  # what the publisher sent over the same window as processed/s
+    pg_cores: float = 0.0  # the PostgreSQL server's CPU over the window (every postgres process), in cores
+    pg_cpu_us_per_report: float | None = None  # that CPU time per stored report
+    box_cores: float = 0.0  # the whole machine's busy CPU over the window (/proc/stat), in cores
 
 
 # ------------------------------------------------------------------------------ processes
@@ -320,6 +325,20 @@ def drop_pg_db(name: str) -> None:
         conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
+def quiesce(store: str) -> None:
+    """Start each scenario from a written-back disk: the page cache the last one dirtied (its
+    SQLite file, its PostgreSQL database) is flushed and, on PostgreSQL, a checkpoint taken, so
+    that none of that lands inside the next scenario's window."""
+    os.sync()
+    if store == "postgresql":
+        with contextlib.suppress(Exception):
+            import psycopg  # noqa: PLC0415
+
+            with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=3) as conn:
+                conn.execute("CHECKPOINT")
+    time.sleep(2.0)
+
+
 def cpu_seconds(c: CoordinatorProcess) -> float:
     """User + system CPU time of a coordinator process (all its threads) so far."""
     return 0.0 if c.proc is None else pid_cpu_seconds(c.proc.pid)
@@ -332,6 +351,66 @@ def pid_cpu_seconds(pid: int | None) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def postgres_cpu_seconds() -> float:
+    """User + system CPU time of every PostgreSQL server process so far (the backends serving
+    the replicas, the WAL writer, the checkpointer...)."""
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if not (entry / "comm").read_text().startswith(("postgres", "postmaster")):
+                continue
+        except OSError:
+            continue
+        total += pid_cpu_seconds(int(entry.name))
+    return total
+
+
+def busy_cpu_seconds() -> float:
+    """The machine's busy CPU time so far (all CPUs, /proc/stat less idle and iowait)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(values) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuCap:
+    """Caps one process (all its threads) at ``cores`` CPUs: a cgroup of its own with a CFS
+    quota (cgroup v1 ``cpu`` controller or v2 ``cpu.max``), removed by :meth:`close` once the
+    process is gone. It stands for a replica that has a small host of its own: one replica then
+    falls behind on its own CPU, not on the machine that the broker, PostgreSQL and the other
+    replica share, and what a second replica adds is measured apart from this machine's size."""
+
+    PERIOD_US = 100_000
+
+    def __init__(self, pid: int, cores: float, name: str) -> None:
+        quota = max(1000, int(cores * self.PERIOD_US))
+        v1 = Path("/sys/fs/cgroup/cpu")
+        if (v1 / "cpu.cfs_quota_us").exists():
+            self.path = v1 / name
+            self.path.mkdir()
+            (self.path / "cpu.cfs_period_us").write_text(str(self.PERIOD_US))
+            (self.path / "cpu.cfs_quota_us").write_text(str(quota))
+        else:
+            root = Path("/sys/fs/cgroup")
+            if "cpu" not in (root / "cgroup.subtree_control").read_text().split():
+                (root / "cgroup.subtree_control").write_text("+cpu")
+            self.path = root / name
+            self.path.mkdir()
+            (self.path / "cpu.max").write_text(f"{quota} {self.PERIOD_US}")
+        (self.path / "cgroup.procs").write_text(str(pid))
+
+    def close(self) -> None:
+        for _ in range(50):  # the process is stopped first; its exit empties the cgroup
+            try:
+                self.path.rmdir()
+            except FileNotFoundError:
+                return
+            except OSError:
+                time.sleep(0.1)
+            else:
+                return
 
 
 def info_of(c: CoordinatorProcess) -> dict[str, Any]:
@@ -367,11 +446,13 @@ def shed_of(info: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_scenario(store: str, replicas: int, nodes: int, rate_hz: float, duration: float,  # noqa: PLR0917
-                 events_every: int, *, with_raw: bool) -> Row | None:
+                 events_every: int, *, with_raw: bool, replica_cpus: float | None = None) -> Row | None:
+    quiesce(store)
     work = Path(tempfile.mkdtemp(prefix="heald-bench-"))
     broker, port = start_mosquitto(work)
     pg_name = None
     coords: list[CoordinatorProcess] = []
+    caps: list[CpuCap] = []
     raw: RawSubscriber | None = None
     try:
         url = ""
@@ -395,6 +476,8 @@ def run_scenario(store: str, replicas: int, nodes: int, rate_hz: float, duration
             c = CoordinatorProcess(cfg, web)
             c.start()
             coords.append(c)
+            if replica_cpus is not None and c.proc is not None:
+                caps.append(CpuCap(c.proc.pid, replica_cpus, f"{work.name}-r{r}"))
         if with_raw:
             raw = RawSubscriber(port)
         time.sleep(0.5)
@@ -407,6 +490,7 @@ def run_scenario(store: str, replicas: int, nodes: int, rate_hz: float, duration
         pub.start()
         samples: list[tuple[float, int, float | None, float]] = []  # (t, processed, p99, coordinator CPU s)
         load_cpu: list[float] = []  # publisher + broker CPU s, at the same times
+        others: list[tuple[int, float, float]] = []  # (published, PostgreSQL CPU s, busy CPU s), same times
         t0 = time.monotonic()
         half_p99: list[float | None] = []
         while pub.is_alive() and time.monotonic() - t0 < duration + 60:
@@ -417,6 +501,8 @@ def run_scenario(store: str, replicas: int, nodes: int, rate_hz: float, duration
             samples.append((time.monotonic() - t0, processed, max(p99s) if p99s else None,
                             sum(cpu_seconds(c) for c in coords)))
             load_cpu.append(pid_cpu_seconds(pub.pid) + pid_cpu_seconds(broker.pid))
+            others.append((int(counter.value), postgres_cpu_seconds() if store == "postgresql" else 0.0,
+                           busy_cpu_seconds()))
             if (
                 abs((time.monotonic() - t0) - duration / 2) < 0.6
                 or abs((time.monotonic() - t0) - duration) < 0.6
@@ -453,13 +539,20 @@ def run_scenario(store: str, replicas: int, nodes: int, rate_hz: float, duration
         window = [s for s in samples if duration * 0.2 <= s[0] <= duration]
         rate = (window[-1][1] - window[0][1]) / (window[-1][0] - window[0][0]) if len(window) >= 2 else 0.0
         cores, cpu_per_report, load_cores = 0.0, None, 0.0
+        sent_rate, pg_cores, pg_per_report, box_cores = 0.0, 0.0, None, 0.0
         if len(window) >= 2:
+            span = window[-1][0] - window[0][0]
             cpu = window[-1][3] - window[0][3]
-            cores = round(cpu / (window[-1][0] - window[0][0]), 2)
+            cores = round(cpu / span, 2)
             first, last = samples.index(window[0]), samples.index(window[-1])
-            load_cores = round((load_cpu[last] - load_cpu[first]) / (window[-1][0] - window[0][0]), 2)
+            load_cores = round((load_cpu[last] - load_cpu[first]) / span, 2)
             stored = window[-1][1] - window[0][1]
             cpu_per_report = round(cpu / stored * 1e6, 1) if stored else None
+            sent_rate = round((others[last][0] - others[first][0]) / span, 1)
+            pg_cpu = others[last][1] - others[first][1]
+            pg_cores = round(pg_cpu / span, 2)
+            pg_per_report = round(pg_cpu / stored * 1e6, 1) if stored and store == "postgresql" else None
+            box_cores = round((others[last][2] - others[first][2]) / span, 2)
         lags = [i["ingest"]["lag_s"] for i in infos]
         p50 = max((x["p50"] for x in lags if x["p50"] is not None), default=None)
         p99 = max((x["p99"] for x in lags if x["p99"] is not None), default=None)
@@ -498,12 +591,19 @@ def run_scenario(store: str, replicas: int, nodes: int, rate_hz: float, duration
             received_total,
             shed_by_kind,
             load_cores,
+            replica_cpus,
+            sent_rate,
+            pg_cores,
+            pg_per_report,
+            box_cores,
         )
     finally:
         if raw is not None:
             raw.close()
         for c in coords:
             c.stop()
+        for cap in caps:
+            cap.close()
         stop(broker)
         if pg_name:
             drop_pg_db(pg_name)
@@ -522,7 +622,7 @@ def print_table(rows: list[Row]) -> None:
         "repl",
         "nodes",
         "Hz",
-        "offered/s",
+        "offered/s (sent)",
         "processed/s",
         "raw sub/s",
         "lag p50",
@@ -535,6 +635,10 @@ def print_table(rows: list[Row]) -> None:
         "coord cores",
         "µs CPU/report",
         "pub+broker cores",
+        "pg cores",
+        "pg µs/report",
+        "box cores",
+        "cap",
         "sustained",
     ]
     table = [
@@ -543,7 +647,7 @@ def print_table(rows: list[Row]) -> None:
             str(r.replicas),
             str(r.nodes),
             f"{r.rate_hz:g}",
-            f"{r.offered_per_s:.0f}",
+            f"{r.offered_per_s:.0f} ({r.published_window_per_s:.0f})",
             f"{r.processed_per_s:.0f}",
             f"{r.raw_subscriber_per_s:.0f}" if r.raw_subscriber_per_s else "-",
             fmt(r.lag_p50_s),
@@ -556,6 +660,10 @@ def print_table(rows: list[Row]) -> None:
             f"{r.coord_cores:.2f}",
             "-" if r.coord_cpu_us_per_report is None else f"{r.coord_cpu_us_per_report:.0f}",
             f"{r.load_cores:.2f}",
+            f"{r.pg_cores:.2f}" if r.store == "postgresql" else "-",
+            "-" if r.pg_cpu_us_per_report is None else f"{r.pg_cpu_us_per_report:.0f}",
+            f"{r.box_cores:.2f}",
+            "-" if r.replica_cpus is None else f"{r.replica_cpus:g}",
             "yes" if r.sustained else "NO",
         ]
         for r in rows
@@ -571,7 +679,8 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--nodes", type=int, action="append")
-    parser.add_argument("--rate", type=float, action="append", help="reports per node per second (0.1-1)")
+    parser.add_argument("--rate", type=float, action="append",
+                        help="reports per node per second (agents send 1; 2 offers twice what a fleet would)")
     parser.add_argument("--replicas", type=int, action="append", choices=[1, 2])
     parser.add_argument("--store", action="append", choices=["sqlite", "postgresql"])
     parser.add_argument("--duration", type=float, default=30.0)
@@ -579,43 +688,51 @@ def main() -> int:
                         help="also run the raw counting subscriber (it takes CPU on a small host)")
     parser.add_argument("--events-every", type=int, default=100,
                         help="every Nth report is an event (QoS 1) instead of metrics; 0: metrics only")
+    parser.add_argument("--replica-cpus", type=float, default=None,
+                        help="cap each coordinator replica at this many cores (a cgroup each, root): one "
+                        "replica then falls behind on its own CPU, not on this machine's")
     parser.add_argument("--quick", action="store_true", help="1k nodes only, 10 s")
     parser.add_argument("--smoke", action="store_true", help="50 nodes, SQLite, 3 s, no results file")
     args = parser.parse_args()
+    scenarios: list[tuple[str, int, int, float, float | None]]
     if args.smoke:
-        scenarios = [("sqlite", 1, 50, 1.0)]
+        scenarios = [("sqlite", 1, 50, 1.0, None)]
         args.duration = 3.0
     elif args.quick:
-        scenarios = [("sqlite", 1, 1000, 1.0)]
+        scenarios = [("sqlite", 1, 1000, 1.0, None)]
         args.duration = 10.0
     elif args.nodes or args.rate or args.replicas or args.store:
         scenarios = [
-            (s, r, n, hz)
+            (s, r, n, hz, args.replica_cpus)
             for s in (args.store or ["sqlite"])
             for r in (args.replicas or [1])
             for n in (args.nodes or [1000])
             for hz in (args.rate or [1.0])
             if not (s == "sqlite" and r > 1)
         ]
-    else:
+    else:  # issue 25's lines: 10k nodes x 1 Hz on each store, twice that offered, replicas
         scenarios = [
-            ("sqlite", 1, 1000, 1.0),
-            ("sqlite", 1, 10000, 0.5),
-            ("sqlite", 1, 10000, 1.0),
-            ("postgresql", 1, 1000, 1.0),
-            ("postgresql", 1, 10000, 0.5),
-            ("postgresql", 2, 1000, 1.0),
-            ("postgresql", 2, 10000, 0.5),
-            ("postgresql", 2, 10000, 1.0),
+            ("sqlite", 1, 10000, 1.0, None),
+            ("sqlite", 1, 10000, 2.0, None),
+            ("postgresql", 1, 10000, 1.0, None),
+            ("postgresql", 1, 10000, 2.0, None),
+            ("postgresql", 2, 10000, 1.0, None),
+            ("postgresql", 2, 10000, 2.0, None),
+            ("postgresql", 1, 10000, 1.0, 0.25),
+            ("postgresql", 2, 10000, 1.0, 0.25),
         ]
     rows: list[Row] = []
-    for store, replicas, nodes, hz in scenarios:
-        print(f"== {store} x{replicas}: {nodes} nodes at {hz:g} Hz for {args.duration:.0f}s", flush=True)
-        row = run_scenario(store, replicas, nodes, hz, args.duration, args.events_every, with_raw=args.raw)
+    for store, replicas, nodes, hz, cap in scenarios:
+        capped = "" if cap is None else f", each replica capped at {cap:g} cores"
+        print(f"== {store} x{replicas}: {nodes} nodes at {hz:g} Hz for {args.duration:.0f}s{capped}",
+              flush=True)
+        row = run_scenario(store, replicas, nodes, hz, args.duration, args.events_every, with_raw=args.raw,
+                           replica_cpus=cap)
         if row is not None:
             rows.append(row)
             print(
-                f"  processed {row.processed_per_s:.0f}/s (offered {row.offered_per_s:.0f}/s), "
+                f"  processed {row.processed_per_s:.0f}/s (offered {row.offered_per_s:.0f}/s, sent "
+                f"{row.published_window_per_s:.0f}/s in the same window), "
                 f"lag p99 {fmt(row.lag_p99_s)}, backlog {row.backlog_at_stop}, shed {row.shed}, "
                 f"events stored {row.events_stored}/{row.events_published}, received {row.received}/"
                 f"{row.published}, shed by kind {row.shed_by_kind}",
