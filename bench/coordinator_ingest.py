@@ -16,13 +16,24 @@ subscriber's received/s, p50/p99/max ingest lag (commit time
 minus the report's ``ts``), the backlog when publishing stops and the p99 lag in the first and
 second half of the window (growing lag = not sustainable), the reports the coordinator shed
 (metrics first, when its intake was full: coordinator/intake.py) and whether every published
-event was stored anyway (counted in the database after the run).
+event was stored anyway (counted in the database after the run). Over the same window: what the
+publisher sent per second (the offered rate as it was, next to processed/s), the PostgreSQL
+server's CPU (every postgres process: cores and µs per stored report), the whole machine's busy
+CPU (is the box the limit?), and, once a second, how many of the replicas' PostgreSQL backends
+were waiting on a row or transaction lock (replicas serialising on each other's rows), the WAL
+PostgreSQL wrote per stored report and the checkpoints it started inside the window.
+
+Replicas. ``--replica-cpus C`` puts each replica in a cgroup of its own capped at C cores (CFS
+quota; root): a replica with a small host of its own, so that one replica falls behind on its
+own CPU rather than on the machine that the broker, PostgreSQL and the other replica share, and
+what a second replica adds is measured apart from this machine's size. Each scenario starts
+after ``sync`` and a PostgreSQL ``CHECKPOINT`` (the previous one's writes land outside it).
 
 Offered more than it can store, a coordinator must degrade by shedding metrics, never by
 stalling: ``processed/s`` stays at what the store sustains, ``lag`` stays bounded by the intake,
 and ``events lost`` stays 0.
 
-    python bench/coordinator_ingest.py                      # default scenarios
+    python bench/coordinator_ingest.py                      # default scenarios: issue 25's lines
     python bench/coordinator_ingest.py --quick              # shorter, for a smoke run
     python bench/coordinator_ingest.py --nodes 10000 --rate 1 --replicas 2 --duration 30
 
@@ -89,6 +100,10 @@ class Row:
     pg_cores: float = 0.0  # the PostgreSQL server's CPU over the window (every postgres process), in cores
     pg_cpu_us_per_report: float | None = None  # that CPU time per stored report
     box_cores: float = 0.0  # the whole machine's busy CPU over the window (/proc/stat), in cores
+    pg_backend_samples: int = 0  # the replicas' PostgreSQL backends seen in pg_stat_activity, once a second
+    pg_lock_waits: int = 0  # of those, backends waiting on a row/transaction (heavyweight) lock
+    pg_wal_bytes_per_report: float | None = None  # WAL PostgreSQL wrote over the window, per stored report
+    pg_checkpoints: int | None = None  # checkpoints PostgreSQL started over the window (timed + requested)
 
 
 # ------------------------------------------------------------------------------ processes
@@ -413,6 +428,22 @@ class CpuCap:
                 return
 
 
+def pg_lock_waits(conn: Any, database: str) -> tuple[int, int]:
+    """(client backends of ``database`` now, those waiting on a heavyweight lock: a row, a
+    transaction, a tuple): replicas that serialise on each other's rows show up here."""
+    row = conn.execute(
+        "SELECT count(*), count(*) FILTER (WHERE wait_event_type = 'Lock') FROM pg_stat_activity "
+        "WHERE datname = %s AND backend_type = 'client backend'", (database,)).fetchone()
+    return (int(row[0]), int(row[1])) if row else (0, 0)
+
+
+def pg_wal_and_checkpoints(conn: Any) -> tuple[int, int]:
+    """(WAL position in bytes, checkpoints started so far): the server's, every database's."""
+    row = conn.execute("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn, checkpoints_timed + checkpoints_req "
+                       "FROM pg_stat_bgwriter").fetchone()
+    return (int(row[0]), int(row[1])) if row else (0, 0)
+
+
 def info_of(c: CoordinatorProcess) -> dict[str, Any]:
     status, body = c.api("GET", "/api/info")
     if status != 200:
@@ -491,6 +522,13 @@ def run_scenario(store: str, replicas: int, nodes: int, rate_hz: float, duration
         samples: list[tuple[float, int, float | None, float]] = []  # (t, processed, p99, coordinator CPU s)
         load_cpu: list[float] = []  # publisher + broker CPU s, at the same times
         others: list[tuple[int, float, float]] = []  # (published, PostgreSQL CPU s, busy CPU s), same times
+        backends = lock_waits = 0
+        wal: list[tuple[float, int, int]] = []  # (t, WAL bytes, checkpoints) over the window
+        watch: Any = None
+        if pg_name:
+            import psycopg  # noqa: PLC0415
+
+            watch = psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=3)
         t0 = time.monotonic()
         half_p99: list[float | None] = []
         while pub.is_alive() and time.monotonic() - t0 < duration + 60:
@@ -503,12 +541,18 @@ def run_scenario(store: str, replicas: int, nodes: int, rate_hz: float, duration
             load_cpu.append(pid_cpu_seconds(pub.pid) + pid_cpu_seconds(broker.pid))
             others.append((int(counter.value), postgres_cpu_seconds() if store == "postgresql" else 0.0,
                            busy_cpu_seconds()))
+            if watch is not None and duration * 0.2 <= samples[-1][0] <= duration:
+                seen, waiting = pg_lock_waits(watch, str(pg_name))
+                backends, lock_waits = backends + seen, lock_waits + waiting
+                wal.append((samples[-1][0], *pg_wal_and_checkpoints(watch)))
             if (
                 abs((time.monotonic() - t0) - duration / 2) < 0.6
                 or abs((time.monotonic() - t0) - duration) < 0.6
             ):
                 half_p99.append(max(p99s) if p99s else None)
         pub.join(60)
+        if watch is not None:
+            watch.close()
         published = int(counter.value)
         infos = [info_of(c) for c in coords]
         backlog = published - handled(infos)
@@ -553,6 +597,11 @@ def run_scenario(store: str, replicas: int, nodes: int, rate_hz: float, duration
             pg_cores = round(pg_cpu / span, 2)
             pg_per_report = round(pg_cpu / stored * 1e6, 1) if stored and store == "postgresql" else None
             box_cores = round((others[last][2] - others[first][2]) / span, 2)
+        wal_per_report, checkpoints = None, None
+        if len(wal) >= 2 and len(window) >= 2:
+            stored_wal = window[-1][1] - window[0][1]
+            wal_per_report = round((wal[-1][1] - wal[0][1]) / stored_wal) if stored_wal else None
+            checkpoints = wal[-1][2] - wal[0][2]
         lags = [i["ingest"]["lag_s"] for i in infos]
         p50 = max((x["p50"] for x in lags if x["p50"] is not None), default=None)
         p99 = max((x["p99"] for x in lags if x["p99"] is not None), default=None)
@@ -596,6 +645,10 @@ def run_scenario(store: str, replicas: int, nodes: int, rate_hz: float, duration
             pg_cores,
             pg_per_report,
             box_cores,
+            backends,
+            lock_waits,
+            wal_per_report,
+            checkpoints,
         )
     finally:
         if raw is not None:
@@ -638,6 +691,9 @@ def print_table(rows: list[Row]) -> None:
         "pg cores",
         "pg µs/report",
         "box cores",
+        "lock waits",
+        "WAL B/report",
+        "checkpoints",
         "cap",
         "sustained",
     ]
@@ -663,6 +719,9 @@ def print_table(rows: list[Row]) -> None:
             f"{r.pg_cores:.2f}" if r.store == "postgresql" else "-",
             "-" if r.pg_cpu_us_per_report is None else f"{r.pg_cpu_us_per_report:.0f}",
             f"{r.box_cores:.2f}",
+            f"{r.pg_lock_waits}/{r.pg_backend_samples}" if r.store == "postgresql" else "-",
+            "-" if r.pg_wal_bytes_per_report is None else f"{r.pg_wal_bytes_per_report:.0f}",
+            "-" if r.pg_checkpoints is None else str(r.pg_checkpoints),
             "-" if r.replica_cpus is None else f"{r.replica_cpus:g}",
             "yes" if r.sustained else "NO",
         ]

@@ -197,6 +197,7 @@ SCRIPTS: list[Any] = [
                         pytest.mark.skipif(not Path("/usr/sbin/sshd").exists(),
                                            reason="needs sshd (openssh-server)")]),
     pytest.param("auth_window_cost.py", [], "| 32 sources failing every pass, state dir", False),
+    pytest.param("collector_cost.py", [], "% of a core", False),
     pytest.param("demand_forecast.py", [], "MASE", False,
                  marks=pytest.mark.skipif(not (DATA / "nab").is_dir(), reason=f"no NAB/SMD data in {DATA}")),
 ]
