@@ -477,7 +477,8 @@ def shed_of(info: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_scenario(store: str, replicas: int, nodes: int, rate_hz: float, duration: float,  # noqa: PLR0917
-                 events_every: int, *, with_raw: bool, replica_cpus: float | None = None) -> Row | None:
+                 events_every: int, *, with_raw: bool, replica_cpus: float | None = None,
+                 prune_interval_s: float | None = None) -> Row | None:
     quiesce(store)
     work = Path(tempfile.mkdtemp(prefix="heald-bench-"))
     broker, port = start_mosquitto(work)
@@ -502,7 +503,10 @@ def run_scenario(store: str, replicas: int, nodes: int, rate_hz: float, duration
                 store_url=url,
                 share_group="bench" if replicas > 1 else "",
                 replica_id=f"bench-{r}",
-                store={"batch_interval_s": 0.05},  # the default (write_config's is the tests' 0.02)
+                # the default batch interval (write_config's is the tests' 0.02); retention's default
+                # unless --prune-interval says otherwise
+                store={"batch_interval_s": 0.05,
+                       **({} if prune_interval_s is None else {"prune_interval_s": prune_interval_s})},
             )
             c = CoordinatorProcess(cfg, web)
             c.start()
@@ -750,6 +754,9 @@ def main() -> int:
     parser.add_argument("--replica-cpus", type=float, default=None,
                         help="cap each coordinator replica at this many cores (a cgroup each, root): one "
                         "replica then falls behind on its own CPU, not on this machine's")
+    parser.add_argument("--prune-interval", type=float, default=None,
+                        help="[store] prune_interval_s of the replicas (default: the store's, 60 s); "
+                        "86400 keeps the retention pass out of the run")
     parser.add_argument("--quick", action="store_true", help="1k nodes only, 10 s")
     parser.add_argument("--smoke", action="store_true", help="50 nodes, SQLite, 3 s, no results file")
     args = parser.parse_args()
@@ -786,7 +793,7 @@ def main() -> int:
         print(f"== {store} x{replicas}: {nodes} nodes at {hz:g} Hz for {args.duration:.0f}s{capped}",
               flush=True)
         row = run_scenario(store, replicas, nodes, hz, args.duration, args.events_every, with_raw=args.raw,
-                           replica_cpus=cap)
+                           replica_cpus=cap, prune_interval_s=args.prune_interval)
         if row is not None:
             rows.append(row)
             print(

@@ -268,6 +268,37 @@ async def test_retention_prunes_metrics(store: Store) -> None:
     assert "cpu.util" in series["names"]
 
 
+@pytest.mark.asyncio
+async def test_retention_caps_metrics_per_node_and_ages_out_risk(store_url: str) -> None:
+    """The per-node cap keeps each node's newest rows (only the nodes over it lose any), and risk
+    history goes by age, node by node: the pass that no longer sorts or scans whole tables still
+    deletes exactly what it did."""
+    store = await open_store(store_url, StoreSection(metrics_retention_s=3600, metrics_max_rows_per_node=10,
+                                                     risk_retention_s=3600), BUDGET, replica="t")
+    try:
+        busy, quiet, old = SimNode("busy"), SimNode("quiet"), SimNode("old")
+        reports = [busy.metrics(1) for _ in range(14)] + [quiet.metrics(1) for _ in range(4)]
+        stale = old.risk(0.2)
+        stale = msgspec.structs.replace(stale, ts=stale.ts - 7200)
+        reports += [stale, old.risk(0.3), busy.risk(0.1)]
+        await store.apply([inc(m) for m in reports])
+        keep = sorted(m.seq for m in reports[:14])[-10:]
+        removed = await store.prune()
+        assert removed["metrics_cap"] == 4
+        assert removed["metrics"] == 0
+        assert removed["risk"] == 1
+        rows = await store.db.read(lambda cur: store.db.rows(cur, "SELECT node, seq FROM metrics"))
+        busy_left = sorted(r["seq"] for r in rows if r["node"] == "busy")
+        assert len(busy_left) == 10
+        assert [s & ((1 << 48) - 1) for s in busy_left] == keep  # the newest ten (stored as base + seq)
+        assert len([r for r in rows if r["node"] == "quiet"]) == 4
+        risk = await store.db.read(lambda cur: store.db.rows(cur, "SELECT node FROM risk"))
+        assert sorted(r["node"] for r in risk) == ["busy", "old"]
+        assert (await store.prune())["metrics_cap"] == 0  # at the cap: nothing more
+    finally:
+        await store.close()
+
+
 def test_classify_counts_malformed() -> None:
     n = SimNode("n1", site="s1")
     good = encode(n.risk(0.5))
