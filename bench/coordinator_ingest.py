@@ -485,6 +485,7 @@ def run_scenario(store: str, replicas: int, nodes: int, rate_hz: float, duration
     pg_name = None
     coords: list[CoordinatorProcess] = []
     caps: list[CpuCap] = []
+    watch: Any = None  # the admin connection that looks at the replicas' backends (PostgreSQL)
     raw: RawSubscriber | None = None
     try:
         url = ""
@@ -528,7 +529,6 @@ def run_scenario(store: str, replicas: int, nodes: int, rate_hz: float, duration
         others: list[tuple[int, float, float]] = []  # (published, PostgreSQL CPU s, busy CPU s), same times
         backends = lock_waits = 0
         wal: list[tuple[float, int, int]] = []  # (t, WAL bytes, checkpoints) over the window
-        watch: Any = None
         if pg_name:
             import psycopg  # noqa: PLC0415
 
@@ -555,8 +555,6 @@ def run_scenario(store: str, replicas: int, nodes: int, rate_hz: float, duration
             ):
                 half_p99.append(max(p99s) if p99s else None)
         pub.join(60)
-        if watch is not None:
-            watch.close()
         published = int(counter.value)
         infos = [info_of(c) for c in coords]
         backlog = published - handled(infos)
@@ -655,6 +653,8 @@ def run_scenario(store: str, replicas: int, nodes: int, rate_hz: float, duration
             checkpoints,
         )
     finally:
+        if watch is not None:
+            watch.close()
         if raw is not None:
             raw.close()
         for c in coords:
