@@ -196,3 +196,49 @@ def test_bad_schema_is_refused() -> None:
     assert "unknown transforms" in msgs
     with pytest.raises(msgspec.ValidationError):
         msgspec.json.decode(b'{"window": 1}', type=FeatureSchema)
+
+
+# --------------------------------------------------------------------------- keys that come and go
+
+_CHURN_KEYS = ("a", "big", "d.used[/]", "d.used[/var]", "d.used[/new]", "other", "proc.x[1]", "proc.x[2]")
+_CHURN_VALUES = st.one_of(st.none(), st.sampled_from([0.0, 1.5, -2.0, 1e12]), st.just(math.nan),
+                          st.just(math.inf))
+
+
+def _brute_values(metrics: dict[str, float | None]) -> dict[str, float]:
+    """schema_a's inputs gathered from scratch: exact keys scaled, wildcards reduced over the labels
+    present (NaN-aware max; a sum of the finite ones, NaN when none is)."""
+    def num(k: str) -> float:
+        v = metrics.get(k)
+        return math.nan if v is None else float(v)
+
+    labels = [num(k) for k in metrics if k.startswith("d.used[")]
+    finite = [v for v in labels if math.isfinite(v)]
+    big = num("big") * 1e-9
+    real = [v for v in labels if not math.isnan(v)]
+    return {"a:value": num("a"), "big:value": big,
+            "max(d.used[*]):value": max(real) if real else math.nan,
+            "sum(d.used[*]):value": math.fsum(finite) if finite else math.nan}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.dictionaries(st.sampled_from(_CHURN_KEYS), _CHURN_VALUES, max_size=len(_CHURN_KEYS)),
+                min_size=1, max_size=40), st.booleans())
+def test_the_gather_follows_keys_that_come_and_go(
+        stream: list[dict[str, float | None]], native: bool) -> None:
+    """Keys arrive, leave and come back (relevant ones, wildcard labels, keys no input reads), values
+    turn None, NaN and inf: each sample whose key count changed (or whose keys did not change)
+    gathers what a from-scratch gather of that sample would."""
+    try:
+        fw = FeatureWindow(schema_a(window=10), native=native or False)
+    except ModelError:
+        pytest.skip("no native kernels here")
+    prev: dict[str, float | None] | None = None
+    for i, metrics in enumerate(stream):
+        got = dict(zip(fw.names, fw.push_metrics(dict(metrics), float(i)).tolist(), strict=True))
+        if prev is not None and len(prev) == len(metrics) and prev.keys() != metrics.keys():
+            prev = metrics
+            continue  # the same count, other keys: seen at a rescan or when a planned key is missing
+        prev = metrics
+        for name, want in _brute_values(metrics).items():
+            assert got[name] == pytest.approx(want, nan_ok=True, rel=1e-12), (i, name, metrics)

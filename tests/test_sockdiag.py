@@ -1,10 +1,13 @@
-"""agent/collect/sockdiag.py: the established TCP sockets read from netlink sock_diag, in-process.
+"""agent/collect/sockdiag.py: the established TCP sockets and the listeners read from netlink
+sock_diag, in-process.
 
 Against the real kernel: real connections over loopback (IPv4, IPv6, a v4-mapped IPv6 socket)
 and to this host's own non-loopback address, their inodes and the bytes the peer acknowledged,
 and the same socket set as ``ss -tinHe state established`` where ss exists. The parser: kernel
 answers built byte for byte, and any bytes at all (truncated, lying lengths) parse without an
-exception other than the OSError of an error answer.
+exception other than the OSError of an error answer. The listeners: our own TCP and UDP sockets
+(IPv4, IPv6, a connected UDP socket that is not one) as ``/proc/net`` lists them, and a
+collector that falls back to ``/proc/net`` when sock_diag is refused.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.collect import sockdiag
+from agent.collect.security_net import SecurityNetCollector, parse_proc_net
 from agent.collect.security_proc import parse_ss
+from agent.collect.settings import SecurityNetSettings
 
 
 @contextmanager
@@ -123,6 +128,68 @@ def test_the_same_sockets_as_ss() -> None:
         assert theirs[common][0] == ours[common][0]
 
 
+# ---------------------------------------------------------------------------- listeners
+
+
+def _proc_net(protocols: tuple[str, ...]) -> set[tuple[str, str, int, int]]:
+    out = set()
+    for proto in protocols:
+        for fam in ("", "6"):
+            with open(f"/proc/net/{proto}{fam}", encoding="ascii") as f:
+                out |= {(proto, a, p, i) for a, p, i in parse_proc_net(f, proto)}
+    return out
+
+
+def test_the_listeners_are_those_proc_net_lists_tcp_and_udp_both_families() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as t4, \
+            socket.create_server(("::1", 0), family=socket.AF_INET6) as t6, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u4, \
+            socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as u6, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client, \
+            socket.socket(socket.AF_INET, socket.SOCK_STREAM) as unbound:
+        u4.bind(("127.0.0.1", 0))
+        u6.bind(("::1", 0))
+        client.connect(u4.getsockname())  # connected: a client's, not a listener
+        ours = {("tcp", "127.0.0.1", t4.getsockname()[1], _inode(t4)),
+                ("tcp", "::1", t6.getsockname()[1], _inode(t6)),
+                ("udp", "127.0.0.1", u4.getsockname()[1], _inode(u4)),
+                ("udp", "::1", u6.getsockname()[1], _inode(u6))}
+        for _ in range(5):  # the host is shared: other listeners may come and go between reads
+            got = sockdiag.listening(("tcp", "udp"))
+            if set(got) == _proc_net(("tcp", "udp")):
+                break
+        else:
+            pytest.fail(f"sock_diag {sorted(got)} vs /proc/net {sorted(_proc_net(('tcp', 'udp')))}")
+        assert ours <= set(got)
+        assert len(got) == len(set(got))
+        inodes = {i for *_, i in got}
+        assert _inode(client) not in inodes
+        assert _inode(unbound) not in inodes
+        assert {p for p, *_ in sockdiag.listening()} <= {"tcp"}  # the default: TCP only
+
+
+def test_a_collector_refused_sock_diag_reads_listeners_from_proc_net(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def refused(*_a: object, **_k: object) -> list[tuple[str, str, int, int]]:
+        calls.append(1)
+        raise PermissionError(1, "Operation not permitted")  # as a seccomp filter answers
+
+    monkeypatch.setattr(sockdiag, "listening", refused)
+    c = SecurityNetCollector(SecurityNetSettings(auth_source="files", auth_files=(), listener_interval_s=0.0,
+                                                 baseline_s=0.0, listener_ignore_loopback=False))
+    c.start()
+    try:
+        c.collect()  # the baseline, read from /proc/net after the refusal
+        with socket.create_server(("127.0.0.1", 0)) as new:
+            port = str(new.getsockname()[1])
+            events = [e for e in c.collect().events if e.kind == "sec.new_listener"]
+            assert port in {e.labels["port"] for e in events}
+        assert calls == [1]  # refused once: not asked again
+    finally:
+        c.close()
+
+
 # ---------------------------------------------------------------------------- the parser
 
 _HDR = struct.Struct("=IHHII")
@@ -195,3 +262,35 @@ def test_built_answers_round_trip_and_any_cut_keeps_a_prefix(
     cut_out: dict[int, tuple[bool, int]] = {}
     sockdiag.parse_dump(data[: max(0, len(data) - cut)], cut_out)
     assert all(out[k] == v for k, v in cut_out.items())
+
+
+def _listener(inode: int, family: int, src: bytes, sport: int, dport: int = 0) -> bytes:
+    body = sockdiag._MSG.pack(family, 10, 0, 0, sport.to_bytes(2, "big"), dport.to_bytes(2, "big"),
+                              src.ljust(16, b"\0"), bytes(16), 0, bytes(8), 0, 0, 0, 0, inode)
+    return _HDR.pack(_HDR.size + len(body), sockdiag.SOCK_DIAG_BY_FAMILY, 2, 1, 0) + body
+
+
+def test_the_listener_parser_reads_address_port_and_inode() -> None:
+    data = (_listener(31, socket.AF_INET, bytes([0, 0, 0, 0]), 22)
+            + _listener(32, socket.AF_INET6, socket.inet_pton(socket.AF_INET6, "::1"), 8080)
+            + _listener(33, socket.AF_INET, bytes([127, 0, 0, 1]), 53, dport=4242)  # a peer
+            + _listener(34, 99, bytes(16), 1))  # not an inet family
+    out: list[tuple[str, int, int]] = []
+    assert sockdiag.parse_listening(data, out) is False
+    assert out == [("0.0.0.0", 22, 31), ("::1", 8080, 32), ("127.0.0.1", 53, 33)]
+    udp: list[tuple[str, int, int]] = []
+    assert sockdiag.parse_listening(data + _DONE, udp, udp=True) is True
+    assert udp == [("0.0.0.0", 22, 31), ("::1", 8080, 32)]  # a UDP socket with a peer is a client
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=600), st.booleans())
+def test_any_bytes_parse_as_listeners_without_an_exception_but_an_error_answers(
+        data: bytes, udp: bool) -> None:
+    out: list[tuple[str, int, int]] = []
+    try:
+        done = sockdiag.parse_listening(data, out, udp=udp)
+    except OSError:
+        return
+    assert isinstance(done, bool)
+    assert all(0 <= port < 65536 for _, port, _ in out)

@@ -10,8 +10,11 @@ journald runs, of the auth log files (``auth_files``, tailed by inode and offset
 (``max_read_bytes``, ``max_line_bytes``), memory by ``max_sources``.
 
 **Listening sockets** (every ``listener_interval_s``): TCP listeners (and, with ``"udp"`` in
-``listener_protocols``, bound unconnected UDP sockets) from ``/proc/net/{tcp,tcp6,udp,udp6}``,
-each attributed to the binary holding it (``/proc/PID/fd`` → socket inode, ``/proc/PID/exe``;
+``listener_protocols``, bound unconnected UDP sockets) from netlink sock_diag in-process
+(:func:`agent.collect.sockdiag.listening`: the kernel's listening hash only), or, below a fixture
+root or where sock_diag fails, from ``/proc/net/{tcp,tcp6,udp,udp6}`` (which walks every
+established socket's hash bucket too: 60x the CPU on a host with a large hash), each
+attributed to the binary holding it (``/proc/PID/fd`` → socket inode, ``/proc/PID/exe``;
 the fd walk runs only when an unknown socket inode appears). A listener is identified by
 (protocol, port, binary). Those seen in the first scan and for ``baseline_s`` after it are the
 node's baseline; one seen later for the first time is a ``sec.new_listener`` event, once
@@ -66,6 +69,7 @@ from typing import Any
 
 import structlog
 
+from agent.collect import sockdiag
 from agent.collect.auth import LOCAL, OTHER, FailureWindow, FileTail, JournalFollower, parse
 from agent.collect.base import BaseCollector
 from agent.collect.sample import Reading, key
@@ -162,6 +166,8 @@ class SecurityNetCollector(BaseCollector[SecurityNetSettings]):
         self._baseline: set[tuple[str, int, str]] = set()
         self._new: dict[tuple[str, int, str], str] = {}  # reported, not in the baseline -> addr
         self._exe_by_inode: dict[int, str] = {}
+        # the host's own sockets from netlink sock_diag; fixture roots (tests) read their /proc/net
+        self._diag = root == "/"
         self._listening: dict[tuple[str, int, str], list[str]] = {}
         self._counts = {"lines": 0, "parsed": 0}
 
@@ -237,6 +243,13 @@ class SecurityNetCollector(BaseCollector[SecurityNetSettings]):
     # ------------------------------------------------------------------ listeners
 
     def _scan_listeners(self) -> list[tuple[str, str, int, int]]:
+        if self._diag:
+            try:
+                return sockdiag.listening(self.settings.listener_protocols,
+                                          timeout_s=max(0.2, self.settings.timeout_s / 2))
+            except OSError as exc:  # TimeoutError included: /proc/net from now on
+                self._diag = False
+                log.info("netlink sock_diag unavailable; listeners read from /proc/net", error=str(exc))
         out: list[tuple[str, str, int, int]] = []
         for proto in self.settings.listener_protocols:
             for fam in ("", "6"):

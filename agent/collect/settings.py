@@ -175,7 +175,7 @@ class SecurityNetSettings(CollectorSettings, frozen=True, forbid_unknown_fields=
     max_line_bytes: Annotated[int, msgspec.Meta(ge=256, le=1 << 20)] = 8192
     # At most this much log is read in one pass; the rest waits for the next.
     max_read_bytes: Annotated[int, msgspec.Meta(ge=4096, le=1 << 30)] = 1 << 20
-    # Listening sockets (/proc/net/tcp, tcp6; udp, udp6 with "udp"), every listener_interval_s.
+    # Listening TCP sockets (and bound UDP ones with "udp"), both families, every listener_interval_s.
     listeners: bool = True
     listener_protocols: tuple[Literal["tcp", "udp"], ...] = ("tcp",)
     listener_interval_s: Seconds = 5.0

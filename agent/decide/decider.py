@@ -29,6 +29,7 @@ from agent.decide.settings import PlaybookSettings
 from agent.decide.targets import Target, target
 from agent.decide.triggers import EvalContext, Match, TriggerEvaluator, cleanable_mounts
 from agent.errors import HealdError
+from agent.score.types import Forecast
 
 log = structlog.get_logger("heald.decide")
 
@@ -151,16 +152,20 @@ class Decider:
     def evaluate(self, wall: float, mono: float, running: Mapping[str, Watermarked]) -> None:
         """Evaluate every trigger on the latest sample (their matches go to ``latest.matches``).
 
-        A trigger that reads only metrics, forecasts and events of which the sample has none, and
-        holds no timer, is not evaluated (:meth:`TriggerEvaluator.idle`): it has no match."""
+        A trigger that reads only metrics, forecasts and events, none of which holds its condition
+        in this sample, and holds no timer, is not evaluated (:meth:`TriggerEvaluator.quiet`): it
+        has no match."""
         self._update_cleanable()
         latest = self.latest
         risk = latest.risk
-        forecasts = {split_key(f.resource)[0] for f in risk.forecasts} if risk is not None else set()
+        forecasts: dict[str, list[Forecast]] = {}
+        if risk is not None:
+            for f in risk.forecasts:
+                forecasts.setdefault(split_key(f.resource)[0], []).append(f)
         ctx = self.context(wall, mono)  # one context, its watermark_of set per playbook
         for name, playbook in self._playbooks.items():
             evaluator = self._evaluators[name]
-            if evaluator.idle(latest.index, forecasts, latest.events):
+            if evaluator.quiet(latest.index, forecasts, latest.events):
                 latest.matches[name] = []
                 continue
 

@@ -40,7 +40,7 @@ from agent.decide.model import (
     MetricCond,
     RiskCond,
 )
-from agent.score.types import Risk
+from agent.score.types import Forecast, Risk
 
 _OPS: dict[str, Callable[[float, float], bool]] = {
     ">": operator.gt,
@@ -65,27 +65,63 @@ def consistent(a: Mapping[str, str], b: Mapping[str, str]) -> bool:
 
 
 class KeyPlan:
-    """Where each family's keys are in a sample: ``family -> [(label, key)]``, worked out again
-    only when the sample's set of keys differs from the last sample's (a family's entries keep the
-    order of the sample the plan was made from). Shared by the :class:`SampleIndex` of consecutive
-    samples (:class:`agent.decide.latest.Latest` holds one)."""
+    """Where each family's keys are in a sample: ``family -> [(label, key)]`` (a family's entries
+    in the order the sample holds them), worked out again only when the sample's set of keys
+    differs from the last sample's, and then only for the families whose keys came or went
+    (the per-process series of a host where processes come and go change a few keys most
+    samples). Shared by the :class:`SampleIndex` of consecutive samples
+    (:class:`agent.decide.latest.Latest` holds one); a plan once handed out is never changed."""
 
     def __init__(self) -> None:
         self._keys: frozenset[str] = frozenset()
         self.by_family: dict[str, list[tuple[str | None, str]]] = {}
 
     def update(self, metrics: Mapping[str, float | None]) -> dict[str, list[tuple[str | None, str]]]:
-        if metrics.keys() != self._keys:
-            plan: dict[str, list[tuple[str | None, str]]] = {}
-            for k in metrics:
-                fam, label = split_key(k)
-                entries = plan.get(fam)
-                if entries is None:
-                    plan[fam] = [(label, k)]
-                else:
-                    entries.append((label, k))
-            self._keys, self.by_family = frozenset(metrics), plan
+        keys = metrics.keys()
+        if keys != self._keys:
+            old = self._keys
+            added, removed = keys - old, old - keys
+            if (len(added) + len(removed)) * 4 > len(keys):  # most keys changed (or the first sample)
+                self.by_family = self._full(metrics)
+            else:
+                self.by_family = self._patch(metrics, added, removed)
+            self._keys = frozenset(keys)
         return self.by_family
+
+    @staticmethod
+    def _full(metrics: Mapping[str, float | None]) -> dict[str, list[tuple[str | None, str]]]:
+        plan: dict[str, list[tuple[str | None, str]]] = {}
+        for k in metrics:
+            fam, label = split_key(k)
+            entries = plan.get(fam)
+            if entries is None:
+                plan[fam] = [(label, k)]
+            else:
+                entries.append((label, k))
+        return plan
+
+    def _patch(self, metrics: Mapping[str, float | None], added: set[str] | frozenset[str],
+               removed: set[str] | frozenset[str]) -> dict[str, list[tuple[str | None, str]]]:
+        """The last plan with the families whose keys came or went gathered again, in the order
+        the sample holds their keys (the other families keep theirs)."""
+        touched: dict[str, list[str]] = {}
+        for k in removed:
+            touched.setdefault(split_key(k)[0], [])
+        for k in added:
+            touched.setdefault(split_key(k)[0], []).append(k)
+        plan = dict(self.by_family)
+        pos: dict[str, int] | None = None
+        for fam, new in touched.items():
+            ks = [k for _, k in plan.get(fam, ()) if k not in removed] + new
+            if not ks:
+                plan.pop(fam, None)
+                continue
+            if len(ks) > 1:
+                if pos is None:
+                    pos = {k: i for i, k in enumerate(metrics)}
+                ks.sort(key=pos.__getitem__)
+            plan[fam] = [(split_key(k)[1], k) for k in ks]
+        return plan
 
 
 class SampleIndex:
@@ -242,6 +278,12 @@ def reads(c: Condition) -> Reads | None:
     return None
 
 
+def _leaves(c: Condition) -> list[Condition]:
+    if isinstance(c, AllCond | AnyCond):
+        return [leaf for item in c.items for leaf in _leaves(item)]
+    return [c]
+
+
 class TriggerEvaluator:
     """Stateful evaluation of one condition tree."""
 
@@ -250,21 +292,49 @@ class TriggerEvaluator:
         self._metric: dict[tuple[int, str | None], _MState] = {}
         self._risk_since: dict[int, float | None] = {}
         self.reads = reads(condition)
+        leaves = _leaves(condition) if self.reads is not None else []
+        # what quiet() compares, flat
+        self._metric_leaves = tuple((c.key.family, _OPS[c.op], c.value) for c in leaves
+                                    if isinstance(c, MetricCond))
+        self._forecast_leaves = tuple((c.key.family, c.eta_below_s, c.min_confidence) for c in leaves
+                                      if isinstance(c, ForecastCond))
+        self._event_kinds = tuple(self.reads.events) if self.reads is not None else ()
 
     def evaluate(self, ctx: EvalContext) -> list[Match]:
         return self._eval(self.condition, ctx)
 
-    def idle(self, index: SampleIndex, forecast_families: set[str], events: EventLog) -> bool:
+    def quiet(self, index: SampleIndex, forecasts: Mapping[str, list[Forecast]], events: EventLog) -> bool:
         """Whether evaluating now is sure to give no match and change nothing, so it may be
-        skipped: the trigger reads only metrics, forecasts and events, none of which this sample
-        has (no key of its metric families, no forecast of its resources, no event of its kinds
-        in the log), and it holds no timer (a metric's state is dropped once its key is absent:
-        after one evaluation without them, there is none)."""
-        r = self.reads
-        if r is None or self._metric:
+        skipped: the trigger reads only metrics, forecasts and events (``forecasts``: this
+        sample's, by resource family); no event of its kinds is in the log; no forecast of its
+        resources is due within its line at its confidence; no metric it reads holds its
+        condition in this sample (no value of the leaf's family, whatever its label, compares
+        true against the threshold); and it holds no timer and nothing active. Each check reads a
+        superset of what the leaf reads (every label, every mount), so a doubt means a full
+        evaluation. A metric's state that is neither timing nor active is what a first evaluation
+        would create, so it is dropped here (the state a full evaluation of this sample would
+        leave). The usual case on a healthy node: most triggers' lines are far from every value,
+        and the check costs a comparison per value read, where a full evaluation builds each
+        label's state and matches."""
+        if self.reads is None:
             return False
-        return not (any(index.has(f) for f in r.metrics) or any(f in forecast_families for f in r.forecasts)
-                    or any(events.has(k) for k in r.events))
+        if self._metric:
+            for st in self._metric.values():
+                if st.active or st.since is not None:
+                    return False
+        for kind in self._event_kinds:
+            if events.has(kind):
+                return False
+        for family, below, confidence in self._forecast_leaves:
+            for f in forecasts.get(family, ()):
+                if f.eta_s is not None and f.eta_s <= below and f.confidence >= confidence:
+                    return False
+        for family, cmp, line in self._metric_leaves:
+            for _label, v in index.family(family):
+                if v is not None and cmp(v, line):
+                    return False
+        self._metric.clear()
+        return True
 
     def _eval(self, c: Condition, ctx: EvalContext) -> list[Match]:
         if isinstance(c, MetricCond):

@@ -31,6 +31,7 @@ from typing import Annotated, Final
 import msgspec
 import structlog
 
+from agent.collect.sample import KeyDelta
 from agent.fsutil import atomic_write
 
 log = structlog.get_logger("heald.demand")
@@ -88,7 +89,8 @@ class DemandHistory:
         self.keep_s = history_days * DAY_S
         self.rows: deque[Row] = deque(maxlen=max(2, math.ceil(self.keep_s / self.step_s)))
         self.keys: list[str] = []
-        self._nmetrics = -1
+        self._present: set[str] = set()  # the resources' keys in the last looked-at sample
+        self._delta = KeyDelta()
         self._bin: int | None = None
         self._sum: dict[str, float] = {}
         self._count: dict[str, int] = {}
@@ -100,14 +102,21 @@ class DemandHistory:
 
     # -------------------------------------------------------------- per sample
     def _discover(self, metrics: Mapping[str, float | None]) -> None:
-        self._nmetrics = len(metrics)
-        keys = [k for k in metrics if matches(k, self.patterns)]
-        self.keys = sorted(keys)[:MAX_RESOURCES]
+        """Follow the keys that came and went (only those are matched against the patterns)."""
+        added, removed = self._delta.delta(metrics)
+        present = self._present
+        before = len(present)
+        present -= removed
+        gone = len(present) != before
+        new = {k for k in added if matches(k, self.patterns)}
+        if new or gone:
+            present |= new
+            self.keys = sorted(present)[:MAX_RESOURCES]
 
     def push(self, metrics: Mapping[str, float | None], wall: float) -> None:
         if not math.isfinite(wall):
             return
-        if len(metrics) != self._nmetrics:  # the key set changed: look again
+        if self._delta.changed(metrics):  # the key set changed: look at what came and went
             self._discover(metrics)
         b = int(wall // self.step_s)
         if self._bin is not None and b != self._bin:

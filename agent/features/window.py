@@ -40,7 +40,7 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
-from agent.collect.sample import Sample, split_key
+from agent.collect.sample import KeyDelta, Sample, in_order, split_key
 from agent.errors import ModelError
 from agent.features.schema import TRANSFORMS, FeatureSchema
 from agent.native import FwCtx, Kernels, kernels, ptr
@@ -103,7 +103,8 @@ class FeatureWindow:
         self._members: list[list[str]] = [[] if s.wildcard else [s.key] for s in schema.inputs]
         self._raw_keys: list[str] = [s.key for s in schema.inputs if not s.wildcard]
         self._labels: set[tuple[str, int]] = set()
-        self._seen: set[str] = set()  # the keys of the sample last scanned
+        self._watch: set[str] = set(self._raw_keys)  # every key an input reads (exact, labels seen)
+        self._delta = KeyDelta()  # the keys that came and went since the last look
         self._wild: dict[str, list[int]] = {}  # family -> wildcard inputs
         for gi, spec in enumerate(schema.inputs):
             if spec.wildcard:
@@ -198,10 +199,11 @@ class FeatureWindow:
         return self._out
 
     # ------------------------------------------------------------------ gather plan
-    def _scan(self, metrics: Metrics) -> None:
-        """Add the wildcard labels of ``metrics`` not seen before, then rebuild the plan."""
+    def _scan(self, metrics: Metrics, keys: list[str]) -> None:
+        """Add the wildcard labels among ``keys`` (new in ``metrics``, in its order) not seen
+        before, then rebuild the plan."""
         if self._wild:
-            for k in metrics:
+            for k in keys:
                 fam, label = split_key(k)
                 if label is None:
                     continue
@@ -210,8 +212,18 @@ class FeatureWindow:
                         self._labels.add((k, gi))
                         self._members[gi].append(k)
                         self._raw_keys.append(k)
+                        self._watch.add(k)
         self._plan(metrics)
-        self._seen = set(metrics)
+
+    def _look(self, metrics: Metrics) -> None:
+        """The key set changed (or it is time to look again): re-plan when a key an input reads,
+        or a new label of a wildcard family, arrived; a planned key that went is found by the
+        gather itself (its KeyError)."""
+        added, _removed = self._delta.delta(metrics)
+        watch, wild = self._watch, self._wild
+        fresh = {k for k in added if k in watch or (wild and split_key(k)[0] in wild)}
+        if fresh:
+            self._scan(metrics, in_order(metrics, fresh))
 
     def _plan(self, metrics: Metrics) -> None:
         """Resolve the gather for the keys present in ``metrics``.
@@ -243,7 +255,6 @@ class FeatureWindow:
         nul = [k for k in keys if metrics.get(k) is None]
         sig = (keys, starts, num)
         if sig == self._plan_sig:  # the keys the schema reads did not change (others came or went)
-            self._last_len = len(metrics)
             return
         self._plan_sig = sig
         slot = {k: i for i, k in enumerate(num)}
@@ -278,7 +289,6 @@ class FeatureWindow:
         self._sum_val: F64 = np.empty(len(sum_rows))
         self._sum_any: Mask = np.empty(len(sum_rows), dtype=np.bool_)
         self._absent = absent
-        self._last_len = len(metrics)
         if self._kern is not None:
             # The kernel reads input gi's plan positions [lo, hi) directly (no clamping needed).
             st = np.asarray(starts, dtype=np.intp)
@@ -295,9 +305,8 @@ class FeatureWindow:
     def _load(self, metrics: Metrics) -> bool:
         """Read the planned keys of ``metrics`` into the value buffer (re-planning when the keys
         changed); False when no key the schema reads is present."""
-        if len(metrics) != self._last_len or (
-                self._wild and self._pushes % self._rescan_every == 0 and metrics.keys() != self._seen):
-            self._scan(metrics)
+        if self._delta.changed(metrics) or self._pushes % self._rescan_every == 0:
+            self._look(metrics)
         elif self._absent:
             for k in self._absent:
                 if k in metrics:  # an exact key appeared
@@ -316,7 +325,7 @@ class FeatureWindow:
             self._vbuf_num[:] = np.fromiter(num, np.float64, self._n_num)
         except TypeError:  # a number became None: convert slowly now, re-plan at the next sample
             self._vbuf_num[:] = num
-            self._last_len = -1
+            self._delta.forget()
         if nul.count(None) != self._n_nul:
             self._vbuf_nul[:] = nul  # None -> NaN
             self._nul_dirty = True
@@ -364,7 +373,7 @@ class FeatureWindow:
         self._pos = 0
         self._pushes = 0
         self._t0 = 0.0
-        self._last_len = -1
+        self._delta.forget()
         self._prev_mono: float | None = None
 
     def reset(self) -> None:

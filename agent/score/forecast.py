@@ -62,8 +62,8 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
+from agent.collect.sample import KeyDelta, in_order, split_key
 from agent.collect.sample import key as metric_key
-from agent.collect.sample import split_key
 from agent.errors import ModelError
 from agent.native import Kernels, TrendCtx, kernels, ptr
 from agent.score.types import Forecast
@@ -209,7 +209,7 @@ class Forecaster:
         self._ages = np.arange(capacity)
         self._pos = 0
         self._n = 0
-        self._last_len = -1
+        self._delta = KeyDelta()  # the keys that came and went since the last look
         self.forecasts: tuple[Forecast, ...] = ()
         self._results: dict[int, tuple[F64, F64, F64]] = {}
         self._subsample: dict[int, npt.NDArray[np.intp]] = {}
@@ -274,7 +274,9 @@ class Forecaster:
             self._prune(metrics)
         new: list[tuple[str, Resource]] = []
         known = set(self._keys)
-        for k in metrics:
+        added, _removed = self._delta.delta(metrics)  # only the keys that arrived since the last look
+        found: dict[str, Resource] = {}
+        for k in added:
             if k in known:
                 continue
             spec = self._exact.get(k)
@@ -282,7 +284,8 @@ class Forecaster:
                 fam, label = split_key(k)
                 spec = self._wild.get(fam) if label is not None else None
             if spec is not None:
-                new.append((k, spec))
+                found[k] = spec
+        new = [(k, found[k]) for k in in_order(metrics, set(found))]
         if new:
             for k, spec in new:
                 self._keys.append(k)
@@ -298,8 +301,7 @@ class Forecaster:
             self._get = lambda m: (m.get(only),)
 
     def push(self, metrics: dict[str, float | None], mono: float) -> None:
-        if len(metrics) != self._last_len or self._n % 300 == 0:
-            self._last_len = len(metrics)
+        if self._delta.changed(metrics) or self._n % 300 == 0:
             self._scan(metrics)
         row = self._ring[self._pos]
         try:

@@ -37,7 +37,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from agent.collect.sample import Sample, split_key
+from agent.collect.sample import KeyDelta, Sample, split_key
 from agent.score.types import GpuRisk
 
 #: Logit of a GPU with no signal: 1 / (1 + e^6) = 0.0025.
@@ -96,7 +96,7 @@ class GpuRiskScorer:
         self._gpus: dict[str, _Gpu] = {}
         self._labels: list[str] = []  # GPUs planned, in index order
         self._keys: list[str] = []  # len(_FAMS) keys per planned GPU
-        self._planned_n = -1
+        self._delta = KeyDelta()  # the keys that came and went since the last look
         self._since_plan = 0
         self._last_vals: tuple[float | None, ...] | None = None
         self._last_eval = -math.inf
@@ -112,7 +112,7 @@ class GpuRiskScorer:
                     labels.add(label)
         self._labels = sorted(labels, key=lambda s: (len(s), s))
         self._keys = [f"{fam}[{label}]" for label in self._labels for fam in _FAMS]
-        self._planned_n, self._since_plan = len(metrics), 0
+        self._since_plan = 0
         self._last_vals = None
         for gone in set(self._gpus) - labels:
             del self._gpus[gone]
@@ -121,8 +121,11 @@ class GpuRiskScorer:
         """This sample's per-GPU risks (empty on a host without GPU metrics), by GPU index."""
         metrics = sample.metrics
         self._since_plan += 1
-        if len(metrics) != self._planned_n or self._since_plan >= _REPLAN:
-            self._replan(metrics)
+        if self._delta.changed(metrics) or self._since_plan >= _REPLAN:
+            added, removed = self._delta.delta(metrics)  # re-planned only when a GPU key came or went
+            if self._since_plan >= _REPLAN or any(k.startswith("gpu.") for k in added) \
+                    or any(k.startswith("gpu.") for k in removed):
+                self._replan(metrics)
         xid = False
         for ev in sample.events:
             if ev.kind == "gpu.xid":
