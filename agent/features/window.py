@@ -16,7 +16,10 @@ Gathering a sample: the metric keys the schema reads are resolved into a *plan* 
 ``operator.itemgetter`` over the keys present, ordered so that every input's keys are
 contiguous, plus per-key scales and per-input reduction offsets — only when the sample's set of
 keys may have changed (its key count changes, a planned key is missing, an absent exact key
-appears) and every ``_RESCAN_EVERY`` windows. Wildcard inputs are reduced *first* (max/min/sum
+appears) and every ``_RESCAN_EVERY`` windows; and when the count changed, only if one of the
+keys that arrived is one an input reads or a new label of a wildcard family
+(:class:`agent.collect.sample.KeyDelta`: per-process series change the count most samples on a
+busy host, and no input reads them). Wildcard inputs are reduced *first* (max/min/sum
 over every label present in this sample, NaN-aware: ``np.fmax.reduceat`` over all inputs at
 once, min as the negated max of negated values, sums with ``np.add.reduceat``), then windowed:
 ``max(disk.used_pct[*]):slope`` is the trend of the fullest mount's fill level. (Which mount runs
