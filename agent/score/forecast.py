@@ -272,13 +272,9 @@ class Forecaster:
     def _scan(self, metrics: dict[str, float | None]) -> None:
         if self._n % 300 == 0:  # not on every change of the key count: a churning host rescans often
             self._prune(metrics)
-        new: list[tuple[str, Resource]] = []
-        known = set(self._keys)
         added, _removed = self._delta.delta(metrics)  # only the keys that arrived since the last look
         found: dict[str, Resource] = {}
-        for k in added:
-            if k in known:
-                continue
+        for k in added.difference(self._keys):
             spec = self._exact.get(k)
             if spec is None:
                 fam, label = split_key(k)
