@@ -178,5 +178,5 @@ def established(timeout_s: float = 1.0) -> dict[int, tuple[bool, int]]:
         sock.settimeout(timeout_s)
         sock.bind((0, 0))
         for seq, family in enumerate((socket.AF_INET, socket.AF_INET6), start=1):
-            _dump(sock, request(family, seq), lambda data: parse_dump(data, out))
+            _dump(sock, request(family, seq), functools.partial(parse_dump, out=out))
     return out

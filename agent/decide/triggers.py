@@ -318,10 +318,9 @@ class TriggerEvaluator:
         label's state and matches."""
         if self.reads is None:
             return False
-        if self._metric:
-            for st in self._metric.values():
-                if st.active or st.since is not None:
-                    return False
+        for st in self._metric.values():
+            if st.active or st.since is not None:
+                return False
         for kind in self._event_kinds:
             if events.has(kind):
                 return False

@@ -123,8 +123,7 @@ class GpuRiskScorer:
         self._since_plan += 1
         if self._delta.changed(metrics) or self._since_plan >= _REPLAN:
             added, removed = self._delta.delta(metrics)  # re-planned only when a GPU key came or went
-            if self._since_plan >= _REPLAN or any(k.startswith("gpu.") for k in added) \
-                    or any(k.startswith("gpu.") for k in removed):
+            if self._since_plan >= _REPLAN or any(k.startswith("gpu.") for k in added | removed):
                 self._replan(metrics)
         xid = False
         for ev in sample.events:
