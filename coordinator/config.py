@@ -79,6 +79,10 @@ class StoreSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     metrics_max_rows_per_node: Annotated[int, msgspec.Meta(ge=10)] = 5000
     batch_max: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 2000
     batch_interval_s: Annotated[float, msgspec.Meta(ge=0.001, le=5)] = 0.05
+    # PostgreSQL: batches committed at once, each in its own transaction on its own connection, so
+    # that one batch's statements run while the next is prepared (a node's rows are locked: its
+    # reports still apply one batch at a time). SQLite has one writer: 1 whatever is set here.
+    writers: Annotated[int, msgspec.Meta(ge=1, le=8)] = 2
     # Reports received and not yet stored, at most: beyond it metrics are shed (counted per node in
     # /api/info, logged), other reports only beyond a quarter more (coordinator/intake.py).
     queue_max: Annotated[int, msgspec.Meta(ge=100)] = 20_000

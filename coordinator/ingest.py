@@ -209,6 +209,7 @@ class Bus:
         batch_max: int,
         batch_interval_s: float,
         queue_max: int,
+        writers: int = 1,
     ) -> None:
         self.cfg = cfg
         self.host = host
@@ -218,6 +219,7 @@ class Bus:
         self.after_batch = after_batch
         self.batch_max = batch_max
         self.batch_interval_s = batch_interval_s
+        self.writers = writers  # batches committed at once (the store's write transactions)
         self.outbox: asyncio.Queue[Command] = asyncio.Queue(10_000)
         self.stats = IngestStats()
         # reports received, not yet committed: bounded, metrics shed first (coordinator.intake)
@@ -376,16 +378,28 @@ class Bus:
             self.stats.commands_sent += 1
 
     async def _batch_loop(self) -> None:
-        """Commit what waits: a full batch at once, else what came within ``batch_interval_s``.
-        Reports keep arriving (and are shed, metrics first, when the intake is full) during a commit."""
+        """Commit what waits: a full batch at once, else what came within ``batch_interval_s``;
+        up to ``writers`` batches at once, each taken only when a writer is free (so it fills up
+        meanwhile). Reports keep arriving (and are shed, metrics first, when the intake is full)
+        during a commit."""
         pending = self.queue
-        while True:
-            await pending.nonempty.wait()
-            if not pending.full.is_set():
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self.batch_interval_s):
-                        await pending.full.wait()
-            await self._commit(pending.take())
+        free = asyncio.Semaphore(self.writers)
+
+        async def commit(batch: list[Incoming]) -> None:
+            try:
+                await self._commit(batch)
+            finally:
+                free.release()
+
+        async with asyncio.TaskGroup() as tg:
+            while True:
+                await pending.nonempty.wait()
+                if not pending.full.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(self.batch_interval_s):
+                            await pending.full.wait()
+                await free.acquire()
+                tg.create_task(commit(pending.take()), name="ingest-commit")
 
     async def _commit(self, batch: list[Incoming]) -> None:
         for attempt in range(4):

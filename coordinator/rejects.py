@@ -21,6 +21,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any, Final
 
 #: Bucket of the nodes the table no longer names (never a node id: ids start with a letter or digit).
@@ -29,13 +30,17 @@ OTHER: Final = "(other)"
 NO_NODE: Final = "(no node)"
 
 
-@dataclass
+@dataclass(slots=True)
 class _Entry:
-    reasons: Counter[str] = field(default_factory=Counter)
+    name: str = ""
+    reasons: dict[str, int] = field(default_factory=dict)  # a plain dict: made for every new name
     total: int = 0
     seen: int = 0  # the table's total at this node's latest rejection (recency, for eviction)
     logged_at: float | None = None
     unlogged: int = 0  # rejections since this node's last log line
+
+
+_RANK: Final = attrgetter("total", "seen")  # eviction order: fewest rejections, then least recent
 
 
 class RejectTable:
@@ -63,7 +68,8 @@ class RejectTable:
         entry = self._entry(node)
         entry.total += 1
         entry.seen = self.total
-        entry.reasons[reason] += 1
+        reasons = entry.reasons
+        reasons[reason] = reasons.get(reason, 0) + 1
         entry.unlogged += 1
         now = self.clock()
         if entry.logged_at is not None and now - entry.logged_at < self.log_interval_s:
@@ -85,17 +91,19 @@ class RejectTable:
             return entry
         if len(self._nodes) >= self.max_nodes:
             self._evict()
-        entry = self._nodes[name] = _Entry()
+        entry = self._nodes[name] = _Entry(name)
         return entry
 
     def _evict(self) -> None:
         """Fold the half of the nodes with the fewest rejections into :data:`OTHER`."""
-        ranked = sorted(self._nodes.items(), key=lambda item: (item[1].total, item[1].seen))
-        for name, entry in ranked[: max(1, len(ranked) // 2)]:
-            del self._nodes[name]
-            self._other.total += entry.total
-            self._other.reasons.update(entry.reasons)
-            self._other.unlogged += entry.unlogged
+        ranked = sorted(self._nodes.values(), key=_RANK)
+        other = self._other
+        for entry in ranked[: max(1, len(ranked) // 2)]:
+            del self._nodes[entry.name]
+            other.total += entry.total
+            for reason, n in entry.reasons.items():
+                other.reasons[reason] = other.reasons.get(reason, 0) + n
+            other.unlogged += entry.unlogged
 
     def count(self, node: str) -> int:
         """Rejections counted for ``node`` (0 when it is not, or no longer, named)."""

@@ -60,6 +60,7 @@ class Coordinator:
             batch_max=s.batch_max,
             batch_interval_s=s.batch_interval_s,
             queue_max=s.queue_max,
+            writers=store.db.writers,
         )
         self.started_at = time.time()
         self.leases_granted = 0

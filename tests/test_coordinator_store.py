@@ -6,6 +6,7 @@ database created for the test and dropped after it.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -91,6 +92,29 @@ async def test_dedupe_by_node_seq(store: Store) -> None:
     assert counts["metrics"] == 1
     assert counts["events"] == 1
     assert counts["presence"] == 2
+
+
+@pytest.mark.asyncio
+async def test_batches_committed_at_once_store_every_report_and_end_on_the_newest(store: Store) -> None:
+    """PostgreSQL commits up to ``writers`` batches at once (the default, 2): batches that share
+    nodes, in flight together, store every report once, with no deadlock surfacing, and every
+    node's state ends on its newest report whichever batch committed first."""
+    nodes = [SimNode(f"n{i:03d}") for i in range(60)]
+    await store.apply([inc(n.birth()) for n in nodes])
+    batches: list[list[Incoming]] = [[] for _ in range(6)]
+    for round_ in range(12):  # each node's reports spread over every batch, in turn
+        for i, n in enumerate(nodes):
+            batches[(round_ + i) % 6].append(inc(n.risk(round(0.1 * round_ + i / 1000, 4))))
+            batches[(round_ + i + 3) % 6].append(inc(n.metrics(1)))
+    assert store.db.writers == (2 if store.db.is_postgres else 1)
+    results = await asyncio.gather(*(store.apply(b) for b in batches))
+    assert sum(r.new for r in results) == 60 * 24
+    assert not any(r.rejected or r.duplicates for r in results)
+    counts = await store.counts()
+    assert (counts["risk"], counts["metrics"]) == (60 * 12, 60 * 12)
+    for i, n in enumerate(nodes):
+        node = await store.get_node(n.node)
+        assert node["anomaly"] == round(1.1 + i / 1000, 4), n.node
 
 
 @pytest.mark.asyncio

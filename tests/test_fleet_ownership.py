@@ -13,6 +13,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -77,6 +78,31 @@ async def test_a_jump_that_keeps_coming_is_believed_after_ten_minutes(store: Sto
     later = await store.apply([inc(n.risk(0.2), received_at=t0 + 601)])
     assert later.new == 1
     assert (await store.get_node("n1"))["anomaly"] == 0.2
+
+
+@pytest.mark.asyncio
+async def test_incarnations_new_in_one_batch_get_their_own_bases_and_the_jump_rule(store: Store) -> None:
+    """A fleet joining at once: several incarnations of a node first seen in the same batch get a
+    base each, in the order they come, and a second incarnation that starts far from 0 is
+    quarantined unless the node's only other incarnation is the legacy one (agents before
+    incarnations numbered on from their old seq)."""
+    legacy = SimNode("a", site="lab", inc="")
+    after_legacy = SimNode("a", site="lab")
+    after_legacy.seq = 2_000_000
+    first, second = SimNode("b", site="lab"), SimNode("b", site="lab")
+    second.seq = 2_000_000
+    quiet = [SimNode(f"q{i:03d}", site="lab") for i in range(300)]
+    batch = [inc(legacy.birth()), inc(after_legacy.risk(0.1)), inc(first.birth()), inc(second.risk(0.1))]
+    result = await store.apply(batch + [inc(q.birth()) for q in quiet])
+    assert [(r.node, r.reason) for r in result.rejected] == [("b", "seq_jump")]
+    assert result.new == 3 + len(quiet)
+
+    def bases(cur: Any) -> list[tuple[str, str, int]]:
+        return [(r["node"], r["inc"], int(r["base"])) for r in store.db.rows(
+            cur, "SELECT node, inc, base FROM incarnations WHERE node IN ('a', 'b') ORDER BY node, base")]
+
+    assert await store.db.read(bases) == [
+        ("a", "", 0), ("a", after_legacy.inc, 2**48), ("b", first.inc, 0), ("b", second.inc, 2**48)]
 
 
 @pytest.mark.asyncio

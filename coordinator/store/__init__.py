@@ -63,7 +63,7 @@ class Store:
         self.settings = settings
         self.budget = budget
         self.replica = replica
-        self.db = Database(url)
+        self.db = Database(url, writers=settings.writers)
         self.audit_trail = AuditTrail(self.db, replica)
         self.reports = Reports(self.db, budget)
         self.leases = Leases(self.db, budget, self.audit_trail)

@@ -17,8 +17,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import json
 import logging
+import math
 import secrets
 import sqlite3
 import threading
@@ -86,7 +86,7 @@ class PgDialect(Dialect):
 class Database:
     """Connections, transactions and statement helpers for one store URL."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, writers: int = 1) -> None:
         self.url = url
         if url.startswith(("postgresql://", "postgres://")):
             self.dialect: Dialect = PgDialect()
@@ -96,12 +96,15 @@ class Database:
             self.path = Path(url.removeprefix("sqlite://"))
         else:
             raise StoreError(f"unsupported store URL {url!r} (sqlite:///PATH or postgresql://...)")
-        self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="store-writer")
+        #: write transactions at once: PostgreSQL's, each on a writer thread's own connection
+        self.writers = max(1, writers) if self.is_postgres else 1
+        self._writer = concurrent.futures.ThreadPoolExecutor(self.writers, thread_name_prefix="store-writer")
         self._readers = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="store-reader")
         self._local = threading.local()
         # sqlite3.Connection or psycopg.Connection: the two share no useful static type
         self._conns: list[Any] = []
         self._conns_lock = threading.Lock()
+        self._pg_types: dict[str, dict[str, str]] = {}  # table -> column -> SQL type
 
     @property
     def is_postgres(self) -> bool:
@@ -246,8 +249,8 @@ class Database:
         SQLite: per chunk, the keys already there are looked up, the rest inserted with one
         ``executemany`` (``sql`` without its ``RETURNING``); only inside a write transaction
         (SQLite's single writer: nothing can insert between the two). PostgreSQL: one ``INSERT ...
-        SELECT`` from the rows as JSON (``jsonb_populate_recordset`` types them as the table's
-        columns) ``ON CONFLICT DO NOTHING RETURNING node, seq``."""
+        SELECT`` from ``unnest`` of one typed array a column (:meth:`pg_insert_new`) ``ON CONFLICT
+        DO NOTHING RETURNING node, seq``."""
         if self.is_postgres:
             return self.pg_insert_new(cur, sql, table, rows, ("node", "seq"))
         insert = self.dialect.sql(sql.rsplit(" RETURNING ", 1)[0])
@@ -275,19 +278,19 @@ class Database:
     def pg_insert_new(self, cur: Cursor, sql: str, table: str, rows: Sequence[Sequence[Any]],
                       keys: Sequence[str]) -> list[Any]:
         """PostgreSQL: ``sql`` (``INSERT INTO table (columns) VALUES (...) ON CONFLICT DO NOTHING
-        ...``) as one ``INSERT ... SELECT`` a chunk, from the rows as JSON typed by
-        ``jsonb_populate_recordset``; per row, True if inserted (the first row of its ``keys``)
-        or None."""
+        ...``) as one ``INSERT ... SELECT`` a chunk from ``unnest`` of one typed array a column
+        (:meth:`pg_columns`); per row, True if inserted (the first row of its ``keys``) or None."""
         head = sql.split(" VALUES ", 1)[0]  # INSERT INTO <table> (<columns>)
         columns = [c.strip() for c in head.split("(", 1)[1].rstrip(")").split(",")]
         at = [columns.index(k) for k in keys]
-        names = ", ".join(columns)
+        types = self.pg_types(cur, table, columns)
+        arrays = ", ".join(f"%b::{t}[]" for t in types)
+        stmt = (f"{head} SELECT * FROM unnest({arrays}) "  # noqa: S608 - names and types from code
+                f"ON CONFLICT DO NOTHING RETURNING {', '.join(keys)}")
         out: list[Any] = []
         seen: set[tuple[Any, ...]] = set()
-        for chunk in iter_chunks(rows, 2000):
-            data = json.dumps([dict(zip(columns, r, strict=True)) for r in chunk], allow_nan=False)
-            _pg_execute_json(cur, f"{head} SELECT {names} FROM jsonb_populate_recordset(NULL::{table}, "  # noqa: S608
-                             f"%s::jsonb) ON CONFLICT DO NOTHING RETURNING {', '.join(keys)}", data)
+        for chunk in iter_chunks(rows, 5000):
+            _pg_execute(cur, stmt, pg_columns(chunk, types))
             inserted = {tuple(r) for r in cur.fetchall()}
             for r in chunk:
                 key = tuple(r[i] for i in at)
@@ -298,11 +301,20 @@ class Database:
                     out.append(None)
         return out
 
+    def pg_types(self, cur: Cursor, table: str, columns: Sequence[str]) -> list[str]:
+        """PostgreSQL: the SQL types of ``table``'s ``columns`` (read from the catalog once a table)."""
+        known = self._pg_types.get(table)
+        if known is None:
+            cur.execute("SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute "
+                        "WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped", (table,))
+            known = self._pg_types[table] = {str(name): str(kind) for name, kind in cur.fetchall()}
+        return [known[c] for c in columns]
+
     def update_rows(self, cur: Cursor, table: str, keys: Sequence[str], columns: Sequence[str],
                     rows: Sequence[Sequence[Any]]) -> None:
         """``UPDATE table SET columns WHERE keys`` for each row (its ``columns`` values, then its
-        ``keys`` values): an ``executemany`` on SQLite, one statement from the rows as JSON on
-        PostgreSQL."""
+        ``keys`` values): an ``executemany`` on SQLite, one statement a chunk from ``unnest`` of
+        one typed array a column on PostgreSQL."""
         if not rows:
             return
         if not self.is_postgres:
@@ -311,12 +323,14 @@ class Database:
             cur.executemany(f"UPDATE {table} SET {sets} WHERE {where}", rows)  # noqa: S608 - names from code
             return
         every = [*columns, *keys]
+        types = self.pg_types(cur, table, every)
+        arrays = ", ".join(f"%b::{t}[]" for t in types)
         sets = ", ".join(f"{c} = v.{c}" for c in columns)
         where = " AND ".join(f"t.{k} = v.{k}" for k in keys)
-        for chunk in iter_chunks(rows, 2000):
-            data = json.dumps([dict(zip(every, r, strict=True)) for r in chunk], allow_nan=False)
-            _pg_execute_json(cur, f"UPDATE {table} AS t SET {sets} FROM "  # noqa: S608 - names from code
-                             f"jsonb_populate_recordset(NULL::{table}, %s::jsonb) AS v WHERE {where}", data)
+        stmt = (f"UPDATE {table} AS t SET {sets} FROM unnest({arrays}) "  # noqa: S608 - names from code
+                f"AS v({', '.join(every)}) WHERE {where}")
+        for chunk in iter_chunks(rows, 5000):
+            _pg_execute(cur, stmt, pg_columns(chunk, types))
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -333,15 +347,34 @@ class Database:
                 conn.close()
 
 
-def _pg_execute_json(cur: Cursor, sql: str, data: str) -> None:
-    """Run a statement that reads its rows from one JSON parameter. A NUL in a string reaches
-    PostgreSQL as the JSON escape ``\\u0000``, which text cannot hold: that data error says so."""
+def _pg_execute(cur: Cursor, sql: str, params: Sequence[Any]) -> None:
+    """Run a statement on typed arrays. A NUL in a string reaches PostgreSQL in a binary text
+    array, which text cannot hold: that data error says so."""
     import psycopg  # noqa: PLC0415 - only PostgreSQL deployments have it
 
     try:
-        cur.execute(sql, (data,))
-    except psycopg.errors.UntranslatableCharacter as exc:
+        cur.execute(sql, params)
+    except psycopg.errors.CharacterNotInRepertoire as exc:
+        if "0x00" not in str(exc):
+            raise
         raise psycopg.DataError(f"PostgreSQL text cannot hold a NUL (0x00) character: {exc}") from exc
+
+
+_PG_FLOATS = frozenset({"double precision", "real"})
+
+
+def pg_columns(rows: Sequence[Sequence[Any]], types: Sequence[str]) -> list[list[Any]]:
+    """``rows`` as one list a column, for ``unnest(%s::type[], ...)``: a float column's ints made
+    floats (psycopg dumps a list of one Python type), its NaN and infinities refused with a
+    ValueError (a data error: the report is isolated, as JSON refused them before)."""
+    out = [list(c) for c in zip(*rows, strict=True)] or [[] for _ in types]
+    for i, kind in enumerate(types):
+        if kind in _PG_FLOATS:
+            col = out[i] = [v if v is None else float(v) for v in out[i]]
+            if not math.isfinite(sum(v for v in col if v is not None)) and not all(
+                    math.isfinite(v) for v in col if v is not None):
+                raise ValueError(f"a {kind} value is NaN or infinite")
+    return out
 
 
 def iter_chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:

@@ -50,6 +50,11 @@ class Incarnations:
 
     def _load(self, names: Sequence[str]) -> dict[tuple[str, str], dict[str, Any]]:
         rows: dict[tuple[str, str], dict[str, Any]] = {}
+        if self.db.is_postgres:  # one statement, the names as one array
+            sql = "SELECT * FROM incarnations WHERE node = ANY(?)"
+            for row in self.db.rows(self.cur, sql, (list(names),)):
+                rows[(row["node"], row["inc"])] = dict(row)
+            return rows
         for chunk in iter_chunks(names, 500):
             marks = ", ".join("?" * len(chunk))
             sql = f"SELECT * FROM incarnations WHERE node IN ({marks})"  # noqa: S608 - placeholders only
@@ -61,6 +66,10 @@ class Incarnations:
                result: BatchResult) -> list[Incoming]:
         """The batch's reports with their stored seqs; quarantined ones go to ``result.rejected``."""
         rows = self._load(sorted({i.message.node for i in items}))
+        bases: dict[str, int] = {}  # node -> the highest base of its incarnations
+        for (name, _), r in rows.items():
+            bases[name] = max(bases.get(name, -SEQ_SPAN), int(r["base"]))
+        legacy_only = {k[0] for k in rows} - {k[0] for k in rows if k[1] != ""}
         created: list[tuple[str, str]] = []
         changed: set[tuple[str, str]] = set()
         kept: list[Incoming] = []
@@ -72,13 +81,17 @@ class Incarnations:
                 continue
             row = rows.get(key)
             if row is None:
-                mine = [r for k, r in rows.items() if k[0] == m.node]
-                base = max((int(r["base"]) for r in mine), default=-SEQ_SPAN) + SEQ_SPAN
+                had = m.node in bases
+                base = bases[m.node] = bases.get(m.node, -SEQ_SPAN) + SEQ_SPAN
                 row = rows[key] = {"node": m.node, "inc": m.inc, "base": base, "last_seq": -1,
                                    "first_seen": item.received_at, "jump_seq": -1, "jump_since": 0.0}
                 created.append(key)
-                if any(r["inc"] != "" for r in mine) and m.seq > SEQ_JUMP_MAX:
+                if had and m.node not in legacy_only and m.seq > SEQ_JUMP_MAX:
                     row.update(jump_seq=m.seq, jump_since=item.received_at)  # a new one starts near 0
+                if m.inc != "":
+                    legacy_only.discard(m.node)
+                elif not had:
+                    legacy_only.add(m.node)
             last = int(row["last_seq"])
             if (last >= 0 and m.seq > last + SEQ_JUMP_MAX) or (last < 0 and row["jump_since"]):
                 if not row["jump_since"]:

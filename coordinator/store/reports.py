@@ -251,15 +251,16 @@ class Reports:
         for i in items:
             first.setdefault(i.message.node, i)
         names = sorted(first)
-        out: dict[str, DbRow] = {}
-        missing = names
-        if not self.db.is_postgres:  # one writer: the rows there now are there at commit; insert the rest
-            out = self._select_nodes(cur, names)
-            missing = [n for n in names if n not in out]
+        # The rows there now, locked in node order (on SQLite, the one writer: they are there at
+        # commit). The rest are inserted (ON CONFLICT: another replica may have just done so) and
+        # then locked; only a batch with new nodes pays for those two statements.
+        out = self._select_nodes(cur, names)
+        missing = [n for n in names if n not in out]
+        if not missing:
+            return out, set()
         sql = ("INSERT INTO nodes (node, site, first_seen, last_seen, updated_at) VALUES (?, ?, ?, ?, ?) "
                "ON CONFLICT DO NOTHING RETURNING node")
         rows = [(n, first[n].message.site, first[n].received_at, first[n].received_at, now) for n in missing]
-        # make sure every row exists, so FOR UPDATE can lock it
         if self.db.is_postgres:
             inserted = self.db.pg_insert_new(cur, sql, "nodes", rows, ("node",))
         else:
@@ -270,15 +271,13 @@ class Reports:
 
     def _select_nodes(self, cur: Cursor, names: Sequence[str]) -> dict[str, DbRow]:
         """The ``nodes`` rows of ``names`` (sorted), locked in node order on PostgreSQL."""
+        if self.db.is_postgres:  # one statement, the names as one array
+            sql = f"SELECT * FROM nodes WHERE node = ANY(?) ORDER BY node{self.db.dialect.for_update}"  # noqa: S608
+            return {row["node"]: row for row in self.db.rows(cur, sql, (list(names),))}
         out: dict[str, DbRow] = {}
         for chunk in iter_chunks(names, 500):
             marks = ", ".join("?" * len(chunk))
-            for row in self.db.rows(
-                cur,
-                f"SELECT * FROM nodes WHERE node IN ({marks}) ORDER BY node"  # noqa: S608
-                f"{self.db.dialect.for_update}",
-                chunk,
-            ):
+            for row in self.db.rows(cur, f"SELECT * FROM nodes WHERE node IN ({marks})", chunk):  # noqa: S608
                 out[row["node"]] = row
         return out
 
