@@ -75,6 +75,33 @@ def test_a_loopback_connection_is_seen_with_its_acknowledged_bytes(family: int, 
         assert socks[_inode(conn)][1] <= 1  # it sent nothing (the SYN-ACK's sequence number at most)
 
 
+def test_a_kernel_refusing_the_one_walk_request_is_read_a_family_at_a_time(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the kernel refuses the older TCPDIAG_GETSOCK request (here: a request it has no
+    handler for, answered with an error), the sockets of both families are read with one
+    SOCK_DIAG_BY_FAMILY dump each: the same sockets."""
+    flags = sockdiag.NLM_F_REQUEST | sockdiag.NLM_F_DUMP
+    refused = struct.pack("=IHHII", 16 + 60, 99, flags, 1, 0) + bytes(60)
+    families: list[int] = []
+    real = sockdiag.request
+
+    def request(family: int, seq: int = 1) -> bytes:
+        families.append(family)
+        return real(family, seq)
+
+    with _pair(socket.AF_INET, "127.0.0.1") as (v4, _c4), _pair(socket.AF_INET6, "::1") as (v6, _c6):
+        both = sockdiag.established()
+        assert families == []  # one request answered both families
+        monkeypatch.setattr(sockdiag, "request_both", lambda: refused)
+        monkeypatch.setattr(sockdiag, "request", request)
+        apart = sockdiag.established()
+        inodes = [_inode(v4), _inode(v6)]
+    assert families == [socket.AF_INET, socket.AF_INET6]
+    for inode in inodes:
+        assert both[inode] == apart[inode]
+        assert both[inode][0] is True  # a loopback peer
+
+
 def test_a_v4_mapped_ipv6_socket_to_127_is_loopback() -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as server:
         server.bind(("127.0.0.1", 0))
