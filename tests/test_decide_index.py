@@ -14,6 +14,7 @@ over any values (Hypothesis), and the patched key plan against one made afresh.
 from __future__ import annotations
 
 import itertools
+import math
 from pathlib import Path
 
 import msgspec
@@ -179,6 +180,23 @@ _FORECASTS = st.lists(st.builds(
 @given(_trigger(), st.lists(st.tuples(_metrics(), _FORECASTS), min_size=1, max_size=25))
 def test_a_quiet_skip_gives_the_full_evaluations_matches_for_any_tree_and_values(
         trigger: str, stream: list[tuple[dict[str, float | None], list[Forecast]]]) -> None:
+    _quiet_equals_full(trigger, stream)
+
+
+@pytest.mark.parametrize("op", [">", ">=", "<", "<=", "==", "!="])
+@pytest.mark.parametrize("values", [(0.0, 5.0), (5.0, 0.0), (math.nan, 5.0), (math.nan, -3.0),
+                                    (-3.0, math.nan), (1.0, math.inf), (-math.inf, 1.0), (None, 2.0),
+                                    (math.nan, math.nan)])
+def test_a_quiet_skip_reads_every_label_of_a_family(op: str,
+                                                    values: tuple[float | None, float | None]) -> None:
+    """One label beyond the line is enough, wherever it sits among the others and whatever NaN
+    (holds no comparison), None or infinity sits beside it: the quiet check compares the family's
+    least and greatest values for an ordering and every value for == and !=."""
+    trigger = f'trigger:\n  metric: "m.a[{{x}}]"\n  op: "{op}"\n  value: 1\n'
+    _quiet_equals_full(trigger, [({"m.a[one]": values[0], "m.a[two]": values[1]}, [])])
+
+
+def _quiet_equals_full(trigger: str, stream: list[tuple[dict[str, float | None], list[Forecast]]]) -> None:
     pb = playbook("name: t\ndescription: d\n" + trigger + STEPS)
     skipping, full = TriggerEvaluator(pb.trigger), TriggerEvaluator(pb.trigger)
     log, plan = EventLog(), KeyPlan()
