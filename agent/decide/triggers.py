@@ -50,9 +50,6 @@ _OPS: dict[str, Callable[[float, float], bool]] = {
     "==": operator.eq,
     "!=": operator.ne,
 }
-#: For an ordering comparison, the extreme of a family's values that holds it if any value does
-#: (NaN holds none): the greatest for > and >=, the least for < and <=.
-_EXTREME: dict[str, int] = {">": 1, ">=": 1, "<": 0, "<=": 0}
 MAX_MATCHES = 64
 
 
@@ -137,7 +134,6 @@ class SampleIndex:
         self._metrics: Mapping[str, float | None] = sample.metrics if sample is not None else {}
         self._plan = (plan or KeyPlan()).update(self._metrics)
         self._families: dict[str, list[tuple[str | None, float | None]]] = {}
-        self._extremes: dict[str, tuple[float, float] | None] = {}
 
     def family(self, name: str) -> list[tuple[str | None, float | None]]:
         """``[(label, value)]`` of the family's keys in this sample (empty when it has none)."""
@@ -146,17 +142,6 @@ class SampleIndex:
             m = self._metrics
             got = self._families[name] = [(label, m[k]) for label, k in self._plan.get(name, ())]
         return got
-
-    def extremes(self, name: str) -> tuple[float, float] | None:
-        """The least and the greatest value of the family in this sample, NaN and None left out
-        (None when it has no such value): what every trigger that compares the family against a
-        line reads, computed once a sample."""
-        try:
-            return self._extremes[name]
-        except KeyError:
-            values = [v for _, v in self.family(name) if v is not None and v == v]  # noqa: PLR0124 - NaN
-            got = self._extremes[name] = (min(values), max(values)) if values else None
-            return got
 
     def has(self, name: str) -> bool:
         """Whether the sample has any key of family ``name``."""
@@ -309,9 +294,8 @@ class TriggerEvaluator:
         self.reads = reads(condition)
         leaves = _leaves(condition) if self.reads is not None else []
         # what quiet() compares, flat
-        # (family, which extreme decides: 0 the least, 1 the greatest, -1 every value, compare, line)
-        self._metric_leaves = tuple((c.key.family, _EXTREME.get(c.op, -1), _OPS[c.op], c.value)
-                                    for c in leaves if isinstance(c, MetricCond))
+        self._metric_leaves = tuple((c.key.family, _OPS[c.op], c.value) for c in leaves
+                                    if isinstance(c, MetricCond))
         self._forecast_leaves = tuple((c.key.family, c.eta_below_s, c.min_confidence) for c in leaves
                                       if isinstance(c, ForecastCond))
         self._event_kinds = tuple(self.reads.events) if self.reads is not None else ()
@@ -344,12 +328,7 @@ class TriggerEvaluator:
             for f in forecasts.get(family, ()):
                 if f.eta_s is not None and f.eta_s <= below and f.confidence >= confidence:
                     return False
-        for family, side, cmp, line in self._metric_leaves:
-            if side >= 0:  # some value beyond the line <=> the family's extreme on that side is
-                ext = index.extremes(family)
-                if ext is not None and cmp(ext[side], line):
-                    return False
-                continue
+        for family, cmp, line in self._metric_leaves:
             for _label, v in index.family(family):
                 if v is not None and cmp(v, line):
                     return False
