@@ -104,8 +104,10 @@ class Incarnations:
                 row.update(jump_seq=-1, jump_since=0.0)  # reports kept coming: the jump was real
             row["last_seq"] = max(last, m.seq)
             changed.add(key)
-            kept.append(Incoming(message=msgspec.structs.replace(m, seq=int(row["base"]) + m.seq),
-                                 kind=item.kind, received_at=item.received_at))
+            base = int(row["base"])
+            kept.append(item if base == 0 else Incoming(  # a node's first incarnation keeps its seqs
+                message=msgspec.structs.replace(m, seq=base + m.seq), kind=item.kind,
+                received_at=item.received_at))
         if created:
             self.db.execute_many(
                 self.cur,

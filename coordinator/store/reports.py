@@ -29,6 +29,8 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
+from itertools import compress
+from operator import itemgetter, ne
 from typing import Any, Final
 
 from agent.wire import Action, Birth, CommandAck, Cost, Event, Message, Metrics, RequestEvent, Risk, Status
@@ -68,6 +70,7 @@ _HISTORY_INSERTS: Final = {
 }
 #: The ``nodes`` columns a batch may change (written back only where they did).
 _UPDATED_COLUMNS: Final = tuple(c for c in NODE_COLUMNS if c != "node")
+_UPDATED_VALUES: Final = itemgetter(*_UPDATED_COLUMNS)
 #: Per report kind, its history table and where ``node`` and ``seq`` sit in :func:`_history_row`.
 _HISTORY_KEYS: Final = {
     "birth": ("presence", 0, 1),
@@ -370,8 +373,8 @@ class Reports:
         updates: dict[tuple[str, ...], list[list[Any]]] = {}  # by the columns that changed
         for name, n in sorted(nodes.items()):
             if name in touched:
-                old = before[name]
-                cols = tuple(c for c in _UPDATED_COLUMNS if n[c] != old[c])
+                changed = map(ne, _UPDATED_VALUES(n), _UPDATED_VALUES(before[name]))
+                cols = tuple(compress(_UPDATED_COLUMNS, changed))
                 if cols:
                     updates.setdefault(cols, []).append([n[c] for c in cols] + [name])
         for cols, rows in updates.items():
