@@ -246,33 +246,30 @@ class Database:
         """:meth:`insert_new` for a table keyed ``(node, seq)`` in a few statements, not one a row
         (a key twice in ``rows`` is inserted once, its first row). Per row, True if inserted or None.
 
-        SQLite: per chunk, the keys already there are looked up, the rest inserted with one
-        ``executemany`` (``sql`` without its ``RETURNING``); only inside a write transaction
-        (SQLite's single writer: nothing can insert between the two). PostgreSQL: one ``INSERT ...
+        SQLite: one ``INSERT ... VALUES (...), (...) ON CONFLICT DO NOTHING RETURNING node, seq`` a
+        chunk of up to 400 rows (a key is probed once, where a lookup of the keys there and an
+        insert of the rest probed it twice; SQLite >= 3.35 for ``RETURNING``). PostgreSQL: one ``INSERT ...
         SELECT`` from ``unnest`` of one typed array a column (:meth:`pg_insert_new`) ``ON CONFLICT
         DO NOTHING RETURNING node, seq``."""
         if self.is_postgres:
             return self.pg_insert_new(cur, sql, table, rows, ("node", "seq"))
-        insert = self.dialect.sql(sql.rsplit(" RETURNING ", 1)[0])
+        head = sql.split(" VALUES ", 1)[0]  # INSERT INTO <table> (<columns>)
+        width = head.count(",") + 1
+        per = max(1, min(400, _SQLITE_VARIABLES // width))
         out: list[Any] = []
         seen: set[tuple[Any, Any]] = set()
-        for chunk in iter_chunks(rows, 400):
-            keys = [(r[node_at], r[seq_at]) for r in chunk]
-            marks = ", ".join(["(?, ?)"] * len(keys))
-            # a join, not "(node, seq) IN (VALUES ...)": SQLite scans the whole table for that
-            cur.execute(f"SELECT m.node, m.seq FROM (VALUES {marks}) AS k CROSS JOIN {table} AS m "  # noqa: S608
-                        "ON m.node = k.column1 AND m.seq = k.column2", [v for k in keys for v in k])
-            seen.update(tuple(r) for r in cur.fetchall())
-            new = []
-            for key, row in zip(keys, chunk, strict=True):
-                if key in seen:
-                    out.append(None)
-                else:
+        for chunk in iter_chunks(rows, per):
+            marks = ", ".join(["(" + ", ".join("?" * width) + ")"] * len(chunk))
+            cur.execute(f"{head} VALUES {marks} ON CONFLICT DO NOTHING RETURNING node, seq",
+                        [v for r in chunk for v in r])
+            inserted = {tuple(r) for r in cur.fetchall()}
+            for r in chunk:
+                key = (r[node_at], r[seq_at])
+                if key in inserted and key not in seen:
                     seen.add(key)
-                    new.append(row)
                     out.append(True)
-            if new:
-                cur.executemany(insert, new)
+                else:
+                    out.append(None)
         return out
 
     def pg_insert_new(self, cur: Cursor, sql: str, table: str, rows: Sequence[Sequence[Any]],
@@ -360,6 +357,7 @@ def _pg_execute(cur: Cursor, sql: str, params: Sequence[Any]) -> None:
         raise psycopg.DataError(f"PostgreSQL text cannot hold a NUL (0x00) character: {exc}") from exc
 
 
+_SQLITE_VARIABLES = 32766  # SQLITE_MAX_VARIABLE_NUMBER's default since 3.32: ? in one statement
 _PG_FLOATS = frozenset({"double precision", "real"})
 
 
