@@ -9,6 +9,7 @@ a PostgreSQL string — is left out of its batch, which is stored without it, an
 from __future__ import annotations
 
 import logging
+import math
 import random
 import secrets
 import sqlite3
@@ -27,7 +28,7 @@ from coordinator.ingest import Bus, explain, topic_node
 from coordinator.model import BatchResult, Incoming
 from coordinator.rejects import NO_NODE, OTHER, RejectTable
 from coordinator.store import Store, open_store
-from coordinator.store.database import is_data_error
+from coordinator.store.database import is_data_error, pg_columns
 from devtools.fleet_sim import SimNode
 
 
@@ -147,6 +148,21 @@ async def test_a_nul_in_a_string_is_isolated_where_the_database_refuses_it(store
     else:
         assert (result.new, result.rejected) == (101, [])
     assert len(await rows(store, "SELECT seq FROM events WHERE node = ?", ("good",))) == 100
+
+
+def test_typed_columns_make_a_float_column_floats_and_refuse_nan_and_infinity() -> None:
+    """PostgreSQL gets a batch as one typed array a column: a float column's ints become floats
+    (psycopg dumps a list of one type), None stays NULL, and NaN or an infinity is a data error
+    (the report that carries it is isolated), as the JSON encoding refused them before."""
+    types = ["text", "bigint", "double precision"]
+    assert pg_columns([("a", 1, 2), ("b", 2**40, None), ("c", 3, 2.5)], types) == [
+        ["a", "b", "c"], [1, 2**40, 3], [2.0, None, 2.5]]
+    assert all(type(v) is float for v in pg_columns([("a", 1, 2)], types)[2])
+    for bad in (math.nan, math.inf, -math.inf):
+        with pytest.raises(ValueError, match="NaN or infinite") as err:
+            pg_columns([("a", 1, 1.0), ("b", 2, bad)], types)
+        assert is_data_error(err.value)
+    assert pg_columns([], types) == [[], [], []]
 
 
 def test_which_errors_are_data_errors() -> None:

@@ -209,6 +209,18 @@ class Database:
         cols = [d[0] for d in cur.description or ()]
         return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
 
+    def rows_in(self, cur: Cursor, select: str, column: str, values: Sequence[Any],
+                suffix: str = "") -> list[DbRow]:
+        """``select`` ``WHERE column`` is one of ``values``, then ``suffix``: one statement with the
+        values as an array on PostgreSQL, one ``IN (...)`` a 500 on SQLite."""
+        if self.is_postgres:
+            return self.rows(cur, f"{select} WHERE {column} = ANY(?){suffix}", (list(values),))
+        out: list[DbRow] = []
+        for chunk in iter_chunks(values, 500):
+            marks = ", ".join("?" * len(chunk))
+            out += self.rows(cur, f"{select} WHERE {column} IN ({marks}){suffix}", chunk)
+        return out
+
     def one(self, cur: Cursor, sql: str, params: Sequence[Any] = ()) -> DbRow | None:
         rows = self.rows(cur, sql, params)
         return rows[0] if rows else None
@@ -253,23 +265,14 @@ class Database:
         DO NOTHING RETURNING node, seq``."""
         if self.is_postgres:
             return self.pg_insert_new(cur, sql, table, rows, ("node", "seq"))
-        head = sql.split(" VALUES ", 1)[0]  # INSERT INTO <table> (<columns>)
-        width = head.count(",") + 1
-        per = max(1, min(400, _SQLITE_VARIABLES // width))
+        head, columns = _insert_columns(sql)
+        row_marks = "(" + ", ".join("?" * len(columns)) + ")"
         out: list[Any] = []
-        seen: set[tuple[Any, Any]] = set()
-        for chunk in iter_chunks(rows, per):
-            marks = ", ".join(["(" + ", ".join("?" * width) + ")"] * len(chunk))
-            cur.execute(f"{head} VALUES {marks} ON CONFLICT DO NOTHING RETURNING node, seq",
-                        [v for r in chunk for v in r])
-            inserted = {tuple(r) for r in cur.fetchall()}
-            for r in chunk:
-                key = (r[node_at], r[seq_at])
-                if key in inserted and key not in seen:
-                    seen.add(key)
-                    out.append(True)
-                else:
-                    out.append(None)
+        seen: set[tuple[Any, ...]] = set()
+        for chunk in iter_chunks(rows, max(1, min(400, _SQLITE_VARIABLES // len(columns)))):
+            cur.execute(f"{head} VALUES {', '.join([row_marks] * len(chunk))} "
+                        "ON CONFLICT DO NOTHING RETURNING node, seq", [v for r in chunk for v in r])
+            _flag_inserted(chunk, (node_at, seq_at), {tuple(r) for r in cur.fetchall()}, seen, out)
         return out
 
     def pg_insert_new(self, cur: Cursor, sql: str, table: str, rows: Sequence[Sequence[Any]],
@@ -277,8 +280,7 @@ class Database:
         """PostgreSQL: ``sql`` (``INSERT INTO table (columns) VALUES (...) ON CONFLICT DO NOTHING
         ...``) as one ``INSERT ... SELECT`` a chunk from ``unnest`` of one typed array a column
         (:meth:`pg_columns`); per row, True if inserted (the first row of its ``keys``) or None."""
-        head = sql.split(" VALUES ", 1)[0]  # INSERT INTO <table> (<columns>)
-        columns = [c.strip() for c in head.split("(", 1)[1].rstrip(")").split(",")]
+        head, columns = _insert_columns(sql)
         at = [columns.index(k) for k in keys]
         types = self.pg_types(cur, table, columns)
         arrays = ", ".join(f"%b::{t}[]" for t in types)
@@ -288,14 +290,7 @@ class Database:
         seen: set[tuple[Any, ...]] = set()
         for chunk in iter_chunks(rows, 5000):
             _pg_execute(cur, stmt, pg_columns(chunk, types))
-            inserted = {tuple(r) for r in cur.fetchall()}
-            for r in chunk:
-                key = tuple(r[i] for i in at)
-                if key in inserted and key not in seen:
-                    seen.add(key)
-                    out.append(True)
-                else:
-                    out.append(None)
+            _flag_inserted(chunk, at, {tuple(r) for r in cur.fetchall()}, seen, out)
         return out
 
     def pg_types(self, cur: Cursor, table: str, columns: Sequence[str]) -> list[str]:
@@ -357,6 +352,25 @@ def _pg_execute(cur: Cursor, sql: str, params: Sequence[Any]) -> None:
         raise psycopg.DataError(f"PostgreSQL text cannot hold a NUL (0x00) character: {exc}") from exc
 
 
+def _insert_columns(sql: str) -> tuple[str, list[str]]:
+    """``INSERT INTO table (a, b) VALUES ...`` -> (``INSERT INTO table (a, b)``, [a, b])."""
+    head = sql.split(" VALUES ", 1)[0]
+    return head, [c.strip() for c in head.split("(", 1)[1].rstrip(")").split(",")]
+
+
+def _flag_inserted(chunk: Sequence[Sequence[Any]], at: Sequence[int], inserted: set[tuple[Any, ...]],
+                   seen: set[tuple[Any, ...]], out: list[Any]) -> None:
+    """Per row of ``chunk``, True when its key (its values at ``at``) was inserted and this is its
+    first row, else None (a duplicate), appended to ``out``."""
+    for r in chunk:
+        key = tuple(r[i] for i in at)
+        if key in inserted and key not in seen:
+            seen.add(key)
+            out.append(True)
+        else:
+            out.append(None)
+
+
 _SQLITE_VARIABLES = 32766  # SQLITE_MAX_VARIABLE_NUMBER's default since 3.32: ? in one statement
 _PG_FLOATS = frozenset({"double precision", "real"})
 
@@ -369,8 +383,7 @@ def pg_columns(rows: Sequence[Sequence[Any]], types: Sequence[str]) -> list[list
     for i, kind in enumerate(types):
         if kind in _PG_FLOATS:
             col = out[i] = [v if v is None else float(v) for v in out[i]]
-            if not math.isfinite(sum(v for v in col if v is not None)) and not all(
-                    math.isfinite(v) for v in col if v is not None):
+            if not all(math.isfinite(v) for v in col if v is not None):
                 raise ValueError(f"a {kind} value is NaN or infinite")
     return out
 

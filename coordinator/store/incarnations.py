@@ -27,7 +27,7 @@ from typing import Any, Final
 import msgspec
 
 from coordinator.model import BatchResult, Incoming, StoreRejected
-from coordinator.store.database import Cursor, Database, DbRow, iter_chunks
+from coordinator.store.database import Cursor, Database, DbRow
 
 #: The key space of one incarnation: seqs at or above it are quarantined (an agent numbers a
 #: report a second for 8.9 million years before it gets there).
@@ -49,18 +49,8 @@ class Incarnations:
         self.cur = cur
 
     def _load(self, names: Sequence[str]) -> dict[tuple[str, str], dict[str, Any]]:
-        rows: dict[tuple[str, str], dict[str, Any]] = {}
-        if self.db.is_postgres:  # one statement, the names as one array
-            sql = "SELECT * FROM incarnations WHERE node = ANY(?)"
-            for row in self.db.rows(self.cur, sql, (list(names),)):
-                rows[(row["node"], row["inc"])] = dict(row)
-            return rows
-        for chunk in iter_chunks(names, 500):
-            marks = ", ".join("?" * len(chunk))
-            sql = f"SELECT * FROM incarnations WHERE node IN ({marks})"  # noqa: S608 - placeholders only
-            for row in self.db.rows(self.cur, sql, chunk):
-                rows[(row["node"], row["inc"])] = dict(row)
-        return rows
+        return {(row["node"], row["inc"]): row
+                for row in self.db.rows_in(self.cur, "SELECT * FROM incarnations", "node", names)}
 
     def assign(self, items: Sequence[Incoming], nodes: dict[str, DbRow],
                result: BatchResult) -> list[Incoming]:
@@ -69,7 +59,7 @@ class Incarnations:
         bases: dict[str, int] = {}  # node -> the highest base of its incarnations
         for (name, _), r in rows.items():
             bases[name] = max(bases.get(name, -SEQ_SPAN), int(r["base"]))
-        legacy_only = {k[0] for k in rows} - {k[0] for k in rows if k[1] != ""}
+        versioned = {name for name, inc in rows if inc != ""}  # nodes with a non-legacy incarnation
         created: list[tuple[str, str]] = []
         changed: set[tuple[str, str]] = set()
         kept: list[Incoming] = []
@@ -81,17 +71,14 @@ class Incarnations:
                 continue
             row = rows.get(key)
             if row is None:
-                had = m.node in bases
                 base = bases[m.node] = bases.get(m.node, -SEQ_SPAN) + SEQ_SPAN
                 row = rows[key] = {"node": m.node, "inc": m.inc, "base": base, "last_seq": -1,
                                    "first_seen": item.received_at, "jump_seq": -1, "jump_since": 0.0}
                 created.append(key)
-                if had and m.node not in legacy_only and m.seq > SEQ_JUMP_MAX:
+                if m.node in versioned and m.seq > SEQ_JUMP_MAX:
                     row.update(jump_seq=m.seq, jump_since=item.received_at)  # a new one starts near 0
                 if m.inc != "":
-                    legacy_only.discard(m.node)
-                elif not had:
-                    legacy_only.add(m.node)
+                    versioned.add(m.node)
             last = int(row["last_seq"])
             if (last >= 0 and m.seq > last + SEQ_JUMP_MAX) or (last < 0 and row["jump_since"]):
                 if not row["jump_since"]:

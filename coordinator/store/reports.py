@@ -37,7 +37,7 @@ from agent.wire import Action, Birth, CommandAck, Cost, Event, Message, Metrics,
 from coordinator.config import BudgetSection
 from coordinator.model import BatchResult, Incoming, LeaseRequest, StoreRejected, is_escalation
 from coordinator.store import cost, incarnations
-from coordinator.store.database import Cursor, Database, DbRow, is_data_error, iter_chunks
+from coordinator.store.database import Cursor, Database, DbRow, is_data_error
 from coordinator.store.leases import group_of
 from coordinator.store.rows import dumps
 from coordinator.store.schema import NODE_COLUMNS
@@ -274,15 +274,9 @@ class Reports:
 
     def _select_nodes(self, cur: Cursor, names: Sequence[str]) -> dict[str, DbRow]:
         """The ``nodes`` rows of ``names`` (sorted), locked in node order on PostgreSQL."""
-        if self.db.is_postgres:  # one statement, the names as one array
-            sql = f"SELECT * FROM nodes WHERE node = ANY(?) ORDER BY node{self.db.dialect.for_update}"  # noqa: S608
-            return {row["node"]: row for row in self.db.rows(cur, sql, (list(names),))}
-        out: dict[str, DbRow] = {}
-        for chunk in iter_chunks(names, 500):
-            marks = ", ".join("?" * len(chunk))
-            for row in self.db.rows(cur, f"SELECT * FROM nodes WHERE node IN ({marks})", chunk):  # noqa: S608
-                out[row["node"]] = row
-        return out
+        lock = f" ORDER BY node{self.db.dialect.for_update}"
+        rows = self.db.rows_in(cur, "SELECT * FROM nodes", "node", names, lock)
+        return {row["node"]: row for row in rows}
 
     def _apply_state(self, cur: Cursor, items: list[Incoming], nodes: dict[str, DbRow],
                      before: dict[str, DbRow], *, created: set[str], now: float, result: BatchResult) -> None:
